@@ -1,0 +1,42 @@
+# Two commands on a fresh machine:  make run   |   make test
+# Each creates the virtual environments it needs on first use.
+PYTHON ?= python3
+VENV   := .venv
+TRITON_VENV := .venv-triton
+PIP_QUIET := --quiet --disable-pip-version-check
+# pip prints one warning per package for the machine's file:// mirrors; keep the log readable
+PIP_FILTER := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: run test venv triton demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip $(PIP_FILTER)
+	$(VENV)/bin/pip install $(PIP_QUIET) -e '.[mlserver,test]' $(PIP_FILTER)
+	$(VENV)/bin/python -c "import agent, puller, mlserver, moto, sklearn"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Triton needs numpy<2 (nvidia-pytriton bundles a real tritonserver binary): its own venv.
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install $(PIP_QUIET) 'nvidia-pytriton==0.7.0' $(PIP_FILTER)
+	$(VENV)/bin/python -m agent.runtimes.triton_setup $(TRITON_VENV)
+	touch $@
+
+triton: $(TRITON_VENV)/.installed
+
+# The agent on its embedded default: a local model store, an embedded MLServer, a config dir to edit.
+run: venv
+	$(VENV)/bin/python -m agent.demo run
+
+test: venv triton
+	$(VENV)/bin/python -m pytest
+
+bench: venv triton
+	$(VENV)/bin/pip install $(PIP_QUIET) -e '.[mlserver,test,bench]' $(PIP_FILTER)
+	@echo "see benchmarks/README.md for each benchmark's command"
+
+clean:
+	rm -rf $(VENV) $(TRITON_VENV) demo

@@ -1,0 +1,1 @@
+"""modelshelf agent: keeps a co-located model server stocked with the configured models."""

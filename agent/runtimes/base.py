@@ -1,0 +1,89 @@
+"""The contract every co-located server adapter fulfils.
+
+The adapter owns the server's repository directory: it writes one entry per served model that
+points into the cache, then drives the KServe V2 repository API (index/load/unload). Server
+quirks (404 vs 500 for a missing model, Triton's asynchronous unload, MLServer's index body)
+stay inside the adapter; callers see only the methods and errors below.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class RuntimeErrorBase(Exception):
+    """Base of adapter errors. `reason` is short text meant for status pages."""
+
+    def __init__(self, model: str | None, reason: str):
+        super().__init__(f"{model}: {reason}" if model else reason)
+        self.model = model
+        self.reason = reason
+
+
+class ModelNotFound(RuntimeErrorBase):
+    """The server does not know the model (MLServer 404, Triton 500 'failed to stat'...)."""
+
+
+class LoadFailed(RuntimeErrorBase):
+    """The server tried and failed to load the model; `reason` carries the server's message."""
+
+
+class ServerUnavailable(RuntimeErrorBase):
+    """The server did not answer (down, restarting, timeout)."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What an adapter needs to serve one model."""
+
+    name: str  # the served name (unique, path-safe)
+    path: Path  # directory with the model's files (a cache entry or a local dir used in place)
+    runtime: str  # sklearn | xgboost | lightgbm | mlserver | triton | onnx | python ...
+    implementation: str | None = None  # MLServer implementation class when runtime == "mlserver"
+    version: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)  # passed to the server as is
+
+
+class RuntimeAdapter(abc.ABC):
+    """One co-located server. All methods are coroutines safe to call concurrently for
+    different models; the reconciler never calls two of them concurrently for one model."""
+
+    kind: str  # "mlserver" | "triton"
+
+    @property
+    @abc.abstractmethod
+    def base_url(self) -> str:
+        """HTTP base URL of the server's data plane (e.g. http://127.0.0.1:8080)."""
+
+    @abc.abstractmethod
+    async def wait_ready(self, timeout: float) -> None:
+        """Return when the server answers /v2/health/ready; raise ServerUnavailable after timeout."""
+
+    @abc.abstractmethod
+    async def is_ready(self) -> bool:
+        """One cheap readiness probe of the server; never raises."""
+
+    @abc.abstractmethod
+    async def index(self) -> dict[str, str]:
+        """Models the server knows -> state ("READY", "UNAVAILABLE", "LOADING", ...)."""
+
+    @abc.abstractmethod
+    async def load(self, model: ServedModel) -> None:
+        """Write the model's repository entry and load it. Loading a name that is already
+        loaded replaces it in place: the old copy serves until the new one is ready.
+        Raises LoadFailed (with the server's reason) or ServerUnavailable."""
+
+    @abc.abstractmethod
+    async def unload(self, name: str) -> None:
+        """Unload and wait until the server no longer serves it, then remove the repository
+        entry. Unloading an unknown model is not an error."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release client connections (does not stop the server)."""
+
+    def repository_entries(self) -> set[str]:
+        """Names that have an entry in the repository dir the adapter owns."""
+        return set()

@@ -1,0 +1,17 @@
+"""modelshelf puller: storage URI -> files on local disk, through a shared, crash-safe cache.
+
+Public API (the agent uses only this):
+
+    from puller import Cache, PullOptions, Entry
+    cache = Cache("/var/cache/modelshelf", max_bytes=50 * 2**30, holder="pod-a")
+    entry = cache.ensure("s3://bucket/models/iris", PullOptions(storage_key="minio"))
+    entry.path      # directory holding the model's files (read-only by convention)
+    cache.lease(entry.key); ...; cache.release(entry.key)
+
+`puller` never imports `agent`.
+"""
+from puller.errors import PullError
+from puller.sources.base import PullOptions
+from puller.cache import Cache, Entry
+
+__all__ = ["Cache", "Entry", "PullOptions", "PullError"]
