@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) --upgrade pip $(PIP_FILTER)
 	$(VENV)/bin/pip install $(PIP_QUIET) -e '.[mlserver,test]' $(PIP_FILTER)
-	$(VENV)/bin/python -c "import agent, puller, mlserver, moto, sklearn"
+	$(VENV)/bin/python -c "import mlserver, moto, sklearn, fastapi"
 	touch $@
 
 venv: $(VENV)/.installed

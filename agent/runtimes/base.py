@@ -87,3 +87,9 @@ class RuntimeAdapter(abc.ABC):
     def repository_entries(self) -> set[str]:
         """Names that have an entry in the repository dir the adapter owns."""
         return set()
+
+    def served_path(self, name: str) -> Path | None:
+        """The cache path the repository entry of `name` points at, if the adapter can tell.
+        Restart recovery adopts a READY model without reloading only when this matches the
+        model's current cache entry; None means "unknown", and the model is reloaded."""
+        return None

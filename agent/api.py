@@ -1,0 +1,126 @@
+"""Management API (FastAPI): health, readiness, status of every model, Prometheus metrics,
+and a small status page. Served on the same port as the data plane: the data plane owns
+`/v1/` and `/v2/`, this app everything else, so the paths never collide."""
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+if TYPE_CHECKING:
+    from agent.app import Agent
+
+
+def build_api(agent: "Agent") -> FastAPI:
+    api = FastAPI(title="modelshelf agent", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the agent's event loop answers."""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: the server answers and the first config was applied."""
+        reasons = agent.not_ready_reasons()
+        return JSONResponse({"ready": not reasons, "reasons": reasons}, status_code=503 if reasons else 200)
+
+    @api.get("/status")
+    async def status() -> dict[str, Any]:
+        return agent.status()
+
+    @api.get("/status/models/{name}")
+    async def model_status(name: str) -> JSONResponse:
+        doc = agent.status()["models"].get(name)
+        if doc is None:
+            return JSONResponse({"error": f"model {name!r} is not configured"}, status_code=404)
+        return JSONResponse(doc)
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        agent.refresh_gauges()
+        return Response(agent.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return _render_page(agent.status())
+
+    return api
+
+
+_STATE_COLOR = {
+    "loaded": "#2e7d32", "cached": "#1565c0", "loading": "#f9a825", "pulling": "#f9a825",
+    "unloading": "#f9a825", "registered": "#757575", "failed": "#c62828",
+}
+
+
+def _fmt_bytes(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _bar(used: float, budget: float | None) -> str:
+    if not budget:
+        return f"{_fmt_bytes(used)} used (no budget)"
+    pct = min(100.0, 100.0 * used / budget)
+    color = "#c62828" if pct > 90 else "#2e7d32"
+    return (f'<div class="bar"><div style="width:{pct:.1f}%;background:{color}"></div></div>'
+            f"{_fmt_bytes(used)} of {_fmt_bytes(budget)} ({pct:.0f}%)")
+
+
+def _render_page(status: dict[str, Any]) -> str:
+    e = html.escape
+    memory_rows = "".join(
+        f"<tr><td>{e(device)}</td><td>{_bar(v['used'], v['budget'])}</td></tr>" for device, v in status["memory"].items()
+    )
+    counts = " · ".join(f"{e(k)}: {v}" for k, v in status["counts"].items() if v)
+    rows = []
+    for m in status["models"].values():
+        mem = m.get("memory") or {}
+        load = "" if m["load_seconds"] is None else f"{1000 * m['load_seconds']:.1f} ms"
+        idle = "" if m["idle_seconds"] is None else f"{m['idle_seconds']:.0f} s"
+        rows.append(
+            "<tr>"
+            f"<td>{e(m['name'])}</td>"
+            f'<td><span class="st" style="background:{_STATE_COLOR.get(m["state"], "#555")}">{e(m["state"])}</span></td>'
+            f"<td>{e(m['runtime'] or '')}</td>"
+            f"<td>{_fmt_bytes(m.get('size_bytes'))}</td>"
+            f"<td>{_fmt_bytes(mem.get('host'))} <small>{e(str(mem.get('method', '')))}</small></td>"
+            f"<td>{m['inflight']}</td>"
+            f"<td>{load}</td>"
+            f"<td>{idle}</td>"
+            f"<td class='reason'>{e(m['reason'] or '')}</td>"
+            "</tr>"
+        )
+    cache = status.get("cache") or {}
+    config = status["config"]
+    config_line = e(str(config.get("file") or "no config file yet"))
+    if config.get("parse_error"):
+        config_line += f' — <b class="bad">rejected: {e(config["parse_error"])}</b> (last good config kept)'
+    rejected = "".join(f"<li>{e(str(r.get('reason')))}</li>" for r in config.get("rejected", []))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>modelshelf</title>
+<meta http-equiv="refresh" content="5">
+<style>
+body{{font:14px system-ui,sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;width:100%}}
+td,th{{padding:4px 8px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}}
+.st{{color:#fff;border-radius:3px;padding:1px 6px;font-size:12px}} .bar{{display:inline-block;width:240px;height:10px;
+background:#eee;margin-right:8px}} .bar div{{height:10px}} .reason{{color:#c62828;max-width:420px}} .bad{{color:#c62828}}
+</style></head><body>
+<h2>modelshelf agent</h2>
+<p>server: <b>{e(status['server']['kind'])}</b> at {e(status['server']['url'])} — {'ready' if status['server']['ready'] else '<b class="bad">not ready</b>'}
+ · config: {config_line} · {counts}</p>
+{f'<p>rejected entries:</p><ul>{rejected}</ul>' if rejected else ''}
+<h3>Memory</h3><table>{memory_rows}</table>
+<h3>Cache</h3><p>{_fmt_bytes(cache.get('bytes'))} in {cache.get('entries', '–')} entries{f" (budget {_fmt_bytes(cache.get('max_bytes'))})" if cache.get('max_bytes') else ''}</p>
+<h3>Models ({len(status['models'])})</h3>
+<table><tr><th>name</th><th>state</th><th>runtime</th><th>files</th><th>memory</th><th>in flight</th><th>load</th><th>idle</th><th>reason</th></tr>
+{''.join(rows)}</table>
+<p><a href="/status">status JSON</a> · <a href="/metrics">metrics</a></p>
+</body></html>"""

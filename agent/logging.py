@@ -1,0 +1,77 @@
+"""Structured logs: one line per event, `key=value` (text) or one JSON object (json).
+
+    log = get_logger(__name__)
+    log.info("model loaded", extra=kv(model="iris", seconds=0.004))
+
+Values pass through puller.uri.redact when it exists, so a URI with userinfo or a signed
+query never reaches a log line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_KV = "_kv"
+
+
+def kv(**fields: Any) -> dict[str, Any]:
+    """Build the `extra=` of a log call."""
+    return {_KV: fields}
+
+
+def _redact(value: str) -> str:
+    try:
+        from puller.uri import redact
+    except ImportError:  # pragma: no cover - the puller always ships redact
+        return value
+    return redact(value)
+
+
+def _fmt_value(value: Any) -> str:
+    text = _redact(str(value))
+    if text == "" or any(c in text for c in ' "=\n'):
+        return json.dumps(text)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        parts = [ts, record.levelname.lower(), record.name, _redact(record.getMessage())]
+        for key, value in getattr(record, _KV, {}).items():
+            parts.append(f"{key}={_fmt_value(value)}")
+        if record.exc_info:
+            parts.append("exc=" + _fmt_value(self.formatException(record.exc_info).splitlines()[-1]))
+        return " ".join(parts)
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": _redact(record.getMessage()),
+        }
+        for key, value in getattr(record, _KV, {}).items():
+            doc[key] = _redact(value) if isinstance(value, str) else value
+        if record.exc_info:
+            doc["exc"] = _redact(self.formatException(record.exc_info).splitlines()[-1])
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(fmt: str = "text", level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "watchdog", "uvicorn.access", "botocore", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)

@@ -1,0 +1,63 @@
+"""`modelshelf prefetch`: pull every model of the model config into the cache, then exit.
+
+For a Kubernetes Job/CronJob that fills a shared PVC (or a node-local cache) before serving
+pods start. Exit status: 0 when every model is cached, 1 when any failed (each failure is
+named on stderr), 2 when the config file itself does not parse.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from agent.config import ConfigParseError, ModelSpec, load_config_dir
+from agent.logging import get_logger, kv, setup_logging
+from agent.settings import Settings
+from puller import Cache, PullError, PullOptions
+from puller.progress import make_progress
+
+log = get_logger("modelshelf.prefetch")
+
+
+def prefetch(settings: Settings) -> int:
+    setup_logging(settings.log_format, settings.log_level)
+    try:
+        config = load_config_dir(settings.config_dir)
+    except ConfigParseError as e:
+        print(f"modelshelf prefetch: {e}", file=sys.stderr)
+        return 2
+    for err in config.errors:
+        print(f"modelshelf prefetch: skipped {err}", file=sys.stderr)
+    cache = Cache(settings.cache_dir, max_bytes=settings.max_cache_bytes, holder=settings.holder)
+    progress = make_progress(enabled=True)
+    started = time.monotonic()
+    failed: dict[str, str] = {}
+    hits = downloaded = 0
+
+    def one(spec: ModelSpec):
+        options = PullOptions(sha256=spec.sha256, storage_key=spec.storage_key)
+        if settings.storage_config_dir:
+            options.storage_config_dir = settings.storage_config_dir
+        if settings.pvc_root:
+            options.pvc_root = settings.pvc_root
+        return cache.ensure(spec.uri, options, progress)
+
+    with ThreadPoolExecutor(max_workers=max(1, settings.pull_concurrency)) as pool:
+        futures = {pool.submit(one, spec): spec.name for spec in config.models.values()}
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                entry = future.result()
+            except PullError as e:
+                failed[name] = str(e)
+                log.error("prefetch failed", extra=kv(model=name, reason=str(e)))
+                continue
+            hits += entry.hit
+            downloaded += not entry.hit
+            log.info("prefetched", extra=kv(model=name, key=entry.key, hit=entry.hit, bytes=entry.size))
+    seconds = round(time.monotonic() - started, 2)
+    print(f"modelshelf prefetch: {len(config.models) - len(failed)}/{len(config.models)} models cached "
+          f"({downloaded} downloaded, {hits} already there) in {seconds}s", file=sys.stderr)
+    for name, reason in sorted(failed.items()):
+        print(f"modelshelf prefetch: FAILED {name}: {reason}", file=sys.stderr)
+    return 1 if failed or config.errors else 0
