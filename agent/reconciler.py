@@ -57,8 +57,9 @@ TRANSITIONS: dict[State, set[State]] = {
     S.CACHED: {S.PULLING, S.LOADING, S.FAILED},
     # LOADING -> CACHED: it did not fit in memory (the model stays cached, the reason says why)
     S.LOADING: {S.LOADED, S.FAILED, S.CACHED},
-    # LOADED -> LOADING: replaced in place by a new copy; LOADED -> CACHED: the server lost it
-    S.LOADED: {S.UNLOADING, S.LOADING, S.CACHED},
+    # LOADED -> CACHED: the server lost it (restart). An update stays LOADED (`updating`):
+    # the old copy serves until the new one replaces it in place.
+    S.LOADED: {S.UNLOADING, S.CACHED},
     S.UNLOADING: {S.CACHED, S.FAILED},
     S.FAILED: {S.PULLING, S.LOADING, S.CACHED, S.UNLOADING},
 }
@@ -98,6 +99,7 @@ class Model:
     pull_seconds: float | None = None
     load_seconds: float | None = None
     loads: int = 0
+    updating: bool = False  # a new copy is loading in place of the served one
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     load_task: asyncio.Task | None = None
     changed_at: float = field(default_factory=time.time)
@@ -124,6 +126,7 @@ class Model:
             "size_bytes": self.entry.size if self.entry else None,
             "in_place": self.entry.in_place if self.entry else None,
             "memory": _memory_doc(memory, self.name),
+            "updating": self.updating,
             "inflight": self.inflight,
             "loads": self.loads,
             "failures": self.failures,
@@ -424,7 +427,10 @@ class Reconciler:
             except DoesNotFit as e2:
                 self._nofit(m, e2)
                 return
-        self._set(m, S.LOADING)
+        if replacing:
+            m.updating = True  # stays LOADED: the old copy serves until the new one replaces it
+        else:
+            self._set(m, S.LOADING)
         served = ServedModel(
             name=m.name,
             path=m.entry.path,
@@ -439,13 +445,14 @@ class Reconciler:
             try:
                 await self.adapter.load(served)
             except RuntimeErrorBase as e:
+                m.updating = False
                 if window is not None:
                     self.memory.abort_measure(window)
                 self.memory.release(slot)
                 self.metrics.loads.labels(result="error").inc()
                 if replacing:
                     # the adapters replace in place: the old copy still serves; keep it
-                    self._set(m, S.LOADED, reason=f"update failed, previous copy still serving: {e.reason}")
+                    m.reason = f"update failed, previous copy still serving: {e.reason}"
                     m.failures += 1
                     m.retry_at = time.monotonic() + self._backoff(m)
                     return
@@ -456,6 +463,7 @@ class Reconciler:
         m.load_seconds = round(time.monotonic() - started, 4)
         self.metrics.load_seconds.observe(m.load_seconds)
         self.metrics.loads.labels(result="ok").inc()
+        m.updating = False
         if replacing:  # the old copy is gone: its reservation passes to the new one
             self.metrics.unloads.labels(reason="replaced").inc()
             self.memory.reserve(m.name, self.memory.release(slot) or cost)
