@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
+
+import yaml
+
+from agent.quantity import parse_quantity
+from puller.errors import BadURI
+from puller.uri import parse_uri
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,13 @@ class ConfigError:
     index: int | None
     reason: str
 
+    def __str__(self) -> str:
+        """e.g. "models.yaml[3] (name 'iris'): memory: not a quantity: '12XB' (...)"."""
+        where = self.file if self.index is None else f"{self.file}[{self.index}]"
+        if self.model is not None:
+            where += f" (name {self.model!r})"
+        return f"{where}: {self.reason}"
+
 
 class ConfigParseError(Exception):
     """The file could not be read or parsed at all; nothing in it applies."""
@@ -74,3 +90,344 @@ class ConfigResult:
     errors: tuple[ConfigError, ...]  # rejected entries
     file: str | None  # which file was read (None: no config file present -> empty set)
     digest: str  # sha256 of the file's bytes; unchanged digest -> nothing to do
+
+
+# --------------------------------------------------------------------------- parsing
+#
+# Everything below turns a directory or a file's text into a ConfigResult. Index numbers in
+# messages are 0-based positions in the file's model list: "models.yaml[3]" is the fourth entry.
+
+try:
+    _YAMLLoader: Any = yaml.CSafeLoader  # same rules as yaml.safe_load, in C
+except AttributeError:  # pragma: no cover - pyyaml built without libyaml
+    _YAMLLoader = yaml.SafeLoader
+
+CONFIG_FILES = ("models.yaml", "models.yml", "models.json")
+"""Names looked for in the config directory, in this order; the first present is read."""
+
+RUNTIMES = frozenset({
+    "sklearn", "xgboost", "lightgbm", "catboost", "mlflow", "huggingface", "alibi-detect",
+    "alibi-explain", "mlserver", "triton", "onnx", "python", "pytorch", "tensorflow", "tensorrt",
+    "openvino",
+})
+"""Runtimes a model may name. `mlserver` needs `implementation` (a MLServer class path);
+`triton` means a native Triton model directory; onnx/pytorch/tensorflow/tensorrt/openvino/python
+are Triton backends; the others are MLServer runtimes. The adapter decides what it can serve."""
+
+KSERVE_FRAMEWORKS = {
+    "sklearn": "sklearn", "xgboost": "xgboost", "lightgbm": "lightgbm", "catboost": "catboost",
+    "mlflow": "mlflow", "huggingface": "huggingface", "onnx": "onnx", "pytorch": "pytorch",
+    "tensorflow": "tensorflow", "triton": "triton", "tensorrt": "tensorrt", "openvino": "openvino",
+}
+"""KServe `modelSpec.framework` -> our runtime. Others (pmml, paddle, ...) are rejected."""
+
+NATIVE_KEYS = frozenset({
+    "name", "uri", "storageUri", "runtime", "implementation", "version", "memory", "gpuMemory",
+    "gpu_memory", "pinned", "preload", "sha256", "storageKey", "storage_key", "parameters",
+})
+IGNORED_KEYS = frozenset({"description", "labels", "annotations"})
+"""Accepted and ignored (free-form notes). So are keys starting with "x-". Anything else is a
+typo until proven otherwise: the entry is rejected, naming the key."""
+
+KSERVE_ENTRY_KEYS = frozenset({"modelName", "modelSpec"})
+KSERVE_SPEC_KEYS = frozenset({"storageUri", "framework", "memory"})
+
+_ALIASES = (("uri", "storageUri"), ("gpuMemory", "gpu_memory"), ("storageKey", "storage_key"))
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_IMPL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+_QUANTITY_HINT = "(expected e.g. 512Mi, 1G, 1048576)"
+
+
+class _Reject(Exception):
+    """One entry is bad; the message says which field and why."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, str) else repr(value)
+
+
+def _check_name(value: Any, field_name: str = "name") -> str:
+    if not isinstance(value, str):
+        raise _Reject(f"{field_name}: expected a string, got {_describe(value)} (quote it in YAML)")
+    if not _NAME_RE.match(value) or ".." in value:
+        raise _Reject(
+            f"{field_name}: {value!r} is not a safe model name (1-128 of letters, digits, '_', '.', '-', "
+            "starting with a letter or digit, no '..')"
+        )
+    return value
+
+
+def _check_uri(value: Any, field_name: str) -> str:
+    """The puller's parser decides (one notion of a valid URI); its message names the URI redacted."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Reject(f"{field_name}: expected a URI string, got {_describe(value)}")
+    uri = value.strip()
+    try:
+        parse_uri(uri)
+    except BadURI as exc:
+        raise _Reject(f"{field_name}: {exc}") from None
+    return uri
+
+
+def _check_source(value: Any, field_name: str) -> str | tuple[tuple[str, str], ...]:
+    if isinstance(value, dict):
+        if not value:
+            raise _Reject(f"{field_name}: empty mapping (give a URI, or sub-model name -> URI pairs)")
+        pairs = []
+        for sub, uri in value.items():
+            _check_name(sub, f"{field_name}.{sub}" if isinstance(sub, str) else field_name)
+            pairs.append((sub, _check_uri(uri, f"{field_name}.{sub}")))
+        return tuple(sorted(pairs))
+    return _check_uri(value, field_name)
+
+
+def _check_quantity(value: Any, field_name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"not a whole number of bytes: {value!r} {_QUANTITY_HINT}")
+        qty = parse_quantity(value)
+    except ValueError as exc:
+        msg = str(exc)
+        if _QUANTITY_HINT not in msg:
+            msg = f"{msg} {_QUANTITY_HINT}"
+        raise _Reject(f"{field_name}: {msg}") from None
+    if qty <= 0:
+        raise _Reject(f"{field_name}: must be more than 0 bytes, got {value!r} {_QUANTITY_HINT}")
+    return qty
+
+
+def _check_bool(value: Any, field_name: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _Reject(f"{field_name}: expected true or false, got {_describe(value)}")
+    return value
+
+
+def _check_str(value: Any, field_name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _Reject(f"{field_name}: expected a string, got {_describe(value)} (quote it in YAML)")
+    text = str(value).strip()
+    if not text:
+        raise _Reject(f"{field_name}: empty string")
+    return text
+
+
+def _check_runtime(value: Any, field_name: str = "runtime") -> str:
+    if value is None:
+        return "sklearn"
+    if not isinstance(value, str):
+        raise _Reject(f"{field_name}: expected a string, got {_describe(value)}")
+    runtime = value.strip().lower()
+    if runtime not in RUNTIMES:
+        raise _Reject(f"{field_name}: unknown runtime {value!r} (known: {', '.join(sorted(RUNTIMES))})")
+    return runtime
+
+
+def _resolve_aliases(entry: dict[str, Any]) -> dict[str, Any]:
+    out = dict(entry)
+    for key, alias in _ALIASES:
+        if alias in out:
+            if key in out:
+                raise _Reject(f"{key} and {alias} are the same field: give one of them")
+            out[key] = out.pop(alias)
+    return out
+
+
+def _native_entry(entry: dict[str, Any]) -> ModelSpec:
+    unknown = sorted(
+        str(k) for k in entry
+        if k not in NATIVE_KEYS and k not in IGNORED_KEYS and not (isinstance(k, str) and k.startswith("x-"))
+    )
+    if unknown:
+        hint = ""
+        if any(k in KSERVE_ENTRY_KEYS or k in KSERVE_SPEC_KEYS for k in unknown):
+            hint = " (a KServe entry needs both modelName and modelSpec)"
+        raise _Reject(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hint}; "
+            f"known: {', '.join(sorted(NATIVE_KEYS))}"
+        )
+    e = _resolve_aliases(entry)
+    if "name" not in e:
+        raise _Reject("name: missing")
+    name = _check_name(e["name"])
+    if e.get("uri") is None:
+        raise _Reject("uri: missing (or storageUri)")
+    source = _check_source(e["uri"], "uri")
+    runtime = _check_runtime(e.get("runtime"))
+    implementation = _check_str(e.get("implementation"), "implementation")
+    if implementation is not None and not _IMPL_RE.match(implementation):
+        raise _Reject(f"implementation: {implementation!r} is not a class path (e.g. mlserver_sklearn.SKLearnModel)")
+    if runtime == "mlserver" and implementation is None:
+        raise _Reject("implementation: missing; runtime 'mlserver' needs the MLServer class path (e.g. mymodule.MyModel)")
+    sha = _check_str(e.get("sha256"), "sha256")
+    if sha is not None:
+        sha = sha.lower().removeprefix("sha256:")
+        if not _SHA256_RE.match(sha):
+            raise _Reject(f"sha256: expected 64 hex digits, got {e['sha256']!r}")
+    parameters = e.get("parameters")
+    if parameters is None:
+        parameters = {}
+    elif not isinstance(parameters, dict):
+        raise _Reject(f"parameters: expected a mapping, got {_describe(parameters)}")
+    elif any(not isinstance(k, str) for k in parameters):
+        raise _Reject("parameters: keys must be strings")
+    return ModelSpec(
+        name=name,
+        source=source,
+        runtime=runtime,
+        implementation=implementation,
+        version=_check_str(e.get("version"), "version"),
+        memory=_check_quantity(e.get("memory"), "memory"),
+        gpu_memory=_check_quantity(e.get("gpuMemory"), "gpuMemory"),
+        pinned=_check_bool(e.get("pinned"), "pinned", False),
+        preload=_check_bool(e.get("preload"), "preload", True),
+        sha256=sha,
+        storage_key=_check_str(e.get("storageKey"), "storageKey"),
+        parameters=parameters,
+    )
+
+
+def _kserve_entry(entry: dict[str, Any]) -> ModelSpec:
+    unknown = sorted(map(str, set(entry) - KSERVE_ENTRY_KEYS))
+    if unknown:
+        raise _Reject(f"unknown key(s) {', '.join(map(repr, unknown))} in a KServe entry (known: modelName, modelSpec)")
+    name = _check_name(entry["modelName"], "modelName")
+    spec = entry["modelSpec"]
+    if not isinstance(spec, dict):
+        raise _Reject(f"modelSpec: expected a mapping, got {_describe(spec)}")
+    unknown = sorted(map(str, set(spec) - KSERVE_SPEC_KEYS))
+    if unknown:
+        raise _Reject(f"modelSpec: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(KSERVE_SPEC_KEYS))})")
+    if spec.get("storageUri") is None:
+        raise _Reject("modelSpec.storageUri: missing")
+    framework = spec.get("framework")
+    if not isinstance(framework, str) or not framework.strip():
+        raise _Reject(f"modelSpec.framework: missing or not a string (one of: {', '.join(sorted(KSERVE_FRAMEWORKS))})")
+    runtime = KSERVE_FRAMEWORKS.get(framework.strip().lower())
+    if runtime is None:
+        raise _Reject(f"modelSpec.framework: {framework!r} is not supported (supported: {', '.join(sorted(KSERVE_FRAMEWORKS))})")
+    return ModelSpec(
+        name=name,
+        source=_check_uri(spec["storageUri"], "modelSpec.storageUri"),
+        runtime=runtime,
+        memory=_check_quantity(spec.get("memory"), "modelSpec.memory"),
+    )
+
+
+def _entry_name(entry: Any) -> str | None:
+    if isinstance(entry, dict):
+        name = entry.get("name", entry.get("modelName"))
+        if isinstance(name, (str, int)) and not isinstance(name, bool):
+            return str(name)
+    return None
+
+
+def _load_document(text: str, filename: str) -> Any:
+    if filename.endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigParseError(filename, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    try:
+        return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigParseError(filename, f"not valid YAML: {problem}{where}") from None
+
+
+def _model_list(doc: Any, filename: str) -> tuple[list[Any], list[ConfigError]]:
+    notes: list[ConfigError] = []
+    if doc is None:
+        raise ConfigParseError(
+            filename, "empty document (write [] or 'models: []' to serve no models; an empty file is taken "
+            "for a half-written one)"
+        )
+    if isinstance(doc, dict):
+        if "models" not in doc:
+            keys = ", ".join(map(repr, list(doc)[:5]))
+            raise ConfigParseError(filename, f"a mapping at the top needs a 'models' list (found keys {keys})")
+        extra = sorted(str(k) for k in doc if k != "models")
+        if extra:
+            notes.append(ConfigError(filename, None, None, f"top-level key(s) {', '.join(map(repr, extra))} ignored (only 'models' is read)"))
+        doc = doc["models"] if doc["models"] is not None else []
+        if not isinstance(doc, list):
+            raise ConfigParseError(filename, f"'models' must be a list, got {type(doc).__name__}")
+        return doc, notes
+    if not isinstance(doc, list):
+        raise ConfigParseError(filename, f"top level must be a list of models or a mapping with 'models', got {type(doc).__name__}")
+    return doc, notes
+
+
+def parse_config(text: str, filename: str) -> ConfigResult:
+    """Parse one config file's text (format from the name: .json is JSON, else YAML).
+
+    Bad entries come back in `errors` and the rest apply; a document that does not parse, or
+    whose top level is not a list of models (or {"models": [...]}) raises ConfigParseError.
+    """
+    doc = _load_document(text, filename)
+    entries, errors = _model_list(doc, filename)
+    models: dict[str, ModelSpec] = {}
+    first_index: dict[str, int] = {}  # a name belongs to its first entry, even a rejected one
+    for index, entry in enumerate(entries):
+        name = _entry_name(entry)
+        try:
+            if not isinstance(entry, dict):
+                raise _Reject(f"expected a mapping with name and uri, got {_describe(entry)}")
+            if name is not None:
+                if name in first_index:
+                    raise _Reject(f"duplicate name: {filename}[{first_index[name]}] already defines {name!r}; this entry is ignored")
+                first_index[name] = index
+            is_kserve = "modelName" in entry and "modelSpec" in entry
+            spec = _kserve_entry(entry) if is_kserve else _native_entry(entry)
+        except _Reject as exc:
+            errors.append(ConfigError(filename, name, index, str(exc)))
+            continue
+        models[spec.name] = spec
+    return ConfigResult(models=models, errors=tuple(errors), file=filename, digest=_sha256(text.encode()))
+
+
+def find_config_file(path: Path) -> tuple[Path | None, list[str]]:
+    """The config file to read in `path` (first of CONFIG_FILES present) and the others present."""
+    present = [name for name in CONFIG_FILES if os.path.isfile(os.path.join(path, name))]
+    return (Path(path) / present[0] if present else None), present[1:]
+
+
+def load_config_dir(path: Path) -> ConfigResult:
+    """Read the model config in a directory (a mounted ConfigMap or a plain one).
+
+    Reads through the normal names (models.yaml -> ..data/models.yaml in a ConfigMap), never the
+    dotfiles. No config file -> an empty set with file=None. A missing directory or a file that
+    does not parse raises ConfigParseError: the caller keeps its last good config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigParseError(str(path), "config directory does not exist (or is not a directory)")
+    chosen, ignored = find_config_file(path)
+    if chosen is None:
+        return ConfigResult(models={}, errors=(), file=None, digest=_sha256(b""))
+    try:
+        data = chosen.read_bytes()
+    except OSError as exc:
+        raise ConfigParseError(chosen.name, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigParseError(chosen.name, f"not UTF-8 text (byte {exc.start})") from None
+    result = parse_config(text, chosen.name)
+    notes = tuple(
+        ConfigError(chosen.name, None, None, f"{other} ignored: {chosen.name} is read first (keep one config file)")
+        for other in ignored
+    )
+    return ConfigResult(models=result.models, errors=notes + result.errors, file=chosen.name, digest=_sha256(data))

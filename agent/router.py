@@ -313,6 +313,4 @@ async def _json(send: Send, status: int, doc: Any, extra: list[tuple[bytes, byte
 async def _error(send: Send, status: int, message: str, *, retry_after: float | None = None, v1: bool = False) -> None:
     """Both protocols use {"error": "<message>"} for errors."""
     extra = [(b"retry-after", str(max(1, int(round(retry_after)))).encode())] if retry_after is not None else None
-    if status == 503 and extra is None:
-        extra = [(b"retry-after", b"1")]
     await _json(send, status, {"error": message}, extra)

@@ -1,0 +1,973 @@
+"""The model cache and its on-disk protocol (everything a reader needs is in this file).
+
+Layout under the root (node-local disk or a ReadWriteMany volume shared by several pods)::
+
+    VERSION                      layout version ("1")
+    entries/<key>/               a PUBLISHED entry: appears by one atomic rename, never changes after
+        manifest.json            uri (redacted), source identity, files with size + sha256, total bytes
+        files/                   the model's files = Entry.path (one subdirectory per sub-model)
+    tmp/<key>.<token>/           a download in progress: same shape as an entry, plus owner.json
+    trash/<key>.<token>/         an entry being deleted: renamed here first, then removed
+    locks/<key>.lock             one lock file per key (fcntl POSIX lock); removed with its entry
+    leases/<key>/<holder>        one file per (key, holder); its mtime is the holder's last heartbeat
+    meta/<key>.json              small annotations per key (get_meta/set_meta), e.g. measured memory
+    clock                        touched to read the file system's own clock (see "Clocks")
+
+Other names under the root (e.g. an agent's `.repository/`) are left alone.
+
+Key: sha256 of the normalized, redacted URI(s) and the source identity (`Listing.identity()`:
+per object path, size, ETag / Last-Modified / mtime_ns). An unchanged source is a hit that moves
+zero bytes; a changed source gets a new key, so a published entry never changes.
+
+Publish (`ensure`, on a miss):
+  1. take the key's lock (a per-process thread lock, then `lockf` on locks/<key>.lock);
+  2. re-check entries/<key>: another thread/process/pod may have published it while we waited
+     (waiters reuse the winner's entry);
+  3. download into tmp/<key>.<token>/files (archives go to tmp/.../download, are extracted
+     into files/ by puller.archive, then dropped), verify sizes, the user's sha256 and sha256
+     checksums given by the store, hash every file, write manifest.json;
+  4. ONE `rename(tmp/<key>.<token>, entries/<key>)`. If that loses a race (the target exists:
+     a lock that did not hold, e.g. on a misconfigured NFS mount), the temp copy is discarded
+     and the existing entry used. A reader never sees a partial entry: before the rename
+     there is no entries/<key>, after it there is a complete one.
+Local and pvc sources are used in place (Entry.path = the source path, in_place=True): no lock,
+no copy. In a sub-model mapping, a local sub-model is a symlink inside the entry.
+
+Locks: a thread lock per key (POSIX locks belong to a process, so one thread per process
+touches the lock file at a time), then `lockf(LOCK_EX)` on locks/<key>.lock, polled. GC removes
+the lock file of an entry it deleted while still holding it; whoever then gets the lock checks
+that the path still names the inode it locked and otherwise locks the new file.
+
+Crash safety: a crashed pull leaves only tmp/<key>.<token> (its owner's lock dies with the
+process). `Cache()` sweeps, on start, every tmp dir whose key lock it can take (nobody is
+working on it) and everything in trash/.
+
+Leases: `lease(key, holder)` writes leases/<key>/<holder> under the key lock; `refresh_leases()`
+(a heartbeat the agent calls every lease_ttl_s/4 or so) touches this instance's lease files; a
+lease not refreshed within lease_ttl_s is dead, so a crashed pod does not pin an entry forever.
+Every pod sharing the root sees every lease.
+
+GC: `gc(max_bytes)` removes least-recently-used entries (mtime of entries/<key>, touched on
+every hit) without a live lease until the total is within budget. For each victim it takes the
+key's lock WITHOUT waiting (a locked key is being published or leased: skipped), re-checks the
+leases and that the entry was not used since the scan, renames entries/<key> into trash/ (one
+atomic step: a reader sees the whole entry or none), releases the lock, then removes the
+trash dir. A reader that must not lose its entry to a GC in another pod uses
+`ensure(..., lease=True)`, which takes the lease under the same lock.
+
+Clocks: lease ages are measured against the mtime of the just-touched `clock` file, i.e. the
+file system's clock (an NFS server's), not the local one, so pods with skewed clocks agree.
+
+NFS and other shared volumes: the protocol needs an atomic directory rename (NFS, CephFS, EFS
+have it) and working POSIX locks across clients (NFSv4, or NFSv3 with lockd/statd; do NOT mount
+with `local_lock=posix|all`, or nolock, which makes locks node-local: the rename is then the only
+safety net, so two pods may download the same entry once each, never publish a broken one). A
+lock held by a crashed NFS client is released only when the server expires its lease (NFSv4:
+~90 s); until then that key waits. Entry files are not fsync'ed (a process crash is safe; after
+a power loss run `modelshelf cache verify`).
+
+The API is blocking and thread-safe; the agent calls it from worker threads.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import stat
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from puller import archive as _archive
+from puller.errors import BadURI, IntegrityError, NotFound, PullError
+from puller.sources.base import Listing, NullProgress, Progress, PullOptions, Source, open_source
+
+log = logging.getLogger("modelshelf.puller.cache")
+
+LAYOUT_VERSION = "1"
+_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
+_HASH_CHUNK = 4 * 2**20
+
+
+# -- public data ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One model's files, ready to use. Treat `path` as read-only."""
+
+    key: str
+    path: Path  # directory with the model files (for a single local file: that file)
+    uri: str  # redacted
+    size: int  # bytes of the model's files (linked local sub-models included; GC counts only copies)
+    files: tuple[str, ...]  # relative POSIX paths of regular files; "name/" for a linked local sub-model
+    in_place: bool = False  # a local/pvc source used where it lies, not a cache copy
+    hit: bool = False  # True when nothing was downloaded by this call
+
+
+@dataclass(frozen=True)
+class Lease:
+    key: str
+    holder: str
+    refreshed: float  # epoch seconds (file system clock) of the last heartbeat
+    age_s: float
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    key: str
+    path: Path
+    uri: str
+    size: int
+    files: int
+    created: float
+    last_used: float
+    leases: tuple[str, ...]  # holders with a live lease
+
+
+@dataclass
+class GCReport:
+    budget: int
+    bytes_before: int = 0
+    bytes_after: int = 0
+    removed: list[EntryInfo] = field(default_factory=list)
+    in_use: list[str] = field(default_factory=list)  # keys skipped: live lease, locked, or just used
+
+    @property
+    def freed(self) -> int:
+        return sum(e.size for e in self.removed)
+
+    @property
+    def within_budget(self) -> bool:
+        return self.bytes_after <= self.budget
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    key: str
+    path: str
+    problem: str
+
+
+@dataclass
+class VerifyReport:
+    checked: list[str] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+# -- locks -------------------------------------------------------------------------------
+
+_registry_lock = threading.Lock()
+_thread_locks: dict[str, threading.Lock] = {}
+
+
+class _KeyLock:
+    """Exclusive lock on one key: a thread lock (one thread per process touches the file lock,
+    which POSIX locks need: they belong to the process) plus `lockf` on the lock file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with _registry_lock:
+            self._tlock = _thread_locks.setdefault(str(path), threading.Lock())
+        self._fd: int | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._tlock.acquire(blocking, -1 if timeout is None or not blocking else timeout):
+            return False
+        fd = -1
+        delay = 0.002
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                else:
+                    if self._same_file(fd):
+                        self._fd = fd
+                        return True
+                    # the holder we waited for unlinked the file (GC of the key): lock the new one
+                    os.close(fd)
+                    fd = -1
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    continue
+                if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                    os.close(fd)
+                    fd = -1
+                    self._tlock.release()
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 1.5, 0.05)
+        except BaseException:
+            if self._fd is None:
+                if fd >= 0:
+                    os.close(fd)
+                self._tlock.release()
+            raise
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        fst = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+    def release(self, unlink: bool = False) -> None:
+        """Unlock; `unlink=True` also removes the lock file (waiters notice and re-lock)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            if unlink:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+                self._tlock.release()
+
+    def __enter__(self) -> "_KeyLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# -- the cache -----------------------------------------------------------------------------
+
+class Cache:
+    """A cache root. See the module docstring for the protocol.
+
+    `max_bytes`: disk budget; when set, `ensure` runs `gc` after each call (and makes room
+    before a download). `holder`: default lease holder (a pod name). `lease_ttl_s`: a lease not
+    refreshed for this long is dead.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, max_bytes: int | None = None,
+                 holder: str | None = None, lease_ttl_s: float = 300.0, hash_workers: int = 4):
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.holder = _safe_holder(holder or f"{socket.gethostname()}-{os.getpid()}")
+        self.lease_ttl_s = float(lease_ttl_s)
+        self._hash_workers = max(1, hash_workers)
+        for d in ("entries", "tmp", "trash", "locks", "leases", "meta"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self._real_root = Path(os.path.realpath(self.root))
+        version = self.root / "VERSION"
+        if not version.exists():
+            _atomic_write(version, LAYOUT_VERSION + "\n")
+        elif version.read_text().strip() != LAYOUT_VERSION:
+            raise PullError(f"cache root {self.root} has layout version {version.read_text().strip()!r}, "
+                            f"this modelshelf speaks {LAYOUT_VERSION!r}")
+        self._mu = threading.Lock()
+        self._mine: set[tuple[str, str]] = set()  # (key, holder) leases this instance refreshes
+        self._counters = {"hits": 0, "misses": 0, "in_place": 0, "bytes_downloaded": 0}
+        self.sweep()
+
+    # -- paths -----------------------------------------------------------------------------
+    def _entry_dir(self, key: str) -> Path:
+        return self.root / "entries" / key
+
+    def _lock(self, key: str) -> _KeyLock:
+        return _KeyLock(self._real_root / "locks" / f"{key}.lock")
+
+    def _lease_path(self, key: str, holder: str) -> Path:
+        return self.root / "leases" / key / holder
+
+    # -- ensure ----------------------------------------------------------------------------
+    def ensure(self, source: str | Mapping[str, str], options: PullOptions | None = None,
+               progress: Progress | None = None, *, lease: bool = False) -> Entry:
+        """Make `source` (a URI, or a mapping sub-model name -> URI) available locally.
+
+        Lists the source(s) (metadata only), derives the key, and returns the published entry
+        (a hit: zero bytes moved) or downloads, verifies and publishes it once, however many
+        threads, processes or pods ask at the same time. `lease=True` also takes a lease for
+        `self.holder` under the key's lock, so no GC anywhere can remove the entry before the
+        caller has it. Raises puller.errors.PullError subclasses (BadURI, NotFound, ...).
+        """
+        options = options or PullOptions()
+        progress = progress or NullProgress()
+        subs = _sub_models(source)
+        sources: list[Source] = []
+        try:
+            listed: list[tuple[str, Source, Listing]] = []
+            for name, uri in subs:
+                src = open_source(uri, options)
+                sources.append(src)
+                listed.append((name, src, src.list()))
+            return self._ensure_listed(listed, options, progress, lease)
+        finally:
+            for src in sources:
+                try:
+                    src.close()
+                except Exception:  # noqa: BLE001 - closing must not hide the real outcome
+                    pass
+
+    def _ensure_listed(self, listed: list[tuple[str, Source, Listing]], options: PullOptions,
+                       progress: Progress, lease: bool) -> Entry:
+        single = len(listed) == 1 and listed[0][0] == ""
+        label = listed[0][2].uri if single else _mapping_label({n: li.uri for n, _, li in listed})
+        key = _key(listed, options)
+        if options.sha256 and (not single or len(listed[0][2].objects) != 1):
+            raise BadURI(f"{label}: sha256 applies to a single file or archive, the source has "
+                         f"{sum(len(li.objects) for _, _, li in listed)} objects", uri=label)
+        if single and listed[0][2].local_path is not None:
+            return self._in_place(key, listed[0][2], options, lease)
+
+        entry = None if lease else self._published(key, options, label)
+        if entry is None:
+            lock = self._lock(key)
+            lock.acquire()
+            try:
+                entry = self._published(key, options, label)
+                if entry is None:
+                    if self.max_bytes is not None:  # make room first (best effort)
+                        need = sum(li.total_bytes for _, _, li in listed)
+                        self._gc_quietly(max(0, self.max_bytes - need), exclude={key})
+                    entry = self._download(key, listed, options, progress, label)
+                if lease:
+                    self._write_lease(key, self.holder)
+            finally:
+                lock.release()
+        with self._mu:
+            self._counters["hits" if entry.hit else "misses"] += 1
+            if not entry.hit:
+                self._counters["bytes_downloaded"] += entry.size
+        if self.max_bytes is not None:
+            self._gc_quietly(self.max_bytes, exclude={key})
+        return entry
+
+    def _in_place(self, key: str, listing: Listing, options: PullOptions, lease: bool) -> Entry:
+        path = Path(listing.local_path)  # type: ignore[arg-type]
+        if options.sha256:
+            file = path if path.is_file() else path / listing.objects[0].path
+            digest = _sha256_file(file)
+            if digest != options.sha256.lower():
+                raise IntegrityError(f"{listing.uri}: sha256 mismatch (expected {options.sha256.lower()}, "
+                                     f"got {digest})", uri=listing.uri)
+        if lease:
+            self.lease(key)
+        with self._mu:
+            self._counters["in_place"] += 1
+        log.info("event=cache_in_place key=%s uri=%s files=%d", key, listing.uri, len(listing.objects))
+        return Entry(key=key, path=path, uri=listing.uri, size=listing.total_bytes,
+                     files=tuple(o.path for o in listing.objects), in_place=True, hit=True)
+
+    def _published(self, key: str, options: PullOptions, label: str) -> Entry | None:
+        """The published entry for `key` (touched as used), or None."""
+        d = self._entry_dir(key)
+        manifest = _read_manifest(d)
+        if manifest is None:
+            return None
+        if options.sha256:
+            have = manifest.get("source_sha256")
+            if have and have != options.sha256.lower():
+                raise IntegrityError(f"{label}: sha256 mismatch (expected {options.sha256.lower()}, "
+                                     f"cached entry {key} has {have})", uri=label)
+        _touch(d)
+        log.info("event=cache_hit key=%s uri=%s bytes=%d", key, label, manifest.get("total_bytes", 0))
+        return _entry_from_manifest(key, d, manifest, hit=True)
+
+    def _download(self, key: str, listed: list[tuple[str, Source, Listing]], options: PullOptions,
+                  progress: Progress, label: str) -> Entry:
+        t0 = time.monotonic()
+        tmp = self.root / "tmp" / f"{key}.{uuid.uuid4().hex[:12]}"
+        files_dir = tmp / "files"
+        files_dir.mkdir(parents=True)
+        _atomic_write(tmp / "owner.json", json.dumps({
+            "host": socket.gethostname(), "pid": os.getpid(), "holder": self.holder, "started": time.time()}))
+        total = sum(li.total_bytes for _, _, li in listed)
+        nfiles = sum(len(li.objects) for _, _, li in listed)
+        log.info("event=cache_miss key=%s uri=%s bytes=%d files=%d", key, label, total, nfiles)
+        try:
+            progress.start(total, nfiles, label)
+            links: list[dict[str, Any]] = []
+            sources_meta: list[dict[str, Any]] = []
+            source_sha256: str | None = None
+            for name, src, listing in listed:
+                sub = files_dir / name if name else files_dir
+                meta: dict[str, Any] = {"name": name, "uri": listing.uri, "archive": listing.archive,
+                                        "identity": listing.identity()}
+                checksums = {o.path: o.checksum for o in listing.objects if o.checksum}
+                if checksums:
+                    meta["checksums"] = checksums
+                sources_meta.append(meta)
+                for o in listing.objects:
+                    _check_rel(o.path, listing.uri)
+                if listing.local_path is not None:  # local sub-model: link, never copy
+                    os.symlink(os.path.abspath(listing.local_path), sub)
+                    links.append({"path": name, "target": os.path.abspath(listing.local_path),
+                                  "bytes": listing.total_bytes})
+                    continue
+                if listing.archive and options.extract_archives:
+                    dl = tmp / "download" / (name or "_")
+                    dl.mkdir(parents=True)
+                    src.fetch(listing, dl, progress)
+                    _check_sizes(dl, listing)
+                    arch = dl / listing.objects[0].path
+                    digest = _sha256_file(arch)
+                    _check_digests(listing, {listing.objects[0].path: digest}, options, single=len(listed) == 1)
+                    source_sha256 = digest
+                    sub.mkdir(parents=True, exist_ok=True)
+                    _archive.extract(arch, sub, listing.archive, max_bytes=options.archive_max_bytes,
+                                     label=listing.uri)
+                    shutil.rmtree(dl)
+                else:
+                    sub.mkdir(parents=True, exist_ok=True)
+                    src.fetch(listing, sub, progress)
+                    _check_sizes(sub, listing)
+            shutil.rmtree(tmp / "download", ignore_errors=True)
+            files = self._hash_tree(files_dir)
+            if source_sha256 is None:  # plain files: check the user's sha256 / store checksums
+                for name, _src, listing in listed:
+                    if listing.local_path is not None:
+                        continue
+                    prefix = f"{name}/" if name else ""
+                    digests = {o.path: files[prefix + o.path]["sha256"] for o in listing.objects}
+                    _check_digests(listing, digests, options, single=len(listed) == 1)
+                    if len(listed) == 1 and len(listing.objects) == 1:
+                        source_sha256 = digests[listing.objects[0].path]
+            size = sum(f["size"] for f in files.values())
+            manifest = {
+                "format": 1,
+                "key": key,
+                "uri": label,
+                "sources": sources_meta,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created_ts": time.time(),
+                "created_by": {"host": socket.gethostname(), "pid": os.getpid(), "holder": self.holder},
+                "total_bytes": size,
+                "source_sha256": source_sha256,
+                "links": links,
+                "files": [dict(path=p, **v) for p, v in sorted(files.items())],
+            }
+            _make_read_only(files_dir)
+            _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1), fsync=True)
+            (tmp / "owner.json").unlink()
+            final = self._entry_dir(key)
+            try:
+                os.rename(tmp, final)
+                hit = False
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                    raise
+                # lost a race the lock should have prevented: the winner's entry is as good
+                log.warning("event=cache_publish_race key=%s uri=%s action=discard_own_copy", key, label)
+                _rmtree(tmp)
+                hit = True
+                existing = _read_manifest(final)
+                if existing is None:
+                    raise PullError(f"{label}: entry {key} exists but has no manifest", uri=label) from None
+                manifest = existing
+            _fsync_dir(final.parent)
+            _touch(final)
+            progress.finish()
+            secs = time.monotonic() - t0
+            log.info("event=cache_published key=%s uri=%s bytes=%d files=%d seconds=%.3f mib_s=%.1f",
+                     key, label, size, len(files), secs, size / 2**20 / max(secs, 1e-9))
+            return _entry_from_manifest(key, final, manifest, hit=hit)
+        except BaseException as e:
+            _rmtree(tmp)
+            err = getattr(progress, "error", None)
+            if callable(err):
+                err(str(e) if isinstance(e, PullError) else f"{type(e).__name__}")
+            if isinstance(e, OSError) and not isinstance(e, PullError):
+                raise PullError(f"{label}: {e.strerror or e} ({type(e).__name__})", uri=label) from e
+            raise
+
+    def _hash_tree(self, files_dir: Path) -> dict[str, dict[str, Any]]:
+        """{relative path: {size, sha256}} of every regular file (links to local dirs skipped)."""
+        paths: list[str] = []
+        for root, dirs, names in os.walk(files_dir):
+            for n in names:
+                full = os.path.join(root, n)
+                if os.path.islink(full):
+                    continue
+                paths.append(os.path.relpath(full, files_dir).replace(os.sep, "/"))
+        def one(rel: str) -> tuple[str, dict[str, Any]]:
+            full = files_dir / rel
+            return rel, {"size": full.stat().st_size, "sha256": _sha256_file(full)}
+        if len(paths) <= 1:
+            return dict(one(p) for p in paths)
+        with ThreadPoolExecutor(max_workers=min(self._hash_workers, len(paths))) as ex:
+            return dict(ex.map(one, paths))
+
+    # -- lookups ---------------------------------------------------------------------------
+    def get(self, key: str) -> Entry | None:
+        """The published entry `key` (not touched), or None."""
+        if not _KEY_RE.match(key):
+            return None
+        d = self._entry_dir(key)
+        manifest = _read_manifest(d)
+        return None if manifest is None else _entry_from_manifest(key, d, manifest, hit=True)
+
+    def ls(self) -> list[EntryInfo]:
+        """Every published entry, least recently used first."""
+        now = self._fs_now()
+        out = []
+        for key in self._keys():
+            info = self._info(key, now)
+            if info is not None:
+                out.append(info)
+        return sorted(out, key=lambda i: i.last_used)
+
+    def stats(self) -> dict[str, Any]:
+        """Entries and bytes on disk, plus this process's hit/miss counters."""
+        infos = self.ls()
+        with self._mu:
+            counters = dict(self._counters)
+        return {"root": str(self.root), "entries": len(infos), "bytes": sum(i.size for i in infos),
+                "max_bytes": self.max_bytes, "leased_entries": sum(1 for i in infos if i.leases), **counters}
+
+    def _keys(self) -> list[str]:
+        try:
+            return [n for n in os.listdir(self.root / "entries") if _KEY_RE.match(n)]
+        except FileNotFoundError:
+            return []
+
+    def _info(self, key: str, now: float) -> EntryInfo | None:
+        d = self._entry_dir(key)
+        try:
+            st = d.stat()
+        except FileNotFoundError:
+            return None
+        m = _read_manifest(d)
+        if m is None:
+            return None
+        holders = tuple(le.holder for le in self._live_leases(key, now))
+        return EntryInfo(key=key, path=d / "files", uri=m.get("uri", ""), size=int(m.get("total_bytes", 0)),
+                         files=len(m.get("files", [])), created=float(m.get("created_ts", st.st_mtime)),
+                         last_used=st.st_mtime, leases=holders)
+
+    # -- leases ----------------------------------------------------------------------------
+    def lease(self, key: str, holder: str | None = None) -> None:
+        """Mark `key` in use by `holder` (default: this cache's holder) until `release`.
+
+        Taken under the key's lock, so a GC in any pod either removed the entry before (check
+        with `get`) or sees the lease. Refreshed by `refresh_leases()`.
+        """
+        _check_key(key)
+        h = _safe_holder(holder or self.holder)
+        with self._lock(key):
+            self._write_lease(key, h)
+
+    def _write_lease(self, key: str, holder: str) -> None:
+        path = self._lease_path(key, holder)
+        body = json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+        for _ in range(5):  # release() may rmdir leases/<key> between our mkdir and write
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                _atomic_write(path, body)
+                break
+            except FileNotFoundError:
+                continue
+        os.utime(path, None)  # mtime from the file system clock
+        with self._mu:
+            self._mine.add((key, holder))
+
+    def release(self, key: str, holder: str | None = None) -> None:
+        """Drop `holder`'s lease on `key` (no error if there is none)."""
+        _check_key(key)
+        h = _safe_holder(holder or self.holder)
+        with self._mu:
+            self._mine.discard((key, h))
+        path = self._lease_path(key, h)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass
+
+    def refresh_leases(self) -> int:
+        """Heartbeat: touch every lease this instance took (re-create lost ones). Returns the count."""
+        with self._mu:
+            mine = sorted(self._mine)
+        for key, holder in mine:
+            path = self._lease_path(key, holder)
+            try:
+                os.utime(path, None)
+            except FileNotFoundError:
+                log.warning("event=lease_lost key=%s holder=%s action=recreate", key, holder)
+                self._write_lease(key, holder)
+        return len(mine)
+
+    def leases(self, key: str) -> list[Lease]:
+        """Live leases on `key` (from every pod sharing the root)."""
+        _check_key(key)
+        return self._live_leases(key, self._fs_now())
+
+    def _live_leases(self, key: str, now: float) -> list[Lease]:
+        d = self.root / "leases" / key
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            if n.startswith("."):
+                continue  # a lease being written
+            try:
+                mtime = os.stat(d / n).st_mtime
+            except FileNotFoundError:
+                continue
+            age = now - mtime
+            if age < self.lease_ttl_s:
+                out.append(Lease(key=key, holder=n, refreshed=mtime, age_s=max(0.0, age)))
+        return out
+
+    def _fs_now(self) -> float:
+        clock = self.root / "clock"
+        try:
+            try:
+                os.utime(clock, None)
+            except FileNotFoundError:
+                clock.touch()
+            return clock.stat().st_mtime
+        except OSError:  # a read-only root: the local clock will do
+            return time.time()
+
+    # -- gc ----------------------------------------------------------------------------------
+    def gc(self, max_bytes: int | None = None, *, exclude: Iterable[str] = ()) -> GCReport:
+        """Remove LRU entries without a live lease until the total is <= max_bytes (default:
+        the cache's budget). Entries that are leased, locked (being published or leased) or
+        used since the scan are never removed; keys in `exclude` neither."""
+        budget = self.max_bytes if max_bytes is None else max_bytes
+        if budget is None:
+            raise ValueError("gc needs a budget: Cache(max_bytes=...) or gc(max_bytes)")
+        self._sweep_trash()
+        excluded = set(exclude)
+        infos = self.ls()
+        total = sum(i.size for i in infos)
+        report = GCReport(budget=budget, bytes_before=total, bytes_after=total)
+        now = self._fs_now()
+        for info in infos:  # least recently used first
+            if total <= budget:
+                break
+            if info.key in excluded or info.leases:
+                report.in_use.append(info.key)
+                continue
+            lock = self._lock(info.key)
+            if not lock.acquire(blocking=False):
+                report.in_use.append(info.key)
+                continue
+            removed = False
+            try:
+                d = self._entry_dir(info.key)
+                try:
+                    used = d.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # another pod removed it
+                if used != info.last_used or self._live_leases(info.key, now):
+                    report.in_use.append(info.key)
+                    continue
+                os.rename(d, self.root / "trash" / f"{info.key}.{uuid.uuid4().hex[:12]}")
+                removed = True
+            finally:
+                lock.release(unlink=removed)
+            total -= info.size
+            report.removed.append(info)
+            self._forget(info.key, now)
+            log.info("event=cache_gc_removed key=%s uri=%s bytes=%d last_used=%.0f",
+                     info.key, info.uri, info.size, info.last_used)
+        self._sweep_trash()
+        report.bytes_after = total
+        if total > budget:
+            log.warning("event=cache_over_budget bytes=%d budget=%d in_use=%d", total, budget, len(report.in_use))
+        return report
+
+    def _gc_quietly(self, budget: int, exclude: set[str]) -> None:
+        try:
+            self.gc(budget, exclude=exclude)
+        except Exception as e:  # noqa: BLE001 - GC trouble must not fail a pull
+            log.warning("event=cache_gc_failed error=%s", type(e).__name__ + ": " + str(e))
+
+    def _forget(self, key: str, now: float) -> None:
+        """After removing an entry: drop its annotations and its dead lease files."""
+        try:
+            (self.root / "meta" / f"{key}.json").unlink()
+        except FileNotFoundError:
+            pass
+        d = self.root / "leases" / key
+        try:
+            for n in os.listdir(d):
+                p = d / n
+                try:
+                    if now - p.stat().st_mtime >= self.lease_ttl_s:
+                        p.unlink()
+                except FileNotFoundError:
+                    pass
+            d.rmdir()
+        except OSError:
+            pass
+
+    # -- sweep -------------------------------------------------------------------------------
+    def sweep(self) -> list[str]:
+        """Remove leftovers of crashed pulls (tmp dirs nobody holds the lock of) and trash.
+        Returns the names removed. Runs on start; safe at any time."""
+        removed = self._sweep_trash()
+        tmp = self.root / "tmp"
+        for name in sorted(os.listdir(tmp)):
+            key = name.split(".", 1)[0]
+            if not _KEY_RE.match(key):
+                continue
+            lock = self._lock(key)
+            if not lock.acquire(blocking=False):
+                continue  # someone is downloading this key right now
+            try:
+                if (tmp / name).exists():
+                    _rmtree(tmp / name)
+                    removed.append(f"tmp/{name}")
+                    log.info("event=cache_swept path=tmp/%s reason=owner_gone", name)
+            finally:
+                lock.release(unlink=not self._entry_dir(key).exists())
+        return removed
+
+    def _sweep_trash(self) -> list[str]:
+        removed = []
+        trash = self.root / "trash"
+        for name in os.listdir(trash):
+            _rmtree(trash / name)
+            removed.append(f"trash/{name}")
+        return removed
+
+    # -- verify ------------------------------------------------------------------------------
+    def verify(self, key: str | None = None) -> VerifyReport:
+        """Re-hash entries (one, or all) against their manifests; report every mismatch."""
+        report = VerifyReport()
+        keys = [key] if key is not None else sorted(self._keys())
+        for k in keys:
+            d = self._entry_dir(k) if _KEY_RE.match(k) else None
+            manifest = _read_manifest(d) if d is not None else None
+            if manifest is None:
+                if key is not None:
+                    raise NotFound(f"no cache entry {k!r} in {self.root}")
+                continue
+            report.checked.append(k)
+            files_dir = d / "files"
+            expected = {f["path"]: f for f in manifest.get("files", [])}
+            for rel, f in sorted(expected.items()):
+                p = files_dir / rel
+                try:
+                    size = p.stat().st_size
+                except FileNotFoundError:
+                    report.mismatches.append(Mismatch(k, rel, "missing"))
+                    continue
+                if size != f["size"]:
+                    report.mismatches.append(Mismatch(k, rel, f"size {size} != {f['size']}"))
+                elif _sha256_file(p) != f["sha256"]:
+                    report.mismatches.append(Mismatch(k, rel, "sha256 differs"))
+            link_names = {lk["path"] for lk in manifest.get("links", [])}
+            for lk in manifest.get("links", []):
+                if not (files_dir / lk["path"]).exists():
+                    report.mismatches.append(Mismatch(k, lk["path"], f"linked source {lk['target']} is gone"))
+            for root, dirs, names in os.walk(files_dir):
+                rel_root = os.path.relpath(root, files_dir).replace(os.sep, "/")
+                dirs[:] = [x for x in dirs if not (rel_root == "." and x in link_names)]
+                for n in names:
+                    rel = n if rel_root == "." else f"{rel_root}/{n}"
+                    full = os.path.join(root, n)
+                    if rel not in expected and not os.path.islink(full) and rel not in link_names:
+                        report.mismatches.append(Mismatch(k, rel, "not in the manifest"))
+        for m in report.mismatches:
+            log.warning("event=cache_verify_mismatch key=%s path=%s problem=%s", m.key, m.path, m.problem)
+        return report
+
+    # -- annotations -------------------------------------------------------------------------
+    def get_meta(self, key: str) -> dict[str, Any]:
+        """Annotations stored for `key` ({} when none)."""
+        _check_key(key)
+        try:
+            return json.loads((self.root / "meta" / f"{key}.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def set_meta(self, key: str, data: Mapping[str, Any]) -> None:
+        """Replace the annotations of `key` (atomic: readers see the old or the new file)."""
+        _check_key(key)
+        _atomic_write(self.root / "meta" / f"{key}.json", json.dumps(dict(data), sort_keys=True))
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def _sub_models(source: str | Mapping[str, str]) -> list[tuple[str, str]]:
+    if isinstance(source, str):
+        return [("", source)]
+    if not isinstance(source, Mapping) or not source:
+        raise BadURI(f"a source is a URI or a non-empty mapping of sub-model name to URI, got {type(source).__name__}")
+    out = []
+    for name, uri in source.items():
+        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+                or "\0" in name or name.startswith(".")):
+            raise BadURI(f"invalid sub-model name {name!r}: one path segment, not hidden")
+        if not isinstance(uri, str):
+            raise BadURI(f"sub-model {name!r}: the URI must be a string")
+        out.append((name, uri))
+    return sorted(out)
+
+
+def _key(listed: list[tuple[str, Source, Listing]], options: PullOptions) -> str:
+    h = hashlib.sha256(b"modelshelf-cache-key/1\n")
+    for name, _src, listing in listed:
+        h.update(f"sub\0{name}\n".encode())
+        h.update(listing.identity().encode("utf-8", "surrogateescape"))
+        if listing.archive and not options.extract_archives:
+            h.update(b"\0no-extract")
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def _mapping_label(uris: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"{n}: {u}" for n, u in sorted(uris.items())) + "}"
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(f"not a cache key: {key!r}")
+
+
+def _safe_holder(holder: str) -> str:
+    h = re.sub(r"[^A-Za-z0-9_.\-]", "_", holder)[:200].lstrip(".")
+    return h or "_"
+
+
+def _check_rel(path: str, uri: str) -> None:
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise IntegrityError(f"{uri}: unsafe object path {path!r} from the source", uri=uri)
+
+
+def _check_sizes(root: Path, listing: Listing) -> None:
+    for o in listing.objects:
+        try:
+            size = (root / o.path).stat().st_size
+        except FileNotFoundError:
+            raise IntegrityError(f"{listing.uri}: {o.path} was not written by the download", uri=listing.uri) from None
+        if size != o.size:
+            raise IntegrityError(f"{listing.uri}: {o.path} has {size} bytes, the source listed {o.size}",
+                                 uri=listing.uri)
+
+
+def _check_digests(listing: Listing, digests: Mapping[str, str], options: PullOptions, single: bool) -> None:
+    """The user's sha256 (single file/archive) and sha256 checksums given by the store."""
+    if options.sha256 and single and len(listing.objects) == 1:
+        got = digests[listing.objects[0].path]
+        if got != options.sha256.lower():
+            raise IntegrityError(f"{listing.uri}: sha256 mismatch (expected {options.sha256.lower()}, got {got})",
+                                 uri=listing.uri)
+    for o in listing.objects:
+        if o.checksum and o.checksum.lower().startswith("sha256:") and o.path in digests:
+            want = o.checksum.split(":", 1)[1].lower()
+            if len(want) == 64 and want != digests[o.path]:
+                raise IntegrityError(f"{listing.uri}: {o.path} does not match the store's sha256", uri=listing.uri)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(d: Path) -> dict[str, Any] | None:
+    try:
+        with open(d / "manifest.json", "rb") as f:
+            return json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except json.JSONDecodeError:
+        log.warning("event=cache_bad_manifest path=%s", d)
+        return None
+
+
+def _entry_from_manifest(key: str, d: Path, m: Mapping[str, Any], hit: bool) -> Entry:
+    files = tuple(f["path"] for f in m.get("files", []))
+    files += tuple(lk["path"] + "/" for lk in m.get("links", []))
+    size = int(m.get("total_bytes", 0)) + sum(int(lk.get("bytes", 0)) for lk in m.get("links", []))
+    return Entry(key=key, path=d / "files", uri=m.get("uri", ""), size=size, files=files, in_place=False, hit=hit)
+
+
+def _atomic_write(path: Path, text: str, fsync: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _touch(d: Path) -> None:
+    try:
+        os.utime(d, None)
+    except OSError:
+        pass  # a read-only root still serves hits; LRU order just does not move
+
+
+def _make_read_only(root: Path) -> None:
+    """Entry files are read-only (dirs stay writable so the entry can be removed)."""
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(p, 0o555 if st.st_mode & 0o111 else 0o444)
+
+
+def _rmtree(path: Path) -> None:
+    def onerror(func: Any, p: str, exc: Any) -> None:
+        err = exc[1] if isinstance(exc, tuple) else exc
+        if isinstance(err, FileNotFoundError):
+            return
+        if isinstance(err, PermissionError):  # a read-only dir inside an archive entry
+            try:
+                os.chmod(os.path.dirname(p), 0o755)
+                func(p)
+                return
+            except OSError:
+                pass
+        log.warning("event=cache_rmtree_failed path=%s error=%s", p, type(err).__name__)
+    shutil.rmtree(path, onerror=onerror)

@@ -1,0 +1,370 @@
+"""`modelshelf pull URI DEST` and `modelshelf cache ls|gc|verify` (argparse in agent/cli.py).
+
+`pull` is a drop-in for KServe's storage-initializer and Seldon's rclone initializer (URI,
+then destination). DEST gets the model files: hard-linked from the cache with --cache-dir
+(copied where a link is impossible, e.g. across file systems), otherwise downloaded through a
+throw-away cache next to DEST and moved in. Exit codes: 0 ok, 2 usage / bad URI, 3 not found,
+4 access denied, 5 integrity failure or unsafe archive, 6 transient failure outlasting retries,
+1 anything else; the one-line error on stderr names the URI with credentials redacted. Known
+secrets (credential env vars, header values, storage-config / .s3cfg keys) are masked in every
+line this command prints.
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from puller.cache import Cache, Entry
+from puller.errors import BadURI, PullError
+from puller.progress import make_progress
+from puller.sources.base import PullOptions
+from puller.uri import redact
+
+log = logging.getLogger("modelshelf.puller.cli")
+
+_SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|AUTH|_KEY$|_KEY_ID$|APIKEY|SIGNATURE", re.I)
+_NOT_SECRET_ENV = re.compile(r"(_FILE|_PATH|_DIR|_URL|_ENDPOINT|_REGION|_PROVIDER|_TYPE)$", re.I)
+_UNITS = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+          "TiB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `pull` or `cache ...`; returns the exit code."""
+    scrubber = _Scrubber()
+    scrubber.add_env(os.environ)
+    _setup_logging(scrubber)
+    try:
+        if args.command == "pull":
+            return _pull(args, scrubber)
+        if args.command == "cache":
+            return _cache(args, scrubber)
+        _fail(scrubber, f"modelshelf: unknown command {args.command!r}")
+        return 2
+    finally:
+        _remove_filter(scrubber)
+
+
+# -- pull --------------------------------------------------------------------------------------
+
+def _pull(args: argparse.Namespace, scrubber: "_Scrubber") -> int:
+    shown = redact(args.uri)
+    t0 = time.monotonic()
+    try:
+        options = _options(args, scrubber)
+        progress = make_progress(enabled=not args.no_progress)
+        dest = Path(args.dest)
+        if args.cache_dir:
+            entry = Cache(args.cache_dir).ensure(args.uri, options, progress)
+            mode = "copy" if entry.in_place else "link"
+            _place(entry, dest, mode)
+        else:
+            entry = _pull_uncached(args.uri, dest, options, progress)
+        log.info("event=pull_done uri=%s dest=%s files=%d bytes=%d cache=%s seconds=%.3f", entry.uri, dest,
+                 len(entry.files), entry.size, "in_place" if entry.in_place else ("hit" if entry.hit else "miss"),
+                 time.monotonic() - t0)
+        return 0
+    except PullError as e:
+        msg = str(e)
+        if shown not in msg and (e.uri is None or e.uri not in msg):
+            msg = f"{shown}: {msg}"
+        _fail(scrubber, f"modelshelf pull: {msg}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        _fail(scrubber, f"modelshelf pull: {shown}: interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, exit 1, never a traceback with secrets
+        _fail(scrubber, f"modelshelf pull: {shown}: {type(e).__name__}: {e}")
+        return 1
+
+
+def _options(args: argparse.Namespace, scrubber: "_Scrubber") -> PullOptions:
+    headers: dict[str, str] = {}
+    for item in args.header or []:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise BadURI(f"--header wants NAME:VALUE, got a value without ':' ({len(item)} characters)")
+        headers[name.strip()] = value.strip()
+        scrubber.add(value.strip())
+        scrubber.add_words(value)
+    scrubber.add_uri(args.uri)
+    options = PullOptions(sha256=(args.sha256 or None), storage_key=args.storage_key, headers=headers)
+    if args.sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
+        raise BadURI(f"--sha256 wants 64 hex digits, got {len(args.sha256)} characters")
+    if args.storage_config_dir:
+        options.storage_config_dir = Path(args.storage_config_dir)
+    if args.pvc_root:
+        options.pvc_root = Path(args.pvc_root)
+    scrubber.add_storage_config(options.storage_config_dir)
+    scrubber.add_s3cfg(options.s3cfg)
+    return options
+
+
+def _pull_uncached(uri: str, dest: Path, options: PullOptions, progress: Any) -> Entry:
+    """Download through a throw-away cache next to DEST (same file system: files are moved)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp_root = Path(tempfile.mkdtemp(prefix=".modelshelf-pull-", dir=dest.parent))
+    except OSError:
+        tmp_root = Path(tempfile.mkdtemp(prefix="modelshelf-pull-"))
+    try:
+        entry = Cache(tmp_root).ensure(uri, options, progress)
+        _place(entry, dest, "copy" if entry.in_place else "move")
+        return entry
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _place(entry: Entry, dest: Path, mode: str) -> None:
+    """Put the entry's files under DEST: mode 'link' (hard link, copy as fallback), 'move', 'copy'."""
+    dest.mkdir(parents=True, exist_ok=True)
+    src = Path(entry.path)
+    if src.is_file():
+        _place_file(src, dest / src.name, mode)
+        return
+    for root, dirs, files in os.walk(src):
+        rel_root = os.path.relpath(root, src)
+        out_root = dest if rel_root == "." else dest / rel_root
+        out_root.mkdir(parents=True, exist_ok=True)
+        for name in list(dirs):
+            p = os.path.join(root, name)
+            if os.path.islink(p):  # a linked local sub-model or an archive's dir link: keep the link
+                _replace_with_symlink(os.readlink(p), out_root / name)
+                dirs.remove(name)
+        for name in files:
+            p = Path(root) / name
+            if p.is_symlink():
+                _replace_with_symlink(os.readlink(p), out_root / name)
+            else:
+                _place_file(p, out_root / name, mode)
+
+
+def _place_file(src: Path, out: Path, mode: str) -> None:
+    if out.is_symlink() or out.exists():
+        if out.is_dir() and not out.is_symlink():
+            raise PullError(f"cannot place {src.name}: {out} is a directory")
+        out.unlink()
+    if mode == "link":
+        try:
+            os.link(src, out)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.ENOTSUP):
+                raise
+    elif mode == "move":
+        try:
+            os.rename(src, out)
+            os.chmod(out, _writable(out))
+            return
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+    shutil.copyfile(src, out)
+    os.chmod(out, _writable(src))
+
+
+def _writable(p: Path) -> int:
+    return 0o755 if os.stat(p).st_mode & 0o111 else 0o644
+
+
+def _replace_with_symlink(target: str, out: Path) -> None:
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.is_dir():
+        shutil.rmtree(out)
+    os.symlink(target, out)
+
+
+# -- cache ls | gc | verify ----------------------------------------------------------------------
+
+def _cache(args: argparse.Namespace, scrubber: "_Scrubber") -> int:
+    try:
+        cache = Cache(args.cache_dir)
+        if args.cache_command == "ls":
+            return _cache_ls(cache, args.json)
+        if args.cache_command == "gc":
+            try:
+                budget = parse_bytes(args.max_cache_bytes)
+            except ValueError as e:
+                _fail(scrubber, f"modelshelf cache gc: {e}")
+                return 2
+            report = cache.gc(budget)
+            for info in report.removed:
+                print(f"removed {info.key} {_human(info.size)} {info.uri}")
+            print(f"freed {_human(report.freed)}; {_human(report.bytes_after)} in cache, budget {_human(budget)}"
+                  + (f"; {len(report.in_use)} entries in use kept" if report.in_use else "")
+                  + ("" if report.within_budget else "; STILL OVER BUDGET"))
+            return 0
+        if args.cache_command == "verify":
+            report = cache.verify(args.key)
+            if args.json:
+                print(json.dumps({"checked": report.checked, "ok": report.ok,
+                                  "mismatches": [m.__dict__ for m in report.mismatches]}, indent=1))
+            else:
+                for m in report.mismatches:
+                    print(f"MISMATCH {m.key} {m.path}: {m.problem}")
+                print(f"verified {len(report.checked)} entries: "
+                      + ("ok" if report.ok else f"{len(report.mismatches)} mismatches"))
+            return 0 if report.ok else 5
+    except PullError as e:
+        _fail(scrubber, f"modelshelf cache {args.cache_command}: {e}")
+        return e.exit_code
+    except OSError as e:
+        _fail(scrubber, f"modelshelf cache {args.cache_command}: {args.cache_dir}: {e.strerror or e}")
+        return 1
+    _fail(scrubber, f"modelshelf cache: unknown subcommand {args.cache_command!r}")
+    return 2
+
+
+def _cache_ls(cache: Cache, as_json: bool) -> int:
+    infos = cache.ls()
+    if as_json:
+        print(json.dumps([{"key": i.key, "path": str(i.path), "uri": i.uri, "size": i.size, "files": i.files,
+                           "created": i.created, "last_used": i.last_used, "leases": list(i.leases)}
+                          for i in infos], indent=1))
+        return 0
+    rows = [("KEY", "SIZE", "FILES", "LAST USED", "LEASES", "URI")]
+    for i in reversed(infos):  # most recently used first
+        rows.append((i.key, _human(i.size), str(i.files), _when(i.last_used), ",".join(i.leases) or "-", i.uri))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5])
+    return 0
+
+
+def parse_bytes(value: str) -> int:
+    """Bytes from 1048576, 512Mi, 50Gi, 1G. Raises ValueError naming the value."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"not a byte quantity: {value!r} (expected e.g. 512Mi, 50Gi, 1048576)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- output hygiene ----------------------------------------------------------------------------
+
+class _Scrubber(logging.Filter):
+    """Masks known secret values in log records and in the CLI's own error lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: set[str] = set()
+        self.handlers: list[logging.Handler] = []
+
+    def add(self, value: str | None) -> None:
+        if value and len(value) >= 6:
+            self._secrets.add(value)
+
+    def add_words(self, value: str) -> None:
+        for word in re.split(r"[\s,;]+", value):
+            self.add(word)
+
+    def add_env(self, env: Iterable[str] | dict[str, str]) -> None:
+        for name, value in dict(env).items():
+            if _SECRET_ENV.search(name) and not _NOT_SECRET_ENV.search(name):
+                self.add(value)
+
+    def add_uri(self, uri: str) -> None:
+        m = re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://([^/@?#]*)@", uri)
+        if m:
+            user, _, password = m.group(1).partition(":")
+            self.add(password)
+            self.add(user if password == "" else None)
+        for pm in re.finditer(r"[?&;][^=&#]*=([^&#]*)", uri):
+            if pm.group(1) and f"={pm.group(1)}" not in redact(uri):
+                self.add(pm.group(1))
+
+    def add_storage_config(self, directory: Path | None) -> None:
+        if not directory:
+            return
+        try:
+            for p in Path(directory).iterdir():
+                try:
+                    data = json.loads(p.read_text())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(data, dict):
+                    for k, v in data.items():
+                        if isinstance(v, str) and re.search(r"secret|key|token|password", k, re.I):
+                            self.add(v)
+        except OSError:
+            pass
+
+    def add_s3cfg(self, path: Path | None) -> None:
+        if not path:
+            return
+        cp = configparser.RawConfigParser()
+        try:
+            cp.read(path)
+        except (OSError, configparser.Error):
+            return
+        for section in cp.sections():
+            for k, v in cp.items(section):
+                if re.search(r"secret|key|token|password", k, re.I):
+                    self.add(v)
+
+    def scrub(self, text: str) -> str:
+        for s in sorted(self._secrets, key=len, reverse=True):
+            if s in text:
+                text = text.replace(s, "***")
+        return redact(text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is still logged, scrubbed
+            message = str(record.msg)
+        record.msg, record.args = self.scrub(message), None
+        if record.exc_info:
+            record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def _setup_logging(scrubber: _Scrubber) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        root.addHandler(handler)
+        if root.level == logging.WARNING:
+            root.setLevel(logging.INFO)
+    for h in root.handlers:
+        h.addFilter(scrubber)
+        scrubber.handlers.append(h)
+
+
+def _remove_filter(scrubber: _Scrubber) -> None:
+    for h in scrubber.handlers:
+        h.removeFilter(scrubber)
+
+
+def _fail(scrubber: _Scrubber, message: str) -> None:
+    line = scrubber.scrub(" ".join(message.split()))
+    print(line, file=sys.stderr, flush=True)
+
+
+__all__ = ["main", "parse_bytes"]

@@ -1,0 +1,169 @@
+"""The eviction planner and the reservation ledger: LRU order, what may never be evicted
+(pinned, leased, too young for a lazy load), several devices at once, and the two ways a model
+does not fit (larger than the whole budget: permanent; blocked: retry later)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agent.memory import HOST, Blocked, Candidate, Cost, DoesNotFit, LargerThanBudget, MemoryManager, plan_eviction
+
+from .conftest import GiB, MiB
+
+NOW = 10_000.0
+
+
+def c(name, last_used, host=100, gpu=None, loaded_at=0.0, pinned=False, inflight=0):
+    return Candidate(name, last_used=last_used, loaded_at=loaded_at, pinned=pinned, inflight=inflight,
+                     cost=Cost(host, gpu or {}, "measured"))
+
+
+def plan(needed, cands, free, budget, **kw):
+    kw.setdefault("now", NOW)
+    return plan_eviction(needed, cands, free=free, budget=budget, model="new", **kw)
+
+
+def test_nothing_to_evict_when_it_fits():
+    assert plan(Cost(100), [c("a", 1)], free={HOST: 100}, budget={HOST: 500}) == []
+
+
+def test_lru_order_and_stops_as_soon_as_it_fits():
+    cands = [c("warm", 50), c("coldest", 10), c("hot", 90), c("cold", 20), c("mid", 40)]
+    assert plan(Cost(150), cands, free={HOST: 0}, budget={HOST: 500}) == ["coldest", "cold"]
+    assert plan(Cost(150), cands, free={HOST: 60}, budget={HOST: 500}) == ["coldest"]
+    assert plan(Cost(500), cands, free={HOST: 0}, budget={HOST: 500}) == ["coldest", "cold", "mid", "warm", "hot"]
+
+
+def test_skips_pinned_and_leased():
+    cands = [c("pinned-old", 1, pinned=True), c("busy-old", 2, inflight=3), c("idle", 50), c("idle2", 60)]
+    assert plan(Cost(200), cands, free={HOST: 0}, budget={HOST: 400}) == ["idle", "idle2"]
+
+
+def test_min_residency_applies_to_lazy_loads_only():
+    cands = [c("young", 1, loaded_at=NOW - 5), c("old", 50, loaded_at=NOW - 100)]
+    lazy = dict(respect_residency=True, min_residency_s=30)
+    assert plan(Cost(100), cands, free={HOST: 0}, budget={HOST: 200}, **lazy) == ["old"]
+    # preload / reconcile: residency does not protect, plain LRU
+    assert plan(Cost(100), cands, free={HOST: 0}, budget={HOST: 200}) == ["young"]
+
+
+def test_multi_device_evicts_only_what_frees_the_short_device():
+    budget = {HOST: 1000, "gpu:0": 1000, "gpu:1": 1000}
+    cands = [
+        c("host-only", 1, host=100),
+        c("on-gpu0", 2, host=10, gpu={"gpu:0": 600}),
+        c("on-gpu1-a", 3, host=10, gpu={"gpu:1": 300}),
+        c("on-gpu1-b", 4, host=10, gpu={"gpu:1": 300}),
+    ]
+    free = {HOST: 500, "gpu:0": 0, "gpu:1": 100}
+    # needs gpu:1 only: older host-only and gpu:0 models are left alone
+    assert plan(Cost(50, {"gpu:1": 500}), cands, free=free, budget=budget) == ["on-gpu1-a", "on-gpu1-b"]
+    # needs room on host AND gpu:0: one victim that frees gpu:0, then host
+    free = {HOST: 0, "gpu:0": 0, "gpu:1": 100}
+    assert plan(Cost(50, {"gpu:0": 500}), cands, free=free, budget=budget) == ["host-only", "on-gpu0"]
+    # devices without a budget are not checked (GPU budgeting off)
+    assert plan(Cost(50, {"gpu:0": 10**12}), cands, free={HOST: 100}, budget={HOST: 1000}) == []
+
+
+def test_larger_than_whole_budget_is_permanent_and_named():
+    with pytest.raises(LargerThanBudget) as ei:
+        plan(Cost(3 * GiB, {}, "declared"), [c("a", 1)], free={HOST: GiB}, budget={HOST: 2 * GiB})
+    e = ei.value
+    assert e.permanent and e.model == "new" and e.devices == (HOST,)
+    msg = str(e)
+    assert "'new'" in msg and "host=3.0GiB" in msg and "host=2.0GiB" in msg and "larger than the whole budget" in msg
+    assert "declared" in msg and "stays cached" in msg
+
+
+def test_blocked_by_leases_is_transient():
+    cands = [c("busy", 1, host=300, inflight=1), c("idle", 2, host=100)]
+    with pytest.raises(Blocked) as ei:
+        plan(Cost(300), cands, free={HOST: 0}, budget={HOST: 400})
+    e = ei.value
+    assert not e.permanent and e.retry_after_s == 1.0
+    assert e.blocked_by == {"in_use": 300}
+    assert "in-use 300B" in str(e) and "'new'" in str(e)
+
+
+def test_blocked_by_young_models_says_when_to_retry():
+    cands = [c("young", 1, host=300, loaded_at=NOW - 18)]
+    with pytest.raises(Blocked) as ei:
+        plan(Cost(300), cands, free={HOST: 100}, budget={HOST: 400}, respect_residency=True, min_residency_s=30)
+    assert not ei.value.permanent and ei.value.retry_after_s == 12.0 and ei.value.blocked_by == {"young": 300}
+
+
+def test_blocked_only_by_pinned_is_permanent():
+    cands = [c("pinned", 1, host=350, pinned=True), c("idle", 2, host=50)]
+    with pytest.raises(Blocked) as ei:
+        plan(Cost(200), cands, free={HOST: 0}, budget={HOST: 400})
+    e = ei.value
+    assert isinstance(e, DoesNotFit) and e.permanent and e.retry_after_s is None
+    assert "pinned" in str(e)
+
+
+def test_planner_is_fast_on_thousands_of_models():
+    cands = [c(f"m{i}", last_used=(i * 7919) % 10_000, host=MiB) for i in range(10_000)]
+    t0 = time.perf_counter()
+    victims = plan(Cost(500 * MiB), cands, free={HOST: 0}, budget={HOST: 10_000 * MiB})
+    assert time.perf_counter() - t0 < 0.5
+    assert len(victims) == 500
+    order = {x.name: x.last_used for x in cands}
+    assert [order[v] for v in victims] == sorted(order[v] for v in victims)
+    assert max(order[v] for v in victims) < min(l for n, l in order.items() if n not in victims)
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+def test_reserve_release_used_free():
+    mm = MemoryManager({HOST: 1000, "gpu:0": 500})
+    mm.reserve("a", Cost(300, {"gpu:0": 200}))
+    mm.reserve("b", Cost(200))
+    assert mm.used() == {HOST: 500, "gpu:0": 200} and mm.free() == {HOST: 500, "gpu:0": 300}
+    assert mm.fits(Cost(500, {"gpu:0": 300})) and not mm.fits(Cost(501))
+    assert mm.fits(Cost(800), name="a")  # replacing a's own reservation
+    assert mm.release("a") == Cost(300, {"gpu:0": 200})
+    assert mm.release("a") is None
+    assert mm.used() == {HOST: 200, "gpu:0": 0}
+
+
+def test_update_reports_over_budget():
+    mm = MemoryManager({HOST: 1000})
+    mm.reserve("a", Cost(600))
+    mm.reserve("b", Cost(300))
+    assert mm.update("a", Cost(650, {}, "measured")) == {}
+    assert mm.update("a", Cost(900, {}, "measured")) == {HOST: 200}
+
+
+def test_admit_reserves_and_never_counts_the_same_victim_twice():
+    mm = MemoryManager({HOST: 1000}, min_residency_s=0)
+    for name, lu in (("old", 1), ("mid", 2), ("new", 3)):
+        mm.reserve(name, Cost(300, {}, "measured"))
+    cands = [Candidate(n, last_used=lu, loaded_at=0) for n, lu in (("old", 1), ("mid", 2), ("new", 3))]  # cost None: use reservation
+    assert mm.admit("x", Cost(400), cands, now=NOW) == ["old"]
+    # "old" is being unloaded: its bytes are promised to x. y must take the next one.
+    assert mm.used()[HOST] == 1300 and mm.free()[HOST] == 0
+    assert mm.admit("y", Cost(250), cands, now=NOW) == ["mid"]
+    mm.release("old")
+    mm.release("mid")
+    assert mm.used()[HOST] == 300 + 400 + 250 and mm.free()[HOST] == 50
+
+
+def test_admit_failure_reserves_nothing_and_names_loading_models():
+    mm = MemoryManager({HOST: 1000})
+    mm.reserve("loading", Cost(700))  # no candidate for it: it is still loading
+    with pytest.raises(Blocked) as ei:
+        mm.admit("x", Cost(500), [], lazy=True, now=NOW)
+    assert ei.value.blocked_by == {"loading": 700} and not ei.value.permanent
+    assert "x" not in mm.reservations()
+
+
+def test_manager_applies_min_residency_for_lazy():
+    mm = MemoryManager({HOST: 300}, min_residency_s=30, clock=lambda: NOW)
+    mm.reserve("a", Cost(300))
+    cands = [Candidate("a", last_used=NOW - 1, loaded_at=NOW - 10)]
+    with pytest.raises(Blocked) as ei:
+        mm.plan_eviction(Cost(100), cands, model="b", lazy=True)
+    assert ei.value.retry_after_s == 20.0
+    assert mm.plan_eviction(Cost(100), cands, model="b", lazy=False) == ["a"]

@@ -1,0 +1,62 @@
+"""The accountant against a REAL embedded MLServer: loads of real sklearn models are measured by
+the RSS delta of the server's process tree, the first sklearn load (the server imports sklearn)
+is charged to the server, later loads are measured as themselves and remembered per cache key,
+and the ledger stays close to the server's real RSS growth."""
+from __future__ import annotations
+
+import pytest
+
+from agent.memory import HOST, InMemoryStore, MemoryManager
+from agent.runtimes.base import ServedModel
+from tests.support.models import write_sklearn_model
+from tests.support.servers import embedded_mlserver
+
+from .conftest import GiB, MiB
+
+PAD = 40 * MiB  # each model carries 40 MiB of incompressible bytes
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with embedded_mlserver(tmp_path_factory.mktemp("mlserver-memory")) as srv:
+        yield srv
+
+
+def _load(server, mm, store, tmp_path, name, pad):
+    d = write_sklearn_model(tmp_path / name, kind="iris-logreg", seed=len(name), pad_bytes=pad)
+    size = sum(p.stat().st_size for p in d.iterdir())
+    cost = mm.cost_for(key=f"key-{name}", runtime="sklearn", entry_bytes=size)
+    mm.reserve(name, cost)
+    m = mm.start_measure(name, runtime="sklearn")
+    server.call(server.adapter.load(ServedModel(name=name, path=d, runtime="sklearn")))
+    return cost, mm.finish_measure(m, key=f"key-{name}")
+
+
+@pytest.mark.timeout(120)
+def test_real_loads_are_measured(server, tmp_path):
+    store = InMemoryStore()
+    pid = lambda: server.adapter.process.pid  # noqa: E731
+    mm = MemoryManager({HOST: 8 * GiB}, store=store, server_pid=pid)
+    rss0 = mm.server_rss()
+    assert rss0 and rss0 > 50 * MiB
+
+    # 1st sklearn model in this server: the import is the server's, the model keeps its estimate
+    est, first = _load(server, mm, store, tmp_path, "small", pad=0)
+    assert first == est and store.get_meta("key-small") is None
+    overhead = mm.overhead()["runtime:sklearn"].host
+    assert overhead > 10 * MiB  # sklearn and friends (~80 MB seen here)
+
+    # 2nd and 3rd: measured as themselves, about their 40 MiB payload (x1..x2.5)
+    for name in ("a", "b"):
+        est, cost = _load(server, mm, store, tmp_path, name, pad=PAD)
+        assert est.method == "estimated" and cost.method == "measured"
+        assert PAD <= cost.host <= 2.5 * PAD, (name, cost)
+        assert store.get_meta(f"key-{name}")["memory"]["default"]["host"] == cost.host
+
+    # the ledger follows the server's real growth
+    grown = mm.server_rss() - rss0
+    assert 0.8 * grown <= mm.used()[HOST] <= 1.5 * grown, (mm.used(), grown)
+
+    # reload of an entry: the next manager (a restart) reserves the measurement, not the estimate
+    again = MemoryManager({HOST: 8 * GiB}, store=store).cost_for(key="key-a", runtime="sklearn", entry_bytes=PAD)
+    assert again.method == "measured" and again.host == store.get_meta("key-a")["memory"]["default"]["host"]
