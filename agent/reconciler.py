@@ -194,6 +194,7 @@ class Reconciler:
             log.info("server already serves models", extra=kv(count=len(self._adoptable)))
         self._background.append(asyncio.create_task(self._retry_loop(), name="retry-loop"))
         self._background.append(asyncio.create_task(self._lease_loop(), name="lease-loop"))
+        self._background.append(asyncio.create_task(self._source_loop(), name="source-loop"))
 
     async def close(self) -> None:
         self._closing = True
@@ -632,6 +633,24 @@ class Reconciler:
                     m.retry_at = None
                     if m.wants_loaded() or m.entry is None:
                         self._schedule(m)
+
+    async def _source_loop(self) -> None:
+        """Every resync interval, list each model's source again (metadata only): an object
+        replaced under the same URI makes a new cache entry, which is then loaded in place of
+        the old one. Unchanged sources are cache hits that move nothing."""
+        while True:
+            await asyncio.sleep(self.settings.resync_interval_s)
+            self.refresh_sources()
+
+    def refresh_sources(self) -> int:
+        """Schedule a source check of every settled model; returns how many."""
+        n = 0
+        for m in list(self.models.values()):
+            if not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not m.lock.locked():
+                m.entry_fp = None
+                self._schedule(m)
+                n += 1
+        return n
 
     async def _lease_loop(self) -> None:
         """Heartbeat the cache leases so other pods sharing the cache see them as live."""

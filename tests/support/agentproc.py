@@ -22,7 +22,7 @@ class AgentProcess:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         cmd = [sys.executable, "-m", "agent.cli", "run", "--config-dir", str(config_dir), "--cache-dir", str(cache_dir),
-               "--port", str(self.port), "--resync-interval", "5", *args]
+               "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                      start_new_session=True)
 
