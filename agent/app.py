@@ -102,16 +102,24 @@ class Agent:
             await self.reconciler.server_restarted()
 
     async def _health_loop(self) -> None:
-        """Probe the server; when a sidecar server comes back, reload what it lost."""
+        """Probe the server for /readyz. Three failed probes in a row mark it not ready (MLServer
+        blocks its loop for a second or two while it imports a runtime). When it is back, the
+        server's index is compared with what we think is loaded (restarts themselves are
+        handled by the adapter's on_restart)."""
+        failures = 0
         while True:
             await asyncio.sleep(2.0)
-            ready = await self.adapter.is_ready()
-            if ready and not self._server_ready:
-                log.info("server is ready again")
-                await self.reconciler.resync_server()
-            elif not ready and self._server_ready:
-                log.warning("server is not ready")
-            self._server_ready = ready
+            if await self.adapter.is_ready():
+                failures = 0
+                if not self._server_ready:
+                    log.info("server is ready again")
+                    self._server_ready = True
+                    await self.reconciler.resync_server()
+                continue
+            failures += 1
+            if failures >= 3 and self._server_ready:
+                log.warning("server is not ready", extra=kv(failed_probes=failures))
+                self._server_ready = False
 
     async def stop(self) -> None:
         if self._health_task:
@@ -170,14 +178,24 @@ class Agent:
         if scope["type"] == "http":
             path = scope["path"]
             if path.startswith("/v2") or path.startswith("/v1/"):
-                await self.router(scope, receive, send)
+                if self.router is None or self.reconciler is None or not self.reconciler.applied_once.is_set():
+                    await _starting(send)
+                else:
+                    await self.router(scope, receive, send)
                 return
         await self.api(scope, receive, send)
 
 
+async def _starting(send: Any) -> None:
+    body = b'{"error": "the agent is starting"}'
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"1")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def serve(settings: Settings) -> None:
+    """Listen first (so /healthz answers while the server starts), then start the agent."""
     agent = Agent(settings)
-    await agent.start()
     config = uvicorn.Config(agent.asgi, host=settings.host, port=settings.port, log_level="warning",
                             access_log=False, lifespan="off", timeout_keep_alive=75, interface="asgi3")
     server = uvicorn.Server(config)
@@ -185,9 +203,18 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    serving = asyncio.create_task(server.serve(), name="http")
     try:
-        await server.serve()
+        starting = asyncio.create_task(agent.start(), name="agent-start")
+        done, _ = await asyncio.wait({serving, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if starting in done:
+            starting.result()  # a failed start ends the agent with its error
+        else:
+            starting.cancel()
+        await serving
     finally:
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
         log.info("agent stopping")
         started = time.monotonic()
         await agent.stop()

@@ -155,7 +155,9 @@ def _redact_source(spec: ModelSpec) -> Any:
     return {k: redact(v) for k, v in spec.source}
 
 
-def _shard_of(name: str, shards: int) -> int:
+def shard_of(name: str, shards: int) -> int:
+    """The replica that serves `name` when the config is sharded (`--shards`): crc32 mod N.
+    Clients or ingresses can compute the same function to route to the right replica."""
     return zlib.crc32(name.encode()) % shards
 
 
@@ -252,7 +254,7 @@ class Reconciler:
         log.error("config file rejected; keeping the last good config", extra=kv(file=error.file, reason=error.reason, kept_models=kept))
 
     def _mine(self, name: str) -> bool:
-        return self.settings.shards <= 1 or _shard_of(name, self.settings.shards) == self.settings.shard_index
+        return self.settings.shards <= 1 or shard_of(name, self.settings.shards) == self.settings.shard_index
 
     # ------------------------------------------------------------------ data plane
     async def acquire(self, name: str) -> Model:

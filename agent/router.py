@@ -60,7 +60,9 @@ class Router:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=60, ttl_dns_cache=None)
+        # idle connections are dropped before the server's own keep-alive timeout (uvicorn's,
+        # MLServer's: 5 s) so a request is never sent on a connection the server is closing
+        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=4, ttl_dns_cache=None)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.request_timeout_s, sock_connect=5),
@@ -145,10 +147,12 @@ class Router:
         if scope.get("query_string"):
             path = path + "?" + scope["query_string"].decode("latin-1")
         try:
-            async with self._session.request(method, self._server_url() + path, data=body, headers=headers) as resp:
-                payload = await resp.read()
-                status = resp.status
-                out_headers = [(k.encode(), resp.headers[k].encode()) for k in _PASS_RESPONSE if k in resp.headers]
+            try:
+                status, payload, out_headers = await self._send(method, path, body, headers)
+            except aiohttp.ServerDisconnectedError:
+                # a pooled connection the server closed before answering: nothing was served
+                # on it, so one retry on a fresh connection is safe
+                status, payload, out_headers = await self._send(method, path, body, headers)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
             self.metrics.requests.labels(model=name, code="503").inc()
             reason = "timed out" if isinstance(e, asyncio.TimeoutError) else "server unreachable"
@@ -161,6 +165,14 @@ class Router:
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": payload})
         return None
+
+    async def _send(self, method: str, path: str, body: bytes | None,
+                    headers: dict[str, str]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        assert self._session is not None
+        async with self._session.request(method, self._server_url() + path, data=body, headers=headers) as resp:
+            payload = await resp.read()
+            out_headers = [(k.encode(), resp.headers[k].encode()) for k in _PASS_RESPONSE if k in resp.headers]
+            return resp.status, payload, out_headers
 
     async def _forward_plain(self, send: Send, method: str, path: str) -> None:
         assert self._session is not None

@@ -1,0 +1,244 @@
+"""MLServerAdapter against a real embedded MLServer (one per session, see conftest)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.runtimes import LoadFailed, ServedModel
+from agent.runtimes.mlserver import MLServerAdapter
+from tests.support.models import (
+    SLOW_IMPLEMENTATION,
+    count_loads,
+    sample_rows,
+    sklearn_predictions,
+    v2_request,
+    write_broken_model,
+    write_sklearn_model,
+    write_slow_model,
+)
+from tests.support.servers import RunningServer
+
+ROWS = sample_rows(8, seed=3)
+
+
+def _infer(srv: RunningServer, name: str, version: str | None = None) -> list[int]:
+    path = f"/v2/models/{name}/versions/{version}/infer" if version else f"/v2/models/{name}/infer"
+    r = httpx.post(srv.base_url + path, json=v2_request(ROWS), timeout=10)
+    assert r.status_code == 200, r.text
+    (out,) = [o for o in r.json()["outputs"] if o["name"] == "predict"]
+    return [int(v) for v in out["data"]]
+
+
+def _distinct_models(tmp_path: Path) -> tuple[Path, Path]:
+    """Two sklearn models that predict differently on ROWS (so a swap is visible)."""
+    a = write_sklearn_model(tmp_path / "a", seed=0)
+    for seed in range(1, 20):
+        b = write_sklearn_model(tmp_path / f"b{seed}", seed=seed)
+        if sklearn_predictions(b, ROWS) != sklearn_predictions(a, ROWS):
+            return a, b
+    raise AssertionError("no two seeds gave different predictions")
+
+
+def test_load_infer_index_unload(mlserver: RunningServer, tmp_path: Path) -> None:
+    a, b = _distinct_models(tmp_path)
+    ad = mlserver.adapter
+    mlserver.call(ad.load(ServedModel("iris-a", a, "sklearn", version="3")))
+    mlserver.call(ad.load(ServedModel("iris-b", b, "sklearn")))
+
+    assert _infer(mlserver, "iris-a") == sklearn_predictions(a, ROWS)
+    assert _infer(mlserver, "iris-a", version="3") == sklearn_predictions(a, ROWS)
+    assert _infer(mlserver, "iris-b") == sklearn_predictions(b, ROWS)
+    assert mlserver.call(ad.index()) == {"iris-a": "READY", "iris-b": "READY"}
+    assert ad.repository_entries() == {"iris-a", "iris-b"}
+    assert ad.entry("iris-a") == ServedModel("iris-a", a, "sklearn", version="3")
+
+    mlserver.call(ad.unload("iris-a"))
+    assert httpx.get(f"{mlserver.base_url}/v2/models/iris-a/ready").status_code == 404
+    assert mlserver.call(ad.index()) == {"iris-b": "READY"}
+    assert ad.repository_entries() == {"iris-b"}
+    assert not (mlserver.repository / "iris-a").exists()
+    assert _infer(mlserver, "iris-b") == sklearn_predictions(b, ROWS)
+
+
+def test_unload_of_unknown_model_is_not_an_error(mlserver: RunningServer) -> None:
+    mlserver.call(mlserver.adapter.unload("never-loaded"))
+    assert "never-loaded" not in mlserver.call(mlserver.adapter.index())
+
+
+def test_missing_files_fail_the_load_and_leave_no_entry(mlserver: RunningServer, tmp_path: Path) -> None:
+    ad = mlserver.adapter
+    with pytest.raises(LoadFailed) as e:
+        mlserver.call(ad.load(ServedModel("ghost", tmp_path / "nowhere", "sklearn")))
+    assert "nowhere" in e.value.reason
+    # a dir that exists but holds no model: the server itself refuses it
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoadFailed) as e:
+        mlserver.call(ad.load(ServedModel("empty", tmp_path / "empty", "sklearn")))
+    assert e.value.reason.startswith("HTTP 500") and "IsADirectoryError" in e.value.reason
+    assert ad.repository_entries() == set()
+    assert mlserver.call(ad.index()) == {}
+
+
+def test_broken_model_fails_with_short_reason_and_others_keep_serving(mlserver: RunningServer, tmp_path: Path) -> None:
+    ad = mlserver.adapter
+    good = write_sklearn_model(tmp_path / "good")
+    mlserver.call(ad.load(ServedModel("good", good, "sklearn")))
+    with pytest.raises(LoadFailed) as e:
+        mlserver.call(ad.load(ServedModel("broken", write_broken_model(tmp_path / "broken"), "sklearn")))
+    reason = e.value.reason
+    assert e.value.model == "broken"
+    assert reason.startswith("HTTP 500: ") and "\n" not in reason and len(reason) < 400, reason
+    assert "Error" in reason and "Traceback" not in reason, reason
+    assert _infer(mlserver, "good") == sklearn_predictions(good, ROWS)
+    assert ad.repository_entries() == {"good"}
+    assert mlserver.call(ad.index()) == {"good": "READY"}
+
+
+def test_unknown_runtime_and_missing_implementation_are_refused(mlserver: RunningServer, tmp_path: Path) -> None:
+    d = write_sklearn_model(tmp_path / "m")
+    with pytest.raises(LoadFailed, match="not served by MLServer"):
+        mlserver.call(mlserver.adapter.load(ServedModel("m", d, "tensorrt")))
+    with pytest.raises(LoadFailed, match="needs an implementation"):
+        mlserver.call(mlserver.adapter.load(ServedModel("m", d, "mlserver")))
+    assert mlserver.adapter.repository_entries() == set()
+
+
+def test_reload_in_place_has_no_gap(mlserver: RunningServer, tmp_path: Path) -> None:
+    """While the model is replaced (several times), every ready probe and inference succeeds."""
+    a, b = _distinct_models(tmp_path)
+    ad = mlserver.adapter
+    mlserver.call(ad.load(ServedModel("swap", a, "sklearn")))
+    seen: set[tuple[int, ...]] = set()
+    failures: list[str] = []
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        polls = 0
+
+        async def poll() -> None:
+            nonlocal polls
+            async with httpx.AsyncClient(base_url=ad.base_url, timeout=5) as c:
+                while not stop.is_set():
+                    ready = await c.get("/v2/models/swap/ready")
+                    r = await c.post("/v2/models/swap/infer", json=v2_request(ROWS))
+                    polls += 1
+                    if ready.status_code != 200 or r.status_code != 200:
+                        failures.append(f"ready={ready.status_code} infer={r.status_code} {r.text[:100]}")
+                    else:
+                        seen.add(tuple(int(v) for v in r.json()["outputs"][0]["data"]))
+
+        task = asyncio.create_task(poll())
+        await asyncio.sleep(0.05)
+        for path in (b, a, b):
+            await ad.load(ServedModel("swap", path, "sklearn"))
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        return polls
+
+    polls = mlserver.call(scenario())
+    assert failures == []
+    assert polls > 5
+    assert tuple(sklearn_predictions(a, ROWS)) in seen and tuple(sklearn_predictions(b, ROWS)) in seen
+    assert _infer(mlserver, "swap") == sklearn_predictions(b, ROWS)
+    assert mlserver.call(ad.index()) == {"swap": "READY"}
+
+
+def test_failed_reload_keeps_the_old_copy_serving(mlserver: RunningServer, tmp_path: Path) -> None:
+    ad = mlserver.adapter
+    good = write_sklearn_model(tmp_path / "good")
+    mlserver.call(ad.load(ServedModel("keep", good, "sklearn", version="1")))
+    with pytest.raises(LoadFailed):
+        mlserver.call(ad.load(ServedModel("keep", write_broken_model(tmp_path / "bad"), "sklearn", version="1")))
+    assert _infer(mlserver, "keep") == sklearn_predictions(good, ROWS)
+    assert ad.entry("keep") == ServedModel("keep", good, "sklearn", version="1")  # entry put back
+    assert mlserver.call(ad.index()) == {"keep": "READY"}
+
+
+def test_version_change_replaces_the_old_version(mlserver: RunningServer, tmp_path: Path) -> None:
+    a, b = _distinct_models(tmp_path)
+    ad = mlserver.adapter
+    mlserver.call(ad.load(ServedModel("ver", a, "sklearn", version="1")))
+    mlserver.call(ad.load(ServedModel("ver", b, "sklearn", version="2")))
+    assert _infer(mlserver, "ver") == sklearn_predictions(b, ROWS)
+    assert _infer(mlserver, "ver", version="2") == sklearn_predictions(b, ROWS)
+    r = httpx.post(f"{mlserver.base_url}/v2/models/ver/versions/1/infer", json=v2_request(ROWS))
+    assert r.status_code == 404  # the stale version was unloaded, not left behind
+
+
+def test_repository_holds_only_loaded_models(mlserver: RunningServer, tmp_path: Path) -> None:
+    """MLServer re-globs the whole dir on each load: only loaded models may have an entry."""
+    ad = mlserver.adapter
+    for i in range(3):
+        mlserver.call(ad.load(ServedModel(f"m{i}", write_sklearn_model(tmp_path / f"m{i}", seed=i), "sklearn")))
+    with pytest.raises(LoadFailed):
+        mlserver.call(ad.load(ServedModel("bad", write_broken_model(tmp_path / "bad"), "sklearn")))
+    mlserver.call(ad.unload("m1"))
+    on_disk = {p.name for p in mlserver.repository.iterdir() if p.is_dir()}
+    assert on_disk == ad.repository_entries() == {"m0", "m2"}
+    assert mlserver.call(ad.index()) == {"m0": "READY", "m2": "READY"}
+
+
+def test_slow_custom_model_serves_and_counts_loads(mlserver: RunningServer, tmp_path: Path) -> None:
+    """The custom-runtime path (implementation module in the model dir) and the slow test model."""
+    ad = mlserver.adapter
+    log = tmp_path / "loads.log"
+    d = write_slow_model(tmp_path / "slow", delay=0.3, load_log=log)
+    mlserver.call(ad.load(ServedModel("slow", d, "mlserver", implementation=SLOW_IMPLEMENTATION)))
+    t0 = time.monotonic()
+    r = httpx.post(f"{mlserver.base_url}/v2/models/slow/infer", json=v2_request([[1.0, 2.0]]), timeout=10)
+    took = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [1.0, 2.0]
+    assert 0.3 <= took < 3
+    body = v2_request([[1.0]]) | {"parameters": {"delay": 0.0}}  # per-request override
+    t0 = time.monotonic()
+    assert httpx.post(f"{mlserver.base_url}/v2/models/slow/infer", json=body, timeout=10).status_code == 200
+    assert time.monotonic() - t0 < 0.3
+    assert count_loads(log, "slow") == 1
+    mlserver.call(ad.load(ServedModel("slow", d, "mlserver", implementation=SLOW_IMPLEMENTATION, parameters={"extra": {"delay": 0.0}})))
+    assert count_loads(log, "slow") == 2
+
+
+def test_sidecar_adapter_sees_the_same_server_and_entries(mlserver: RunningServer, tmp_path: Path) -> None:
+    """A second adapter in sidecar mode (an agent restarted next to a running server) finds what
+    is loaded and what each entry serves, without loading anything."""
+    d = write_sklearn_model(tmp_path / "m")
+    served = ServedModel("adopt", d, "sklearn", version="7", parameters={"extra": {"k": "v"}})
+    mlserver.call(mlserver.adapter.load(served))
+
+    async def look() -> tuple[dict[str, str], ServedModel | None, bool]:
+        side = MLServerAdapter(mlserver.repository, base_url=mlserver.base_url)
+        try:
+            await side.start(timeout=5)
+            return await side.index(), side.entry("adopt"), await side.is_ready()
+        finally:
+            await side.stop()  # sidecar: stops watching only
+
+    index, entry, ready = mlserver.call(look())
+    assert index == {"adopt": "READY"} and entry == served and ready
+    assert mlserver.call(mlserver.adapter.is_ready())  # the server still runs
+
+
+def test_index_shows_a_model_loading_then_ready(mlserver: RunningServer, tmp_path: Path) -> None:
+    ad = mlserver.adapter
+    d = write_slow_model(tmp_path / "slowload", delay=0.0, load_delay=1.0)
+
+    async def scenario() -> tuple[dict[str, str], dict[str, str]]:
+        load = asyncio.create_task(ad.load(ServedModel("slowload", d, "mlserver", implementation=SLOW_IMPLEMENTATION)))
+        during: dict[str, str] = {}
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            during = await ad.index()
+            if during:
+                break
+        await load
+        return during, await ad.index()
+
+    during, after = mlserver.call(scenario())
+    assert during == {"slowload": "LOADING"}
+    assert after == {"slowload": "READY"}

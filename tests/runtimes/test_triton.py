@@ -1,0 +1,117 @@
+"""TritonAdapter against a real embedded Triton (python backend, CPU), one per session.
+
+Skipped with the reason when .venv-triton is absent; `make test` builds it first, so CI runs them.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.runtimes import LoadFailed, ServedModel
+from tests.support.models import triton_v2_request, write_triton_broken_model, write_triton_model
+from tests.support.servers import RunningServer, triton_site_packages
+
+pytestmark = pytest.mark.triton
+
+VALUES = [1.0, 2.5, -4.0]
+
+
+def _model(tmp_path: Path, sub: str, factor: float = 2.0, name: str = "double") -> Path:
+    return write_triton_model(tmp_path / sub, name=name, factor=factor, site_packages=triton_site_packages())
+
+
+def _infer(srv: RunningServer, name: str) -> list[float]:
+    r = httpx.post(f"{srv.base_url}/v2/models/{name}/infer", json=triton_v2_request(VALUES), timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()["outputs"][0]["data"]
+
+
+def test_load_infer_index_unload_under_the_served_name(triton: RunningServer, tmp_path: Path) -> None:
+    """The source's config says name "double"; it is served as "twice" (config rewritten)."""
+    ad = triton.adapter
+    src = _model(tmp_path, "src", factor=2.0, name="double")
+    triton.call(ad.load(ServedModel("twice", src, "triton")))
+    assert _infer(triton, "twice") == [v * 2 for v in VALUES]
+    assert triton.call(ad.index()) == {"twice": "READY"}
+    assert ad.repository_entries() == {"twice"}
+    assert 'name: "twice"' in (triton.repository / "twice" / "config.pbtxt").read_text()
+    assert (triton.repository / "twice" / "1").resolve() == (src / "1").resolve()  # linked, not copied
+
+    triton.call(ad.unload("twice"))
+    # unload returned only once Triton finished (it is asynchronous there): gone right away
+    assert httpx.get(f"{triton.base_url}/v2/models/twice/ready").status_code != 200
+    assert triton.call(ad.index()).get("twice") in (None, "UNAVAILABLE")
+    assert ad.repository_entries() == set()
+    assert (src / "1" / "model.py").is_file()  # the cache copy is untouched
+
+
+def test_unload_of_unknown_model_is_not_an_error(triton: RunningServer) -> None:
+    triton.call(triton.adapter.unload("never-loaded"))
+
+
+def test_broken_and_missing_models_fail_while_others_keep_serving(triton: RunningServer, tmp_path: Path) -> None:
+    ad = triton.adapter
+    triton.call(ad.load(ServedModel("good", _model(tmp_path, "good"), "triton")))
+    broken = write_triton_broken_model(tmp_path / "broken", name="broken")
+    with pytest.raises(LoadFailed) as e:
+        triton.call(ad.load(ServedModel("broken", broken, "triton")))
+    reason = e.value.reason
+    assert "broken on purpose" in reason and "\n" not in reason and len(reason) < 400, reason
+    with pytest.raises(LoadFailed, match="not found"):
+        triton.call(ad.load(ServedModel("ghost", tmp_path / "nowhere", "triton")))
+    assert _infer(triton, "good") == [v * 2 for v in VALUES]
+    assert ad.repository_entries() == {"good"}
+    assert triton.call(ad.index()) == {"good": "READY"}
+
+
+def test_reload_in_place_has_no_gap(triton: RunningServer, tmp_path: Path) -> None:
+    """Replacing factor 2 by factor 3: every probe during the reload succeeds."""
+    ad = triton.adapter
+    triton.call(ad.load(ServedModel("swap", _model(tmp_path, "v2", factor=2.0), "triton")))
+    new = _model(tmp_path, "v3", factor=3.0)
+    failures: list[str] = []
+    seen: set[tuple[float, ...]] = set()
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        polls = 0
+
+        async def poll() -> None:
+            nonlocal polls
+            async with httpx.AsyncClient(base_url=ad.base_url, timeout=5) as c:
+                while not stop.is_set():
+                    ready = await c.get("/v2/models/swap/ready")
+                    r = await c.post("/v2/models/swap/infer", json=triton_v2_request(VALUES))
+                    polls += 1
+                    if ready.status_code != 200 or r.status_code != 200:
+                        failures.append(f"ready={ready.status_code} infer={r.status_code} {r.text[:120]}")
+                    else:
+                        seen.add(tuple(r.json()["outputs"][0]["data"]))
+
+        task = asyncio.create_task(poll())
+        await asyncio.sleep(0.1)
+        await ad.load(ServedModel("swap", new, "triton"))
+        await asyncio.sleep(0.2)
+        stop.set()
+        await task
+        return polls
+
+    polls = triton.call(scenario())
+    assert failures == []
+    assert polls > 5
+    assert seen == {tuple(v * 2 for v in VALUES), tuple(v * 3 for v in VALUES)}
+    assert ad.entry("swap").path == new
+
+
+def test_failed_reload_keeps_the_old_copy_and_its_entry(triton: RunningServer, tmp_path: Path) -> None:
+    ad = triton.adapter
+    good = _model(tmp_path, "good")
+    triton.call(ad.load(ServedModel("keep", good, "triton")))
+    with pytest.raises(LoadFailed):
+        triton.call(ad.load(ServedModel("keep", write_triton_broken_model(tmp_path / "bad"), "triton")))
+    assert _infer(triton, "keep") == [v * 2 for v in VALUES]
+    assert ad.entry("keep").path == good
+    assert (triton.repository / "keep" / "1").resolve() == (good / "1").resolve()
