@@ -4,7 +4,8 @@ Layout under the root (node-local disk or a ReadWriteMany volume shared by sever
 
     VERSION                      layout version ("1")
     entries/<key>/               a PUBLISHED entry: appears by one atomic rename, never changes after
-        manifest.json            uri (redacted), source identity, files with size + sha256, total bytes
+        manifest.json            uri (redacted), source identity and store checksums, files with
+                                 size (+ sha256 where one was checked), total bytes
         files/                   the model's files = Entry.path (one subdirectory per sub-model)
     tmp/<key>.<token>/           a download in progress: same shape as an entry, plus owner.json
     trash/<key>.<token>/         an entry being deleted: renamed here first, then removed
@@ -25,7 +26,8 @@ Publish (`ensure`, on a miss):
      (waiters reuse the winner's entry);
   3. download into tmp/<key>.<token>/files (archives go to tmp/.../download, are extracted
      into files/ by puller.archive, then dropped), verify sizes, the user's sha256 and sha256
-     checksums given by the store, hash every file, write manifest.json;
+     checksums given by the store (sha256 is computed only where it is checked), write
+     manifest.json;
   4. ONE `rename(tmp/<key>.<token>, entries/<key>)`. If that loses a race (the target exists:
      a lock that did not hold, e.g. on a misconfigured NFS mount), the temp copy is discarded
      and the existing entry used. A reader never sees a partial entry: before the rename
@@ -437,16 +439,27 @@ class Cache:
                     src.fetch(listing, sub, progress)
                     _check_sizes(sub, listing)
             shutil.rmtree(tmp / "download", ignore_errors=True)
-            files = self._hash_tree(files_dir)
+            # sha256 only where something can be checked against it (the user's sha256, a
+            # store's sha256 checksum): hashing every byte again would double a big pull's time
+            need: set[str] = set()
+            if source_sha256 is None:
+                for name, _src, listing in listed:
+                    prefix = f"{name}/" if name else ""
+                    for o in listing.objects:
+                        if options.record_digests or (options.sha256 and len(listed) == 1 and len(listing.objects) == 1) or (
+                                o.checksum and o.checksum.lower().startswith("sha256:")):
+                            need.add(prefix + o.path)
+            files = self._hash_tree(files_dir, need)
             if source_sha256 is None:  # plain files: check the user's sha256 / store checksums
                 for name, _src, listing in listed:
                     if listing.local_path is not None:
                         continue
                     prefix = f"{name}/" if name else ""
-                    digests = {o.path: files[prefix + o.path]["sha256"] for o in listing.objects}
+                    digests = {o.path: files[prefix + o.path]["sha256"] for o in listing.objects
+                               if "sha256" in files[prefix + o.path]}
                     _check_digests(listing, digests, options, single=len(listed) == 1)
                     if len(listed) == 1 and len(listing.objects) == 1:
-                        source_sha256 = digests[listing.objects[0].path]
+                        source_sha256 = digests.get(listing.objects[0].path)
             size = sum(f["size"] for f in files.values())
             manifest = {
                 "format": 1,
@@ -495,8 +508,9 @@ class Cache:
                 raise PullError(f"{label}: {e.strerror or e} ({type(e).__name__})", uri=label) from e
             raise
 
-    def _hash_tree(self, files_dir: Path) -> dict[str, dict[str, Any]]:
-        """{relative path: {size, sha256}} of every regular file (links to local dirs skipped)."""
+    def _hash_tree(self, files_dir: Path, need: set[str]) -> dict[str, dict[str, Any]]:
+        """{relative path: {size[, sha256]}} of every regular file (links to local dirs skipped);
+        sha256 for the paths in `need` only."""
         paths: list[str] = []
         for root, dirs, names in os.walk(files_dir):
             for n in names:
@@ -506,8 +520,11 @@ class Cache:
                 paths.append(os.path.relpath(full, files_dir).replace(os.sep, "/"))
         def one(rel: str) -> tuple[str, dict[str, Any]]:
             full = files_dir / rel
-            return rel, {"size": full.stat().st_size, "sha256": _sha256_file(full)}
-        if len(paths) <= 1:
+            doc: dict[str, Any] = {"size": full.stat().st_size}
+            if rel in need:
+                doc["sha256"] = _sha256_file(full)
+            return rel, doc
+        if len(paths) <= 1 or not need:
             return dict(one(p) for p in paths)
         with ThreadPoolExecutor(max_workers=min(self._hash_workers, len(paths))) as ex:
             return dict(ex.map(one, paths))
@@ -777,7 +794,7 @@ class Cache:
                     continue
                 if size != f["size"]:
                     report.mismatches.append(Mismatch(k, rel, f"size {size} != {f['size']}"))
-                elif _sha256_file(p) != f["sha256"]:
+                elif "sha256" in f and _sha256_file(p) != f["sha256"]:
                     report.mismatches.append(Mismatch(k, rel, "sha256 differs"))
             link_names = {lk["path"] for lk in manifest.get("links", [])}
             for lk in manifest.get("links", []):

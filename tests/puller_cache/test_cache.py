@@ -59,8 +59,15 @@ def test_manifest_records_files_digests_identity(root: Path, http_server: HTTPFi
     entry = Cache(root).ensure(http_server.url("a/w.bin"))
     manifest = json.loads((entry.path.parent / "manifest.json").read_text())
     assert manifest["uri"] == http_server.url("a/w.bin")
-    assert manifest["files"] == [{"path": "w.bin", "size": 3000, "sha256": hashlib.sha256(data).hexdigest()}]
+    # nothing to check a digest against: sizes only (a second hash pass would double pull time)
+    assert manifest["files"] == [{"path": "w.bin", "size": 3000}]
     assert manifest["total_bytes"] == 3000
+    # with the user's sha256, the checked digest is recorded for `cache verify`
+    http_server.set_file("b/w.bin", data)
+    digest = hashlib.sha256(data).hexdigest()
+    checked = Cache(root).ensure(http_server.url("b/w.bin"), PullOptions(sha256=digest))
+    manifest2 = json.loads((checked.path.parent / "manifest.json").read_text())
+    assert manifest2["files"] == [{"path": "w.bin", "size": 3000, "sha256": digest}]
     assert "etag" in manifest["sources"][0]["identity"]
     assert manifest["created"] and manifest["key"] == entry.key
     assert os.listdir(root / "tmp") == []
@@ -214,12 +221,14 @@ def test_meta_annotations_are_per_key_and_atomic(root: Path, tmp_path: Path) -> 
 def test_verify_reports_a_corrupted_file(root: Path, http_server: HTTPFileServer) -> None:
     http_server.set_file("w.bin", b"a" * 1000)
     cache = Cache(root)
-    entry = cache.ensure(http_server.url("w.bin"))
+    entry = cache.ensure(http_server.url("w.bin"), PullOptions(record_digests=True))
     assert cache.verify(entry.key).ok
     f = entry.path / "w.bin"
     os.chmod(f, 0o644)
     f.write_bytes(b"b" * 1000)
     report = cache.verify()
     assert not report.ok and [(m.path, m.problem) for m in report.mismatches] == [("w.bin", "sha256 differs")]
+    f.write_bytes(b"b" * 999)  # a size change is found without digests too
+    assert [(m.path, m.problem) for m in cache.verify().mismatches] == [("w.bin", "size 999 != 1000")]
     (entry.path / "extra").write_text("?")
     assert ("extra", "not in the manifest") in [(m.path, m.problem) for m in cache.verify(entry.key).mismatches]

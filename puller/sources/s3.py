@@ -1,0 +1,461 @@
+"""S3-compatible source: s3://, gs:// (GCS's XML API) and rclone s3 remotes.
+
+list(): a HEAD decides between one object (``s3://b/models/model.tgz``) and a prefix
+(``s3://b/models/iris`` lists ``models/iris/``); a URI ending in '/' or naming a bucket always
+lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
+Identity per object: ETag (+ version id); sizes are part of the listing.
+
+fetch(): one thread pool of ``options.max_concurrency`` workers over one shared client
+(connection pool sized to match). Small objects are one GET each; objects larger than
+``options.part_size`` are split into ranged GETs written in place with pwrite, so memory stays
+at about one 1 MiB buffer per worker. Each GET resumes where it stopped when a transient error
+(5xx, reset, timeout, short body) hits it, within ``options.retry_deadline_s``; GETs carry
+If-Match on the listed ETag, so an object that changes mid-pull fails instead of mixing versions.
+Whole-object GETs ask the store to verify its own checksum when it has one (not for GCS).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+import zlib
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import astuple
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+from puller.archive import archive_kind
+from puller.credentials import S3Settings, resolve_s3
+from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullError, TransientError
+from puller.retry import call_with_retry
+from puller.sources.base import Listing, Progress, PullOptions, RemoteObject, Source
+from puller.uri import ParsedURI, redact
+
+log = logging.getLogger("puller.sources.s3")
+
+_CHUNK = 1 << 20
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"}
+_DENIED = {"AccessDenied", "403", "401", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+           "InvalidToken", "ExpiredToken", "AccountProblem", "InvalidSecurity", "UnauthorizedAccess",
+           "InvalidClientTokenId", "Forbidden", "Unauthorized"}
+_TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+              "ThrottlingException", "RequestTimeTooSkewed", "OperationAborted", "503", "500", "502", "504"}
+class _ShortRead(Exception):
+    """The body ended before the range did (treated as transient: resume)."""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+# -- clients: one per distinct settings, shared by all sources (botocore clients are thread-safe) --
+
+_clients_lock = threading.Lock()
+_clients: dict[tuple, Any] = {}
+_sessions: dict[tuple, Any] = {}
+# what the AWS default chain reads: a client made before these changed must not be reused
+_CHAIN_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+              "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+              "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+
+
+def _chain_fingerprint() -> str:
+    h = hashlib.sha256()
+    for name in _CHAIN_ENV:
+        h.update(f"{name}={os.environ.get(name, '')}\0".encode())
+    return h.hexdigest()
+
+
+def _client(settings: S3Settings, pool: int) -> tuple[Any, bool]:
+    """A boto3 S3 client for `settings` and whether it signs anonymously."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    from botocore.exceptions import ProfileNotFound
+
+    chain = _chain_fingerprint() if not settings.access_key_id else ""
+    key = (astuple(settings), pool, chain)
+    with _clients_lock:
+        if key in _clients:
+            return _clients[key]
+        try:
+            session = _sessions.get((settings.profile, chain))
+            if session is None:
+                if len(_sessions) >= 8:
+                    _sessions.pop(next(iter(_sessions)))
+                session = _sessions[(settings.profile, chain)] = boto3.session.Session(profile_name=settings.profile)
+        except ProfileNotFound:
+            raise BadURI(f"AWS profile {settings.profile!r} not found") from None
+        creds: dict[str, str] = {}
+        anonymous = settings.anonymous
+        if settings.access_key_id and not anonymous:
+            creds = {"aws_access_key_id": settings.access_key_id,
+                     "aws_secret_access_key": settings.secret_access_key or ""}
+            if settings.session_token:
+                creds["aws_session_token"] = settings.session_token
+        elif not anonymous and session.get_credentials() is None:
+            log.info("event=s3_anonymous reason=no_credentials_found source=%s", settings.source)
+            anonymous = True
+        config = Config(
+            signature_version=UNSIGNED if anonymous else "s3v4",
+            s3={"addressing_style": settings.addressing_style},
+            max_pool_connections=pool,
+            retries={"total_max_attempts": 1},  # puller.retry owns retries (backoff within a deadline)
+            connect_timeout=10, read_timeout=60, tcp_keepalive=True,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        client = session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region or None,
+                                verify=settings.verify, config=config, **creds)
+        if len(_clients) >= 16:
+            _clients.pop(next(iter(_clients)))
+        _clients[key] = (client, anonymous)
+        return client, anonymous
+
+
+class S3Source(Source):
+    """Objects under an S3-compatible bucket/prefix (see module docstring)."""
+
+    list_page_size = 1000  # keys per LIST page
+
+    def __init__(self, parsed: ParsedURI, options: PullOptions):
+        self._parsed = parsed
+        self._options = options
+        self._uri = parsed.redacted
+        self._settings = resolve_s3(parsed, options)
+        self._workers = max(1, int(options.max_concurrency))
+        self._client, self._anonymous = _client(self._settings, self._workers + 4)
+        self._keys: dict[str, tuple[str, str]] = {}  # path -> (key, etag)
+        self._cancel = threading.Event()
+
+    # -- listing ---------------------------------------------------------------------------
+    def list(self) -> Listing:
+        t0 = time.monotonic()
+        p = self._parsed
+        objects: list[RemoteObject] = []
+        archive = None
+        keys: dict[str, tuple[str, str]] = {}
+        head = None if (p.is_prefix or not p.key) else self._head(p.key)
+        if head is not None:
+            name = PurePosixPath(p.key).name
+            etag = head.get("ETag", "")
+            identity = etag + (f"@{head['VersionId']}" if head.get("VersionId") not in (None, "null") else "")
+            objects.append(RemoteObject(path=name, size=int(head.get("ContentLength", 0)), identity=identity,
+                                        checksum=_checksum(head)))
+            keys[name] = (p.key, etag)
+            if self._options.extract_archives:
+                archive = archive_kind(name)
+        else:
+            prefix = f"{p.key}/" if p.key else ""
+            for obj in self._list_prefix(prefix):
+                rel = obj["Key"][len(prefix):]
+                if obj["Key"].endswith("/") or not rel:
+                    continue  # directory marker
+                path = _safe_path(rel, self._uri)
+                if path in keys:
+                    raise PullError(f"{self._uri}: keys {keys[path][0]!r} and {obj['Key']!r} map to the same "
+                                    f"file {path!r}", uri=self._uri)
+                etag = obj.get("ETag", "")
+                keys[path] = (obj["Key"], etag)
+                objects.append(RemoteObject(path=path, size=int(obj.get("Size", 0)), identity=etag))
+            if not objects:
+                raise NotFound(f"{self._uri}: no such object, and no objects under prefix {prefix!r} "
+                               f"in bucket {p.bucket!r}", uri=self._uri)
+            _check_file_dir_conflicts(keys, self._uri)
+        self._keys = keys
+        listing = Listing(uri=p.normalized, objects=tuple(objects), archive=archive)
+        log.info("event=s3_list uri=%s files=%d bytes=%d single=%s seconds=%.3f", self._uri, len(objects),
+                 listing.total_bytes, head is not None, time.monotonic() - t0)
+        return listing
+
+    def _head(self, key: str) -> dict | None:
+        """HEAD `key`: its metadata, or None when there is no such object (then: list it as a prefix)."""
+        kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Key": key}
+        if not self._settings.is_gcs:
+            kwargs["ChecksumMode"] = "ENABLED"
+        try:
+            return self._retry(lambda: self._client.head_object(**kwargs), f"HEAD {self._uri}")
+        except PullError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below
+            code = _code(e)
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            if code in ("403", "AccessDenied", "Forbidden") and not self._anonymous:
+                # S3 answers 403 for a missing key when the caller may not list: let LIST decide
+                return None
+            raise self._map(e, "HEAD") from None
+
+    def _list_prefix(self, prefix: str):
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Prefix": prefix, "MaxKeys": self.list_page_size}
+            if token:
+                kwargs["ContinuationToken"] = token
+            try:
+                page = self._retry(lambda: self._client.list_objects_v2(**kwargs), f"LIST {self._uri}")
+            except PullError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise self._map(e, "LIST") from None
+            yield from page.get("Contents", ())
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    # -- fetching --------------------------------------------------------------------------
+    def fetch(self, listing: Listing, dest: Path, progress: Progress) -> None:
+        if any(o.path not in self._keys for o in listing.objects):
+            self.list()
+        dest = Path(dest)
+        t0 = time.monotonic()
+        self._cancel.clear()
+        part = max(_CHUNK, int(self._options.part_size))
+        tasks: list[Callable[[], None]] = []
+        open_fds: list[int] = []
+        try:
+            for obj in listing.objects:
+                key, etag = self._keys[obj.path]
+                target = dest / obj.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if obj.size <= part:
+                    tasks.append(self._small_task(key, etag, target, obj, progress))
+                    continue
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                open_fds.append(fd)
+                os.ftruncate(fd, obj.size)
+                parts = [(s, min(s + part, obj.size) - 1) for s in range(0, obj.size, part)]
+                tracker = _PartsLeft(len(parts), lambda p=obj.path: progress.file_done(p))
+                for start, end in parts:
+                    tasks.append(self._part_task(key, etag, fd, start, end, progress, tracker))
+            self._run(tasks)
+        finally:
+            for fd in open_fds:
+                os.close(fd)
+        for obj in listing.objects:
+            size = (dest / obj.path).stat().st_size
+            if size != obj.size:
+                raise IntegrityError(f"{self._uri}: {obj.path} has {size} bytes, the store listed {obj.size}",
+                                     uri=self._uri)
+            if obj.checksum:
+                _verify_checksum(dest / obj.path, obj.checksum, self._uri, obj.path)
+        seconds = time.monotonic() - t0
+        log.info("event=s3_fetch uri=%s files=%d bytes=%d seconds=%.3f mib_s=%.1f", self._uri,
+                 len(listing.objects), listing.total_bytes, seconds, listing.total_bytes / 2**20 / max(seconds, 1e-9))
+
+    def _small_task(self, key: str, etag: str, target: Path, obj: RemoteObject, progress: Progress):
+        def run() -> None:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                if obj.size > 0:
+                    self._get_range(key, etag, fd, 0, obj.size - 1, progress, whole=True)
+            finally:
+                os.close(fd)
+            progress.file_done(obj.path)
+        return run
+
+    def _part_task(self, key: str, etag: str, fd: int, start: int, end: int, progress: Progress,
+                   tracker: "_PartsLeft"):
+        def run() -> None:
+            self._get_range(key, etag, fd, start, end, progress, whole=False)
+            tracker.one_done()
+        return run
+
+    def _run(self, tasks: list[Callable[[], None]]) -> None:
+        if not tasks:
+            return
+        with ThreadPoolExecutor(max_workers=min(self._workers, len(tasks)), thread_name_prefix="s3-fetch") as pool:
+            futures: list[Future] = [pool.submit(t) for t in tasks]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            errors = [f.exception() for f in done if not f.cancelled() and f.exception() is not None]
+            if errors:
+                self._cancel.set()
+                for f in pending:
+                    f.cancel()
+                wait(pending)
+                raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+
+    def _get_range(self, key: str, etag: str, fd: int, start: int, end: int, progress: Progress,
+                   whole: bool) -> None:
+        """Write bytes [start, end] of `key` at the same offsets of `fd`, resuming after transient errors."""
+        pos = [start]
+
+        def attempt() -> None:
+            if self._cancel.is_set():
+                raise _Cancelled()
+            kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Key": key}
+            if not (whole and pos[0] == start):
+                kwargs["Range"] = f"bytes={pos[0]}-{end}"
+            elif not self._settings.is_gcs:
+                kwargs["ChecksumMode"] = "ENABLED"  # the store's checksum, verified by botocore as it streams
+            if etag:
+                kwargs["IfMatch"] = etag
+            resp = self._client.get_object(**kwargs)
+            body = resp["Body"]
+            try:
+                while pos[0] <= end:
+                    chunk = body.read(min(_CHUNK, end + 1 - pos[0]))
+                    if not chunk:
+                        break
+                    _pwrite_all(fd, chunk, pos[0])
+                    pos[0] += len(chunk)
+                    progress.advance(len(chunk))
+                    if self._cancel.is_set():
+                        raise _Cancelled()
+            finally:
+                body.close()
+            if pos[0] != end + 1:
+                raise _ShortRead(f"body ended at byte {pos[0]}, expected {end + 1}")
+
+        try:
+            self._retry(attempt, f"GET {self._uri} key={key} bytes={start}-{end}")
+        except (PullError, _Cancelled):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._map(e, "GET", key) from None
+
+    # -- errors ----------------------------------------------------------------------------
+    def _retry(self, fn: Callable[[], Any], what: str) -> Any:
+        return call_with_retry(fn, is_transient=_is_transient, deadline_s=self._options.retry_deadline_s,
+                               what=what, describe=self._describe)
+
+    def _describe(self, e: BaseException) -> str:
+        text = redact(f"{type(e).__name__}: {e}")
+        for secret in self._settings.secret_values():
+            text = text.replace(secret, "***")
+        return text
+
+    def _map(self, e: BaseException, op: str, key: str | None = None) -> PullError:
+        code = _code(e)
+        where = f"{op} {self._uri}" + (f" (key {key!r})" if key and key != self._parsed.key else "")
+        cause = self._describe(e)
+        if code in ("NoSuchBucket",):
+            return NotFound(f"{where}: bucket {self._parsed.bucket!r} does not exist", uri=self._uri)
+        if code in _NOT_FOUND:
+            return NotFound(f"{where}: no such object ({cause})", uri=self._uri)
+        if code in _DENIED or _is_no_credentials(e):
+            how = "anonymous access" if self._anonymous else f"credentials from {self._settings.source}"
+            return AccessDenied(f"{where}: access denied with {how} ({cause})", uri=self._uri)
+        if code in ("PreconditionFailed", "412"):
+            return TransientError(f"{where}: the object changed during the download ({cause})", uri=self._uri)
+        if code in ("InvalidBucketName",):
+            return BadURI(f"{where}: invalid bucket name {self._parsed.bucket!r}", uri=self._uri)
+        if type(e).__name__ == "FlexibleChecksumError":
+            return IntegrityError(f"{where}: the store's checksum does not match the bytes received ({cause})",
+                                  uri=self._uri)
+        return PullError(f"{where}: {cause}", uri=self._uri)
+
+
+class _PartsLeft:
+    def __init__(self, n: int, on_done: Callable[[], None]):
+        self._n, self._on_done, self._lock = n, on_done, threading.Lock()
+
+    def one_done(self) -> None:
+        with self._lock:
+            self._n -= 1
+            last = self._n == 0
+        if last:
+            self._on_done()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _code(e: BaseException) -> str:
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {}) or {}
+        code = str(err.get("Code") or "")
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if code and not code.isdigit():
+            return code
+        return code or (str(status) if status else "")
+    return ""
+
+
+def _is_no_credentials(e: BaseException) -> bool:
+    return type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+
+
+def _is_transient(e: BaseException) -> bool:
+    from botocore import exceptions as bx
+
+    if isinstance(e, (PullError, _Cancelled)):
+        return False
+    if isinstance(e, _ShortRead):
+        return True
+    if isinstance(e, bx.ClientError):
+        code = _code(e)
+        status = (e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
+        return code in _TRANSIENT or status >= 500 or status == 429
+    if isinstance(e, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
+                      bx.ConnectTimeoutError, bx.ResponseStreamingError, bx.IncompleteReadError,
+                      bx.HTTPClientError)):
+        return True
+    try:
+        from urllib3 import exceptions as ux
+
+        if isinstance(e, (ux.ProtocolError, ux.ReadTimeoutError, ux.IncompleteRead, ux.SSLError)):
+            return not isinstance(e, ux.SSLError) or "certificate" not in str(e).lower()
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout))
+
+
+def _safe_path(rel: str, uri: str) -> str:
+    parts = [p for p in rel.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts) or any("\0" in p for p in parts):
+        raise IntegrityError(f"{uri}: object key suffix {rel!r} would escape the destination", uri=uri)
+    return "/".join(parts)
+
+
+def _check_file_dir_conflicts(keys: dict[str, tuple[str, str]], uri: str) -> None:
+    for path in keys:
+        parent = PurePosixPath(path).parent
+        while str(parent) != ".":
+            if str(parent) in keys:
+                raise PullError(f"{uri}: {str(parent)!r} is both an object and a directory of {path!r}", uri=uri)
+            parent = parent.parent
+
+
+def _checksum(head: dict) -> str | None:
+    """The store's full-object checksum as 'algo:value' (sha256/sha1 in hex), if it has one."""
+    if str(head.get("ChecksumType", "FULL_OBJECT")).upper() == "COMPOSITE":
+        return None
+    for field, algo in (("ChecksumSHA256", "sha256"), ("ChecksumSHA1", "sha1"), ("ChecksumCRC32", "crc32"),
+                        ("ChecksumCRC32C", "crc32c"), ("ChecksumCRC64NVME", "crc64nvme")):
+        value = head.get(field)
+        if value and "-" not in value:
+            if algo in ("sha256", "sha1"):
+                return f"{algo}:{base64.b64decode(value).hex()}"
+            return f"{algo}:{value}"
+    return None
+
+
+def _verify_checksum(path: Path, checksum: str, uri: str, name: str) -> None:
+    """Check sha256/sha1/crc32 store checksums (others are verified by botocore while streaming)."""
+    algo, _, want = checksum.partition(":")
+    if algo in ("sha256", "sha1"):
+        h = hashlib.new(algo)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(4 << 20), b""):
+                h.update(block)
+        got = h.hexdigest()
+    elif algo == "crc32":
+        crc = 0
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(4 << 20), b""):
+                crc = zlib.crc32(block, crc)
+        got = base64.b64encode(crc.to_bytes(4, "big")).decode()
+    else:
+        return
+    if got != want:
+        raise IntegrityError(f"{uri}: {name} does not match the store's {algo} checksum", uri=uri)
