@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:  make run   |   make test
 # Each creates the virtual environments it needs on first use.
 PYTHON ?= python3
+SERVER ?= mlserver
 VENV   := .venv
 TRITON_VENV := .venv-triton
 PIP_QUIET := --quiet --disable-pip-version-check
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # Triton needs numpy<2 (nvidia-pytriton bundles a real tritonserver binary): its own venv.
-$(TRITON_VENV)/.installed:
+$(TRITON_VENV)/.installed: $(VENV)/.installed
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install $(PIP_QUIET) 'nvidia-pytriton==0.7.0' $(PIP_FILTER)
 	$(VENV)/bin/python -m agent.runtimes.triton_setup $(TRITON_VENV)
@@ -28,8 +29,9 @@ $(TRITON_VENV)/.installed:
 triton: $(TRITON_VENV)/.installed
 
 # The agent on its embedded default: a local model store, an embedded MLServer, a config dir to edit.
-run: venv
-	$(VENV)/bin/python -m agent.demo run
+# `make run SERVER=triton` runs the same with an embedded Triton and Triton model dirs.
+run: venv $(if $(filter triton,$(SERVER)),triton)
+	$(VENV)/bin/python -m agent.demo run --server $(SERVER)
 
 test: venv triton
 	$(VENV)/bin/python -m pytest

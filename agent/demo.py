@@ -40,8 +40,68 @@ def write_model(dest: Path, kind: str, seed: int) -> None:
     joblib.dump(model, dest / "model.joblib")
 
 
-def prepare(root: Path) -> tuple[Path, Path, Path]:
+_TRITON_CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+_TRITON_MODEL = '''"""A Triton python-backend demo model: OUTPUT0 = INPUT0 * {factor}."""
+import os
+import sys
+
+# the backend stub runs the system Python: numpy comes from the Triton venv the agent names
+_site = os.environ.get("MODELSHELF_TRITON_SITE_PACKAGES")
+if _site and _site not in sys.path:
+    sys.path.insert(0, _site)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", (x * {factor}).astype(np.float32))]))
+        return out
+'''
+
+
+def write_triton_model(dest: Path, factor: float) -> None:
+    """A native Triton model dir (python backend) that multiplies its input by `factor`."""
+    (dest / "1").mkdir(parents=True, exist_ok=True)
+    (dest / "config.pbtxt").write_text(_TRITON_CONFIG.format(name=dest.name))
+    (dest / "1" / "model.py").write_text(_TRITON_MODEL.format(factor=float(factor)))
+
+
+def _triton_config(store: Path) -> str:
+    return textwrap.dedent(f"""\
+        # modelshelf model config (Triton). Edit and save: the agent applies it within moments.
+        models:
+          - name: double
+            uri: {(store / 'triton-double').resolve()}
+            runtime: triton
+          - name: triple
+            uri: {(store / 'triton-triple').resolve()}
+            runtime: triton
+            preload: false      # loaded on its first request
+        """)
+
+
+def prepare(root: Path, server: str = "mlserver") -> tuple[Path, Path, Path]:
     store, config, cache = root / "store", root / "config", root / "cache"
+    if server == "triton":
+        for name, factor in (("triton-double", 2), ("triton-triple", 3)):
+            if not (store / name / "config.pbtxt").exists():
+                write_triton_model(store / name, factor)
+        config = root / "config-triton"
+        config.mkdir(parents=True, exist_ok=True)
+        if not (config / "models.yaml").exists():
+            (config / "models.yaml").write_text(_triton_config(store))
+        return store, config, cache
     for name, (kind, seed) in DEMO_MODELS.items():
         if not (store / name / "model.joblib").exists():
             write_model(store / name, kind, seed)
@@ -75,11 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--server", choices=["mlserver", "triton"], default="mlserver")
     args = parser.parse_args(argv)
-    store, config, cache = prepare(args.root)
+    store, config, cache = prepare(args.root, args.server)
     if args.command == "prepare":
         return 0
     base = f"http://127.0.0.1:{args.port}"
-    print(textwrap.dedent(f"""
+    if args.server == "triton":
+        print(textwrap.dedent(f"""
+            modelshelf demo (Triton)
+              model config: {config / 'models.yaml'}   <- edit me
+              status page : {base}/
+              infer (V2)  : curl -s {base}/v2/models/double/infer -H 'content-type: application/json' \\
+                              -d '{{"inputs":[{{"name":"INPUT0","shape":[3],"datatype":"FP32","data":[1,2,3]}}]}}'
+            Ctrl-C stops the agent and its Triton.
+            """), flush=True)
+    else:
+        print(textwrap.dedent(f"""
         modelshelf demo
           model store : {store}
           model config: {config / 'models.yaml'}   <- edit me (uncomment iris-forest, save)

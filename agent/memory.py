@@ -65,7 +65,7 @@ import psutil
 
 from agent.quantity import parse_quantity
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("modelshelf.memory")
 
 HOST = "host"
 METHODS = ("declared", "estimated", "measured")
