@@ -9,6 +9,7 @@ raises ConfigParseError and the caller keeps the last good config.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ class ModelSpec:
     preload: bool = True
     sha256: str | None = None
     storage_key: str | None = None
-    parameters: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    parameters: Mapping[str, Any] = field(default_factory=dict, hash=False)  # compared, not hashed
 
     @property
     def uri(self) -> str | dict[str, str]:
@@ -46,6 +47,10 @@ class ModelSpec:
 
     def fingerprint(self) -> str:
         """Digest of everything that, when changed, means the served copy must be replaced."""
+        return self._fingerprint
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:  # computed once per spec (frozen: cached_property is safe)
         doc = {
             "source": self.source,
             "runtime": self.runtime,

@@ -230,8 +230,8 @@ class Reconciler:
             if m is None:
                 m = self.models[name] = Model(spec)
                 self._schedule(m)
-            elif m.removed or m.spec != spec or m.spec.fingerprint() != spec.fingerprint():
-                if m.spec.fingerprint() != spec.fingerprint() or m.removed:
+            elif m.removed or m.spec != spec:  # dataclass equality: cheap, no digest
+                if m.removed or m.spec.fingerprint() != spec.fingerprint():
                     m.failures, m.permanent, m.retry_at = 0, False, None
                 m.spec, m.removed = spec, False
                 self._schedule(m)

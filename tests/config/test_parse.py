@@ -53,9 +53,8 @@ def test_every_native_field_is_read():
     assert result.models == {"iris": ModelSpec(
         name="iris", source="s3://models/iris/", runtime="mlserver", implementation="my_pkg.models.IrisModel",
         version="v3", memory=512 * 2**20, gpu_memory=10**9, pinned=True, preload=False, sha256=SHA,
-        storage_key="minio",
+        storage_key="minio", parameters={"threads": 2, "labels": ["a", "b"]},
     )}
-    assert result.models["iris"].parameters == {"threads": 2, "labels": ["a", "b"]}
 
 
 def test_defaults():
