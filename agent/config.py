@@ -172,11 +172,20 @@ def _check_uri(value: Any, field_name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Reject(f"{field_name}: expected a URI string, got {_describe(value)}")
     uri = value.strip()
+    problem = _uri_problem(uri)
+    if problem is not None:
+        raise _Reject(f"{field_name}: {problem}")
+    return uri
+
+
+@functools.lru_cache(maxsize=16384)
+def _uri_problem(uri: str) -> str | None:
+    """parse_uri's verdict, remembered: a 1,000-model config re-checks the same URIs on every edit."""
     try:
         parse_uri(uri)
     except BadURI as exc:
-        raise _Reject(f"{field_name}: {exc}") from None
-    return uri
+        return str(exc)
+    return None
 
 
 def _check_source(value: Any, field_name: str) -> str | tuple[tuple[str, str], ...]:
@@ -381,10 +390,12 @@ def parse_config(text: str, filename: str) -> ConfigResult:
     Bad entries come back in `errors` and the rest apply; a document that does not parse, or
     whose top level is not a list of models (or {"models": [...]}) raises ConfigParseError.
     """
+    global _previous
     doc = _load_document(text, filename)
     entries, errors = _model_list(doc, filename)
     models: dict[str, ModelSpec] = {}
     first_index: dict[str, int] = {}  # a name belongs to its first entry, even a rejected one
+    previous, seen = _previous, {}
     for index, entry in enumerate(entries):
         name = _entry_name(entry)
         try:
@@ -394,19 +405,48 @@ def parse_config(text: str, filename: str) -> ConfigResult:
                 if name in first_index:
                     raise _Reject(f"duplicate name: {filename}[{first_index[name]}] already defines {name!r}; this entry is ignored")
                 first_index[name] = index
-            is_kserve = "modelName" in entry and "modelSpec" in entry
-            spec = _kserve_entry(entry) if is_kserve else _native_entry(entry)
+            key = _entry_key(entry)
+            spec = previous.get(key)
+            if spec is None:
+                is_kserve = "modelName" in entry and "modelSpec" in entry
+                spec = _kserve_entry(entry) if is_kserve else _native_entry(entry)
+            seen[key] = spec
         except _Reject as exc:
             errors.append(ConfigError(filename, name, index, str(exc)))
             continue
         models[spec.name] = spec
+    _previous = seen
     return ConfigResult(models=models, errors=tuple(errors), file=filename, digest=_sha256(text.encode()))
+
+
+# The accepted entries of the last parse, by their raw content: an edit of one model among
+# 1,000 validates one entry, and the others keep their ModelSpec object (so the reconciler's
+# diff sees them as identical without comparing). Only the last parse is kept.
+_previous: dict[Any, ModelSpec] = {}
+
+
+def _entry_key(entry: dict[str, Any]) -> Any:
+    """A hashable key of an entry's raw content; the value's type is part of it (1 vs true)."""
+    if all(v is None or isinstance(v, (str, int, float, bool)) for v in entry.values()):
+        return tuple((k, type(v), v) for k, v in entry.items())
+    return json.dumps(entry, sort_keys=True, default=str)
 
 
 def find_config_file(path: Path) -> tuple[Path | None, list[str]]:
     """The config file to read in `path` (first of CONFIG_FILES present) and the others present."""
     present = [name for name in CONFIG_FILES if os.path.isfile(os.path.join(path, name))]
     return (Path(path) / present[0] if present else None), present[1:]
+
+
+def config_identity(path: Path) -> tuple[str | None, str, tuple[str, ...]] | None:
+    """(file read, sha256 of its bytes, other config files present), or None when the directory
+    cannot be read: cheap, so a periodic resync can skip parsing an unchanged file."""
+    try:
+        chosen, ignored = find_config_file(path)
+        data = chosen.read_bytes() if chosen is not None else b""
+    except OSError:
+        return None
+    return (chosen.name if chosen else None, _sha256(data), tuple(ignored))
 
 
 def load_config_dir(path: Path) -> ConfigResult:

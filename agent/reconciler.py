@@ -230,7 +230,9 @@ class Reconciler:
             if m is None:
                 m = self.models[name] = Model(spec)
                 self._schedule(m)
-            elif m.removed or m.spec != spec:  # dataclass equality: cheap, no digest
+            elif m.spec is spec and not m.removed:
+                continue  # the parser reuses the ModelSpec of an unchanged entry
+            elif m.removed or m.spec != spec or m.spec.fingerprint() != spec.fingerprint():
                 if m.removed or m.spec.fingerprint() != spec.fingerprint():
                     m.failures, m.permanent, m.retry_at = 0, False, None
                 m.spec, m.removed = spec, False
@@ -243,7 +245,6 @@ class Reconciler:
             self._schedule_orphan_cleanup(set(desired))
             self.applied_once.set()
         self.metrics.config_applied.set_to_current_time()
-        self.update_gauges()
         log.info("config applied", extra=kv(file=result.file, models=len(desired), rejected=len(result.errors)))
 
     async def config_failed(self, error: ConfigParseError) -> None:
@@ -345,8 +346,6 @@ class Reconciler:
         except Exception as e:  # a bug must not kill the agent: fail this model, keep the rest
             log.exception("converge crashed", extra=kv(model=m.name))
             self._fail(m, f"internal error: {type(e).__name__}: {e}")
-        finally:
-            self.update_gauges()
 
     async def _pull(self, m: Model) -> bool:
         """Make the spec's files available (a cache hit moves nothing). False on failure.
@@ -680,6 +679,7 @@ class Reconciler:
             log.debug("transition", extra=kv(model=m.name, old=old.value, new=new.value))
 
     def update_gauges(self) -> None:
+        """Models per state, memory used and budget: refreshed when /metrics is scraped."""
         counts = {s: 0 for s in State}
         for m in self.models.values():
             counts[m.state] += 1

@@ -41,7 +41,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from agent.config import CONFIG_FILES, ConfigParseError, ConfigResult, load_config_dir
+from agent.config import CONFIG_FILES, ConfigParseError, ConfigResult, config_identity, load_config_dir
 from agent.logging import get_logger, kv
 
 log = get_logger(__name__)
@@ -107,6 +107,7 @@ class ConfigWatcher:
         self._watched_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the watched dir
         self._lock = asyncio.Lock()
         self._last_key: tuple | None = None
+        self._last_identity: tuple | None = None  # bytes of the last delivered config (skip re-parsing)
         self._last_error: tuple[str, str] | None = None
         self._missing_said = False
         self._arm_failed_said = False
@@ -168,11 +169,14 @@ class ConfigWatcher:
             if self._missing_said:
                 log.info("config directory present", extra=kv(dir=self._root))
                 self._missing_said = False
+            identity = await asyncio.to_thread(config_identity, Path(self._root))
+            if not force and identity is not None and identity == self._last_identity:
+                return None  # same bytes as the last delivered config: nothing to parse
             try:
                 result = await asyncio.to_thread(load_config_dir, Path(self._root))
             except ConfigParseError as err:
                 key = (err.file, err.reason)
-                self._last_key = None  # the next good read is delivered, even if it equals the last good
+                self._last_key = self._last_identity = None  # the next good read is delivered, even if it equals the last good
                 if force or key != self._last_error:
                     self._last_error = key
                     log.debug("config not applied", extra=kv(file=err.file, reason=err.reason))  # on_error logs it
@@ -183,6 +187,7 @@ class ConfigWatcher:
                 return None
             await self.on_change(result)
             self._last_key, self._last_error, self.last = key, None, result
+            self._last_identity = identity
             return result
 
     # ------------------------------------------------------------------ internals
@@ -192,7 +197,7 @@ class ConfigWatcher:
         if self._missing_said and not force:
             return
         self._missing_said = True
-        self._last_key = None
+        self._last_key = self._last_identity = None
         err = ConfigParseError(self._root, "config directory does not exist (yet); waiting for it, keeping the last good config")
         self._last_error = (err.file, err.reason)
         log.warning("config directory missing; will retry", extra=kv(dir=self._root, retry_s=self.retry_interval_s))
