@@ -202,7 +202,8 @@ async def serve(settings: Settings) -> None:
     """Listen first (so /healthz answers while the server starts), then start the agent."""
     agent = Agent(settings)
     config = uvicorn.Config(agent.asgi, host=settings.host, port=settings.port, log_level="warning",
-                            access_log=False, lifespan="off", timeout_keep_alive=75, interface="asgi3")
+                            access_log=False, lifespan="off", timeout_keep_alive=75, interface="asgi3",
+                            http="httptools")  # C parser: ~200 µs less agent CPU per request than h11
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # ours below stop the agent too
     loop = asyncio.get_running_loop()

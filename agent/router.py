@@ -3,11 +3,12 @@
 A raw ASGI app, because this is the hot path: one dict lookup per request, the V2 body is
 passed through as bytes (never parsed), the binary tensor extension header
 (`Inference-Header-Content-Length`) passes through untouched, and nothing is logged per
-request at info level. Forwarding uses one keep-alive connection pool (aiohttp).
+request at info level.
 
 Every model request holds an in-flight lease (Reconciler.acquire/release) until its response
 is sent, so eviction never unloads a model under a request; a request for a model that is not
-loaded waits for one (single-flight) load.
+loaded waits for one (single-flight) load. Forwarding goes through agent.upstream (keep-alive
+HTTP/1.1 with httptools), the cheapest client we measured (benchmarks/results/proxy.md).
 
 V1 -> V2 mapping (for servers that speak only V2):
   GET  /v1/models/{m}           -> {"name": m, "ready": <the model can serve now>}
@@ -24,11 +25,10 @@ import json
 import re
 from typing import Any, Awaitable, Callable
 
-import aiohttp
-
 from agent.logging import get_logger, kv
 from agent.metrics import Metrics
 from agent.reconciler import ModelUnavailable, Reconciler, State, UnknownModel
+from agent.upstream import Upstream, UpstreamError
 
 log = get_logger("modelshelf.router")
 
@@ -40,7 +40,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _V2_MODEL = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?(/infer|/ready)?/?$")
 _V1_MODEL = re.compile(r"^/v1/models/([^/:]+)(:predict)?$")
 # response headers worth passing back to the client
-_PASS_RESPONSE = ("content-type", "inference-header-content-length")
+_PASS_RESPONSE = (b"content-type", b"inference-header-content-length")
 _PASS_REQUEST = (b"content-type", b"inference-header-content-length", b"accept", b"x-request-id", b"traceparent")
 
 
@@ -57,22 +57,14 @@ class Router:
         self.max_body_bytes = max_body_bytes
         self.request_timeout_s = request_timeout_s
         self._server_ready = server_ready
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: Upstream | None = None
 
     async def start(self) -> None:
-        # idle connections are dropped before the server's own keep-alive timeout (uvicorn's,
-        # MLServer's: 5 s) so a request is never sent on a connection the server is closing
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=4, ttl_dns_cache=None)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.request_timeout_s, sock_connect=5),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
+        self._upstream = Upstream(self._server_url())
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._upstream is not None:
+            await self._upstream.close()
 
     # ------------------------------------------------------------------ ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -142,18 +134,12 @@ class Router:
 
     async def _forward(self, scope: Scope, send: Send, name: str, method: str, path: str,
                        body: bytes | None, *, v1: bool) -> tuple[int, bytes] | None:
-        assert self._session is not None
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _PASS_REQUEST}
+        headers = [(k, v) for k, v in scope["headers"] if k in _PASS_REQUEST]
         if scope.get("query_string"):
             path = path + "?" + scope["query_string"].decode("latin-1")
         try:
-            try:
-                status, payload, out_headers = await self._send(method, path, body, headers)
-            except aiohttp.ServerDisconnectedError:
-                # a pooled connection the server closed before answering: nothing was served
-                # on it, so one retry on a fresh connection is safe
-                status, payload, out_headers = await self._send(method, path, body, headers)
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+            status, payload, out_headers = await self._send(method, path, body, headers)
+        except (UpstreamError, asyncio.TimeoutError) as e:
             self.metrics.requests.labels(model=name, code="503").inc()
             reason = "timed out" if isinstance(e, asyncio.TimeoutError) else "server unreachable"
             await _error(send, 503, f"model {name!r}: {reason}", retry_after=1, v1=v1)
@@ -167,23 +153,22 @@ class Router:
         return None
 
     async def _send(self, method: str, path: str, body: bytes | None,
-                    headers: dict[str, str]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        assert self._session is not None
-        async with self._session.request(method, self._server_url() + path, data=body, headers=headers) as resp:
-            payload = await resp.read()
-            out_headers = [(k.encode(), resp.headers[k].encode()) for k in _PASS_RESPONSE if k in resp.headers]
-            return resp.status, payload, out_headers
+                    headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        upstream = self._upstream
+        if upstream is None or upstream.base_url != self._server_url():
+            upstream = self._upstream = Upstream(self._server_url())
+        status, resp_headers, payload = await upstream.request(method, path, headers, body or b"", self.request_timeout_s)
+        return status, payload, [(k, v) for k, v in resp_headers if k in _PASS_RESPONSE]
 
     async def _forward_plain(self, send: Send, method: str, path: str) -> None:
-        assert self._session is not None
         try:
-            async with self._session.request(method, self._server_url() + path) as resp:
-                payload = await resp.read()
-                headers = [(b"content-type", resp.headers.get("content-type", "application/json").encode())]
-                await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-                await send({"type": "http.response.body", "body": payload})
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+            status, payload, headers = await self._send(method, path, None, [])
+        except (UpstreamError, asyncio.TimeoutError):
             await _error(send, 503, "server unreachable", retry_after=1)
+            return
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         for k, v in scope["headers"]:
