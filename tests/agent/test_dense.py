@@ -81,7 +81,7 @@ def test_200_concurrent_requests_to_an_evicted_model_load_it_once(start_agent, t
     write_slow_model(tmp_path / "store" / "slow", delay=0.0, load_log=load_log)
     agent = start_agent([{"name": "slow", "uri": str(tmp_path / "store" / "slow"), "runtime": "mlserver",
                           "implementation": SLOW_IMPLEMENTATION, "preload": False}])
-    assert agent.state("slow") == "cached"
+    agent.wait_state("slow", "cached")  # pulled (a local dir: in place), not loaded
     body = v2_infer_body([IRIS_ROW])
     with ThreadPoolExecutor(max_workers=200) as pool:
         results = list(pool.map(lambda _: request("POST", agent.url + "/v2/models/slow/infer", body, timeout=60), range(200)))
@@ -112,7 +112,7 @@ def test_a_slow_request_in_flight_is_never_evicted(start_agent, tmp_path, store)
     # once the request is done, the same request for `other` evicts slow and succeeds
     code, body = infer(agent, "other")
     assert code == 200, body
-    assert agent.state("slow") == "cached"
+    agent.wait_state("slow", "cached")  # pulled (a local dir: in place), not loaded
 
 
 def test_a_model_larger_than_the_whole_budget_gets_a_clear_error(start_agent, store):
