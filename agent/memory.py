@@ -897,10 +897,14 @@ class MemoryManager:
             return reserved  # nothing to measure, or the server restarted in between
         raw_host = after.host - m.before.host
         raw_gpu = _gpu_delta(m.before.gpu, after.gpu)
-        if m.contaminated:
+        if m.contaminated and not m.first_of_runtime:
             log.info("memory measure_skipped model=%s reason=%s raw_host=%d", m.name, ",".join(sorted(m.reasons)), raw_host)
             return reserved
         if m.first_of_runtime:
+            # Also when another load overlapped: the runtime is marked warm now, so no later
+            # load would ever see its import again. Charging what exceeds this model's
+            # reservation may count the other model's bytes twice: over-reserving is safe,
+            # never charging the import is not.
             # The server imported the runtime's libraries (sklearn ~80 MB in MLServer, torch plus a
             # CUDA context): bytes no eviction frees. What exceeds the model's reservation is
             # charged to the server, the model keeps its reservation, nothing is recorded: the

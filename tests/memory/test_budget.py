@@ -126,13 +126,13 @@ def test_discover_gpu_per_device(tmp_path, fake_gpu):
 @pytest.mark.skipif(_nvml_works(), reason="a GPU with a driver is present: the no-NVML path cannot be exercised")
 def test_nvml_absent_gpu_budgeting_off_said_once(caplog):
     """Real nvidia-ml-py on a machine without the NVML library: off, one info line, no error."""
-    caplog.set_level(logging.DEBUG, logger="agent.memory")
+    caplog.set_level(logging.DEBUG, logger="modelshelf.memory")
     settings = SimpleNamespace(host_memory="1Gi", gpu_memory="90%", memory_multipliers={}, min_residency_s=5.0,
                                server="mlserver")
     mm = MemoryManager.from_settings(settings)
     assert not mm.gpu_enabled
     assert mm.budget() == {HOST: 1 * GiB}
-    gpu_lines = [r for r in caplog.records if "gpu" in r.getMessage().lower() and r.name == "agent.memory"]
+    gpu_lines = [r for r in caplog.records if "gpu" in r.getMessage().lower() and r.name == "modelshelf.memory"]
     assert len(gpu_lines) == 1, [r.getMessage() for r in gpu_lines]
     assert gpu_lines[0].levelno == logging.INFO and "gpu_budgeting=off" in gpu_lines[0].getMessage()
     assert "NVMLError" in gpu_lines[0].getMessage()
