@@ -36,6 +36,16 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+async def _notify_restart(on_restart: OnRestart | None, name: str) -> None:
+    """Await `on_restart` if set; a failure is logged, never raised into the watch loop."""
+    if on_restart is None:
+        return
+    try:
+        await on_restart()
+    except Exception:
+        log.exception("event=on_restart_failed server=%s", name)
+
+
 async def probe_ready(client: httpx.AsyncClient, url: str) -> bool:
     """One GET of a readiness URL; True on 200, False on anything else (never raises)."""
     try:
@@ -261,11 +271,7 @@ class ServerProcess:
                 return
             self.restarts += 1
             log.info("event=server_restarted server=%s pid=%s restarts=%d", self.name, self.pid, self.restarts)
-            if self.on_restart is not None:
-                try:
-                    await self.on_restart()
-                except Exception:
-                    log.exception("event=on_restart_failed server=%s", self.name)
+            await _notify_restart(self.on_restart, self.name)
 
     @staticmethod
     def _kill_group(pgid: int, sig: int) -> bool:
@@ -336,11 +342,7 @@ class SidecarWatch:
                 was_down = False
                 self.restarts += 1
                 log.info("event=server_back server=%s url=%s restarts=%d", self.name, self.ready_url, self.restarts)
-                if self.on_restart is not None:
-                    try:
-                        await self.on_restart()
-                    except Exception:
-                        log.exception("event=on_restart_failed server=%s", self.name)
+                await _notify_restart(self.on_restart, self.name)
 
 
 class ServerHandle:

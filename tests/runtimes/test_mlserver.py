@@ -20,7 +20,7 @@ from tests.support.models import (
     write_sklearn_model,
     write_slow_model,
 )
-from tests.support.servers import RunningServer
+from tests.support.servers import RunningServer, poll_during
 
 ROWS = sample_rows(8, seed=3)
 
@@ -112,38 +112,16 @@ def test_reload_in_place_has_no_gap(mlserver: RunningServer, tmp_path: Path) -> 
     a, b = _distinct_models(tmp_path)
     ad = mlserver.adapter
     mlserver.call(ad.load(ServedModel("swap", a, "sklearn")))
-    seen: set[tuple[int, ...]] = set()
-    failures: list[str] = []
 
-    async def scenario() -> int:
-        stop = asyncio.Event()
-        polls = 0
-
-        async def poll() -> None:
-            nonlocal polls
-            async with httpx.AsyncClient(base_url=ad.base_url, timeout=5) as c:
-                while not stop.is_set():
-                    ready = await c.get("/v2/models/swap/ready")
-                    r = await c.post("/v2/models/swap/infer", json=v2_request(ROWS))
-                    polls += 1
-                    if ready.status_code != 200 or r.status_code != 200:
-                        failures.append(f"ready={ready.status_code} infer={r.status_code} {r.text[:100]}")
-                    else:
-                        seen.add(tuple(int(v) for v in r.json()["outputs"][0]["data"]))
-
-        task = asyncio.create_task(poll())
-        await asyncio.sleep(0.05)
+    async def reloads() -> None:
         for path in (b, a, b):
             await ad.load(ServedModel("swap", path, "sklearn"))
             await asyncio.sleep(0.05)
-        stop.set()
-        await task
-        return polls
 
-    polls = mlserver.call(scenario())
-    assert failures == []
-    assert polls > 5
-    assert tuple(sklearn_predictions(a, ROWS)) in seen and tuple(sklearn_predictions(b, ROWS)) in seen
+    polled = mlserver.call(poll_during(ad.base_url, "swap", v2_request(ROWS), reloads()))
+    assert polled.failures == []
+    assert polled.during >= 1, polled  # probed while it was replaced
+    assert tuple(sklearn_predictions(a, ROWS)) in polled.outputs and tuple(sklearn_predictions(b, ROWS)) in polled.outputs
     assert _infer(mlserver, "swap") == sklearn_predictions(b, ROWS)
     assert mlserver.call(ad.index()) == {"swap": "READY"}
 

@@ -12,7 +12,7 @@ import pytest
 
 from agent.runtimes import LoadFailed, ServedModel
 from tests.support.models import triton_v2_request, write_triton_broken_model, write_triton_model
-from tests.support.servers import RunningServer, triton_site_packages
+from tests.support.servers import RunningServer, poll_during, triton_site_packages
 
 pytestmark = pytest.mark.triton
 
@@ -72,37 +72,15 @@ def test_reload_in_place_has_no_gap(triton: RunningServer, tmp_path: Path) -> No
     ad = triton.adapter
     triton.call(ad.load(ServedModel("swap", _model(tmp_path, "v2", factor=2.0), "triton")))
     new = _model(tmp_path, "v3", factor=3.0)
-    failures: list[str] = []
-    seen: set[tuple[float, ...]] = set()
 
-    async def scenario() -> int:
-        stop = asyncio.Event()
-        polls = 0
-
-        async def poll() -> None:
-            nonlocal polls
-            async with httpx.AsyncClient(base_url=ad.base_url, timeout=5) as c:
-                while not stop.is_set():
-                    ready = await c.get("/v2/models/swap/ready")
-                    r = await c.post("/v2/models/swap/infer", json=triton_v2_request(VALUES))
-                    polls += 1
-                    if ready.status_code != 200 or r.status_code != 200:
-                        failures.append(f"ready={ready.status_code} infer={r.status_code} {r.text[:120]}")
-                    else:
-                        seen.add(tuple(r.json()["outputs"][0]["data"]))
-
-        task = asyncio.create_task(poll())
-        await asyncio.sleep(0.1)
+    async def reload() -> None:
         await ad.load(ServedModel("swap", new, "triton"))
         await asyncio.sleep(0.2)
-        stop.set()
-        await task
-        return polls
 
-    polls = triton.call(scenario())
-    assert failures == []
-    assert polls > 5
-    assert seen == {tuple(v * 2 for v in VALUES), tuple(v * 3 for v in VALUES)}
+    polled = triton.call(poll_during(ad.base_url, "swap", triton_v2_request(VALUES), reload()))
+    assert polled.failures == []
+    assert polled.during >= 1, polled  # probed while it was replaced
+    assert polled.outputs == {tuple(v * 2 for v in VALUES), tuple(v * 3 for v in VALUES)}
     assert ad.entry("swap").path == new
 
 

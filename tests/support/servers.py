@@ -13,6 +13,9 @@ model the test loaded unloaded afterwards. Triton fixtures skip with a reason wh
 
 To drive the server from your own event loop (e.g. the agent under test), build a sidecar-mode
 adapter on `RunningServer.base_url` and `RunningServer.repository` in that loop.
+
+`poll_during(base_url, name, request, action)` probes a model (ready + infer) while an action
+(e.g. a reload) runs, to show that no request failed meanwhile and which copies answered.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
+import httpx
 import pytest
 
 from agent.runtimes.base import RuntimeAdapter
@@ -145,6 +149,56 @@ def embedded_triton(base: Path, **kwargs: Any) -> Iterator[RunningServer]:
         yield srv
     finally:
         srv.stop()
+
+
+@dataclass
+class Polled:
+    """What `poll_during` saw: rounds in all, rounds in flight while the action ran, failed
+    rounds (one line each), distinct outputs of successful rounds."""
+
+    polls: int
+    during: int
+    failures: list[str]
+    outputs: set[tuple[Any, ...]]
+
+
+async def poll_during(base_url: str, name: str, request: dict[str, Any], action: Awaitable[Any],
+                      before: int = 3, warm_timeout: float = 10.0) -> Polled:
+    """Probe `name` (GET .../ready, then POST .../infer with `request`) in a loop while `action`
+    runs. `action` starts only after `before` rounds completed (so the answer of the copy served
+    before is on record, however slow the machine), and polling stops when it ends. A round
+    fails unless both answer 200; each successful round records the first output's data."""
+    stop, warm, acting = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    seen = Polled(0, 0, [], set())
+
+    async def poll() -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=5, trust_env=False) as c:
+            while not stop.is_set():
+                ready = await c.get(f"/v2/models/{name}/ready")
+                r = await c.post(f"/v2/models/{name}/infer", json=request)
+                seen.polls += 1
+                seen.during += acting.is_set()  # it ended after the action began, and began before it ended
+                if ready.status_code != 200 or r.status_code != 200:
+                    seen.failures.append(f"ready={ready.status_code} infer={r.status_code} {r.text[:120]}")
+                else:
+                    seen.outputs.add(tuple(r.json()["outputs"][0]["data"]))
+                if seen.polls >= before:
+                    warm.set()
+
+    task = asyncio.create_task(poll())
+    try:
+        try:
+            await asyncio.wait_for(warm.wait(), warm_timeout)
+        except BaseException:
+            if asyncio.iscoroutine(action):
+                action.close()  # never started
+            raise
+        acting.set()
+        await action
+    finally:
+        stop.set()
+        await task
+    return seen
 
 
 # -- fixtures (import them into a conftest.py) ---------------------------------------------

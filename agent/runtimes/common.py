@@ -1,0 +1,376 @@
+"""What the HTTP-driven adapters share: `HTTPServerAdapter`, a RuntimeAdapter for a server we
+drive over the KServe V2 REST repository API and whose repository dir we own, plus the helpers
+for that dir's entries.
+
+`HTTPServerAdapter` holds the server (an embedded child on loopback with free ports and a
+private working dir, or a sidecar at `base_url`; see `process.ServerHandle`), one pooled
+`httpx.AsyncClient`, and the repository protocol:
+
+- one dir per served model, `<repo>/<name>/`, holding the server's entry file (written last and
+  atomically: the server sees the entry only once it is complete), symlinks into the cache and
+  `modelshelf.json` (the ServedModel, so an agent restarting against a running server can tell
+  what each entry serves);
+- load: write the entry, POST load; on a refusal or an unreachable server put the previous
+  entry back (or remove it); on a timeout keep it, since the server may still be loading it;
+- unload: POST unload, wait until the server no longer serves it, remove the entry.
+
+A subclass says only what differs per server: how to start it (`_server_command`), what its
+entry holds (`entry_file`, `_entry_content`), how to read its index (`_index_states`) and errors
+(`_reason`), and how long an unload takes to finish (`_wait_unloaded`).
+"""
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+
+from agent.runtimes.base import LoadFailed, RuntimeAdapter, RuntimeErrorBase, ServedModel, ServerUnavailable
+from agent.runtimes.process import OnRestart, ServerHandle, ServerProcess, free_port
+
+ENTRY_FILE = "modelshelf.json"  # the ServedModel an entry was written for
+
+
+def check_name(name: str) -> None:
+    """LoadFailed unless `name` is usable as one directory name in the repository."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise LoadFailed(name, "name is not usable as a repository entry")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace `path` atomically: a concurrent reader (a server re-globbing) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """`doc` as indented JSON, replaced atomically."""
+    write_text(path, json.dumps(doc, indent=1, default=str))
+
+
+def served_to_json(model: ServedModel) -> dict[str, Any]:
+    """The ServedModel as stored in an entry's modelshelf.json."""
+    doc = asdict(model)
+    doc["path"] = str(model.path)
+    return doc
+
+
+def served_from_json(doc: dict[str, Any]) -> ServedModel:
+    """The ServedModel back from modelshelf.json (KeyError/TypeError when it is not one)."""
+    return ServedModel(
+        name=doc["name"],
+        path=Path(doc["path"]),
+        runtime=doc["runtime"],
+        implementation=doc.get("implementation"),
+        version=doc.get("version"),
+        parameters=doc.get("parameters") or {},
+    )
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where an embedded server listens (loopback by default, free ports unless given)."""
+
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+
+@dataclass(frozen=True)
+class _EntryState:
+    """What an entry held: the entry file's text, its links, its ServedModel doc (if any)."""
+
+    text: str
+    links: dict[str, str]
+    served: dict[str, Any] | None
+
+
+class _TimedOut(ServerUnavailable):
+    """The server took longer than our timeout; it may still complete the operation."""
+
+
+class HTTPServerAdapter(RuntimeAdapter):
+    """A server driven over HTTP, embedded (a child process on loopback; `base_url=None`) or a
+    sidecar at `base_url` that reads the same `repository` dir. Call `start()` before use and
+    `stop()` at the end."""
+
+    entry_file: str  # the file in `<repo>/<name>/` that makes the dir an entry the server sees
+
+    def __init__(
+        self,
+        repository: Path,
+        base_url: str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        workdir: Path | None = None,
+        env: dict[str, str] | None = None,
+        log_file: Path | None = None,
+        on_restart: OnRestart | None = None,
+        load_timeout: float = 120.0,
+        request_timeout: float = 10.0,
+        sidecar_interval: float | None = 2.0,
+    ):
+        self.repository = Path(repository).resolve()
+        self.repository.mkdir(parents=True, exist_ok=True)
+        self.load_timeout = load_timeout
+        self._log = logging.getLogger(f"modelshelf.runtimes.{self.kind}")
+        self._own_workdir: Path | None = None
+        process = None
+        if base_url is None:
+            listen = Listen(host, http_port or free_port(host), grpc_port or free_port(host), metrics_port or free_port(host))
+            argv, child_env = self._server_command(listen, dict(os.environ if env is None else env))
+            if workdir is None:  # a private cwd: servers write state files there
+                workdir = self._own_workdir = Path(tempfile.mkdtemp(prefix=f"modelshelf-{self.kind}-"))
+            base_url = f"http://{host}:{listen.http_port}"
+            process = ServerProcess(argv, ready_url=f"{base_url}/v2/health/ready", env=child_env, cwd=Path(workdir), name=self.kind, log_file=log_file)
+        self._server = ServerHandle(base_url, process=process, name=self.kind, sidecar_interval=sidecar_interval)
+        self._server.on_restart = on_restart
+        self._http = httpx.AsyncClient(
+            base_url=self._server.base_url,
+            timeout=httpx.Timeout(request_timeout, connect=2.0),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            trust_env=False,
+        )
+
+    @classmethod
+    def embedded(cls, repository: Path, **kwargs: Any) -> Self:
+        """An adapter that starts its own server on loopback (free ports unless given)."""
+        kwargs.pop("base_url", None)
+        return cls(repository, None, **kwargs)
+
+    # -- what differs per server ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def _server_command(self, listen: Listen, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """argv and environment of the embedded server (`env` is the base environment)."""
+
+    @abc.abstractmethod
+    def _entry_content(self, model: ServedModel) -> tuple[str, dict[str, str]]:
+        """The text of `entry_file` and the links (entry-relative path -> target) of the
+        model's entry. LoadFailed when this server cannot serve the model; nothing is written
+        before this returns."""
+
+    @abc.abstractmethod
+    def _index_states(self, items: list[dict[str, Any]]) -> dict[str, str]:
+        """The body of POST /v2/repository/index -> {name: state}."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def _reason(response: httpx.Response) -> str:
+        """The server's error in a response, short and on one line."""
+
+    async def _wait_unloaded(self, name: str) -> None:
+        """Return once the server no longer serves `name` after its unload answered
+        (here at once: the unload's answer means it is done)."""
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Embedded: spawn the server and wait for it. Sidecar: wait for it and watch it."""
+        await self._server.start(timeout)
+
+    async def stop(self) -> None:
+        """Close connections and stop the embedded server (a sidecar keeps running)."""
+        await self.close()
+        await self._server.stop()
+        if self._own_workdir is not None:
+            shutil.rmtree(self._own_workdir, ignore_errors=True)
+
+    @property
+    def on_restart(self) -> OnRestart | None:
+        return self._server.on_restart
+
+    @on_restart.setter
+    def on_restart(self, fn: OnRestart | None) -> None:
+        """Awaited after the server came back from a restart (its registry is then empty)."""
+        self._server.on_restart = fn
+
+    @property
+    def process(self) -> ServerProcess | None:
+        """The embedded server's process (None in sidecar mode)."""
+        return self._server.process
+
+    @property
+    def restarts(self) -> int:
+        return self._server.restarts
+
+    def pids(self) -> list[int]:
+        """PIDs of the embedded server's process tree, child processes included ([] in sidecar mode)."""
+        return self._server.pids()
+
+    # -- RuntimeAdapter -------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return self._server.base_url
+
+    async def wait_ready(self, timeout: float) -> None:
+        await self._server.wait_ready(timeout)
+
+    async def is_ready(self) -> bool:
+        return await self._server.is_ready()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def index(self) -> dict[str, str]:
+        r = await self._post("/v2/repository/index", None)
+        if r.status_code != 200:
+            raise RuntimeErrorBase(None, f"index failed: {self._reason(r)}")
+        return self._index_states(r.json())
+
+    async def model_state(self, name: str) -> str | None:
+        """The server's state for one model ("READY", "UNAVAILABLE", ...), None if unknown."""
+        return (await self.index()).get(name)
+
+    async def model_ready(self, name: str) -> bool:
+        """GET /v2/models/{name}/ready: True only when the server serves it now."""
+        try:
+            r = await self._http.get(f"/v2/models/{name}/ready")
+        except (httpx.HTTPError, OSError):
+            return False
+        return r.status_code == 200
+
+    async def load(self, model: ServedModel) -> None:
+        check_name(model.name)
+        if not Path(model.path).exists():
+            raise LoadFailed(model.name, f"model files not found at {model.path}")
+        text, links = self._entry_content(model)
+        entry = self.repository / model.name
+        previous = self._read_entry(entry)
+        self._write_entry(entry, _EntryState(text, links, served_to_json(model)))
+        t0 = time.monotonic()
+        try:
+            r = await self._post(f"/v2/repository/models/{model.name}/load", model.name, timeout=self.load_timeout)
+        except _TimedOut:
+            raise  # the server may still be loading it: keep its entry (unload cleans up)
+        except ServerUnavailable:
+            self._restore_entry(entry, previous)
+            raise
+        if r.status_code != 200:
+            self._restore_entry(entry, previous)
+            raise LoadFailed(model.name, self._reason(r))
+        self._log.info("event=model_loaded server=%s model=%s seconds=%.3f replaced=%s", self.kind, model.name, time.monotonic() - t0, previous is not None)
+
+    async def unload(self, name: str) -> None:
+        check_name(name)
+        t0 = time.monotonic()
+        r = await self._post(f"/v2/repository/models/{name}/unload", name)
+        if r.status_code not in (200, 404):  # 404: not loaded, which is what we want
+            raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
+        await self._wait_unloaded(name)
+        shutil.rmtree(self.repository / name, ignore_errors=True)
+        self._log.info("event=model_unloaded server=%s model=%s seconds=%.3f", self.kind, name, time.monotonic() - t0)
+
+    def served_path(self, name: str) -> Path | None:
+        """The model path the entry of `name` was written for (None: no entry of ours)."""
+        served = self.entry(name)
+        return served.path if served is not None else None
+
+    def repository_entries(self) -> set[str]:
+        try:
+            return {p.name for p in self.repository.iterdir() if (p / self.entry_file).is_file()}
+        except FileNotFoundError:
+            return set()
+
+    def entry(self, name: str) -> ServedModel | None:
+        """The ServedModel an entry was written for (None if absent or written by someone else)."""
+        entry = self.repository / name
+        if not (entry / self.entry_file).is_file():
+            return None
+        try:
+            return served_from_json(json.loads((entry / ENTRY_FILE).read_text()))
+        except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
+            return None
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _post(self, path: str, model: str | None, *, timeout: float | None = None) -> httpx.Response:
+        """POST a repository call with a JSON body `{}` (the form both servers accept);
+        ServerUnavailable (or _TimedOut) when the server did not answer."""
+        kwargs: dict[str, Any] = {}
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=2.0)
+        try:
+            try:
+                return await self._http.post(path, json={}, **kwargs)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # a server may close a keep-alive connection after an error (uvicorn does after a
+                # 500); a pooled request can race that close. It was not processed: send it once more.
+                return await self._http.post(path, json={}, **kwargs)
+        except httpx.TimeoutException as e:
+            raise _TimedOut(model, f"{self.kind} at {self.base_url} timed out ({type(e).__name__})") from None
+        except (httpx.HTTPError, OSError) as e:
+            raise ServerUnavailable(model, f"{self.kind} at {self.base_url} unreachable ({type(e).__name__})") from None
+
+    def _read_entry(self, entry: Path) -> _EntryState | None:
+        """What the entry holds now (None if it has no entry file)."""
+        try:
+            text = (entry / self.entry_file).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        links = {str(p.relative_to(entry)): os.readlink(p) for p in entry.rglob("*") if p.is_symlink()}
+        try:
+            served = json.loads((entry / ENTRY_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            served = None
+        return _EntryState(text, links, served)
+
+    def _write_entry(self, entry: Path, content: _EntryState) -> None:
+        """Make the entry hold exactly `content`: links first, each swapped in atomically, then
+        modelshelf.json, then the entry file (the server finds a new entry only now)."""
+        entry.mkdir(parents=True, exist_ok=True)
+        for p in sorted(entry.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            rel = str(p.relative_to(entry))
+            if p.is_symlink() and rel not in content.links:
+                p.unlink()
+            elif p.is_dir() and not p.is_symlink() and not any(k.startswith(rel + "/") for k in content.links):
+                shutil.rmtree(p, ignore_errors=True)
+        for rel, target in content.links.items():
+            dest = entry / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_symlink() and os.readlink(dest) == target:
+                continue
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(target)
+            os.replace(tmp, dest)
+        if content.served is not None:
+            write_json(entry / ENTRY_FILE, content.served)
+        else:
+            (entry / ENTRY_FILE).unlink(missing_ok=True)
+        write_text(entry / self.entry_file, content.text)
+
+    def _restore_entry(self, entry: Path, previous: _EntryState | None) -> None:
+        """After a failed load: put back what served before, or remove the entry."""
+        if previous is None:
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            self._write_entry(entry, previous)
+
+
+__all__ = [
+    "ENTRY_FILE",
+    "HTTPServerAdapter",
+    "Listen",
+    "check_name",
+    "served_from_json",
+    "served_to_json",
+    "write_json",
+    "write_text",
+]
