@@ -14,6 +14,13 @@ fresh directory on the same disk (page cache warm for everyone alike):
 - peers, at their default settings: ``aws s3 cp --recursive`` (awscli), ``s5cmd cp``, ``rclone copy``
   (apt), KServe's storage initializer (``kserve_storage.Storage.download``).
 - ceiling: ``curl --parallel`` ranged GETs of the same bytes to /dev/null (no disk, no signing).
+- the CLI's start-up alone (interpreter + the pull path's imports, botocore included, no I/O):
+  subtract it from the CLI rows to see the transfer.
+
+Tools run round robin, --repeat times (best run reported, every run kept in the JSON with the
+1-minute load average before it): on a shared machine a burst of load then hits one run of
+several tools rather than every run of one. Only the last modelshelf cache is kept (for the
+hits); earlier ones are removed before the next run, like the peers' destinations.
 
 The endpoint is s3rver (npm; files on disk, installed under .venv/node) when present, else moto's
 server in its own process. Results: benchmarks/results/pull.md and pull.json. Tools not installed
@@ -35,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -261,6 +269,34 @@ def inprocess_hit(cache: Path, set_name: str) -> float:
 
 # -- main --------------------------------------------------------------------------------------
 
+# what every `modelshelf pull` pays before its first request (the CLI's import path, botocore included)
+STARTUP = [sys.executable, "-c", "import agent.cli, puller.cli, puller.sources.s3, botocore.session"]
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _runs(rows: dict[str, dict], tool: str, total: int) -> dict:
+    rows[tool] = {"runs": [], "loadavg_1m": [], "error": None}
+    return rows[tool]
+
+
+def _timed(row: dict, fn, set_name: str, tool: str, total: int) -> None:
+    """One timed run of `fn` into `row` (the 1-minute load average before it is recorded too)."""
+    if row["error"]:
+        return
+    load = round(os.getloadavg()[0], 2)
+    try:
+        seconds = fn()
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+        print(f"set={set_name} tool={tool!r} FAILED {row['error']}", flush=True)
+        return
+    row["runs"].append({"seconds": seconds})
+    row["loadavg_1m"].append(load)
+    print(f"set={set_name} tool={tool!r} {seconds:.3f}s {total / 2**20 / seconds:.0f} MiB/s load={load}", flush=True)
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large-mib", type=int, default=512)
@@ -288,60 +324,27 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.clear()
         os.environ.update(env)  # the in-process runs and s5cmd's --endpoint-url read it
         wanted = {t.strip() for t in args.tools.split(",") if t.strip()}
+        results["loadavg_start"] = _load()
         for set_name, objects in sets.items():
             total = sum(s for _, s in objects)
             rows: dict[str, dict] = {}
-
-            def record(tool: str, fn) -> None:
-                if wanted and not any(tool.startswith(w) for w in wanted):
-                    return
-                times, error = [], None
-                for _ in range(args.repeat):
-                    try:
-                        times.append(fn())
-                    except Exception as e:  # noqa: BLE001 - report, keep going
-                        error = f"{type(e).__name__}: {e}"[:300]
-                        break
-                best = min(times) if times else None
-                rows[tool] = {"seconds": best, "all_seconds": times, "error": error,
-                              "mib_s": total / 2**20 / best if best else None}
-                shown = f"{best:.2f}s {total / 2**20 / best:.0f} MiB/s" if best else f"FAILED {error}"
-                print(f"set={set_name} tool={tool!r} {shown}", flush=True)
-
-            raw_reader(endpoint, objects, args.part_mib << 20, args.parallel)  # untimed warm-up: the first read is slow
-            record("ceiling (curl --parallel, ranged GETs)", lambda: ceiling(
-                endpoint, objects, args.part_mib << 20, args.parallel, work))
-            record("ceiling (python threads, raw ranged GETs)", lambda: raw_reader(
-                endpoint, objects, args.part_mib << 20, args.parallel))
             caches: list[Path] = []
-            for tool, cmd in tool_commands(set_name, work / "dest", work / "cache").items():
-                if cmd is None:
-                    rows[tool] = {"seconds": None, "error": "not installed", "mib_s": None}
-                    continue
 
-                def one(tool: str = tool) -> float:
-                    dest, cache = work / f"dest-{tool.split()[0]}", work / f"cache-{len(caches)}"
+            def modelshelf(tool: str) -> float:
+                # one cache per run, the previous one removed first: only the last stays (for the hits)
+                for old in caches:
+                    shutil.rmtree(old, ignore_errors=True)
+                return pull(tool, work / f"cache-{len(caches)}")
+
+            def pull(tool: str, cache: Path | None = None) -> float:
+                dest = work / f"dest-{tool.split()[0]}"
+                if cache is not None:
                     caches.append(cache)
-                    shutil.rmtree(dest, ignore_errors=True)
-                    cmd = tool_commands(set_name, dest, cache)[tool]
-                    seconds = _run(cmd, env, args.timeout)
-                    _check_tree(dest, objects, set_name)
-                    shutil.rmtree(dest, ignore_errors=True)
-                    return seconds
-                record(tool, one)
-            # cache hits: the last modelshelf cache is full
-            full = next((c for c in reversed(caches) if c.name.startswith("cache-") and (c / "entries").exists()), None)
-            if full is not None:
-                hit_dest = work / "dest-hit"
-
-                def cli_hit() -> float:
-                    shutil.rmtree(hit_dest, ignore_errors=True)
-                    cmd = tool_commands(set_name, hit_dest, full)["modelshelf pull"]
-                    return _run(cmd, env, args.timeout)
-                record("modelshelf pull, cache hit (CLI incl. interpreter start)", cli_hit)
-                record("modelshelf Cache.ensure, cache hit (in-process)", lambda: inprocess_hit(full, set_name))
-            for c in caches:
-                shutil.rmtree(c, ignore_errors=True)
+                shutil.rmtree(dest, ignore_errors=True)
+                seconds = _run(tool_commands(set_name, dest, cache or work / "unused")[tool], env, args.timeout)
+                _check_tree(dest, objects, set_name)
+                shutil.rmtree(dest, ignore_errors=True)
+                return seconds
 
             def direct() -> float:
                 dest = work / "dest-direct"
@@ -350,8 +353,58 @@ def main(argv: list[str] | None = None) -> int:
                 _check_tree(dest, objects, set_name)
                 shutil.rmtree(dest, ignore_errors=True)
                 return seconds
-            record("modelshelf S3Source (in-process, no cache)", direct)
+
+            tools: list[tuple[str, Any]] = [
+                ("ceiling (curl --parallel, ranged GETs)",
+                 lambda: ceiling(endpoint, objects, args.part_mib << 20, args.parallel, work)),
+                ("ceiling (python threads, raw ranged GETs)",
+                 lambda: raw_reader(endpoint, objects, args.part_mib << 20, args.parallel)),
+            ]
+            for tool, cmd in tool_commands(set_name, work / "dest", work / "cache").items():
+                if cmd is None:
+                    rows[tool] = {"seconds": None, "error": "not installed", "mib_s": None}
+                elif tool == "modelshelf pull":
+                    tools.append((tool, lambda tool=tool: modelshelf(tool)))
+                else:
+                    tools.append((tool, lambda tool=tool: pull(tool)))
+            tools.append(("modelshelf S3Source (in-process, no cache)", direct))
+            tools = [(t, fn) for t, fn in tools if not wanted or any(t.startswith(w) for w in wanted)]
+            raw_reader(endpoint, objects, args.part_mib << 20, args.parallel)  # untimed warm-up: the first read is slow
+            # round robin over the tools, --repeat times: a burst of load from other jobs on the
+            # machine then hits one run of several tools, not every run of one tool
+            runs = {t: _runs(rows, t, total) for t, _ in tools}
+            for _ in range(args.repeat):
+                for tool, fn in tools:
+                    _timed(runs[tool], fn, set_name, tool, total)
+            # cache hits of the last modelshelf cache (full: it was just published)
+            full = caches[-1] if caches and (caches[-1] / "entries").exists() else None
+            if full is not None:
+                hit_dest = work / "dest-hit"
+
+                def cli_hit() -> float:
+                    shutil.rmtree(hit_dest, ignore_errors=True)
+                    cmd = tool_commands(set_name, hit_dest, full)["modelshelf pull"]
+                    return _run(cmd, env, args.timeout)
+                for tool, fn in (("modelshelf pull, cache hit (CLI incl. interpreter start)", cli_hit),
+                                 ("modelshelf Cache.ensure, cache hit (in-process)", lambda: inprocess_hit(full, set_name))):
+                    row = _runs(rows, tool, total)
+                    for _ in range(args.repeat):
+                        _timed(row, fn, set_name, tool, total)
+            startup = "modelshelf start-up only (interpreter + imports incl. botocore, no I/O)"
+            if not wanted or any(startup.startswith(w) for w in wanted):
+                row = _runs(rows, startup, total)
+                for _ in range(args.repeat):
+                    _timed(row, lambda: _run(STARTUP, env, args.timeout), set_name, startup, total)
+            for c in caches:
+                shutil.rmtree(c, ignore_errors=True)
+            for row in rows.values():
+                if "runs" in row:
+                    ok = [r["seconds"] for r in row.pop("runs")]
+                    row["seconds"] = min(ok) if ok else None
+                    row["all_seconds"] = ok
+                    row["mib_s"] = total / 2**20 / row["seconds"] if row["seconds"] else None
             results["sets"][set_name] = {"files": len(objects), "bytes": total, "tools": rows}
+        results["loadavg_end"] = _load()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -370,6 +423,11 @@ def _machine() -> dict:
             "platform": platform.platform(), "note": "shared machine: other jobs may run beside the benchmark"}
 
 
+def _no_rate(tool: str) -> bool:
+    """Rows that move no bytes (hits, start-up): no rate, no ratios."""
+    return "cache hit" in tool or "start-up" in tool
+
+
 def _write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for data in results["sets"].values():
@@ -379,29 +437,34 @@ def _write(results: dict, out: Path) -> None:
         ceil = max((v["mib_s"] for k, v in tools.items() if k.startswith("ceiling") and v.get("mib_s")), default=None)
         data["best_peer_mib_s"], data["ceiling_mib_s"] = best_peer, ceil
         for tool, row in tools.items():
-            if row.get("mib_s") and "cache hit" not in tool:
+            if row.get("mib_s") and not _no_rate(tool):
                 row["vs_best_peer"] = round(row["mib_s"] / best_peer, 3) if best_peer else None
                 row["vs_ceiling"] = round(row["mib_s"] / ceil, 3) if ceil else None
     (out / "pull.json").write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
     lines = ["# Pull benchmark", "",
              f"Machine: {m['cpus']} CPU cores, {m['ram_gib']} GiB RAM, Python {m['python']} ({m['note']}).",
+             f"Load average (1, 5, 15 min) at start {results.get('loadavg_start')}, at end "
+             f"{results.get('loadavg_end')}; the load column gives the 1-minute average before each run.",
              f"Endpoint: {results['endpoint']}, one bucket on 127.0.0.1.",
              f"Command: `.venv/bin/python benchmarks/bench_pull.py --large-mib {results['args']['large_mib']} "
              f"--small-count {results['args']['small_count']} --small-kib {results['args']['small_kib']} "
-             f"--repeat {results['args']['repeat']}` (best of --repeat runs).", ""]
+             f"--repeat {results['args']['repeat']}` (best of --repeat runs, taken round robin over the tools).", ""]
     for set_name, data in results["sets"].items():
         lines += [f"## {set_name}: {data['files']} file(s), {data['bytes'] / 2**20:.0f} MiB", "",
-                  "| tool | seconds | MiB/s | vs best peer | vs ceiling |", "| --- | ---: | ---: | ---: | ---: |"]
+                  "| tool | seconds | MiB/s | vs best peer | vs ceiling | all runs (s) | load |",
+                  "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
         for tool, row in data["tools"].items():
             if row.get("seconds") is None:
-                lines.append(f"| {tool} | {row.get('error')} | | | |")
+                lines.append(f"| {tool} | {row.get('error')} | | | | | |")
                 continue
-            hit = "cache hit" in tool
+            hit = _no_rate(tool)
             rate = "" if hit else "%.0f" % row["mib_s"]
             peer = "" if hit or row.get("vs_best_peer") is None else "%.2f" % row["vs_best_peer"]
             ceil_ = "" if hit or row.get("vs_ceiling") is None else "%.2f" % row["vs_ceiling"]
-            lines.append(f"| {tool} | {row['seconds']:.3f} | {rate} | {peer} | {ceil_} |")
+            runs = " ".join("%.3f" % x for x in row.get("all_seconds", []))
+            load = " ".join("%.1f" % x for x in row.get("loadavg_1m", []))
+            lines.append(f"| {tool} | {row['seconds']:.3f} | {rate} | {peer} | {ceil_} | {runs} | {load} |")
         lines.append("")
     (out / "pull.md").write_text("\n".join(lines))
     print((out / "pull.md").read_text())

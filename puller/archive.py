@@ -25,6 +25,7 @@ from typing import IO, Iterator
 from puller.errors import UnsafeArchive
 
 _CHUNK = 1024 * 1024
+_WRITE = 32 * 1024  # bytes per write(2)
 _SUFFIXES = ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar", "tar"), (".zip", "zip"))
 
 
@@ -125,7 +126,7 @@ class _Writer:
         self._clear(target, name)
         perm = 0o755 if mode & 0o111 else 0o644
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm)
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb", buffering=0) as out:
             while True:
                 chunk = src.read(_CHUNK)
                 if not chunk:
@@ -133,7 +134,7 @@ class _Writer:
                 self.written += len(chunk)
                 if self.written > self.max_bytes:
                     raise self.fail(name, f"output exceeds the cap of {self.max_bytes} bytes")
-                out.write(chunk)
+                _write_all(out, chunk)
         self.files.add(os.path.relpath(target, self.dest).replace(os.sep, "/"))
 
     def symlink(self, name: str, target: str) -> None:
@@ -247,3 +248,13 @@ def _extract_zip(archive: Path, w: _Writer) -> None:
                     raise w.fail(info.filename, "device file, FIFO or other special member")
         except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, OSError) as e:
             raise UnsafeArchive(f"{w.label}: broken zip archive: {e}", uri=w.label) from None
+
+
+def _write_all(out: IO[bytes], data: bytes) -> None:
+    """Write `data` in pieces of at most 32 KiB: larger writes make the page cache take large
+    folios, which fault in slowly on VMs that return free memory to the host (see
+    puller.sources.s3._WRITE)."""
+    view = memoryview(data)
+    while view:
+        n = out.write(view[:_WRITE])
+        view = view[n:]

@@ -32,6 +32,7 @@ from puller.uri import ParsedURI, redact
 log = logging.getLogger("puller.sources.http")
 
 _CHUNK = 1 << 20
+_WRITE = 32 << 10  # bytes per pwrite
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
@@ -244,7 +245,9 @@ def _is_transient(e: BaseException) -> bool:
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of `data` at `offset` in pwrites of at most 32 KiB (see puller.sources.s3._WRITE:
+    larger writes make the page cache take large folios, which are slow to fault in on VMs)."""
     view = memoryview(data)
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = os.pwrite(fd, view[:_WRITE], offset)
         view, offset = view[n:], offset + n
