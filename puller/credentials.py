@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from puller.sources.base import PullOptions
     from puller.uri import ParsedURI
 
-log = logging.getLogger("puller.credentials")
+log = logging.getLogger("modelshelf.puller.credentials")
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 _TRUE = {"1", "true", "yes", "on", "y", "t"}

@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 
 from puller.errors import TransientError
 
-log = logging.getLogger("puller.retry")
+log = logging.getLogger("modelshelf.puller.retry")
 T = TypeVar("T")
 
 

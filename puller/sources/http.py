@@ -29,7 +29,7 @@ from puller.retry import call_with_retry
 from puller.sources.base import Listing, Progress, PullOptions, RemoteObject, Source
 from puller.uri import ParsedURI, redact
 
-log = logging.getLogger("puller.sources.http")
+log = logging.getLogger("modelshelf.puller.sources.http")
 
 _CHUNK = 1 << 20
 _WRITE = 32 << 10  # bytes per pwrite

@@ -38,7 +38,7 @@ from puller.retry import call_with_retry
 from puller.sources.base import Listing, Progress, PullOptions, RemoteObject, Source
 from puller.uri import ParsedURI, redact
 
-log = logging.getLogger("puller.sources.s3")
+log = logging.getLogger("modelshelf.puller.sources.s3")
 
 # Reads go into one reused 256 KiB buffer per worker; writes go out in 32 KiB pwrites. The
 # write size matters: the page cache allocates folios as large as the write, and pages of order
