@@ -281,22 +281,29 @@ class HTTPServerAdapter(RuntimeAdapter):
         return served.path if served is not None else None
 
     def repository_entries(self) -> set[str]:
-        try:
-            return {p.name for p in self.repository.iterdir() if (p / self.entry_file).is_file()}
-        except FileNotFoundError:
-            return set()
+        return self._entries_in(self.repository)
 
     def entry(self, name: str) -> ServedModel | None:
         """The ServedModel an entry was written for (None if absent or written by someone else)."""
-        entry = self.repository / name
+        return self._served_in(self.repository / name)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _entries_in(self, directory: Path) -> set[str]:
+        """Names of the entry dirs in `directory` (those holding `entry_file`; dot-names skipped)."""
+        try:
+            return {p.name for p in directory.iterdir() if not p.name.startswith(".") and (p / self.entry_file).is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+
+    def _served_in(self, entry: Path) -> ServedModel | None:
+        """The ServedModel the entry dir `entry` was written for (None if it is not an entry of ours)."""
         if not (entry / self.entry_file).is_file():
             return None
         try:
             return served_from_json(json.loads((entry / ENTRY_FILE).read_text()))
         except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
             return None
-
-    # -- internals ------------------------------------------------------------------------
 
     async def _post(self, path: str, model: str | None, *, timeout: float | None = None) -> httpx.Response:
         """POST a repository call with a JSON body `{}` (the form both servers accept);

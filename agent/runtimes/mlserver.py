@@ -1,9 +1,43 @@
 """MLServer behind the RuntimeAdapter interface: its quirks on top of `common.HTTPServerAdapter`
 (which holds the server process, the HTTP client and the repository protocol).
 
-The repository dir holds exactly the models that are loaded or loading (MLServer re-globs the
-whole dir on every load and lists every entry in its index): an entry is written just before
-its load, restored or removed when the load fails, and removed right after its unload.
+Why loaded models are parked in `<repo>/.loaded/` (the main quirk): MLServer 1.7 answers
+`POST /v2/repository/models/{name}/load` by globbing `**/model-settings.json` under the WHOLE
+repository dir and parsing every file it finds (pydantic-settings, ~2 ms each) before picking
+the one named, on its event loop, so every inference on the server stalls meanwhile. With the
+loaded models' entries in the dir, a load cost 7 ms with 2 entries, 60 ms with 30 and 235 ms
+with 100; in the density benchmark p95 grew 23x from over-commit ratio 1.0 to 1.5 (goal: 3x).
+Python's glob skips dot-directories, and MLServer serves a loaded model from its registry, not
+from disk. So an entry is written visibly (`<repo>/<name>/`), loaded, and then moved out of the
+glob's sight to `<repo>/.loaded/<name>`: a load costs ~5 ms again however many models are
+loaded, and p95(1.5)/p95(1.0) fell to ~2x. Measurements and the experiment:
+benchmarks/results/density.notes.md (and density.md for the current figures).
+
+The visible part of the repository therefore holds only the entries being loaded (and, after
+a crash between a load and its park, at worst the entry just loaded). The parked part:
+
+- `.loaded/<name>` is a relative symlink to `.loaded/.<name>.<8 hex>`, the moved entry dir. A
+  park renames the visible entry to a fresh `.<name>.<hex>` dir, then swaps the link with one
+  `os.replace` (atomic), then removes the dir the link pointed at before: a crash leaves the
+  old or the new parked copy, plus at worst the visible entry and unreferenced dot-dirs (swept
+  at the next park/unload of that name, or when an embedded server starts).
+- An update in place (load of a loaded name) writes the new entry visibly and loads it
+  (MLServer's glob finds only that one; its registry loads the new copy before dropping the
+  old, so serving never stops); only after the load succeeded is the parked copy replaced. A
+  failed update removes the visible entry (or puts back the visible one it replaced): the old
+  parked copy and the old model keep serving.
+- unload: POST unload, then remove the visible entry, the link and the dir it points at.
+- entry()/served_path()/repository_entries() look at the parked copy first, then the visible
+  one (a visible entry next to a parked one may be a load that never finished: the parked copy
+  is what the server is known to serve, and a wrong "unknown" only costs a reload).
+- index(): MLServer's own index lists only visible entries; each parked name is asked
+  `GET /v2/models/{name}/ready` (200 -> READY, else UNAVAILABLE unless the index said
+  otherwise), at most `index_concurrency` at a time. After a server restart the registry is
+  empty, so a stale parked entry reads UNAVAILABLE, never READY; the reconciler reloads what
+  it wants (each load re-parks) and unloading a name removes its parked leftovers. An embedded
+  server starts with nothing loaded, so its parked dir is cleared before it starts. MLServer
+  imports a custom `implementation` with the entry's folder on sys.path only during the load:
+  moving the folder afterwards changes nothing for the loaded model.
 
 One entry: `<repo>/<name>/model-settings.json` (name, implementation, parameters.uri pointing
 into the cache, version, the model's parameters) plus `modelshelf.json` (the ServedModel). For
@@ -11,27 +45,32 @@ into the cache, version, the model's parameters) plus `modelshelf.json` (the Ser
 MLServer imports `implementation` with the entry's folder on sys.path. The server starts with
 `settings.json` in the repository dir and the same settings as MLSERVER_* env vars.
 
-Server quirks handled here: the index wants a JSON body (`{}`; none -> 422); a model that is not
-on disk -> 404, a bad URI -> 422 and a broken model -> 500 with a plain-text traceback (trimmed
-to its last line); the index says UNKNOWN for a model registered but not ready yet; unload is
-synchronous; loading a loaded name loads the new copy before unloading the old one (MLServer's
-registry guarantees it).
+Other server quirks handled here: the index wants a JSON body (`{}`; none -> 422); a model that
+is not on disk -> 404, a bad URI -> 422 and a broken model -> 500 with a plain-text traceback
+(trimmed to its last line); the index says UNKNOWN for a model registered but not ready yet;
+unload is synchronous; loading a loaded name loads the new copy before unloading the old one
+(MLServer's registry guarantees it).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import secrets
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from agent.runtimes.base import LoadFailed, ServedModel
-from agent.runtimes.common import HTTPServerAdapter, Listen, write_json
+from agent.runtimes.base import LoadFailed, ServedModel, ServerUnavailable
+from agent.runtimes.common import HTTPServerAdapter, Listen, check_name, write_json
 
 SETTINGS_FILE = "model-settings.json"
+PARKED_DIR = ".loaded"  # loaded entries, out of sight of MLServer's re-glob (see the module doc)
 
 IMPLEMENTATIONS = {
     "sklearn": "mlserver_sklearn.SKLearnModel",
@@ -158,10 +197,126 @@ class MLServerAdapter(HTTPServerAdapter):
         return text, links
 
     def _index_states(self, items: list[dict[str, Any]]) -> dict[str, str]:
-        # MLServer lists every entry on disk; UNKNOWN there means registered but not ready yet
+        # MLServer lists every entry its glob finds (parked ones are not); UNKNOWN there means
+        # registered but not ready yet
         return {item["name"]: _STATES.get(item.get("state"), "UNKNOWN") for item in items}
 
     _reason = staticmethod(server_reason)
 
+    # -- parking loaded entries out of MLServer's re-glob (see the module doc) ---------------
 
-__all__ = ["MLServerAdapter", "IMPLEMENTATIONS", "SETTINGS_FILE", "model_settings", "model_uri", "server_reason"]
+    index_concurrency = 16  # parked models probed at once by index()
+
+    @property
+    def parked_dir(self) -> Path:
+        """`<repo>/.loaded`: the entries of loaded models, hidden from MLServer's glob."""
+        return self.repository / PARKED_DIR
+
+    async def start(self, timeout: float = 60.0) -> None:
+        if self.process is not None:  # embedded: the server about to start serves nothing yet
+            shutil.rmtree(self.parked_dir, ignore_errors=True)
+        await super().start(timeout)
+
+    async def load(self, model: ServedModel) -> None:
+        await super().load(model)
+        try:
+            self._park(model.name)
+        except OSError as e:  # still loaded and served; only later loads are slower
+            self._log.warning("event=park_failed server=%s model=%s error=%s", self.kind, model.name, type(e).__name__)
+
+    async def unload(self, name: str) -> None:
+        await super().unload(name)  # raises (and keeps the parked copy) unless it is gone
+        self._unpark(name)
+
+    async def index(self) -> dict[str, str]:
+        states = await super().index()  # first: a park that happens meanwhile is seen below
+        names = sorted(self._entries_in(self.parked_dir))
+        sem = asyncio.Semaphore(self.index_concurrency)
+
+        async def probe(name: str) -> tuple[str, bool]:
+            async with sem:
+                return name, await self._ready(name)
+
+        for name, ready in await asyncio.gather(*(probe(n) for n in names)):
+            if ready:
+                states[name] = "READY"
+            else:  # a stale parked entry (the server restarted): not READY, whatever it says
+                states.setdefault(name, "UNAVAILABLE")
+        return states
+
+    async def model_state(self, name: str) -> str | None:
+        """As index() says for `name`, probing only that name's parked entry."""
+        state = (await HTTPServerAdapter.index(self)).get(name)
+        if self._served_in(self.parked_dir / name) is not None:
+            return "READY" if await self._ready(name) else state or "UNAVAILABLE"
+        return state
+
+    def entry(self, name: str) -> ServedModel | None:
+        return self._served_in(self.parked_dir / name) or super().entry(name)
+
+    def repository_entries(self) -> set[str]:
+        return super().repository_entries() | self._entries_in(self.parked_dir)
+
+    def parked_entries(self) -> set[str]:
+        """Names whose entry is parked (loaded, hidden from MLServer's glob)."""
+        return self._entries_in(self.parked_dir)
+
+    def visible_entries(self) -> set[str]:
+        """Names whose entry MLServer's glob sees (being loaded; at worst one left by a crash)."""
+        return super().repository_entries()
+
+    async def _ready(self, name: str) -> bool:
+        """GET /v2/models/{name}/ready == 200; ServerUnavailable when the server does not answer."""
+        try:
+            r = await self._http.get(f"/v2/models/{quote(name, safe='')}/ready")
+        except (httpx.HTTPError, OSError) as e:
+            raise ServerUnavailable(name, f"{self.kind} at {self.base_url} unreachable ({type(e).__name__})") from None
+        return r.status_code == 200
+
+    def _park(self, name: str) -> None:
+        """Move the just-loaded visible entry of `name` under `.loaded/`, replacing an older
+        parked copy: the link `.loaded/<name>` switches from the old dir to the new in one
+        os.replace. Synchronous (no await): parks never interleave on the adapter's loop."""
+        check_name(name)
+        visible = self.repository / name
+        self.parked_dir.mkdir(exist_ok=True)
+        link = self.parked_dir / name
+        if link.is_dir() and not link.is_symlink():  # a plain dir (not written by us): make it a store dir
+            os.rename(link, self.parked_dir / f".{name}.{secrets.token_hex(4)}")
+        store = self.parked_dir / f".{name}.{secrets.token_hex(4)}"
+        os.rename(visible, store)  # still hidden: the old copy stays the parked one until the switch
+        tmp = self.parked_dir / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(store.name)  # relative: the repository may be mounted elsewhere
+        os.replace(tmp, link)
+        self._sweep(name, keep=store.name)
+
+    def _unpark(self, name: str) -> None:
+        """Remove the parked copy of `name`: the link first (a crash then leaves only a hidden
+        dir that nothing points at), then every store dir of that name."""
+        check_name(name)
+        link = self.parked_dir / name
+        if link.is_symlink():
+            link.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(link, ignore_errors=True)
+        self._sweep(name, keep=None)
+
+    def _sweep(self, name: str, keep: str | None) -> None:
+        """Remove `.loaded/.<name>.<hex>` dirs of `name` other than `keep` (replaced copies,
+        leftovers of a crash) and a stray `.<name>.link`."""
+        try:
+            children = list(self.parked_dir.iterdir())
+        except FileNotFoundError:
+            return
+        for p in children:
+            stem, _, token = p.name.rpartition(".")
+            if stem != f".{name}" or p.name == keep:
+                continue
+            if token == "link" and p.is_symlink():
+                p.unlink(missing_ok=True)
+            elif len(token) == 8 and all(c in "0123456789abcdef" for c in token) and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+__all__ = ["MLServerAdapter", "IMPLEMENTATIONS", "PARKED_DIR", "SETTINGS_FILE", "model_settings", "model_uri", "server_reason"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import glob
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tests.support.models import (
     write_sklearn_model,
     write_slow_model,
 )
-from tests.support.servers import RunningServer, poll_during
+from tests.support.servers import RunningServer, embedded_mlserver, poll_during
 
 ROWS = sample_rows(8, seed=3)
 
@@ -31,6 +33,27 @@ def _infer(srv: RunningServer, name: str, version: str | None = None) -> list[in
     assert r.status_code == 200, r.text
     (out,) = [o for o in r.json()["outputs"] if o["name"] == "predict"]
     return [int(v) for v in out["data"]]
+
+
+def _globbed(repository: Path) -> list[str]:
+    """The model-settings.json files MLServer's load handler globs and parses (its exact pattern)."""
+    return glob.glob(os.path.join(repository, "**", "model-settings.json"), recursive=True)
+
+
+def _parked_files(repository: Path, name: str) -> list[Path]:
+    """What `.loaded/` holds for `name`: the link `<name>` and the dirs `.<name>.<hex>`."""
+    parked = repository / ".loaded"
+    if not parked.is_dir():
+        return []
+    return sorted(p for p in parked.iterdir() if p.name == name or p.name.rpartition(".")[0] == f".{name}")
+
+
+def _assert_parked_once(repository: Path, name: str) -> None:
+    """`.loaded/` holds exactly the link `<name>` and the one dir it points at."""
+    files = _parked_files(repository, name)
+    link = repository / ".loaded" / name
+    assert link.is_symlink() and link in files, files
+    assert [p for p in files if p != link] == [link.parent / os.readlink(link)], files
 
 
 def _distinct_models(tmp_path: Path) -> tuple[Path, Path]:
@@ -53,14 +76,18 @@ def test_load_infer_index_unload(mlserver: RunningServer, tmp_path: Path) -> Non
     assert _infer(mlserver, "iris-a", version="3") == sklearn_predictions(a, ROWS)
     assert _infer(mlserver, "iris-b") == sklearn_predictions(b, ROWS)
     assert mlserver.call(ad.index()) == {"iris-a": "READY", "iris-b": "READY"}
-    assert ad.repository_entries() == {"iris-a", "iris-b"}
+    assert ad.repository_entries() == ad.parked_entries() == {"iris-a", "iris-b"}
+    assert ad.visible_entries() == set()
     assert ad.entry("iris-a") == ServedModel("iris-a", a, "sklearn", version="3")
+    assert ad.served_path("iris-a") == a and ad.served_path("iris-b") == b  # read from the parked entries
 
     mlserver.call(ad.unload("iris-a"))
     assert httpx.get(f"{mlserver.base_url}/v2/models/iris-a/ready").status_code == 404
     assert mlserver.call(ad.index()) == {"iris-b": "READY"}
     assert ad.repository_entries() == {"iris-b"}
+    assert ad.served_path("iris-a") is None
     assert not (mlserver.repository / "iris-a").exists()
+    assert _parked_files(mlserver.repository, "iris-a") == []  # link and parked dir both gone
     assert _infer(mlserver, "iris-b") == sklearn_predictions(b, ROWS)
 
 
@@ -124,6 +151,9 @@ def test_reload_in_place_has_no_gap(mlserver: RunningServer, tmp_path: Path) -> 
     assert tuple(sklearn_predictions(a, ROWS)) in polled.outputs and tuple(sklearn_predictions(b, ROWS)) in polled.outputs
     assert _infer(mlserver, "swap") == sklearn_predictions(b, ROWS)
     assert mlserver.call(ad.index()) == {"swap": "READY"}
+    # the new copy replaced the parked one; the replaced copies are gone
+    assert ad.visible_entries() == set() and ad.served_path("swap") == b
+    _assert_parked_once(mlserver.repository, "swap")
 
 
 def test_failed_reload_keeps_the_old_copy_serving(mlserver: RunningServer, tmp_path: Path) -> None:
@@ -133,8 +163,12 @@ def test_failed_reload_keeps_the_old_copy_serving(mlserver: RunningServer, tmp_p
     with pytest.raises(LoadFailed):
         mlserver.call(ad.load(ServedModel("keep", write_broken_model(tmp_path / "bad"), "sklearn", version="1")))
     assert _infer(mlserver, "keep") == sklearn_predictions(good, ROWS)
-    assert ad.entry("keep") == ServedModel("keep", good, "sklearn", version="1")  # entry put back
+    assert ad.entry("keep") == ServedModel("keep", good, "sklearn", version="1")  # the old parked entry, intact
+    assert ad.visible_entries() == set() and ad.parked_entries() == {"keep"}  # the failed one was removed
     assert mlserver.call(ad.index()) == {"keep": "READY"}
+    # and it still serves after the next load of another model (MLServer re-globs then)
+    mlserver.call(ad.load(ServedModel("other", good, "sklearn")))
+    assert _infer(mlserver, "keep") == sklearn_predictions(good, ROWS)
 
 
 def test_version_change_replaces_the_old_version(mlserver: RunningServer, tmp_path: Path) -> None:
@@ -156,8 +190,13 @@ def test_repository_holds_only_loaded_models(mlserver: RunningServer, tmp_path: 
     with pytest.raises(LoadFailed):
         mlserver.call(ad.load(ServedModel("bad", write_broken_model(tmp_path / "bad"), "sklearn")))
     mlserver.call(ad.unload("m1"))
+    assert ad.repository_entries() == ad.parked_entries() == {"m0", "m2"}
+    # what MLServer's re-glob sees: nothing (loaded entries are parked under .loaded/)
+    assert _globbed(mlserver.repository) == []
     on_disk = {p.name for p in mlserver.repository.iterdir() if p.is_dir()}
-    assert on_disk == ad.repository_entries() == {"m0", "m2"}
+    assert on_disk == {".loaded"}
+    parked = {p.name for p in (mlserver.repository / ".loaded").iterdir() if not p.name.startswith(".")}
+    assert parked == {"m0", "m2"}  # the failed load and the unloaded model left nothing behind
     assert mlserver.call(ad.index()) == {"m0": "READY", "m2": "READY"}
 
 
@@ -220,3 +259,108 @@ def test_index_shows_a_model_loading_then_ready(mlserver: RunningServer, tmp_pat
     during, after = mlserver.call(scenario())
     assert during == {"slowload": "LOADING"}
     assert after == {"slowload": "READY"}
+
+
+def _load_unload_ms(srv: RunningServer, served: ServedModel, rounds: int = 5) -> float:
+    """Median milliseconds of the adapter's load of `served` (each followed by its unload)."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        srv.call(srv.adapter.load(served))
+        times.append((time.perf_counter() - t0) * 1000)
+        srv.call(srv.adapter.unload(served.name))
+    return sorted(times)[len(times) // 2]
+
+
+def test_load_cost_does_not_grow_with_the_loaded_set(mlserver: RunningServer, tmp_path: Path) -> None:
+    """MLServer parses every model-settings.json its glob finds on each load (on its event
+    loop): with 30 models loaded, a further load still finds only its own entry."""
+    ad = mlserver.adapter
+    probe = ServedModel("probe", write_sklearn_model(tmp_path / "probe", seed=1), "sklearn")
+    mlserver.call(ad.load(ServedModel("m0", write_sklearn_model(tmp_path / "m0"), "sklearn")))
+    with_one = _load_unload_ms(mlserver, probe)
+    shared = write_sklearn_model(tmp_path / "shared", seed=2)
+    for i in range(1, 30):
+        mlserver.call(ad.load(ServedModel(f"m{i}", shared, "sklearn")))
+        assert _globbed(mlserver.repository) == []  # after each load: nothing left for the glob
+    assert mlserver.call(ad.index()) == {f"m{i}": "READY" for i in range(30)}
+    with_thirty = _load_unload_ms(mlserver, probe)
+    print(f"\nload ms (median of 5, adapter round trip): 1 loaded {with_one:.1f}, 30 loaded {with_thirty:.1f}")
+
+    # during a load (a model whose load takes 1 s), the glob sees exactly the entry being loaded
+    slow = write_slow_model(tmp_path / "slowload", delay=0.0, load_delay=1.0)
+
+    async def during_load() -> tuple[list[str], dict[str, str]]:
+        load = asyncio.create_task(ad.load(ServedModel("slowload", slow, "mlserver", implementation=SLOW_IMPLEMENTATION)))
+        seen: list[str] = []
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            seen = _globbed(mlserver.repository)
+            if seen:
+                break
+        index = await ad.index()  # while loading: the visible entry LOADING, the parked ones READY
+        await load
+        return seen, index
+
+    seen, index = mlserver.call(during_load())
+    assert [Path(p).parent.name for p in seen] == ["slowload"]
+    assert index == {"slowload": "LOADING"} | {f"m{i}": "READY" for i in range(30)}
+    assert _globbed(mlserver.repository) == [] and len(ad.parked_entries()) == 31
+    assert _infer(mlserver, "m7") == sklearn_predictions(shared, ROWS)  # parked models still serve
+
+
+def test_stale_parked_entry_is_not_ready_and_unload_removes_it(mlserver: RunningServer, tmp_path: Path) -> None:
+    """A parked entry of a model the server no longer has (what a server restart leaves): the
+    ready probe decides, so index() does not claim it READY; unloading the name (the
+    reconciler's orphan cleanup) removes it."""
+    ad = mlserver.adapter
+    d = write_sklearn_model(tmp_path / "m")
+    mlserver.call(ad.load(ServedModel("kept", d, "sklearn")))
+    mlserver.call(ad.load(ServedModel("lost", d, "sklearn")))
+    # the server drops it behind the adapter's back, as a restart does to every model
+    assert httpx.post(f"{mlserver.base_url}/v2/repository/models/lost/unload", json={}).status_code == 200
+    assert mlserver.call(ad.index()) == {"kept": "READY", "lost": "UNAVAILABLE"}
+    assert mlserver.call(ad.model_state("lost")) == "UNAVAILABLE" and mlserver.call(ad.model_state("kept")) == "READY"
+    assert ad.served_path("lost") == d  # the entry still says what it served (adoption then reloads: not READY)
+    mlserver.call(ad.unload("lost"))
+    assert ad.repository_entries() == {"kept"} and _parked_files(mlserver.repository, "lost") == []
+    assert mlserver.call(ad.index()) == {"kept": "READY"}
+    # a reload of a lost model re-parks it
+    mlserver.call(ad.load(ServedModel("lost", d, "sklearn")))
+    assert mlserver.call(ad.index()) == {"kept": "READY", "lost": "READY"}
+    _assert_parked_once(mlserver.repository, "lost")
+
+
+def test_leftovers_of_an_interrupted_park_are_swept(mlserver: RunningServer, tmp_path: Path) -> None:
+    """A crash between moving the loaded entry and switching the link leaves an unreferenced
+    `.loaded/.<name>.<hex>` dir (and maybe the temporary link): the next load or unload of that
+    name removes them, and only them (not another model's whose name shares a prefix)."""
+    ad = mlserver.adapter
+    a, b = _distinct_models(tmp_path)
+    mlserver.call(ad.load(ServedModel("m", a, "sklearn")))
+    parked = mlserver.repository / ".loaded"
+    for leftover in (".m.0123abcd", ".m.x.0123abcd", ".mm.0123abcd"):
+        (parked / leftover).mkdir()
+        (parked / leftover / "model-settings.json").write_text("{}")
+    (parked / ".m.link").symlink_to(".m.0123abcd")
+    assert ad.served_path("m") == a and ad.repository_entries() == {"m"}  # leftovers are not entries
+
+    mlserver.call(ad.load(ServedModel("m", b, "sklearn")))
+    assert _infer(mlserver, "m") == sklearn_predictions(b, ROWS) and ad.served_path("m") == b
+    _assert_parked_once(mlserver.repository, "m")
+    assert (parked / ".m.x.0123abcd").is_dir() and (parked / ".mm.0123abcd").is_dir()  # other names' dirs kept
+    (parked / ".m.9876fedc").mkdir()
+    mlserver.call(ad.unload("m"))
+    assert _parked_files(mlserver.repository, "m") == []
+
+
+def test_embedded_server_starts_with_no_parked_entries(tmp_path: Path) -> None:
+    """A freshly started embedded MLServer serves nothing: parked entries left from a previous
+    run are removed before it starts, so nothing claims to be loaded."""
+    parked = tmp_path / "repository" / ".loaded"
+    (parked / ".old.0123abcd").mkdir(parents=True)
+    (parked / ".old.0123abcd" / "model-settings.json").write_text('{"name": "old", "implementation": "x.Y"}')
+    (parked / "old").symlink_to(".old.0123abcd")
+    with embedded_mlserver(tmp_path) as srv:
+        assert srv.adapter.repository_entries() == set() and not parked.exists()
+        assert srv.call(srv.adapter.index()) == {}

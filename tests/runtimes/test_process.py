@@ -110,8 +110,10 @@ def test_killed_mlserver_is_restarted_and_on_restart_reloads(tmp_path: Path) -> 
         ad = srv.adapter
         restarted: list[float] = []
         sidecar_saw: list[float] = []
+        index_after_restart: list[dict[str, str]] = []
 
         async def on_restart() -> None:  # what the reconciler does: reload what was loaded
+            index_after_restart.append(await ad.index())  # its parked entry must not read READY
             for name in sorted(ad.repository_entries()):
                 await ad.load(ad.entry(name))
             restarted.append(time.monotonic())
@@ -140,7 +142,9 @@ def test_killed_mlserver_is_restarted_and_on_restart_reloads(tmp_path: Path) -> 
         r = httpx.post(f"{srv.base_url}/v2/models/m/infer", json=v2_request(rows), timeout=10)
         assert r.status_code == 200
         assert [int(v) for v in r.json()["outputs"][0]["data"]] == sklearn_predictions(model_dir, rows)
+        assert index_after_restart == [{"m": "UNAVAILABLE"}]  # the parked entry outlived the registry
         assert srv.call(ad.index()) == {"m": "READY"}
+        assert ad.parked_entries() == {"m"} and ad.visible_entries() == set()  # re-parked by the reload
         deadline = time.monotonic() + 5
         while not sidecar_saw and time.monotonic() < deadline:
             time.sleep(0.05)
