@@ -848,6 +848,16 @@ class MemoryManager:
 
     # -- measurement ----------------------------------------------------------------------------
 
+    def needs_measure(self, key: str | None, runtime: str | None) -> bool:
+        """Whether a load of entry `key` should be measured: no measurement is remembered for
+        it yet, or the server process has not loaded this runtime yet (its import must be
+        charged). A remembered entry is not measured again: snapshotting the server's process
+        tree twice costs a few ms on every cold start."""
+        pid = self._pid()
+        with self._lock:
+            warm = pid is not None and self._overhead_pid == pid and runtime in self._warm.get(pid, set())
+        return not warm or self._load_record(key) is None
+
     def start_measure(self, name: str, runtime: str | None = None) -> Measurement:
         """Snapshot the server's process tree before ``name`` loads. Call after its victims are
         unloaded and released, right before the load. ``runtime``: lets the first load of each

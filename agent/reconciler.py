@@ -177,7 +177,6 @@ class Reconciler:
         self.applied_once = asyncio.Event()
         self._pull_sem = asyncio.Semaphore(settings.pull_concurrency)
         self._load_sem = asyncio.Semaphore(settings.load_concurrency)
-        self._evict_lock = asyncio.Lock()  # one eviction plan at a time
         self._tasks: set[asyncio.Task] = set()
         self._adoptable: dict[str, str] = {}  # READY on the server at start, not yet adopted
         self._background: list[asyncio.Task] = []
@@ -443,7 +442,8 @@ class Reconciler:
         )
         started = time.monotonic()
         async with self._load_sem:
-            window = None if replacing else self.memory.start_measure(m.name, m.spec.runtime)
+            measure = not replacing and self.memory.needs_measure(m.entry.key, m.spec.runtime)
+            window = self.memory.start_measure(m.name, m.spec.runtime) if measure else None
             try:
                 await self.adapter.load(served)
             except RuntimeErrorBase as e:
@@ -487,26 +487,30 @@ class Reconciler:
 
     async def _make_room(self, slot: str, cost: Any, *, lazy: bool) -> None:
         """Reserve `cost` under `slot`, evicting LRU models (not pinned, no lease, old enough for
-        lazy loads) first. Raises DoesNotFit with nothing reserved."""
-        async with self._evict_lock:
-            for _ in range(8):
-                candidates = [
-                    Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight)
-                    for o in self.models.values()
-                    if o.state is S.LOADED and not o.lock.locked()
-                ]
-                victims = self.memory.admit(slot, cost, candidates, lazy=lazy)
-                if not victims:
-                    return
-                kept = [v for v in victims if not await self._evict(self.models[v])]
-                if not kept:
-                    return
-                # a request leased a victim meanwhile: it stays; give back and plan again
-                for name in kept:
-                    self.memory.reserve(name, self.memory.reservations()[name])
-                self.memory.release(slot)
-            raise DoesNotFit(slot, cost.devices(), self.memory.budget(),
-                             f"model {slot!r}: the models that could make room stay busy", retry_after_s=1.0)
+        lazy loads) first. Raises DoesNotFit with nothing reserved.
+
+        `memory.admit` plans, reserves and marks the victims as unloading in one atomic step,
+        so concurrent loads never pick the same victim nor count the same free bytes: no
+        agent-wide lock is held while victims unload, and several misses proceed together."""
+        for _ in range(8):
+            candidates = [
+                Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight)
+                for o in self.models.values()
+                if o.state is S.LOADED and not o.lock.locked()
+            ]
+            victims = self.memory.admit(slot, cost, candidates, lazy=lazy)
+            if not victims:
+                return
+            evicted = await asyncio.gather(*(self._evict(self.models[v]) for v in victims))
+            kept = [v for v, ok in zip(victims, evicted) if not ok]
+            if not kept:
+                return
+            # a request leased a victim meanwhile: it stays; give back and plan again
+            for name in kept:
+                self.memory.reserve(name, self.memory.reservations()[name])
+            self.memory.release(slot)
+        raise DoesNotFit(slot, cost.devices(), self.memory.budget(),
+                         f"model {slot!r}: the models that could make room stay busy", retry_after_s=1.0)
 
     async def _evict(self, v: Model) -> bool:
         """Unload `v` to make room, unless a request holds it. Never waits for v's lock."""
