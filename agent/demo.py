@@ -40,7 +40,7 @@ def write_model(dest: Path, kind: str, seed: int) -> None:
     joblib.dump(model, dest / "model.joblib")
 
 
-_TRITON_CONFIG = """name: "{name}"
+TRITON_PYTHON_CONFIG = """name: "{name}"
 backend: "python"
 max_batch_size: 0
 input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
@@ -73,7 +73,7 @@ class TritonPythonModel:
 def write_triton_model(dest: Path, factor: float) -> None:
     """A native Triton model dir (python backend) that multiplies its input by `factor`."""
     (dest / "1").mkdir(parents=True, exist_ok=True)
-    (dest / "config.pbtxt").write_text(_TRITON_CONFIG.format(name=dest.name))
+    (dest / "config.pbtxt").write_text(TRITON_PYTHON_CONFIG.format(name=dest.name))
     (dest / "1" / "model.py").write_text(_TRITON_MODEL.format(factor=float(factor)))
 
 

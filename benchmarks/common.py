@@ -29,6 +29,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent.memory import process_tree, tree_rss  # noqa: E402  (the agent's own accounting)
+
 MI = 2**20
 PACKAGES = ("mlserver", "mlserver-sklearn", "uvicorn", "httptools", "h11", "uvloop", "aiohttp", "fastapi", "scikit-learn", "psutil")
 
@@ -154,25 +156,6 @@ def wait_http(url: str, timeout: float = 60, what: str = "server") -> None:
             last = e
         time.sleep(0.1)
     raise TimeoutError(f"{what}: {url} did not answer 200 within {timeout}s (last: {last})")
-
-
-def process_tree(pid: int) -> list[psutil.Process]:
-    try:
-        p = psutil.Process(pid)
-        return [p, *p.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def tree_rss(pid: int) -> int:
-    """RSS of a process and all its descendants, bytes."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:

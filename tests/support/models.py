@@ -159,13 +159,7 @@ def count_loads(load_log: Path, name: str | None = None) -> int:
     return sum(1 for ln in lines if name is None or ln.split(" ", 1)[0] == name)
 
 
-_TRITON_CONFIG = """name: "{name}"
-backend: "python"
-max_batch_size: 0
-input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
-output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-"""
+from agent.demo import TRITON_PYTHON_CONFIG as _TRITON_CONFIG  # one config.pbtxt template
 
 _TRITON_MODEL = '''"""Triton python-backend test model: OUTPUT0 = INPUT0 * {factor!r}.
 
