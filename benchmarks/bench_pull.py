@@ -440,7 +440,7 @@ def _write(results: dict, out: Path) -> None:
             if row.get("mib_s") and not _no_rate(tool):
                 row["vs_best_peer"] = round(row["mib_s"] / best_peer, 3) if best_peer else None
                 row["vs_ceiling"] = round(row["mib_s"] / ceil, 3) if ceil else None
-    (out / "pull.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "pull.json").write_text(json.dumps(results, indent=2).replace(str(ROOT) + "/", "") + "\n")
     m = results["machine"]
     lines = ["# Pull benchmark", "",
              f"Machine: {m['cpus']} CPU cores, {m['ram_gib']} GiB RAM, Python {m['python']} ({m['note']}).",

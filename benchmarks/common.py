@@ -121,7 +121,9 @@ def write_results(name: str, markdown: str, data: dict[str, Any], out_dir: Path 
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
     md.write_text(markdown.rstrip() + "\n")
-    js.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    # paths of this checkout would tie the results to one machine: keep them repo-relative
+    text = json.dumps(data, indent=1, default=str).replace(str(ROOT) + "/", "")
+    js.write_text(text + "\n")
     return md, js
 
 
