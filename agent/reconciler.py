@@ -86,6 +86,7 @@ class Model:
     reason: str | None = None
     entry: Entry | None = None
     entry_fp: str | None = None  # spec fingerprint `entry` was pulled for
+    recheck: bool = False  # list the source again (periodic source check)
     served: tuple[str, str] | None = None  # (cache key, spec fingerprint) the server holds
     removed: bool = False
     inflight: int = 0
@@ -352,9 +353,12 @@ class Reconciler:
         A loaded model being updated stays LOADED while its new copy is pulled: the old copy
         serves until the new one is loaded in its place."""
         fingerprint = m.spec.fingerprint()
-        if m.entry is not None and m.entry_fp == fingerprint:
+        recheck, m.recheck = m.recheck and m.entry is not None and m.entry_fp == fingerprint, False
+        if m.entry is not None and m.entry_fp == fingerprint and not recheck:
             return True
-        serving = m.state is S.LOADED
+        # a loaded model being updated, and any model whose source is only re-checked, keeps
+        # its state: what it has stays usable while the source is listed (and maybe pulled)
+        serving = m.state is S.LOADED or recheck
         old_key = m.entry.key if m.entry else None
         if not serving:
             self._set(m, S.PULLING)
@@ -364,12 +368,17 @@ class Reconciler:
             options.storage_config_dir = self.settings.storage_config_dir
         if self.settings.pvc_root:
             options.pvc_root = self.settings.pvc_root
+        if recheck:  # a background check must not hold a pull slot through minutes of retries
+            options.retry_deadline_s = min(options.retry_deadline_s, 5.0)
         try:
             async with self._pull_sem:
                 # lease=True: leased under the key's lock, so no GC (any pod) removes it first
                 entry = await asyncio.to_thread(self.cache.ensure, m.spec.uri, options, None, lease=True)
         except PullError as e:
             self.metrics.pulls.labels(result="error").inc()
+            if recheck:  # the source is unreachable now: the cached copy is as good as before
+                log.warning("source check failed; cached copy kept", extra=kv(model=m.name, reason=str(e)))
+                return True
             if serving:
                 m.reason = f"update failed, previous copy still serving: pull: {e}"
                 m.failures += 1
@@ -652,7 +661,7 @@ class Reconciler:
         n = 0
         for m in list(self.models.values()):
             if not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not m.lock.locked():
-                m.entry_fp = None
+                m.recheck = True
                 self._schedule(m)
                 n += 1
         return n

@@ -75,5 +75,11 @@ def test_a_source_replaced_under_the_same_uri_is_reloaded(tmp_path):
             assert status["models"]["m"]["state"] == "loaded"
             code, body = agent.post("/v2/models/m/infer", v2_infer_body([IRIS_ROW]))
             assert code == 200, body
+            # the store goes away: source checks fail, the cached and loaded copy stays
+            srv.stop()
+            agent.wait_for(lambda s: "source check failed; cached copy kept" in agent.log(), what="a failed check")
+            status = agent.status()["models"]["m"]
+            assert (status["state"], status["loads"]) == ("loaded", 2)
+            assert agent.post("/v2/models/m/infer", v2_infer_body([IRIS_ROW]))[0] == 200
         finally:
             agent.stop()
