@@ -33,7 +33,7 @@ from agent.config import ConfigError, ConfigParseError, ConfigResult, ModelSpec
 from agent.logging import get_logger, kv
 from agent.memory import Candidate, DoesNotFit, MemoryManager
 from agent.metrics import Metrics
-from agent.runtimes import LoadFailed, RuntimeAdapter, RuntimeErrorBase, ServedModel, ServerUnavailable
+from agent.runtimes import RuntimeAdapter, RuntimeErrorBase, ServedModel
 from agent.settings import Settings
 from puller import Cache, Entry, PullError, PullOptions
 

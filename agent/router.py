@@ -25,7 +25,7 @@ import json
 import re
 from typing import Any, Awaitable, Callable
 
-from agent.logging import get_logger, kv
+from agent.logging import get_logger
 from agent.metrics import Metrics
 from agent.reconciler import ModelUnavailable, Reconciler, State, UnknownModel
 from agent.upstream import Upstream, UpstreamError
@@ -75,7 +75,7 @@ class Router:
             return
         m = _V2_MODEL.match(path)
         if m is not None:
-            name, version, action = m.group(1), m.group(2), m.group(3)
+            name, action = m.group(1), m.group(3)  # a version stays in the forwarded path
             if action == "/ready":
                 await self._ready(send, name)
             elif action == "/infer" and method == "POST":

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import abc
 import os
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,28 @@ class Source(abc.ABC):
 
     def close(self) -> None:
         pass
+
+
+class Cancelled(Exception):
+    """A transfer task stopped early because a sibling failed (see run_all)."""
+
+
+def run_all(tasks: list[Callable[[], None]], workers: int, cancel: threading.Event, name: str) -> None:
+    """Run blocking transfer tasks on up to `workers` threads. The first failure sets `cancel`
+    (tasks check it between chunks and raise Cancelled), the rest are waited for, and the first
+    real error is raised, never a sibling's Cancelled."""
+    if not tasks:
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(tasks)), thread_name_prefix=name) as pool:
+        futures = [pool.submit(t) for t in tasks]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        errors = [f.exception() for f in done if not f.cancelled() and f.exception() is not None]
+        if errors:
+            cancel.set()
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
 
 
 def open_source(uri: str, options: PullOptions) -> Source:

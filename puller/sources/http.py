@@ -17,7 +17,6 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ import httpx
 from puller.archive import archive_kind
 from puller.errors import AccessDenied, IntegrityError, NotFound, PullError, TransientError
 from puller.retry import call_with_retry
-from puller.sources.base import Listing, Progress, PullOptions, RemoteObject, Source
+from puller.sources.base import Cancelled, Listing, Progress, PullOptions, RemoteObject, Source, run_all
 from puller.uri import ParsedURI, redact
 
 log = logging.getLogger("modelshelf.puller.sources.http")
@@ -52,8 +51,6 @@ class _Changed(Exception):
     """The server answered 200 to an If-Range request: the file changed since it was listed."""
 
 
-class _Cancelled(Exception):
-    pass
 
 
 class HTTPSource(Source):
@@ -154,16 +151,7 @@ class HTTPSource(Source):
                  got / 2**20 / max(seconds, 1e-9))
 
     def _parallel(self, tasks: list[Callable[[], None]]) -> None:
-        with ThreadPoolExecutor(max_workers=min(self._workers, len(tasks)), thread_name_prefix="http-fetch") as pool:
-            futures = [pool.submit(t) for t in tasks]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            errors = [f.exception() for f in done if f.exception() is not None]
-            if errors:
-                self._cancel.set()
-                for f in pending:
-                    f.cancel()
-                wait(pending)
-                raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+        run_all(tasks, self._workers, self._cancel, "http-fetch")
 
     def _get(self, fd: int, start: int, end: int, progress: Progress, whole: bool) -> None:
         """Write bytes [start, end] at their offsets in `fd`, resuming after a cut with a Range request."""
@@ -171,7 +159,7 @@ class HTTPSource(Source):
 
         def attempt() -> None:
             if self._cancel.is_set():
-                raise _Cancelled()
+                raise Cancelled()
             headers: dict[str, str] = {}
             ranged = not (whole and pos[0] == 0)
             if ranged:
@@ -196,7 +184,7 @@ class HTTPSource(Source):
                     pos[0] += len(chunk)
                     progress.advance(len(chunk))
                     if self._cancel.is_set():
-                        raise _Cancelled()
+                        raise Cancelled()
                     if pos[0] > end:
                         break
             if pos[0] != end + 1:
@@ -213,7 +201,7 @@ class HTTPSource(Source):
         try:
             return call_with_retry(fn, is_transient=_is_transient, deadline_s=self._options.retry_deadline_s,
                                    what=what, describe=self._describe)
-        except (PullError, _Cancelled, _Changed):
+        except (PullError, Cancelled, _Changed):
             raise
         except _Status as e:
             if e.status in (404, 410):

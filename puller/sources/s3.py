@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 import zlib
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import astuple
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -35,7 +34,7 @@ from puller.archive import archive_kind
 from puller.credentials import S3Settings, resolve_s3
 from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullError, TransientError
 from puller.retry import call_with_retry
-from puller.sources.base import Listing, Progress, PullOptions, RemoteObject, Source
+from puller.sources.base import Cancelled, Listing, Progress, PullOptions, RemoteObject, Source, run_all
 from puller.uri import ParsedURI, redact
 
 log = logging.getLogger("modelshelf.puller.sources.s3")
@@ -60,8 +59,6 @@ class _ShortRead(Exception):
     """The body ended before the range did (treated as transient: resume)."""
 
 
-class _Cancelled(Exception):
-    pass
 
 
 # -- clients: one per distinct settings, shared by all sources (botocore clients are thread-safe) --
@@ -289,18 +286,7 @@ class S3Source(Source):
         return run
 
     def _run(self, tasks: list[Callable[[], None]]) -> None:
-        if not tasks:
-            return
-        with ThreadPoolExecutor(max_workers=min(self._workers, len(tasks)), thread_name_prefix="s3-fetch") as pool:
-            futures: list[Future] = [pool.submit(t) for t in tasks]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            errors = [f.exception() for f in done if not f.cancelled() and f.exception() is not None]
-            if errors:
-                self._cancel.set()
-                for f in pending:
-                    f.cancel()
-                wait(pending)
-                raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+        run_all(tasks, self._workers, self._cancel, "s3-fetch")
 
     def _get_range(self, key: str, etag: str, fd: int, start: int, end: int, progress: Progress,
                    whole: bool) -> None:
@@ -310,7 +296,7 @@ class S3Source(Source):
 
         def attempt() -> None:
             if self._cancel.is_set():
-                raise _Cancelled()
+                raise Cancelled()
             kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Key": key}
             if not (whole and pos[0] == start):
                 kwargs["Range"] = f"bytes={pos[0]}-{end}"
@@ -340,7 +326,7 @@ class S3Source(Source):
                         progress.advance(unreported)
                         unreported = 0
                     if self._cancel.is_set():
-                        raise _Cancelled()
+                        raise Cancelled()
                 if raw is not None and pos[0] > end and fp.isclosed():
                     raw.release_conn()  # the body was read to its end: the connection is reusable
             finally:
@@ -352,7 +338,7 @@ class S3Source(Source):
 
         try:
             self._retry(attempt, f"GET {self._uri} key={key} bytes={start}-{end}")
-        except (PullError, _Cancelled):
+        except (PullError, Cancelled):
             raise
         except Exception as e:  # noqa: BLE001
             raise self._map(e, "GET", key) from None
@@ -455,7 +441,7 @@ def _is_no_credentials(e: BaseException) -> bool:
 def _is_transient(e: BaseException) -> bool:
     from botocore import exceptions as bx
 
-    if isinstance(e, (PullError, _Cancelled)):
+    if isinstance(e, (PullError, Cancelled)):
         return False
     if isinstance(e, _ShortRead):
         return True
