@@ -20,7 +20,7 @@ from agent.logging import get_logger, kv, setup_logging
 from agent.memory import MemoryManager, tree_rss
 from agent.metrics import Metrics
 from agent.reconciler import Reconciler
-from agent.router import Router
+from agent.router import Router, send_error
 from agent.runtimes import RuntimeAdapter, make_adapter
 from agent.settings import Settings
 from agent.watcher import ConfigWatcher
@@ -166,17 +166,14 @@ class Agent:
         return doc
 
     def _cache_stats(self) -> dict[str, Any]:
-        if self.cache is None:
-            return {}
-        stats = self.cache.stats()
-        return stats if isinstance(stats, dict) else dict(getattr(stats, "__dict__", {}))
+        return self.cache.stats() if self.cache is not None else {}
 
     def refresh_gauges(self) -> None:
+        """Gauges that are derived state are computed when /metrics is scraped, not on every change."""
         if self.reconciler is not None:
             self.reconciler.update_gauges()
-        stats = self._cache_stats()
-        if "bytes" in stats:
-            self.metrics.cache_bytes.set(stats["bytes"])
+        if self.cache is not None:
+            self.metrics.cache_bytes.set(self.cache.stats()["bytes"])
 
     # ------------------------------------------------------------------ ASGI
     async def asgi(self, scope: dict, receive: Any, send: Any) -> None:
@@ -184,18 +181,11 @@ class Agent:
             path = scope["path"]
             if path.startswith("/v2") or path.startswith("/v1/"):
                 if self.router is None or self.reconciler is None or not self.reconciler.applied_once.is_set():
-                    await _starting(send)
+                    await send_error(send, 503, "the agent is starting", retry_after=1)
                 else:
                     await self.router(scope, receive, send)
                 return
         await self.api(scope, receive, send)
-
-
-async def _starting(send: Any) -> None:
-    body = b'{"error": "the agent is starting"}'
-    await send({"type": "http.response.start", "status": 503, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"1")]})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def serve(settings: Settings) -> None:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from agent.config import ConfigParseError, ModelSpec, load_config_dir
 from agent.logging import get_logger, kv, setup_logging
 from agent.settings import Settings
-from puller import Cache, PullError, PullOptions
+from puller import Cache, PullError
 from puller.progress import make_progress
 
 log = get_logger("modelshelf.prefetch")
@@ -35,12 +35,7 @@ def prefetch(settings: Settings) -> int:
     hits = downloaded = 0
 
     def one(spec: ModelSpec):
-        options = PullOptions(sha256=spec.sha256, storage_key=spec.storage_key)
-        if settings.storage_config_dir:
-            options.storage_config_dir = settings.storage_config_dir
-        if settings.pvc_root:
-            options.pvc_root = settings.pvc_root
-        return cache.ensure(spec.uri, options, progress)
+        return cache.ensure(spec.uri, settings.pull_options(spec), progress)
 
     with ThreadPoolExecutor(max_workers=max(1, settings.pull_concurrency)) as pool:
         futures = {pool.submit(one, spec): spec.name for spec in config.models.values()}

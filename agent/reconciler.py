@@ -35,7 +35,7 @@ from agent.memory import Candidate, DoesNotFit, MemoryManager
 from agent.metrics import Metrics
 from agent.runtimes import RuntimeAdapter, RuntimeErrorBase, ServedModel
 from agent.settings import Settings
-from puller import Cache, Entry, PullError, PullOptions
+from puller import Cache, Entry, PullError
 
 log = get_logger("modelshelf.reconciler")
 
@@ -363,11 +363,7 @@ class Reconciler:
         if not serving:
             self._set(m, S.PULLING)
         started = time.monotonic()
-        options = PullOptions(sha256=m.spec.sha256, storage_key=m.spec.storage_key)
-        if self.settings.storage_config_dir:
-            options.storage_config_dir = self.settings.storage_config_dir
-        if self.settings.pvc_root:
-            options.pvc_root = self.settings.pvc_root
+        options = self.settings.pull_options(m.spec)
         if recheck:  # a background check must not hold a pull slot through minutes of retries
             options.retry_deadline_s = min(options.retry_deadline_s, 5.0)
         try:
@@ -593,12 +589,14 @@ class Reconciler:
         lost = [m for m in self.models.values() if m.state is S.LOADED]
         log.warning("server restarted; reloading what it served", extra=kv(models=len(lost)))
         for m in lost:
-            self.memory.release(m.name)
-            m.served = None
-            self._set(m, S.CACHED, reason="server restarted")
-            m.loaded_at = 1e-9  # "was loaded": converge loads it again even if lazy
-        for m in lost:
-            self._schedule_reload(m)
+            self._reload_lost(m, "server restarted")
+
+    def _reload_lost(self, m: Model, reason: str) -> None:
+        """The server no longer serves `m` though we loaded it: account for that, load it again."""
+        self.memory.release(m.name)
+        m.served = None
+        self._set(m, S.CACHED, reason=reason)
+        self._schedule_reload(m)
 
     def _schedule_reload(self, m: Model) -> None:
         async def _reload() -> None:
@@ -620,10 +618,7 @@ class Reconciler:
         if missing:
             log.warning("server lost models; reloading", extra=kv(models=",".join(m.name for m in missing)))
             for m in missing:
-                self.memory.release(m.name)
-                m.served = None
-                self._set(m, S.CACHED, reason="server lost it")
-                self._schedule_reload(m)
+                self._reload_lost(m, "server lost it")
 
     # ------------------------------------------------------------------ failures
     def _backoff(self, m: Model) -> float:
@@ -672,8 +667,6 @@ class Reconciler:
             await asyncio.sleep(30)
             try:
                 await asyncio.to_thread(self.cache.refresh_leases)
-                stats = await asyncio.to_thread(self.cache.stats)
-                self.metrics.cache_bytes.set(stats["bytes"])
             except Exception:
                 log.exception("lease refresh failed")
 
@@ -704,6 +697,7 @@ class Reconciler:
             self.metrics.memory_budget.labels(device=device).set(budget)
 
     def status(self) -> dict[str, Any]:
+        used = self.memory.used()
         return {
             "models": {name: m.status(self.memory) for name, m in sorted(self.models.items())},
             "config": {
@@ -712,7 +706,7 @@ class Reconciler:
                 "rejected": [e.__dict__ for e in self.config_errors],
                 "parse_error": self.config_parse_error,
             },
-            "memory": {d: {"used": self.memory.used().get(d, 0), "budget": b} for d, b in self.memory.budget().items()},
+            "memory": {d: {"used": used.get(d, 0), "budget": b} for d, b in self.memory.budget().items()},
             "counts": {s.value: sum(1 for m in self.models.values() if m.state is s) for s in State},
         }
 

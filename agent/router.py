@@ -83,7 +83,7 @@ class Router:
             elif action is None and method == "GET":
                 await self._model_call(scope, receive, send, name, "GET", path, v1=False)
             else:
-                await _error(send, 405, f"{method} {path} is not supported")
+                await send_error(send, 405, f"{method} {path} is not supported")
             return
         if path in ("/v2/health/live",):
             await _json(send, 200, {"live": True})
@@ -93,15 +93,15 @@ class Router:
         elif path in ("/v2", "/v2/") and method == "GET":
             await self._forward_plain(send, "GET", "/v2")
         elif path.startswith("/v2/repository"):
-            await _error(send, 403, "the model repository is managed by the modelshelf agent: edit the model config instead")
+            await send_error(send, 403, "the model repository is managed by the modelshelf agent: edit the model config instead")
         else:
-            await _error(send, 404, f"no route for {method} {path}")
+            await send_error(send, 404, f"no route for {method} {path}")
 
     # ------------------------------------------------------------------ V2
     async def _ready(self, send: Send, name: str) -> None:
         model = self.reconciler.models.get(name)
         if model is None or model.removed:
-            await _error(send, 404, f"model {name!r} is not configured")
+            await send_error(send, 404, f"model {name!r} is not configured")
             return
         ok = _can_serve(model)
         # KServe V2: 200 when ready, 400 otherwise; the body says which
@@ -115,17 +115,17 @@ class Router:
                 body = await self._read_body(scope, receive)
             except _TooLarge:
                 self.metrics.requests.labels(model=name, code="413").inc()
-                await _error(send, 413, f"request body exceeds {self.max_body_bytes} bytes", v1=v1)
+                await send_error(send, 413, f"request body exceeds {self.max_body_bytes} bytes")
                 return None
         try:
             model = await self.reconciler.acquire(name)
         except UnknownModel:
             self.metrics.requests.labels(model="", code="404").inc()
-            await _error(send, 404, f"model {name!r} is not configured", v1=v1)
+            await send_error(send, 404, f"model {name!r} is not configured")
             return None
         except ModelUnavailable as e:
             self.metrics.requests.labels(model=name, code="503").inc()
-            await _error(send, 503, str(e), retry_after=e.retry_after, v1=v1)
+            await send_error(send, 503, str(e), retry_after=e.retry_after)
             return None
         try:
             return await self._forward(scope, send, model.name, method, path, body, v1=v1)
@@ -142,7 +142,7 @@ class Router:
         except (UpstreamError, asyncio.TimeoutError) as e:
             self.metrics.requests.labels(model=name, code="503").inc()
             reason = "timed out" if isinstance(e, asyncio.TimeoutError) else "server unreachable"
-            await _error(send, 503, f"model {name!r}: {reason}", retry_after=1, v1=v1)
+            await send_error(send, 503, f"model {name!r}: {reason}", retry_after=1)
             return None
         self.metrics.requests.labels(model=name, code=str(status)).inc()
         if v1:
@@ -164,7 +164,7 @@ class Router:
         try:
             status, payload, headers = await self._send(method, path, None, [])
         except (UpstreamError, asyncio.TimeoutError):
-            await _error(send, 503, "server unreachable", retry_after=1)
+            await send_error(send, 503, "server unreachable", retry_after=1)
             return
         headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -191,28 +191,28 @@ class Router:
     async def _v1(self, scope: Scope, receive: Receive, send: Send, path: str, method: str) -> None:
         m = _V1_MODEL.match(path)
         if m is None:
-            await _error(send, 404, f"no route for {method} {path}", v1=True)
+            await send_error(send, 404, f"no route for {method} {path}")
             return
         name, predict = m.group(1), m.group(2)
         if not predict:
             model = self.reconciler.models.get(name)
             if model is None or model.removed:
-                await _error(send, 404, f"model {name!r} is not configured", v1=True)
+                await send_error(send, 404, f"model {name!r} is not configured")
             else:
                 await _json(send, 200, {"name": name, "ready": _can_serve(model)})
             return
         if method != "POST":
-            await _error(send, 405, "use POST for :predict", v1=True)
+            await send_error(send, 405, "use POST for :predict")
             return
         try:
             raw = await self._read_body(scope, receive)
         except _TooLarge:
-            await _error(send, 413, f"request body exceeds {self.max_body_bytes} bytes", v1=True)
+            await send_error(send, 413, f"request body exceeds {self.max_body_bytes} bytes")
             return
         try:
             v2_body = json.dumps(v1_to_v2(json.loads(raw or b"{}"))).encode()
         except (ValueError, TypeError) as e:
-            await _error(send, 400, f"bad V1 request: {e}", v1=True)
+            await send_error(send, 400, f"bad V1 request: {e}")
             return
         v2_scope = dict(scope, headers=[(b"content-type", b"application/json")])
         result = await self._model_call(v2_scope, receive, send, name, "POST", f"/v2/models/{name}/infer", v1=True, body=v2_body)
@@ -224,12 +224,12 @@ class Router:
                 message = json.loads(payload).get("error", payload.decode(errors="replace"))
             except ValueError:
                 message = payload.decode(errors="replace")
-            await _error(send, status, message, v1=True)
+            await send_error(send, status, message)
             return
         try:
             await _json(send, 200, v2_to_v1(json.loads(payload)))
         except (ValueError, KeyError, TypeError) as e:
-            await _error(send, 502, f"could not translate the server's V2 response: {e}", v1=True)
+            await send_error(send, 502, f"could not translate the server's V2 response: {e}")
 
 
 def _can_serve(model: Any) -> bool:
@@ -307,7 +307,7 @@ async def _json(send: Send, status: int, doc: Any, extra: list[tuple[bytes, byte
     await send({"type": "http.response.body", "body": body})
 
 
-async def _error(send: Send, status: int, message: str, *, retry_after: float | None = None, v1: bool = False) -> None:
-    """Both protocols use {"error": "<message>"} for errors."""
+async def send_error(send: Send, status: int, message: str, *, retry_after: float | None = None) -> None:
+    """An error in the shape both protocols use, {"error": "<message>"} (V2 and KServe V1)."""
     extra = [(b"retry-after", str(max(1, int(round(retry_after)))).encode())] if retry_after is not None else None
     await _json(send, status, {"error": message}, extra)

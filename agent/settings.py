@@ -6,6 +6,11 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.config import ModelSpec
+    from puller import PullOptions
 
 
 def default_holder() -> str:
@@ -43,3 +48,15 @@ class Settings:
     shard_index: int = 0
     log_format: str = "text"  # text | json
     log_level: str = "info"
+
+    def pull_options(self, spec: "ModelSpec") -> "PullOptions":
+        """How the puller reaches one model's storage: its own sha256 and storage key, the
+        node's storage-config dir and PVC root (the environment's defaults otherwise)."""
+        from puller import PullOptions
+
+        options = PullOptions(sha256=spec.sha256, storage_key=spec.storage_key)
+        if self.storage_config_dir:
+            options.storage_config_dir = self.storage_config_dir
+        if self.pvc_root:
+            options.pvc_root = self.pvc_root
+        return options
