@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.s3server import s3_server, s3_server_session  # noqa: F401 - fixtures
+from tests.support.s3server import S3Server, s3_server, s3_server_session  # noqa: F401 - fixtures
 
 _ENV_PREFIXES = ("AWS_", "RCLONE_CONFIG_", "GCS_", "S3_", "MODELSHELF_")
 
@@ -21,6 +21,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The server, with the AWS default chain pointed at it, and a bucket "models"."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    s3_server.create_bucket("models")
+    return s3_server
 
 
 class CountingProgress:

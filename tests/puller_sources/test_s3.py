@@ -25,15 +25,6 @@ def pull(uri: str, dest: Path, options: PullOptions | None = None, progress=None
     return listing
 
 
-@pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """The server, with the AWS default chain pointed at it."""
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    s3_server.create_bucket("models")
-    return s3_server
-
-
 def test_prefix_with_nested_keys_zero_byte_files_and_dir_markers(s3: S3Server, tmp_path: Path,
                                                                   progress: CountingProgress) -> None:
     files = {"iris/model.joblib": os.urandom(5000), "iris/sub/deep/weights.bin": os.urandom(70_000),

@@ -146,14 +146,6 @@ class _KeepAliveHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    s3_server.create_bucket("models")
-    return s3_server
-
-
-@pytest.fixture
 def proxy_factory(s3: S3Server, monkeypatch: pytest.MonkeyPatch):
     made: list[_Proxy] = []
 
