@@ -12,6 +12,6 @@ Public API (the agent uses only this):
 """
 from puller.errors import PullError
 from puller.sources.base import PullOptions
-from puller.cache import Cache, Entry
+from puller.cache import Cache, Entry, model_holder
 
-__all__ = ["Cache", "Entry", "PullOptions", "PullError"]
+__all__ = ["Cache", "Entry", "PullOptions", "PullError", "model_holder"]

@@ -298,14 +298,15 @@ class Cache:
 
     # -- ensure ----------------------------------------------------------------------------
     def ensure(self, source: str | Mapping[str, str], options: PullOptions | None = None,
-               progress: Progress | None = None, *, lease: bool = False) -> Entry:
+               progress: Progress | None = None, *, lease: bool = False, holder: str | None = None) -> Entry:
         """Make `source` (a URI, or a mapping sub-model name -> URI) available locally.
 
         Lists the source(s) (metadata only), derives the key, and returns the published entry
         (a hit: zero bytes moved) or downloads, verifies and publishes it once, however many
         threads, processes or pods ask at the same time. `lease=True` also takes a lease for
-        `self.holder` under the key's lock, so no GC anywhere can remove the entry before the
-        caller has it. Raises puller.errors.PullError subclasses (BadURI, NotFound, ...).
+        `holder` (default: `self.holder`) under the key's lock, so no GC anywhere can remove the
+        entry before the caller has it. An agent leases per model (`model_holder`), so two models
+        on one entry hold two leases and removing one never releases the other. Raises puller.errors.PullError subclasses (BadURI, NotFound, ...).
         """
         options = options or PullOptions()
         progress = progress or NullProgress()
@@ -317,7 +318,7 @@ class Cache:
                 src = open_source(uri, options)
                 sources.append(src)
                 listed.append((name, src, src.list()))
-            return self._ensure_listed(listed, options, progress, lease)
+            return self._ensure_listed(listed, options, progress, lease, _safe_holder(holder or self.holder))
         finally:
             for src in sources:
                 try:
@@ -326,7 +327,7 @@ class Cache:
                     pass
 
     def _ensure_listed(self, listed: list[tuple[str, Source, Listing]], options: PullOptions,
-                       progress: Progress, lease: bool) -> Entry:
+                       progress: Progress, lease: bool, holder: str) -> Entry:
         single = len(listed) == 1 and listed[0][0] == ""
         label = listed[0][2].uri if single else _mapping_label({n: li.uri for n, _, li in listed})
         key = _key(listed, options)
@@ -334,7 +335,7 @@ class Cache:
             raise BadURI(f"{label}: sha256 applies to a single file or archive, the source has "
                          f"{sum(len(li.objects) for _, _, li in listed)} objects", uri=label)
         if single and listed[0][2].local_path is not None:
-            return self._in_place(key, listed[0][2], options, lease)
+            return self._in_place(key, listed[0][2], options, lease, holder)
 
         entry = None if lease else self._published(key, options, label)
         if entry is None:
@@ -348,7 +349,7 @@ class Cache:
                         self._gc_quietly(max(0, self.max_bytes - need), exclude={key})
                     entry = self._download(key, listed, options, progress, label)
                 if lease:
-                    self._write_lease(key, self.holder)
+                    self._write_lease(key, holder)
             finally:
                 lock.release()
         with self._mu:
@@ -359,7 +360,7 @@ class Cache:
             self._gc_quietly(self.max_bytes, exclude={key})
         return entry
 
-    def _in_place(self, key: str, listing: Listing, options: PullOptions, lease: bool) -> Entry:
+    def _in_place(self, key: str, listing: Listing, options: PullOptions, lease: bool, holder: str) -> Entry:
         path = Path(listing.local_path)  # type: ignore[arg-type]
         if options.sha256:
             file = path if path.is_file() else path / listing.objects[0].path
@@ -368,7 +369,7 @@ class Cache:
                 raise IntegrityError(f"{listing.uri}: sha256 mismatch (expected {options.sha256.lower()}, "
                                      f"got {digest})", uri=listing.uri)
         if lease:
-            self.lease(key)
+            self.lease(key, holder)
         with self._mu:
             self._counters["in_place"] += 1
         log.info("event=cache_in_place key=%s uri=%s files=%d", key, listing.uri, len(listing.objects))
@@ -537,6 +538,47 @@ class Cache:
         d = self._entry_dir(key)
         manifest = _read_manifest(d)
         return None if manifest is None else _entry_from_manifest(key, d, manifest, hit=True)
+
+    def check(self, entry: Entry) -> list[str]:
+        """Cheap presence check before a load (no hashing): the problems found, [] when the
+        entry's files are all there with their recorded sizes. An in-place entry is checked
+        for existence only (its source may change; the periodic source check sees that)."""
+        if entry.in_place:
+            return [] if entry.path.exists() else [f"{entry.path} is gone"]
+        d = self._entry_dir(entry.key)
+        manifest = _read_manifest(d)
+        if manifest is None:
+            return [f"cache entry {entry.key} is gone"]
+        problems = []
+        files_dir = d / "files"
+        for f in manifest.get("files", []):
+            try:
+                size = os.stat(files_dir / f["path"]).st_size
+            except OSError:
+                problems.append(f"{f['path']}: missing")
+                continue
+            if size != f["size"]:
+                problems.append(f"{f['path']}: {size} bytes, manifest says {f['size']}")
+        return problems
+
+    def discard(self, key: str, reason: str) -> bool:
+        """Remove a broken entry whatever its leases (a broken entry is broken for every
+        holder), so the next `ensure` downloads it again. True when it was removed here."""
+        _check_key(key)
+        lock = self._lock(key)
+        lock.acquire()
+        removed = False
+        try:
+            d = self._entry_dir(key)
+            if not d.exists():
+                return False
+            os.rename(d, self.root / "trash" / f"{key}.{uuid.uuid4().hex[:12]}")
+            removed = True
+        finally:
+            lock.release(unlink=removed)
+        log.warning("event=cache_discarded key=%s reason=%s", key, reason)
+        self._sweep_trash()
+        return True
 
     def ls(self) -> list[EntryInfo]:
         """Every published entry, least recently used first."""
@@ -866,8 +908,13 @@ def _check_key(key: str) -> None:
 
 
 def _safe_holder(holder: str) -> str:
-    h = re.sub(r"[^A-Za-z0-9_.\-]", "_", holder)[:200].lstrip(".")
+    h = re.sub(r"[^A-Za-z0-9_.@\-]", "_", holder)[:200].lstrip(".")
     return h or "_"
+
+
+def model_holder(holder: str, model: str) -> str:
+    """The lease holder for one model served by `holder` (a pod): `<holder>@<model>`."""
+    return _safe_holder(f"{holder}@{model}")
 
 
 def _check_rel(path: str, uri: str) -> None:
