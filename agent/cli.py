@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resync-interval", type=float, default=float(_env("resync-interval", 60)), help="seconds between full resyncs of config and server")
     run.add_argument("--shards", type=int, default=int(_env("shards", 1)), help="split the config across N replicas by hash of model name")
     run.add_argument("--shard-index", type=_shard_index, default=_env("shard-index", "0"), help="this replica's shard, or 'auto' (StatefulSet ordinal)")
+    run.add_argument("--max-v1-body-bytes", default=_env("max-v1-body-bytes", str(4 * 2**20)), help="V1 :predict body limit (413 past it); V1 JSON is parsed and translated by the agent")
+    run.add_argument("--upstream-connections", type=int, default=int(_env("upstream-connections", 256)), help="requests in flight to the server, all models together")
+    run.add_argument("--max-upstream-per-model", type=int, default=int(_env("max-upstream-per-model", 0)), help="requests in flight to the server for one model (default 0: half of --upstream-connections); past it requests wait, within --request-timeout, then 503")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
@@ -136,6 +139,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.resync_interval_s = args.resync_interval
         s.shards = args.shards
         s.shard_index = args.shard_index if isinstance(args.shard_index, int) else _shard_index(args.shard_index)
+        s.max_v1_body_bytes = parse_quantity(args.max_v1_body_bytes)
+        s.upstream_connections = args.upstream_connections
+        s.max_upstream_per_model = args.max_upstream_per_model
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
     return s

@@ -48,6 +48,9 @@ class Settings:
     shard_index: int = 0
     log_format: str = "text"  # text | json
     log_level: str = "info"
+    max_v1_body_bytes: int = 4 * 2**20  # V1 bodies are parsed and translated: their own, smaller limit
+    upstream_connections: int = 256  # requests in flight to the co-located server, all models
+    max_upstream_per_model: int = 0  # of those, for one model (0: half of upstream_connections)
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":
         """How the puller reaches one model's storage: its own sha256 and storage key, the
