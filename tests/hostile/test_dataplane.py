@@ -336,3 +336,43 @@ def test_metric_labels_only_for_configured_models_and_dropped_with_them(hostile)
     hostile.configmap.write({"models.json": _models_config(hostile.store)})
     hostile.wait_state("temp", None, timeout=60)
     assert "temp" not in _series(hostile)
+
+
+# ---------------------------------------------------------------------- Triton
+@pytest.mark.triton
+def test_triton_smuggled_request_lines_are_refused_not_left_hanging(tmp_path):
+    """Against Triton, a smuggled request line used to hang its upstream slot until the request
+    timeout (enough of them fill the pool). Now each is refused at once, while clients of two
+    models with distinct outputs keep getting their own answers."""
+    from tests.support.models import triton_v2_request, write_triton_model
+    from tests.support.servers import triton_available, triton_site_packages
+
+    why = triton_available()
+    if why:
+        pytest.skip(f"Triton not installed: {why}")
+    site = triton_site_packages()
+    store = tmp_path / "store"
+    write_triton_model(store / "double", name="double", factor=2.0, site_packages=site)
+    write_triton_model(store / "triple", name="triple", factor=3.0, site_packages=site)
+    cm = ConfigMapDir(tmp_path / "config")
+    cm.write({"models.json": json.dumps({"models": [
+        {"name": n, "uri": str(store / n), "runtime": "triton", "version": "1"} for n in ("double", "triple")]})})
+    agent = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--server", "triton",
+                         "--request-timeout", "20").wait_ready()
+    try:
+        agent.wait_for(lambda s: all(s["models"].get(n, {}).get("state") == "loaded" for n in ("double", "triple")),
+                       timeout=90, what="triton models loaded")
+        paths = [p.replace("/m1/", "/double/") for p in DESYNC_PATHS]
+        with ThreadPoolExecutor(8) as pool:
+            attacks = pool.map(lambda i: raw_get(agent.port, paths[i % len(paths)]), range(16))
+            answers = []
+            for i in range(10):
+                name, factor = ("double", 2.0) if i % 2 == 0 else ("triple", 3.0)
+                code, body = agent.post(f"/v2/models/{name}/infer", triton_v2_request([1.0, float(i)]))
+                answers.append((code, body["outputs"][0]["data"] if code == 200 else body, [factor, factor * i]))
+            attacks = list(attacks)
+        assert all(code == 200 and got == want for code, got, want in answers), answers
+        for status, body in attacks:
+            assert_error_shape(status, json.loads(body), 400)
+    finally:
+        agent.stop()
