@@ -10,7 +10,7 @@ is sent, so eviction never unloads a model under a request; a request for a mode
 loaded waits for one (single-flight) load. Forwarding goes through agent.upstream (keep-alive
 HTTP/1.1 with httptools), the cheapest client we measured (benchmarks/results/proxy.md).
 
-V1 -> V2 mapping (for servers that speak only V2):
+V1 -> V2 mapping (for servers that speak only V2; agent.v1):
   GET  /v1/models/{m}           -> {"name": m, "ready": <the model can serve now>}
   POST /v1/models/{m}:predict   {"instances": [row, ...]}
         -> V2 infer with one input "input-0", shape [len(instances), *row shape],
@@ -28,8 +28,11 @@ Hostile input (the port is the cluster's inference endpoint):
   * Every error is {"error": "<reason>"}: the server's other error bodies (FastAPI's
     {"detail": ...}, tracebacks, plain text) keep their status and get a short reason, with
     tracebacks cut to their last line and file paths replaced by <path>.
-  * V1 bodies have their own limit (--max-v1-body-bytes); translating one above 256 KiB runs in
-    a worker thread, so the event loop keeps answering others meanwhile.
+  * V1 bodies have their own limit (--max-v1-body-bytes); translating one above 256 KiB (or an
+    answer that large) runs in one worker process (agent.v1; started on first use), so neither
+    the event loop nor its GIL is held by it: json.loads of a 4 MiB body holds the GIL for
+    hundreds of ms, and a thread would stall the loop that long. Large translations queue for
+    that one worker, so they also cost at most one core.
   * Waiting for an upstream slot counts inside --request-timeout; one model holds at most
     --max-upstream-per-model of the pool's --upstream-connections; a request that cannot get a
     slot in time gets 503 + Retry-After.
@@ -40,13 +43,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import re
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Awaitable, Callable
 
 from agent.logging import get_logger
 from agent.metrics import Metrics
 from agent.reconciler import ModelUnavailable, Reconciler, State, UnknownModel
 from agent.upstream import Upstream, UpstreamBusy, UpstreamError, UnsafeRequest
+from agent.v1 import translate_v1_request, translate_v2_response
 
 log = get_logger("modelshelf.router")
 
@@ -63,8 +70,7 @@ _UNSAFE_QUERY_BYTE = re.compile(rb"[^\x21-\x7e]")
 # response headers worth passing back to the client
 _PASS_RESPONSE = (b"content-type", b"inference-header-content-length")
 _PASS_REQUEST = (b"content-type", b"inference-header-content-length", b"accept", b"x-request-id", b"traceparent")
-V1_THREAD_BYTES = 256 * 1024  # V1 bodies (and answers) above this are translated in a worker thread
-_V1_MAX_DEPTH = 32  # nesting levels of "instances"
+V1_WORKER_BYTES = 256 * 1024  # V1 bodies (and answers) above this are translated in the worker process
 _ECHO = 80  # characters of a client's input echoed in an error
 
 
@@ -90,6 +96,7 @@ class Router:
         self._server_ready = server_ready
         self._upstream: Upstream | None = None
         self._counters: dict[tuple[str, str], Any] = {}  # (model, code) -> counter child
+        self._v1_worker: ProcessPoolExecutor | None = None
         hooks = getattr(metrics, "before_render", None)
         if hooks is not None:
             hooks.append(self.prune_metrics)
@@ -104,6 +111,20 @@ class Router:
     async def close(self) -> None:
         if self._upstream is not None:
             await self._upstream.close()
+        if self._v1_worker is not None:
+            self._v1_worker.shutdown(wait=False, cancel_futures=True)
+
+    async def _translate(self, fn: Callable[[bytes], bytes], data: bytes) -> bytes:
+        """fn(data) here when small, else in the worker process (off the loop and its GIL)."""
+        if len(data) <= V1_WORKER_BYTES:
+            return fn(data)
+        if self._v1_worker is None:
+            self._v1_worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._v1_worker, fn, data)
+        except BrokenProcessPool:  # the worker died (e.g. killed for memory): a fresh one next time
+            self._v1_worker = None
+            raise
 
     # ------------------------------------------------------------------ metrics
     def _count(self, model: str, code: int | str) -> None:
@@ -320,13 +341,14 @@ class Router:
             await send_error(send, 413, f"V1 request body exceeds {limit} bytes (--max-v1-body-bytes)")
             return
         try:
-            if len(raw) > V1_THREAD_BYTES:  # CPU-bound: keep the event loop answering others
-                v2_body = await asyncio.to_thread(translate_v1_request, raw)
-            else:
-                v2_body = translate_v1_request(raw)
+            v2_body = await self._translate(translate_v1_request, raw)
         except ValueError as e:
             self._count(name, 400)
             await send_error(send, 400, f"bad V1 request: {e}")
+            return
+        except BrokenProcessPool:
+            self._count(name, 503)
+            await send_error(send, 503, "the V1 translation worker stopped; retry", retry_after=1)
             return
         v2_scope = dict(scope, headers=[(b"content-type", b"application/json")], query_string=b"")
         result = await self._model_call(v2_scope, receive, send, model, "POST", f"/v2/models/{name}/infer", None,
@@ -338,15 +360,13 @@ class Router:
             await send_error(send, status, error_reason(status, payload))
             return
         try:
-            if len(payload) > V1_THREAD_BYTES:
-                doc = await asyncio.to_thread(translate_v2_response, payload)
-            else:
-                doc = translate_v2_response(payload)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
+            answer = await self._translate(translate_v2_response, payload)
+        except (ValueError, KeyError, TypeError, IndexError, BrokenProcessPool) as e:
             await send_error(send, 502, f"could not translate the server's V2 response: {type(e).__name__}")
             return
-        await _json(send, 200, doc)
-
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
 
 def _echo(text: str) -> str:
     """A client's input, cut short, for an error message."""
@@ -404,81 +424,6 @@ def _can_serve(model: Any) -> bool:
     if model.state is State.LOADED:
         return True
     return model.state in (State.CACHED, State.REGISTERED) and not model.wants_loaded() and not model.permanent
-
-
-# ---------------------------------------------------------------------- V1 <-> V2
-def _datatype(values: list[Any]) -> str:
-    if all(isinstance(v, bool) for v in values):
-        return "BOOL"
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return "INT64"
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return "FP64"
-    if all(isinstance(v, str) for v in values):
-        return "BYTES"
-    raise ValueError("instances must hold numbers, booleans or strings of one kind")
-
-
-def _shape_and_flat(value: Any, depth: int = 0) -> tuple[list[int], list[Any]]:
-    if not isinstance(value, list):
-        return [], [value]
-    if not value:
-        raise ValueError("instances hold an empty list: every row needs at least one value")
-    if depth >= _V1_MAX_DEPTH:
-        raise ValueError(f"instances are nested deeper than {_V1_MAX_DEPTH} levels")
-    shapes_flats = [_shape_and_flat(v, depth + 1) for v in value]
-    inner = shapes_flats[0][0]
-    if any(s != inner for s, _ in shapes_flats):
-        raise ValueError("instances are ragged: every row must have the same shape")
-    flat: list[Any] = []
-    for _, f in shapes_flats:
-        flat.extend(f)
-    return [len(value), *inner], flat
-
-
-def v1_to_v2(doc: Any) -> dict[str, Any]:
-    if not isinstance(doc, dict) or "instances" not in doc:
-        raise ValueError('expected {"instances": [...]}')
-    instances = doc["instances"]
-    if not isinstance(instances, list) or not instances:
-        raise ValueError('"instances" must be a non-empty list')
-    shape, flat = _shape_and_flat(instances)
-    if len(shape) == 1:  # a list of scalars: one feature per instance
-        shape = [shape[0], 1]
-    return {"inputs": [{"name": "input-0", "shape": shape, "datatype": _datatype(flat), "data": flat}]}
-
-
-def translate_v1_request(raw: bytes) -> bytes:
-    """A V1 predict body -> the V2 infer body. ValueError with a reason when it is not one."""
-    try:
-        doc = json.loads(raw or b"{}")
-    except RecursionError:
-        raise ValueError("the JSON is nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"not JSON: {type(e).__name__} at {getattr(e, 'pos', '?')}") from None
-    return json.dumps(v1_to_v2(doc)).encode()
-
-
-def translate_v2_response(payload: bytes) -> dict[str, Any]:
-    return v2_to_v1(json.loads(payload))
-
-
-def _reshape(flat: list[Any], shape: list[int]) -> Any:
-    if len(shape) <= 1:
-        return list(flat)
-    step = len(flat) // shape[0] if shape[0] else 0
-    return [_reshape(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
-
-
-def v2_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
-    outputs = doc["outputs"]
-    chosen = next((o for o in outputs if o.get("name") == "predict"), outputs[0])
-    data = chosen["data"]
-    shape = chosen.get("shape") or [len(data)]
-    predictions = _reshape(data, shape)
-    if len(shape) == 2 and shape[1] == 1:
-        predictions = [row[0] for row in predictions]
-    return {"predictions": predictions}
 
 
 # ---------------------------------------------------------------------- responses

@@ -270,6 +270,15 @@ def test_healthz_keeps_answering_while_a_big_v1_body_is_translated(hostile):
     assert len(inside) >= 10 and all(p[2] == 200 for p in inside), (len(probes), len(inside))
 
 
+def test_a_big_valid_v1_body_is_translated_off_the_loop_and_answered(hostile):
+    """20,000 rows (~440 KB, above the 256 KiB in-loop size): the same predictions as one row."""
+    code, small = hostile.post("/v1/models/m1:predict", {"instances": [IRIS_ROW]})
+    assert code == 200, small
+    code, big = hostile.post("/v1/models/m1:predict", {"instances": [IRIS_ROW] * 20_000})
+    assert code == 200, big
+    assert big["predictions"] == small["predictions"] * 20_000
+
+
 def test_one_models_hanging_requests_do_not_starve_the_others(hostile):
     """12 requests to `slow` (each would take 30 s) against a pool of 8 with at most 4 per model:
     once all 12 are in flight, requests to m1/m2 are answered while they still hang (before the
