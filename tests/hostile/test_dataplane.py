@@ -385,3 +385,27 @@ def test_triton_smuggled_request_lines_are_refused_not_left_hanging(tmp_path):
             assert_error_shape(status, json.loads(body), 400)
     finally:
         agent.stop()
+
+
+# ---------------------------------------------------------------------- a model lost behind the agent
+def test_a_model_the_server_lost_is_503_with_retry_after_never_404(tmp_path):
+    """Unloaded on the server behind the agent's back (as after a server restart): the agent
+    still holds it loaded, so a request gets 503 + Retry-After naming the model (the router
+    reports it to the reconciler, which reloads it), never the server's 404 "not found"."""
+    write_sklearn_model(tmp_path / "store" / "lost", "tree", 2)
+    cm = ConfigMapDir(tmp_path / "config")
+    cm.write({"models.json": json.dumps({"models": [{"name": "lost", "uri": str(tmp_path / "store" / "lost")}]})})
+    agent = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--min-residency", "0").wait_ready()
+    try:
+        status = agent.wait_state("lost", "loaded", timeout=60)
+        code, _ = request("POST", f"{status['server']['url']}/v2/repository/models/lost/unload", data=b"{}")
+        assert code == 200
+        conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=30)
+        conn.request("POST", "/v2/models/lost/infer", infer_body("x"), {"content-type": "application/json"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        conn.close()
+        reason = assert_error_shape(r.status, body, 503)
+        assert "lost" in reason and r.getheader("retry-after") is not None
+    finally:
+        agent.stop()
