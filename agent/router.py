@@ -414,7 +414,8 @@ def error_reason(status: int, payload: bytes) -> str:
             reason = doc["detail"]
     elif doc is None and payload:
         text = payload.decode("utf-8", "replace")
-        reason = text if text.isprintable() or "\n" in text else ""
+        readable = " ".join(text.split())  # tracebacks span lines; binary garbage is not text
+        reason = text if readable.isprintable() and "\ufffd" not in text else ""
     reason = _clean(reason)
     return reason or f"the server answered {status} without a reason"
 
