@@ -48,6 +48,10 @@ class Settings:
     shard_index: int = 0
     log_format: str = "text"  # text | json
     log_level: str = "info"
+    management_host: str | None = None  # None: the same address as `host`
+    management_port: int | None = 8003  # None or == port (same host): one port serves everything
+    header_timeout_s: float = 10.0  # a request head (line + headers) must arrive within this
+    keep_alive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":
         """How the puller reaches one model's storage: its own sha256 and storage key, the
