@@ -10,8 +10,9 @@ management API, and serves them on two listeners:
 
 Both listeners cap the request head: a connection that has not sent a complete request line
 and headers within `--header-timeout` seconds of connecting (or of its first byte after a
-keep-alive pause) is closed, so slowloris connections do not pile up; an idle keep-alive
-connection is closed after `--keep-alive-timeout` seconds (long, for load balancers)."""
+keep-alive pause) is closed, so slowloris connections do not pile up, and a head larger than
+`--max-header-bytes` is answered 431; an idle keep-alive connection is closed after
+`--keep-alive-timeout` seconds (long, for load balancers)."""
 from __future__ import annotations
 
 import asyncio
@@ -227,14 +228,32 @@ def _is_data_plane(path: str) -> bool:
 
 
 class _HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a deadline for the request head (uvicorn has none:
-    its keep-alive timer runs only between requests). Armed when the connection opens and when
-    a request's first byte arrives after a response; disarmed when the headers are complete.
-    On expiry the connection is closed (with a 408 if part of a request had arrived)."""
+    """uvicorn's httptools protocol plus bounds on the request head, which uvicorn lacks (its
+    keep-alive timer runs only between requests, and httptools buffers a head of any size):
+
+    - a deadline: armed when the connection opens and when a request's first byte arrives after
+      a response, disarmed when the headers are complete; on expiry the connection is closed
+      (with a 408 if part of a request had arrived);
+    - a size: bytes received while a head is incomplete are counted; past `max_head_bytes`
+      the client gets a 431 and the connection is closed."""
 
     header_timeout: float = 10.0
+    max_head_bytes: int = 64 * 1024
     _header_timer: asyncio.TimerHandle | None = None
     _partial = False
+    _in_body = False
+    _head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_body:
+            self._head_bytes += len(data)  # reset when a head completes (within the feed below)
+        super().data_received(data)
+        if not self._in_body and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+            self._close_with(b"431 Request Header Fields Too Large", b"request head too large")
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -248,7 +267,7 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
-        self._partial = False
+        self._partial, self._in_body, self._head_bytes = False, True, 0
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -268,8 +287,14 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._partial:
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
-                                 b"content-length: 21\r\nconnection: close\r\n\r\nrequest head too slow")
+            self._close_with(b"408 Request Timeout", b"request head too slow")
+        else:
+            self.transport.close()
+
+    def _close_with(self, status: bytes, reason: bytes) -> None:
+        self._disarm_header_timer()
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain\r\ncontent-length: "
+                             + str(len(reason)).encode() + b"\r\nconnection: close\r\n\r\n" + reason)
         self.transport.close()
 
 
@@ -291,7 +316,8 @@ def _listen(host: str, port: int, flags: str) -> socket.socket:
 
 
 def _server(app: Any, settings: Settings) -> uvicorn.Server:
-    protocol = type("HeaderTimeoutProtocol", (_HeaderTimeoutProtocol,), {"header_timeout": settings.header_timeout_s})
+    protocol = type("HeaderTimeoutProtocol", (_HeaderTimeoutProtocol,), {
+        "header_timeout": settings.header_timeout_s, "max_head_bytes": settings.max_header_bytes})
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_keep_alive=settings.keep_alive_timeout_s, interface="asgi3",
                             http=protocol)  # httptools, the C parser: ~200 µs less agent CPU per request than h11

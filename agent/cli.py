@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--management-port", type=int, default=8003, help="port of the management listener (/status, /metrics, page); equal to --port: one port serves everything")
     run.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a complete request head; then it is closed")
     run.add_argument("--keep-alive-timeout", type=float, default=75.0, help="seconds an idle keep-alive connection stays open")
+    run.add_argument("--max-header-bytes", default="64Ki", help="request head (line + headers) limit; 431 past it")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
@@ -220,6 +221,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.shards = args.shards
         s.management_host, s.management_port = args.management_host, args.management_port
         s.header_timeout_s, s.keep_alive_timeout_s = args.header_timeout, args.keep_alive_timeout
+        s.max_header_bytes = parse_quantity(args.max_header_bytes)
         s.shard_index = args.shard_index if isinstance(args.shard_index, int) else _shard_index(args.shard_index)
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")

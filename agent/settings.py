@@ -52,6 +52,7 @@ class Settings:
     management_port: int | None = 8003  # None or == port (same host): one port serves everything
     header_timeout_s: float = 10.0  # a request head (line + headers) must arrive within this
     keep_alive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 64 * 1024  # a larger request head (line + headers) is answered 431
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":
         """How the puller reaches one model's storage: its own sha256 and storage key, the

@@ -167,3 +167,36 @@ def test_idle_keep_alive_connection_outlives_the_header_timeout(agent):
         assert conn.sock is sock, "the same connection answered both requests"
     finally:
         conn.close()
+
+
+def _raw(port: int, data: bytes) -> bytes:
+    """Send `data` (stopping if the server closes) and return everything it answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            s.sendall(data)
+        except OSError:  # closed by the server mid-send: read what it said
+            pass
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_an_oversized_request_head_is_refused_and_bodies_are_not_heads(agent):
+    port = int(agent.url.rsplit(":", 1)[1])
+    flood = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Flood: " + b"a" * (4 * 2**20)
+    answer = _raw(port, flood)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    # a head of 32 KiB (big cookies, long tokens) is fine ...
+    code, _ = request("GET", agent.url + "/healthz", headers={"X-Big": "b" * 32 * 1024})
+    assert code == 200
+    # ... and a body far larger than the head limit is a body, not a head
+    rows = [IRIS_ROW] * 8000  # ~ 500 KB of JSON
+    code, body = agent.post("/v2/models/iris/infer", v2_infer_body(rows))
+    assert code == 200 and len(body["outputs"][0]["data"]) == len(rows)
