@@ -16,9 +16,9 @@ keep-alive pause) is closed, so slowloris connections do not pile up, and a head
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
-import contextlib
 import signal
 import socket
 import tempfile

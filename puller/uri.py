@@ -128,15 +128,16 @@ def redact_doc(doc: Any) -> Any:
 def _userinfo_end(rest: str) -> int:
     """Index of the '@' that ends the userinfo of `rest` (a URL after 'scheme://'), or -1.
 
-    The last '@' before the query whose prefix can be userinfo: a prefix without '/', or one
-    whose part before its first '/' holds a ':' or '@' (a password with an unencoded '/').
-    `bucket/model@v2` has none; `user:pa/ss@host` and `user:p@ss@host` end at their last '@'."""
+    The last '@' whose prefix can be userinfo: a prefix without '/' (a password may hold '?'
+    or '#' too), or, before the query, one whose part before its first '/' holds a ':' or '@'
+    (a password with an unencoded '/'). `bucket/model@v2` has none; `user:pa/ss@host`,
+    `user:p@ss@host` and `user:p?ss@host` end at their last '@'."""
     head_end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    at = rest.rfind("@", 0, head_end)
+    at = rest.rfind("@")
     while at >= 0:
         prefix = rest[:at]
         before_slash = prefix.split("/", 1)[0]
-        if "/" not in prefix or ":" in before_slash or "@" in before_slash:
+        if "/" not in prefix or (at < head_end and (":" in before_slash or "@" in before_slash)):
             return at
         at = rest.rfind("@", 0, at)
     return -1

@@ -59,6 +59,7 @@ def uri_shapes(base: str) -> dict[str, str]:
         "query": f"{base}/m/model.joblib?{QUERY}",
         "fragment": f"{base}/m/model.joblib#access_token={_m('frag')}",
         "encoded-pw": f"http://user:{_m('p5')}%2F{_m('p5b')}@{host}/m/model.joblib",
+        "qmark-pw": f"http://user:{_m('p6')}?{_m('p6b')}#{_m('p6c')}@{host}/m/model.joblib",
     }
 
 
