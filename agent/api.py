@@ -61,7 +61,6 @@ def build_api(agent: "Agent") -> FastAPI:
 
 
 def _add_probes(api: FastAPI, agent: "Agent") -> None:
-
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: the agent's event loop answers."""
@@ -72,6 +71,7 @@ def _add_probes(api: FastAPI, agent: "Agent") -> None:
         """Readiness: the server answers and the first config was applied."""
         reasons = agent.not_ready_reasons()
         return JSONResponse({"ready": not reasons, "reasons": reasons}, status_code=503 if reasons else 200)
+
 
 _STATE_COLOR = {
     "loaded": "#2e7d32", "cached": "#1565c0", "loading": "#f9a825", "pulling": "#f9a825",

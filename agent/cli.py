@@ -21,6 +21,12 @@ from agent.settings import Settings, default_holder
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
+def _env(flag: str, default=None):
+    """Kept for flags written as `default=_env("flag", X)`: returns X. The environment itself is
+    read once, for every flag, by `_apply_env`."""
+    return default
+
+
 def env_name(option: str) -> str:
     """The environment variable of a flag: --memory-multiplier -> MODELSHELF_MEMORY_MULTIPLIER."""
     return "MODELSHELF_" + option.lstrip("-").upper().replace("-", "_")
@@ -73,11 +79,17 @@ def _apply_env(parser: argparse.ArgumentParser) -> None:
         if raw is None:
             continue
         action.required = False
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            word = raw.strip().lower()
+        if isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction)):
+            word = raw.strip().lower()  # a switch: "true" means as if the flag were given
             if word not in _TRUE | _FALSE:
                 parser.error(f"{variable}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
-            action.default = (word in _TRUE) == isinstance(action, argparse._StoreTrueAction)
+            given = True if isinstance(action, argparse.BooleanOptionalAction) else action.const
+            action.default = given if word in _TRUE else (not given if isinstance(given, bool) else action.default)
+        elif isinstance(action, argparse._CountAction):
+            try:
+                action.default = int(raw)
+            except ValueError:
+                parser.error(f"{variable}={raw!r}: expected a count")
         elif isinstance(action, argparse._AppendAction):
             typed = _env_typed(action)
             try:

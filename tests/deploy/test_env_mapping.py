@@ -45,8 +45,10 @@ OPTIONS = list(_options())
 
 def _sample(action: argparse.Action) -> tuple[str, object]:
     """(text for the variable, the value the flag gives for it), different from the default."""
-    if isinstance(action, argparse._StoreTrueAction):
-        return "yes", True
+    if isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction)):
+        return "yes", True if isinstance(action, argparse.BooleanOptionalAction) else action.const
+    if isinstance(action, argparse._CountAction):
+        return "3", 3
     if isinstance(action, argparse._AppendAction):
         convert = action.type or str
         return "env-a=1, env-b=2", [convert("env-a=1"), convert("env-b=2")]
@@ -135,6 +137,26 @@ def test_a_bad_value_names_its_variable(agent_env, capsys, variable, value, says
         build_parser().parse_args(argv)
     assert e.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_flag_kinds_added_later_are_mapped_too(monkeypatch):
+    """The mapping knows argparse's action kinds, not our flags: a new parser with every kind."""
+    from agent.cli import _apply_env
+
+    for name, value in {"MODELSHELF_DRY_RUN": "true", "MODELSHELF_NO_CACHE": "yes", "MODELSHELF_COLOR": "0",
+                        "MODELSHELF_VERBOSE": "2", "MODELSHELF_TAG": "a b", "MODELSHELF_LIMIT": "9"}.items():
+        monkeypatch.setenv(name, value)
+    p = argparse.ArgumentParser()
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--no-cache", action="store_false")
+    p.add_argument("--color", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--verbose", "-v", action="count", default=0)
+    p.add_argument("--tag", action="append", default=[])
+    p.add_argument("--limit", type=int, default=1)
+    _apply_env(p)
+    args = p.parse_args([])
+    assert (args.dry_run, args.no_cache, args.color, args.verbose, args.tag, args.limit) == (True, False, False, 2, ["a", "b"], 9)
+    assert p.parse_args(["--limit", "3", "--color"]).limit == 3
 
 
 def test_a_required_flag_is_satisfied_by_its_variable(agent_env):
