@@ -1216,7 +1216,7 @@ def _make_read_only(root: Path) -> None:
     os.chmod(root, 0o555)
 
 
-def _make_writable_dirs(root: Path) -> None:
+def make_tree_writable(root: Path) -> None:
     """Directories u+w again (top down: a 0555 dir can be listed, not emptied) before removal."""
     try:
         if not os.path.islink(root):
@@ -1246,5 +1246,5 @@ def _rmtree(path: Path) -> None:
             except OSError:
                 pass
         log.warning("event=cache_rmtree_failed path=%s error=%s", p, type(err).__name__)
-    _make_writable_dirs(path)
+    make_tree_writable(path)
     shutil.rmtree(path, onerror=onerror)

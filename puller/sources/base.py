@@ -157,6 +157,13 @@ class FileDigest:
         with self._lock:
             self._dirty.update(range(len(self._next)))
 
+    def unseen_bytes(self) -> int:
+        """Bytes `finish` will have to read back from the file (0: all hashed while streaming)."""
+        with self._lock:
+            return sum(min((i + 1) * DIGEST_PART, self.size) - i * DIGEST_PART for i in range(len(self._next))
+                       if i in self._dirty or self._hashers[i] is None
+                       or self._next[i] != min((i + 1) * DIGEST_PART, self.size))
+
     def finish(self, path: str | os.PathLike[str]) -> str:
         """The file's digest: streamed parts as they were hashed, the others read from `path`."""
         size = os.stat(path).st_size
