@@ -19,7 +19,6 @@ from typing import Iterator
 import pytest
 
 from puller import Cache
-from puller.cache import make_tree_writable
 from tests.puller_cache.conftest import REPO, cli_env, run_cli
 from tests.support.httpserver import HTTPFileServer
 
@@ -58,7 +57,7 @@ def open_root() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="modelshelf-ro-"))
     os.chmod(d, 0o755)
     yield d / "cache"
-    make_tree_writable(d)
+    subprocess.run(["chmod", "-R", "u+w", str(d)], check=False)
     shutil.rmtree(d, ignore_errors=True)
 
 
