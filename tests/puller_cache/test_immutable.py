@@ -43,6 +43,8 @@ for what, fn in tries.items():
         print("SUCCEEDED", what)
     except PermissionError:
         pass
+    except OSError as e:  # e.g. a file an earlier write already removed
+        print("FAILED OTHERWISE", what, type(e).__name__)
 """
 
 
