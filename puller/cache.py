@@ -3,14 +3,17 @@
 Layout under the root (node-local disk or a ReadWriteMany volume shared by several pods)::
 
     VERSION                      layout version ("1")
-    entries/<key>/               a PUBLISHED entry: appears by one atomic rename, never changes after
-        manifest.json            uri (redacted), source identity and store checksums, files with
-                                 size (+ sha256 where one was checked), total bytes
+    entries/<key>/               a PUBLISHED entry: appears by one atomic rename, never changes after;
+                                 read-only: files 0444 (0555 if executable), directories 0555
+        manifest.json            uri (redacted), source identity and store checksums, directories,
+                                 files with size and digest (+ sha256 where one was checked), total bytes
         files/                   the model's files = Entry.path (one subdirectory per sub-model)
     tmp/<key>.<token>/           a download in progress: same shape as an entry, plus owner.json
     trash/<key>.<token>/         an entry being deleted: renamed here first, then removed
     locks/<key>.lock             one lock file per key (fcntl POSIX lock); removed with its entry
-    leases/<key>/<holder>        one file per (key, holder); its mtime is the holder's last heartbeat
+    leases/<key>/<holder>        one EMPTY file per (key, holder); its mtime is the holder's last heartbeat.
+                                 An agent's holder is `<pod>@<model>` (model_holder): a lease per
+                                 (entry, model), so two models on one entry hold two leases
     meta/<key>.json              small annotations per key (get_meta/set_meta), e.g. measured memory
     clock                        touched to read the file system's own clock (see "Clocks")
 
@@ -26,9 +29,11 @@ Publish (`ensure`, on a miss):
      (waiters reuse the winner's entry);
   3. download into tmp/<key>.<token>/files (archives go to tmp/.../download, are extracted
      into files/ by puller.archive, then dropped), verify sizes, the user's sha256 and sha256
-     checksums given by the store (sha256 is computed only where it is checked), write
-     manifest.json;
-  4. ONE `rename(tmp/<key>.<token>, entries/<key>)`. If that loses a race (the target exists:
+     checksums given by the store (sha256 is computed only where it is checked); record every
+     file's digest (xxh3-128 over 1 MiB parts, `puller.sources.base.FileDigest`), computed from
+     the bytes as the source writes them (files it did not report, e.g. extracted ones, are read
+     once here); make the tree read-only; write manifest.json;
+  4. ONE `rename(tmp/<key>.<token>, entries/<key>)`, then entries/<key> itself becomes 0555. If that loses a race (the target exists:
      a lock that did not hold, e.g. on a misconfigured NFS mount), the temp copy is discarded
      and the existing entry used. A reader never sees a partial entry: before the rename
      there is no entries/<key>, after it there is a complete one.
@@ -44,10 +49,29 @@ Crash safety: a crashed pull leaves only tmp/<key>.<token> (its owner's lock die
 process). `Cache()` sweeps, on start, every tmp dir whose key lock it can take (nobody is
 working on it) and everything in trash/.
 
-Leases: `lease(key, holder)` writes leases/<key>/<holder> under the key lock; `refresh_leases()`
+Immutability: nobody but root can add, remove or rewrite anything in a published entry; root
+ignores modes, so consumers never share a writable inode with an entry (`modelshelf pull` gives
+DEST copies: reflink / copy_file_range / copy; `--link` hard links are an opt-in for non-root
+consumers) and servers write their byproducts elsewhere. `verify` re-hashes every file and
+reports changed, missing and extra files and extra directories (e.g. a `__pycache__`). Removal
+(GC, discard, sweep) makes the tree writable again under the key lock, then renames it into
+trash/ and removes it.
+
+Leases: `lease(key, holder)` creates leases/<key>/<holder> under the key lock; `refresh_leases()`
 (a heartbeat the agent calls every lease_ttl_s/4 or so) touches this instance's lease files; a
 lease not refreshed within lease_ttl_s is dead, so a crashed pod does not pin an entry forever.
-Every pod sharing the root sees every lease.
+Every pod sharing the root sees every lease; GC, `cache gc` and `cache ls` treat each
+`<pod>@<model>` holder as one lease. Releasing one model's lease never touches another's.
+
+Serving what is cached needs no free space: a lease file is empty (on a full disk it can still
+be created where inodes remain); when it cannot be created (ENOSPC/EDQUOT/EROFS) the failure is
+logged, `ensure` of the published entry still succeeds, and the heartbeat creates it later.
+LRU times (utime) and `set_meta` annotations are best-effort in the same way.
+
+Statistics: `stats()` is O(1): sizes by key are kept in memory on publish / GC / discard, and
+rescanned at most every `rescan_s` seconds (listing entries/ and reading only new keys'
+manifests) to see other pods' changes. `ensure` with a budget runs GC only after a download
+added bytes or when the tracked total is over the budget, never on a plain hit.
 
 GC: `gc(max_bytes)` removes least-recently-used entries (mtime of entries/<key>, touched on
 every hit) without a live lease until the total is within budget. For each victim it takes the
