@@ -775,8 +775,22 @@ class Cache:
         """
         _check_key(key)
         h = _safe_holder(holder or self.holder)
-        with self._lock(key):
+        lock = self._lock(key)
+        try:
+            lock.acquire()
+        except OSError as e:  # no room even for the lock file: the heartbeat takes the lease later
+            if e.errno not in _NO_SPACE:
+                raise
+            with self._mu:
+                self._mine.add((key, h))
+                self._unwritten.add(key)
+            log.warning("event=lease_write_failed key=%s holder=%s error=%s action=retry_on_heartbeat",
+                        key, h, e.strerror or type(e).__name__)
+            return
+        try:
             self._write_lease(key, h)
+        finally:
+            lock.release()
 
     def _write_lease(self, key: str, holder: str) -> bool:
         """Create/touch the (empty) lease file. Never raises for a full or read-only disk: the

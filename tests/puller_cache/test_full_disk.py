@@ -129,3 +129,23 @@ def test_enospc_mid_pull_publishes_nothing_and_the_cache_stays_usable(
     assert os.listdir(root / "entries") == [] and os.listdir(root / "tmp") == []
     entry = cache.ensure(http_server.url("small.bin"))
     assert not entry.hit and cache.verify(entry.key).ok
+
+
+def test_a_local_model_used_in_place_is_served_on_a_disk_with_no_inode_left(
+        small_fs: Callable[[str], Path], tmp_path: Path) -> None:
+    """A first start on a full cache disk: not even the key's lock file can be created. The local
+    model is used in place all the same; its lease follows when the heartbeat finds room."""
+    d = small_fs("size=1m,nr_inodes=32")
+    root = d / "cache"
+    Cache(root)
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"local" * 100)
+    fillers = _fill_inodes(d)
+    cache = Cache(root, holder="pod")
+    entry = cache.ensure(str(model), lease=True, holder=model_holder("pod", "local"))
+    assert entry.in_place and entry.path == model
+    (d / "inode-filler-0").unlink()
+    (d / f"inode-filler-{fillers - 1}").unlink()
+    (d / f"inode-filler-{fillers - 2}").unlink()
+    assert cache.refresh_leases() == 1
+    assert [le.holder for le in cache.leases(entry.key)] == ["pod@local"]
