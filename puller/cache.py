@@ -796,8 +796,6 @@ class Cache:
         """Create/touch the (empty) lease file. Never raises for a full or read-only disk: the
         failure is logged and the heartbeat (`refresh_leases`) tries again; serving a published
         entry needs no free space. True when the lease file is there."""
-        with self._mu:
-            self._mine.add((key, holder))
         path = self._lease_path(key, holder)
         try:
             for _ in range(5):  # release() may rmdir leases/<key> between our mkdir and create
@@ -814,12 +812,14 @@ class Cache:
             with self._mu:
                 first = key not in self._unwritten
                 self._unwritten.add(key)
+                self._mine.add((key, holder))
             (log.warning if first else log.debug)(
                 "event=lease_write_failed key=%s holder=%s error=%s action=retry_on_heartbeat",
                 key, holder, e.strerror or type(e).__name__)
             return False
         with self._mu:
             self._unwritten.discard(key)
+            self._mine.add((key, holder))
         return True
 
     def release(self, key: str, holder: str | None = None) -> None:
