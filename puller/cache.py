@@ -68,9 +68,9 @@ be created where inodes remain); when it cannot be created (ENOSPC/EDQUOT/EROFS)
 logged, `ensure` of the published entry still succeeds, and the heartbeat creates it later.
 LRU times (utime) and `set_meta` annotations are best-effort in the same way.
 
-Statistics: `stats()` is O(1): sizes by key are kept in memory on publish / GC / discard, and
-rescanned at most every `rescan_s` seconds (listing entries/ and reading only new keys'
-manifests) to see other pods' changes. `ensure` with a budget runs GC only after a download
+Statistics: `stats()` is O(1) after its first call: sizes by key are kept in memory on publish /
+GC / discard, and rescanned in a background thread at most every `rescan_s` seconds (listing
+entries/ and reading only new keys' manifests) to see other pods' changes. `ensure` with a budget runs GC only after a download
 added bytes or when the tracked total is over the budget, never on a plain hit.
 
 GC: `gc(max_bytes)` removes least-recently-used entries (mtime of entries/<key>, touched on
@@ -344,6 +344,7 @@ class Cache:
         self._index_bytes = 0
         self._index_leased = 0
         self._index_at = 0.0
+        self._rescanning = False
         self._counters = {"hits": 0, "misses": 0, "in_place": 0, "bytes_downloaded": 0}
         self.sweep()
 
@@ -683,9 +684,10 @@ class Cache:
         return sorted(out, key=lambda i: i.last_used)
 
     def stats(self) -> dict[str, Any]:
-        """Entries and bytes on disk, plus this process's hit/miss counters. O(1): kept as this
-        instance publishes and removes, and rescanned (new keys' manifests only) when older than
-        `rescan_s`, in the caller's thread, to see other pods' changes."""
+        """Entries and bytes on disk, plus this process's hit/miss counters. O(1) after the first
+        call (which reads every manifest once): kept as this instance publishes and removes, and
+        rescanned in a background thread (new keys' manifests only) when older than `rescan_s`,
+        to see other pods' changes. `leased_entries` is as of the last scan."""
         self._fresh_index()
         with self._mu:
             counters = dict(self._counters)
@@ -700,10 +702,32 @@ class Cache:
             return self._index_bytes
 
     def _fresh_index(self) -> None:
+        """Build the index on first use (in the caller's thread); later, when it is older than
+        `rescan_s`, rescan in a background thread (one at a time) and answer from the current one."""
         with self._mu:
-            stale = self._index is None or time.monotonic() - self._index_at >= self.rescan_s
-        if stale:
+            build = self._index is None
+            stale = (not build and not self._rescanning
+                     and time.monotonic() - self._index_at >= self.rescan_s)
+            if stale:
+                self._rescanning = True
+        if build:
             self._rescan()
+        elif stale:
+            threading.Thread(target=self._rescan_in_background, name="cache-rescan", daemon=True).start()
+
+    def _rescan_in_background(self) -> None:
+        try:
+            self._rescan()
+        except Exception as e:  # noqa: BLE001 - statistics must never take a caller down
+            log.warning("event=cache_rescan_failed error=%s", f"{type(e).__name__}: {e}")
+        finally:
+            with self._mu:
+                self._rescanning = False
+
+    def refresh_stats(self) -> dict[str, Any]:
+        """Rescan now (in this thread), then `stats()`."""
+        self._rescan()
+        return self.stats()
 
     def _rescan(self) -> None:
         """List entries/ (and leases/); read the manifests of keys not indexed yet."""

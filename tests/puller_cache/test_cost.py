@@ -6,6 +6,7 @@ sha256 is hashed once per (path, size, mtime, inode), not on every source check.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -54,11 +55,16 @@ def test_stats_reads_no_manifest_per_call(root: Path, http_server: HTTPFileServe
     assert (s["entries"], s["bytes"]) == (6, 600) and manifest_reads == []
     other_pod = Cache(root)
     _publish(other_pod, http_server, 2, prefix="other")
-    cache.rescan_s = 0  # the periodic rescan sees other pods' entries: their manifests only
     manifest_reads.clear()
-    s = cache.stats()
+    s = cache.refresh_stats()  # the rescan sees other pods' entries, reading their manifests only
     assert (s["entries"], s["bytes"]) == (8, 800)
     assert len(manifest_reads) == 2
+    _publish(other_pod, http_server, 1, prefix="later")
+    cache.rescan_s = 0  # stats() answers at once and rescans in the background when stale
+    deadline = time.monotonic() + 30
+    while cache.stats()["entries"] != 9 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.stats()["entries"] == 9
 
 
 def test_a_hit_with_a_budget_runs_no_gc_scan(root: Path, http_server: HTTPFileServer,
