@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from puller import Cache
-from tests.puller_cache.conftest import REPO, cli_env, run_cli
+from tests.puller_cache.conftest import REPO, run_cli
 from tests.support.httpserver import HTTPFileServer
 
 NOBODY = 65534
@@ -141,12 +140,21 @@ def test_pull_link_is_an_explicit_opt_in_of_read_only_links(tmp_path: Path, http
         assert "event=pull_link_as_root" in r.stderr  # the risk is said, not hidden
 
 
-def _venv_python_runs_as_nobody() -> bool:
+def _nobody_python(code: str) -> subprocess.CompletedProcess:
+    """Run `code` as uid 65534 with the system Python (same minor version as this venv), this
+    checkout and this venv's site-packages on sys.path (the venv's own interpreter lives under
+    /root, which that uid cannot reach)."""
+    import sysconfig
+
+    paths = [str(REPO), sysconfig.get_paths()["purelib"]]
+    return _as_nobody(SYSTEM_PYTHON, "-c", f"import sys; sys.path[:0] = {paths!r}\n{code}")
+
+
+def _nobody_can_import_puller() -> bool:
     try:
-        r = _as_nobody(sys.executable, "-c", "import xxhash, httpx")
+        return _nobody_python("import puller.cache").returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
-    return r.returncode == 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uid")
@@ -154,8 +162,8 @@ def test_gc_discard_and_sweep_remove_read_only_entries_as_a_non_root_owner(open_
                                                                           http_server: HTTPFileServer) -> None:
     """The agent running as a non-root uid can still remove its read-only entries (GC, discard,
     sweep of a crashed pull that had made its tree read-only)."""
-    if not _venv_python_runs_as_nobody():
-        pytest.skip("this venv's Python is not executable by uid 65534 here")
+    if not _nobody_can_import_puller():
+        pytest.skip("uid 65534 cannot run this checkout with the system Python here")
     cache, entry = _publish(open_root, http_server)
     http_server.set_file("x.bin", b"x" * 100)
     other = cache.ensure(http_server.url("x.bin"))
@@ -164,11 +172,8 @@ def test_gc_discard_and_sweep_remove_read_only_entries_as_a_non_root_owner(open_
     for d in (crashed / "files" / "sub", crashed / "files"):
         os.chmod(d, 0o555)
     subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(open_root)], check=True)
-    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from puller import Cache; "
-              f"c = Cache({str(open_root)!r}); "
-              f"print(c.discard({entry.key!r}, 'test'), [i.key for i in c.gc(0).removed])")
-    r = subprocess.run([sys.executable, "-c", script], user=NOBODY, group=NOBODY, extra_groups=[],
-                       capture_output=True, text=True, timeout=60, cwd="/", env=cli_env())
+    r = _nobody_python(f"from puller import Cache; c = Cache({str(open_root)!r}); "
+                       f"print(c.discard({entry.key!r}, 'test'), [i.key for i in c.gc(0).removed])")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", f"['{other.key}']"]
     assert os.listdir(open_root / "entries") == []
