@@ -99,9 +99,10 @@ class PullOptions:
     retry_deadline_s: float = 120.0  # total time transient errors may be retried
     archive_max_bytes: int = 64 * 2**30  # extraction cap
     extract_archives: bool = True
-    # sha256 of every file in the manifest, so `cache verify` finds same-size corruption
-    # (bit rot on a long-lived shared volume). Off by default: it is a second pass over every
-    # byte. Sizes are always recorded; a user's sha256 and store sha256 checksums always checked.
+    # sha256 of every file in the manifest as well (a second pass over every byte; off by
+    # default). Sizes and a fast digest per file (xxh3, computed while streaming: enough for
+    # `cache verify` to find same-size corruption) are always recorded; a user's sha256 and
+    # store sha256 checksums are always checked.
     record_digests: bool = False
 
 
