@@ -352,6 +352,36 @@ def dest_strategies(work: Path, large_mib: int, small_count: int, small_kib: int
     return out
 
 
+def digest_cost(large_mib: int) -> dict:
+    """Seconds to digest `large_mib` MiB fed in 256 KiB chunks (what a source writes): the
+    cache's streamed xxh3 parts (FileDigest, as recorded), and BLAKE3 / sha256 for comparison."""
+    import hashlib
+
+    from puller.sources.base import FileDigest
+
+    chunk = memoryview(bytearray(os.urandom(256 << 10)))
+    size = large_mib << 20
+    hashers: dict[str, Any] = {"FileDigest (xxh3-128, 1 MiB parts)": None, "sha256": hashlib.sha256}
+    try:
+        import blake3
+
+        hashers["blake3 (1 thread)"] = blake3.blake3
+    except ImportError:
+        pass
+    out = {}
+    for name, make in hashers.items():
+        d = FileDigest(size) if make is None else make()
+        t0 = time.perf_counter()
+        for off in range(0, size, len(chunk)):
+            if make is None:
+                d.update(off, chunk)
+            else:
+                d.update(chunk)
+        out[name] = time.perf_counter() - t0
+        print(f"digest {name}: {out[name]:.3f}s for {large_mib} MiB", flush=True)
+    return out
+
+
 def cache_cost(work: Path, entries: int, calls: int) -> dict:
     """stats() and a cache hit with a disk budget, with `entries` published entries (written
     straight in the on-disk layout), timed in-process over `calls` calls each."""
@@ -398,6 +428,7 @@ def local_main(args: argparse.Namespace) -> int:
         if args.dest_strategies:
             results["dest"] = dest_strategies(work, args.large_mib, args.small_count, args.small_kib,
                                               max(1, args.repeat))
+            results["digest_while_streaming"] = digest_cost(args.large_mib)
         if args.cache_cost:
             results["cache_cost"] = cache_cost(work, args.cache_entries, args.cache_calls)
     finally:
