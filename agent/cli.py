@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="HTTP header (repeatable)")
     pull.add_argument("--pvc-root", type=Path, default=None)
     pull.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    pull.add_argument("--link", action="store_true", help="with --cache-dir: read-only hard links into the cache instead of copies (only for consumers that do not run as root: root ignores modes and would rewrite the shared entry)")
 
     prefetch = sub.add_parser("prefetch", help="pull every configured model into the cache, then exit (Job/CronJob)")
     _add_common(prefetch)
