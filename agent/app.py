@@ -68,6 +68,7 @@ class Agent:
         s = self.settings
         s.cache_dir.mkdir(parents=True, exist_ok=True)
         self.cache = await asyncio.to_thread(Cache, s.cache_dir, max_bytes=s.max_cache_bytes, holder=s.holder)
+        await asyncio.to_thread(self.cache.stats)  # the first call indexes every manifest; later ones are O(1)
         self.adapter = await self._start_server()
         # a % budget is of what is left to models: the server's and the agent's own RSS is not
         pid = self._server_pid()

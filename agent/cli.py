@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
     pull.add_argument("dest", type=Path)
-    pull.add_argument("--cache-dir", type=Path, default=None, help="link files from this cache instead of copying")
+    pull.add_argument("--cache-dir", type=Path, default=None, help="pull through this cache; DEST gets its own copies (reflink / copy_file_range where the file system allows)")
     pull.add_argument("--sha256", help="expected sha256 of the single file or archive")
     pull.add_argument("--storage-key", help="storage key in the storage-config dir")
     pull.add_argument("--storage-config-dir", type=Path, default=None)
