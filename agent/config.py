@@ -5,15 +5,21 @@ Formats accepted:
   * KServe's multi-model `models.json`: [{"modelName": ..., "modelSpec": {"storageUri", "framework", "memory"}}]
 
 Rules: a bad entry is rejected with a reason and the others apply; a file that does not parse
-raises ConfigParseError and the caller keeps the last good config.
+raises ConfigParseError and the caller keeps the last good config. So does a file that cannot be
+read (ConfigUnreadable: a dangling or looping symlink, a directory or device under the name) and
+one past a limit (ConfigLimits: its size, its nesting depth, its number of values with every
+YAML alias counted in full). An absent file is not a parse error: load_config_dir says so with
+file=None and the watcher decides what that means (see agent/watcher.py).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -87,6 +93,20 @@ class ConfigParseError(Exception):
         super().__init__(f"{file}: {reason}")
         self.file = file
         self.reason = reason
+
+
+class ConfigUnreadable(ConfigParseError):
+    """A config file name is present but its bytes cannot be read (reason starts "config file unreadable")."""
+
+
+@dataclass(frozen=True)
+class ConfigLimits:
+    """What one config file may cost to read; past a limit the file is rejected like one that
+    does not parse. Each is a `modelshelf run` flag (named in the rejection's message)."""
+
+    max_bytes: int = 16 * 2**20  # --max-config-bytes: the file's size
+    max_depth: int = 64  # --max-config-depth: nesting levels of lists and mappings
+    max_nodes: int = 1_000_000  # --max-config-nodes: values in the document, each YAML alias use counted in full
 
 
 @dataclass(frozen=True)
@@ -346,19 +366,69 @@ def _entry_name(entry: Any) -> str | None:
     return None
 
 
-def _load_document(text: str, filename: str) -> Any:
+def _too_deep(filename: str, limits: ConfigLimits, where: str = "") -> ConfigParseError:
+    return ConfigParseError(
+        filename, f"nested deeper than {limits.max_depth} levels{where} (limit: --max-config-depth)")
+
+
+def _load_document(text: str, filename: str, limits: ConfigLimits) -> Any:
+    """The document as Python data. Nesting the parser itself refuses (libyaml stops at 1,000
+    levels, json at the interpreter's recursion limit) is reported as the depth limit."""
+    if len(text) > limits.max_bytes:  # characters <= bytes: load_config_dir checks the bytes
+        raise ConfigParseError(filename, f"{len(text)} characters is over the limit of {limits.max_bytes} bytes (limit: --max-config-bytes)")
     if filename.endswith(".json"):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigParseError(filename, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except RecursionError:
+            raise _too_deep(filename, limits) from None
     try:
         return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a safe loader
+    except RecursionError:  # the pure-Python loader (no libyaml) recurses per level
+        raise _too_deep(filename, limits) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "maximum nesting depth" in problem:
+            raise _too_deep(filename, limits, where) from None
         raise ConfigParseError(filename, f"not valid YAML: {problem}{where}") from None
+
+
+def _check_shape(doc: Any, filename: str, limits: ConfigLimits) -> None:
+    """Reject a document nested deeper than limits.max_depth or holding more than
+    limits.max_nodes values once expanded. A YAML alias is one shared object here (the loader
+    builds it once), but everything after (validation, digests, status, the server's settings
+    file) would copy it: so its values count at every use. Shared objects are measured once
+    (memo by id), so a 500-byte alias bomb is rejected after a few dozen steps, in
+    microseconds, and a plain document costs one visit per list or mapping."""
+    memo: dict[int, tuple[int, int]] = {}  # id -> (values below, levels below)
+
+    def measure(obj: Any, depth: int) -> tuple[int, int]:
+        seen = memo.get(id(obj))
+        if seen is not None:
+            if depth + seen[1] > limits.max_depth:
+                raise _too_deep(filename, limits)
+            return seen
+        if depth > limits.max_depth:
+            raise _too_deep(filename, limits)
+        values = obj.values() if type(obj) is dict else obj
+        count, height = len(values), 0
+        for value in values:
+            if type(value) is dict or type(value) is list:
+                below, levels = measure(value, depth + 1)
+                count += below
+                height = max(height, levels + 1)
+        if count > limits.max_nodes:
+            raise ConfigParseError(
+                filename, f"more than {limits.max_nodes} values (YAML aliases counted at each use) "
+                "(limit: --max-config-nodes)")
+        memo[id(obj)] = (count, height)
+        return count, height
+
+    if type(doc) is dict or type(doc) is list:
+        measure(doc, 1)
 
 
 def _model_list(doc: Any, filename: str) -> tuple[list[Any], list[ConfigError]]:
@@ -384,14 +454,17 @@ def _model_list(doc: Any, filename: str) -> tuple[list[Any], list[ConfigError]]:
     return doc, notes
 
 
-def parse_config(text: str, filename: str) -> ConfigResult:
+def parse_config(text: str, filename: str, limits: ConfigLimits | None = None) -> ConfigResult:
     """Parse one config file's text (format from the name: .json is JSON, else YAML).
 
-    Bad entries come back in `errors` and the rest apply; a document that does not parse, or
-    whose top level is not a list of models (or {"models": [...]}) raises ConfigParseError.
+    Bad entries come back in `errors` and the rest apply; a document that does not parse, that
+    is past one of `limits`, or whose top level is not a list of models (or {"models": [...]})
+    raises ConfigParseError.
     """
     global _previous
-    doc = _load_document(text, filename)
+    limits = limits or ConfigLimits()
+    doc = _load_document(text, filename, limits)
+    _check_shape(doc, filename, limits)
     entries, errors = _model_list(doc, filename)
     models: dict[str, ModelSpec] = {}
     first_index: dict[str, int] = {}  # a name belongs to its first entry, even a rejected one
@@ -433,46 +506,100 @@ def _entry_key(entry: dict[str, Any]) -> Any:
 
 
 def find_config_file(path: Path) -> tuple[Path | None, list[str]]:
-    """The config file to read in `path` (first of CONFIG_FILES present) and the others present."""
-    present = [name for name in CONFIG_FILES if os.path.isfile(os.path.join(path, name))]
+    """The config file to read in `path` (first of CONFIG_FILES present) and the others present.
+
+    A name is present when it exists as a directory entry, even as a dangling symlink: a
+    broken models.yaml is reported as unreadable, never skipped for the next name."""
+    present = [name for name in CONFIG_FILES if os.path.lexists(os.path.join(path, name))]
     return (Path(path) / present[0] if present else None), present[1:]
 
 
-def config_identity(path: Path) -> tuple[str | None, str, tuple[str, ...]] | None:
-    """(file read, sha256 of its bytes, other config files present), or None when the directory
-    cannot be read: cheap, so a periodic resync can skip parsing an unchanged file."""
+def _unreadable(path: Path, exc: OSError) -> ConfigUnreadable:
+    why = exc.strerror or str(exc)
+    if os.path.islink(path):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        kind = "symlink loop" if exc.errno == errno.ELOOP else "dangling symlink"
+        why = f"{kind} -> {target} ({why})"
+    return ConfigUnreadable(path.name, f"config file unreadable: {why}")
+
+
+def _read_bytes(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, at most max_bytes of them; only a regular file is read (a FIFO or a
+    device under the name would block or never end)."""
     try:
-        chosen, ignored = find_config_file(path)
-        data = chosen.read_bytes() if chosen is not None else b""
-    except OSError:
-        return None
-    return (chosen.name if chosen else None, _sha256(data), tuple(ignored))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise ConfigUnreadable(path.name, f"config file unreadable: {kind}")
+            too_big = f"over the limit of {max_bytes} bytes (limit: --max-config-bytes)"
+            if st.st_size > max_bytes:
+                raise ConfigParseError(path.name, f"{st.st_size} bytes is {too_big}")
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
+    if len(data) > max_bytes:  # it grew after the stat
+        raise ConfigParseError(path.name, f"the file is {too_big}")
+    return data
 
 
-def load_config_dir(path: Path) -> ConfigResult:
-    """Read the model config in a directory (a mounted ConfigMap or a plain one).
+@dataclass(frozen=True)
+class RawConfig:
+    """A config directory's file, read but not parsed: cheap to compare with the last one."""
 
-    Reads through the normal names (models.yaml -> ..data/models.yaml in a ConfigMap), never the
-    dotfiles. No config file -> an empty set with file=None. A missing directory or a file that
-    does not parse raises ConfigParseError: the caller keeps its last good config.
-    """
+    file: str | None  # the name read; None: no config file present
+    data: bytes
+    ignored: tuple[str, ...]  # other config names present (not read)
+    digest: str  # sha256 of data
+
+    @property
+    def identity(self) -> tuple[str | None, str, tuple[str, ...]]:
+        return (self.file, self.digest, self.ignored)
+
+
+def read_config_dir(path: Path, limits: ConfigLimits | None = None) -> RawConfig:
+    """Read the config file of a directory (a mounted ConfigMap or a plain one) without parsing.
+
+    Reads through the normal names (models.yaml -> ..data/models.yaml in a ConfigMap), never
+    the dotfiles. No config file -> RawConfig(file=None). Raises ConfigParseError when the
+    directory is missing, ConfigUnreadable when the file cannot be read, ConfigParseError when
+    it is past limits.max_bytes."""
     path = Path(path)
+    limits = limits or ConfigLimits()
     if not path.is_dir():
         raise ConfigParseError(str(path), "config directory does not exist (or is not a directory)")
     chosen, ignored = find_config_file(path)
-    if chosen is None:
-        return ConfigResult(models={}, errors=(), file=None, digest=_sha256(b""))
+    data = _read_bytes(chosen, limits.max_bytes) if chosen is not None else b""
+    return RawConfig(chosen.name if chosen else None, data, tuple(ignored), _sha256(data))
+
+
+def parse_raw(raw: RawConfig, limits: ConfigLimits | None = None) -> ConfigResult:
+    """Parse what read_config_dir read. No file -> an empty set with file=None."""
+    if raw.file is None:
+        return ConfigResult(models={}, errors=(), file=None, digest=raw.digest)
     try:
-        data = chosen.read_bytes()
-    except OSError as exc:
-        raise ConfigParseError(chosen.name, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8-sig")
+        text = raw.data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigParseError(chosen.name, f"not UTF-8 text (byte {exc.start})") from None
-    result = parse_config(text, chosen.name)
+        raise ConfigParseError(raw.file, f"not UTF-8 text (byte {exc.start})") from None
+    result = parse_config(text, raw.file, limits)
     notes = tuple(
-        ConfigError(chosen.name, None, None, f"{other} ignored: {chosen.name} is read first (keep one config file)")
-        for other in ignored
+        ConfigError(raw.file, None, None, f"{other} ignored: {raw.file} is read first (keep one config file)")
+        for other in raw.ignored
     )
-    return ConfigResult(models=result.models, errors=notes + result.errors, file=chosen.name, digest=_sha256(data))
+    return ConfigResult(models=result.models, errors=notes + result.errors, file=raw.file, digest=raw.digest)
+
+
+def load_config_dir(path: Path, limits: ConfigLimits | None = None) -> ConfigResult:
+    """Read and parse the model config in a directory (read_config_dir, then parse_raw).
+
+    No config file -> an empty set with file=None. A missing directory, a file that cannot be
+    read, is past a limit or does not parse raises ConfigParseError: the caller keeps its last
+    good config."""
+    return parse_raw(read_config_dir(path, limits), limits)
