@@ -533,18 +533,23 @@ def _read_bytes(path: Path, max_bytes: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise _unreadable(path, exc) from None
-    with os.fdopen(fd, "rb") as f:
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-                raise ConfigUnreadable(path.name, f"config file unreadable: {kind}")
-            too_big = f"over the limit of {max_bytes} bytes (limit: --max-config-bytes)"
-            if st.st_size > max_bytes:
-                raise ConfigParseError(path.name, f"{st.st_size} bytes is {too_big}")
-            data = f.read(max_bytes + 1)
-        except OSError as exc:
-            raise _unreadable(path, exc) from None
+    too_big = f"over the limit of {max_bytes} bytes (limit: --max-config-bytes)"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ConfigUnreadable(path.name, f"config file unreadable: {kind}")
+        if st.st_size > max_bytes:
+            raise ConfigParseError(path.name, f"{st.st_size} bytes is {too_big}")
+        chunks, left = [], max_bytes + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:  # it grew after the stat
         raise ConfigParseError(path.name, f"the file is {too_big}")
     return data

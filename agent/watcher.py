@@ -305,7 +305,8 @@ class ConfigWatcher:
         if self._loop is None:
             return
         self.last_event_at = time.monotonic()
-        if atomic is None:
+        if atomic is None:  # the watched directory went away: whatever is there next needs a new watch,
+            self._watched_id = None  # even one that got the same inode number back
             self._check_dir.set()
             atomic = False
         now = self._loop.time()
