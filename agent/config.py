@@ -396,39 +396,53 @@ def _load_document(text: str, filename: str, limits: ConfigLimits) -> Any:
         raise ConfigParseError(filename, f"not valid YAML: {problem}{where}") from None
 
 
-def _check_shape(doc: Any, filename: str, limits: ConfigLimits) -> None:
-    """Reject a document nested deeper than limits.max_depth or holding more than
-    limits.max_nodes values once expanded. A YAML alias is one shared object here (the loader
-    builds it once), but everything after (validation, digests, status, the server's settings
-    file) would copy it: so its values count at every use. Shared objects are measured once
-    (memo by id), so a 500-byte alias bomb is rejected after a few dozen steps, in
-    microseconds, and a plain document costs one visit per list or mapping."""
-    memo: dict[int, tuple[int, int]] = {}  # id -> (values below, levels below)
+class _Shape:
+    """Counts a document's values and bounds its nesting against ConfigLimits.
 
-    def measure(obj: Any, depth: int) -> tuple[int, int]:
-        seen = memo.get(id(obj))
+    A YAML alias is one shared object here (the loader builds it once), but everything after
+    (validation, digests, status, the server's settings file) would copy it: so its values
+    count at every use. Shared objects are measured once (memo by id), so a 500-byte alias bomb
+    is rejected after a few dozen steps, in microseconds. Depth 1 is the document itself."""
+
+    def __init__(self, filename: str, limits: ConfigLimits):
+        self.filename, self.limits = filename, limits
+        self.total = 0
+        self._memo: dict[int, tuple[int, int]] = {}  # id -> (values below, levels below)
+
+    def add(self, obj: Any, depth: int) -> None:
+        """Count `obj` (a value at `depth`) and everything below it."""
+        self.total += 1
+        if type(obj) is dict or type(obj) is list:
+            self.total += self._measure(obj, depth)[0]
+        if self.total > self.limits.max_nodes:
+            raise self.too_many()
+
+    def check_depth(self, depth: int) -> None:
+        if depth > self.limits.max_depth:
+            raise _too_deep(self.filename, self.limits)
+
+    def too_many(self) -> ConfigParseError:
+        return ConfigParseError(
+            self.filename, f"more than {self.limits.max_nodes} values (YAML aliases counted at each use) "
+            "(limit: --max-config-nodes)")
+
+    def _measure(self, obj: Any, depth: int) -> tuple[int, int]:
+        seen = self._memo.get(id(obj))
         if seen is not None:
-            if depth + seen[1] > limits.max_depth:
-                raise _too_deep(filename, limits)
+            self.check_depth(depth + seen[1])
             return seen
-        if depth > limits.max_depth:
-            raise _too_deep(filename, limits)
+        self.check_depth(depth)
         values = obj.values() if type(obj) is dict else obj
         count, height = len(values), 0
         for value in values:
             if type(value) is dict or type(value) is list:
-                below, levels = measure(value, depth + 1)
+                below, levels = self._measure(value, depth + 1)
                 count += below
                 height = max(height, levels + 1)
-        if count > limits.max_nodes:
-            raise ConfigParseError(
-                filename, f"more than {limits.max_nodes} values (YAML aliases counted at each use) "
-                "(limit: --max-config-nodes)")
-        memo[id(obj)] = (count, height)
+        if count > self.limits.max_nodes:
+            raise self.too_many()
+        self._memo[id(obj)] = (count, height)
         return count, height
-
-    if type(doc) is dict or type(doc) is list:
-        measure(doc, 1)
 
 
 def _model_list(doc: Any, filename: str) -> tuple[list[Any], list[ConfigError]]:
@@ -454,7 +468,8 @@ def _model_list(doc: Any, filename: str) -> tuple[list[Any], list[ConfigError]]:
     return doc, notes
 
 
-def parse_config(text: str, filename: str, limits: ConfigLimits | None = None) -> ConfigResult:
+def parse_config(text: str, filename: str, limits: ConfigLimits | None = None, *,
+                 digest: str | None = None) -> ConfigResult:
     """Parse one config file's text (format from the name: .json is JSON, else YAML).
 
     Bad entries come back in `errors` and the rest apply; a document that does not parse, that
@@ -464,22 +479,39 @@ def parse_config(text: str, filename: str, limits: ConfigLimits | None = None) -
     global _previous
     limits = limits or ConfigLimits()
     doc = _load_document(text, filename, limits)
-    _check_shape(doc, filename, limits)
+    shape = _Shape(filename, limits)
     entries, errors = _model_list(doc, filename)
+    depth = 2  # of an entry: the document is a list of entries...
+    if type(doc) is dict:  # ...or a mapping whose 'models' is that list
+        depth = 3
+        for key, value in doc.items():
+            if key != "models":
+                shape.add(value, 2)
+    shape.check_depth(depth)
+    shape.total += 1 + len(entries)
     models: dict[str, ModelSpec] = {}
     first_index: dict[str, int] = {}  # a name belongs to its first entry, even a rejected one
     previous, seen = _previous, {}
     for index, entry in enumerate(entries):
-        name = _entry_name(entry)
+        key, spec = None, None
+        if type(entry) is dict:
+            try:  # an entry of scalars (the usual one) is its own key, built and hashed in C
+                key = (tuple(entry.items()), tuple(map(type, entry.values())))  # the type: 1 vs true
+                spec = previous.get(key)
+                shape.total += len(entry)
+            except TypeError:  # a list or mapping inside (parameters, sub-models): measured first
+                shape.add(entry, depth)
+                shape.total -= 1  # counted with the list
+                key = json.dumps(entry, sort_keys=True, default=str)
+                spec = previous.get(key)
+        name = spec.name if spec is not None else _entry_name(entry)
         try:
-            if not isinstance(entry, dict):
+            if key is None:
                 raise _Reject(f"expected a mapping with name and uri, got {_describe(entry)}")
             if name is not None:
                 if name in first_index:
                     raise _Reject(f"duplicate name: {filename}[{first_index[name]}] already defines {name!r}; this entry is ignored")
                 first_index[name] = index
-            key = _entry_key(entry)
-            spec = previous.get(key)
             if spec is None:
                 is_kserve = "modelName" in entry and "modelSpec" in entry
                 spec = _kserve_entry(entry) if is_kserve else _native_entry(entry)
@@ -488,21 +520,17 @@ def parse_config(text: str, filename: str, limits: ConfigLimits | None = None) -
             errors.append(ConfigError(filename, name, index, str(exc)))
             continue
         models[spec.name] = spec
+    if shape.total > limits.max_nodes:
+        raise shape.too_many()
     _previous = seen
-    return ConfigResult(models=models, errors=tuple(errors), file=filename, digest=_sha256(text.encode()))
+    return ConfigResult(models=models, errors=tuple(errors), file=filename,
+                        digest=digest if digest is not None else _sha256(text.encode()))
 
 
 # The accepted entries of the last parse, by their raw content: an edit of one model among
 # 1,000 validates one entry, and the others keep their ModelSpec object (so the reconciler's
 # diff sees them as identical without comparing). Only the last parse is kept.
 _previous: dict[Any, ModelSpec] = {}
-
-
-def _entry_key(entry: dict[str, Any]) -> Any:
-    """A hashable key of an entry's raw content; the value's type is part of it (1 vs true)."""
-    if all(v is None or isinstance(v, (str, int, float, bool)) for v in entry.values()):
-        return tuple((k, type(v), v) for k, v in entry.items())
-    return json.dumps(entry, sort_keys=True, default=str)
 
 
 def find_config_file(path: Path) -> tuple[Path | None, list[str]]:
@@ -593,7 +621,7 @@ def parse_raw(raw: RawConfig, limits: ConfigLimits | None = None) -> ConfigResul
         text = raw.data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigParseError(raw.file, f"not UTF-8 text (byte {exc.start})") from None
-    result = parse_config(text, raw.file, limits)
+    result = parse_config(text, raw.file, limits, digest=raw.digest)
     notes = tuple(
         ConfigError(raw.file, None, None, f"{other} ignored: {raw.file} is read first (keep one config file)")
         for other in raw.ignored
