@@ -101,6 +101,17 @@ def test_a_directory_under_the_name_keeps_the_last_good_config(tmp_path, recorde
     run_case(tmp_path, recorder, fault, "a directory")
 
 
+def test_a_fifo_under_the_name_is_not_read_and_keeps_the_last_good_config(tmp_path, recorder):
+    """Reading a FIFO would block the reading thread until a writer comes: it is never opened for a read."""
+    (tmp_path / "models.yaml").write_text(GOOD)
+
+    def fault():
+        os.unlink(tmp_path / "models.yaml")
+        os.mkfifo(tmp_path / "models.yaml")
+
+    run_case(tmp_path, recorder, fault, "not a regular file")
+
+
 def test_a_delete_then_rewrite_0_3_s_later_is_absorbed(tmp_path, recorder):
     path = tmp_path / "models.yaml"
     path.write_text(GOOD)
