@@ -11,6 +11,8 @@ import asyncio
 import os
 import shutil
 
+import pytest
+
 from agent.watcher import ConfigWatcher
 from tests.config.conftest import Recorder, arun
 from tests.support.configmap import DATA, ConfigMapDir
@@ -91,25 +93,17 @@ def test_a_looping_symlink_keeps_the_last_good_config(tmp_path, recorder):
     run_case(tmp_path, recorder, fault, "symlink loop", repair=repair)
 
 
-def test_a_directory_under_the_name_keeps_the_last_good_config(tmp_path, recorder):
+@pytest.mark.parametrize("make, words", [(os.mkdir, "a directory"), (os.mkfifo, "not a regular file")],
+                         ids=["directory", "fifo"])
+def test_something_else_under_the_name_keeps_the_last_good_config(tmp_path, recorder, make, words):
+    """A FIFO is never opened for a read (it would block the reading thread until a writer came)."""
     (tmp_path / "models.yaml").write_text(GOOD)
 
     def fault():
         os.unlink(tmp_path / "models.yaml")
-        os.mkdir(tmp_path / "models.yaml")
+        make(tmp_path / "models.yaml")
 
-    run_case(tmp_path, recorder, fault, "a directory")
-
-
-def test_a_fifo_under_the_name_is_not_read_and_keeps_the_last_good_config(tmp_path, recorder):
-    """Reading a FIFO would block the reading thread until a writer comes: it is never opened for a read."""
-    (tmp_path / "models.yaml").write_text(GOOD)
-
-    def fault():
-        os.unlink(tmp_path / "models.yaml")
-        os.mkfifo(tmp_path / "models.yaml")
-
-    run_case(tmp_path, recorder, fault, "not a regular file")
+    run_case(tmp_path, recorder, fault, words)
 
 
 def test_a_delete_then_rewrite_0_3_s_later_is_absorbed(tmp_path, recorder):
