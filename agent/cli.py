@@ -141,6 +141,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holder", default=None, help="cache lease holder id (default: $POD_NAME or host name)")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--max-config-bytes", default=str(16 * 2**20), help="size limit of the config file (bytes or 16Mi); past it the file is rejected and the last good config kept")
+    p.add_argument("--max-config-depth", type=int, default=64, help="nesting levels of lists/mappings allowed in the config file")
+    p.add_argument("--max-config-nodes", type=int, default=1_000_000, help="values allowed in the config file, each YAML alias use counted in full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +223,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s.pull_concurrency = args.pull_concurrency
     s.holder = args.holder or default_holder()
     s.log_format, s.log_level = args.log_format, args.log_level
+    s.max_config_bytes = parse_quantity(args.max_config_bytes)
+    s.max_config_depth, s.max_config_nodes = args.max_config_depth, args.max_config_nodes
     if args.command == "run":
         s.host, s.port = args.host, args.port
         s.server, s.server_url = args.server, args.server_url

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agent.config import ModelSpec
+    from agent.config import ConfigLimits, ModelSpec
     from puller import PullOptions
 
 
@@ -56,6 +56,9 @@ class Settings:
     header_timeout_s: float = 10.0  # a request head (line + headers) must arrive within this
     keep_alive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
     max_header_bytes: int = 64 * 1024  # a larger request head (line + headers) is answered 431
+    max_config_bytes: int = 16 * 2**20  # a config file past it is rejected (last good config kept)
+    max_config_depth: int = 64  # nesting levels of lists/mappings in a config file
+    max_config_nodes: int = 1_000_000  # values in a config file, YAML aliases counted at each use
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":
         """How the puller reaches one model's storage: its own sha256 and storage key, the
@@ -68,3 +71,10 @@ class Settings:
         if self.pvc_root:
             options.pvc_root = self.pvc_root
         return options
+
+    def config_limits(self) -> "ConfigLimits":
+        """What one config file may cost to read (--max-config-bytes/-depth/-nodes)."""
+        from agent.config import ConfigLimits
+
+        return ConfigLimits(max_bytes=self.max_config_bytes, max_depth=self.max_config_depth,
+                            max_nodes=self.max_config_nodes)
