@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resync-interval", type=float, default=float(_env("resync-interval", 60)), help="seconds between full resyncs of config and server")
     run.add_argument("--shards", type=int, default=int(_env("shards", 1)), help="split the config across N replicas by hash of model name")
     run.add_argument("--shard-index", type=_shard_index, default=_env("shard-index", "0"), help="this replica's shard, or 'auto' (StatefulSet ordinal)")
+    run.add_argument("--drain-timeout", type=float, default=float(_env("drain-timeout", 30)), help="seconds an unload (config removal, update swap) waits for in-flight requests to finish")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
@@ -138,6 +139,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.shard_index = args.shard_index if isinstance(args.shard_index, int) else _shard_index(args.shard_index)
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
+        s.drain_timeout_s = args.drain_timeout
     return s
 
 

@@ -48,6 +48,8 @@ class Settings:
     shard_index: int = 0
     log_format: str = "text"  # text | json
     log_level: str = "info"
+    drain_timeout_s: float = 30.0  # an unload waits this long for in-flight requests to finish
+    retry_base_s: float = 1.0  # first retry delay of a failed model (doubles per failure, jittered)
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":
         """How the puller reaches one model's storage: its own sha256 and storage key, the
