@@ -6,12 +6,14 @@
 
 What holds (each pinned by a test in tests/reconciler/ against the real Reconciler, MemoryManager
 and Cache, with the scripted server of tests/support/scripted.py):
-  * One place changes a model's state: `_step` (and the helpers it calls), always under that
-    model's lock. Server restarts, resyncs, `report_missing`, source checks and retries only
-    mark a model (`lost_since`, `retry_at`) and schedule it; the model's own task applies the
-    mark under the lock. Different models proceed in parallel under global bounds:
-    `pull_concurrency` pulls and `load_concurrency` loads at a time, and preloads, restores
-    and updates never hold the last load slot (a request's lazy load always finds one).
+  * A model's state changes only under that model's lock: in its converge step (`_step`, one
+    readable sequence), its lazy load, a source check applying its result, or an eviction of
+    it. Server restarts, resyncs, `report_missing` and the retry loop only mark a model
+    (`lost_since`, `crashes`, `retry_at`) and schedule its task, which applies the mark under
+    the lock. Different models proceed in parallel under global bounds: `pull_concurrency`
+    pulls and `load_concurrency` loads at a time; loads nobody waits for (preloads, restores,
+    updates) use at most `load_concurrency - 1` slots, so a request's lazy load always finds one
+    (with `load_concurrency >= 2`).
   * Every way out of a pull, a load or an unload (success, server error, timeout, an
     unexpected exception such as OSError, cancellation) goes through one try/finally in
     `_load`/`_unload` and the safety net `_guarded`: the measurement window is closed, the
@@ -41,7 +43,9 @@ and Cache, with the scripted server of tests/support/scripted.py):
   * The server's index is compared with what the agent holds every `resync_interval_s`, and
     at once for a model `report_missing` names; a model it lost is loaded again (the copy that
     served, not a failed update). A model whose load was in flight when the server died twice
-    in a row is quarantined (FAILED, no retry) until its config changes.
+    in a row is quarantined (FAILED, no retry) until its config changes. (An update whose new
+    copy kills the server is not quarantined: the old copy is restored and the update retried
+    with growing backoff.)
 """
 from __future__ import annotations
 
