@@ -634,6 +634,7 @@ class Reconciler:
         m.loaded_at = m.last_used = time.monotonic()
         self._set(m, S.LOADED, reason=None)
         self._drop_leases(m, before)  # the previous copy's entry, now that this one serves
+        self._signal_memory()  # no longer "loading": a load waiting for memory may evict it
 
     @contextlib.asynccontextmanager
     async def _load_slot(self, lazy: bool) -> AsyncIterator[None]:
