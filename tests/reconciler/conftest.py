@@ -22,6 +22,7 @@ from agent.settings import Settings
 from puller import Cache, model_holder
 from tests.support.httpserver import HTTPFileServer
 from tests.support.scripted import BROKEN_MARKER, ScriptedAdapter
+from tests.support.servers import mlserver, mlserver_session  # noqa: F401  (fixtures)
 
 T = TypeVar("T")
 KB = 1024
@@ -42,7 +43,7 @@ def http() -> Iterator[HTTPFileServer]:
 class Harness:
     """One agent core: cache + memory ledger + reconciler + scripted server."""
 
-    def __init__(self, tmp_path: Path, http: HTTPFileServer, *, budget: int = 10 * 2**20, **settings: Any):
+    def __init__(self, tmp_path: Path, http: HTTPFileServer, *, budget: int = 10 * 2**20, adapter: Any = None, **settings: Any):
         self.http = http
         self.settings = Settings(config_dir=tmp_path / "config", cache_dir=tmp_path / "cache", holder="pod-a")
         defaults = dict(min_residency_s=0.0, retry_base_s=0.05, load_timeout_s=5.0, drain_timeout_s=5.0, resync_interval_s=3600.0)
@@ -51,7 +52,7 @@ class Harness:
         self.cache = Cache(self.settings.cache_dir, max_bytes=self.settings.max_cache_bytes, holder="pod-a")
         self.memory = MemoryManager({"host": budget}, store=self.cache, min_residency_s=self.settings.min_residency_s,
                                     min_model_bytes=1)
-        self.adapter = ScriptedAdapter()
+        self.adapter = adapter if adapter is not None else ScriptedAdapter()
         self.metrics = Metrics()
         self.rec = Reconciler(self.settings, self.cache, self.adapter, self.memory, self.metrics)
         self.adapter.on_restart = self.rec.server_restarted
