@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from agent.reconciler import ModelUnavailable, State, UnknownModel
 from agent.runtimes.base import LoadFailed
@@ -34,7 +34,7 @@ class _Crashes(logging.Handler):
         self.seen: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "crashed" in record.getMessage():
+        if "crashed" in record.getMessage() or "failed" in record.getMessage():
             self.seen.append(record.getMessage())
 
 
@@ -93,7 +93,7 @@ class ReconcilerMachine(RuleBasedStateMachine):
     def configure(self, name, version, preload, broken):
         self.desired[name] = (version, preload, broken)
         self.run(self._apply())
-        self.spin()
+        self.spin(0.15)  # long enough for a pull and a load: requests then find it loaded
 
     @rule(name=st.sampled_from(NAMES))
     def remove(self, name):
@@ -106,11 +106,10 @@ class ReconcilerMachine(RuleBasedStateMachine):
         self.pending.append(self.loop.create_task(self.h.rec.acquire(name)))
         self.spin()
 
-    @precondition(lambda self: self.leases)
-    @rule(data=st.data())
-    def finish_request(self, data):
-        m = self.leases.pop(data.draw(st.integers(0, len(self.leases) - 1)))
-        self.h.rec.release(m)
+    @rule(index=st.integers(0, 7))
+    def finish_request(self, index):
+        if self.leases:  # (no precondition: what is leased depends on timing)
+            self.h.rec.release(self.leases.pop(index % len(self.leases)))
         self.spin()
 
     @rule(name=st.sampled_from(NAMES))
@@ -125,7 +124,11 @@ class ReconcilerMachine(RuleBasedStateMachine):
     @rule(name=st.sampled_from(NAMES))
     def lost_behind_our_back(self, name):
         self.h.adapter.lose(name)
-        self.h.rec.report_missing(name)
+
+        async def the_router_saw_a_404() -> None:
+            self.h.rec.report_missing(name)
+
+        self.run(the_router_saw_a_404())
         self.spin()
 
     @rule()
