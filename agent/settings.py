@@ -48,6 +48,14 @@ class Settings:
     shard_index: int = 0
     log_format: str = "text"  # text | json
     log_level: str = "info"
+    max_v1_body_bytes: int = 4 * 2**20  # V1 bodies are parsed and translated: their own, smaller limit
+    upstream_connections: int = 256  # requests in flight to the co-located server, all models
+    max_upstream_per_model: int = 0  # of those, for one model (0: half of upstream_connections)
+    management_host: str | None = None  # None: the same address as `host`
+    management_port: int | None = 8003  # None or == port (same host): one port serves everything
+    header_timeout_s: float = 10.0  # a request head (line + headers) must arrive within this
+    keep_alive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 64 * 1024  # a larger request head (line + headers) is answered 431
     drain_timeout_s: float = 30.0  # an unload waits this long for in-flight requests to finish
     retry_base_s: float = 1.0  # first retry delay of a failed model (doubles per failure, jittered)
 
