@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-v1-body-bytes", default=str(4 * 2**20), help="V1 :predict body limit (413 past it); V1 JSON is parsed and translated by the agent")
     run.add_argument("--upstream-connections", type=int, default=256, help="requests in flight to the server, all models together")
     run.add_argument("--max-upstream-per-model", type=int, default=0, help="requests in flight to the server for one model (default 0: half of --upstream-connections); past it requests wait, within --request-timeout, then 503")
+    run.add_argument("--drain-timeout", type=float, default=30.0, help="seconds an unload (config removal, update swap) waits for in-flight requests to finish")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
@@ -249,6 +250,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.max_upstream_per_model = args.max_upstream_per_model
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
+        s.drain_timeout_s = args.drain_timeout
     return s
 
 
