@@ -272,9 +272,49 @@ def _load_unload_ms(srv: RunningServer, served: ServedModel, rounds: int = 5) ->
     return sorted(times)[len(times) // 2]
 
 
+class _Opens:
+    """The model-settings.json files opened under `root` (inotify, recursive, dot-dirs
+    included) while the context is active: what a server reads, counted by the kernel."""
+
+    def __init__(self, root: Path):
+        from watchdog.events import FileOpenedEvent, FileSystemEventHandler
+        from watchdog.observers.inotify import InotifyObserver
+
+        self.paths: list[str] = []
+        opens = self.paths
+
+        class _Handler(FileSystemEventHandler):
+            def on_opened(self, event: FileOpenedEvent) -> None:
+                if str(event.src_path).endswith("/model-settings.json"):
+                    opens.append(str(event.src_path))
+
+        self._observer = InotifyObserver()
+        self._observer.schedule(_Handler(), str(root), recursive=True)
+
+    def __enter__(self) -> "_Opens":
+        self._observer.start()
+        return self
+
+    def settle(self, expect: Path) -> list[str]:
+        """Read `expect`, wait until that open is seen (every earlier event is in by then) and
+        return the opens before it."""
+        expect.read_bytes()
+        deadline = time.monotonic() + 10
+        while str(expect) not in self.paths and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert str(expect) in self.paths, f"inotify saw no open of {expect}: the count below would mean nothing"
+        return self.paths[: len(self.paths) - 1 - self.paths[::-1].index(str(expect))]
+
+    def __exit__(self, *exc: object) -> None:
+        self._observer.stop()
+        self._observer.join(5)
+
+
 def test_load_cost_does_not_grow_with_the_loaded_set(mlserver: RunningServer, tmp_path: Path) -> None:
     """MLServer parses every model-settings.json its glob finds on each load (on its event
-    loop): with 30 models loaded, a further load still finds only its own entry."""
+    loop), so a load's cost is the number of entries the server reads. With 30 models loaded
+    the kernel (inotify) sees a further load open no other model's model-settings.json: the
+    cost of a load does not grow with the loaded set. Wall times are printed, not asserted."""
     ad = mlserver.adapter
     probe = ServedModel("probe", write_sklearn_model(tmp_path / "probe", seed=1), "sklearn")
     mlserver.call(ad.load(ServedModel("m0", write_sklearn_model(tmp_path / "m0"), "sklearn")))
@@ -284,7 +324,14 @@ def test_load_cost_does_not_grow_with_the_loaded_set(mlserver: RunningServer, tm
         mlserver.call(ad.load(ServedModel(f"m{i}", shared, "sklearn")))
         assert _globbed(mlserver.repository) == []  # after each load: nothing left for the glob
     assert mlserver.call(ad.index()) == {f"m{i}": "READY" for i in range(30)}
-    with_thirty = _load_unload_ms(mlserver, probe)
+    others = {str(p) for p in mlserver.repository.rglob("model-settings.json")}
+    assert len(others) == 30, sorted(others)  # every loaded model's entry is on disk (parked)
+    with _Opens(mlserver.repository) as opens:
+        with_thirty = _load_unload_ms(mlserver, probe)
+        during = opens.settle(Path(sorted(others)[0]))  # a control read by the test itself
+    read_by_loads = [p for p in during if p in others]
+    assert read_by_loads == [], f"5 loads of 'probe' read {len(read_by_loads)} other entries' settings: {sorted(set(read_by_loads))[:5]}"
+    assert any(p.endswith("/probe/model-settings.json") for p in during), during  # the load's own entry was read
     print(f"\nload ms (median of 5, adapter round trip): 1 loaded {with_one:.1f}, 30 loaded {with_thirty:.1f}")
 
     # during a load (a model whose load takes 1 s), the glob sees exactly the entry being loaded
