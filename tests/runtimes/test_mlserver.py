@@ -411,3 +411,20 @@ def test_embedded_server_starts_with_no_parked_entries(tmp_path: Path) -> None:
     with embedded_mlserver(tmp_path) as srv:
         assert srv.adapter.repository_entries() == set() and not parked.exists()
         assert srv.call(srv.adapter.index()) == {}
+
+
+def test_custom_runtime_byproducts_stay_out_of_the_cache_and_the_repository(tmp_path: Path) -> None:
+    """MLServer imports a custom runtime's module from the entry (its `.py` linked from the
+    model dir): its bytecode cache goes to the server's private dir, not next to the module in
+    the repository, nor into the model dir (a cache entry). The server here runs with Python's
+    default (bytecode written), whatever the test runner's environment says."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    src = write_slow_model(tmp_path / "pyc-src", delay=0.0)
+    before = sorted(str(p.relative_to(src)) for p in src.rglob("*"))
+    with embedded_mlserver(tmp_path / "srv", env=env) as srv:
+        srv.call(srv.adapter.load(ServedModel("pyc", src, "mlserver", implementation=SLOW_IMPLEMENTATION)))
+        r = httpx.post(f"{srv.base_url}/v2/models/pyc/infer", json=v2_request(ROWS), timeout=10)
+        assert r.status_code == 200, r.text
+        assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
+        assert [str(p) for p in srv.repository.rglob("__pycache__")] == []
+        assert list((tmp_path / "srv" / "cwd").rglob("slow_model*.pyc")) != []  # written, in the server's own dir
