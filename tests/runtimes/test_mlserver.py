@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -428,3 +429,37 @@ def test_custom_runtime_byproducts_stay_out_of_the_cache_and_the_repository(tmp_
         assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
         assert [str(p) for p in srv.repository.rglob("__pycache__")] == []
         assert list((tmp_path / "srv" / "cwd").rglob("slow_model*.pyc")) != []  # written, in the server's own dir
+
+
+def test_repository_file_work_does_not_block_the_event_loop(mlserver: RunningServer, tmp_path: Path) -> None:
+    """A slow repository disk stalls only the load that writes there. The entry write is held
+    here (a stand-in for a slow disk, which cannot be forced on a real one) until the adapter's
+    event loop has answered another call (an index); if the write ran on the loop, nothing
+    could answer and the write would give up waiting after 5 s."""
+    ad = mlserver.adapter
+    d = write_sklearn_model(tmp_path / "m")
+    entered, released = threading.Event(), threading.Event()
+    waited_out: list[bool] = []
+    real = ad._write_entry
+
+    def slow_write(entry: Path, content: object) -> None:
+        entered.set()
+        waited_out.append(not released.wait(5))
+        real(entry, content)
+
+    async def scenario() -> dict[str, str]:
+        load = asyncio.create_task(ad.load(ServedModel("slowdisk", d, "sklearn")))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        index = await ad.index()  # answered while the write is held
+        released.set()
+        await load
+        return index
+
+    ad._write_entry = slow_write  # type: ignore[method-assign]
+    try:
+        index = mlserver.call(scenario())
+    finally:
+        del ad._write_entry
+    assert waited_out == [False], "the entry write blocked the adapter's event loop"
+    assert "slowdisk" not in index and _infer(mlserver, "slowdisk") == sklearn_predictions(d, ROWS)
