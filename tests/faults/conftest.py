@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -74,13 +74,22 @@ class Answer:
     text: str
 
 
+def sklearn_answer(expected: list[int], doc: dict) -> bool:
+    """True when `doc` (a V2 response) holds exactly these sklearn predictions."""
+    outs = [o for o in doc.get("outputs", []) if o.get("name") == "predict"]
+    return len(outs) == 1 and [int(v) for v in outs[0]["data"]] == expected
+
+
 @dataclass
 class Traffic:
-    """Client threads against `url`, `per_model` per model, each checking its answers."""
+    """Client threads against `url`, `per_model` per model, each checking its answers: by
+    default sklearn predictions for ROWS; `body` and `check(expected, doc)` serve other models."""
 
     url: str
-    expected: dict[str, list[int]]  # served name -> predictions
+    expected: dict[str, Any]  # served name -> what its answer must hold (predictions)
     per_model: int = 2
+    body: dict = field(default_factory=lambda: v2_request(ROWS))
+    check: Callable[[Any, dict], bool] = sklearn_answer
     answers: list[Answer] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -103,7 +112,7 @@ class Traffic:
             t.join(60)
 
     def _client(self, name: str) -> None:
-        body = v2_request(ROWS)
+        body = self.body
         with httpx.Client(base_url=self.url, timeout=30, trust_env=False) as c:
             while not self._stop.is_set():
                 try:
@@ -115,8 +124,7 @@ class Traffic:
                 ok = False
                 if r.status_code == 200:
                     doc = r.json()
-                    outs = [o for o in doc.get("outputs", []) if o.get("name") == "predict"]
-                    ok = doc.get("model_name") == name and len(outs) == 1 and [int(v) for v in outs[0]["data"]] == self.expected[name]
+                    ok = doc.get("model_name") == name and self.check(self.expected[name], doc)
                 self._add(Answer(name, r.status_code, r.headers.get("retry-after"), ok, r.text[:200]))
                 if r.status_code != 200:
                     time.sleep(0.02)  # a failing client does not spin

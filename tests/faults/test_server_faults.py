@@ -8,8 +8,11 @@ import signal
 import time
 
 import httpx
+import pytest
 
 from tests.faults.conftest import Traffic, infer, served
+from tests.support.models import triton_v2_request, write_triton_model
+from tests.support.servers import triton_available
 
 
 def _agent_with_a_and_b(start_agent, store, *args: str):
@@ -75,3 +78,32 @@ def test_model_unloaded_behind_the_agent_is_noticed_and_reloaded(start_agent, st
         time.sleep(0.1)
     assert r.status_code == 200 and [int(v) for v in r.json()["outputs"][0]["data"]] == store.expected["a"]
     assert infer(agent, "b").status_code == 200
+
+
+def test_kill_9_of_an_embedded_triton_under_traffic(start_agent, tmp_path):
+    """The same kill under traffic with Triton as the co-located server (python-backend models
+    x2 and x3: a wrong answer is caught)."""
+    why = triton_available()
+    if why:
+        pytest.skip(f"Triton not installed: {why}")
+    from tests.support.servers import triton_site_packages
+
+    values = [1.0, 2.5, -4.0]
+    models = []
+    for name, factor in (("x2", 2.0), ("x3", 3.0)):
+        write_triton_model(tmp_path / "tstore" / name, name=name, factor=factor, site_packages=triton_site_packages())
+        models.append({"name": name, "uri": str(tmp_path / "tstore" / name), "runtime": "triton"})
+    agent = start_agent(models, "--server", "triton", "--resync-interval", "1")
+    agent.wait_for(lambda s: all(s["models"][n]["state"] == "loaded" for n in ("x2", "x3")), what="x2 and x3 loaded")
+    pid = agent.status()["server"]["pid"]
+    expected = {"x2": [v * 2 for v in values], "x3": [v * 3 for v in values]}
+    with Traffic(agent.url, expected, body=triton_v2_request(values),
+                 check=lambda want, doc: doc["outputs"][0]["data"] == want) as traffic:
+        traffic.wait_ok(5, timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        agent.wait_for(lambda s: s["server"]["pid"] not in (None, pid) and s["server"]["ready"], timeout=60,
+                       what="server restarted")
+        traffic.wait_ok(5, timeout=60, since=len(traffic.snapshot()))
+    assert traffic.wrong() == [], traffic.summary()
+    assert traffic.failed(), "the kill caused no failed request: the fault was not injected"
+    assert traffic.bad_failures() == [], traffic.summary()
