@@ -21,19 +21,21 @@ def test_a_failing_and_a_hanging_load_leave_the_rest_serving(start_agent, store,
     hangs = write_fault_model(tmp_path / "hangs", "hang", hang_s=600)
     agent = start_agent([store.entry("a"), fault_entry("fails", fails), fault_entry("hangs", hangs)],
                         "--load-timeout", "8", wait=False)
-    agent.wait_ready(60)
-    agent.wait_state("a", "loaded", timeout=30)
-    with Traffic(agent.url, {"a": store.expected["a"]}) as traffic:
-        status = agent.wait_for(lambda s: s["models"]["fails"]["state"] == "failed" and s["models"]["hangs"]["state"] == "failed",
-                                timeout=40, what="both faulty models failed")
-        traffic.wait_ok(5, timeout=30)
-    assert "weights corrupt on purpose" in status["models"]["fails"]["reason"], status["models"]["fails"]
-    assert re.search(r"time[ds]? ?out|timeout", status["models"]["hangs"]["reason"], re.I), status["models"]["hangs"]
-    assert traffic.wrong() == [] and traffic.failed() == [], traffic.summary()
-    r = infer(agent, "fails")
-    assert r.status_code == 503 and r.headers.get("retry-after") and "weights corrupt on purpose" in r.text, (r.status_code, r.text)
-    assert served(agent)["a"]["state"] == "loaded"
-    agent.stop(signal.SIGKILL)  # the server dies with it (no graceful wait for the hung load)
+    try:
+        agent.wait_ready(60)
+        agent.wait_state("a", "loaded", timeout=30)
+        with Traffic(agent.url, {"a": store.expected["a"]}) as traffic:
+            status = agent.wait_for(lambda s: s["models"]["fails"]["state"] == "failed" and s["models"]["hangs"]["state"] == "failed",
+                                    timeout=40, what="both faulty models failed")
+            traffic.wait_ok(5, timeout=30)
+        assert "weights corrupt on purpose" in status["models"]["fails"]["reason"], status["models"]["fails"]
+        assert re.search(r"time[ds]? ?out|timeout", status["models"]["hangs"]["reason"], re.I), status["models"]["hangs"]
+        assert traffic.wrong() == [] and traffic.failed() == [], traffic.summary()
+        r = infer(agent, "fails")
+        assert r.status_code == 503 and r.headers.get("retry-after") and "weights corrupt on purpose" in r.text, (r.status_code, r.text)
+        assert served(agent)["a"]["state"] == "loaded"
+    finally:
+        agent.stop(signal.SIGKILL)  # the server dies with it (no graceful wait for the hung load)
 
 
 def test_hanging_preloads_do_not_starve_a_lazy_load(start_agent, store, tmp_path):
@@ -42,14 +44,16 @@ def test_hanging_preloads_do_not_starve_a_lazy_load(start_agent, store, tmp_path
     hangs = write_fault_model(tmp_path / "hangs", "hang", hang_s=600)
     agent = start_agent([fault_entry("h1", hangs), fault_entry("h2", hangs), store.entry("a", preload=False)],
                         "--load-timeout", "10", "--load-concurrency", "2", wait=False)
-    agent.wait_ready(60)
-    agent.wait_for(lambda s: all(s["models"][n]["state"] == "loading" for n in ("h1", "h2")), timeout=30,
-                   what="both hanging loads in flight")
-    r = infer(agent, "a")
-    assert r.status_code == 200, (r.status_code, r.text)
-    assert [int(v) for v in r.json()["outputs"][0]["data"]] == store.expected["a"]
-    assert all(served(agent)[n]["state"] == "loading" for n in ("h1", "h2"))  # still stuck: a did not wait for them
-    agent.stop(signal.SIGKILL)
+    try:
+        agent.wait_ready(60)
+        agent.wait_for(lambda s: all(s["models"][n]["state"] == "loading" for n in ("h1", "h2")), timeout=30,
+                       what="both hanging loads in flight")
+        r = infer(agent, "a")
+        assert r.status_code == 200, (r.status_code, r.text)
+        assert [int(v) for v in r.json()["outputs"][0]["data"]] == store.expected["a"]
+        assert all(served(agent)[n]["state"] == "loading" for n in ("h1", "h2"))  # still stuck: a did not wait for them
+    finally:
+        agent.stop(signal.SIGKILL)  # the server dies with it (no graceful wait for the hung loads)
 
 
 def test_a_load_that_kills_the_server_is_quarantined(start_agent, store, tmp_path):
