@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 
 import psutil
 import pytest
@@ -73,9 +75,17 @@ def test_add_update_remove_through_configmap_swaps(agent_env, store):
     assert agent.state("a") == "loaded"
 
 
+def _server_load_window(agent: AgentProcess, name: str) -> tuple[float, float]:
+    """(start, end) wall-clock seconds of the last repository load of `name` on the server, from
+    the adapter's own log line (its timestamp is the end; `seconds=` the load's duration)."""
+    line = [ln for ln in agent.log().splitlines() if "event=model_loaded" in ln and f" model={name} " in ln][-1]
+    end = datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    return end - float(re.search(r" seconds=([0-9.]+)", line).group(1)), end
+
+
 def test_update_never_leaves_a_gap(agent_env, store, tmp_path):
     """Ready and infer are polled while `m` is swapped to a new copy whose load takes 1.5 s
-    inside the server: polls that ran wholly within that load (timed by the model itself) all
+    inside the server: polls that ran wholly within that load (as the adapter timed it) all
     succeed and get the old copy's answer, and the new copy answers afterwards."""
     load_log = tmp_path / "loads.log"
     write_slow_model(tmp_path / "slowstore" / "slow", delay=0.0, load_delay=1.5, load_log=load_log)
@@ -114,9 +124,9 @@ def test_update_never_leaves_a_gap(agent_env, store, tmp_path):
         t.join(10)
     assert failures == []
     assert count_loads(load_log, "m") == 1
-    loaded_at = float(load_log.read_text().split()[2])  # written by the new copy when its load ended
+    start, end = _server_load_window(agent, "m")
     old_answer = rounds[0][2]
-    during = [r for r in rounds if r[0] >= loaded_at - 1.5 and r[1] <= loaded_at]
+    during = [r for r in rounds if r[0] >= start and r[1] <= end]
     assert len(during) >= 3, f"only {len(during)} poll rounds ran within the swap: the test proved nothing"
     assert all(r[2] == old_answer for r in during)  # the old copy served throughout the new copy's load
     print(f"\n{len(rounds)} rounds, {len(during)} within the swap; last answer {rounds[-1][2]}")
