@@ -653,7 +653,10 @@ class Reconciler:
         elif isinstance(error, RuntimeErrorBase):
             reason = f"load: {error.reason}"
             if isinstance(error, ServerUnavailable):
-                m.died_loading = started
+                # keep the earliest: a retry that finds the server still down must not move it
+                # past the moment the server died (it would no longer be blamed)
+                if m.died_loading is None:
+                    m.died_loading = started
                 self._down_since = min(self._down_since or time.monotonic(), time.monotonic())
         elif isinstance(error, asyncio.CancelledError):
             reason = "load: cancelled (agent stopping)"
@@ -820,12 +823,18 @@ class Reconciler:
         now = time.monotonic()
         cut = self._down_since or now
         self._down_since = None
+        retry = []
         for m in self.models.values():
             if m.name in self._loading or (m.died_loading is not None and m.died_loading <= cut):
                 m.crashes += 1
                 log.warning("server died while this model was loading", extra=kv(model=m.name, times=m.crashes))
+            elif m.died_loading is not None and m.state is S.FAILED and not m.permanent:
+                # its load only found the server gone: not its fault, and no reason to wait
+                # out a backoff now that the server is back
+                m.retry_at = None
+                retry.append(m)
             m.died_loading = None
-        lost = [m for m in self.models.values() if m.served is not None or m.crashes >= 2]
+        lost = [m for m in self.models.values() if m.served is not None or m.crashes >= 2] + retry
         log.warning("server restarted; reloading what it served", extra=kv(models=len(lost)))
         for m in lost:
             m.lost_since = now

@@ -36,8 +36,7 @@ def test_cache_verify_catches_flipped_bits_and_extra_files(tmp_path):
     (victim,) = [p for p in files if p.name == "model.joblib"]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit, same size
-    os.chmod(victim, 0o644)  # root could write anyway; this only says we mean it
-    victim.write_bytes(bytes(data))
+    victim.write_bytes(bytes(data))  # as root: file modes do not stop it, the digest does
     flipped = _cli("cache", "verify", "--cache-dir", str(cache))
     assert flipped.returncode != 0, "a flipped bit passed verify: " + flipped.stdout
     assert "model.joblib" in flipped.stdout + flipped.stderr, flipped.stdout + flipped.stderr
