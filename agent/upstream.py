@@ -23,13 +23,27 @@ Guarantees:
     retried once on a fresh connection (nothing was served on it); any other failure is the
     caller's (UpstreamError), never retried, since an infer may not be idempotent;
   * each request is bounded by `timeout` seconds.
+
+Two streaming modes, both on a fresh connection (nothing is retried once a client's byte was
+forwarded) and both holding their slots until they end:
+  * a request body given as a BodySource (its declared length and an async chunk reader) is
+    written chunk by chunk as the client sends it, waiting for the socket to drain between
+    chunks, so a large body is never held whole in the agent; an early answer from the server
+    stops the upload, and a body shorter than declared drops the connection;
+  * `stream()` yields the answer's status and headers as soon as they arrive and then its body
+    chunks as the server sends them (server-sent events pass through unbuffered); the wait
+    for the first byte and each gap between chunks are bounded by `timeout`, and reading
+    stops (the socket is paused) while the caller has 16 chunks it has not taken.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -73,6 +87,22 @@ def check_headers(headers: list[tuple[bytes, bytes]]) -> None:
     for k, v in headers:
         if not k or _UNSAFE_NAME.search(k) or _UNSAFE_VALUE.search(v):
             raise UnsafeRequest(f"header {k[:40]!r} holds characters that cannot be forwarded")
+
+
+@dataclass
+class BodySource:
+    """A request body read while it is forwarded: `length` bytes (the client's Content-Length),
+    `read()` returns the next chunk (b"" at the end)."""
+
+    length: int
+    read: Callable[[], Awaitable[bytes]]
+
+
+class BodyIncomplete(UpstreamError):
+    """The client's body ended before its declared length (or its read failed)."""
+
+
+_STREAM_QUEUE = 16  # answer chunks buffered before reading from the server pauses
 
 
 class _Slots:
@@ -135,13 +165,36 @@ class _Conn(asyncio.Protocol):
         self._complete = False
         self.keep_alive = False
         self.desynced = False
+        self._streaming = False  # stream(): chunks go to _chunks as they arrive
+        self._chunks: deque[bytes | BaseException | None] = deque()
+        self._chunk_ready: asyncio.Future | None = None
+        self._paused = False
+        self._writable: asyncio.Future | None = None  # set while the socket's buffer is full
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the socket takes more bytes (asyncio's flow control)."""
+        if self._writable is not None:
+            await self._writable
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.resume_writing()
+        if self._streaming and self._headers_done and not self._complete:
+            self._complete = True
+            self._push(None if not self._length_known else UpstreamError("the server closed the connection mid-answer"))
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
@@ -185,9 +238,43 @@ class _Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        if self._streaming and self.parser.get_status_code() >= 200:
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(self.parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        if self._streaming:
+            self._push(body)
+        else:
+            self._body.append(body)
+
+    def _push(self, item: bytes | BaseException | None) -> None:
+        self._chunks.append(item)
+        ready = self._chunk_ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+        if len(self._chunks) >= _STREAM_QUEUE and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    async def next_chunk(self, timeout: float) -> bytes | None:
+        """stream(): the next body chunk as it arrives; None at the end of the answer."""
+        while not self._chunks:
+            loop = asyncio.get_running_loop()
+            self._chunk_ready = loop.create_future()
+            timer = loop.call_later(timeout, _expire, self._chunk_ready)
+            try:
+                await self._chunk_ready
+            finally:
+                timer.cancel()
+                self._chunk_ready = None
+        item = self._chunks.popleft()
+        if self._paused and len(self._chunks) < _STREAM_QUEUE // 2 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def on_message_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -196,11 +283,15 @@ class _Conn(asyncio.Protocol):
             return
         self.keep_alive = self.parser.should_keep_alive()  # only valid inside this callback
         self._complete = True
+        if self._streaming:
+            self._push(None)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(status)
 
     # -- use
-    def start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    def start(self, loop: asyncio.AbstractEventLoop, streaming: bool = False) -> asyncio.Future:
+        self._streaming = streaming
+        self._chunks.clear()
         self._headers, self._body = [], []
         self._got_bytes = self._headers_done = self._length_known = self._complete = False
         self.keep_alive = False
@@ -239,18 +330,64 @@ class Upstream:
         self._idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
 
-    async def request(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+    async def request(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes | BodySource,
                       timeout: float, key: str = "") -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Send one request; (status, lower-cased response headers, body). `timeout` covers the
         waits for a slot, the connect and the answer. Raises UnsafeRequest (nothing sent),
-        UpstreamBusy, UpstreamError or asyncio.TimeoutError."""
+        UpstreamBusy, UpstreamError (BodyIncomplete: the client's body fell short) or
+        asyncio.TimeoutError."""
+        message = self._head(method, target, headers, body)
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with self._slot(key, deadline, timeout):
+            if isinstance(body, BodySource):  # a client's bytes are read once: never a retry
+                return await self._exchange(await self._connect(deadline), message, body, deadline)
+            conn = self._take()
+            if conn is not None:
+                try:
+                    return await self._exchange(conn, message, body, deadline)
+                except _Stale:
+                    pass  # nothing was served on it: once more on a fresh connection
+            conn = await self._connect(deadline)
+            return await self._exchange(conn, message, body, deadline)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes | BodySource,
+                     timeout: float, key: str = "") -> AsyncIterator["StreamedAnswer"]:
+        """Send one request on a fresh connection; yield its answer once the status and headers
+        arrived, its body read with `StreamedAnswer.next_chunk()` as the server sends it. The
+        slots are held until the block ends; a connection whose answer was not read to its end
+        is closed, never reused."""
+        message = self._head(method, target, headers, body)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self._slot(key, deadline, timeout):
+            conn = await self._connect(deadline)
+            waiter = conn.start(loop, streaming=True)
+            try:
+                await self._write(conn, message, body, deadline, waiter)
+                timer = loop.call_at(deadline, _expire, waiter)
+                try:
+                    status = await waiter
+                finally:
+                    timer.cancel()
+                yield StreamedAnswer(status, list(conn._headers), conn, timeout)
+            finally:
+                # a stream is never pooled: whatever its state, the connection ends with it
+                conn._waiter = None
+                self._drop(conn)
+
+    def _head(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes | BodySource) -> bytes:
         check_target(target)
         check_headers(headers)
         head = b"".join(b"%s: %s\r\n" % (k, v) for k, v in headers)
-        message = b"%s %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n" % (
-            method.encode(), target.encode("ascii"), self._host_header, head, len(body))
+        length = body.length if isinstance(body, BodySource) else len(body)
+        return b"%s %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n" % (
+            method.encode(), target.encode("ascii"), self._host_header, head, length)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, key: str, deadline: float, timeout: float) -> AsyncIterator[None]:
+        """Hold one of `key`'s slots, then one of the pool's, until the block ends."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         key_slots = self._key_slots.get(key)
         if key_slots is None:
             key_slots = self._key_slots[key] = _Slots(self.max_per_key)
@@ -264,14 +401,7 @@ class Upstream:
             except asyncio.TimeoutError:
                 raise UpstreamBusy(f"all {self.max_connections} server connections busy for {timeout:g}s") from None
             try:
-                conn = self._take()
-                if conn is not None:
-                    try:
-                        return await self._exchange(conn, message, body, deadline)
-                    except _Stale:
-                        pass  # nothing was served on it: once more on a fresh connection
-                conn = await self._connect(deadline)
-                return await self._exchange(conn, message, body, deadline)
+                yield
             finally:
                 self._slots.give()
         finally:
@@ -314,19 +444,57 @@ class Upstream:
         self._all.add(conn)
         return conn
 
-    async def _exchange(self, conn: _Conn, message: bytes, body: bytes,
+    async def _write(self, conn: _Conn, message: bytes, body: bytes | BodySource, deadline: float,
+                     waiter: asyncio.Future) -> None:
+        """Write the request; a BodySource chunk by chunk as the client sends it, each after the
+        socket drained. Stops early when the server answered already (the connection is then
+        not reused: part of the body was never sent)."""
+        assert conn.transport is not None
+        if not isinstance(body, BodySource):
+            conn.transport.write(message + body if len(body) < 65536 else message)
+            if len(body) >= 65536:
+                conn.transport.write(body)  # no copy of a large body
+            return
+        conn.transport.write(message)
+        loop = asyncio.get_running_loop()
+        sent = 0
+        while sent < body.length and not waiter.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError()
+            try:
+                chunk = await asyncio.wait_for(body.read(), left)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                raise
+            except Exception as e:
+                raise BodyIncomplete(f"the request body could not be read: {e}") from None
+            if not chunk:
+                break
+            chunk = chunk[:body.length - sent]
+            sent += len(chunk)
+            conn.transport.write(chunk)
+            await asyncio.wait_for(conn.drain(), max(0.0, deadline - loop.time()))
+            if conn.closed:
+                break
+        if sent < body.length:
+            conn.keep_alive = False
+            if not waiter.done():
+                raise BodyIncomplete(f"the request body ended after {sent} of {body.length} bytes")
+
+    async def _exchange(self, conn: _Conn, message: bytes, body: bytes | BodySource,
                         deadline: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         loop = asyncio.get_running_loop()
         waiter = conn.start(loop)
-        assert conn.transport is not None
-        conn.transport.write(message + body if len(body) < 65536 else message)
-        if len(body) >= 65536:
-            conn.transport.write(body)  # no copy of a large body
         timer = loop.call_at(deadline, _expire, waiter)
         try:
+            await self._write(conn, message, body, deadline, waiter)
             status = await waiter
         except BaseException:
             self._drop(conn)
+            if not waiter.done():
+                waiter.cancel()
+            elif not waiter.cancelled():
+                waiter.exception()  # retrieved: no "never retrieved" warning
             raise
         finally:
             timer.cancel()
@@ -348,3 +516,28 @@ class Upstream:
 def _expire(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_exception(asyncio.TimeoutError())
+
+
+class StreamedAnswer:
+    """An answer being received: `status`, lower-cased `headers`, then `next_chunk()` until None."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], conn: _Conn, timeout: float):
+        self.status = status
+        self.headers = headers
+        self._conn = conn
+        self._timeout = timeout
+
+    async def next_chunk(self) -> bytes | None:
+        """The next chunk of the body as the server sent it; None at its end. Raises
+        asyncio.TimeoutError when none arrives within the request timeout, UpstreamError when
+        the server breaks the connection mid-answer."""
+        return await self._conn.next_chunk(self._timeout)
+
+    async def read(self, limit: int) -> bytes:
+        """The rest of the body, at most `limit` bytes (an error answer)."""
+        parts: list[bytes] = []
+        size = 0
+        while size < limit and (chunk := await self.next_chunk()) is not None:
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)[:limit]
