@@ -3,6 +3,18 @@ runs them starts small).
 
   {"instances": [row, ...]}  ->  one V2 input "input-0", shape [len(instances), *row shape],
                                  datatype BOOL/INT64/FP64/BYTES from the values, data row-major
+  {"inputs": ...}            ->  the same: KServe's V1 server reads "inputs" as an alias of
+                                 "instances" (and prefers it when both are there)
+  dict instances (KServe builds a pandas DataFrame from each and concatenates them):
+    {"instances": [{"a": 1, "b": 2}, ...]}            records: one row per dict
+    {"instances": [{"a": [1, 3], "b": [2, 4]}]}        columnar: one row per list item
+    {"instances": [{"a": {"0": 1}, "b": {"0": 2}}]}    pandas' to_dict() (KServe's lightgbm doc)
+    {"instances": [[{"a": 1, "b": 2}, ...]]}           a list of records per instance
+    {"inputs": {"a": [1, 3], "b": [2, 4]}}             columnar at the top (TF Serving's form)
+                             ->  one V2 input per column, named by it, shape [rows, 1], in the
+                                 first instance's column order, with the request parameter
+                                 content_type "pd" (MLServer decodes it as a DataFrame, as KServe
+                                 does); every instance must name the same columns
   V2 answer                  ->  {"predictions": [...]} from the output named "predict"
                                  (MLServer's sklearn/xgboost runtimes) or else the first output
 
@@ -59,12 +71,72 @@ def _shape_and_flat(value: Any, depth: int = 0) -> tuple[list[int], list[Any]]:
     return [len(value), *inner], list(chain.from_iterable(f for _, f in shapes_flats))
 
 
+def _rows(instance: Any, index: int) -> list[dict[str, Any]] | dict[str, list[Any]]:
+    """One instance as a list of records or as columns (column -> values)."""
+    if isinstance(instance, list):
+        if not instance or not all(isinstance(r, dict) for r in instance):
+            raise ValueError(f"instance {index}: a list in dict instances must hold records (objects)")
+        return instance
+    if not isinstance(instance, dict) or not instance:
+        raise ValueError(f"instance {index}: expected an object of columns like the first instance")
+    kinds = set(map(type, instance.values()))
+    if not kinds & {list, dict}:
+        return [instance]  # a record of scalars: one row
+    if not kinds <= {list, dict}:
+        raise ValueError(f"instance {index}: mixes scalar and list/object columns")
+    columns = {k: list(v.values()) if isinstance(v, dict) else v for k, v in instance.items()}
+    if len(set(map(len, columns.values()))) != 1:
+        raise ValueError(f"instance {index}: columns of different lengths")
+    return columns
+
+
+def _columns_to_v2(instances: list[Any]) -> dict[str, Any]:
+    """Dict instances (records, columns or pandas' to_dict form) -> one V2 input per column."""
+    names: list[str] = []
+    columns: dict[str, list[Any]] = {}
+    for index, instance in enumerate(instances):
+        part = _rows(instance, index)
+        if isinstance(part, list):  # records
+            keys = list(part[0])
+            if not names:
+                names = keys
+                columns = {k: [] for k in names}
+            for record in part:
+                if set(record) != set(names):
+                    raise ValueError(f"instance {index}: columns {sorted(record)[:8]} differ from {names[:8]}")
+                for k in names:
+                    columns[k].append(record[k])
+        else:
+            if not names:
+                names = list(part)
+                columns = {k: [] for k in names}
+            if set(part) != set(names):
+                raise ValueError(f"instance {index}: columns {sorted(part)[:8]} differ from {names[:8]}")
+            for k in names:
+                columns[k].extend(part[k])
+    inputs = []
+    for name in names:
+        values = columns[name]
+        if not values:
+            raise ValueError(f"column {name!r} has no values")
+        if list in set(map(type, values)) or dict in set(map(type, values)):
+            raise ValueError(f"column {name!r} holds nested values: each cell must be a number, boolean or string")
+        inputs.append({"name": str(name), "shape": [len(values), 1], "datatype": _datatype(values), "data": values})
+    return {"parameters": {"content_type": "pd"}, "inputs": inputs}
+
+
 def v1_to_v2(doc: Any) -> dict[str, Any]:
-    if not isinstance(doc, dict) or "instances" not in doc:
-        raise ValueError('expected {"instances": [...]}')
-    instances = doc["instances"]
+    key = "inputs" if isinstance(doc, dict) and "inputs" in doc else "instances"
+    if not isinstance(doc, dict) or key not in doc:
+        raise ValueError('expected {"instances": [...]} or {"inputs": [...]}')
+    instances = doc[key]
+    if isinstance(instances, dict) and instances:  # columnar at the top: {"inputs": {"a": [...], ...}}
+        return _columns_to_v2([instances])
     if not isinstance(instances, list) or not instances:
-        raise ValueError('"instances" must be a non-empty list')
+        raise ValueError(f'"{key}" must be a non-empty list')
+    first = instances[0]
+    if isinstance(first, dict) or (isinstance(first, list) and first and isinstance(first[0], dict)):
+        return _columns_to_v2(instances)
     shape, flat = _shape_and_flat(instances)
     if len(shape) == 1:  # a list of scalars: one feature per instance
         shape = [shape[0], 1]
