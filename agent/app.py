@@ -36,7 +36,7 @@ from agent.logging import get_logger, kv, setup_logging
 from agent.memory import MemoryManager, tree_rss
 from agent.metrics import Metrics
 from agent.reconciler import Reconciler
-from agent.router import Router, send_error
+from agent.router import Router, liveness, send_error
 from agent.runtimes import RuntimeAdapter, make_adapter
 from agent.settings import Settings
 from agent.watcher import ConfigWatcher
@@ -212,7 +212,9 @@ class Agent:
         await self._route(self.api, scope, receive, send)
 
     async def _route(self, other: Any, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and _is_data_plane(scope["path"]):
+        if scope["type"] == "http" and _is_liveness(scope, page_at_root=other is self.api):
+            await liveness(send)
+        elif scope["type"] == "http" and _is_data_plane(scope["path"]):
             await self._data_plane(scope, receive, send)
         else:
             await other(scope, receive, send)
@@ -222,6 +224,15 @@ class Agent:
             await send_error(send, 503, "the agent is starting", retry_after=1)
         else:
             await self.router(scope, receive, send)
+
+
+def _is_liveness(scope: dict, page_at_root: bool) -> bool:
+    """KServe V1 liveness (`GET /`, `GET /v1`); where the page shares the port, a browser's
+    `GET /` (Accept names text/html) gets the page instead."""
+    path = scope["path"]
+    if path in ("/v1", "/v1/"):
+        return True
+    return path == "/" and not (page_at_root and any(k == b"accept" and b"text/html" in v for k, v in scope["headers"]))
 
 
 def _is_data_plane(path: str) -> bool:

@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream-connections", type=int, default=256, help="requests in flight to the server, all models together")
     run.add_argument("--max-upstream-per-model", type=int, default=0, help="requests in flight to the server for one model (default 0: half of --upstream-connections); past it requests wait, within --request-timeout, then 503")
     run.add_argument("--drain-timeout", type=float, default=30.0, help="seconds an unload (config removal, update swap) waits for in-flight requests to finish")
+    run.add_argument("--stream-body-bytes", default=str(2**20), help="request bodies with a Content-Length above this are forwarded to the server as they arrive, not buffered whole (--max-body-bytes still applies)")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
@@ -248,6 +249,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.max_v1_body_bytes = parse_quantity(args.max_v1_body_bytes)
         s.upstream_connections = args.upstream_connections
         s.max_upstream_per_model = args.max_upstream_per_model
+        s.stream_body_bytes = parse_quantity(args.stream_body_bytes)
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
         s.drain_timeout_s = args.drain_timeout

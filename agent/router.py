@@ -10,13 +10,44 @@ is sent, so eviction never unloads a model under a request; a request for a mode
 loaded waits for one (single-flight) load. Forwarding goes through agent.upstream (keep-alive
 HTTP/1.1 with httptools), the cheapest client we measured (benchmarks/results/proxy.md).
 
-V1 -> V2 mapping (for servers that speak only V2; agent.v1):
-  GET  /v1/models/{m}           -> {"name": m, "ready": <the model can serve now>}
-  POST /v1/models/{m}:predict   {"instances": [row, ...]}
+What a client gets, per path (every model path: configured models only, under an in-flight
+lease, after a lazy single-flight load):
+  passed through (bytes; Content-Encoding gzip/deflate and Accept-Encoding forwarded, so
+  tritonclient's request/response compression works):
+    GET  /v2/models/{m}[/versions/{v}]                 metadata
+    POST /v2/models/{m}[/versions/{v}]/infer           inference
+    GET  /v2/models/{m}[/versions/{v}]/config          Triton model configuration
+    GET  /v2/models/{m}[/versions/{v}]/stats           Triton statistics
+    GET|POST /v2/models/{m}/trace/setting              Triton per-model trace settings
+    POST /v2/models/{m}[/versions/{v}]/generate        generate extension
+    POST /v2/models/{m}[/versions/{v}]/generate_stream streamed: each chunk (SSE event) is passed
+    POST /v2/models/{m}[/versions/{v}]/infer_stream    on as the server sends it, never buffered
+    A server without the endpoint (MLServer has no /config, /stats, /trace/setting) -> 501.
+    Request bodies with a Content-Length above --stream-body-bytes are forwarded as they arrive
+    (never held whole); --max-body-bytes is checked on the Content-Length first (413).
+  answered by the agent:
+    GET  /v2/health/live, /v2/health/ready             the agent's own liveness / readiness
+    GET  /v2/models/{m}[/versions/{v}]/ready           200 ready / 400 not ready (KServe V2); with
+         a version: 404 unless it is the configured version or (none configured) a version the
+         server has loaded (the server is asked); not loaded and no configured version -> 400
+    GET  /v2                                           the server's metadata, its `extensions`
+                                                       cut to those the agent serves
+    GET  /, /v1                                        KServe V1 liveness {"status": "alive"}
+    GET  /v1/models                                    {"models": [configured names]}
+    GET  /v1/models/{m}                                200 {"name", "ready": true}; 503 when not
+                                                       ready (as KServe; its SDK reads False)
+  translated (agent.v1):
+    POST /v1/models/{m}:predict  {"instances"|"inputs": [row, ...]}
         -> V2 infer with one input "input-0", shape [len(instances), *row shape],
-           datatype BOOL/INT64/FP64/BYTES from the values, data flattened row-major
+           datatype BOOL/INT64/FP64/BYTES from the values, data flattened row-major;
+           dict instances (records, columns, pandas' to_dict form, top-level columns)
+        -> one V2 input per column, request parameter content_type "pd"
         <- {"predictions": [...]} from the output named "predict" (MLServer's sklearn/xgboost
            runtimes) or else the first output, reshaped to its V2 shape.
+  refused:
+    POST /v1/models/{m}:explain                         501: neither server has V1 explain
+    /v2/repository/...                                  403: the agent owns the repository
+    /v2/logging, /v2/trace/setting, /v2/*sharedmemory   403: server-wide settings
 
 Hostile input (the port is the cluster's inference endpoint):
   * The upstream request target is built only from validated parts, never from the client's
@@ -45,14 +76,15 @@ import asyncio
 import json
 import multiprocessing
 import re
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Awaitable, Callable
 
-from agent.logging import get_logger
+from agent.logging import get_logger, kv
 from agent.metrics import Metrics
 from agent.reconciler import ModelUnavailable, Reconciler, State, UnknownModel
-from agent.upstream import Upstream, UpstreamBusy, UpstreamError, UnsafeRequest
+from agent.upstream import BodyIncomplete, BodySource, Upstream, UpstreamBusy, UpstreamError, UnsafeRequest
 from agent.v1 import translate_v1_request, translate_v2_response
 
 log = get_logger("modelshelf.router")
@@ -61,15 +93,33 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-# /v2/models/{name}[/versions/{v}][/(infer|ready)]   (matched with fullmatch: no "$\n" slip)
-_V2_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]*))?(/infer|/ready)?/?")
-_V1_MODEL = re.compile(r"/v1/models/([^/:]+)(:predict)?")
+# /v2/models/{name}[/versions/{v}][/action]   (matched with fullmatch: no "$\n" slip)
+_V2_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]*))?"
+                       r"(/infer|/ready|/config|/stats|/generate|/generate_stream|/infer_stream|/trace/setting)?/?")
+_V1_MODEL = re.compile(r"/v1/models/([^/:]+)(:predict|:explain)?")
+# action -> the methods it takes; every one is forwarded under a lease after a lazy load
+_V2_ACTIONS: dict[str | None, tuple[str, ...]] = {
+    None: ("GET",), "/infer": ("POST",), "/config": ("GET",), "/stats": ("GET",),
+    "/generate": ("POST",), "/generate_stream": ("POST",), "/infer_stream": ("POST",),
+    "/trace/setting": ("GET", "POST"),
+}
+_STREAMED = ("/generate_stream", "/infer_stream")  # answers passed on chunk by chunk (SSE)
+_EXTENSIONS = ("/config", "/stats", "/generate", "/generate_stream", "/infer_stream", "/trace/setting")
+# server-wide settings of the co-located server: the agent's operator owns them, not a client
+_SERVER_WIDE = ("/v2/logging", "/v2/trace/setting", "/v2/systemsharedmemory", "/v2/cudasharedmemory")
+# the server's extensions (from GET /v2) that the agent serves too: the others are dropped
+SERVED_EXTENSIONS = frozenset({
+    "classification", "sequence", "binary_tensor_data", "parameters", "schedule_policy",
+    "model_configuration", "statistics", "trace", "generate",
+})
 _VERSION = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SAFE_QUERY = re.compile(rb"[\x21-\x7e]*")
 _UNSAFE_QUERY_BYTE = re.compile(rb"[^\x21-\x7e]")
 # response headers worth passing back to the client
-_PASS_RESPONSE = (b"content-type", b"inference-header-content-length")
-_PASS_REQUEST = (b"content-type", b"inference-header-content-length", b"accept", b"x-request-id", b"traceparent")
+_PASS_RESPONSE = (b"content-type", b"inference-header-content-length", b"content-encoding")
+_PASS_REQUEST = (b"content-type", b"inference-header-content-length", b"accept", b"x-request-id", b"traceparent",
+                 b"content-encoding", b"accept-encoding")
+_ERROR_BYTES = 64 * 1024  # of an error answer read (and decompressed) for its reason
 V1_WORKER_BYTES = 256 * 1024  # V1 bodies (and answers) above this are translated in the worker process
 _ECHO = 80  # characters of a client's input echoed in an error
 
@@ -90,6 +140,7 @@ class Router:
         self.max_body_bytes = max_body_bytes
         self.max_v1_body_bytes = max_v1_body_bytes or getattr(settings, "max_v1_body_bytes", 4 * 2**20)
         self.request_timeout_s = request_timeout_s
+        self.stream_body_bytes = getattr(settings, "stream_body_bytes", 2**20)
         self.upstream_connections = upstream_connections or getattr(settings, "upstream_connections", 256)
         per_model = max_upstream_per_model or getattr(settings, "max_upstream_per_model", 0)
         self.max_upstream_per_model = per_model or max(1, self.upstream_connections // 2)
@@ -151,6 +202,9 @@ class Router:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
+        if path in ("/", "/v1", "/v1/"):
+            await liveness(send)
+            return
         if path.startswith("/v1/"):
             await self._v1(scope, receive, send, path, method)
             return
@@ -161,15 +215,14 @@ class Router:
             if model is None:
                 return
             if action == "/ready":
-                await self._ready(send, model)
+                await self._ready(send, model, version)
                 return
             target = f"/v2/models/{name}" if version is None else f"/v2/models/{name}/versions/{version}"
-            if action == "/infer" and method == "POST":
-                await self._model_call(scope, receive, send, model, "POST", target + "/infer", version, v1=False)
-            elif action is None and method == "GET":
-                await self._model_call(scope, receive, send, model, "GET", target, version, v1=False)
-            else:
-                await send_error(send, 405, f"{method} {_echo(path)} is not supported")
+            if method not in _V2_ACTIONS[action]:
+                await send_error(send, 405, f"{method} {_echo(path)} is not supported (use {' or '.join(_V2_ACTIONS[action])})")
+                return
+            await self._model_call(scope, receive, send, model, method, target + (action or ""), version,
+                                   v1=False, action=action)
             return
         if path in ("/v2/health/live",):
             await _json(send, 200, {"live": True})
@@ -177,9 +230,12 @@ class Router:
             ok = self.reconciler.applied_once.is_set() and self._server_ready()
             await _json(send, 200 if ok else 503, {"ready": ok})
         elif path in ("/v2", "/v2/") and method == "GET":
-            await self._forward_plain(send, "GET", "/v2")
+            await self._server_metadata(send)
         elif path.startswith("/v2/repository"):
             await send_error(send, 403, "the model repository is managed by the modelshelf agent: edit the model config instead")
+        elif path.startswith(_SERVER_WIDE):
+            await send_error(send, 403, f"{_echo(path)} is a server-wide setting of the co-located server: the agent's "
+                                        "operator owns it (per-model trace settings: /v2/models/{name}/trace/setting)")
         else:
             await send_error(send, 404, f"no route for {_echo(method)} {_echo(path)}")
 
@@ -204,19 +260,38 @@ class Router:
         return model
 
     # ------------------------------------------------------------------ V2
-    async def _ready(self, send: Send, model: Any) -> None:
+    async def _ready(self, send: Send, model: Any, version: str | None) -> None:
         ok = _can_serve(model)
+        if ok and version is not None and model.spec.version is None:
+            # no configured version: only the server knows which versions the model has, and
+            # only once it is loaded (a version that is not there is 404, as infer on it is)
+            if model.state is not State.LOADED:
+                await _json(send, 400, {"name": model.name, "ready": False, "state": model.state.value,
+                                        "error": f"model {model.name!r} is not loaded: its versions are known once it "
+                                                 f"is (a request to /v2/models/{model.name}/infer loads it)"})
+                return
+            try:
+                status, _, _ = await self._send("GET", f"/v2/models/{model.name}/versions/{version}/ready", None, [],
+                                                key=model.name)
+            except (UpstreamError, asyncio.TimeoutError, UnsafeRequest):
+                await send_error(send, 503, f"model {model.name!r}: server unreachable", retry_after=1)
+                return
+            if status != 200:
+                await send_error(send, 404, f"model {model.name!r} has no version {version!r} "
+                                            f"(the server answered {status} for it)")
+                return
         # KServe V2: 200 when ready, 400 otherwise; the body says which
         await _json(send, 200 if ok else 400, {"name": model.name, "ready": ok, "state": model.state.value})
 
     async def _model_call(self, scope: Scope, receive: Receive, send: Send, model: Any, method: str,
                           target: str, version: str | None, *, v1: bool,
-                          body: bytes | None = None) -> tuple[int, bytes] | None:
+                          body: bytes | None = None, action: str | None = None) -> tuple[int, bytes] | None:
         """Lease, lazy-load, forward. With `v1`, return (status, body) instead of sending."""
         name = model.name
+        source: bytes | BodySource | None = body
         if body is None and method == "POST":
             try:
-                body = await self._read_body(scope, receive, self.max_body_bytes)
+                source = await self._body(scope, receive)
             except _TooLarge:
                 self._count(name, 413)
                 await send_error(send, 413, f"request body exceeds {self.max_body_bytes} bytes (--max-body-bytes)")
@@ -232,12 +307,82 @@ class Router:
             await send_error(send, 503, str(e), retry_after=e.retry_after)
             return None
         try:
-            return await self._forward(scope, send, model, method, target, version, body, v1=v1)
+            if action in _STREAMED:
+                await self._forward_stream(scope, send, model, method, target, source)
+                return None
+            return await self._forward(scope, send, model, method, target, version, source, v1=v1, action=action)
         finally:
             self.reconciler.release(model)
 
+    async def _body(self, scope: Scope, receive: Receive) -> bytes | BodySource:
+        """The request body: read whole up to --max-body-bytes, or, when its Content-Length is
+        above --stream-body-bytes, a BodySource that forwards it as it arrives (413 either way
+        past --max-body-bytes: the length is checked before a byte is read)."""
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is None or not length.isdigit() or int(length) <= self.stream_body_bytes:
+            return await self._read_body(scope, receive, self.max_body_bytes)
+        if int(length) > self.max_body_bytes:
+            raise _TooLarge
+
+        async def read() -> bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionError("the client went away")
+            return message.get("body", b"")
+
+        return BodySource(int(length), read)
+
+    def _upstream_failure(self, name: str, e: Exception) -> tuple[int, str]:
+        """The status and reason a client gets when the server could not be asked."""
+        if isinstance(e, UnsafeRequest):
+            return 400, str(e)
+        if isinstance(e, BodyIncomplete):
+            return 400, f"model {name!r}: {e}"
+        if isinstance(e, UpstreamBusy):
+            reason = f"busy: {e} (--max-upstream-per-model / --upstream-connections / --request-timeout)"
+        elif isinstance(e, asyncio.TimeoutError):
+            reason = f"no answer within {self.request_timeout_s:g}s (--request-timeout)"
+        else:
+            reason = "server unreachable"
+        return 503, f"model {name!r}: {reason}"
+
+    async def _forward_stream(self, scope: Scope, send: Send, model: Any, method: str, target: str,
+                              body: bytes | BodySource | None) -> None:
+        """Forward and pass the answer on chunk by chunk as the server sends it (SSE)."""
+        name = model.name
+        # no compression of a stream: a compressor holds back small chunks
+        headers = [(k, v) for k, v in scope["headers"] if k in _PASS_REQUEST and k != b"accept-encoding"]
+        query = scope.get("query_string")
+        if query:
+            target = target + "?" + _safe_query(query)
+        upstream = self._current_upstream()
+        started = False
+        try:
+            async with upstream.stream(method, target, headers, body or b"", self.request_timeout_s, key=name) as answer:
+                if answer.status >= 400:
+                    payload = await answer.read(_ERROR_BYTES)
+                    await self._answer(send, model, target, None, answer.status, payload, answer.headers, "/generate_stream")
+                    return
+                self._count(name, answer.status)
+                out_headers = [(k, v) for k, v in answer.headers if k in _PASS_RESPONSE]
+                await send({"type": "http.response.start", "status": answer.status, "headers": out_headers})
+                started = True
+                while (chunk := await answer.next_chunk()) is not None:
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+        except (UpstreamError, asyncio.TimeoutError, UnsafeRequest) as e:
+            if started:  # the status is sent: cut the stream (the client sees it end early)
+                log.warning("stream cut", extra=kv(model=name, error=type(e).__name__))
+                await send({"type": "http.response.body", "body": b""})
+                return
+            status, reason = self._upstream_failure(name, e)
+            self._count(name, status)
+            await send_error(send, status, reason, retry_after=1 if status == 503 else None)
+
     async def _forward(self, scope: Scope, send: Send, model: Any, method: str, target: str,
-                       version: str | None, body: bytes | None, *, v1: bool) -> tuple[int, bytes] | None:
+                       version: str | None, body: bytes | BodySource | None, *, v1: bool,
+                       action: str | None = None) -> tuple[int, bytes] | None:
         name = model.name
         headers = [(k, v) for k, v in scope["headers"] if k in _PASS_REQUEST]
         query = scope.get("query_string")
@@ -245,60 +390,80 @@ class Router:
             target = target + "?" + _safe_query(query)
         try:
             status, payload, out_headers = await self._send(method, target, body, headers, key=name)
-        except UnsafeRequest as e:
-            self._count(name, 400)
-            await send_error(send, 400, str(e))
+        except (UpstreamError, asyncio.TimeoutError, UnsafeRequest) as e:
+            status, reason = self._upstream_failure(name, e)
+            self._count(name, status)
+            await send_error(send, status, reason, retry_after=1 if status == 503 else None)
             return None
-        except (UpstreamError, asyncio.TimeoutError) as e:
-            self._count(name, 503)
-            if isinstance(e, UpstreamBusy):
-                reason = f"busy: {e} (--max-upstream-per-model / --upstream-connections / --request-timeout)"
-            elif isinstance(e, asyncio.TimeoutError):
-                reason = f"no answer within {self.request_timeout_s:g}s (--request-timeout)"
-            else:
-                reason = "server unreachable"
-            await send_error(send, 503, f"model {name!r}: {reason}", retry_after=1)
-            return None
-        if status == 404 and (version is None or version == model.spec.version):
+        if v1:
+            if status >= 400 and not (status == 404 and self._lost(model, version)):
+                self._count(name, status)
+                return status, json.dumps({"error": error_reason(status, _decoded(payload, out_headers))}).encode()
+            if status < 400:
+                self._count(name, status)
+                return status, payload
+        await self._answer(send, model, target, version, status, payload, out_headers, action)
+        return None
+
+    def _lost(self, model: Any, version: str | None) -> bool:
+        """A 404 for the model we leased as served (not for a version it may lack)."""
+        return version is None or version == model.spec.version
+
+    async def _answer(self, send: Send, model: Any, target: str, version: str | None, status: int, payload: bytes,
+                      out_headers: list[tuple[bytes, bytes]], action: str | None) -> None:
+        """Send the server's answer on; its errors as {"error": reason}."""
+        name = model.name
+        if status == 404 and action in _EXTENSIONS and _no_route(payload, out_headers):
+            self._count(name, 501)
+            kind = getattr(getattr(self.reconciler, "adapter", None), "kind", "the co-located server")
+            await send_error(send, 501, f"model {name!r}: {action} is not served by {kind} (a Triton extension; "
+                                        "the server has no such endpoint)")
+            return
+        if status == 404 and self._lost(model, version):
             # the server does not have a model we leased as served (a restart, an unload behind
             # our back, or the window before a restarted server is restocked): never a 404 for
             # a configured model; the reconciler rechecks the server when it thinks it loaded
             self.reconciler.report_missing(name)
             self._count(name, 503)
             await send_error(send, 503, f"model {name!r}: the server does not have it loaded; reloading", retry_after=1)
-            return None
+            return
         self._count(name, status)
         if status >= 400:
-            payload = json.dumps({"error": error_reason(status, payload)}).encode()
+            payload = json.dumps({"error": error_reason(status, _decoded(payload, out_headers))}).encode()
             out_headers = [(b"content-type", b"application/json")]
-        if v1:
-            return status, payload
         out_headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": payload})
-        return None
 
-    async def _send(self, method: str, target: str, body: bytes | None, headers: list[tuple[bytes, bytes]],
-                    key: str = "") -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    def _current_upstream(self) -> Upstream:
         upstream = self._upstream
         if upstream is None or upstream.base_url != self._server_url():
             upstream = self._upstream = self._new_upstream()
-        status, resp_headers, payload = await upstream.request(method, target, headers, body or b"",
-                                                               self.request_timeout_s, key)
+        return upstream
+
+    async def _send(self, method: str, target: str, body: bytes | BodySource | None,
+                    headers: list[tuple[bytes, bytes]], key: str = "") -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        status, resp_headers, payload = await self._current_upstream().request(
+            method, target, headers, body or b"", self.request_timeout_s, key)
         return status, payload, [(k, v) for k, v in resp_headers if k in _PASS_RESPONSE]
 
-    async def _forward_plain(self, send: Send, method: str, target: str) -> None:
+    async def _server_metadata(self, send: Send) -> None:
+        """GET /v2: the server's metadata, its `extensions` cut to those the agent serves."""
         try:
-            status, payload, headers = await self._send(method, target, None, [])
+            status, payload, _ = await self._send("GET", "/v2", None, [])
         except (UpstreamError, asyncio.TimeoutError):
             await send_error(send, 503, "server unreachable", retry_after=1)
             return
         if status >= 400:
-            payload = json.dumps({"error": error_reason(status, payload)}).encode()
-            headers = [(b"content-type", b"application/json")]
-        headers.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+            await send_error(send, status, error_reason(status, payload))
+            return
+        try:
+            doc = json.loads(payload)
+            doc["extensions"] = [e for e in doc.get("extensions") or [] if e in SERVED_EXTENSIONS]
+        except (ValueError, TypeError, AttributeError):
+            await send_error(send, 502, "the server's metadata (GET /v2) is not a JSON object")
+            return
+        await _json(send, 200, doc)
 
     async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes:
         for k, v in scope["headers"]:
@@ -319,19 +484,35 @@ class Router:
 
     # ------------------------------------------------------------------ V1
     async def _v1(self, scope: Scope, receive: Receive, send: Send, path: str, method: str) -> None:
+        if path in ("/v1/models", "/v1/models/") and method == "GET":
+            names = sorted(n for n, m in self.reconciler.models.items() if not m.removed)
+            await _json(send, 200, {"models": names})
+            return
         m = _V1_MODEL.fullmatch(path)
         if m is None:
             await send_error(send, 404, f"no route for {_echo(method)} {_echo(path)}")
             return
-        name, predict = m.group(1), m.group(2)
+        name, verb = m.group(1), m.group(2)
         model = await self._configured(send, name, None)
         if model is None:
             return
-        if not predict:
-            await _json(send, 200, {"name": name, "ready": _can_serve(model)})
+        if not verb:
+            if _can_serve(model):
+                await _json(send, 200, {"name": name, "ready": True})
+            else:  # KServe answers 503 for a model that is not ready (its SDK reads it as False)
+                reason = getattr(model, "reason", None)
+                await send_error(send, 503, f"model {name!r} is not ready (state: {model.state.value}"
+                                            + (f": {_clean(str(reason))}" if reason else "") + ")")
             return
         if method != "POST":
-            await send_error(send, 405, "use POST for :predict")
+            await send_error(send, 405, f"use POST for {verb}")
+            return
+        if verb == ":explain":
+            self._count(name, 501)
+            kind = getattr(getattr(self.reconciler, "adapter", None), "kind", "the co-located server")
+            await send_error(send, 501, f"model {name!r}: :explain is not served: {kind} speaks KServe V2, which has no "
+                                        "explain endpoint; serve the explainer as a model of its own (e.g. MLServer's "
+                                        "alibi-explain runtime) and call its :predict or /infer")
             return
         limit = min(self.max_v1_body_bytes, self.max_body_bytes)
         try:
@@ -420,6 +601,28 @@ def error_reason(status: int, payload: bytes) -> str:
     return reason or f"the server answered {status} without a reason"
 
 
+def _decoded(payload: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An error answer's bytes, decompressed (at most _ERROR_BYTES) when it came gzip/deflate."""
+    encoding = next((v for k, v in headers if k == b"content-encoding"), b"").strip().lower()
+    if encoding not in (b"gzip", b"deflate"):
+        return payload
+    try:
+        wbits = 31 if encoding == b"gzip" else zlib.MAX_WBITS
+        return zlib.decompressobj(wbits).decompress(payload[:_ERROR_BYTES], _ERROR_BYTES)
+    except zlib.error:
+        return b""
+
+
+def _no_route(payload: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+    """A 404 that says the server has no such endpoint (FastAPI's {"detail": "Not Found"},
+    MLServer's), not that it lacks the model."""
+    try:
+        doc = json.loads(_decoded(payload, headers))
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("detail") == "Not Found"
+
+
 def _can_serve(model: Any) -> bool:
     """Ready in the data-plane sense: an infer now succeeds (possibly after a lazy load)."""
     if model.state is State.LOADED:
@@ -435,6 +638,11 @@ async def _json(send: Send, status: int, doc: Any, extra: list[tuple[bytes, byte
         headers += extra
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def liveness(send: Send) -> None:
+    """KServe's liveness (`GET /`, `GET /v1`): {"status": "alive"} while the process answers."""
+    await _json(send, 200, {"status": "alive"})
 
 
 async def send_error(send: Send, status: int, message: str, *, retry_after: float | None = None) -> None:

@@ -61,6 +61,7 @@ class Settings:
     max_config_nodes: int = 1_000_000  # values in a config file, YAML aliases counted at each use
     drain_timeout_s: float = 30.0  # an unload waits this long for in-flight requests to finish
     retry_base_s: float = 1.0  # first retry delay of a failed model (doubles per failure, jittered)
+    stream_body_bytes: int = 2**20  # request bodies with a Content-Length above this are forwarded as they arrive
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":
         """How the puller reaches one model's storage: its own sha256 and storage key, the

@@ -196,7 +196,8 @@ DEEP = b'{"instances": ' + b"[" * 100_000 + b"1" + b"]" * 100_000 + b"}"
     ("/v1/models/m1:predict", b'{"instances": [[1, 2], [3]]}', 400),  # ragged
     ("/v1/models/m1:predict", b'{"instances": "abc"}', 400),
     ("/v1/models/m1:predict", b'{"instances": [["a", 1]]}', 400),
-    ("/v1/models/m1:predict", b'{"instances": [{"a": 1}]}', 400),
+    # a dict row is a DataFrame row (issue 11, as KServe): one column where the model wants 4
+    ("/v1/models/m1:predict", b'{"instances": [{"a": 1}]}', (400, 422, 500)),
     ("/v1/models/m1:predict", DEEP, 400),  # nesting: no RecursionError, no 500
     ("/v1/models/m1:predict", b"\x00\xff garbage", 400),
     ("/v1/models/m1:predict", b'{"instances": [1, 2]}', (400, 422, 500)),  # wrong feature count: the model says so
