@@ -115,15 +115,42 @@ def model_uri(model: ServedModel) -> str:
 
 
 def model_settings(model: ServedModel) -> dict[str, Any]:
-    """The model-settings.json document for a model."""
-    params: dict[str, Any] = {"uri": model_uri(model)}
+    """The model-settings.json document for a model: the one shipped in its folder (MLServer's
+    convention) as the base, under the agent's served name, with parameters.uri pointing into
+    the cache, the configured version, implementation and parameters over the shipped ones."""
+    doc, shipped_uri = shipped_settings(model)
+    params: dict[str, Any] = dict(doc.get("parameters") or {})
+    params["uri"] = shipped_uri or model_uri(model)
     if model.version is not None:
         params["version"] = str(model.version)
     for key, value in (model.parameters or {}).items():
         if key in ("uri", "version"):
             continue  # the adapter owns these
         params[key] = value
-    return {"name": model.name, "implementation": implementation_for(model), "parameters": params}
+    implementation = doc.get("implementation") if not model.implementation and isinstance(
+        doc.get("implementation"), str) else None
+    return {**doc, "name": model.name, "implementation": implementation or implementation_for(model),
+            "parameters": params}
+
+
+def shipped_settings(model: ServedModel) -> tuple[dict[str, Any], str | None]:
+    """The model-settings.json shipped at the top of the model's folder ({} when none or
+    unreadable) and its parameters.uri resolved inside the folder (None when it has none, or
+    one that leaves the folder). Its `name` is dropped: the agent serves the configured name."""
+    folder = Path(model.path)
+    try:
+        doc = json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}, None
+    if not isinstance(doc, dict):
+        return {}, None
+    doc.pop("name", None)
+    uri = (doc.get("parameters") or {}).get("uri") if isinstance(doc.get("parameters"), dict) else None
+    if not isinstance(uri, str) or not uri:
+        return doc, None
+    root = folder.resolve()
+    target = (root / uri).resolve()
+    return doc, str(target) if target == root or root in target.parents else None
 
 
 _FRAME_RE = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
@@ -332,4 +359,5 @@ class MLServerAdapter(HTTPServerAdapter):
                 shutil.rmtree(p, ignore_errors=True)
 
 
-__all__ = ["MLServerAdapter", "IMPLEMENTATIONS", "PARKED_DIR", "SETTINGS_FILE", "model_settings", "model_uri", "server_reason"]
+__all__ = ["MLServerAdapter", "IMPLEMENTATIONS", "PARKED_DIR", "SETTINGS_FILE", "model_settings", "model_uri",
+           "server_reason", "shipped_settings"]
