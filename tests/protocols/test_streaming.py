@@ -1,0 +1,70 @@
+"""generate_stream through the agent, against a real MLServer: server-sent events reach the
+client as the model yields them, not when the answer ends; and request bodies above
+--stream-body-bytes (64 KiB here) are forwarded as they arrive, with the 413 check kept."""
+from __future__ import annotations
+
+import http.client
+import json
+
+from tests.support.agentproc import IRIS_ROW
+from tests.support.models import sklearn_predictions
+
+
+def _events(buffer: bytes) -> list[dict]:
+    return [json.loads(block[len(b"data: "):]) for block in buffer.split(b"\n\n") if block.startswith(b"data: ")]
+
+
+def _word(event: dict) -> str:
+    return event["outputs"][0]["data"][0]
+
+
+def test_generate_stream_passes_each_event_on_as_the_model_yields_it(ms_agent, tmp_path):
+    gate = tmp_path / "gate"
+    body = json.dumps({"parameters": {"gate": str(gate)},
+                       "inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["go"]}]})
+    conn = http.client.HTTPConnection("127.0.0.1", ms_agent.port, timeout=60)
+    try:
+        conn.request("POST", "/v2/models/gated/generate_stream", body, {"content-type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200, r.read()[:300]
+        assert r.getheader("content-type", "").startswith("text/event-stream")
+        seen = b""
+        while not _events(seen):  # the first event, while the model still waits for the gate
+            chunk = r.read1(65536)
+            assert chunk, f"the stream ended before its first event: {seen!r}"
+            seen += chunk
+        assert [_word(e) for e in _events(seen)] == ["first"]
+        gate.touch()
+        seen += r.read()
+        assert [_word(e) for e in _events(seen)] == ["first", "after-gate"]
+    finally:
+        conn.close()
+    # the same model on generate (not streamed) and on infer keeps working after the stream
+    code, doc = ms_agent.post("/v2/models/gated/infer", {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
+                                                                     "data": ["go"]}]})
+    assert code == 200 and doc["outputs"][0]["data"] == ["whole"]
+
+
+def test_a_body_above_the_stream_threshold_is_forwarded_and_answered(ms_agent):
+    rows = [IRIS_ROW] * 4000  # ~100 KiB of JSON: above --stream-body-bytes 64Ki
+    doc = {"inputs": [{"name": "x", "shape": [len(rows), 4], "datatype": "FP64", "data": [v for r in rows for v in r]}]}
+    data = json.dumps(doc).encode()
+    assert len(data) > 64 * 1024
+    for _ in range(3):  # a streamed body's connection is never pooled half-written: every answer is right
+        code, body = ms_agent.post("/v2/models/iris/infer", data=data, headers={"content-type": "application/json"})
+        assert code == 200, body
+        assert body["outputs"][0]["data"] == sklearn_predictions(ms_agent.root / "store" / "iris", rows)
+
+
+def test_a_streamed_body_cut_short_gets_no_answer_and_leaves_others_unharmed(ms_agent):
+    data = json.dumps({"inputs": [{"name": "x", "shape": [4000, 4], "datatype": "FP64", "data": IRIS_ROW * 4000}]}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", ms_agent.port, timeout=30)
+    conn.putrequest("POST", "/v2/models/iris/infer")
+    conn.putheader("content-type", "application/json")
+    conn.putheader("content-length", str(len(data)))
+    conn.endheaders()
+    conn.send(data[: len(data) // 2])
+    conn.close()  # the client goes away mid-body
+    code, body = ms_agent.post("/v2/models/iris/infer", {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64",
+                                                                     "data": IRIS_ROW}]})
+    assert code == 200, body
