@@ -516,10 +516,15 @@ class Router:
             return
         limit = min(self.max_v1_body_bytes, self.max_body_bytes)
         try:
-            raw = await self._read_body(scope, receive, limit)
+            raw = _inflate(await self._read_body(scope, receive, limit), scope["headers"], limit)
         except _TooLarge:
             self._count(name, 413)
-            await send_error(send, 413, f"V1 request body exceeds {limit} bytes (--max-v1-body-bytes)")
+            await send_error(send, 413, f"V1 request body exceeds {limit} bytes (--max-v1-body-bytes; "
+                                        "a compressed body counts decompressed)")
+            return
+        except ValueError as e:
+            self._count(name, 400)
+            await send_error(send, 400, f"bad V1 request: {e}")
             return
         try:
             v2_body = await self._translate(translate_v1_request, raw)
@@ -611,6 +616,25 @@ def _decoded(payload: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         return zlib.decompressobj(wbits).decompress(payload[:_ERROR_BYTES], _ERROR_BYTES)
     except zlib.error:
         return b""
+
+
+def _inflate(raw: bytes, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:
+    """A V1 body as JSON bytes: decompressed when its Content-Encoding is gzip or deflate (the
+    agent parses V1 bodies); _TooLarge past `limit` decompressed bytes, ValueError when the
+    encoding is unknown or the bytes are not what it says."""
+    encoding = next((v for k, v in headers if k == b"content-encoding"), b"identity").strip().lower()
+    if encoding == b"identity":
+        return raw
+    if encoding not in (b"gzip", b"deflate"):
+        raise ValueError(f"Content-Encoding {encoding[:20].decode('ascii', 'replace')!r} is not gzip or deflate")
+    inflater = zlib.decompressobj(31 if encoding == b"gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(raw, limit + 1)
+    except zlib.error:
+        raise ValueError(f"the body is not valid {encoding.decode()} data") from None
+    if len(out) > limit:
+        raise _TooLarge
+    return out
 
 
 def _no_route(payload: bytes, headers: list[tuple[bytes, bytes]]) -> bool:

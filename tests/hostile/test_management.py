@@ -53,8 +53,11 @@ def test_public_port_serves_only_the_data_plane_and_probes(agent):
     assert code == 200, body
     assert get(agent.url + "/v2/models/iris/ready") == 200
     assert get(agent.url + "/healthz") == 200 and get(agent.url + "/readyz") == 200
-    for path in ("/status", "/status/models/iris", "/metrics", "/", "/docs", "/openapi.json", "/redoc"):
+    for path in ("/status", "/status/models/iris", "/metrics", "/docs", "/openapi.json", "/redoc"):
         assert get(agent.url + path) == 404, f"{path} is served on the public port"
+    # "/" is KServe V1's liveness there (issue 11), never the page, whatever the client accepts
+    for accept in ("*/*", "text/html"):
+        assert request("GET", agent.url + "/", headers={"accept": accept}) == (200, {"status": "alive"})
 
 
 def test_management_port_serves_status_metrics_and_page_but_no_docs(agent):

@@ -142,7 +142,7 @@ def test_every_surface_of_a_running_agent_is_clean(tmp_path, http):
             assert "127.0.0.1" in doc["uri"] if isinstance(doc["uri"], str) else True
             assert_clean(f"/status/models/{name}", json.dumps(doc))
         assert_clean("/status", json.dumps(agent.status()))
-        code, page = agent.get("/")
+        code, page = request("GET", agent.url + "/", headers={"accept": "text/html"})  # a browser: the page
         assert code == 200 and b"slash-pw" in page
         assert_clean("the status page", page)
         code, metrics = agent.get("/metrics")

@@ -82,3 +82,21 @@ def test_versioned_v2_readiness_honours_the_version(ms_agent):
     code, body = ms_agent.get("/v2/models/iris/versions/1/ready")
     assert code == 404 and "version" in body["error"]
     assert ms_agent.post("/v2/models/iris/versions/1/infer", {"inputs": []})[0] == 404
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_v1_body_is_decompressed_and_its_limit_counts_decompressed(ms_agent, encoding):
+    import gzip
+    import json
+    import zlib
+
+    raw = json.dumps({"instances": ROWS}).encode()
+    data = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
+    code, body = ms_agent.post("/v1/models/iris:predict", data=data,
+                               headers={"content-type": "application/json", "content-encoding": encoding})
+    assert code == 200, body
+    assert body == {"predictions": _expected(ms_agent)}
+    bomb = gzip.compress(b'{"instances": [' + b"1," * (3 * 2**20) + b"1]}")  # ~6 MiB inflated, 4 MiB limit
+    code, body = ms_agent.post("/v1/models/iris:predict", data=bomb,
+                               headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert code == 413 and "decompressed" in body["error"]
