@@ -88,9 +88,53 @@ def ms_agent(tmp_path_factory):
         agent.stop()
 
 
+# The same gate for Triton: a decoupled python-backend model (the request parameter "gate",
+# which Triton's generate extension fills from a JSON field that is not an input).
+TRITON_GATED = '''
+import json
+import os
+import sys
+import time
+
+for _p in (os.environ.get("MODELSHELF_TRITON_SITE_PACKAGES"), {site!r}):
+    if _p and _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            gate = json.loads(request.parameters() or "{{}}").get("gate", "")
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.array([1.0], dtype=np.float32))]))
+            for _ in range(2000):  # 20 s at most
+                if os.path.exists(gate):
+                    break
+                time.sleep(0.01)
+            word = 2.0 if os.path.exists(gate) else -1.0
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.array([word], dtype=np.float32))]),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
+
+def write_triton_gated(directory: Path, site: Path) -> Path:
+    from agent.demo import TRITON_PYTHON_CONFIG
+
+    (directory / "1").mkdir(parents=True, exist_ok=True)
+    config = TRITON_PYTHON_CONFIG.format(name=directory.name) + "model_transaction_policy { decoupled: true }\n"
+    (directory / "config.pbtxt").write_text(config)
+    (directory / "1" / "model.py").write_text(TRITON_GATED.format(site=str(site)))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def triton_agent(tmp_path_factory):
-    """An agent with an embedded Triton serving `double` (version 1) and `triple` (unversioned)."""
+    """An agent with an embedded Triton serving `double` (version 1), `triple` (unversioned) and
+    `gated` (decoupled: streams two responses, the second after a gate file appears)."""
     from tests.support.models import write_triton_model
     from tests.support.servers import triton_available, triton_site_packages
 
@@ -102,10 +146,12 @@ def triton_agent(tmp_path_factory):
     store = root / "store"
     write_triton_model(store / "double", name="double", factor=2.0, site_packages=site)
     write_triton_model(store / "triple", name="triple", factor=3.0, site_packages=site)
+    write_triton_gated(store / "gated", site)
     cm = ConfigMapDir(root / "config")
     cm.write({"models.json": json.dumps({"models": [
         {"name": "double", "uri": str(store / "double"), "runtime": "triton", "version": "1"},
-        {"name": "triple", "uri": str(store / "triple"), "runtime": "triton"}]})})
+        {"name": "triple", "uri": str(store / "triple"), "runtime": "triton"},
+        {"name": "gated", "uri": str(store / "gated"), "runtime": "triton"}]})})
     agent = AgentProcess(cm.root, root / "cache", root / "agent.log", "--server", "triton",
                          "--request-timeout", "30", "--stream-body-bytes", "64Ki").wait_ready(90)
     try:

@@ -1,10 +1,12 @@
-"""generate_stream through the agent, against a real MLServer: server-sent events reach the
-client as the model yields them, not when the answer ends; and request bodies above
---stream-body-bytes (64 KiB here) are forwarded as they arrive, with the 413 check kept."""
+"""generate_stream through the agent, against a real MLServer and a real Triton (a decoupled
+model): server-sent events reach the client as the model yields them, not when the answer ends;
+and request bodies above --stream-body-bytes (64 KiB here) are forwarded as they arrive."""
 from __future__ import annotations
 
 import http.client
 import json
+
+import pytest
 
 from tests.support.agentproc import IRIS_ROW
 from tests.support.models import sklearn_predictions
@@ -18,13 +20,12 @@ def _word(event: dict) -> str:
     return event["outputs"][0]["data"][0]
 
 
-def test_generate_stream_passes_each_event_on_as_the_model_yields_it(ms_agent, tmp_path):
-    gate = tmp_path / "gate"
-    body = json.dumps({"parameters": {"gate": str(gate)},
-                       "inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["go"]}]})
-    conn = http.client.HTTPConnection("127.0.0.1", ms_agent.port, timeout=60)
+def _gated_stream(port: int, body: dict, gate) -> tuple[list[dict], list[dict]]:
+    """POST generate_stream to `gated`; the events seen before the gate was opened (the model
+    waits for it after its first event), and all of them."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        conn.request("POST", "/v2/models/gated/generate_stream", body, {"content-type": "application/json"})
+        conn.request("POST", "/v2/models/gated/generate_stream", json.dumps(body), {"content-type": "application/json"})
         r = conn.getresponse()
         assert r.status == 200, r.read()[:300]
         assert r.getheader("content-type", "").startswith("text/event-stream")
@@ -33,12 +34,20 @@ def test_generate_stream_passes_each_event_on_as_the_model_yields_it(ms_agent, t
             chunk = r.read1(65536)
             assert chunk, f"the stream ended before its first event: {seen!r}"
             seen += chunk
-        assert [_word(e) for e in _events(seen)] == ["first"]
+        before = _events(seen)
         gate.touch()
         seen += r.read()
-        assert [_word(e) for e in _events(seen)] == ["first", "after-gate"]
+        return before, _events(seen)
     finally:
         conn.close()
+
+
+def test_generate_stream_passes_each_event_on_as_the_model_yields_it(ms_agent, tmp_path):
+    gate = tmp_path / "gate"
+    body = {"parameters": {"gate": str(gate)}, "inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["go"]}]}
+    before, events = _gated_stream(ms_agent.port, body, gate)
+    assert [_word(e) for e in before] == ["first"]
+    assert [_word(e) for e in events] == ["first", "after-gate"]
     # the same model on generate (not streamed) and on infer keeps working after the stream
     code, doc = ms_agent.post("/v2/models/gated/infer", {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
                                                                      "data": ["go"]}]})
@@ -68,3 +77,11 @@ def test_a_streamed_body_cut_short_gets_no_answer_and_leaves_others_unharmed(ms_
     code, body = ms_agent.post("/v2/models/iris/infer", {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64",
                                                                      "data": IRIS_ROW}]})
     assert code == 200, body
+
+
+@pytest.mark.triton
+def test_triton_generate_stream_of_a_decoupled_model_is_not_buffered(triton_agent, tmp_path):
+    gate = tmp_path / "gate"
+    before, events = _gated_stream(triton_agent.port, {"INPUT0": [0.0], "gate": str(gate)}, gate)
+    assert [e["OUTPUT0"] for e in before] == [1.0]
+    assert [e["OUTPUT0"] for e in events] == [1.0, 2.0]  # 2.0: sent after the gate opened (-1.0 if never)
