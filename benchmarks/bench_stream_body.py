@@ -34,26 +34,18 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import MI, Agent, command_line, loadavg, machine, machine_md, md_table, write_results  # noqa: E402
 
-SUM_MODEL = '''
-import os
-import sys
-
-_site = os.environ.get("MODELSHELF_TRITON_SITE_PACKAGES")
-if _site and _site not in sys.path:
-    sys.path.insert(0, _site)
-
+SUM_MODEL = '''# OUTPUT0 = [sum(INPUT0)]; numpy from the Triton venv the agent names (the stub runs system Python)
+import os, sys
+sys.path[:0] = [p for p in [os.environ.get("MODELSHELF_TRITON_SITE_PACKAGES")] if p and p not in sys.path]
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
     def execute(self, requests):
-        out = []
-        for request in requests:
-            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-            s = np.array([x.astype(np.float64).sum()], dtype=np.float32)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", s)]))
-        return out
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.array(
+            [pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy().astype(np.float64).sum()], dtype=np.float32))])
+            for r in requests]
 '''
 
 
