@@ -140,3 +140,18 @@ def test_triton_extensions_on_mlserver_are_501(ms_agent, path):
 def test_mlserver_metadata_has_no_extensions_it_lacks(ms_agent):
     code, meta = ms_agent.get("/v2")
     assert code == 200 and set(meta["extensions"]) <= SERVED_EXTENSIONS
+
+
+@pytest.mark.parametrize("compression", ["gzip", None])
+def test_tritonclient_with_gzip_request_compression_on_mlserver(ms_agent, compression):
+    import tritonclient.http as httpclient
+
+    from tests.support.models import sklearn_predictions
+
+    rows = [[5.1, 3.5, 1.4, 0.2], [7.7, 3.0, 6.1, 2.3]]
+    client = _client(ms_agent)
+    x = httpclient.InferInput("input-0", [2, 4], "FP64")
+    x.set_data_from_numpy(np.asarray(rows, dtype=np.float64), binary_data=False)  # MLServer: no binary extension
+    result = client.infer("iris", [x], outputs=[httpclient.InferRequestedOutput("predict", binary_data=False)],
+                          request_compression_algorithm=compression)
+    assert result.as_numpy("predict").ravel().tolist() == sklearn_predictions(ms_agent.root / "store" / "iris", rows)
