@@ -20,9 +20,9 @@ def _word(event: dict) -> str:
     return event["outputs"][0]["data"][0]
 
 
-def _gated_stream(port: int, body: dict, gate) -> tuple[list[dict], list[dict]]:
+def _gated_stream(port: int, body: dict, gate, during=None) -> tuple[list[dict], list[dict]]:
     """POST generate_stream to `gated`; the events seen before the gate was opened (the model
-    waits for it after its first event), and all of them."""
+    waits for it after its first event), and all of them. `during()` runs before the gate opens."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.request("POST", "/v2/models/gated/generate_stream", json.dumps(body), {"content-type": "application/json"})
@@ -35,6 +35,8 @@ def _gated_stream(port: int, body: dict, gate) -> tuple[list[dict], list[dict]]:
             assert chunk, f"the stream ended before its first event: {seen!r}"
             seen += chunk
         before = _events(seen)
+        if during is not None:
+            during()
         gate.touch()
         seen += r.read()
         return before, _events(seen)
@@ -45,9 +47,13 @@ def _gated_stream(port: int, body: dict, gate) -> tuple[list[dict], list[dict]]:
 def test_generate_stream_passes_each_event_on_as_the_model_yields_it(ms_agent, tmp_path):
     gate = tmp_path / "gate"
     body = {"parameters": {"gate": str(gate)}, "inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["go"]}]}
-    before, events = _gated_stream(ms_agent.port, body, gate)
+    leases = []
+    before, events = _gated_stream(ms_agent.port, body, gate,
+                                   during=lambda: leases.append(ms_agent.status()["models"]["gated"]["inflight"]))
     assert [_word(e) for e in before] == ["first"]
     assert [_word(e) for e in events] == ["first", "after-gate"]
+    assert leases == [1]  # the stream holds its model's lease (no eviction under it) ...
+    assert ms_agent.status()["models"]["gated"]["inflight"] == 0  # ... until it ends
     # the same model on generate (not streamed) and on infer keeps working after the stream
     code, doc = ms_agent.post("/v2/models/gated/infer", {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
                                                                      "data": ["go"]}]})
