@@ -84,7 +84,7 @@ from typing import Any, Awaitable, Callable
 from agent.logging import get_logger, kv
 from agent.metrics import Metrics
 from agent.reconciler import ModelUnavailable, Reconciler, State, UnknownModel
-from agent.upstream import BodyIncomplete, BodySource, Upstream, UpstreamBusy, UpstreamError, UnsafeRequest
+from agent.upstream import BodyIncomplete, BodySource, BodyTooLarge, Upstream, UpstreamBusy, UpstreamError, UnsafeRequest
 from agent.v1 import translate_v1_request, translate_v2_response
 
 log = get_logger("modelshelf.router")
@@ -292,6 +292,8 @@ class Router:
         if body is None and method == "POST":
             try:
                 source = await self._body(scope, receive)
+            except ConnectionError:
+                return None  # the client went away mid-body: nothing to forward, no one to answer
             except _TooLarge:
                 self._count(name, 413)
                 await send_error(send, 413, f"request body exceeds {self.max_body_bytes} bytes (--max-body-bytes)")
@@ -315,27 +317,57 @@ class Router:
             self.reconciler.release(model)
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes | BodySource:
-        """The request body: read whole up to --max-body-bytes, or, when its Content-Length is
-        above --stream-body-bytes, a BodySource that forwards it as it arrives (413 either way
-        past --max-body-bytes: the length is checked before a byte is read)."""
+        """The request body: read whole when it is at most --stream-body-bytes, else a
+        BodySource that forwards it as it arrives (with its Content-Length, or chunked when
+        the client sent none). --max-body-bytes: a Content-Length is checked before a byte is
+        read (413); a chunked body is cut off past it (BodyTooLarge, 413)."""
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is None or not length.isdigit() or int(length) <= self.stream_body_bytes:
-            return await self._read_body(scope, receive, self.max_body_bytes)
-        if int(length) > self.max_body_bytes:
-            raise _TooLarge
-
-        async def read() -> bytes:
+        if length is not None:
+            if not length.isdigit() or int(length) <= self.stream_body_bytes:
+                return await self._read_body(scope, receive, self.max_body_bytes)
+            if int(length) > self.max_body_bytes:
+                raise _TooLarge
+        head: list[bytes] = []  # no Content-Length: what arrived before the threshold was crossed
+        size, more = 0, True
+        while more and size <= self.stream_body_bytes:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise ConnectionError("the client went away")
-            return message.get("body", b"")
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _TooLarge
+            head.append(chunk)
+        if length is None and not more:
+            return b"".join(head)
+        ended = not more
 
-        return BodySource(int(length), read)
+        async def read() -> bytes:
+            nonlocal ended
+            while head:
+                chunk = head.pop(0)
+                if chunk:
+                    return chunk
+            while not ended:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ConnectionError("the client went away")
+                ended = not message.get("more_body", False)
+                if message.get("body"):
+                    return message["body"]
+            return b""
+
+        if length is not None:
+            return BodySource(int(length), read)
+        return BodySource(None, read, limit=self.max_body_bytes)
 
     def _upstream_failure(self, name: str, e: Exception) -> tuple[int, str]:
         """The status and reason a client gets when the server could not be asked."""
         if isinstance(e, UnsafeRequest):
             return 400, str(e)
+        if isinstance(e, BodyTooLarge):
+            return 413, f"request body exceeds {self.max_body_bytes} bytes (--max-body-bytes)"
         if isinstance(e, BodyIncomplete):
             return 400, f"model {name!r}: {e}"
         if isinstance(e, UpstreamBusy):

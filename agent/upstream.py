@@ -92,14 +92,20 @@ def check_headers(headers: list[tuple[bytes, bytes]]) -> None:
 @dataclass
 class BodySource:
     """A request body read while it is forwarded: `length` bytes (the client's Content-Length),
-    `read()` returns the next chunk (b"" at the end)."""
+    or, with `length` None, chunked transfer encoding up to `limit` bytes; `read()` returns the
+    next chunk (b"" at the end)."""
 
-    length: int
+    length: int | None
     read: Callable[[], Awaitable[bytes]]
+    limit: int | None = None
 
 
 class BodyIncomplete(UpstreamError):
     """The client's body ended before its declared length (or its read failed)."""
+
+
+class BodyTooLarge(BodyIncomplete):
+    """A chunked body went past its BodySource.limit (what was sent is abandoned)."""
 
 
 _STREAM_QUEUE = 16  # answer chunks buffered before reading from the server pauses
@@ -380,9 +386,12 @@ class Upstream:
         check_target(target)
         check_headers(headers)
         head = b"".join(b"%s: %s\r\n" % (k, v) for k, v in headers)
-        length = body.length if isinstance(body, BodySource) else len(body)
-        return b"%s %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n" % (
-            method.encode(), target.encode("ascii"), self._host_header, head, length)
+        if isinstance(body, BodySource) and body.length is None:
+            framing = b"transfer-encoding: chunked"
+        else:
+            framing = b"content-length: %d" % (body.length if isinstance(body, BodySource) else len(body))
+        return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s%s\r\n\r\n" % (
+            method.encode(), target.encode("ascii"), self._host_header, head, framing)
 
     @contextlib.asynccontextmanager
     async def _slot(self, key: str, deadline: float, timeout: float) -> AsyncIterator[None]:
@@ -457,8 +466,11 @@ class Upstream:
             return
         conn.transport.write(message)
         loop = asyncio.get_running_loop()
+        chunked = body.length is None
+        want = body.length if body.length is not None else (body.limit or 0) + 1
         sent = 0
-        while sent < body.length and not waiter.done():
+        ended = False
+        while sent < want and not waiter.done():
             left = deadline - loop.time()
             if left <= 0:
                 raise asyncio.TimeoutError()
@@ -469,17 +481,24 @@ class Upstream:
             except Exception as e:
                 raise BodyIncomplete(f"the request body could not be read: {e}") from None
             if not chunk:
+                ended = True
                 break
-            chunk = chunk[:body.length - sent]
+            chunk = chunk[:want - sent]
             sent += len(chunk)
-            conn.transport.write(chunk)
+            if chunked and sent > (body.limit or 0):
+                conn.keep_alive = False
+                raise BodyTooLarge(f"the request body exceeds {body.limit} bytes")
+            conn.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             await asyncio.wait_for(conn.drain(), max(0.0, deadline - loop.time()))
             if conn.closed:
                 break
-        if sent < body.length:
+        if chunked and ended:
+            conn.transport.write(b"0\r\n\r\n")
+        elif sent < want:
             conn.keep_alive = False
             if not waiter.done():
-                raise BodyIncomplete(f"the request body ended after {sent} of {body.length} bytes")
+                raise BodyIncomplete(f"the request body ended after {sent} of {body.length} bytes" if not chunked
+                                     else "the server closed the connection while the body was sent")
 
     async def _exchange(self, conn: _Conn, message: bytes, body: bytes | BodySource,
                         deadline: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

@@ -78,7 +78,7 @@ def ms_agent(tmp_path_factory):
     cm = ConfigMapDir(root / "config")
     cm.write({"models.json": json.dumps({"models": models})})
     agent = AgentProcess(cm.root, root / "cache", root / "agent.log", "--min-residency", "0",
-                         "--request-timeout", "30", "--stream-body-bytes", "64Ki").wait_ready()
+                         "--request-timeout", "30", "--stream-body-bytes", "64Ki", "--max-body-bytes", "1Mi").wait_ready()
     try:
         agent.wait_for(lambda s: s["models"].get("broken", {}).get("state") == "failed", timeout=60,
                        what="broken failed")

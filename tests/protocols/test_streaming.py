@@ -1,6 +1,7 @@
 """generate_stream through the agent, against a real MLServer and a real Triton (a decoupled
 model): server-sent events reach the client as the model yields them, not when the answer ends;
-and request bodies above --stream-body-bytes (64 KiB here) are forwarded as they arrive."""
+and request bodies above --stream-body-bytes (64 KiB here) are forwarded as they arrive, with
+their Content-Length or chunked as the client sent them, within --max-body-bytes (1 MiB here)."""
 from __future__ import annotations
 
 import http.client
@@ -91,3 +92,44 @@ def test_triton_generate_stream_of_a_decoupled_model_is_not_buffered(triton_agen
     before, events = _gated_stream(triton_agent.port, {"INPUT0": [0.0], "gate": str(gate)}, gate)
     assert [e["OUTPUT0"] for e in before] == [1.0]
     assert [e["OUTPUT0"] for e in events] == [1.0, 2.0]  # 2.0: sent after the gate opened (-1.0 if never)
+
+
+def _post_chunked(port: int, path: str, data: bytes, piece: int = 16384) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", path, (data[i:i + piece] for i in range(0, len(data), piece)),
+                     {"content-type": "application/json"}, encode_chunked=True)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_a_chunked_body_is_forwarded_and_answered_within_the_limit(ms_agent):
+    rows = [IRIS_ROW] * 4000  # ~100 KiB: above --stream-body-bytes, forwarded chunked
+    data = json.dumps({"inputs": [{"name": "x", "shape": [len(rows), 4], "datatype": "FP64",
+                                   "data": [v for r in rows for v in r]}]}).encode()
+    small = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": IRIS_ROW}]}).encode()
+    code, doc = _post_chunked(ms_agent.port, "/v2/models/iris/infer", small)  # below the threshold: read whole
+    assert code == 200, doc
+    code, doc = _post_chunked(ms_agent.port, "/v2/models/iris/infer", data)
+    assert code == 200, doc
+    assert doc["outputs"][0]["data"] == sklearn_predictions(ms_agent.root / "store" / "iris", rows)
+    big = json.dumps({"inputs": [{"name": "x", "shape": [80000, 4], "datatype": "FP64", "data": IRIS_ROW * 80000}]}).encode()
+    assert len(big) > 2**20
+    code, doc = _post_chunked(ms_agent.port, "/v2/models/iris/infer", big)
+    assert code == 413 and "--max-body-bytes" in doc["error"]
+    code, doc = ms_agent.post("/v2/models/iris/infer", data=data, headers={"content-type": "application/json"})
+    assert code == 200  # the server and the agent are fine after the cut-off body
+
+
+@pytest.mark.triton
+def test_triton_takes_a_streamed_body_with_or_without_content_length(triton_agent):
+    values = [float(i % 13) for i in range(30_000)]
+    data = json.dumps({"inputs": [{"name": "INPUT0", "shape": [len(values)], "datatype": "FP32", "data": values}]}).encode()
+    assert len(data) > 64 * 1024
+    code, doc = _post_chunked(triton_agent.port, "/v2/models/triple/infer", data)
+    assert code == 200, doc
+    assert doc["outputs"][0]["data"] == [v * 3 for v in values]
+    code, doc = triton_agent.post("/v2/models/triple/infer", data=data, headers={"content-type": "application/json"})
+    assert code == 200 and doc["outputs"][0]["data"] == [v * 3 for v in values]
