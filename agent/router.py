@@ -310,7 +310,7 @@ class Router:
             return None
         try:
             if action in _STREAMED:
-                await self._forward_stream(scope, send, model, method, target, source)
+                await self._forward_stream(scope, receive, send, model, method, target, source)
                 return None
             return await self._forward(scope, send, model, method, target, version, source, v1=v1, action=action)
         finally:
@@ -378,9 +378,10 @@ class Router:
             reason = "server unreachable"
         return 503, f"model {name!r}: {reason}"
 
-    async def _forward_stream(self, scope: Scope, send: Send, model: Any, method: str, target: str,
+    async def _forward_stream(self, scope: Scope, receive: Receive, send: Send, model: Any, method: str, target: str,
                               body: bytes | BodySource | None) -> None:
-        """Forward and pass the answer on chunk by chunk as the server sends it (SSE)."""
+        """Forward and pass the answer on chunk by chunk as the server sends it (SSE); stop
+        (and close the server connection) when the client goes away."""
         name = model.name
         # no compression of a stream: a compressor holds back small chunks
         headers = [(k, v) for k, v in scope["headers"] if k in _PASS_REQUEST and k != b"accept-encoding"]
@@ -399,9 +400,23 @@ class Router:
                 out_headers = [(k, v) for k, v in answer.headers if k in _PASS_RESPONSE]
                 await send({"type": "http.response.start", "status": answer.status, "headers": out_headers})
                 started = True
-                while (chunk := await answer.next_chunk()) is not None:
-                    if chunk:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                gone = asyncio.ensure_future(_client_gone(receive))
+                try:
+                    while True:
+                        upcoming = asyncio.ensure_future(answer.next_chunk())
+                        await asyncio.wait((upcoming, gone), return_when=asyncio.FIRST_COMPLETED)
+                        if not upcoming.done():
+                            # the client went away: stop here; closing the server connection
+                            # tells the server too, and the lease ends with this request
+                            upcoming.cancel()
+                            return
+                        chunk = upcoming.result()
+                        if chunk is None:
+                            break
+                        if chunk:
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                finally:
+                    gone.cancel()
                 await send({"type": "http.response.body", "body": b""})
         except (UpstreamError, asyncio.TimeoutError, UnsafeRequest) as e:
             if started:  # the status is sent: cut the stream (the client sees it end early)
@@ -585,6 +600,12 @@ class Router:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]})
         await send({"type": "http.response.body", "body": answer})
+
+async def _client_gone(receive: Receive) -> None:
+    """Return when the client disconnects (after its body: other messages are skipped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
 
 def _echo(text: str) -> str:
     """A client's input, cut short, for an error message."""

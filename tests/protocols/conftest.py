@@ -12,8 +12,8 @@ from tests.support.configmap import ConfigMapDir
 from tests.support.models import write_broken_model, write_sklearn_model
 
 # A custom MLServer runtime whose predict_stream sends one event, then waits for a gate file
-# (named by the request parameter "gate") before the second: a client that gets the first event
-# while the gate is still closed got it unbuffered.
+# (named by the request parameter "gate"; at most "patience" seconds, default 20) before the
+# second: a client that gets the first event while the gate is still closed got it unbuffered.
 GATED_STREAM = '''
 import asyncio
 import os
@@ -33,10 +33,14 @@ class GatedStream(MLModel):
     async def predict_stream(self, payloads):
         async for payload in payloads:
             gate = payload.parameters.gate
+            patience = float(getattr(payload.parameters, "patience", None) or 20)  # seconds
             yield InferenceResponse(model_name=self.name, outputs=[StringCodec.encode_output("out", ["first"])])
-            for _ in range(2000):  # 20 s at most
+            tick = bool(getattr(payload.parameters, "tick", False))  # an event every 0.5 s meanwhile
+            for i in range(int(patience * 100)):
                 if os.path.exists(gate):
                     break
+                if tick and i % 50 == 49:
+                    yield InferenceResponse(model_name=self.name, outputs=[StringCodec.encode_output("out", ["tick"])])
                 await asyncio.sleep(0.01)
             word = "after-gate" if os.path.exists(gate) else "gate-timeout"
             yield InferenceResponse(model_name=self.name, outputs=[StringCodec.encode_output("out", [word])])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 
 import pytest
 
@@ -92,6 +93,28 @@ def test_triton_generate_stream_of_a_decoupled_model_is_not_buffered(triton_agen
     before, events = _gated_stream(triton_agent.port, {"INPUT0": [0.0], "gate": str(gate)}, gate)
     assert [e["OUTPUT0"] for e in before] == [1.0]
     assert [e["OUTPUT0"] for e in events] == [1.0, 2.0]  # 2.0: sent after the gate opened (-1.0 if never)
+
+
+def test_a_client_leaving_a_stream_ends_its_lease_while_the_model_still_runs(ms_agent, tmp_path):
+    """The model would stream an event every 0.5 s for 10 minutes more (its gate never opens);
+    the client leaves after the first event: the agent stops reading and its lease ends."""
+    body = {"parameters": {"gate": str(tmp_path / "never"), "patience": 600, "tick": True},
+            "inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["go"]}]}
+    conn = http.client.HTTPConnection("127.0.0.1", ms_agent.port, timeout=60)
+    conn.request("POST", "/v2/models/gated/generate_stream", json.dumps(body), {"content-type": "application/json"})
+    r = conn.getresponse()
+    seen = b""
+    while not _events(seen):
+        chunk = r.read1(65536)
+        assert chunk, seen
+        seen += chunk
+    assert ms_agent.status()["models"]["gated"]["inflight"] == 1
+    r.close()
+    conn.close()
+    deadline = time.monotonic() + 60  # a bound on the wait, far below the model's 600 s
+    while ms_agent.status()["models"]["gated"]["inflight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ms_agent.status()["models"]["gated"]["inflight"] == 0
 
 
 def _post_chunked(port: int, path: str, data: bytes, piece: int = 16384) -> tuple[int, dict]:
