@@ -22,12 +22,13 @@ def _word(event: dict) -> str:
     return event["outputs"][0]["data"][0]
 
 
-def _gated_stream(port: int, body: dict, gate, during=None) -> tuple[list[dict], list[dict]]:
+def _gated_stream(port: int, body: dict, gate, during=None,
+                  path: str = "/v2/models/gated/generate_stream") -> tuple[list[dict], list[dict]]:
     """POST generate_stream to `gated`; the events seen before the gate was opened (the model
     waits for it after its first event), and all of them. `during()` runs before the gate opens."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        conn.request("POST", "/v2/models/gated/generate_stream", json.dumps(body), {"content-type": "application/json"})
+        conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
         r = conn.getresponse()
         assert r.status == 200, r.read()[:300]
         assert r.getheader("content-type", "").startswith("text/event-stream")
@@ -93,6 +94,18 @@ def test_triton_generate_stream_of_a_decoupled_model_is_not_buffered(triton_agen
     before, events = _gated_stream(triton_agent.port, {"INPUT0": [0.0], "gate": str(gate)}, gate)
     assert [e["OUTPUT0"] for e in before] == [1.0]
     assert [e["OUTPUT0"] for e in events] == [1.0, 2.0]  # 2.0: sent after the gate opened (-1.0 if never)
+
+
+def test_mlserver_generate_and_infer_stream(ms_agent, tmp_path):
+    """MLServer's generate (a V2 infer body) and infer_stream, the same gate on the latter."""
+    gate = tmp_path / "gate"
+    code, doc = ms_agent.post("/v2/models/gated/generate", {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
+                                                                        "data": ["go"]}]})
+    assert code == 200 and doc["outputs"][0]["data"] == ["whole"], doc
+    body = {"parameters": {"gate": str(gate)}, "inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["go"]}]}
+    before, events = _gated_stream(ms_agent.port, body, gate, path="/v2/models/gated/infer_stream")
+    assert [_word(e) for e in before] == ["first"]
+    assert [_word(e) for e in events] == ["first", "after-gate"]
 
 
 def test_a_client_leaving_a_stream_ends_its_lease_while_the_model_still_runs(ms_agent, tmp_path):
