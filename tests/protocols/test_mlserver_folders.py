@@ -33,3 +33,26 @@ def test_the_shipped_version_is_served_under_versions(ms_agent):
     # the unversioned path serves the same model; the shipped name serves nothing
     assert ms_agent.post("/v2/models/folder/infer", _infer_body())[1]["outputs"][0]["data"] == want
     assert ms_agent.post("/v2/models/shipped-name/infer", _infer_body())[0] == 404
+
+
+def test_what_the_agent_overrides_in_a_shipped_settings_file(tmp_path):
+    """The served name and uri are the agent's; the config's version, implementation and
+    parameters win over the shipped ones; a shipped uri that leaves the folder is not used."""
+    import json
+
+    from agent.runtimes.base import ServedModel
+    from agent.runtimes.mlserver import model_settings
+    from tests.protocols.conftest import write_shipped_folder
+
+    folder = write_shipped_folder(tmp_path / "m")
+    doc = model_settings(ServedModel(name="served", path=folder, runtime="sklearn"))
+    assert doc["name"] == "served" and doc["parameters"]["uri"] == str((folder / "model.joblib").resolve())
+    assert doc["parameters"]["version"] == "v0.1.0" and doc["inputs"] == SHIPPED_SETTINGS["inputs"]
+    doc = model_settings(ServedModel(name="served", path=folder, runtime="sklearn", version="2",
+                                     implementation="mlserver_xgboost.XGBoostModel", parameters={"extra": {"k": 1}}))
+    assert doc["parameters"]["version"] == "2" and doc["implementation"] == "mlserver_xgboost.XGBoostModel"
+    assert doc["parameters"]["extra"] == {"k": 1}
+    escaping = dict(SHIPPED_SETTINGS, parameters={"uri": "../../etc/passwd"})
+    (folder / "model-settings.json").write_text(json.dumps(escaping))
+    doc = model_settings(ServedModel(name="served", path=folder, runtime="sklearn"))
+    assert doc["parameters"]["uri"] == str(folder.resolve())  # the folder (model.joblib found there by name)
