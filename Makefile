@@ -4,11 +4,12 @@ PYTHON ?= python3
 SERVER ?= mlserver
 VENV   := .venv
 TRITON_VENV := .venv-triton
+KSERVE_VENV := .venv-kserve
 PIP_QUIET := --quiet --disable-pip-version-check
 # pip prints one warning per package for the machine's file:// mirrors; keep the log readable
 PIP_FILTER := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: run test venv triton demo bench clean
+.PHONY: run test venv triton kserve demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +29,22 @@ $(TRITON_VENV)/.installed: $(VENV)/.installed
 
 triton: $(TRITON_VENV)/.installed
 
+# KServe's own SDK (a client the protocol tests drive unchanged) pins numpy/pandas/fastapi
+# versions that clash with MLServer's: its own venv.
+$(KSERVE_VENV)/.installed:
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install $(PIP_QUIET) 'kserve==0.21.0' $(PIP_FILTER)
+	$(KSERVE_VENV)/bin/python -c "import kserve"
+	touch $@
+
+kserve: $(KSERVE_VENV)/.installed
+
 # The agent on its embedded default: a local model store, an embedded MLServer, a config dir to edit.
 # `make run SERVER=triton` runs the same with an embedded Triton and Triton model dirs.
 run: venv $(if $(filter triton,$(SERVER)),triton)
 	$(VENV)/bin/python -m agent.demo run --server $(SERVER)
 
-test: venv triton
+test: venv triton kserve
 	$(VENV)/bin/python -m pytest
 
 bench: venv triton
@@ -41,4 +52,4 @@ bench: venv triton
 	@echo "see benchmarks/README.md for each benchmark's command"
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) demo
+	rm -rf $(VENV) $(TRITON_VENV) $(KSERVE_VENV) demo
