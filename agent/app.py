@@ -16,6 +16,7 @@ import uvicorn
 
 from agent.api import build_api
 from agent.config import load_config_dir
+from agent.grpc_server import start_grpc
 from agent.logging import get_logger, kv, setup_logging
 from agent.memory import MemoryManager, tree_rss
 from agent.metrics import Metrics
@@ -199,6 +200,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    grpc_plane = await start_grpc(settings, agent)  # KServe V2 gRPC beside the HTTP port (None: off)
     serving = asyncio.create_task(server.serve(), name="http")
     try:
         starting = asyncio.create_task(agent.start(), name="agent-start")
@@ -211,6 +213,8 @@ async def serve(settings: Settings) -> None:
     finally:
         server.should_exit = True
         await asyncio.gather(serving, return_exceptions=True)
+        if grpc_plane is not None:
+            await grpc_plane.stop()
         log.info("agent stopping")
         started = time.monotonic()
         await agent.stop()

@@ -41,6 +41,16 @@ def _shard_index(value: str) -> int:
     return int(value)
 
 
+def _grpc_port(value: str) -> int:
+    """A port number, or 0 / "off" (no gRPC data plane)."""
+    if value.strip().lower() in ("off", "0", ""):
+        return 0
+    port = int(value)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"--grpc-port {value!r} is not a port (1-65535, or 0/off)")
+    return port
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", type=Path, default=_env("config-dir"), help="directory with models.yaml/models.json (a mounted ConfigMap)")
     p.add_argument("--cache-dir", type=Path, default=_env("cache-dir"), help="cache root: node-local disk or a shared RWX PVC")
@@ -78,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resync-interval", type=float, default=float(_env("resync-interval", 60)), help="seconds between full resyncs of config and server")
     run.add_argument("--shards", type=int, default=int(_env("shards", 1)), help="split the config across N replicas by hash of model name")
     run.add_argument("--shard-index", type=_shard_index, default=_env("shard-index", "0"), help="this replica's shard, or 'auto' (StatefulSet ordinal)")
+    run.add_argument("--grpc-port", type=_grpc_port, default=_env("grpc-port", "8001"), help="KServe V2 gRPC port (0 or 'off' disables it)")
+    run.add_argument("--grpc-host", default=_env("grpc-host"), help="address for the gRPC data plane (default: --host)")
+    run.add_argument("--server-grpc-target", default=_env("server-grpc-target"), help="sidecar mode: the server's gRPC HOST:PORT (default: --server-url's host, port 8081 for MLServer, 8001 for Triton)")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
@@ -136,6 +149,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.resync_interval_s = args.resync_interval
         s.shards = args.shards
         s.shard_index = args.shard_index if isinstance(args.shard_index, int) else _shard_index(args.shard_index)
+        s.grpc_port = args.grpc_port if isinstance(args.grpc_port, int) else _grpc_port(args.grpc_port)
+        s.grpc_host, s.server_grpc_target = args.grpc_host, args.server_grpc_target
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
     return s

@@ -1,0 +1,169 @@
+"""KServe V2 gRPC on the agent, driven with tritonclient.grpc (and a raw grpcio channel where a
+test needs the status's trailing metadata) against a real `modelshelf run` with its embedded
+MLServer. One agent for the module: the models differ per test."""
+from __future__ import annotations
+
+import json
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tg
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import InferenceServerException
+
+from agent.demo import write_model
+from tests.support.agentproc import IRIS_ROW, AgentProcess, v2_infer_body
+from tests.support.configmap import ConfigMapDir
+from tests.support.models import SLOW_IMPLEMENTATION, write_broken_model, write_slow_model
+
+SERVICE = "/inference.GRPCInferenceService/"
+LIMIT = 2**20  # --max-body-bytes of the module's agent
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpc-mlserver")
+    write_model(root / "store" / "a", "logreg", 0)
+    write_model(root / "store" / "b", "tree", 1)
+    write_model(root / "store" / "lazy", "forest", 2)
+    write_broken_model(root / "store" / "broken")
+    write_slow_model(root / "store" / "slow", delay=1.5)
+    models = [
+        {"name": "a", "uri": str(root / "store" / "a")},
+        {"name": "b", "uri": str(root / "store" / "b")},
+        {"name": "lazy", "uri": str(root / "store" / "lazy"), "preload": False},
+        {"name": "broken", "uri": str(root / "store" / "broken"), "preload": False},
+        {"name": "slow", "uri": str(root / "store" / "slow"), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION},
+    ]
+    cm = ConfigMapDir(root / "config")
+    cm.write({"models.yaml": json.dumps({"models": models})})
+    proc = AgentProcess(cm.root, root / "cache", root / "agent.log", "--max-body-bytes", str(LIMIT)).wait_ready()
+    try:
+        for name in ("a", "b", "slow"):
+            proc.wait_state(name, "loaded", timeout=60)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def client(agent):
+    c = tg.InferenceServerClient(agent.grpc_target)
+    yield c
+    c.close()
+
+
+def iris_inputs(rows=(IRIS_ROW,)) -> list[tg.InferInput]:
+    data = np.asarray(rows, dtype=np.float64)
+    inp = tg.InferInput("x", list(data.shape), "FP64")
+    inp.set_data_from_numpy(data)
+    return [inp]
+
+
+def raw_call(agent: AgentProcess, method: str, message, metadata=()) -> bytes:
+    """One unary call with grpcio itself: the status's trailing metadata stays readable."""
+    with grpc.insecure_channel(agent.grpc_target) as channel:
+        return channel.unary_unary(SERVICE + method)(message.SerializeToString(), metadata=metadata, timeout=30)
+
+
+def test_health_and_metadata(agent, client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.get_server_metadata().name == "mlserver"  # the server's own, forwarded
+    meta = client.get_model_metadata("a")
+    assert meta.name == "a"
+    assert client.is_model_ready("a")
+
+
+def test_infer_gives_the_rest_answer(agent, client):
+    rows = [IRIS_ROW, [6.6, 3.0, 5.6, 2.0], [5.9, 2.8, 4.3, 1.3]]
+    code, rest = agent.post("/v2/models/b/infer", v2_infer_body(rows))
+    assert code == 200, rest
+    result = client.infer("b", iris_inputs(rows))
+    assert result.get_response().model_name == "b"
+    predict = result.as_numpy("predict")
+    assert list(predict.shape) == rest["outputs"][0]["shape"]
+    assert predict.ravel().tolist() == rest["outputs"][0]["data"]
+
+
+def test_lazy_model_loads_on_first_grpc_infer(agent, client):
+    assert agent.state("lazy") in ("registered", "cached")
+    assert client.is_model_ready("lazy")  # as REST: a call now succeeds, after a load
+    result = client.infer("lazy", iris_inputs())
+    assert result.as_numpy("predict").size == 1
+    assert agent.state("lazy") == "loaded"
+    assert agent.status()["models"]["lazy"]["loads"] == 1
+
+
+def test_unknown_model_is_not_found(agent, client):
+    for call in (lambda: client.infer("nope", iris_inputs()), lambda: client.get_model_metadata("nope"),
+                 lambda: client.is_model_ready("nope")):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert e.value.status() == "StatusCode.NOT_FOUND"
+        assert "'nope' is not configured" in e.value.message()
+
+
+def test_repository_rpcs_are_refused_like_rest(agent, client):
+    code, body = agent.post("/v2/repository/index", {})
+    assert code == 403
+    for call in (client.get_model_repository_index, lambda: client.load_model("a"), lambda: client.unload_model("a")):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert e.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert e.value.message() == body["error"]
+    assert agent.state("a") == "loaded"
+
+
+def test_modelmesh_metadata_names_the_model(agent, client):
+    """`mm-vmodel-id` (else `mm-model-id`) names the model whatever the message says."""
+    result = client.infer("not-a-model", iris_inputs(), headers={"mm-vmodel-id": "a"})
+    assert result.get_response().model_name == "a"
+    request = pb.ModelInferRequest()  # no model name at all, as ModelMesh clients may send
+    request.inputs.add(name="x", datatype="FP64", shape=[1, 4]).contents.fp64_contents.extend(IRIS_ROW)
+    answer = pb.ModelInferResponse.FromString(raw_call(agent, "ModelInfer", request, [("mm-model-id", "b")]))
+    assert answer.model_name == "b"
+    with pytest.raises(grpc.RpcError) as e:
+        raw_call(agent, "ModelInfer", request)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "names no model" in e.value.details()
+
+
+def test_message_over_the_limit_is_resource_exhausted(agent, client):
+    big = np.zeros((LIMIT // 32 + 1, 4), dtype=np.float64)  # just over 1 MiB of FP64
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("a", iris_inputs(big))
+    assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert client.infer("a", iris_inputs()).as_numpy("predict").size == 1  # the next call is fine
+
+
+def test_model_that_cannot_load_is_unavailable_with_retry_after(agent):
+    request = pb.ModelInferRequest(model_name="broken")
+    request.inputs.add(name="x", datatype="FP64", shape=[1, 4]).contents.fp64_contents.extend(IRIS_ROW)
+    with pytest.raises(grpc.RpcError) as e:
+        raw_call(agent, "ModelInfer", request)
+    assert e.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "'broken'" in e.value.details()
+    retry = dict(e.value.trailing_metadata() or ())
+    assert int(retry["retry-after"]) >= 1
+
+
+def test_a_call_holds_its_model_leased_until_it_answers(agent, client):
+    """The in-flight lease: while a gRPC call is at the server, the agent counts it on its
+    model (eviction skips such a model), and drops it once the answer is back."""
+    done = threading.Event()
+    result: list = []
+
+    def call():
+        try:
+            result.append(client.infer("slow", iris_inputs()))
+        finally:
+            done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    agent.wait_for(lambda s: s["models"]["slow"]["inflight"] == 1, timeout=10, what="a lease on slow")
+    assert done.wait(30)
+    assert result and result[0].as_numpy("echo").tolist() == [IRIS_ROW]
+    agent.wait_for(lambda s: s["models"]["slow"]["inflight"] == 0, timeout=10, what="the lease released")
