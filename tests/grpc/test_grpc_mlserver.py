@@ -3,6 +3,7 @@ test needs the status's trailing metadata) against a real `modelshelf run` with 
 MLServer. One agent for the module: the models differ per test."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 
@@ -167,3 +168,22 @@ def test_a_call_holds_its_model_leased_until_it_answers(agent, client):
     assert done.wait(30)
     assert result and result[0].as_numpy("echo").tolist() == [IRIS_ROW]
     agent.wait_for(lambda s: s["models"]["slow"]["inflight"] == 0, timeout=10, what="the lease released")
+
+
+def test_a_taken_grpc_port_stops_the_agent_with_the_address(tmp_path):
+    """grpcio binds with SO_REUSEPORT by default, which would let a second agent share the port
+    silently and split the calls; the agent refuses to start instead."""
+    other = grpc.server(concurrent.futures.ThreadPoolExecutor(1))  # reuseport on, like grpcio's default
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        cm = ConfigMapDir(tmp_path / "config")
+        cm.write({"models.yaml": json.dumps({"models": []})})
+        proc = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--grpc-port", str(port))
+        try:
+            assert proc.proc.wait(30) != 0
+        finally:
+            proc.stop()
+        assert f"cannot listen on 127.0.0.1:{port}" in proc.log()
+    finally:
+        other.stop(None)
