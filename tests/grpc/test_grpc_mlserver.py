@@ -15,6 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from agent.demo import write_model
+from tests.grpc.conftest import running_agent
 from tests.support.agentproc import IRIS_ROW, AgentProcess, v2_infer_body
 from tests.support.configmap import ConfigMapDir
 from tests.support.models import SLOW_IMPLEMENTATION, write_broken_model, write_slow_model
@@ -38,22 +39,8 @@ def agent(tmp_path_factory):
         {"name": "broken", "uri": str(root / "store" / "broken"), "preload": False},
         {"name": "slow", "uri": str(root / "store" / "slow"), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION},
     ]
-    cm = ConfigMapDir(root / "config")
-    cm.write({"models.yaml": json.dumps({"models": models})})
-    proc = AgentProcess(cm.root, root / "cache", root / "agent.log", "--max-body-bytes", str(LIMIT)).wait_ready()
-    try:
-        for name in ("a", "b", "slow"):
-            proc.wait_state(name, "loaded", timeout=60)
+    with running_agent(root, models, "--max-body-bytes", str(LIMIT), loaded=("a", "b", "slow")) as proc:
         yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-def client(agent):
-    c = tg.InferenceServerClient(agent.grpc_target)
-    yield c
-    c.close()
 
 
 def iris_inputs(rows=(IRIS_ROW,)) -> list[tg.InferInput]:

@@ -3,7 +3,6 @@ V2 calls, Triton's extensions passed through (ModelConfig, ModelStatistics, Mode
 lazy loading and the same answers as the agent's REST port."""
 from __future__ import annotations
 
-import json
 import queue
 
 import numpy as np
@@ -11,8 +10,7 @@ import pytest
 import tritonclient.grpc as tg
 from tritonclient.utils import InferenceServerException
 
-from tests.support.agentproc import AgentProcess
-from tests.support.configmap import ConfigMapDir
+from tests.grpc.conftest import running_agent
 from tests.support.models import triton_v2_request, write_triton_model
 from tests.support.servers import triton_available, triton_site_packages
 
@@ -30,21 +28,8 @@ def agent(tmp_path_factory):
         {"name": "double", "uri": str(root / "store" / "double"), "runtime": "triton"},
         {"name": "triple", "uri": str(root / "store" / "triple"), "runtime": "triton", "preload": False},
     ]
-    cm = ConfigMapDir(root / "config")
-    cm.write({"models.yaml": json.dumps({"models": models})})
-    proc = AgentProcess(cm.root, root / "cache", root / "agent.log", "--server", "triton").wait_ready()
-    try:
-        proc.wait_state("double", "loaded", timeout=60)
+    with running_agent(root, models, "--server", "triton", loaded=("double",)) as proc:
         yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-def client(agent):
-    c = tg.InferenceServerClient(agent.grpc_target)
-    yield c
-    c.close()
 
 
 def fp32_input(values) -> tg.InferInput:
