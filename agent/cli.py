@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-index", type=_shard_index, default=_env("shard-index", "0"), help="this replica's shard, or 'auto' (StatefulSet ordinal)")
     run.add_argument("--grpc-port", type=_grpc_port, default=_env("grpc-port", "8001"), help="KServe V2 gRPC port (0 or 'off' disables it)")
     run.add_argument("--grpc-host", default=_env("grpc-host"), help="address for the gRPC data plane (default: --host)")
-    run.add_argument("--server-grpc-target", default=_env("server-grpc-target"), help="sidecar mode: the server's gRPC HOST:PORT (default: --server-url's host, port 8081 for MLServer, 8001 for Triton)")
+    run.add_argument("--server-grpc-target", default=_env("server-grpc-target"), help="sidecar mode: the server's gRPC HOST:PORT (gRPC model calls answer UNAVAILABLE without it)")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")

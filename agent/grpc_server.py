@@ -284,7 +284,7 @@ def _routed(request: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, s
         name, _version = name_and_version(request)
     except WireError as e:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a protobuf message: {e}") from None
-    routed = _routing_name(context)
+    routed = _routing_name(context.invocation_metadata() or ())
     if routed and routed != name:
         return with_name(request, routed), routed
     if not name:
@@ -292,8 +292,7 @@ def _routed(request: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, s
     return request, name
 
 
-def _routing_name(context: grpc.aio.ServicerContext) -> str | None:
-    metadata = context.invocation_metadata() or ()
+def _routing_name(metadata: Any) -> str | None:
     for key in _ROUTING_KEYS:
         for k, v in metadata:
             if k == key and v:
@@ -323,19 +322,10 @@ async def start_grpc(settings: Any, agent: Any) -> GrpcDataPlane | None:
     return plane
 
 
-_DEFAULT_SERVER_GRPC_PORT = {"mlserver": 8081, "triton": 8001}
-
-
 def server_grpc_target(settings: Any, adapter: Any) -> str | None:
-    """The co-located server's gRPC HOST:PORT: --server-grpc-target, else what the embedded
-    server listens on, else (a sidecar) --server-url's host with the kind's default port."""
+    """The co-located server's gRPC HOST:PORT: --server-grpc-target, else the port the embedded
+    server listens on. A sidecar's is never guessed (in a pod its default port may be the
+    agent's own): without the flag, model calls answer UNAVAILABLE saying so."""
     if settings.server_grpc_target:
         return settings.server_grpc_target
-    if adapter is None:
-        return None
-    if adapter.grpc_target:
-        return adapter.grpc_target
-    from urllib.parse import urlsplit
-
-    host = urlsplit(adapter.base_url).hostname
-    return f"{host}:{_DEFAULT_SERVER_GRPC_PORT.get(settings.server, 8001)}" if host else None
+    return adapter.grpc_target if adapter is not None else None

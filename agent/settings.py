@@ -50,7 +50,7 @@ class Settings:
     log_level: str = "info"
     grpc_port: int = 8001  # KServe V2 gRPC data plane; 0 turns it off
     grpc_host: str | None = None  # default: `host`
-    server_grpc_target: str | None = None  # sidecar: the server's gRPC HOST:PORT (default: its host, the kind's port)
+    server_grpc_target: str | None = None  # sidecar: the server's gRPC HOST:PORT (embedded: known)
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":
         """How the puller reaches one model's storage: its own sha256 and storage key, the

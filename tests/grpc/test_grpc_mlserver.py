@@ -19,6 +19,7 @@ from tests.grpc.conftest import running_agent
 from tests.support.agentproc import IRIS_ROW, AgentProcess, v2_infer_body
 from tests.support.configmap import ConfigMapDir
 from tests.support.models import SLOW_IMPLEMENTATION, write_broken_model, write_slow_model
+from tests.support.servers import embedded_mlserver
 
 SERVICE = "/inference.GRPCInferenceService/"
 LIMIT = 2**20  # --max-body-bytes of the module's agent
@@ -174,3 +175,23 @@ def test_a_taken_grpc_port_stops_the_agent_with_the_address(tmp_path):
         assert f"cannot listen on 127.0.0.1:{port}" in proc.log()
     finally:
         other.stop(None)
+
+
+def test_sidecar_server_grpc_target(tmp_path):
+    """Sidecar mode: gRPC model calls go to --server-grpc-target; without it the agent says what
+    is missing instead of guessing a port (in a pod the guess could be the agent's own)."""
+    write_model(tmp_path / "store" / "a", "logreg", 0)
+    models = [{"name": "a", "uri": str(tmp_path / "store" / "a")}]
+    with embedded_mlserver(tmp_path / "server") as server:
+        sidecar = ("--server-url", server.base_url, "--server-repository", str(server.repository))
+        with running_agent(tmp_path / "with", models, *sidecar, "--server-grpc-target", server.adapter.grpc_target,
+                           loaded=("a",)) as agent:
+            with tg.InferenceServerClient(agent.grpc_target) as c:
+                assert c.infer("a", iris_inputs()).get_response().model_name == "a"
+        with running_agent(tmp_path / "without", models, *sidecar, loaded=("a",)) as agent:
+            with tg.InferenceServerClient(agent.grpc_target) as c:
+                assert c.is_model_ready("a")  # answered by the agent
+                with pytest.raises(InferenceServerException) as e:
+                    c.infer("a", iris_inputs())
+            assert e.value.status() == "StatusCode.UNAVAILABLE"
+            assert "--server-grpc-target" in e.value.message()
