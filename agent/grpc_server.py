@@ -16,6 +16,7 @@ RPC -> what the agent does (the same rules as agent/router.py):
   ModelConfig, ModelStatistics    eviction never unloads under a call), forward, release after
                                   the answer; ModelConfig/ModelStatistics exist on Triton only
                                   (MLServer answers UNIMPLEMENTED, passed through)
+                                  ModelStatistics with no name: every model's, no lease
   ModelStreamInfer                one lease per model named in the stream, held until the
                                   stream ends; messages forwarded in order as they come
   RepositoryIndex/ModelLoad/      PERMISSION_DENIED, with the REST router's 403 message
@@ -184,12 +185,15 @@ class GrpcDataPlane:
             name = ""
             try:
                 reconciler = self._started()
-                request, name = _routed(request, context)
-                model = await self._acquire(reconciler, name)
-                try:
-                    response = await self._forward(method, name, request, context, model=model)
-                finally:
-                    reconciler.release(model)
+                request, name = _routed(request, context, required=method != "ModelStatistics")
+                if not name:  # Triton: the statistics of every model the server holds, no lease
+                    response = await self._forward(method, name, request, context)
+                else:
+                    model = await self._acquire(reconciler, name)
+                    try:
+                        response = await self._forward(method, name, request, context, model=model)
+                    finally:
+                        reconciler.release(model)
             except _Refused as e:
                 self.metrics.grpc_requests.labels(model=name if e.code is not grpc.StatusCode.NOT_FOUND else "", code=e.code.name).inc()
                 return await _abort(context, e)
@@ -277,9 +281,10 @@ class GrpcDataPlane:
                 reconciler.release(model)
 
 
-def _routed(request: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, str]:
+def _routed(request: bytes, context: grpc.aio.ServicerContext, *, required: bool = True) -> tuple[bytes, str]:
     """The request to forward and the model it is for: ModelMesh routing metadata when present
-    (the message renamed to match), else the message's own name field."""
+    (the message renamed to match), else the message's own name field ("" only when not
+    `required`)."""
     try:
         name, _version = name_and_version(request)
     except WireError as e:
@@ -287,7 +292,7 @@ def _routed(request: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, s
     routed = _routing_name(context.invocation_metadata() or ())
     if routed and routed != name:
         return with_name(request, routed), routed
-    if not name:
+    if not name and required:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the request names no model (field 1 is empty; ModelMesh clients may set mm-vmodel-id)")
     return request, name
 

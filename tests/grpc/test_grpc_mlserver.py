@@ -64,6 +64,9 @@ def test_health_and_metadata(agent, client):
     meta = client.get_model_metadata("a")
     assert meta.name == "a"
     assert client.is_model_ready("a")
+    with pytest.raises(InferenceServerException) as e:  # Triton's extension: MLServer has none
+        client.get_model_config("a")
+    assert e.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
 def test_infer_gives_the_rest_answer(agent, client):

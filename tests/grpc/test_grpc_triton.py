@@ -59,6 +59,8 @@ def test_triton_extensions_pass_through(agent, client):
     client.infer("double", [fp32_input([1.0])])
     stats = client.get_inference_statistics("double").model_stats
     assert stats[0].name == "double" and stats[0].inference_count >= 1
+    every = client.get_inference_statistics().model_stats  # no name: all the server's models
+    assert "double" in {s.name for s in every}
     with pytest.raises(InferenceServerException) as e:
         client.get_model_config("nope")
     assert e.value.status() == "StatusCode.NOT_FOUND"
