@@ -1,5 +1,5 @@
 """KServe V2 gRPC on the agent, driven with tritonclient.grpc (and a raw grpcio channel where a
-test needs the status's trailing metadata) against a real `modelshelf run` with its embedded
+test needs the status's trailing metadata; KServe's own gRPC client where its SDK is installed) against a real `modelshelf run` with its embedded
 MLServer. One agent for the module: the models differ per test."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from agent.demo import write_model
-from tests.grpc.conftest import running_agent
+from tests.grpc.conftest import kserve_client, kserve_sdk, running_agent
 from tests.support.agentproc import IRIS_ROW, AgentProcess, v2_infer_body
 from tests.support.configmap import ConfigMapDir
 from tests.support.models import SLOW_IMPLEMENTATION, write_broken_model, write_slow_model
@@ -198,3 +198,14 @@ def test_sidecar_server_grpc_target(tmp_path):
                     c.infer("a", iris_inputs())
             assert e.value.status() == "StatusCode.UNAVAILABLE"
             assert "--server-grpc-target" in e.value.message()
+
+
+@kserve_sdk
+def test_kserve_grpc_client(agent):
+    """KServe's own InferenceGRPCClient (its SDK, in its own venv) against the agent."""
+    got = kserve_client(agent, "a", {"name": "x", "shape": [1, 4], "datatype": "FP64", "data": IRIS_ROW})
+    assert got["live"] is True and got["ready"] is True and got["model_ready"] is True
+    code, rest = agent.post("/v2/models/a/infer", v2_infer_body([IRIS_ROW]))
+    assert code == 200, rest
+    assert got["infer"] == {"model_name": "a", "outputs": {"predict": rest["outputs"][0]["data"]}}
+    assert "'nope' is not configured" in got["unknown"]

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as tg
 from tritonclient.utils import InferenceServerException
 
-from tests.grpc.conftest import running_agent
+from tests.grpc.conftest import kserve_client, kserve_sdk, running_agent
 from tests.support.models import triton_v2_request, write_triton_model
 from tests.support.servers import triton_available, triton_site_packages
 
@@ -94,3 +94,12 @@ def test_stream_naming_an_unknown_model_ends_not_found(agent, client):
         client.stop_stream()
     assert error is not None and error.status() == "StatusCode.NOT_FOUND"
     assert "'nope' is not configured" in error.message()
+
+
+@kserve_sdk
+def test_kserve_grpc_client(agent):
+    """KServe's own InferenceGRPCClient (its SDK, in its own venv) against the agent on Triton."""
+    got = kserve_client(agent, "double", {"name": "INPUT0", "shape": [2], "datatype": "FP32", "data": [1.0, 2.5]})
+    assert got["live"] is True and got["ready"] is True and got["model_ready"] is True
+    assert got["infer"] == {"model_name": "double", "outputs": {"OUTPUT0": [2.0, 5.0]}}
+    assert "'nope' is not configured" in got["unknown"]
