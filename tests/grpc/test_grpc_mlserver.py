@@ -18,7 +18,7 @@ from agent.demo import write_model
 from tests.grpc.conftest import kserve_client, kserve_sdk, running_agent
 from tests.support.agentproc import IRIS_ROW, AgentProcess, v2_infer_body
 from tests.support.configmap import ConfigMapDir
-from tests.support.models import SLOW_IMPLEMENTATION, write_broken_model, write_slow_model
+from tests.support.models import SLOW_IMPLEMENTATION, count_loads, write_broken_model, write_slow_model
 from tests.support.servers import embedded_mlserver
 
 SERVICE = "/inference.GRPCInferenceService/"
@@ -209,3 +209,33 @@ def test_kserve_grpc_client(agent):
     assert code == 200, rest
     assert got["infer"] == {"model_name": "a", "outputs": {"predict": rest["outputs"][0]["data"]}}
     assert "'nope' is not configured" in got["unknown"]
+
+
+def test_a_grpc_call_in_flight_is_never_evicted(tmp_path):
+    """Room for one model: a lazy load that needs the memory of a model a gRPC call is using gets
+    UNAVAILABLE with retry-after and the call completes; once it has, the same load evicts it."""
+    load_log = tmp_path / "loads.log"
+    write_slow_model(tmp_path / "store" / "slow", delay=3.0, load_log=load_log)
+    write_model(tmp_path / "store" / "other", "logreg", 0)
+    models = [
+        {"name": "slow", "uri": str(tmp_path / "store" / "slow"), "runtime": "mlserver",
+         "implementation": SLOW_IMPLEMENTATION, "memory": "300Mi"},
+        {"name": "other", "uri": str(tmp_path / "store" / "other"), "memory": "300Mi", "preload": False},
+    ]
+    with running_agent(tmp_path, models, "--host-memory", "400Mi", "--min-residency", "0", loaded=("slow",)) as agent, \
+            tg.InferenceServerClient(agent.grpc_target) as c:
+        done: list = []
+        t = threading.Thread(target=lambda: done.append(c.infer("slow", iris_inputs())))
+        t.start()
+        agent.wait_for(lambda s: s["models"]["slow"]["inflight"] == 1, what="the slow call in flight")
+        request = pb.ModelInferRequest(model_name="other")
+        request.inputs.add(name="x", datatype="FP64", shape=[1, 4]).contents.fp64_contents.extend(IRIS_ROW)
+        with pytest.raises(grpc.RpcError) as e:
+            raw_call(agent, "ModelInfer", request)
+        t.join(30)
+        assert e.value.code() is grpc.StatusCode.UNAVAILABLE and "'other'" in e.value.details()
+        assert int(dict(e.value.trailing_metadata())["retry-after"]) >= 1
+        assert done and done[0].as_numpy("echo").tolist() == [IRIS_ROW]
+        assert count_loads(load_log, "slow") == 1 and agent.state("slow") == "loaded"
+        assert pb.ModelInferResponse.FromString(raw_call(agent, "ModelInfer", request)).model_name == "other"
+        agent.wait_state("slow", "cached")
