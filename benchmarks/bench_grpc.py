@@ -1,13 +1,16 @@
 """gRPC benchmark: what the agent's KServe V2 gRPC hop costs, beside its REST hop.
 
-    .venv/bin/python benchmarks/bench_grpc.py                          # defaults (~2 min)
+    .venv/bin/python benchmarks/bench_grpc.py                          # defaults (~4 min)
     .venv/bin/python benchmarks/bench_grpc.py --duration 2 --rounds 1 --out ''   # a quick look
 
 One agent with its embedded MLServer serves one small sklearn model (loaded at start). The same
-client sends the same request to four targets that all end in the SAME MLServer process:
+client sends the same request to five targets that all end in the SAME MLServer process:
 
   grpc-direct  MLServer's own gRPC port (read from the repository's settings.json)
   grpc-agent   the agent's gRPC port (grpc.aio generic handlers -> one channel -> MLServer)
+  grpc-bare    a bare grpc.aio pass-through (a generic handler awaiting one channel call, on
+               uvloop, nothing else) in its own process: the floor of any grpcio-based hop, as
+               nginx is for REST in bench_proxy
   rest-direct  MLServer's HTTP port
   rest-agent   the agent's HTTP port
 
@@ -31,6 +34,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +44,7 @@ from typing import Any, Awaitable, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    V2_BODY, Agent, command_line, cpu_seconds, loadavg, machine, machine_md, md_table, write_results,
+    V2_BODY, Agent, command_line, cpu_seconds, free_port, loadavg, machine, machine_md, md_table, write_results,
     write_sklearn_model,
 )
 
@@ -48,7 +52,24 @@ MODEL = "iris"
 GOAL_RATIO = 0.9
 GOAL_ADDED_P50_MS = 0.3
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-TARGETS = ("grpc-direct", "grpc-agent", "rest-direct", "rest-agent")
+BARE_PROXY = """
+import sys, grpc, uvloop
+
+async def main(port, target):
+    server = grpc.aio.server()
+    upstream = grpc.aio.insecure_channel(target).unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+    async def forward(request, context):
+        return await upstream(request, timeout=30)
+
+    handlers = {"ModelInfer": grpc.unary_unary_rpc_method_handler(forward)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+uvloop.run(main(sys.argv[1], sys.argv[2]))
+"""
 
 Call = Callable[[], Awaitable[None]]
 
@@ -178,23 +199,26 @@ def summarize(runs: dict[str, list[dict]], pids: dict[str, int]) -> dict[str, di
 
 def verdicts(summary: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     rows = []
-    for proto in ("grpc", "rest"):
-        direct, agent = summary[f"{proto}-direct"], summary[f"{proto}-agent"]
-        ratio = agent["rps"] / direct["rps"]
-        added = agent["p50_ms"] - direct["p50_ms"]
-        rows.append({"protocol": proto, "throughput_ratio": ratio, "added_p50_ms": added,
+    for hop, direct_name, proxy, cpu_of in (("grpc via agent", "grpc-direct", "grpc-agent", "agent"),
+                                             ("grpc via bare grpc.aio proxy", "grpc-direct", "grpc-bare", "bare"),
+                                             ("rest via agent", "rest-direct", "rest-agent", "agent")):
+        direct, through = summary[direct_name], summary[proxy]
+        ratio = through["rps"] / direct["rps"]
+        added = through["p50_ms"] - direct["p50_ms"]
+        rows.append({"protocol": hop, "throughput_ratio": ratio, "added_p50_ms": added,
                      "throughput_goal_met": ratio >= GOAL_RATIO, "latency_goal_met": added <= GOAL_ADDED_P50_MS,
-                     "agent_cpu_ms_per_req": agent["agent_cpu_ms_per_req"]})
+                     "agent_cpu_ms_per_req": through[f"{cpu_of}_cpu_ms_per_req"]})
     return rows
 
 
 def report(m: dict[str, Any], args: argparse.Namespace, summary: dict, rows: list[dict]) -> str:
     table = md_table(
-        ["target", "p50 c=1 (ms)", "p99 c=1 (ms)", f"req/s c={args.concurrency}", "agent CPU ms/req", "server CPU ms/req", "client CPU ms/req"],
-        [[t, s["p50_ms"], s["p99_ms"], s["rps"], s["agent_cpu_ms_per_req"], s["server_cpu_ms_per_req"], s["client_cpu_ms_per_req"]]
-         for t, s in summary.items()])
+        ["target", "p50 c=1 (ms)", "p99 c=1 (ms)", f"req/s c={args.concurrency}", "agent CPU ms/req", "bare proxy CPU ms/req",
+         "server CPU ms/req", "client CPU ms/req"],
+        [[t, s["p50_ms"], s["p99_ms"], s["rps"], s["agent_cpu_ms_per_req"], s["bare_cpu_ms_per_req"], s["server_cpu_ms_per_req"],
+          s["client_cpu_ms_per_req"]] for t, s in summary.items()])
     goals = md_table(
-        ["hop", "throughput agent/direct", f"goal >= {GOAL_RATIO}", "added p50 (ms)", f"goal <= {GOAL_ADDED_P50_MS}", "agent CPU ms/req"],
+        ["hop", "throughput hop/direct", f"goal >= {GOAL_RATIO}", "added p50 (ms)", f"goal <= {GOAL_ADDED_P50_MS}", "hop's CPU ms/req"],
         [[r["protocol"], r["throughput_ratio"], "met" if r["throughput_goal_met"] else "NOT met", r["added_p50_ms"],
           "met" if r["latency_goal_met"] else "NOT met", r["agent_cpu_ms_per_req"]] for r in rows])
     return f"""# gRPC hop vs direct (and the REST hop beside it)
@@ -216,7 +240,9 @@ Command: `{command_line()}`
 
 The machine is shared: the load average above shows how much other work ran beside this one.
 On 2 cores the client, the agent and MLServer compete for CPU, so the throughput ratio mostly
-reflects the agent's CPU per request taken from the other two.
+reflects the CPU per request the hop takes from the other two. The bare grpc.aio proxy row is
+the floor of a hop built on grpcio's Python server and channel (the agent's choice); the
+agent's row minus it is what the agent itself adds (lease, name read, metrics).
 """
 
 
@@ -241,15 +267,22 @@ def main() -> int:
         with Agent(work, [{"name": MODEL, "uri": str(work / "models" / MODEL)}], "--server-repository", str(repository)) as agent:
             agent.wait_ready()
             agent.wait_models(lambda ms: ms[MODEL]["state"] == "loaded", what="iris loaded")
-            server_grpc = json.loads((repository / "settings.json").read_text())["grpc_port"]
-            targets = {
-                "grpc-direct": f"127.0.0.1:{server_grpc}",
-                "grpc-agent": f"127.0.0.1:{agent.grpc_port}",
-                "rest-direct": agent.server_url,
-                "rest-agent": agent.url,
-            }
-            pids = {"agent": agent.proc.pid, "server": agent.server_pid, "client": os.getpid()}
-            runs = loop_run(measure(targets, pids, args))
+            server_grpc = f"127.0.0.1:{json.loads((repository / 'settings.json').read_text())['grpc_port']}"
+            bare_port = free_port()
+            bare = subprocess.Popen([sys.executable, "-c", BARE_PROXY, str(bare_port), server_grpc])
+            try:
+                targets = {
+                    "grpc-direct": server_grpc,
+                    "grpc-agent": f"127.0.0.1:{agent.grpc_port}",
+                    "grpc-bare": f"127.0.0.1:{bare_port}",
+                    "rest-direct": agent.server_url,
+                    "rest-agent": agent.url,
+                }
+                pids = {"agent": agent.proc.pid, "bare": bare.pid, "server": agent.server_pid, "client": os.getpid()}
+                runs = loop_run(measure(targets, pids, args))
+            finally:
+                bare.terminate()
+                bare.wait(10)
     m["loadavg_at_end"] = loadavg()
     summary = summarize(runs, pids)
     rows = verdicts(summary)
