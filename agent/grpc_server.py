@@ -92,6 +92,7 @@ class GrpcDataPlane:
         self._channel: grpc.aio.Channel | None = None
         self._channel_target: str | None = None
         self._methods: dict[str, Any] = {}
+        self._closing: set[asyncio.Task] = set()
         self._server: grpc.aio.Server | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -135,8 +136,10 @@ class GrpcDataPlane:
         if target is None:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server's gRPC address is unknown (sidecar: --server-grpc-target)", 5)
         if target != self._channel_target:
-            if self._channel is not None:
-                asyncio.get_running_loop().create_task(self._channel.close(grace=self.request_timeout_s))
+            if self._channel is not None:  # calls in flight on the old one finish there
+                closing = asyncio.get_running_loop().create_task(self._channel.close(grace=self.request_timeout_s))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             self._channel = grpc.aio.insecure_channel(target, options=[
                 ("grpc.max_receive_message_length", _UNLIMITED),
                 ("grpc.max_send_message_length", _UNLIMITED),
