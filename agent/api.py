@@ -1,6 +1,10 @@
 """Management API (FastAPI): health, readiness, status of every model, Prometheus metrics,
-and a small status page. Served on the same port as the data plane: the data plane owns
-`/v1/` and `/v2/`, this app everything else, so the paths never collide."""
+and a small status page.
+
+Served on the management listener (`--management-host`/`--management-port`); the public
+(inference) port answers only the data plane (`/v1/`, `/v2/`) and the probes (`/healthz`,
+`/readyz`), see agent.app. No `/docs` nor `/openapi.json` anywhere. Everything this app
+returns passes through puller.uri.redact (URIs keep no userinfo nor secret query values)."""
 from __future__ import annotations
 
 import html
@@ -9,13 +13,54 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from puller.uri import redact, redact_doc
+
 if TYPE_CHECKING:
     from agent.app import Agent
 
 
-def build_api(agent: "Agent") -> FastAPI:
-    api = FastAPI(title="modelshelf agent", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+def build_probes(agent: "Agent") -> FastAPI:
+    """/healthz and /readyz only: what the public port serves beside the data plane."""
+    api = FastAPI(title="modelshelf agent", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_probes(api, agent)
+    return api
 
+
+def build_api(agent: "Agent") -> FastAPI:
+    """The whole management API (probes, status, metrics, page)."""
+    api = FastAPI(title="modelshelf agent", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_probes(api, agent)
+
+    def status_doc() -> dict[str, Any]:
+        return redact_doc(agent.status())
+
+    @api.get("/status")
+    async def status() -> dict[str, Any]:
+        return status_doc()
+
+    @api.get("/status/models/{name}")
+    async def model_status(name: str) -> JSONResponse:
+        doc = status_doc()["models"].get(name)
+        if doc is None:
+            return JSONResponse({"error": f"model {redact(name)!r} is not configured"}, status_code=404)
+        return JSONResponse(doc)
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        agent.refresh_gauges()
+        text = agent.metrics.render()
+        if b"://" in text:  # label values never should carry a URI; if one does, it is redacted
+            text = redact(text.decode()).encode()
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return _render_page(status_doc())
+
+    return api
+
+
+def _add_probes(api: FastAPI, agent: "Agent") -> None:
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: the agent's event loop answers."""
@@ -26,28 +71,6 @@ def build_api(agent: "Agent") -> FastAPI:
         """Readiness: the server answers and the first config was applied."""
         reasons = agent.not_ready_reasons()
         return JSONResponse({"ready": not reasons, "reasons": reasons}, status_code=503 if reasons else 200)
-
-    @api.get("/status")
-    async def status() -> dict[str, Any]:
-        return agent.status()
-
-    @api.get("/status/models/{name}")
-    async def model_status(name: str) -> JSONResponse:
-        doc = agent.status()["models"].get(name)
-        if doc is None:
-            return JSONResponse({"error": f"model {name!r} is not configured"}, status_code=404)
-        return JSONResponse(doc)
-
-    @api.get("/metrics")
-    async def metrics() -> Response:
-        agent.refresh_gauges()
-        return Response(agent.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @api.get("/", response_class=HTMLResponse)
-    async def page() -> str:
-        return _render_page(agent.status())
-
-    return api
 
 
 _STATE_COLOR = {

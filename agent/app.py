@@ -1,11 +1,26 @@
 """The agent process: wires cache, server adapter, memory, reconciler, watcher, router and the
-management API, and serves the data plane and the API on one port."""
+management API, and serves them on two listeners:
+
+- public (`--host`/`--port`): the data plane (`/v1/`, `/v2/`) and the probes (`/healthz`,
+  `/readyz`) that a kubelet or a gateway needs; every other path is 404.
+- management (`--management-host`/`--management-port`, default the same host and port 8003;
+  8002 stays free for a Triton sidecar's metrics):
+  the probes, `/status`, `/status/models/NAME`, `/metrics` and the status page.
+  `--management-port` equal to `--port` serves everything on one port (`make run`).
+
+Both listeners cap the request head: a connection that has not sent a complete request line
+and headers within `--header-timeout` seconds of connecting (or of its first byte after a
+keep-alive pause) is closed, so slowloris connections do not pile up, and a head larger than
+`--max-header-bytes` is answered 431; an idle keep-alive connection is closed after
+`--keep-alive-timeout` seconds (long, for load balancers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -13,8 +28,9 @@ from typing import Any
 
 import psutil
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from agent.api import build_api
+from agent.api import build_api, build_probes
 from agent.config import load_config_dir
 from agent.grpc_server import start_grpc
 from agent.logging import get_logger, kv, setup_logging
@@ -46,12 +62,14 @@ class Agent:
         self._health_task: asyncio.Task | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.api = build_api(self)
+        self.probes = build_probes(self)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.settings
         s.cache_dir.mkdir(parents=True, exist_ok=True)
         self.cache = await asyncio.to_thread(Cache, s.cache_dir, max_bytes=s.max_cache_bytes, holder=s.holder)
+        await asyncio.to_thread(self.cache.stats)  # the first call indexes every manifest; later ones are O(1)
         self.adapter = await self._start_server()
         # a % budget is of what is left to models: the server's and the agent's own RSS is not
         pid = self._server_pid()
@@ -67,7 +85,7 @@ class Agent:
         await self.reconciler.start()
         self.watcher = ConfigWatcher(
             s.config_dir, on_change=self.reconciler.apply, on_error=self.reconciler.config_failed,
-            resync_interval_s=s.resync_interval_s,
+            resync_interval_s=s.resync_interval_s, limits=s.config_limits(),
         )
         await self.watcher.start()
         self._health_task = asyncio.create_task(self._health_loop(), name="server-health")
@@ -76,7 +94,8 @@ class Agent:
         gc.collect()
         gc.freeze()
         log.info("agent started", extra=kv(server=s.server, server_url=self.adapter.base_url, config_dir=s.config_dir,
-                                            cache_dir=s.cache_dir, listen=f"{s.host}:{s.port}"))
+                                            cache_dir=s.cache_dir, listen=f"{s.host}:{s.port}",
+                                            management=self._management_address()))
 
     async def _start_server(self) -> RuntimeAdapter:
         s = self.settings
@@ -98,6 +117,10 @@ class Agent:
             await adapter.start()
         self._server_ready = True
         return adapter
+
+    def _management_address(self) -> str:
+        address = management_listener(self.settings)
+        return "same port" if address is None else f"{address[0]}:{address[1]}"
 
     def _server_pid(self) -> int | None:
         process = getattr(self.adapter, "process", None)
@@ -178,41 +201,166 @@ class Agent:
 
     # ------------------------------------------------------------------ ASGI
     async def asgi(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            if path.startswith("/v2") or path.startswith("/v1/"):
-                if self.router is None or self.reconciler is None or not self.reconciler.applied_once.is_set():
-                    await send_error(send, 503, "the agent is starting", retry_after=1)
-                else:
-                    await self.router(scope, receive, send)
-                return
+        """The public port: the data plane and the probes, nothing else."""
+        await self._route(self.probes, scope, receive, send)
+
+    async def management_asgi(self, scope: dict, receive: Any, send: Any) -> None:
+        """The management listener: status, metrics, page, probes."""
         await self.api(scope, receive, send)
+
+    async def single_port_asgi(self, scope: dict, receive: Any, send: Any) -> None:
+        """Everything on one port (`--management-port` equal to `--port`)."""
+        await self._route(self.api, scope, receive, send)
+
+    async def _route(self, other: Any, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _is_data_plane(scope["path"]):
+            await self._data_plane(scope, receive, send)
+        else:
+            await other(scope, receive, send)
+
+    async def _data_plane(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.router is None or self.reconciler is None or not self.reconciler.applied_once.is_set():
+            await send_error(send, 503, "the agent is starting", retry_after=1)
+        else:
+            await self.router(scope, receive, send)
+
+
+def _is_data_plane(path: str) -> bool:
+    return path.startswith("/v2") or path.startswith("/v1/")
+
+
+class _HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus bounds on the request head, which uvicorn lacks (its
+    keep-alive timer runs only between requests, and httptools buffers a head of any size):
+
+    - a deadline: armed when the connection opens and when a request's first byte arrives after
+      a response, disarmed when the headers are complete; on expiry the connection is closed
+      (with a 408 if part of a request had arrived);
+    - a size: bytes received while a head is incomplete are counted; past `max_head_bytes`
+      the client gets a 431 and the connection is closed."""
+
+    header_timeout: float = 10.0
+    max_head_bytes: int = 64 * 1024
+    _header_timer: asyncio.TimerHandle | None = None
+    _partial = False
+    _in_body = False
+    _head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_body:
+            self._head_bytes += len(data)  # reset when a head completes (within the feed below)
+        super().data_received(data)
+        if not self._in_body and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+            self._close_with(b"431 Request Header Fields Too Large", b"request head too large")
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._partial = True
+        if self._header_timer is None:
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_timer()
+        self._partial, self._in_body, self._head_bytes = False, True, 0
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout_expired)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout_expired(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self._partial:
+            self._close_with(b"408 Request Timeout", b"request head too slow")
+        else:
+            self.transport.close()
+
+    def _close_with(self, status: bytes, reason: bytes) -> None:
+        self._disarm_header_timer()
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain\r\ncontent-length: "
+                             + str(len(reason)).encode() + b"\r\nconnection: close\r\n\r\n" + reason)
+        self.transport.close()
+
+
+def management_listener(settings: Settings) -> tuple[str, int] | None:
+    """(host, port) of the management listener; None when the public port serves it too."""
+    host = settings.management_host or settings.host
+    if settings.management_port is None or (settings.management_port == settings.port and host == settings.host):
+        return None
+    return host, settings.management_port
+
+
+def _listen(host: str, port: int, flags: str) -> socket.socket:
+    """A bound, listening socket; a clear SystemExit naming the flags when the address is taken."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise SystemExit(f"modelshelf run: cannot listen on {host}:{port}: {e.strerror or e} (set {flags})") from None
+
+
+def _server(app: Any, settings: Settings) -> uvicorn.Server:
+    protocol = type("HeaderTimeoutProtocol", (_HeaderTimeoutProtocol,), {
+        "header_timeout": settings.header_timeout_s, "max_head_bytes": settings.max_header_bytes})
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_keep_alive=settings.keep_alive_timeout_s, interface="asgi3",
+                            http=protocol)  # httptools, the C parser: ~200 µs less agent CPU per request than h11
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # ours below stop the agent too
+    return server
 
 
 async def serve(settings: Settings) -> None:
     """Listen first (so /healthz answers while the server starts), then start the agent."""
     agent = Agent(settings)
-    config = uvicorn.Config(agent.asgi, host=settings.host, port=settings.port, log_level="warning",
-                            access_log=False, lifespan="off", timeout_keep_alive=75, interface="asgi3",
-                            http="httptools")  # C parser: ~200 µs less agent CPU per request than h11
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # ours below stop the agent too
+    management = management_listener(settings)
+    listeners = [(agent.asgi if management else agent.single_port_asgi, _listen(settings.host, settings.port, "--host/--port"))]
+    if management:
+        listeners.append((agent.management_asgi, _listen(*management, "--management-host/--management-port")))
+    servers = [_server(app, settings) for app, _ in listeners]
     loop = asyncio.get_running_loop()
+
+    def exit_all() -> None:
+        for server in servers:
+            server.should_exit = True
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        loop.add_signal_handler(sig, exit_all)
+    serving = [asyncio.create_task(server.serve(sockets=[sock]), name="http") for server, (_, sock) in zip(servers, listeners)]
     grpc_plane = await start_grpc(settings, agent)  # KServe V2 gRPC beside the HTTP port (None: off)
-    serving = asyncio.create_task(server.serve(), name="http")
     try:
         starting = asyncio.create_task(agent.start(), name="agent-start")
-        done, _ = await asyncio.wait({serving, starting}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({*serving, starting}, return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
             starting.result()  # a failed start ends the agent with its error
+            done, _ = await asyncio.wait(serving, return_when=asyncio.FIRST_COMPLETED)
         else:
             starting.cancel()
-        await serving
+        exit_all()  # one listener ending ends the agent
+        await asyncio.gather(*serving)
     finally:
-        server.should_exit = True
-        await asyncio.gather(serving, return_exceptions=True)
+        exit_all()
+        await asyncio.gather(*serving, return_exceptions=True)
+        for _, sock in listeners:
+            sock.close()
         if grpc_plane is not None:
             await grpc_plane.stop()
         log.info("agent stopping")

@@ -1,20 +1,110 @@
 """`modelshelf` command line: run | pull | prefetch | cache.
 
-Every `run`/`prefetch` flag can also be set by an environment variable named
-MODELSHELF_<FLAG> (e.g. --cache-dir -> MODELSHELF_CACHE_DIR); the flag wins.
+Every option of every subcommand can also be set by an environment variable named
+MODELSHELF_<FLAG> (e.g. --cache-dir -> MODELSHELF_CACHE_DIR, --memory-multiplier ->
+MODELSHELF_MEMORY_MULTIPLIER); a flag given on the command line wins. The value is read like
+the flag's (same type and choices); a repeatable flag takes a list, one item per line, or
+separated by commas or spaces on one line; a switch (store_true) takes 1/true/yes/on or
+0/false/no/off. The mapping is generic (`_apply_env`): a flag added later gets its variable.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 from agent.settings import Settings, default_holder
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
 def _env(flag: str, default=None):
-    return os.environ.get("MODELSHELF_" + flag.upper().replace("-", "_"), default)
+    """Kept for flags written as `default=_env("flag", X)`: returns X. The environment itself is
+    read once, for every flag, by `_apply_env`."""
+    return default
+
+
+def env_name(option: str) -> str:
+    """The environment variable of a flag: --memory-multiplier -> MODELSHELF_MEMORY_MULTIPLIER."""
+    return "MODELSHELF_" + option.lstrip("-").upper().replace("-", "_")
+
+
+class _EnvValue(str):
+    """A default that came from the environment: argparse converts it like a command-line value
+    (only when the flag is absent), and a bad one is reported naming its variable."""
+
+    variable = ""
+
+
+def _env_typed(action: argparse.Action):
+    convert = action.type or (lambda v: v)
+    choices = action.choices
+
+    def typed(value: str):
+        try:
+            out = convert(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            if not isinstance(value, _EnvValue):
+                raise
+            raise argparse.ArgumentTypeError(f"{value.variable}={value!r}: {e}") from None
+        if isinstance(value, _EnvValue) and choices is not None and out not in choices:
+            raise argparse.ArgumentTypeError(f"{value.variable}={value!r}: choose from {', '.join(map(str, choices))}")
+        return out
+
+    typed.__name__ = getattr(action.type, "__name__", "value")
+    return typed
+
+
+def _split_list(value: str) -> list[str]:
+    """One item per line; or, on one line, items separated by commas or spaces."""
+    items = value.splitlines() if "\n" in value else re.split(r"[,\s]+", value)
+    return [item.strip() for item in items if item.strip()]
+
+
+def _apply_env(parser: argparse.ArgumentParser) -> None:
+    """Every option of `parser` and its subcommands reads MODELSHELF_<FLAG> as its default."""
+    for action in parser._actions:  # argparse has no public accessor for actions
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _apply_env(sub)
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        variable = env_name(longs[0])
+        raw = os.environ.get(variable)
+        if raw is None:
+            continue
+        action.required = False
+        if isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction)):
+            word = raw.strip().lower()  # a switch: "true" means as if the flag were given
+            if word not in _TRUE | _FALSE:
+                parser.error(f"{variable}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
+            given = True if isinstance(action, argparse.BooleanOptionalAction) else action.const
+            action.default = given if word in _TRUE else (not given if isinstance(given, bool) else action.default)
+        elif isinstance(action, argparse._CountAction):
+            try:
+                action.default = int(raw)
+            except ValueError:
+                parser.error(f"{variable}={raw!r}: expected a count")
+        elif isinstance(action, argparse._AppendAction):
+            typed = _env_typed(action)
+            try:
+                action.default = [typed(_env_value(item, variable)) for item in _split_list(raw)]
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"argument {longs[0]}: {e}")
+        elif isinstance(action, argparse._StoreAction):
+            action.type = _env_typed(action)
+            action.default = _env_value(raw, variable)
+
+
+def _env_value(raw: str, variable: str) -> _EnvValue:
+    value = _EnvValue(raw)
+    value.variable = variable
+    return value
 
 
 def _multipliers(items: list[str]) -> dict[str, float]:
@@ -52,15 +142,18 @@ def _grpc_port(value: str) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config-dir", type=Path, default=_env("config-dir"), help="directory with models.yaml/models.json (a mounted ConfigMap)")
-    p.add_argument("--cache-dir", type=Path, default=_env("cache-dir"), help="cache root: node-local disk or a shared RWX PVC")
-    p.add_argument("--max-cache-bytes", default=_env("max-cache-bytes"), help="disk budget of the cache (bytes or 50Gi); LRU entries without leases are removed past it")
-    p.add_argument("--pvc-root", type=Path, default=_env("pvc-root"), help="where pvc://CLAIM/path resolves (default /mnt/pvc)")
-    p.add_argument("--storage-config-dir", type=Path, default=_env("storage-config-dir"), help="one JSON file per storage key (KServe storage-config shape)")
-    p.add_argument("--pull-concurrency", type=int, default=int(_env("pull-concurrency", 4)), help="models pulled at a time")
-    p.add_argument("--holder", default=_env("holder", None), help="cache lease holder id (default: $POD_NAME or host name)")
-    p.add_argument("--log-format", choices=["text", "json"], default=_env("log-format", "text"))
-    p.add_argument("--log-level", default=_env("log-level", "info"))
+    p.add_argument("--config-dir", type=Path, default=None, help="directory with models.yaml/models.json (a mounted ConfigMap)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="cache root: node-local disk or a shared RWX PVC")
+    p.add_argument("--max-cache-bytes", default=None, help="disk budget of the cache (bytes or 50Gi); LRU entries without leases are removed past it")
+    p.add_argument("--pvc-root", type=Path, default=None, help="where pvc://CLAIM/path resolves (default /mnt/pvc)")
+    p.add_argument("--storage-config-dir", type=Path, default=None, help="one JSON file per storage key (KServe storage-config shape)")
+    p.add_argument("--pull-concurrency", type=int, default=4, help="models pulled at a time")
+    p.add_argument("--holder", default=None, help="cache lease holder id (default: $POD_NAME or host name)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--max-config-bytes", default=str(16 * 2**20), help="size limit of the config file (bytes or 16Mi); past it the file is rejected and the last good config kept")
+    p.add_argument("--max-config-depth", type=int, default=64, help="nesting levels of lists/mappings allowed in the config file")
+    p.add_argument("--max-config-nodes", type=int, default=1_000_000, help="values allowed in the config file, each YAML alias use counted in full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,39 +162,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the agent (embedded MLServer by default)")
     _add_common(run)
-    run.add_argument("--host", default=_env("host", "127.0.0.1"), help="address for the data plane and management API")
-    run.add_argument("--port", type=int, default=int(_env("port", 8000)))
-    run.add_argument("--server", choices=["mlserver", "triton"], default=_env("server", "mlserver"))
-    run.add_argument("--server-url", default=_env("server-url"), help="sidecar mode: URL of an external server; embedded when absent")
-    run.add_argument("--server-repository", type=Path, default=_env("server-repository"), help="repository dir the agent writes model entries into (shared with a sidecar server)")
-    run.add_argument("--server-port", type=int, default=_env("server-port"), help="embedded server's HTTP port (default: a free one)")
-    run.add_argument("--triton-bin", type=Path, default=_env("triton-bin"), help="tritonserver binary (default: found in .venv-triton)")
-    run.add_argument("--host-memory", default=_env("host-memory"), help="host memory budget: bytes, 8Gi, or 80%% of the cgroup limit/RAM")
-    run.add_argument("--gpu-memory", default=_env("gpu-memory"), help="GPU memory budget per device: bytes, 20Gi, or 90%%")
+    run.add_argument("--host", default="127.0.0.1", help="address of the public listener (data plane and probes)")
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--server", choices=["mlserver", "triton"], default="mlserver")
+    run.add_argument("--server-url", default=None, help="sidecar mode: URL of an external server; embedded when absent")
+    run.add_argument("--server-repository", type=Path, default=None, help="repository dir the agent writes model entries into (shared with a sidecar server)")
+    run.add_argument("--server-port", type=int, default=None, help="embedded server's HTTP port (default: a free one)")
+    run.add_argument("--triton-bin", type=Path, default=None, help="tritonserver binary (default: found in .venv-triton)")
+    run.add_argument("--host-memory", default=None, help="host memory budget: bytes, 8Gi, or 80%% of the cgroup limit/RAM")
+    run.add_argument("--gpu-memory", default=None, help="GPU memory budget per device: bytes, 20Gi, or 90%%")
     run.add_argument("--memory-multiplier", action="append", default=[], metavar="RUNTIME=X", help="estimated cost = cache entry size x X for RUNTIME (repeatable)")
-    run.add_argument("--min-residency", type=float, default=float(_env("min-residency", 30)), help="seconds a loaded model is safe from eviction for a lazy load")
-    run.add_argument("--load-timeout", type=float, default=float(_env("load-timeout", 120)), help="seconds a request waits for its model to load")
-    run.add_argument("--request-timeout", type=float, default=float(_env("request-timeout", 60)), help="seconds for one forwarded request")
-    run.add_argument("--max-queue", type=int, default=int(_env("max-queue", 256)), help="requests waiting per model during a load; past it 503")
-    run.add_argument("--max-body-bytes", default=_env("max-body-bytes", str(64 * 2**20)), help="request body limit (413 past it)")
-    run.add_argument("--load-concurrency", type=int, default=int(_env("load-concurrency", 2)), help="models loaded at a time")
-    run.add_argument("--resync-interval", type=float, default=float(_env("resync-interval", 60)), help="seconds between full resyncs of config and server")
-    run.add_argument("--shards", type=int, default=int(_env("shards", 1)), help="split the config across N replicas by hash of model name")
-    run.add_argument("--shard-index", type=_shard_index, default=_env("shard-index", "0"), help="this replica's shard, or 'auto' (StatefulSet ordinal)")
-    run.add_argument("--grpc-port", type=_grpc_port, default=_env("grpc-port", "8001"), help="KServe V2 gRPC port (0 or 'off' disables it)")
-    run.add_argument("--grpc-host", default=_env("grpc-host"), help="address for the gRPC data plane (default: --host)")
-    run.add_argument("--server-grpc-target", default=_env("server-grpc-target"), help="sidecar mode: the server's gRPC HOST:PORT (gRPC model calls answer UNAVAILABLE without it)")
+    run.add_argument("--min-residency", type=float, default=30.0, help="seconds a loaded model is safe from eviction for a lazy load")
+    run.add_argument("--load-timeout", type=float, default=120.0, help="seconds a request waits for its model to load")
+    run.add_argument("--request-timeout", type=float, default=60.0, help="seconds for one forwarded request")
+    run.add_argument("--max-queue", type=int, default=256, help="requests waiting per model during a load; past it 503")
+    run.add_argument("--max-body-bytes", default=str(64 * 2**20), help="request body limit (413 past it)")
+    run.add_argument("--load-concurrency", type=int, default=2, help="models loaded at a time")
+    run.add_argument("--resync-interval", type=float, default=60.0, help="seconds between full resyncs of config and server")
+    run.add_argument("--shards", type=int, default=1, help="split the config across N replicas by hash of model name")
+    run.add_argument("--shard-index", type=_shard_index, default="0", help="this replica's shard, or 'auto' (StatefulSet ordinal)")
+    run.add_argument("--management-host", default=None, help="address of the management listener (/status, /metrics, page; default: --host)")
+    run.add_argument("--management-port", type=int, default=8003, help="port of the management listener (/status, /metrics, page); equal to --port: one port serves everything")
+    run.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a complete request head; then it is closed")
+    run.add_argument("--keep-alive-timeout", type=float, default=75.0, help="seconds an idle keep-alive connection stays open")
+    run.add_argument("--max-header-bytes", default="64Ki", help="request head (line + headers) limit; 431 past it")
+    run.add_argument("--max-v1-body-bytes", default=str(4 * 2**20), help="V1 :predict body limit (413 past it); V1 JSON is parsed and translated by the agent")
+    run.add_argument("--upstream-connections", type=int, default=256, help="requests in flight to the server, all models together")
+    run.add_argument("--max-upstream-per-model", type=int, default=0, help="requests in flight to the server for one model (default 0: half of --upstream-connections); past it requests wait, within --request-timeout, then 503")
+    run.add_argument("--grpc-port", type=_grpc_port, default="8001", help="KServe V2 gRPC port (0 or 'off' disables it)")
+    run.add_argument("--grpc-host", default=None, help="address for the gRPC data plane (default: --host)")
+    run.add_argument("--server-grpc-target", default=None, help="sidecar mode: the server's gRPC HOST:PORT (gRPC model calls answer UNAVAILABLE without it)")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
     pull.add_argument("dest", type=Path)
-    pull.add_argument("--cache-dir", type=Path, default=_env("cache-dir"), help="link files from this cache instead of copying")
+    pull.add_argument("--cache-dir", type=Path, default=None, help="pull through this cache; DEST gets its own copies (reflink / copy_file_range where the file system allows)")
     pull.add_argument("--sha256", help="expected sha256 of the single file or archive")
     pull.add_argument("--storage-key", help="storage key in the storage-config dir")
-    pull.add_argument("--storage-config-dir", type=Path, default=_env("storage-config-dir"))
+    pull.add_argument("--storage-config-dir", type=Path, default=None)
     pull.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="HTTP header (repeatable)")
-    pull.add_argument("--pvc-root", type=Path, default=_env("pvc-root"))
+    pull.add_argument("--pvc-root", type=Path, default=None)
     pull.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    pull.add_argument("--link", action="store_true", help="with --cache-dir: read-only hard links into the cache instead of copies (only for consumers that do not run as root: root ignores modes and would rewrite the shared entry)")
 
     prefetch = sub.add_parser("prefetch", help="pull every configured model into the cache, then exit (Job/CronJob)")
     _add_common(prefetch)
@@ -110,13 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, text in (("ls", "list entries"), ("gc", "remove LRU entries without leases past the budget"), ("verify", "re-check sizes and digests")):
         c = cache_sub.add_parser(name, help=text)
-        c.add_argument("--cache-dir", type=Path, default=_env("cache-dir"), required=_env("cache-dir") is None)
+        c.add_argument("--cache-dir", type=Path, required=True)
         if name == "gc":
             c.add_argument("--max-cache-bytes", required=True, help="bytes or quantity (e.g. 50Gi)")
         if name in ("ls", "verify"):
             c.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "verify":
             c.add_argument("key", nargs="?", help="one entry (default: all)")
+    _apply_env(parser)
     return parser
 
 
@@ -133,6 +236,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s.pull_concurrency = args.pull_concurrency
     s.holder = args.holder or default_holder()
     s.log_format, s.log_level = args.log_format, args.log_level
+    s.max_config_bytes = parse_quantity(args.max_config_bytes)
+    s.max_config_depth, s.max_config_nodes = args.max_config_depth, args.max_config_nodes
     if args.command == "run":
         s.host, s.port = args.host, args.port
         s.server, s.server_url = args.server, args.server_url
@@ -148,7 +253,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.load_concurrency = args.load_concurrency
         s.resync_interval_s = args.resync_interval
         s.shards = args.shards
+        s.management_host, s.management_port = args.management_host, args.management_port
+        s.header_timeout_s, s.keep_alive_timeout_s = args.header_timeout, args.keep_alive_timeout
+        s.max_header_bytes = parse_quantity(args.max_header_bytes)
         s.shard_index = args.shard_index if isinstance(args.shard_index, int) else _shard_index(args.shard_index)
+        s.max_v1_body_bytes = parse_quantity(args.max_v1_body_bytes)
+        s.upstream_connections = args.upstream_connections
+        s.max_upstream_per_model = args.max_upstream_per_model
         s.grpc_port = args.grpc_port if isinstance(args.grpc_port, int) else _grpc_port(args.grpc_port)
         s.grpc_host, s.server_grpc_target = args.grpc_host, args.server_grpc_target
         if not 0 <= s.shard_index < s.shards:

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent.cli import main as cli_main
 
     return cli_main(["run", "--config-dir", str(config), "--cache-dir", str(cache), "--port", str(args.port),
-                     "--server", args.server])
+                     "--management-port", str(args.port), "--server", args.server])  # one port: the URLs above
 
 
 if __name__ == "__main__":

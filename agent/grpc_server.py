@@ -94,6 +94,26 @@ class GrpcDataPlane:
         self._methods: dict[str, Any] = {}
         self._closing: set[asyncio.Task] = set()
         self._server: grpc.aio.Server | None = None
+        self._counted: dict[tuple[str, str], Any] = {}  # (model, code) -> counter child
+        hooks = getattr(metrics, "before_render", None)
+        if hooks is not None:
+            hooks.append(self._prune_metrics)
+
+    def _count(self, model: str, code: str) -> None:
+        child = self._counted.get((model, code))
+        if child is None:
+            child = self._counted[(model, code)] = self.metrics.grpc_requests.labels(model=model, code=code)
+        child.inc()
+
+    def _prune_metrics(self) -> None:
+        """At each scrape: drop the call series of models no longer configured."""
+        reconciler = self._reconciler()
+        if reconciler is None:
+            return
+        configured = {name for name, m in reconciler.models.items() if not m.removed}
+        for model, code in [k for k in self._counted if k[0] and k[0] not in configured]:
+            del self._counted[(model, code)]
+            self.metrics.grpc_requests.remove(model, code)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, host: str, port: int) -> int:
@@ -198,9 +218,9 @@ class GrpcDataPlane:
                     finally:
                         reconciler.release(model)
             except _Refused as e:
-                self.metrics.grpc_requests.labels(model=name if e.code is not grpc.StatusCode.NOT_FOUND else "", code=e.code.name).inc()
+                self._count(name if e.code is not grpc.StatusCode.NOT_FOUND else "", e.code.name)
                 return await _abort(context, e)
-            self.metrics.grpc_requests.labels(model=name, code="OK").inc()
+            self._count(name, "OK")
             return response
 
         handler.__name__ = method

@@ -3,8 +3,9 @@
     log = get_logger(__name__)
     log.info("model loaded", extra=kv(model="iris", seconds=0.004))
 
-Values pass through puller.uri.redact when it exists, so a URI with userinfo or a signed
-query never reaches a log line.
+The message, every value (strings, and dicts/lists deeply, in text and JSON) and the exception
+line pass through puller.uri.redact, so a URI with userinfo or a signed query never reaches a
+log line.
 """
 from __future__ import annotations
 
@@ -22,12 +23,11 @@ def kv(**fields: Any) -> dict[str, Any]:
     return {_KV: fields}
 
 
-def _redact(value: str) -> str:
-    try:
-        from puller.uri import redact
-    except ImportError:  # pragma: no cover - the puller always ships redact
-        return value
-    return redact(value)
+def _redact(value: Any) -> Any:
+    """Strings (and anything else, as its str) with credentials masked; JSON-like values deeply."""
+    from puller.uri import redact_doc
+
+    return redact_doc(value)
 
 
 def _fmt_value(value: Any) -> str:
@@ -44,7 +44,7 @@ class TextFormatter(logging.Formatter):
         for key, value in getattr(record, _KV, {}).items():
             parts.append(f"{key}={_fmt_value(value)}")
         if record.exc_info:
-            parts.append("exc=" + _fmt_value(self.formatException(record.exc_info).splitlines()[-1]))
+            parts.append("exc=" + _fmt_value(_exc_line(self, record)))
         return " ".join(parts)
 
 
@@ -57,10 +57,16 @@ class JSONFormatter(logging.Formatter):
             "msg": _redact(record.getMessage()),
         }
         for key, value in getattr(record, _KV, {}).items():
-            doc[key] = _redact(value) if isinstance(value, str) else value
+            doc[key] = _redact(value)
         if record.exc_info:
-            doc["exc"] = _redact(self.formatException(record.exc_info).splitlines()[-1])
+            doc["exc"] = _redact(_exc_line(self, record))
         return json.dumps(doc, default=str)
+
+
+def _exc_line(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    """The last line of the exception (its type and message); redacted by the caller."""
+    lines = formatter.formatException(record.exc_info).splitlines()
+    return lines[-1] if lines else ""
 
 
 def setup_logging(fmt: str = "text", level: str = "info") -> None:

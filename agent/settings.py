@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agent.config import ModelSpec
+    from agent.config import ConfigLimits, ModelSpec
     from puller import PullOptions
 
 
@@ -48,6 +48,17 @@ class Settings:
     shard_index: int = 0
     log_format: str = "text"  # text | json
     log_level: str = "info"
+    max_v1_body_bytes: int = 4 * 2**20  # V1 bodies are parsed and translated: their own, smaller limit
+    upstream_connections: int = 256  # requests in flight to the co-located server, all models
+    max_upstream_per_model: int = 0  # of those, for one model (0: half of upstream_connections)
+    management_host: str | None = None  # None: the same address as `host`
+    management_port: int | None = 8003  # None or == port (same host): one port serves everything
+    header_timeout_s: float = 10.0  # a request head (line + headers) must arrive within this
+    keep_alive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 64 * 1024  # a larger request head (line + headers) is answered 431
+    max_config_bytes: int = 16 * 2**20  # a config file past it is rejected (last good config kept)
+    max_config_depth: int = 64  # nesting levels of lists/mappings in a config file
+    max_config_nodes: int = 1_000_000  # values in a config file, YAML aliases counted at each use
     grpc_port: int = 8001  # KServe V2 gRPC data plane; 0 turns it off
     grpc_host: str | None = None  # default: `host`
     server_grpc_target: str | None = None  # sidecar: the server's gRPC HOST:PORT (embedded: known)
@@ -63,3 +74,10 @@ class Settings:
         if self.pvc_root:
             options.pvc_root = self.pvc_root
         return options
+
+    def config_limits(self) -> "ConfigLimits":
+        """What one config file may cost to read (--max-config-bytes/-depth/-nodes)."""
+        from agent.config import ConfigLimits
+
+        return ConfigLimits(max_bytes=self.max_config_bytes, max_depth=self.max_config_depth,
+                            max_nodes=self.max_config_nodes)

@@ -17,6 +17,12 @@ fresh directory on the same disk (page cache warm for everyone alike):
 - the CLI's start-up alone (interpreter + the pull path's imports, botocore included, no I/O):
   subtract it from the CLI rows to see the transfer.
 
+Local sections (no endpoint; results in benchmarks/results/pull_local[_LABEL].json):
+    .venv/bin/python benchmarks/bench_pull.py --dest-strategies --repeat 3
+        DEST from a cache entry: hard link vs copy_file_range vs shutil.copyfile vs the CLI's choice
+    .venv/bin/python benchmarks/bench_pull.py --cache-cost [--code-root /path/to/other/checkout --label main]
+        stats() and a budgeted cache hit with 10,000 entries (run once per checkout: before/after)
+
 Tools run round robin, --repeat times (best run reported, every run kept in the JSON with the
 1-minute load average before it): on a shared machine a burst of load then hits one run of
 several tools rather than every run of one. Only the last modelshelf cache is kept (for the
@@ -297,6 +303,145 @@ def _timed(row: dict, fn, set_name: str, tool: str, total: int) -> None:
     row["loadavg_1m"].append(load)
     print(f"set={set_name} tool={tool!r} {seconds:.3f}s {total / 2**20 / seconds:.0f} MiB/s load={load}", flush=True)
 
+# -- local sections: no endpoint --------------------------------------------------------------
+
+def dest_strategies(work: Path, large_mib: int, small_count: int, small_kib: int, repeat: int) -> dict:
+    """How DEST gets an entry's files: hard link vs copy_file_range vs shutil.copyfile (sendfile),
+    and the CLI's copy_file (reflink first, then copy_file_range, then copy). Same file system,
+    page cache warm; best of `repeat`."""
+    from puller.cli import copy_file
+
+    src = work / "entry"
+    src.mkdir()
+    chunk = os.urandom(2**20)
+    with open(src / "large.bin", "wb") as f:
+        for _ in range(large_mib):
+            f.write(chunk)
+    small = src / "small"
+    small.mkdir()
+    for i in range(small_count):
+        (small / f"f{i:04d}.bin").write_bytes(chunk[: small_kib * 1024])
+
+    def crange(a: Path, b: Path) -> None:
+        with open(a, "rb") as fi, open(b, "wb") as fo:
+            left = os.fstat(fi.fileno()).st_size
+            while left:
+                left -= os.copy_file_range(fi.fileno(), fo.fileno(), left)
+
+    how: dict[str, str] = {}
+    strategies = {"hard link": os.link, "copy_file_range": crange, "shutil.copyfile (sendfile)": shutil.copyfile,
+                  "puller.cli.copy_file (reflink, else copy_file_range, else copy)":
+                      lambda a, b: how.__setitem__("chosen", copy_file(a, b))}
+    sets = {f"1 x {large_mib} MiB": [src / "large.bin"], f"{small_count} x {small_kib} KiB": sorted(small.iterdir())}
+    out: dict = {}
+    for set_name, files in sets.items():
+        out[set_name] = {}
+        for name, fn in strategies.items():
+            runs = []
+            for r in range(repeat):
+                dest = work / f"dest-{r}"
+                dest.mkdir()
+                t0 = time.perf_counter()
+                for f in files:
+                    fn(f, dest / f.name)
+                runs.append(time.perf_counter() - t0)
+                shutil.rmtree(dest)
+            out[set_name][name] = {"seconds": min(runs), "all_seconds": runs}
+            print(f"dest set={set_name!r} strategy={name!r} best={min(runs):.4f}s", flush=True)
+    out["copy_file chose"] = how.get("chosen")
+    return out
+
+
+def digest_cost(large_mib: int) -> dict:
+    """Seconds to digest `large_mib` MiB fed in 256 KiB chunks (what a source writes): the
+    cache's streamed xxh3 parts (FileDigest, as recorded), and BLAKE3 / sha256 for comparison."""
+    import hashlib
+
+    from puller.sources.base import FileDigest
+
+    chunk = memoryview(bytearray(os.urandom(256 << 10)))
+    size = large_mib << 20
+    hashers: dict[str, Any] = {"FileDigest (xxh3-128, 1 MiB parts)": None, "sha256": hashlib.sha256}
+    try:
+        import blake3
+
+        hashers["blake3 (1 thread)"] = blake3.blake3
+    except ImportError:
+        pass
+    out = {}
+    for name, make in hashers.items():
+        d = FileDigest(size) if make is None else make()
+        t0 = time.perf_counter()
+        for off in range(0, size, len(chunk)):
+            if make is None:
+                d.update(off, chunk)
+            else:
+                d.update(chunk)
+        out[name] = time.perf_counter() - t0
+        print(f"digest {name}: {out[name]:.3f}s for {large_mib} MiB", flush=True)
+    return out
+
+
+def cache_cost(work: Path, entries: int, calls: int) -> dict:
+    """stats() and a cache hit with a disk budget, with `entries` published entries (written
+    straight in the on-disk layout), timed in-process over `calls` calls each."""
+    from puller import Cache
+    from tests.support.httpserver import HTTPFileServer
+
+    root = work / "cache"
+    Cache(root)
+    for i in range(entries):
+        key = f"{i:032x}"
+        d = root / "entries" / key
+        (d / "files").mkdir(parents=True)
+        (d / "files" / "w.bin").write_bytes(b"x" * 100)
+        (d / "manifest.json").write_text(json.dumps({"format": 1, "key": key, "uri": f"s3://b/m{i}",
+                                                     "total_bytes": 100, "links": [],
+                                                     "files": [{"path": "w.bin", "size": 100}]}))
+    out: dict = {"entries": entries, "calls": calls}
+    with HTTPFileServer() as srv:
+        srv.set_file("m.bin", b"m" * 1000)
+        cache = Cache(root, max_bytes=10 * 2**30)
+        t0 = time.perf_counter()
+        cache.stats()  # builds the index (reads every manifest once)
+        out["stats_first_call_s"] = time.perf_counter() - t0
+        cache.ensure(srv.url("m.bin"))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            cache.stats()
+        out["stats_per_call_s"] = (time.perf_counter() - t0) / calls
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            assert cache.ensure(srv.url("m.bin")).hit
+        out["hit_per_call_s"] = (time.perf_counter() - t0) / calls
+    print(f"cache_cost entries={entries} stats first={out['stats_first_call_s'] * 1e3:.1f} ms "
+          f"per call={out['stats_per_call_s'] * 1e3:.3f} ms; hit with max_bytes per call={out['hit_per_call_s'] * 1e3:.2f} ms",
+          flush=True)
+    return out
+
+
+def local_main(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="bench-pull-local-", dir=args.work_dir))
+    code = Path(args.code_root).resolve() if args.code_root else ROOT
+    results: dict = {"machine": _machine(), "code": str(code), "loadavg_start": _load()}
+    try:
+        if args.dest_strategies:
+            results["dest"] = dest_strategies(work, args.large_mib, args.small_count, args.small_kib,
+                                              max(1, args.repeat))
+            results["digest_while_streaming"] = digest_cost(args.large_mib)
+        if args.cache_cost:
+            results["cache_cost"] = cache_cost(work, args.cache_entries, args.cache_calls)
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(work)], check=False)  # entries are read-only
+        shutil.rmtree(work, ignore_errors=True)
+    results["loadavg_end"] = _load()
+    name = "pull_local" + (f"_{args.label}" if args.label else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large-mib", type=int, default=512)
@@ -310,7 +455,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tools", default="", help="comma-separated tool-name prefixes to run, e.g. 'modelshelf,s5cmd,ceiling'")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--dest-strategies", action="store_true", help="only the local DEST strategies section")
+    ap.add_argument("--cache-cost", action="store_true", help="only the local stats()/hit cost section")
+    ap.add_argument("--cache-entries", type=int, default=10_000)
+    ap.add_argument("--cache-calls", type=int, default=20)
+    ap.add_argument("--code-root", default=None, help="import puller from this checkout (e.g. main, for before/after)")
+    ap.add_argument("--label", default="", help="suffix of the local sections' result file")
     args = ap.parse_args(argv)
+    if args.code_root:
+        sys.path.insert(0, str(Path(args.code_root).resolve()))
+    if args.dest_strategies or args.cache_cost:
+        return local_main(args)
 
     work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.work_dir))
     endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work)

@@ -131,7 +131,8 @@ class AgentRun:
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                     env={**os.environ, "PYTHONPATH": str(ROOT),
+                                          "MODELSHELF_MANAGEMENT_PORT": str(self.port)})  # one port for /status
         self.server_pid: int | None = None
         self._reader = threading.Thread(target=self._read, name="agent-log", daemon=True)
         self._reader.start()

@@ -208,7 +208,8 @@ class Agent:
         cmd = [*(entry or [sys.executable, "-m", "agent.cli"]), "run", "--config-dir", str(config),
                "--cache-dir", str(self.workdir / "cache"), "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     env={**os.environ, "MODELSHELF_MANAGEMENT_PORT": str(self.port), **(env or {})},
+                                     start_new_session=True)  # one port: /status and /metrics beside the data plane
 
     def __enter__(self) -> "Agent":
         return self

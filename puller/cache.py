@@ -3,14 +3,17 @@
 Layout under the root (node-local disk or a ReadWriteMany volume shared by several pods)::
 
     VERSION                      layout version ("1")
-    entries/<key>/               a PUBLISHED entry: appears by one atomic rename, never changes after
-        manifest.json            uri (redacted), source identity and store checksums, files with
-                                 size (+ sha256 where one was checked), total bytes
+    entries/<key>/               a PUBLISHED entry: appears by one atomic rename, never changes after;
+                                 read-only: files 0444 (0555 if executable), directories 0555
+        manifest.json            uri (redacted), source identity and store checksums, directories,
+                                 files with size and digest (+ sha256 where one was checked), total bytes
         files/                   the model's files = Entry.path (one subdirectory per sub-model)
     tmp/<key>.<token>/           a download in progress: same shape as an entry, plus owner.json
     trash/<key>.<token>/         an entry being deleted: renamed here first, then removed
     locks/<key>.lock             one lock file per key (fcntl POSIX lock); removed with its entry
-    leases/<key>/<holder>        one file per (key, holder); its mtime is the holder's last heartbeat
+    leases/<key>/<holder>        one EMPTY file per (key, holder); its mtime is the holder's last heartbeat.
+                                 An agent's holder is `<pod>@<model>` (model_holder): a lease per
+                                 (entry, model), so two models on one entry hold two leases
     meta/<key>.json              small annotations per key (get_meta/set_meta), e.g. measured memory
     clock                        touched to read the file system's own clock (see "Clocks")
 
@@ -26,9 +29,11 @@ Publish (`ensure`, on a miss):
      (waiters reuse the winner's entry);
   3. download into tmp/<key>.<token>/files (archives go to tmp/.../download, are extracted
      into files/ by puller.archive, then dropped), verify sizes, the user's sha256 and sha256
-     checksums given by the store (sha256 is computed only where it is checked), write
-     manifest.json;
-  4. ONE `rename(tmp/<key>.<token>, entries/<key>)`. If that loses a race (the target exists:
+     checksums given by the store (sha256 is computed only where it is checked); record every
+     file's digest (xxh3-128 over 1 MiB parts, `puller.sources.base.FileDigest`), computed from
+     the bytes as the source writes them (files it did not report, e.g. extracted ones, are read
+     once here); make the tree read-only; write manifest.json;
+  4. ONE `rename(tmp/<key>.<token>, entries/<key>)`, then entries/<key> itself becomes 0555. If that loses a race (the target exists:
      a lock that did not hold, e.g. on a misconfigured NFS mount), the temp copy is discarded
      and the existing entry used. A reader never sees a partial entry: before the rename
      there is no entries/<key>, after it there is a complete one.
@@ -44,10 +49,29 @@ Crash safety: a crashed pull leaves only tmp/<key>.<token> (its owner's lock die
 process). `Cache()` sweeps, on start, every tmp dir whose key lock it can take (nobody is
 working on it) and everything in trash/.
 
-Leases: `lease(key, holder)` writes leases/<key>/<holder> under the key lock; `refresh_leases()`
+Immutability: nobody but root can add, remove or rewrite anything in a published entry; root
+ignores modes, so consumers never share a writable inode with an entry (`modelshelf pull` gives
+DEST copies: reflink / copy_file_range / copy; `--link` hard links are an opt-in for non-root
+consumers) and servers write their byproducts elsewhere. `verify` re-hashes every file and
+reports changed, missing and extra files and extra directories (e.g. a `__pycache__`). Removal
+(GC, discard, sweep) makes the tree writable again under the key lock, then renames it into
+trash/ and removes it.
+
+Leases: `lease(key, holder)` creates leases/<key>/<holder> under the key lock; `refresh_leases()`
 (a heartbeat the agent calls every lease_ttl_s/4 or so) touches this instance's lease files; a
 lease not refreshed within lease_ttl_s is dead, so a crashed pod does not pin an entry forever.
-Every pod sharing the root sees every lease.
+Every pod sharing the root sees every lease; GC, `cache gc` and `cache ls` treat each
+`<pod>@<model>` holder as one lease. Releasing one model's lease never touches another's.
+
+Serving what is cached needs no free space: a lease file is empty (on a full disk it can still
+be created where inodes remain); when it cannot be created (ENOSPC/EDQUOT/EROFS) the failure is
+logged, `ensure` of the published entry still succeeds, and the heartbeat creates it later.
+LRU times (utime) and `set_meta` annotations are best-effort in the same way.
+
+Statistics: `stats()` is O(1) after its first call: sizes by key are kept in memory on publish /
+GC / discard, and rescanned in a background thread at most every `rescan_s` seconds (listing
+entries/ and reading only new keys' manifests) to see other pods' changes. `ensure` with a budget runs GC only after a download
+added bytes or when the tracked total is over the budget, never on a plain hit.
 
 GC: `gc(max_bytes)` removes least-recently-used entries (mtime of entries/<key>, touched on
 every hit) without a live lease until the total is within budget. For each victim it takes the
@@ -93,13 +117,17 @@ from typing import Any, Iterable, Mapping
 
 from puller import archive as _archive
 from puller.errors import BadURI, IntegrityError, NotFound, PullError
-from puller.sources.base import Listing, NullProgress, Progress, PullOptions, Source, open_source
+from puller.sources.base import (DIGEST_ALGO, DigestRecorder, Listing, NullProgress, Progress, PullOptions, Source,
+                                 file_digest, open_source)
 
 log = logging.getLogger("modelshelf.puller.cache")
 
 LAYOUT_VERSION = "1"
 _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 _HASH_CHUNK = 4 * 2**20
+# errors of a full or read-only disk: writes that only annotate (lease files, meta, LRU times)
+# are then skipped and retried later, never failing the use of a published entry
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 # -- public data ---------------------------------------------------------------------------
@@ -174,7 +202,9 @@ class VerifyReport:
 # -- locks -------------------------------------------------------------------------------
 
 _registry_lock = threading.Lock()
-_thread_locks: dict[str, threading.Lock] = {}
+# path -> [thread lock, number of _KeyLocks acquiring or holding it]: an entry lives only while
+# someone uses it, so the registry stays as small as the keys being locked right now
+_thread_locks: dict[str, list[Any]] = {}
 
 
 class _KeyLock:
@@ -183,14 +213,37 @@ class _KeyLock:
 
     def __init__(self, path: Path):
         self.path = path
-        with _registry_lock:
-            self._tlock = _thread_locks.setdefault(str(path), threading.Lock())
+        self._tlock: threading.Lock | None = None
         self._fd: int | None = None
+
+    def _enter(self) -> threading.Lock:
+        with _registry_lock:
+            slot = _thread_locks.get(str(self.path))
+            if slot is None:
+                slot = _thread_locks[str(self.path)] = [threading.Lock(), 0]
+            slot[1] += 1
+            return slot[0]
+
+    def _leave(self) -> None:
+        with _registry_lock:
+            slot = _thread_locks[str(self.path)]
+            slot[1] -= 1
+            if slot[1] == 0:
+                del _thread_locks[str(self.path)]
+
+    def _unlock_thread(self) -> None:
+        tlock, self._tlock = self._tlock, None
+        if tlock is not None:
+            tlock.release()
+        self._leave()
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._tlock.acquire(blocking, -1 if timeout is None or not blocking else timeout):
+        tlock = self._enter()
+        if not tlock.acquire(blocking, -1 if timeout is None or not blocking else timeout):
+            self._leave()
             return False
+        self._tlock = tlock
         fd = -1
         delay = 0.002
         try:
@@ -213,7 +266,7 @@ class _KeyLock:
                 if not blocking or (deadline is not None and time.monotonic() >= deadline):
                     os.close(fd)
                     fd = -1
-                    self._tlock.release()
+                    self._unlock_thread()
                     return False
                 time.sleep(delay)
                 delay = min(delay * 1.5, 0.05)
@@ -221,7 +274,7 @@ class _KeyLock:
             if self._fd is None:
                 if fd >= 0:
                     os.close(fd)
-                self._tlock.release()
+                self._unlock_thread()
             raise
 
     def _same_file(self, fd: int) -> bool:
@@ -245,7 +298,7 @@ class _KeyLock:
                 fcntl.lockf(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
-                self._tlock.release()
+                self._unlock_thread()
 
     def __enter__(self) -> "_KeyLock":
         self.acquire()
@@ -283,6 +336,15 @@ class Cache:
                             f"this modelshelf speaks {LAYOUT_VERSION!r}")
         self._mu = threading.Lock()
         self._mine: set[tuple[str, str]] = set()  # (key, holder) leases this instance refreshes
+        self._unwritten: set[str] = set()  # keys whose lease file could not be written (disk full)
+        # entry sizes by key, kept on publish / GC / discard, rescanned at most every rescan_s
+        # (other pods publish and remove too): stats() reads no manifest on the common path
+        self.rescan_s = 30.0
+        self._index: dict[str, int] | None = None
+        self._index_bytes = 0
+        self._index_leased = 0
+        self._index_at = 0.0
+        self._rescanning = False
         self._counters = {"hits": 0, "misses": 0, "in_place": 0, "bytes_downloaded": 0}
         self.sweep()
 
@@ -344,9 +406,9 @@ class Cache:
             try:
                 entry = self._published(key, options, label)
                 if entry is None:
-                    if self.max_bytes is not None:  # make room first (best effort)
-                        need = sum(li.total_bytes for _, _, li in listed)
-                        self._gc_quietly(max(0, self.max_bytes - need), exclude={key})
+                    need = sum(li.total_bytes for _, _, li in listed)
+                    if self.max_bytes is not None and self._tracked_bytes() + need > self.max_bytes:
+                        self._gc_quietly(max(0, self.max_bytes - need), exclude={key})  # make room first
                     entry = self._download(key, listed, options, progress, label)
                 if lease:
                     self._write_lease(key, holder)
@@ -356,7 +418,9 @@ class Cache:
             self._counters["hits" if entry.hit else "misses"] += 1
             if not entry.hit:
                 self._counters["bytes_downloaded"] += entry.size
-        if self.max_bytes is not None:
+        # a hit adds no bytes: GC only after a download, or when another pod's writes (seen by
+        # the periodic rescan) put the total over the budget
+        if self.max_bytes is not None and (not entry.hit or self._tracked_bytes() > self.max_bytes):
             self._gc_quietly(self.max_bytes, exclude={key})
         return entry
 
@@ -364,7 +428,7 @@ class Cache:
         path = Path(listing.local_path)  # type: ignore[arg-type]
         if options.sha256:
             file = path if path.is_file() else path / listing.objects[0].path
-            digest = _sha256_file(file)
+            digest = self._local_sha256(key, file)
             if digest != options.sha256.lower():
                 raise IntegrityError(f"{listing.uri}: sha256 mismatch (expected {options.sha256.lower()}, "
                                      f"got {digest})", uri=listing.uri)
@@ -375,6 +439,25 @@ class Cache:
         log.info("event=cache_in_place key=%s uri=%s files=%d", key, listing.uri, len(listing.objects))
         return Entry(key=key, path=path, uri=listing.uri, size=listing.total_bytes,
                      files=tuple(o.path for o in listing.objects), in_place=True, hit=True)
+
+    def _local_sha256(self, key: str, file: Path) -> str:
+        """sha256 of a local file used in place, remembered in meta/<key>.local.json by (path,
+        size, mtime_ns, inode, device): a periodic source check stays metadata only."""
+        st = os.stat(file)
+        sig = [str(file), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+        memo = self.root / "meta" / f"{key}.local.json"
+        try:
+            doc = json.loads(memo.read_text())
+            if doc.get("sig") == sig and isinstance(doc.get("sha256"), str):
+                return doc["sha256"]
+        except (OSError, ValueError):
+            pass
+        digest = _sha256_file(file)
+        try:
+            _atomic_write(memo, json.dumps({"sig": sig, "sha256": digest}))
+        except OSError as e:
+            log.warning("event=cache_meta_write_failed key=%s error=%s", key, e.strerror or type(e).__name__)
+        return digest
 
     def _published(self, key: str, options: PullOptions, label: str) -> Entry | None:
         """The published entry for `key` (touched as used), or None."""
@@ -404,6 +487,7 @@ class Cache:
         log.info("event=cache_miss key=%s uri=%s bytes=%d files=%d", key, label, total, nfiles)
         try:
             progress.start(total, nfiles, label)
+            recorder = DigestRecorder()  # the sources report what they write: digests while streaming
             links: list[dict[str, Any]] = []
             sources_meta: list[dict[str, Any]] = []
             source_sha256: str | None = None
@@ -422,6 +506,7 @@ class Cache:
                     links.append({"path": name, "target": os.path.abspath(listing.local_path),
                                   "bytes": listing.total_bytes})
                     continue
+                src.digests = recorder
                 if listing.archive and options.extract_archives:
                     dl = tmp / "download" / (name or "_")
                     dl.mkdir(parents=True)
@@ -450,7 +535,7 @@ class Cache:
                         if options.record_digests or (options.sha256 and len(listed) == 1 and len(listing.objects) == 1) or (
                                 o.checksum and o.checksum.lower().startswith("sha256:")):
                             need.add(prefix + o.path)
-            files = self._hash_tree(files_dir, need)
+            files = self._hash_tree(files_dir, need, recorder)
             if source_sha256 is None:  # plain files: check the user's sha256 / store checksums
                 for name, _src, listing in listed:
                     if listing.local_path is not None:
@@ -462,6 +547,8 @@ class Cache:
                     if len(listed) == 1 and len(listing.objects) == 1:
                         source_sha256 = digests.get(listing.objects[0].path)
             size = sum(f["size"] for f in files.values())
+            dirs = sorted(os.path.relpath(r, files_dir).replace(os.sep, "/") for r, _d, _n in os.walk(files_dir)
+                          if r != str(files_dir))
             manifest = {
                 "format": 1,
                 "key": key,
@@ -471,17 +558,22 @@ class Cache:
                 "created_ts": time.time(),
                 "created_by": {"host": socket.gethostname(), "pid": os.getpid(), "holder": self.holder},
                 "total_bytes": size,
+                "digest_algo": DIGEST_ALGO,
                 "source_sha256": source_sha256,
                 "links": links,
+                "dirs": dirs,
                 "files": [dict(path=p, **v) for p, v in sorted(files.items())],
             }
             _make_read_only(files_dir)
             _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1), fsync=True)
+            os.chmod(tmp / "manifest.json", 0o444)
             (tmp / "owner.json").unlink()
             final = self._entry_dir(key)
             try:
-                os.rename(tmp, final)
+                os.rename(tmp, final)  # (a directory moved to another parent must be writable)
+                os.chmod(final, 0o555)
                 hit = False
+                self._note_added(key, size)
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
                     raise
@@ -509,9 +601,10 @@ class Cache:
                 raise PullError(f"{label}: {e.strerror or e} ({type(e).__name__})", uri=label) from e
             raise
 
-    def _hash_tree(self, files_dir: Path, need: set[str]) -> dict[str, dict[str, Any]]:
-        """{relative path: {size[, sha256]}} of every regular file (links to local dirs skipped);
-        sha256 for the paths in `need` only."""
+    def _hash_tree(self, files_dir: Path, need: set[str], recorder: DigestRecorder) -> dict[str, dict[str, Any]]:
+        """{relative path: {size, digest[, sha256]}} of every regular file (links to local dirs
+        skipped): the digest as streamed by the source (files it did not report, e.g. extracted
+        from an archive, are read here); sha256 for the paths in `need` only."""
         paths: list[str] = []
         for root, dirs, names in os.walk(files_dir):
             for n in names:
@@ -521,11 +614,11 @@ class Cache:
                 paths.append(os.path.relpath(full, files_dir).replace(os.sep, "/"))
         def one(rel: str) -> tuple[str, dict[str, Any]]:
             full = files_dir / rel
-            doc: dict[str, Any] = {"size": full.stat().st_size}
+            doc: dict[str, Any] = {"size": full.stat().st_size, "digest": recorder.finish(full)}
             if rel in need:
                 doc["sha256"] = _sha256_file(full)
             return rel, doc
-        if len(paths) <= 1 or not need:
+        if len(paths) <= 1:
             return dict(one(p) for p in paths)
         with ThreadPoolExecutor(max_workers=min(self._hash_workers, len(paths))) as ex:
             return dict(ex.map(one, paths))
@@ -572,7 +665,7 @@ class Cache:
             d = self._entry_dir(key)
             if not d.exists():
                 return False
-            os.rename(d, self.root / "trash" / f"{key}.{uuid.uuid4().hex[:12]}")
+            self._to_trash(key)
             removed = True
         finally:
             lock.release(unlink=removed)
@@ -591,12 +684,91 @@ class Cache:
         return sorted(out, key=lambda i: i.last_used)
 
     def stats(self) -> dict[str, Any]:
-        """Entries and bytes on disk, plus this process's hit/miss counters."""
-        infos = self.ls()
+        """Entries and bytes on disk, plus this process's hit/miss counters. O(1) after the first
+        call (which reads every manifest once): kept as this instance publishes and removes, and
+        rescanned in a background thread (new keys' manifests only) when older than `rescan_s`,
+        to see other pods' changes. `leased_entries` is as of the last scan."""
+        self._fresh_index()
         with self._mu:
             counters = dict(self._counters)
-        return {"root": str(self.root), "entries": len(infos), "bytes": sum(i.size for i in infos),
-                "max_bytes": self.max_bytes, "leased_entries": sum(1 for i in infos if i.leases), **counters}
+            assert self._index is not None
+            entries, total, leased = len(self._index), self._index_bytes, self._index_leased
+        return {"root": str(self.root), "entries": entries, "bytes": total,
+                "max_bytes": self.max_bytes, "leased_entries": leased, **counters}
+
+    def _tracked_bytes(self) -> int:
+        self._fresh_index()
+        with self._mu:
+            return self._index_bytes
+
+    def _fresh_index(self) -> None:
+        """Build the index on first use (in the caller's thread); later, when it is older than
+        `rescan_s`, rescan in a background thread (one at a time) and answer from the current one."""
+        with self._mu:
+            build = self._index is None
+            stale = (not build and not self._rescanning
+                     and time.monotonic() - self._index_at >= self.rescan_s)
+            if stale:
+                self._rescanning = True
+        if build:
+            self._rescan()
+        elif stale:
+            threading.Thread(target=self._rescan_in_background, name="cache-rescan", daemon=True).start()
+
+    def _rescan_in_background(self) -> None:
+        try:
+            self._rescan()
+        except Exception as e:  # noqa: BLE001 - statistics must never take a caller down
+            log.warning("event=cache_rescan_failed error=%s", f"{type(e).__name__}: {e}")
+        finally:
+            with self._mu:
+                self._rescanning = False
+
+    def refresh_stats(self) -> dict[str, Any]:
+        """Rescan now (in this thread), then `stats()`."""
+        self._rescan()
+        return self.stats()
+
+    def _rescan(self) -> None:
+        """List entries/ (and leases/); read the manifests of keys not indexed yet."""
+        with self._mu:
+            known = dict(self._index or {})
+        keys = set(self._keys())
+        index = {k: v for k, v in known.items() if k in keys}
+        for k in keys - index.keys():
+            m = _read_manifest(self._entry_dir(k))
+            if m is not None:
+                index[k] = int(m.get("total_bytes", 0))
+        leased = 0
+        try:
+            lease_dirs = [n for n in os.listdir(self.root / "leases") if n in index]
+        except FileNotFoundError:
+            lease_dirs = []
+        if lease_dirs:
+            now = self._fs_now()
+            leased = sum(1 for k in lease_dirs if self._live_leases(k, now))
+        with self._mu:
+            self._index, self._index_at = index, time.monotonic()
+            self._index_bytes, self._index_leased = sum(index.values()), leased
+
+    def _reindex(self, infos: list[EntryInfo]) -> None:
+        """A full scan (ls) was just made: take it as the index."""
+        with self._mu:
+            self._index = {i.key: i.size for i in infos}
+            self._index_bytes = sum(self._index.values())
+            self._index_leased = sum(1 for i in infos if i.leases)
+            self._index_at = time.monotonic()
+
+    def _note_added(self, key: str, size: int) -> None:
+        with self._mu:
+            if self._index is not None and key not in self._index:
+                self._index[key] = size
+                self._index_bytes += size
+
+    def _note_removed(self, key: str) -> None:
+        with self._mu:
+            if self._index is not None and key in self._index:
+                self._index_bytes -= self._index.pop(key)
 
     def _keys(self) -> list[str]:
         try:
@@ -627,22 +799,52 @@ class Cache:
         """
         _check_key(key)
         h = _safe_holder(holder or self.holder)
-        with self._lock(key):
+        lock = self._lock(key)
+        try:
+            lock.acquire()
+        except OSError as e:  # no room even for the lock file: the heartbeat takes the lease later
+            if e.errno not in _NO_SPACE:
+                raise
+            with self._mu:
+                self._mine.add((key, h))
+                self._unwritten.add(key)
+            log.warning("event=lease_write_failed key=%s holder=%s error=%s action=retry_on_heartbeat",
+                        key, h, e.strerror or type(e).__name__)
+            return
+        try:
             self._write_lease(key, h)
+        finally:
+            lock.release()
 
-    def _write_lease(self, key: str, holder: str) -> None:
+    def _write_lease(self, key: str, holder: str) -> bool:
+        """Create/touch the (empty) lease file. Never raises for a full or read-only disk: the
+        failure is logged and the heartbeat (`refresh_leases`) tries again; serving a published
+        entry needs no free space. True when the lease file is there."""
         path = self._lease_path(key, holder)
-        body = json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
-        for _ in range(5):  # release() may rmdir leases/<key> between our mkdir and write
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                _atomic_write(path, body)
-                break
-            except FileNotFoundError:
-                continue
-        os.utime(path, None)  # mtime from the file system clock
+        try:
+            for _ in range(5):  # release() may rmdir leases/<key> between our mkdir and create
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                    break
+                except FileNotFoundError:
+                    continue
+            os.utime(path, None)  # mtime from the file system clock
+        except OSError as e:
+            if e.errno not in _NO_SPACE:
+                raise
+            with self._mu:
+                first = key not in self._unwritten
+                self._unwritten.add(key)
+                self._mine.add((key, holder))
+            (log.warning if first else log.debug)(
+                "event=lease_write_failed key=%s holder=%s error=%s action=retry_on_heartbeat",
+                key, holder, e.strerror or type(e).__name__)
+            return False
         with self._mu:
+            self._unwritten.discard(key)
             self._mine.add((key, holder))
+        return True
 
     def release(self, key: str, holder: str | None = None) -> None:
         """Drop `holder`'s lease on `key` (no error if there is none)."""
@@ -669,7 +871,10 @@ class Cache:
             try:
                 os.utime(path, None)
             except FileNotFoundError:
-                log.warning("event=lease_lost key=%s holder=%s action=recreate", key, holder)
+                with self._mu:
+                    known = key in self._unwritten
+                if not known:
+                    log.warning("event=lease_lost key=%s holder=%s action=recreate", key, holder)
                 self._write_lease(key, holder)
         return len(mine)
 
@@ -720,6 +925,7 @@ class Cache:
         excluded = set(exclude)
         infos = self.ls()
         total = sum(i.size for i in infos)
+        self._reindex(infos)
         report = GCReport(budget=budget, bytes_before=total, bytes_after=total)
         now = self._fs_now()
         for info in infos:  # least recently used first
@@ -742,7 +948,7 @@ class Cache:
                 if used != info.last_used or self._live_leases(info.key, now):
                     report.in_use.append(info.key)
                     continue
-                os.rename(d, self.root / "trash" / f"{info.key}.{uuid.uuid4().hex[:12]}")
+                self._to_trash(info.key)
                 removed = True
             finally:
                 lock.release(unlink=removed)
@@ -756,6 +962,17 @@ class Cache:
         if total > budget:
             log.warning("event=cache_over_budget bytes=%d budget=%d in_use=%d", total, budget, len(report.in_use))
         return report
+
+    def _to_trash(self, key: str) -> None:
+        """Move entries/<key> into trash/ (caller holds the key's lock). The entry directory is
+        read-only; a directory moved to another parent must be writable (for a non-root owner)."""
+        d = self._entry_dir(key)
+        try:
+            os.chmod(d, 0o755)
+        except OSError:
+            pass  # not ours to chmod: the rename says whether it may go
+        os.rename(d, self.root / "trash" / f"{key}.{uuid.uuid4().hex[:12]}")
+        self._note_removed(key)
 
     def _gc_quietly(self, budget: int, exclude: set[str]) -> None:
         try:
@@ -793,8 +1010,12 @@ class Cache:
             if not _KEY_RE.match(key):
                 continue
             lock = self._lock(key)
-            if not lock.acquire(blocking=False):
-                continue  # someone is downloading this key right now
+            try:
+                if not lock.acquire(blocking=False):
+                    continue  # someone is downloading this key right now
+            except OSError as e:  # e.g. no space for the lock file: the next sweep tries again
+                log.warning("event=cache_sweep_skipped path=tmp/%s error=%s", name, e.strerror or type(e).__name__)
+                continue
             try:
                 if (tmp / name).exists():
                     _rmtree(tmp / name)
@@ -814,7 +1035,8 @@ class Cache:
 
     # -- verify ------------------------------------------------------------------------------
     def verify(self, key: str | None = None) -> VerifyReport:
-        """Re-hash entries (one, or all) against their manifests; report every mismatch."""
+        """Re-hash entries (one, or all) against their manifests; report every changed, missing
+        and extra file, extra directory (e.g. a `__pycache__` a server wrote) and writable mode."""
         report = VerifyReport()
         keys = [key] if key is not None else sorted(self._keys())
         for k in keys:
@@ -825,31 +1047,7 @@ class Cache:
                     raise NotFound(f"no cache entry {k!r} in {self.root}")
                 continue
             report.checked.append(k)
-            files_dir = d / "files"
-            expected = {f["path"]: f for f in manifest.get("files", [])}
-            for rel, f in sorted(expected.items()):
-                p = files_dir / rel
-                try:
-                    size = p.stat().st_size
-                except FileNotFoundError:
-                    report.mismatches.append(Mismatch(k, rel, "missing"))
-                    continue
-                if size != f["size"]:
-                    report.mismatches.append(Mismatch(k, rel, f"size {size} != {f['size']}"))
-                elif "sha256" in f and _sha256_file(p) != f["sha256"]:
-                    report.mismatches.append(Mismatch(k, rel, "sha256 differs"))
-            link_names = {lk["path"] for lk in manifest.get("links", [])}
-            for lk in manifest.get("links", []):
-                if not (files_dir / lk["path"]).exists():
-                    report.mismatches.append(Mismatch(k, lk["path"], f"linked source {lk['target']} is gone"))
-            for root, dirs, names in os.walk(files_dir):
-                rel_root = os.path.relpath(root, files_dir).replace(os.sep, "/")
-                dirs[:] = [x for x in dirs if not (rel_root == "." and x in link_names)]
-                for n in names:
-                    rel = n if rel_root == "." else f"{rel_root}/{n}"
-                    full = os.path.join(root, n)
-                    if rel not in expected and not os.path.islink(full) and rel not in link_names:
-                        report.mismatches.append(Mismatch(k, rel, "not in the manifest"))
+            report.mismatches += _verify_entry(k, d / "files", manifest)  # type: ignore[operator]
         for m in report.mismatches:
             log.warning("event=cache_verify_mismatch key=%s path=%s problem=%s", m.key, m.path, m.problem)
         return report
@@ -866,7 +1064,12 @@ class Cache:
     def set_meta(self, key: str, data: Mapping[str, Any]) -> None:
         """Replace the annotations of `key` (atomic: readers see the old or the new file)."""
         _check_key(key)
-        _atomic_write(self.root / "meta" / f"{key}.json", json.dumps(dict(data), sort_keys=True))
+        try:
+            _atomic_write(self.root / "meta" / f"{key}.json", json.dumps(dict(data), sort_keys=True))
+        except OSError as e:
+            if e.errno not in _NO_SPACE:
+                raise
+            log.warning("event=cache_meta_write_failed key=%s error=%s action=skipped", key, e.strerror)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -956,6 +1159,54 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _verify_entry(k: str, files_dir: Path, manifest: Mapping[str, Any]) -> list[Mismatch]:
+    out: list[Mismatch] = []
+    expected = {f["path"]: f for f in manifest.get("files", [])}
+    for rel, f in sorted(expected.items()):
+        p = files_dir / rel
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            out.append(Mismatch(k, rel, "missing"))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            out.append(Mismatch(k, rel, "not a regular file any more"))
+            continue
+        if st.st_size != f["size"]:
+            out.append(Mismatch(k, rel, f"size {st.st_size} != {f['size']}"))
+            continue
+        if "digest" in f and file_digest(p) != f["digest"]:
+            out.append(Mismatch(k, rel, "content changed (digest differs)"))
+        elif "sha256" in f and _sha256_file(p) != f["sha256"]:
+            out.append(Mismatch(k, rel, "content changed (sha256 differs)"))
+        if st.st_mode & 0o222:
+            out.append(Mismatch(k, rel, f"writable (mode {stat.S_IMODE(st.st_mode):o})"))
+    link_names = {lk["path"] for lk in manifest.get("links", [])}
+    for lk in manifest.get("links", []):
+        if not (files_dir / lk["path"]).exists():
+            out.append(Mismatch(k, lk["path"], f"linked source {lk['target']} is gone"))
+    dirs_expected = {""} | {rel.rsplit("/", 1)[0] if "/" in rel else "" for rel in expected}
+    dirs_expected |= set(manifest.get("dirs", []))
+    for rel in list(dirs_expected):
+        while "/" in rel:
+            rel = rel.rsplit("/", 1)[0]
+            dirs_expected.add(rel)
+    for root, dirs, names in os.walk(files_dir):
+        rel_root = os.path.relpath(root, files_dir).replace(os.sep, "/")
+        rel_root = "" if rel_root == "." else rel_root
+        for x in list(dirs):
+            rel = f"{rel_root}/{x}" if rel_root else x
+            if rel in link_names or os.path.islink(os.path.join(root, x)):
+                dirs.remove(x)
+            elif rel not in dirs_expected:
+                out.append(Mismatch(k, rel + "/", "extra directory, not in the manifest"))
+        for n in names:
+            rel = f"{rel_root}/{n}" if rel_root else n
+            if rel not in expected and not os.path.islink(os.path.join(root, n)) and rel not in link_names:
+                out.append(Mismatch(k, rel, "extra file, not in the manifest"))
+    return out
+
+
 def _read_manifest(d: Path) -> dict[str, Any] | None:
     try:
         with open(d / "manifest.json", "rb") as f:
@@ -1012,13 +1263,36 @@ def _touch(d: Path) -> None:
 
 
 def _make_read_only(root: Path) -> None:
-    """Entry files are read-only (dirs stay writable so the entry can be removed)."""
-    for dirpath, _dirs, names in os.walk(root):
+    """Entry files 0444 (0555 if executable) and directories 0555, deepest first: nobody but
+    root adds, removes or rewrites anything. Removal makes the tree writable again (_rmtree)."""
+    for dirpath, dirs, names in os.walk(root, topdown=False):
         for n in names:
             p = os.path.join(dirpath, n)
             st = os.lstat(p)
             if stat.S_ISREG(st.st_mode):
                 os.chmod(p, 0o555 if st.st_mode & 0o111 else 0o444)
+        for n in dirs:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, 0o555)
+    os.chmod(root, 0o555)
+
+
+def make_tree_writable(root: Path) -> None:
+    """Directories u+w again (top down: a 0555 dir can be listed, not emptied) before removal."""
+    try:
+        if not os.path.islink(root):
+            os.chmod(root, 0o755)
+    except OSError:
+        return
+    for dirpath, dirs, _names in os.walk(root):
+        for n in dirs:
+            p = os.path.join(dirpath, n)
+            try:
+                if not os.path.islink(p):
+                    os.chmod(p, 0o755)
+            except OSError:
+                pass
 
 
 def _rmtree(path: Path) -> None:
@@ -1034,4 +1308,5 @@ def _rmtree(path: Path) -> None:
             except OSError:
                 pass
         log.warning("event=cache_rmtree_failed path=%s error=%s", p, type(err).__name__)
+    make_tree_writable(path)
     shutil.rmtree(path, onerror=onerror)

@@ -1,9 +1,13 @@
 """`modelshelf pull URI DEST` and `modelshelf cache ls|gc|verify` (argparse in agent/cli.py).
 
 `pull` is a drop-in for KServe's storage-initializer and Seldon's rclone initializer (URI,
-then destination). DEST gets the model files: hard-linked from the cache with --cache-dir
-(copied where a link is impossible, e.g. across file systems), otherwise downloaded through a
-throw-away cache next to DEST and moved in. Exit codes: 0 ok, 2 usage / bad URI, 3 not found,
+then destination). DEST gets the model files. With --cache-dir, DEST gets its OWN copies of the
+cache entry's files: a reflink (FICLONE) where the file system shares blocks, else
+copy_file_range (in-kernel, no user-space pass over the bytes), else a plain copy. A server that
+runs as root ignores file modes, so a hard link would let it rewrite the shared, immutable
+entry; `--link` (read-only hard links) is an explicit opt-in for consumers that do not run as
+root. Without --cache-dir the files are downloaded through a throw-away cache next to DEST and
+moved in. Exit codes: 0 ok, 2 usage / bad URI, 3 not found,
 4 access denied, 5 integrity failure or unsafe archive, 6 transient failure outlasting retries,
 1 anything else; the one-line error on stderr names the URI with credentials redacted. Known
 secrets (credential env vars, header values, storage-config / .s3cfg keys) are masked in every
@@ -15,6 +19,7 @@ import argparse
 import atexit
 import configparser
 import errno
+import fcntl
 import gc
 import json
 import logging
@@ -28,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from puller.cache import Cache, Entry
+from puller.cache import Cache, Entry, make_tree_writable
 from puller.errors import BadURI, PullError
 from puller.progress import make_progress
 from puller.sources.base import PullOptions
@@ -93,7 +98,10 @@ def _pull(args: argparse.Namespace, scrubber: "_Scrubber") -> int:
         dest = Path(args.dest)
         if args.cache_dir:
             entry = Cache(args.cache_dir).ensure(args.uri, options, progress)
-            mode = "copy" if entry.in_place else "link"
+            mode = "link" if getattr(args, "link", False) and not entry.in_place else "copy"
+            if mode == "link" and os.geteuid() == 0:
+                log.warning("event=pull_link_as_root dest=%s risk=a_root_process_writing_DEST_rewrites_the_cache_entry",
+                            dest)
             _place(entry, dest, mode)
         else:
             entry = _pull_uncached(args.uri, dest, options, progress)
@@ -146,14 +154,18 @@ def _pull_uncached(uri: str, dest: Path, options: PullOptions, progress: Any) ->
         tmp_root = Path(tempfile.mkdtemp(prefix="modelshelf-pull-"))
     try:
         entry = Cache(tmp_root).ensure(uri, options, progress)
+        if not entry.in_place:
+            make_tree_writable(entry.path)  # entries are read-only: files are moved out of them
         _place(entry, dest, "copy" if entry.in_place else "move")
         return entry
     finally:
+        make_tree_writable(tmp_root)
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
 def _place(entry: Entry, dest: Path, mode: str) -> None:
-    """Put the entry's files under DEST: mode 'link' (hard link, copy as fallback), 'move', 'copy'."""
+    """Put the entry's files under DEST: mode 'copy' (reflink / copy_file_range / copy), 'link'
+    (read-only hard link, copy as fallback), 'move'."""
     dest.mkdir(parents=True, exist_ok=True)
     src = Path(entry.path)
     if src.is_file():
@@ -206,8 +218,40 @@ def _place_file(src: Path, out: Path, mode: str) -> None:
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-    shutil.copyfile(src, out)
+    copy_file(src, out)
     os.chmod(out, _writable(src))
+
+
+_FICLONE = 0x40049409  # ioctl(dest_fd, FICLONE, src_fd): share the blocks (btrfs, XFS, bcachefs...)
+_NO_FAST_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTTY, errno.EPERM,
+                 errno.EBADF, errno.ETXTBSY)
+
+
+def copy_file(src: Path | str, out: Path | str) -> str:
+    """Copy `src` to a new, independent `out`; returns how: 'reflink' (blocks shared copy-on-write),
+    'copy_file_range' (copied in the kernel) or 'copy' (read/write)."""
+    with open(src, "rb") as fi, open(out, "wb") as fo:
+        try:
+            fcntl.ioctl(fo.fileno(), _FICLONE, fi.fileno())
+            return "reflink"
+        except OSError as e:
+            if e.errno not in _NO_FAST_COPY:
+                raise
+        size = os.fstat(fi.fileno()).st_size
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), size - done)
+                if n == 0:
+                    break
+                done += n
+            if done == size:
+                return "copy_file_range"
+        except OSError as e:
+            if e.errno not in _NO_FAST_COPY:
+                raise
+    shutil.copyfile(src, out)
+    return "copy"
 
 
 def _writable(p: Path) -> int:

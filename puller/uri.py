@@ -13,8 +13,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from puller.errors import BadURI
 
@@ -23,21 +23,22 @@ if TYPE_CHECKING:
 
 SCHEMES = ("s3", "gs", "rclone", "http", "https", "pvc", "file")
 
-# Query parameters whose value is a secret (case-insensitive): masked by redact(), dropped by normalize().
+# Query (and fragment) parameters whose value is a secret, matched case-insensitively: exact
+# names, then any name containing one of the words. Masked by redact(), dropped by normalize().
 _SECRET_PARAMS = {
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-    "x-goog-credential", "awsaccesskeyid", "signature", "sig", "token", "access_token", "id_token",
-    "key", "api_key", "apikey", "api-key", "password", "passwd", "secret", "client_secret", "code",
-    "auth", "authorization",
+    "sig", "sv", "se", "sp", "st", "sr", "spr", "si", "skoid", "sktid", "skt", "ske", "sks", "skv",
+    "code", "auth", "authorization", "googleaccessid", "pass", "pw",
 }
+_SECRET_WORDS = ("token", "secret", "signature", "key", "password", "passwd", "pwd", "credential",
+                 "auth", "session")
 # Parameters of a presigned URL that change on every signing: dropped by normalize() too.
 _VOLATILE_PARAMS = {"x-amz-date", "x-amz-expires", "x-amz-algorithm", "x-amz-signedheaders",
                     "x-goog-date", "x-goog-expires", "x-goog-algorithm", "x-goog-signedheaders", "expires"}
+MASK = "REDACTED"  # what a secret query value becomes; userinfo becomes "***"
 
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@?#]*@")
-_QUERY_SECRET = re.compile(
-    r"(?i)([?&;](?:" + "|".join(re.escape(p) for p in sorted(_SECRET_PARAMS, key=len, reverse=True))
-    + r")=)[^&#\s\"'<>]*")
+# the start of a URL in free text; the URL runs to the next whitespace or quote-like character
+_URL_START = re.compile(r"(?i)(?<![a-z0-9+.\-])[a-z][a-z0-9+.\-]*:/{1,3}(?=[^/\s])")  # ':/' too: Path(url) drops a '/'
+_URL_END = re.compile(r"[\s\"'<>`]")
 _RCLONE = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.\-+@ ]*):(.*)$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.S)
 
@@ -76,12 +77,99 @@ class ParsedURI:
         return PurePosixPath(self.key).name
 
 
+def is_secret_param(name: str) -> bool:
+    """Whether a query parameter named `name` carries a credential (case-insensitive)."""
+    n = unquote_plus(name).strip().lower()
+    return n in _SECRET_PARAMS or any(w in n for w in _SECRET_WORDS)
+
+
 def redact(text: str) -> str:
-    """Strip URL userinfo and mask secret query parameters anywhere in `text`."""
-    if not text:
+    """`text` (a URI, or free text with URIs in it) with every credential masked.
+
+    This is the one choke point for every output (logs, /status, the page, metrics, manifests,
+    errors, CLI). It parses each URL it finds instead of matching one pattern: the userinfo runs
+    to the last '@' that can end an authority (passwords may hold unencoded '/', '@', ':'), and
+    every query or fragment parameter whose name is credential-like (see is_secret_param) keeps
+    its name and loses its value. When in doubt it masks more (`https://h:8080/a@b` shows as
+    `https://***@b`), never less.
+    """
+    if not isinstance(text, str):
+        text = str(text)
+    if ":/" not in text:
         return text
-    text = _URL_USERINFO.sub(r"\1***@", text)
-    return _QUERY_SECRET.sub(r"\1***", text)
+    out: list[str] = []
+    pos = 0
+    for m in _URL_START.finditer(text):
+        if m.start() < pos:
+            continue  # inside a URL already handled
+        end_m = _URL_END.search(text, m.end())
+        end = end_m.start() if end_m else len(text)
+        out.append(text[pos:m.start()])
+        out.append(m.group(0) + _redact_rest(text[m.end():end]))
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def redact_doc(doc: Any) -> Any:
+    """A copy of a JSON-like document (dicts, lists, strings, numbers) with redact() applied to
+    every string in it, keys included; other objects become their redacted str()."""
+    if isinstance(doc, str):
+        return redact(doc)
+    if doc is None or isinstance(doc, (bool, int, float)):
+        return doc
+    if isinstance(doc, dict):
+        return {redact_doc(k) if isinstance(k, str) else k: redact_doc(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple, set, frozenset)):
+        return [redact_doc(v) for v in doc]
+    return redact(str(doc))
+
+
+def _userinfo_end(rest: str) -> int:
+    """Index of the '@' that ends the userinfo of `rest` (a URL after 'scheme://'), or -1.
+
+    The last '@' whose prefix can be userinfo: a prefix without '/' (a password may hold '?'
+    or '#' too), or, before the query, one whose part before its first '/' holds a ':' or '@'
+    (a password with an unencoded '/'). `bucket/model@v2` has none; `user:pa/ss@host`,
+    `user:p@ss@host` and `user:p?ss@host` end at their last '@'."""
+    head_end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    at = rest.rfind("@")
+    while at >= 0:
+        prefix = rest[:at]
+        before_slash = prefix.split("/", 1)[0]
+        if "/" not in prefix or (at < head_end and (":" in before_slash or "@" in before_slash)):
+            return at
+        at = rest.rfind("@", 0, at)
+    return -1
+
+
+def _redact_rest(rest: str) -> str:
+    at = _userinfo_end(rest)
+    if at >= 0:
+        rest = "***" + rest[at:]
+    q, h = rest.find("?"), rest.find("#")
+    if q >= 0 and (h < 0 or q < h):
+        path, query = rest[:q], rest[q + 1:]
+        query, sep, fragment = query.partition("#")
+        return path + "?" + _redact_params(query) + sep + (_redact_params(fragment) if sep else "")
+    if h >= 0:
+        return rest[:h] + "#" + _redact_params(rest[h + 1:])
+    return rest
+
+
+def _redact_params(query: str) -> str:
+    """Mask the values of secret parameters in `a=1&b=2;c=3`; other values are redacted in turn
+    (a URL passed as a parameter keeps no credentials either)."""
+    parts = re.split(r"([&;])", query)
+    for i in range(0, len(parts), 2):
+        name, eq, value = parts[i].partition("=")
+        if not eq:
+            continue
+        if is_secret_param(name):
+            parts[i] = f"{name}={MASK}" if value else parts[i]
+        elif "://" in unquote(value):
+            parts[i] = f"{name}={MASK}" if redact(unquote(value)) != unquote(value) else parts[i]
+    return "".join(parts)
 
 
 def normalize(uri: str) -> str:
@@ -99,7 +187,7 @@ def parse_uri(uri: str, options: "PullOptions | None" = None) -> ParsedURI:
 
 def _bad(uri: str, why: str) -> BadURI:
     shown = redact(uri) if isinstance(uri, str) else repr(uri)
-    return BadURI(f"bad URI {shown!r}: {why}", uri=shown if isinstance(uri, str) else None)
+    return BadURI(f"bad URI {shown!r}: {redact(why)}", uri=shown if isinstance(uri, str) else None)
 
 
 def _parse(uri: str, pvc_root: Path | None) -> ParsedURI:
@@ -148,7 +236,7 @@ def _parse_bucket(uri: str, scheme: str, rest: str) -> ParsedURI:
     if "?" in rest or "#" in rest:
         raise _bad(uri, "query strings and fragments are not allowed in an object URI")
     bucket, _, key = rest.partition("/")
-    if "@" in bucket:
+    if "@" in bucket or _userinfo_end(rest) >= 0:
         raise _bad(uri, "credentials in the URI are not supported; use a storage key, .s3cfg or env")
     _check_bucket(uri, bucket)
     key, is_prefix = _clean_key(uri, key)
@@ -166,9 +254,29 @@ def _parse_rclone(uri: str, remote: str, rest: str) -> ParsedURI:
                      is_prefix=is_prefix, remote=remote)
 
 
+def _split_userinfo(uri: str, scheme: str) -> tuple[str, str]:
+    """(userinfo, the URL without it). None when the part before the first '/' is a plain
+    host[:port]; else the userinfo runs to the '@' that redact() would mask up to, so a password
+    with unencoded '/', '@' or ':' works and never ends up in the host or path. The userinfo
+    comes back percent-encoded (the request sends it as basic auth)."""
+    rest = uri.split("://", 1)[1]
+    head_end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    slash = rest.find("/", 0, head_end)
+    authority = rest[:slash if slash >= 0 else head_end]
+    if "@" not in authority and re.fullmatch(r"[A-Za-z0-9.\-]*(:[0-9]*)?|\[[0-9A-Fa-f:.]*\](:[0-9]*)?", authority):
+        return "", uri
+    at = _userinfo_end(rest)
+    if at < 0:
+        return "", uri
+    user, colon, password = rest[:at].partition(":")
+    userinfo = quote(unquote(user), safe="") + colon + quote(unquote(password), safe="")
+    return userinfo, f"{scheme}://{rest[at + 1:]}"
+
+
 def _parse_http(uri: str, scheme: str) -> ParsedURI:
+    userinfo, bare = _split_userinfo(uri, scheme)
     try:
-        parts = urlsplit(uri)
+        parts = urlsplit(bare)
         port = parts.port
     except ValueError as e:
         raise _bad(uri, str(e)) from None
@@ -183,10 +291,12 @@ def _parse_http(uri: str, scheme: str) -> ParsedURI:
     if port and port != default:
         netloc += f":{port}"
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-             if k.lower() not in _SECRET_PARAMS and k.lower() not in _VOLATILE_PARAMS]
-    norm = urlunsplit((scheme, netloc, re.sub(r"/{2,}", "/", path), urlencode(query), ""))
+             if not is_secret_param(k) and k.lower() not in _VOLATILE_PARAMS]
+    # redact(): a path that only looks like userinfo is masked here too, so no key can leak one
+    norm = redact(urlunsplit((scheme, netloc, re.sub(r"/{2,}", "/", path), urlencode(query), "")))
+    request_netloc = f"{userinfo}@{parts.netloc}" if userinfo else parts.netloc
     return ParsedURI(scheme=scheme, original=uri, normalized=norm, url=urlunsplit(
-        (scheme, parts.netloc, parts.path or "/", parts.query, "")))
+        (scheme, request_netloc, parts.path or "/", parts.query, "")))
 
 
 def _parse_pvc(uri: str, rest: str, pvc_root: Path | None) -> ParsedURI:

@@ -9,12 +9,19 @@ A source does two things, both blocking (the cache runs them in threads):
 
 Local sources (file://, absolute paths, pvc://) set `Listing.local_path`: the cache uses that
 directory in place and never calls `fetch`.
+
+Digests while streaming: before `fetch` the cache sets `source.digests` (a `DigestRecorder`);
+a source hands every chunk it writes to `digest_for(target, size).update(offset, chunk)` (or
+writes through `pwrite_all(..., digest=...)`), so the per-file digest recorded in the manifest
+costs no second read of the file. A source that does not (or a chunk written out of order) is
+safe: the cache re-reads exactly the parts it did not see in order.
 """
 from __future__ import annotations
 
 import abc
 import os
 import threading
+import xxhash
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,14 +99,166 @@ class PullOptions:
     retry_deadline_s: float = 120.0  # total time transient errors may be retried
     archive_max_bytes: int = 64 * 2**30  # extraction cap
     extract_archives: bool = True
-    # sha256 of every file in the manifest, so `cache verify` finds same-size corruption
-    # (bit rot on a long-lived shared volume). Off by default: it is a second pass over every
-    # byte. Sizes are always recorded; a user's sha256 and store sha256 checksums always checked.
+    # sha256 of every file in the manifest as well (a second pass over every byte; off by
+    # default). Sizes and a fast digest per file (xxh3, computed while streaming: enough for
+    # `cache verify` to find same-size corruption) are always recorded; a user's sha256 and
+    # store sha256 checksums are always checked.
     record_digests: bool = False
+
+
+# -- per-file digests ------------------------------------------------------------------------
+# xxh3-128 over 1 MiB parts, then xxh3-128 over the parts' digests. Parts let ranged GETs that
+# write one file from several threads hash in place (each part is hashed by whoever writes it,
+# in order); the parts' size is fixed so `verify` recomputes the same value from the file.
+# xxh3 rather than BLAKE3: measured here on 512 MiB in memory (what streaming hashes), xxh3_128
+# 0.010 s vs blake3 0.091 s (1 thread) vs sha256 0.31 s. It finds corruption and accidental
+# rewrites, not a forger (who could rewrite the manifest as well); the user's sha256 and the
+# store's sha256 checksums are still checked where they exist.
+DIGEST_ALGO = "xxh3-128/1m"
+DIGEST_PART = 1 << 20
+
+
+class FileDigest:
+    """The digest of one file being written at arbitrary offsets, possibly from several threads.
+    Bytes that arrive in order within their part are hashed as they come; a part that saw a gap,
+    an overlap or a rewrite is re-read from the file by `finish`."""
+
+    __slots__ = ("size", "_next", "_hashers", "_dirty", "_lock")
+
+    def __init__(self, size: int):
+        self.size = size
+        n = max(1, -(-size // DIGEST_PART))
+        self._next = [i * DIGEST_PART for i in range(n)]  # next offset expected in each part
+        self._hashers: list[xxhash.xxh3_128 | None] = [None] * n
+        self._dirty: set[int] = set()
+        self._lock = threading.Lock()
+
+    def update(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        with self._lock:
+            while view:
+                i = offset // DIGEST_PART
+                if i >= len(self._next):
+                    self._dirty.add(len(self._next) - 1)  # written past the listed size: re-read
+                    return
+                take = min(len(view), (i + 1) * DIGEST_PART - offset)
+                if i not in self._dirty:
+                    if offset == self._next[i]:
+                        h = self._hashers[i]
+                        if h is None:
+                            h = self._hashers[i] = xxhash.xxh3_128()
+                        h.update(view[:take])
+                        self._next[i] = offset + take
+                    else:
+                        self._dirty.add(i)
+                view, offset = view[take:], offset + take
+
+    def invalidate(self) -> None:
+        """Everything written so far is suspect (e.g. the file was truncated to start over)."""
+        with self._lock:
+            self._dirty.update(range(len(self._next)))
+
+    def unseen_bytes(self) -> int:
+        """Bytes `finish` will have to read back from the file (0: all hashed while streaming)."""
+        with self._lock:
+            return sum(min((i + 1) * DIGEST_PART, self.size) - i * DIGEST_PART for i in range(len(self._next))
+                       if i in self._dirty or self._hashers[i] is None
+                       or self._next[i] != min((i + 1) * DIGEST_PART, self.size))
+
+    def finish(self, path: str | os.PathLike[str]) -> str:
+        """The file's digest: streamed parts as they were hashed, the others read from `path`."""
+        size = os.stat(path).st_size
+        with self._lock:
+            if size != self.size:
+                return file_digest(path)
+            parts: list[bytes] = []
+            fd = None
+            try:
+                for i, h in enumerate(self._hashers):
+                    end = min((i + 1) * DIGEST_PART, size)
+                    if h is not None and i not in self._dirty and self._next[i] == end:
+                        parts.append(h.digest())
+                    elif end == i * DIGEST_PART:  # the one part of an empty file
+                        parts.append(xxhash.xxh3_128_digest(b""))
+                    else:
+                        if fd is None:
+                            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                        parts.append(xxhash.xxh3_128_digest(os.pread(fd, end - i * DIGEST_PART, i * DIGEST_PART)))
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return _combine(parts)
+
+
+def _combine(parts: list[bytes]) -> str:
+    return f"{DIGEST_ALGO}:{xxhash.xxh3_128_hexdigest(b''.join(parts))}"
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """The digest of a file on disk (what `FileDigest` computes while streaming)."""
+    parts: list[bytes] = []
+    buf = bytearray(DIGEST_PART)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            while n < DIGEST_PART:  # a short read mid-file: fill the part before hashing it
+                more = f.readinto(memoryview(buf)[n:])
+                if not more:
+                    break
+                n += more
+            parts.append(xxhash.xxh3_128_digest(memoryview(buf)[:n]))
+            if n < DIGEST_PART:
+                break
+    if not parts:
+        parts.append(xxhash.xxh3_128_digest(b""))
+    return _combine(parts)
+
+
+class DigestRecorder:
+    """Digests of the files one fetch writes, by absolute target path (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, FileDigest] = {}
+        self._lock = threading.Lock()
+
+    def file(self, target: str | os.PathLike[str], size: int) -> FileDigest:
+        """The digest of `target` (a new one for a path not seen yet)."""
+        key = os.path.abspath(target)
+        with self._lock:
+            d = self._files.get(key)
+            if d is None or d.size != size:
+                d = self._files[key] = FileDigest(size)
+            return d
+
+    def finish(self, path: str | os.PathLike[str]) -> str:
+        """The digest of `path`: streamed where the source reported its bytes, else read."""
+        with self._lock:
+            d = self._files.get(os.path.abspath(path))
+        return d.finish(path) if d is not None else file_digest(path)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int, piece: int = 32 << 10,
+               digest: FileDigest | None = None) -> None:
+    """Write all of `data` at `offset`, at most `piece` bytes per pwrite (32 KiB: see
+    puller.sources.s3._WRITE), feeding `digest` with what was written."""
+    view = memoryview(data)
+    if digest is not None:
+        digest.update(offset, view)
+    while view:
+        n = os.pwrite(fd, view[:piece], offset)
+        view, offset = view[n:], offset + n
 
 
 class Source(abc.ABC):
     """One storage location. Blocking; may be used from several threads."""
+
+    digests: DigestRecorder | None = None  # set by the cache before fetch
+
+    def digest_for(self, target: str | os.PathLike[str], size: int) -> FileDigest | None:
+        """Where to report the bytes written to `target` (None: nobody asked)."""
+        return self.digests.file(target, size) if self.digests is not None else None
 
     @abc.abstractmethod
     def list(self) -> Listing:

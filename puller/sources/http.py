@@ -25,7 +25,8 @@ import httpx
 from puller.archive import archive_kind
 from puller.errors import AccessDenied, IntegrityError, NotFound, PullError, TransientError
 from puller.retry import call_with_retry
-from puller.sources.base import Cancelled, Listing, Progress, PullOptions, RemoteObject, Source, run_all
+from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
+                                 pwrite_all, run_all)
 from puller.uri import ParsedURI, redact
 
 log = logging.getLogger("modelshelf.puller.sources.http")
@@ -133,13 +134,14 @@ class HTTPSource(Source):
         self._cancel.clear()
         part = max(_CHUNK, int(self._options.part_size))
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        digest = self.digest_for(target, obj.size)
         try:
             if self._ranges and obj.size > part and self._workers > 1:
                 os.ftruncate(fd, obj.size)
                 parts = [(s, min(s + part, obj.size) - 1) for s in range(0, obj.size, part)]
-                self._parallel([lambda s=s, e=e: self._get(fd, s, e, progress, whole=False) for s, e in parts])
+                self._parallel([lambda s=s, e=e: self._get(fd, s, e, progress, False, digest) for s, e in parts])
             elif obj.size > 0:
-                self._get(fd, 0, obj.size - 1, progress, whole=True)
+                self._get(fd, 0, obj.size - 1, progress, True, digest)
         finally:
             os.close(fd)
         got = target.stat().st_size
@@ -153,7 +155,8 @@ class HTTPSource(Source):
     def _parallel(self, tasks: list[Callable[[], None]]) -> None:
         run_all(tasks, self._workers, self._cancel, "http-fetch")
 
-    def _get(self, fd: int, start: int, end: int, progress: Progress, whole: bool) -> None:
+    def _get(self, fd: int, start: int, end: int, progress: Progress, whole: bool,
+             digest: FileDigest | None = None) -> None:
         """Write bytes [start, end] at their offsets in `fd`, resuming after a cut with a Range request."""
         pos = [start]
 
@@ -173,6 +176,8 @@ class HTTPSource(Source):
                         raise _Changed()  # If-Range did not match: the file is not the one listed
                     pos[0] = 0  # the server ignores ranges: start this file over
                     os.ftruncate(fd, 0)
+                    if digest is not None:
+                        digest.invalidate()
                 elif r.status_code == 206:
                     m = _CONTENT_RANGE.match(r.headers.get("content-range", ""))
                     if not m or int(m.group(1)) != pos[0]:
@@ -180,7 +185,7 @@ class HTTPSource(Source):
                 for chunk in r.iter_raw():  # as received: a cut loses nothing already read
                     if pos[0] + len(chunk) > end + 1:
                         chunk = chunk[:end + 1 - pos[0]]
-                    _pwrite_all(fd, chunk, pos[0])
+                    pwrite_all(fd, chunk, pos[0], _WRITE, digest)
                     pos[0] += len(chunk)
                     progress.advance(len(chunk))
                     if self._cancel.is_set():
@@ -230,12 +235,3 @@ def _is_transient(e: BaseException) -> bool:
     if isinstance(e, httpx.UnsupportedProtocol):
         return False
     return isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError))
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """Write all of `data` at `offset` in pwrites of at most 32 KiB (see puller.sources.s3._WRITE:
-    larger writes make the page cache take large folios, which are slow to fault in on VMs)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view[:_WRITE], offset)
-        view, offset = view[n:], offset + n

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from puller.archive import archive_kind
 from puller.errors import AccessDenied, IntegrityError, NotFound, PullError
-from puller.sources.base import Listing, Progress, PullOptions, RemoteObject, Source
+from puller.sources.base import Listing, Progress, PullOptions, RemoteObject, Source, pwrite_all
 
 _CHUNK = 4 * 2**20
 
@@ -66,12 +66,13 @@ class LocalSource(Source):
             src = self.path if not self.path.is_dir() else self.path / obj.path
             out = Path(dest) / obj.path
             out.parent.mkdir(parents=True, exist_ok=True)
+            digest = self.digest_for(out, obj.size)
             try:
                 with open(src, "rb") as fi, open(out, "wb", buffering=0) as fo:
+                    offset = 0
                     while chunk := fi.read(_CHUNK):
-                        view = memoryview(chunk)
-                        while view:  # 32 KiB per write: see puller.sources.s3._WRITE
-                            view = view[fo.write(view[:32 << 10]):]
+                        pwrite_all(fo.fileno(), chunk, offset, 32 << 10, digest)
+                        offset += len(chunk)
                         progress.advance(len(chunk))
             except FileNotFoundError:
                 raise NotFound(f"{self.uri}: {obj.path} disappeared while copying", uri=self.uri) from None

@@ -34,7 +34,8 @@ from puller.archive import archive_kind
 from puller.credentials import S3Settings, resolve_s3
 from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullError, TransientError
 from puller.retry import call_with_retry
-from puller.sources.base import Cancelled, Listing, Progress, PullOptions, RemoteObject, Source, run_all
+from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
+                                 pwrite_all, run_all)
 from puller.uri import ParsedURI, redact
 
 log = logging.getLogger("modelshelf.puller.sources.s3")
@@ -250,8 +251,9 @@ class S3Source(Source):
                 os.ftruncate(fd, obj.size)
                 parts = [(s, min(s + part, obj.size) - 1) for s in range(0, obj.size, part)]
                 tracker = _PartsLeft(len(parts), lambda p=obj.path: progress.file_done(p))
+                digest = self.digest_for(target, obj.size)
                 for start, end in parts:
-                    tasks.append(self._part_task(key, etag, fd, start, end, progress, tracker))
+                    tasks.append(self._part_task(key, etag, fd, start, end, progress, tracker, digest))
             self._run(tasks)
         finally:
             for fd in open_fds:
@@ -272,16 +274,17 @@ class S3Source(Source):
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 if obj.size > 0:
-                    self._get_range(key, etag, fd, 0, obj.size - 1, progress, whole=True)
+                    self._get_range(key, etag, fd, 0, obj.size - 1, progress, whole=True,
+                                    digest=self.digest_for(target, obj.size))
             finally:
                 os.close(fd)
             progress.file_done(obj.path)
         return run
 
     def _part_task(self, key: str, etag: str, fd: int, start: int, end: int, progress: Progress,
-                   tracker: "_PartsLeft"):
+                   tracker: "_PartsLeft", digest: FileDigest | None):
         def run() -> None:
-            self._get_range(key, etag, fd, start, end, progress, whole=False)
+            self._get_range(key, etag, fd, start, end, progress, whole=False, digest=digest)
             tracker.one_done()
         return run
 
@@ -289,7 +292,7 @@ class S3Source(Source):
         run_all(tasks, self._workers, self._cancel, "s3-fetch")
 
     def _get_range(self, key: str, etag: str, fd: int, start: int, end: int, progress: Progress,
-                   whole: bool) -> None:
+                   whole: bool, digest: FileDigest | None = None) -> None:
         """Write bytes [start, end] of `key` at the same offsets of `fd`, resuming after transient errors."""
         pos = [start]
         buf = _thread_buffer()
@@ -319,7 +322,7 @@ class S3Source(Source):
                         n = len(data)
                     if not n:
                         break
-                    _pwrite_all(fd, data, pos[0], _WRITE)
+                    pwrite_all(fd, data, pos[0], _WRITE, digest)
                     pos[0] += n
                     unreported += n
                     if unreported >= _REPORT_EVERY:
@@ -412,14 +415,6 @@ def _direct_stream(body: Any) -> tuple[Any, Any]:
             or not callable(getattr(raw, "release_conn", None)):
         return None, None
     return raw, fp
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, piece: int = 1 << 62) -> None:
-    """Write all of `data` at `offset`, at most `piece` bytes per pwrite."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view[:piece], offset)
-        view, offset = view[n:], offset + n
 
 
 def _code(e: BaseException) -> str:

@@ -83,3 +83,29 @@ def test_a_source_replaced_under_the_same_uri_is_reloaded(tmp_path):
             assert agent.post("/v2/models/m/infer", v2_infer_body([IRIS_ROW]))[0] == 200
         finally:
             agent.stop()
+
+
+def test_prefetch_with_a_budget_keeps_what_it_reports_and_says_what_does_not_fit(tmp_path):
+    """--max-cache-bytes: the run's own GC must not remove its earlier downloads (they are leased
+    for the run); models that fit together are all cached, and a set that does not fit is said."""
+    from puller import Cache
+
+    cm = ConfigMapDir(tmp_path / "config")
+    files = {f"m{i}/model.bin": bytes([65 + i]) * 40_000 for i in range(3)}
+    with HTTPFileServer(files=files) as srv:
+        models = [{"name": f"m{i}", "uri": srv.url(f"m{i}/model.bin")} for i in range(3)]
+        cm.write({"models.yaml": json.dumps(models)})
+        fits = subprocess.run([sys.executable, "-m", "agent.cli", "prefetch", "--config-dir", str(cm.root),
+                               "--cache-dir", str(tmp_path / "c1"), "--max-cache-bytes", "130000",
+                               "--pull-concurrency", "1"], capture_output=True, text=True, timeout=120)
+        assert fits.returncode == 0, fits.stderr
+        assert "3/3 models cached" in fits.stderr
+        assert len(Cache(tmp_path / "c1").ls()) == 3
+        tight = subprocess.run([sys.executable, "-m", "agent.cli", "prefetch", "--config-dir", str(cm.root),
+                                "--cache-dir", str(tmp_path / "c2"), "--max-cache-bytes", "50000",
+                                "--pull-concurrency", "1"], capture_output=True, text=True, timeout=120)
+        assert tight.returncode == 1
+        assert "3/3 models cached" in tight.stderr  # true when it exits: nothing of the run was removed
+        assert len(Cache(tmp_path / "c2").ls()) == 3
+        assert "need 120000 bytes of cache, more than --max-cache-bytes 50000" in tight.stderr
+        assert Cache(tmp_path / "c2").gc(50_000).bytes_after == 40_000  # no lease left behind

@@ -5,7 +5,8 @@ import asyncio
 
 import pytest
 
-from agent.upstream import Upstream, UpstreamError
+from agent import upstream as upstream_module
+from agent.upstream import Upstream, UpstreamBusy, UpstreamError, UnsafeRequest
 
 
 class Server:
@@ -14,7 +15,9 @@ class Server:
     def __init__(self) -> None:
         self.connections = 0
         self.requests = 0
-        self.mode = "ok"  # ok | close-after | half-answer | slow | chunked
+        self.mode = "ok"  # ok | close-after | drop-second | double | double-later | half-answer | slow | chunked
+        self.targets: list[bytes] = []
+        self.release = asyncio.Event()  # requests to a target with "/hang" wait for it
         self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> "Server":
@@ -31,6 +34,7 @@ class Server:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._writers.append(writer)
+        served_here = 0
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -38,6 +42,22 @@ class Server:
                                if line.lower().startswith(b"content-length:")), 0)
                 body = await reader.readexactly(length)
                 self.requests += 1
+                self.targets.append(head.split(b" ")[1])
+                served_here += 1
+                if self.mode == "drop-second" and served_here == 2:
+                    writer.close()  # like a keep-alive timer firing as the request arrives
+                    return
+                if b"/hang" in head.split(b"\r\n")[0]:
+                    await self.release.wait()
+                if self.mode in ("double", "double-later"):  # two answers to one request
+                    first = b"echo:" + body
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(first), first))
+                    if self.mode == "double-later":
+                        await writer.drain()
+                        await asyncio.sleep(0.05)  # the extra answer arrives while the connection idles
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nextra")
+                    await writer.drain()
+                    continue
                 if self.mode == "half-answer":
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
                     await writer.drain()
@@ -77,18 +97,31 @@ def test_connections_are_reused():
     assert run(main()) == 1
 
 
-def test_a_connection_the_server_closed_is_retried_once_on_a_fresh_one():
+def test_a_connection_the_server_closed_is_retried_once_on_a_fresh_one(monkeypatch):
+    """The server closes a kept-alive connection as the next request arrives (its keep-alive
+    timer fired), answering nothing: the request is sent once more on a fresh connection."""
+    stale_seen = []
+    original = upstream_module._Stale
+
+    class CountingStale(original):
+        def __init__(self, *args):
+            stale_seen.append(args)
+            super().__init__(*args)
+
+    monkeypatch.setattr(upstream_module, "_Stale", CountingStale)
+
     async def main():
         async with Server() as srv:
-            srv.mode = "close-after"
+            srv.mode = "drop-second"
             up = Upstream(srv.url)
-            for _ in range(3):
-                await asyncio.sleep(0.05)  # let the close arrive: the pooled connection is stale
-                status, _, body = await up.request("POST", "/x", [], b"a", timeout=5)
-                assert (status, body) == (200, b"echo:a")
+            for i in range(3):
+                status, _, body = await up.request("POST", "/x", [], b"%d" % i, timeout=5)
+                assert (status, body) == (200, b"echo:%d" % i)
             await up.close()
-            return srv.requests
-    assert run(main()) == 3  # each request served exactly once
+            return srv.connections, srv.requests
+    # requests 2 and 3 each reach a connection the server then drops: 3 connections, 5 requests seen
+    assert run(main()) == (3, 5)
+    assert len(stale_seen) == 2  # the retry path ran, for exactly those two
 
 
 def test_idle_connections_expire():
@@ -138,3 +171,101 @@ def test_chunked_answers_are_decoded():
             await up.close()
             return status, body
     assert run(main()) == (200, b"abcde")
+
+
+@pytest.mark.parametrize("mode", ["double", "double-later"])
+def test_a_second_answer_to_one_request_never_reaches_another_request(mode):
+    """A desynced server answers one request twice (in one write, or later while the connection
+    idles): the extra answer is never handed to the next request; its connection is closed."""
+    async def main():
+        async with Server() as srv:
+            srv.mode = mode
+            up = Upstream(srv.url)
+            answers = []
+            for i in range(4):
+                status, _, body = await up.request("POST", "/x", [], b"%d" % i, timeout=5)
+                answers.append(body)
+                await asyncio.sleep(0.1)  # let a late extra answer arrive
+            await up.close()
+            return answers, srv.connections
+    answers, connections = run(main())
+    assert answers == [b"echo:0", b"echo:1", b"echo:2", b"echo:3"]
+    assert connections == 4  # no desynced connection was reused
+
+
+@pytest.mark.parametrize("target, headers", [
+    ("/v2/models/m/versions/1\r\nGET /x HTTP/1.1", []),
+    ("/v2/models/m/versions/1 2", []),
+    ("/v2/models/m/versions/\u00e9", []),
+    ("/x", [(b"x-request-id", b"a\r\nx-evil: 1")]),
+    ("/x", [(b"x-bad name", b"v")]),
+])
+def test_a_request_line_or_header_that_could_split_is_refused_before_sending(target, headers):
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url)
+            with pytest.raises(UnsafeRequest):
+                await up.request("GET", target, headers, b"", timeout=5)
+            await up.request("GET", "/ok", [], b"", timeout=5)
+            await up.close()
+            return srv.targets
+    assert run(main()) == [b"/ok"]  # nothing of the refused request reached the server
+
+
+def test_the_wait_for_a_pool_slot_counts_inside_the_timeout():
+    """Two hanging requests hold a pool of two: a third waits for a slot only until its own
+    timeout, and says which bound it hit."""
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url, max_connections=2)
+            hanging = [asyncio.create_task(up.request("GET", f"/hang{i}", [], b"", timeout=30, key=f"m{i}"))
+                       for i in range(2)]
+            while srv.requests < 2:
+                await asyncio.sleep(0.01)
+            with pytest.raises(UpstreamBusy, match="all 2 server connections busy"):
+                await asyncio.wait_for(up.request("GET", "/x", [], b"", timeout=0.2, key="m2"), 20)
+            srv.release.set()
+            done = [(await t)[0] for t in hanging]
+            status, _, _ = await up.request("GET", "/x", [], b"", timeout=5, key="m2")
+            await up.close()
+            return done, status
+    assert run(main()) == ([200, 200], 200)  # the slots came back
+
+
+def test_one_key_cannot_take_every_slot():
+    """With max_per_key=2, two hanging requests to one model leave the rest of the pool to the
+    others: a third to the same model is refused at its timeout, another model is answered."""
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url, max_connections=8, max_per_key=2)
+            hanging = [asyncio.create_task(up.request("GET", "/hang", [], b"", timeout=30, key="slow"))
+                       for _ in range(2)]
+            while srv.requests < 2:
+                await asyncio.sleep(0.01)
+            with pytest.raises(UpstreamBusy, match="2 requests to it already in flight"):
+                await asyncio.wait_for(up.request("GET", "/hang", [], b"", timeout=0.2, key="slow"), 20)
+            other = await asyncio.wait_for(up.request("GET", "/x", [], b"", timeout=5, key="fast"), 20)
+            srv.release.set()
+            await asyncio.gather(*hanging)
+            await up.close()
+            return other[0], srv.requests
+    assert run(main()) == (200, 3)  # the refused request never reached the server
+
+
+def test_a_cancelled_waiter_never_loses_a_slot():
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url, max_connections=1)
+            first = asyncio.create_task(up.request("GET", "/hang", [], b"", timeout=30))
+            while srv.requests < 1:
+                await asyncio.sleep(0.01)
+            waiters = [asyncio.create_task(up.request("GET", "/x", [], b"", timeout=30)) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            for w in waiters:
+                w.cancel()
+            srv.release.set()
+            await first
+            results = [(await up.request("GET", "/x", [], b"", timeout=5))[0] for _ in range(3)]
+            await up.close()
+            return results
+    assert run(main()) == [200, 200, 200]

@@ -239,6 +239,14 @@ def test_probes_and_service(pod, container, argv):
     assert services, f"{pod.doc.label}: no Service selects these pods"
     for s in services:
         assert any(p.get("targetPort") in ("http", port) for p in s.obj["spec"]["ports"]), s.label
+    # management (/status, /metrics, page) on a port of its own, declared, scraped through the Service
+    management = int(flag_value(argv, "--management-port") or 0)
+    assert management and management != port, f"{pod.doc.label}: the agent must keep management off its public port"
+    assert ports.get("management") == management, f"container port 'management' must be --management-port {management}"
+    annotations = pod.doc.obj["spec"]["template"]["metadata"].get("annotations", {})
+    assert annotations.get("prometheus.io/port") == str(management) and annotations.get("prometheus.io/path") == "/metrics"
+    for s in services:
+        assert any(p.get("targetPort") in ("management", management) for p in s.obj["spec"]["ports"]), s.label
 
 
 def test_every_service_selects_a_workload():

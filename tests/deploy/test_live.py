@@ -30,7 +30,8 @@ from tests.support.servers import triton_available, triton_site_packages
 pytestmark = pytest.mark.timeout(90)
 
 # flags whose values only make sense inside the pod; AgentProcess sets its own or the test does
-_REBASED = ("--host", "--port", "--config-dir", "--cache-dir", "--server-url", "--server-repository")
+_REBASED = ("--host", "--port", "--config-dir", "--cache-dir", "--server-url", "--server-repository",
+            "--management-host", "--management-port")
 
 
 def _agent_container(deployment: str) -> tuple[dict, dict]:
@@ -40,8 +41,10 @@ def _agent_container(deployment: str) -> tuple[dict, dict]:
 
 
 def _portable_args(args: list[str]) -> list[str]:
+    """The manifest's args without the pod-only ones; a management listener of its own (a free
+    port) when the manifest asks for one, as every agent manifest does."""
     assert args[0] == "run"
-    out = []
+    out = [f"--management-port={free_port()}"] if flag_value(args, "--management-port") else []
     for a in args[1:]:
         if not any(a == f or a.startswith(f + "=") for f in _REBASED):
             assert a.startswith("--") and "=" in a, f"manifest args use --flag=value: {a}"
@@ -73,8 +76,12 @@ def _check_pod_contract(agent: AgentProcess, container: dict) -> None:
     assert code == 200, body
     code, body = agent.post("/v2/models/iris/infer", v2_request([[5.1, 3.5, 1.4, 0.2]]))
     assert code == 200, body
+    # management is off the public port: Prometheus scrapes the management port, clients see 404
+    assert agent.management_url != agent.url, "the manifests put management on a port of its own"
+    for path in ("/metrics", "/status", "/", "/docs", "/openapi.json"):
+        assert _get(agent.url + path)[0] == 404, f"{path} is served on the public port"
     # every metric the dashboard queries is exposed (as a family, even before its first sample)
-    code, text = _get(agent.url + "/metrics")
+    code, text = _get(agent.management_url + "/metrics")
     assert code == 200
     families = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
     dashboard = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())

@@ -16,6 +16,7 @@ import pytest
 
 from puller import Cache, PullOptions
 from puller.errors import IntegrityError, NotFound, UnsafeArchive
+from puller.sources.base import file_digest
 from tests.support.httpserver import HTTPFileServer
 
 
@@ -59,15 +60,17 @@ def test_manifest_records_files_digests_identity(root: Path, http_server: HTTPFi
     entry = Cache(root).ensure(http_server.url("a/w.bin"))
     manifest = json.loads((entry.path.parent / "manifest.json").read_text())
     assert manifest["uri"] == http_server.url("a/w.bin")
-    # nothing to check a digest against: sizes only (a second hash pass would double pull time)
-    assert manifest["files"] == [{"path": "w.bin", "size": 3000}]
+    # every file gets a fast digest computed while streaming (no second pass over the bytes)
+    assert manifest["files"] == [{"path": "w.bin", "size": 3000, "digest": file_digest(entry.path / "w.bin")}]
+    assert manifest["digest_algo"] == "xxh3-128/1m" and manifest["files"][0]["digest"].startswith("xxh3-128/1m:")
     assert manifest["total_bytes"] == 3000
     # with the user's sha256, the checked digest is recorded for `cache verify`
     http_server.set_file("b/w.bin", data)
     digest = hashlib.sha256(data).hexdigest()
     checked = Cache(root).ensure(http_server.url("b/w.bin"), PullOptions(sha256=digest))
     manifest2 = json.loads((checked.path.parent / "manifest.json").read_text())
-    assert manifest2["files"] == [{"path": "w.bin", "size": 3000, "sha256": digest}]
+    assert manifest2["files"] == [{"path": "w.bin", "size": 3000, "sha256": digest,
+                                   "digest": manifest["files"][0]["digest"]}]
     assert "etag" in manifest["sources"][0]["identity"]
     assert manifest["created"] and manifest["key"] == entry.key
     assert os.listdir(root / "tmp") == []
@@ -227,8 +230,10 @@ def test_verify_reports_a_corrupted_file(root: Path, http_server: HTTPFileServer
     os.chmod(f, 0o644)
     f.write_bytes(b"b" * 1000)
     report = cache.verify()
-    assert not report.ok and [(m.path, m.problem) for m in report.mismatches] == [("w.bin", "sha256 differs")]
+    assert not report.ok and [(m.path, m.problem) for m in report.mismatches] == [
+        ("w.bin", "content changed (digest differs)"), ("w.bin", "writable (mode 644)")]
     f.write_bytes(b"b" * 999)  # a size change is found without digests too
-    assert [(m.path, m.problem) for m in cache.verify().mismatches] == [("w.bin", "size 999 != 1000")]
+    assert ("w.bin", "size 999 != 1000") in [(m.path, m.problem) for m in cache.verify().mismatches]
     (entry.path / "extra").write_text("?")
-    assert ("extra", "not in the manifest") in [(m.path, m.problem) for m in cache.verify(entry.key).mismatches]
+    assert ("extra", "extra file, not in the manifest") in [
+        (m.path, m.problem) for m in cache.verify(entry.key).mismatches]

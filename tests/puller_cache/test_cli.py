@@ -1,5 +1,5 @@
 """`modelshelf pull` and `modelshelf cache ...` run as real processes: exit codes, DEST
-contents (linked from the cache or moved in), and no secret in any output."""
+contents (copied from the cache or moved in; see test_immutable.py), and no secret in any output."""
 from __future__ import annotations
 
 import hashlib
@@ -14,22 +14,6 @@ from tests.support.httpserver import HTTPFileServer
 from tests.support.s3server import S3Server, s3_server, s3_server_session  # noqa: F401 - fixtures
 
 TOKEN = "tok-9f8e7d6c5b4a39281706"
-
-
-def test_pull_with_cache_dir_hard_links_into_dest(tmp_path: Path, http_server: HTTPFileServer) -> None:
-    http_server.set_file("m/model.joblib", b"model" * 1000)
-    cache, dest = tmp_path / "cache", tmp_path / "mnt" / "models"
-    r = run_cli("pull", http_server.url("m/model.joblib"), str(dest), "--cache-dir", str(cache), "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert (dest / "model.joblib").read_bytes() == b"model" * 1000
-    entries = list((cache / "entries").iterdir())
-    assert len(entries) == 1
-    assert (dest / "model.joblib").stat().st_ino == (entries[0] / "files" / "model.joblib").stat().st_ino
-    assert "event=download_start" in r.stderr and "event=download_done" in r.stderr and "mib_s=" in r.stderr
-    r2 = run_cli("pull", http_server.url("m/model.joblib"), str(tmp_path / "dest2"), "--cache-dir", str(cache),
-                 "--no-progress")
-    assert r2.returncode == 0 and "cache=hit" in r2.stderr
-    assert http_server.get_count("m/model.joblib") == 1
 
 
 def test_pull_without_cache_moves_files_and_leaves_nothing_behind(tmp_path: Path, http_server: HTTPFileServer) -> None:

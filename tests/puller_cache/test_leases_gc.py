@@ -2,6 +2,7 @@
 locked keys protect entries; a lease not refreshed within its TTL no longer does."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,64 @@ def test_gc_racing_leased_ensures_never_removes_a_returned_entry(root: Path, htt
     assert not problems
     assert gc_runs[0] > 5
     assert os.listdir(root / "tmp") == [] and os.listdir(root / "trash") == []
+
+
+# -- leases per (entry, model) ------------------------------------------------------------------
+
+def test_two_models_on_one_uri_hold_two_leases_and_gc_anywhere_keeps_the_entry(
+        root: Path, http_server: HTTPFileServer) -> None:
+    """Two models with the same URI on one pod: one lease each (`<pod>@<model>`). Releasing one
+    keeps the other; while it lives no GC removes the entry: in-process, `modelshelf cache gc`
+    in another process, nor another pod's Cache on the same root."""
+    from puller.cache import model_holder
+    from tests.puller_cache.conftest import run_cli
+
+    http_server.set_file("shared.bin", b"s" * 3000)
+    pod = Cache(root, holder="pod-a")
+    a = pod.ensure(http_server.url("shared.bin"), lease=True, holder=model_holder("pod-a", "iris"))
+    b = pod.ensure(http_server.url("shared.bin"), lease=True, holder=model_holder("pod-a", "iris-copy"))
+    assert a.key == b.key and b.hit
+    assert sorted(le.holder for le in pod.leases(a.key)) == ["pod-a@iris", "pod-a@iris-copy"]
+    pod.release(a.key, model_holder("pod-a", "iris"))  # the model "iris" is removed from the config
+    assert [le.holder for le in pod.leases(a.key)] == ["pod-a@iris-copy"]
+    assert pod.gc(0).in_use == [a.key]
+    other_pod = Cache(root, holder="pod-b")
+    assert other_pod.gc(0).removed == [] and other_pod.ls()[0].leases == ("pod-a@iris-copy",)
+    r = run_cli("cache", "gc", "--cache-dir", str(root), "--max-cache-bytes", "0")
+    assert r.returncode == 0, r.stderr
+    assert "1 entries in use kept" in r.stdout and "STILL OVER BUDGET" in r.stdout
+    ls = run_cli("cache", "ls", "--cache-dir", str(root), "--json")
+    assert [e["leases"] for e in json.loads(ls.stdout)] == [["pod-a@iris-copy"]]
+    assert (a.path / "shared.bin").read_bytes() == b"s" * 3000
+    assert pod.refresh_leases() == 1  # the heartbeat refreshes the remaining model's lease only
+    pod.release(a.key, model_holder("pod-a", "iris-copy"))
+    assert [i.key for i in other_pod.gc(0).removed] == [a.key]
+
+
+def test_check_finds_deleted_and_truncated_files_verify_finds_same_size_replacement(
+        root: Path, http_server: HTTPFileServer) -> None:
+    """check() (cheap, before a load) sees a deleted or truncated file; a same-size replacement
+    passes check() (no hashing) but not verify(). discard() then makes ensure download again."""
+    http_server.set_file("m/a.bin", b"a" * 2000)
+    http_server.set_file("m/b.bin", b"b" * 2000)
+    cache = Cache(root)
+    source = {"a": http_server.url("m/a.bin"), "b": http_server.url("m/b.bin")}  # one entry, two files
+    entry = cache.ensure(source)
+    assert cache.check(entry) == []
+    os.chmod(entry.path / "a", 0o755)  # entries are read-only: as root we can still break one
+    (entry.path / "a" / "a.bin").unlink()
+    assert cache.check(entry) == ["a/a.bin: missing"]
+    os.chmod(entry.path / "b" / "b.bin", 0o644)
+    (entry.path / "b" / "b.bin").write_bytes(b"b" * 10)
+    assert cache.check(entry) == ["a/a.bin: missing", "b/b.bin: 10 bytes, manifest says 2000"]
+    assert cache.discard(entry.key, "test: files broken")
+    assert cache.check(entry) == [f"cache entry {entry.key} is gone"]
+    again = cache.ensure(source)
+    assert not again.hit and again.key == entry.key and cache.check(again) == []
+    assert http_server.get_count("m/a.bin") == 2
+    p = again.path / "a" / "a.bin"
+    os.chmod(p, 0o644)
+    p.write_bytes(b"X" + b"a" * 1999)  # same size, other bytes: another model's predictions
+    assert cache.check(again) == []
+    problems = [(m.path, m.problem) for m in cache.verify(again.key).mismatches]
+    assert ("a/a.bin", "content changed (digest differs)") in problems

@@ -23,8 +23,13 @@ class AgentProcess:
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")
+        # one port for everything unless the test asks for a management listener of its own
+        # (`--management-port=N`): then /status is read there, the data plane and probes here
+        management = [a.split("=", 1)[1] for a in args if a.startswith("--management-port=")]
+        single = [] if management else ["--management-port", str(self.port)]
+        self.management_url = f"http://127.0.0.1:{management[-1]}" if management else self.url
         cmd = [sys.executable, "-m", "agent.cli", "run", "--config-dir", str(config_dir), "--cache-dir", str(cache_dir),
-               "--port", str(self.port), "--grpc-port", str(self.grpc_port), *args]
+               "--port", str(self.port), "--grpc-port", str(self.grpc_port), *single, *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                      start_new_session=True)
 
@@ -45,7 +50,7 @@ class AgentProcess:
         return request("POST", self.url + path, doc, data=data, headers=headers)
 
     def status(self) -> dict:
-        return self.get("/status")[1]
+        return request("GET", self.management_url + "/status")[1]
 
     def state(self, name: str) -> str | None:
         m = self.status()["models"].get(name)
