@@ -239,3 +239,22 @@ def test_a_grpc_call_in_flight_is_never_evicted(tmp_path):
         assert count_loads(load_log, "slow") == 1 and agent.state("slow") == "loaded"
         assert pb.ModelInferResponse.FromString(raw_call(agent, "ModelInfer", request)).model_name == "other"
         agent.wait_state("slow", "cached")
+
+
+def test_grpc_calls_are_counted_per_model_until_it_is_removed(tmp_path):
+    write_model(tmp_path / "store" / "a", "logreg", 0)
+    write_model(tmp_path / "store" / "b", "tree", 1)
+    a, b = ({"name": n, "uri": str(tmp_path / "store" / n)} for n in ("a", "b"))
+    with running_agent(tmp_path, [a, b], loaded=("a", "b")) as agent, tg.InferenceServerClient(agent.grpc_target) as c:
+        c.infer("a", iris_inputs())
+        c.infer("b", iris_inputs())
+        with pytest.raises(InferenceServerException):
+            c.infer("nope", iris_inputs())
+        metrics = agent.get("/metrics")[1].decode()
+        assert 'modelshelf_grpc_requests_total{code="OK",model="a"} 1.0' in metrics
+        assert 'modelshelf_grpc_requests_total{code="NOT_FOUND",model=""} 1.0' in metrics  # no name from the client
+        ConfigMapDir(tmp_path / "config").write({"models.yaml": json.dumps({"models": [a]})})
+        agent.wait_state("b", None)
+        metrics = agent.get("/metrics")[1].decode()
+        assert 'model="b"' not in metrics.split("modelshelf_grpc_requests_total", 1)[1]
+        assert 'modelshelf_grpc_requests_total{code="OK",model="a"} 1.0' in metrics
