@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from agent.demo import write_model
 from tests.grpc.conftest import kserve_client, kserve_sdk, running_agent
-from tests.support.agentproc import IRIS_ROW, AgentProcess, v2_infer_body
+from tests.support.agentproc import IRIS_ROW, AgentProcess, request, v2_infer_body
 from tests.support.configmap import ConfigMapDir
 from tests.support.models import SLOW_IMPLEMENTATION, count_loads, write_broken_model, write_slow_model
 from tests.support.servers import embedded_mlserver
@@ -31,16 +31,18 @@ def agent(tmp_path_factory):
     write_model(root / "store" / "a", "logreg", 0)
     write_model(root / "store" / "b", "tree", 1)
     write_model(root / "store" / "lazy", "forest", 2)
+    write_model(root / "store" / "lost", "logreg", 3)
     write_broken_model(root / "store" / "broken")
     write_slow_model(root / "store" / "slow", delay=1.5)
     models = [
         {"name": "a", "uri": str(root / "store" / "a")},
         {"name": "b", "uri": str(root / "store" / "b")},
         {"name": "lazy", "uri": str(root / "store" / "lazy"), "preload": False},
+        {"name": "lost", "uri": str(root / "store" / "lost")},
         {"name": "broken", "uri": str(root / "store" / "broken"), "preload": False},
         {"name": "slow", "uri": str(root / "store" / "slow"), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION},
     ]
-    with running_agent(root, models, "--max-body-bytes", str(LIMIT), loaded=("a", "b", "slow")) as proc:
+    with running_agent(root, models, "--max-body-bytes", str(LIMIT), loaded=("a", "b", "slow", "lost")) as proc:
         yield proc
 
 
@@ -258,3 +260,17 @@ def test_grpc_calls_are_counted_per_model_until_it_is_removed(tmp_path):
         metrics = agent.get("/metrics")[1].decode()
         assert 'model="b"' not in metrics.split("modelshelf_grpc_requests_total", 1)[1]
         assert 'modelshelf_grpc_requests_total{code="OK",model="a"} 1.0' in metrics
+
+
+def test_a_model_the_server_lost_is_unavailable_not_not_found(agent, client):
+    """The server no longer has a model the agent holds loaded (unloaded behind its back): the
+    call is UNAVAILABLE with retry-after (the agent reloads it), never NOT_FOUND for a configured
+    model, as the REST router answers 503."""
+    server = agent.status()["server"]["url"]
+    assert request("POST", f"{server}/v2/repository/models/lost/unload", {})[0] == 200
+    request_ = pb.ModelInferRequest(model_name="lost")
+    request_.inputs.add(name="x", datatype="FP64", shape=[1, 4]).contents.fp64_contents.extend(IRIS_ROW)
+    with pytest.raises(grpc.RpcError) as e:
+        raw_call(agent, "ModelInfer", request_)
+    assert e.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "'lost'" in e.value.details() and int(dict(e.value.trailing_metadata())["retry-after"]) >= 1
