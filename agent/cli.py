@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-v1-body-bytes", default=str(4 * 2**20), help="V1 :predict body limit (413 past it); V1 JSON is parsed and translated by the agent")
     run.add_argument("--upstream-connections", type=int, default=256, help="requests in flight to the server, all models together")
     run.add_argument("--max-upstream-per-model", type=int, default=0, help="requests in flight to the server for one model (default 0: half of --upstream-connections); past it requests wait, within --request-timeout, then 503")
+    run.add_argument("--drain-timeout", type=float, default=30.0, help="seconds an unload (config removal, update swap) waits for in-flight requests to finish")
     run.add_argument("--grpc-port", type=_grpc_port, default="8001", help="KServe V2 gRPC port (0 or 'off' disables it)")
     run.add_argument("--grpc-host", default=None, help="address for the gRPC data plane (default: --host)")
     run.add_argument("--server-grpc-target", default=None, help="sidecar mode: the server's gRPC HOST:PORT (gRPC model calls answer UNAVAILABLE without it)")
@@ -264,6 +265,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.grpc_host, s.server_grpc_target = args.grpc_host, args.server_grpc_target
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
+        s.drain_timeout_s = args.drain_timeout
     return s
 
 

@@ -779,6 +779,12 @@ class MemoryManager:
                 self._unloading.add(name)
                 self._touch_windows(name, "unload")
 
+    def cancel_unload(self, name: str) -> None:
+        """A victim marked by ``admit`` stays loaded after all (a request leased it): its bytes
+        count as used again. Nothing happens when its reservation is gone meanwhile."""
+        with self._lock:
+            self._unloading.discard(name)
+
     def update(self, name: str, cost: Cost) -> dict[str, int]:
         """Replace ``name``'s reservation with a corrected (measured) cost. Returns device ->
         bytes over budget now (empty when within): the caller may evict to get back under."""

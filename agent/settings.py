@@ -59,6 +59,8 @@ class Settings:
     max_config_bytes: int = 16 * 2**20  # a config file past it is rejected (last good config kept)
     max_config_depth: int = 64  # nesting levels of lists/mappings in a config file
     max_config_nodes: int = 1_000_000  # values in a config file, YAML aliases counted at each use
+    drain_timeout_s: float = 30.0  # an unload waits this long for in-flight requests to finish
+    retry_base_s: float = 1.0  # first retry delay of a failed model (doubles per failure, jittered)
     grpc_port: int = 8001  # KServe V2 gRPC data plane; 0 turns it off
     grpc_host: str | None = None  # default: `host`
     server_grpc_target: str | None = None  # sidecar: the server's gRPC HOST:PORT (embedded: known)
