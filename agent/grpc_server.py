@@ -47,7 +47,7 @@ import grpc
 from agent.grpc_wire import WireError, bool_message, name_and_version, with_name
 from agent.logging import get_logger, kv
 from agent.metrics import Metrics
-from agent.reconciler import Model, ModelUnavailable, Reconciler, State, UnknownModel
+from agent.reconciler import Model, ModelUnavailable, Reconciler, UnknownModel
 from agent.router import _can_serve
 
 log = get_logger("modelshelf.grpc")
@@ -246,23 +246,23 @@ class GrpcDataPlane:
         try:
             return await call(request, metadata=_forwarded(context), timeout=self.request_timeout_s)
         except grpc.aio.AioRpcError as e:
-            raise self._server_error(e, name, model) from None
+            raise self._server_error(e, name, model, request) from None
 
-    def _server_error(self, e: grpc.aio.AioRpcError, name: str, model: Model | None) -> _Refused:
+    def _server_error(self, e: grpc.aio.AioRpcError, name: str, model: Model | None, request: bytes = b"") -> _Refused:
         code = e.code()
         what = f"model {name!r}: " if name else ""
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return _Refused(grpc.StatusCode.UNAVAILABLE, f"{what}timed out after {self.request_timeout_s:g}s", 1)
         if code is grpc.StatusCode.UNAVAILABLE:
             return _Refused(grpc.StatusCode.UNAVAILABLE, f"{what}server unreachable ({e.details()})", 1)
-        if code is grpc.StatusCode.NOT_FOUND and model is not None and model.state is State.LOADED:
-            # the server lost a model we hold loaded (it restarted, or someone unloaded it):
-            # the reconciler reloads it; the client retries (the REST router's rule)
+        if code is grpc.StatusCode.NOT_FOUND and model is not None and _version(request) in ("", model.spec.version):
+            # the server does not have a model we leased as served (a restart, an unload behind
+            # our back): never NOT_FOUND for a configured model; the reconciler rechecks the
+            # server and reloads it, the client retries (the REST router's rule)
             report = getattr(self._reconciler(), "report_missing", None)
             if report is not None:
                 report(name)
-            log.warning("server does not know a loaded model", extra=kv(model=name, reason=e.details()))
-            return _Refused(grpc.StatusCode.UNAVAILABLE, f"{what}the server lost it; it is being reloaded", 1)
+            return _Refused(grpc.StatusCode.UNAVAILABLE, f"{what}the server does not have it loaded; reloading", 1)
         return _Refused(code, e.details() or code.name)
 
     async def _stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -318,6 +318,13 @@ def _routed(request: bytes, context: grpc.aio.ServicerContext, *, required: bool
     if not name and required:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the request names no model (field 1 is empty; ModelMesh clients may set mm-vmodel-id)")
     return request, name
+
+
+def _version(request: bytes) -> str:
+    try:
+        return name_and_version(request)[1]
+    except WireError:
+        return ""
 
 
 def _routing_name(metadata: Any) -> str | None:
