@@ -26,7 +26,8 @@ RPC -> what the agent does (the same rules as agent/router.py):
 Errors, as gRPC status codes with the reason in the details:
   NOT_FOUND           the model is not configured
   UNAVAILABLE         the agent is starting, the model is loading past the wait or cannot load
-                      now, too many calls wait for its load, the server is down or timed out;
+                      now, too many calls wait for its load, the server is down or timed out,
+                      the server answered NOT_FOUND for it (the reconciler rechecks and reloads);
                       trailing metadata `retry-after: <seconds>` when a retry can help
   RESOURCE_EXHAUSTED  a request message over --max-body-bytes (grpcio's own check)
   INVALID_ARGUMENT    a message that is not protobuf, or a model call with no model name
