@@ -32,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from agent.api import build_api, build_probes
 from agent.config import load_config_dir
+from agent.grpc_server import start_grpc
 from agent.logging import get_logger, kv, setup_logging
 from agent.memory import MemoryManager, tree_rss
 from agent.metrics import Metrics
@@ -355,6 +356,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, exit_all)
     serving = [asyncio.create_task(server.serve(sockets=[sock]), name="http") for server, (_, sock) in zip(servers, listeners)]
+    grpc_plane = await start_grpc(settings, agent)  # KServe V2 gRPC beside the HTTP port (None: off)
     try:
         starting = asyncio.create_task(agent.start(), name="agent-start")
         done, _ = await asyncio.wait({*serving, starting}, return_when=asyncio.FIRST_COMPLETED)
@@ -370,6 +372,8 @@ async def serve(settings: Settings) -> None:
         await asyncio.gather(*serving, return_exceptions=True)
         for _, sock in listeners:
             sock.close()
+        if grpc_plane is not None:
+            await grpc_plane.stop()
         log.info("agent stopping")
         started = time.monotonic()
         await agent.stop()

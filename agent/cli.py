@@ -131,6 +131,16 @@ def _shard_index(value: str) -> int:
     return int(value)
 
 
+def _grpc_port(value: str) -> int:
+    """A port number, or 0 / "off" (no gRPC data plane)."""
+    if value.strip().lower() in ("off", "0", ""):
+        return 0
+    port = int(value)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"--grpc-port {value!r} is not a port (1-65535, or 0/off)")
+    return port
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", type=Path, default=None, help="directory with models.yaml/models.json (a mounted ConfigMap)")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache root: node-local disk or a shared RWX PVC")
@@ -181,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-upstream-per-model", type=int, default=0, help="requests in flight to the server for one model (default 0: half of --upstream-connections); past it requests wait, within --request-timeout, then 503")
     run.add_argument("--drain-timeout", type=float, default=30.0, help="seconds an unload (config removal, update swap) waits for in-flight requests to finish")
     run.add_argument("--stream-body-bytes", default=str(2**20), help="request bodies with a Content-Length above this are forwarded to the server as they arrive, not buffered whole (--max-body-bytes still applies)")
+    run.add_argument("--grpc-port", type=_grpc_port, default="8001", help="KServe V2 gRPC port (0 or 'off' disables it)")
+    run.add_argument("--grpc-host", default=None, help="address for the gRPC data plane (default: --host)")
+    run.add_argument("--server-grpc-target", default=None, help="sidecar mode: the server's gRPC HOST:PORT (gRPC model calls answer UNAVAILABLE without it)")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
@@ -250,6 +263,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.upstream_connections = args.upstream_connections
         s.max_upstream_per_model = args.max_upstream_per_model
         s.stream_body_bytes = parse_quantity(args.stream_body_bytes)
+        s.grpc_port = args.grpc_port if isinstance(args.grpc_port, int) else _grpc_port(args.grpc_port)
+        s.grpc_host, s.server_grpc_target = args.grpc_host, args.server_grpc_target
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
         s.drain_timeout_s = args.drain_timeout

@@ -29,6 +29,7 @@ class Metrics:
         self.config_applied = Gauge("modelshelf_config_applied_timestamp_seconds", "When the last good config was applied", registry=r)
         self.server_restarts = Counter("modelshelf_server_restarts_total", "Co-located server restarts seen", registry=r)
         self.before_render: list = []  # callables run at each scrape (e.g. the router drops series of removed models)
+        self.grpc_requests = Counter("modelshelf_grpc_requests_total", "gRPC data-plane calls by model and status code", ["model", "code"], registry=r)
 
     def render(self) -> bytes:
         for hook in self.before_render:

@@ -202,10 +202,11 @@ class Agent:
         (config / "models.json").write_text(json.dumps({"models": models}))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()  # not the default 8001: two benchmarks' agents would share it
         self.log_path = self.workdir / f"agent-{self.port}.log"
         self._log = open(self.log_path, "ab")
         cmd = [*(entry or [sys.executable, "-m", "agent.cli"]), "run", "--config-dir", str(config),
-               "--cache-dir", str(self.workdir / "cache"), "--port", str(self.port), "--log-level", "warning", *args]
+               "--cache-dir", str(self.workdir / "cache"), "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "MODELSHELF_MANAGEMENT_PORT": str(self.port), **(env or {})},
                                      start_new_session=True)  # one port: /status and /metrics beside the data plane

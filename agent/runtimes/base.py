@@ -51,6 +51,7 @@ class RuntimeAdapter(abc.ABC):
     different models; the reconciler never calls two of them concurrently for one model."""
 
     kind: str  # "mlserver" | "triton"
+    grpc_target: str | None = None  # HOST:PORT of the server's gRPC data plane, when known
 
     @property
     @abc.abstractmethod

@@ -146,6 +146,7 @@ class HTTPServerAdapter(RuntimeAdapter):
             base_env["PYTHONPYCACHEPREFIX"] = str(Path(workdir).resolve() / "pycache")
             argv, child_env = self._server_command(listen, base_env)
             base_url = f"http://{host}:{listen.http_port}"
+            self.grpc_target = f"{host}:{listen.grpc_port}"
             process = ServerProcess(argv, ready_url=f"{base_url}/v2/health/ready", env=child_env, cwd=Path(workdir), name=self.kind, log_file=log_file)
         self._server = ServerHandle(base_url, process=process, name=self.kind, sidecar_interval=sidecar_interval)
         self._server.on_restart = on_restart

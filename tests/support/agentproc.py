@@ -19,6 +19,8 @@ class AgentProcess:
     def __init__(self, config_dir: Path, cache_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()  # never the default 8001: agents of parallel tests would share it
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")
         # one port for everything unless the test asks for a management listener of its own
@@ -27,7 +29,7 @@ class AgentProcess:
         single = [] if management else ["--management-port", str(self.port)]
         self.management_url = f"http://127.0.0.1:{management[-1]}" if management else self.url
         cmd = [sys.executable, "-m", "agent.cli", "run", "--config-dir", str(config_dir), "--cache-dir", str(cache_dir),
-               "--port", str(self.port), *single, *args]
+               "--port", str(self.port), "--grpc-port", str(self.grpc_port), *single, *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                      start_new_session=True)
 
