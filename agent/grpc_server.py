@@ -49,7 +49,7 @@ from agent.grpc_wire import WireError, bool_message, name_and_version, with_name
 from agent.logging import get_logger, kv
 from agent.metrics import Metrics
 from agent.reconciler import Model, ModelUnavailable, Reconciler, UnknownModel
-from agent.router import _can_serve
+from agent.router import can_serve
 
 log = get_logger("modelshelf.grpc")
 
@@ -194,7 +194,7 @@ class GrpcDataPlane:
                 raise _Refused(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not configured")
         except _Refused as e:
             return await _abort(context, e)
-        return bool_message(_can_serve(model))
+        return bool_message(can_serve(model))
 
     async def _server_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:

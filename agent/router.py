@@ -261,7 +261,7 @@ class Router:
 
     # ------------------------------------------------------------------ V2
     async def _ready(self, send: Send, model: Any, version: str | None) -> None:
-        ok = _can_serve(model)
+        ok = can_serve(model)
         if ok and version is not None and model.spec.version is None:
             # no configured version: only the server knows which versions the model has, and
             # only once it is loaded (a version that is not there is 404, as infer on it is)
@@ -544,7 +544,7 @@ class Router:
         if model is None:
             return
         if not verb:
-            if _can_serve(model):
+            if can_serve(model):
                 await _json(send, 200, {"name": name, "ready": True})
             else:  # KServe answers 503 for a model that is not ready (its SDK reads it as False)
                 reason = getattr(model, "reason", None)
@@ -700,7 +700,7 @@ def _no_route(payload: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
     return isinstance(doc, dict) and doc.get("detail") == "Not Found"
 
 
-def _can_serve(model: Any) -> bool:
+def can_serve(model: Any) -> bool:
     """Ready in the data-plane sense: an infer now succeeds (possibly after a lazy load)."""
     if model.state is State.LOADED:
         return True
