@@ -70,6 +70,7 @@ from agent.runtimes.base import LoadFailed, ServedModel, ServerUnavailable
 from agent.runtimes.common import HTTPServerAdapter, Listen, check_name, write_json
 
 SETTINGS_FILE = "model-settings.json"
+_GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's largest; the agent bounds messages itself
 PARKED_DIR = ".loaded"  # loaded entries, out of sight of MLServer's re-glob (see the module doc)
 
 IMPLEMENTATIONS = {
@@ -201,6 +202,9 @@ class MLServerAdapter(HTTPServerAdapter):
             "metrics_port": listen.metrics_port,
             "parallel_workers": 0,  # TRAP: the default (1) crashes with uvloop>=0.22; 0 is also faster
             "load_models_at_startup": False,  # the agent decides what loads
+            # the agent's gRPC plane enforces --max-body-bytes; MLServer's own 4 MiB default
+            # would refuse larger messages the agent has admitted
+            "grpc_max_message_length": _GRPC_MAX_MESSAGE,
         }
         write_json(self.repository / "settings.json", settings)
         child_env = {k: v for k, v in env.items() if not k.startswith("MLSERVER_MODEL_")}
@@ -211,6 +215,7 @@ class MLServerAdapter(HTTPServerAdapter):
             MLSERVER_METRICS_PORT=str(listen.metrics_port),
             MLSERVER_PARALLEL_WORKERS="0",
             MLSERVER_LOAD_MODELS_AT_STARTUP="false",
+            MLSERVER_GRPC_MAX_MESSAGE_LENGTH=str(_GRPC_MAX_MESSAGE),
         )
         argv = [sys.executable, "-c", "import sys; from mlserver.cli import main; sys.exit(main())", "start", str(self.repository)]
         return argv, child_env

@@ -194,6 +194,9 @@ def test_sidecar_server_grpc_target(tmp_path):
                            loaded=("a",)) as agent:
             with tg.InferenceServerClient(agent.grpc_target) as c:
                 assert c.infer("a", iris_inputs()).get_response().model_name == "a"
+                # 5 MiB: over MLServer's own 4 MiB gRPC default, within the agent's --max-body-bytes
+                rows = np.tile(np.asarray(IRIS_ROW, dtype=np.float64), (5 * 2**20 // 32, 1))
+                assert c.infer("a", iris_inputs(rows)).as_numpy("predict").shape[0] == len(rows)
         with running_agent(tmp_path / "without", models, *sidecar, loaded=("a",)) as agent:
             with tg.InferenceServerClient(agent.grpc_target) as c:
                 assert c.is_model_ready("a")  # answered by the agent
