@@ -207,6 +207,11 @@ def test_sidecar_server_matches_the_agent(pod, agent, argv):
     assert flag_value(argv, "--server") == kind
     url = urlsplit(flag_value(argv, "--server-url"))
     assert url.hostname in ("127.0.0.1", "localhost") and url.port == port, f"agent talks to {url.geturl()}, {kind} listens on {port}"
+    # gRPC clients reach the server through the agent's own gRPC port: it must know the server's
+    grpc_port = int(literal_env(server).get("MLSERVER_GRPC_PORT", 8081)) if kind == "mlserver" \
+        else int(flag_value([str(x) for x in server.get("command", []) + server.get("args", [])], "--grpc-port") or 8001)
+    target = flag_value(argv, "--server-grpc-target")
+    assert target == f"127.0.0.1:{grpc_port}", f"agent passes gRPC to {target}, {kind} listens for gRPC on {grpc_port}"
     agent_repo = flag_value(argv, "--server-repository")
     assert agent_repo, "sidecar mode needs --server-repository (the dir shared with the server)"
     am, sm = mount_at(agent, agent_repo), mount_at(server, repo)
@@ -247,6 +252,11 @@ def test_probes_and_service(pod, container, argv):
     assert annotations.get("prometheus.io/port") == str(management) and annotations.get("prometheus.io/path") == "/metrics"
     for s in services:
         assert any(p.get("targetPort") in ("management", management) for p in s.obj["spec"]["ports"]), s.label
+    # KServe V2 gRPC: declared and reachable through every Service of the pods
+    grpc_port = int(flag_value(argv, "--grpc-port") or 8001)
+    assert ports.get("grpc") == grpc_port, f"container port 'grpc' must be the agent's --grpc-port {grpc_port}"
+    for s in services:
+        assert any(p.get("targetPort") in ("grpc", grpc_port) for p in s.obj["spec"]["ports"]), f"{s.label}: no gRPC port"
 
 
 def test_every_service_selects_a_workload():

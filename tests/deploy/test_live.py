@@ -78,8 +78,10 @@ def _check_pod_contract(agent: AgentProcess, container: dict) -> None:
     assert code == 200, body
     # management is off the public port: Prometheus scrapes the management port, clients see 404
     assert agent.management_url != agent.url, "the manifests put management on a port of its own"
-    for path in ("/metrics", "/status", "/", "/docs", "/openapi.json"):
+    for path in ("/metrics", "/status", "/docs", "/openapi.json"):
         assert _get(agent.url + path)[0] == 404, f"{path} is served on the public port"
+    code, body = _get(agent.url + "/")  # KServe V1 liveness, not the status page
+    assert code == 200 and json.loads(body) == {"status": "alive"}, body
     # every metric the dashboard queries is exposed (as a family, even before its first sample)
     code, text = _get(agent.management_url + "/metrics")
     assert code == 200
