@@ -36,15 +36,25 @@ container without the host PID namespace). Honest about noise:
     measurement is never below ``floor_fraction`` x the estimate nor ``min_model_bytes``, and a new
     measurement below ``reuse_ratio`` x the previous one for the same entry is treated as reuse
     and does not lower the record.
-  * A window that overlapped another load, or an unload (``begin_unload`` ... ``release``), is not
-    recorded: its delta belongs to more than one model. The estimate then stays.
-  * The first load of each runtime in a server process pays for importing its libraries
+  * Windows are serialized: a first-time load started while another window is open waits (up to
+    ``measure_wait_s``, from a worker thread; never on the event loop) so start-up preloads are
+    each measured. A window that still overlapped another load, or an unload (``begin_unload``
+    ... ``release``), is not recorded: its delta belongs to more than one model.
+  * The first load of each runtime in a server process also pays for importing its libraries
     (measured: ~80 MB for the first sklearn model in MLServer, then 4-300 KB per model) and, on a
-    GPU, the CUDA context. ``start_measure(name, runtime=...)`` tells that load apart: what exceeds
-    the model's reservation is charged to the server (``overhead()``, counted in ``used()``, never
-    freed by eviction) and nothing is recorded for the entry.
+    GPU, the CUDA context. That growth is split (``measure.ImportAttribution``): the model keeps
+    its reservation and the rest is charged to the server PROVISIONALLY until a later load of
+    the same runtime tells what a model costs (the first entry reloaded and measured alone, or
+    the median bytes per entry byte of later loads); then the import is charged as itself
+    (``overhead()``, counted in ``used()``, never freed by eviction) and the first model gets its
+    own share, recorded for its entry. The import's size outlives a server restart: the next
+    process's first load is split at once.
+  * A measurement above a model's declaration replaces it in the reservation and is said so:
+    ``Cost.under_declared``, ``model_doc(name)`` (declared and measured side by side), a warning.
 
-Accounting (``MemoryManager``): reservations per model per device; ``admit`` plans the eviction,
+Accounting (``MemoryManager``): reservations per model per device. ``used()`` is what admission
+counts (models loaded or loading + server overhead; never above the budget because of a swap),
+``held()`` adds models whose unload has not finished; ``admit`` plans the eviction,
 reserves the cost and marks the victims as unloading in one step, so concurrent admissions never
 count the same free bytes twice. ``plan_eviction`` picks least-recently-used models with no lease,
 not pinned and (for lazy loads) older than ``min_residency_s`` until the need fits on every device

@@ -46,6 +46,25 @@ class Cost:
     gpu_floor: int = field(default=0, compare=False)  # total over devices
     declared_host: int | None = field(default=None, compare=False)
     declared_gpu: int | None = field(default=None, compare=False)
+    entry_bytes: int | None = field(default=None, compare=False)  # the cache entry's size, when known
+    measured_host: int | None = field(default=None, compare=False)  # what a measurement found (status)
+    measured_gpu: int | None = field(default=None, compare=False)  # total over devices
+
+    @property
+    def under_declared(self) -> bool:
+        """A measurement found more than the user declared (the reservation follows it)."""
+        return ((self.declared_host is not None and self.measured_host is not None and self.measured_host > self.declared_host)
+                or (self.declared_gpu is not None and self.measured_gpu is not None and self.measured_gpu > self.declared_gpu))
+
+    def doc(self) -> dict:
+        """The cost for /status: what is reserved and, side by side, what was declared and measured."""
+        out: dict = {"host": self.host, "gpu": dict(self.gpu), "method": self.method,
+                     "declared": {"host": self.declared_host, "gpu": self.declared_gpu},
+                     "measured": {"host": self.measured_host, "gpu": self.measured_gpu}}
+        if self.under_declared:
+            out["note"] = (f"measured above its declaration (host measured {format_bytes(self.measured_host or 0)}, "
+                           f"declared {format_bytes(self.declared_host or 0)}): the measurement is reserved")
+        return out
 
     def devices(self) -> dict[str, int]:
         """Device -> bytes, host always present, GPUs only where positive."""

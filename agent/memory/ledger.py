@@ -1,6 +1,7 @@
 """The ledger: budgets, reservations and costs for one node (``MemoryManager``)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -10,7 +11,7 @@ import psutil
 
 from .budget import discover_budget
 from .cost import DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, dev_index
-from .measure import Measurement, Snapshot, gpu_delta
+from .measure import FirstLoad, ImportAttribution, Measurement, Snapshot, Split, gpu_delta
 from .planner import Candidate, plan_eviction
 from .probes import GpuProbe, GpuUsage, open_gpu_probe, process_tree, tree_rss
 from .store import InMemoryStore, MetaStore
@@ -27,7 +28,8 @@ class MemoryManager:
                  multipliers: Mapping[str, float] | None = None, gpu_probe: GpuProbe | None = None,
                  server_pid: Callable[[], int | None] | int | None = None, min_residency_s: float = 30.0,
                  floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
-                 profile: str = "default", clock: Callable[[], float] = time.monotonic):
+                 profile: str = "default", clock: Callable[[], float] = time.monotonic,
+                 measure_wait_s: float = 30.0):
         self._budget = {d: int(b) for d, b in budget.items()}
         self._store: MetaStore = store if store is not None else InMemoryStore()
         self._multipliers = {**DEFAULT_MULTIPLIERS, **(multipliers or {})}
@@ -46,6 +48,9 @@ class MemoryManager:
         self._warm: dict[int, set[str]] = {}  # server pid -> runtimes it has loaded once
         self._overhead: dict[str, Cost] = {}  # "runtime:<name>" -> server-level bytes (imports, CUDA context)
         self._overhead_pid: int | None = None
+        self._attr = ImportAttribution(self.min_model_bytes)
+        self._window_closed = threading.Condition(self._lock)
+        self.measure_wait_s = float(measure_wait_s)  # how long a window waits for the open one (see start_measure)
 
     @classmethod
     def from_settings(cls, settings: Any, *, store: MetaStore | None = None,
@@ -73,25 +78,31 @@ class MemoryManager:
         return dict(self._budget)
 
     def used(self) -> dict[str, int]:
-        """Device -> reserved bytes (loaded + loading + still unloading), every budgeted device."""
+        """Device -> reserved bytes: models loaded or loading plus the server's overhead, every
+        budgeted device. Models being unloaded are not counted (their bytes are promised to the
+        model admitted in their place), so a swap never reads above the budget: ``held()`` counts
+        them until their unload finished."""
         with self._lock:
-            out = {d: 0 for d in self._budget}
-            for cost in [*self._reserved.values(), *self._overhead.values()]:
-                for d, b in cost.devices().items():
-                    out[d] = out.get(d, 0) + b
-            return out
+            return self._sum(n for n in self._reserved if n not in self._unloading)
+
+    def held(self) -> dict[str, int]:
+        """Device -> bytes the server still holds by the ledger: ``used()`` plus models whose unload
+        has not finished. Above the budget during a swap, by design."""
+        with self._lock:
+            return self._sum(self._reserved)
+
+    def _sum(self, names: Iterable[str]) -> dict[str, int]:
+        out = {d: 0 for d in self._budget}
+        for cost in [*(self._reserved[n] for n in names), *self._overhead.values()]:
+            for d, b in cost.devices().items():
+                out[d] = out.get(d, 0) + b
+        return out
 
     def free(self) -> dict[str, int]:
-        """Device -> bytes available to a new model, counting models being unloaded as gone
-        (their bytes are promised to whoever admitted after them). May be negative."""
+        """Device -> bytes available to a new model (budget - used). May be negative."""
         with self._lock:
             used = self.used()
-            free = {d: self._budget[d] - used.get(d, 0) for d in self._budget}
-            for name in self._unloading:
-                for d, b in self._reserved[name].devices().items():
-                    if d in free:
-                        free[d] += b
-            return free
+            return {d: self._budget[d] - used.get(d, 0) for d in self._budget}
 
     def reservations(self) -> dict[str, Cost]:
         with self._lock:
@@ -106,11 +117,40 @@ class MemoryManager:
             return dict(self._overhead)
 
     def reset_server(self) -> None:
-        """The server restarted: forget what its process had imported."""
+        """The server restarted: forget what its process had imported (the import's size, once
+        split from a first load, is kept: the next process pays the same)."""
         with self._lock:
             self._overhead.clear()
             self._warm = {}
             self._overhead_pid = None
+            self._attr.server_restarted()
+
+    def model_doc(self, name: str) -> dict[str, Any] | None:
+        """``name``'s reservation for /status: reserved bytes, method, declared and measured
+        figures side by side (a note when the measurement exceeds the declaration), unloading."""
+        with self._lock:
+            cost = self._reserved.get(name)
+            if cost is None:
+                return None
+            return {**cost.doc(), "unloading": name in self._unloading}
+
+    def ledger_doc(self) -> dict[str, Any]:
+        """The ledger for /status: per device budget, used (reserved, what admission counts),
+        held (used + models still unloading) and the server's overhead; per runtime the import
+        charged to the server and whether it is split from its first model yet."""
+        with self._lock:
+            used, held = self.used(), self.held()
+            over: dict[str, int] = {}
+            for c in self._overhead.values():
+                for d, b in c.devices().items():
+                    over[d] = over.get(d, 0) + b
+            devices = {d: {"budget": b, "used": used.get(d, 0), "held": held.get(d, 0), "overhead": over.get(d, 0)}
+                       for d, b in self._budget.items()}
+            runtimes = {k.split(":", 1)[1]: {"host": c.host, "gpu": dict(c.gpu),
+                                             "provisional": k.split(":", 1)[1] in self._attr.pending}
+                        for k, c in self._overhead.items()}
+            corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
+            return {"devices": devices, "runtime_imports": runtimes, "under_declared": corrected}
 
     def server_rss(self) -> int | None:
         """Current RSS of the server's process tree, or None when its pid is unknown."""
@@ -155,8 +195,11 @@ class MemoryManager:
             gpu = {gdev: int(declared_gpu)} if gdev else {}
             g_src = "declared"
         method = combine(h_src, g_src if gpu else None)
+        measured_h = int(record.get("host", 0)) if record is not None else None
+        measured_g = sum(self._place_known(record.get("gpu") or {}, gdev).values()) if record is not None else None
         return Cost(host, gpu, method, host_floor=host_floor, gpu_floor=gpu_floor,
-                    declared_host=declared_host, declared_gpu=declared_gpu)
+                    declared_host=declared_host, declared_gpu=declared_gpu, entry_bytes=entry_bytes,
+                    measured_host=measured_h, measured_gpu=measured_g)
 
     def _default_gpu(self) -> str | None:
         gpus = sorted((d for d in self._budget if d != HOST), key=dev_index)
@@ -207,6 +250,12 @@ class MemoryManager:
         use ``admit`` (or ``fits``/``plan_eviction`` first)."""
         with self._lock:  # bookkeeping only: no process memory moves, open windows stay clean
             self._reserved[name] = cost
+            self._unloading.discard(name)
+
+    def cancel_unload(self, name: str) -> None:
+        """A victim marked by ``admit`` stays loaded after all (a request leased it): its bytes
+        count as used again. Nothing happens when its reservation is gone meanwhile."""
+        with self._lock:
             self._unloading.discard(name)
 
     def release(self, name: str) -> Cost | None:
@@ -308,45 +357,69 @@ class MemoryManager:
     def start_measure(self, name: str, runtime: str | None = None) -> Measurement:
         """Snapshot the server's process tree before ``name`` loads. Call after its victims are
         unloaded and released, right before the load. ``runtime``: lets the first load of each
-        runtime in a server process be told apart (see ``overhead``)."""
+        runtime in a server process be told apart (see ``overhead``).
+
+        Windows are serialized: called from a worker thread (``asyncio.to_thread``), it waits
+        up to ``measure_wait_s`` for the open window to close, so loads started together (the
+        preloads at start-up) are measured one after another instead of spoiling each other.
+        Called on an event loop's thread it never blocks (the overlapping windows are then not
+        recorded, as before)."""
+        with self._lock:
+            if self._windows and self.measure_wait_s > 0 and not _on_event_loop():
+                self._window_closed.wait_for(lambda: not self._windows, timeout=self.measure_wait_s)
+            m = Measurement(name, Snapshot(None, None, {}), self._clock(), runtime=runtime)
+            self._mark_overlaps(m)
+            self._windows[id(m)] = m  # registered before the snapshot: the next window waits for it
         snap = self._snapshot()
         with self._lock:
-            m = Measurement(name, snap, self._clock(), runtime=runtime)
+            m.before = snap
             if snap.pid is not None:
                 if self._overhead_pid != snap.pid:  # a new server process: old imports are gone
                     self._overhead.clear()
                     self._warm = {}
+                    self._attr.server_restarted()
                     self._overhead_pid = snap.pid
                 warm = self._warm.setdefault(snap.pid, set())
                 if runtime is not None and runtime not in warm:
                     m.first_of_runtime = True
                     warm.add(runtime)
-            if self._windows:
-                m.contaminated = True
-                m.reasons.add("concurrent_load")
-                for other in self._windows.values():
-                    other.contaminated = True
-                    other.reasons.add("concurrent_load")
-            if self._unloading:
-                m.contaminated = True
-                m.reasons.add("unload")
-            self._windows[id(m)] = m
             return m
+
+    def _mark_overlaps(self, m: Measurement) -> None:
+        if self._windows:
+            m.contaminated = True
+            m.reasons.add("concurrent_load")
+            for other in self._windows.values():
+                other.contaminated = True
+                other.reasons.add("concurrent_load")
+        if self._unloading:
+            m.contaminated = True
+            m.reasons.add("unload")
+
+    def _close(self, m: Measurement) -> None:
+        self._windows.pop(id(m), None)
+        self._window_closed.notify_all()
 
     def abort_measure(self, m: Measurement) -> None:
         """Close a window without recording (the load failed)."""
         with self._lock:
-            self._windows.pop(id(m), None)
+            self._close(m)
 
     def finish_measure(self, m: Measurement, *, key: str | None = None) -> Cost:
         """Snapshot after the load, turn the delta into the model's cost (floors, reuse rule),
         update its reservation, remember it under ``key`` and return it. Returns the reserved
         cost unchanged when nothing could be measured (no server pid, server restarted) or the
         window was shared with another load/unload; a zero cost when the model's reservation
-        was released meanwhile (nothing is recorded then)."""
+        was released meanwhile (nothing is recorded then).
+
+        The first load of a runtime in a server process also grows by the runtime's import:
+        when the import's size is known (split earlier, see ``ImportAttribution``) it is charged
+        to the server and the rest measured as the model; else the model keeps its reservation,
+        the rest is charged to the server provisionally, and both are corrected as soon as a
+        later load of that runtime (or this model's entry reloaded) tells the model's share."""
         after = self._snapshot()
         with self._lock:
-            self._windows.pop(id(m), None)
+            self._close(m)
             reserved = self._reserved.get(m.name)
         if reserved is None:
             return Cost(0, {}, "estimated")
@@ -358,22 +431,55 @@ class MemoryManager:
             log.info("memory measure_skipped model=%s reason=%s raw_host=%d", m.name, ",".join(sorted(m.reasons)), raw_host)
             return reserved
         if m.first_of_runtime:
-            # Also when another load overlapped: the runtime is marked warm now, so no later
-            # load would ever see its import again. Charging what exceeds this model's
-            # reservation may count the other model's bytes twice: over-reserving is safe,
-            # never charging the import is not.
-            # The server imported the runtime's libraries (sklearn ~80 MB in MLServer, torch plus a
-            # CUDA context): bytes no eviction frees. What exceeds the model's reservation is
-            # charged to the server, the model keeps its reservation, nothing is recorded: the
-            # entry's next load measures the model alone.
-            over_h = max(0, raw_host - reserved.host)
-            over_g = {d: b - reserved.gpu.get(d, 0) for d, b in raw_gpu.items() if b - reserved.gpu.get(d, 0) > 0}
             with self._lock:
+                known = self._attr.known.get(m.runtime or "")
+                if known is None or m.contaminated:
+                    return self._charge_first_load(m, reserved, raw_host, raw_gpu, key, after.pid)
+                imp_h = min(max(0, raw_host), known[0])
+                imp_g = {d: min(max(0, raw_gpu.get(d, 0)), b) for d, b in known[1].items() if raw_gpu.get(d, 0) > 0}
                 if self._overhead_pid == after.pid:
-                    self._overhead[f"runtime:{m.runtime}"] = Cost(over_h, over_g, "measured")
-            log.info("memory runtime_overhead runtime=%s model=%s raw_host=%d host=%d gpu=%s", m.runtime, m.name,
-                     raw_host, over_h, ",".join(f"{d}:{b}" for d, b in over_g.items()) or "0")
-            return reserved
+                    self._overhead[f"runtime:{m.runtime}"] = Cost(imp_h, imp_g, "measured")
+            log.info("memory runtime_import runtime=%s model=%s raw_host=%d import_host=%d source=known",
+                     m.runtime, m.name, raw_host, imp_h)
+            raw_host -= imp_h
+            raw_gpu = {d: b - imp_g.get(d, 0) for d, b in raw_gpu.items()}
+        cost = self._record(m.name, reserved, raw_host, raw_gpu, key)
+        with self._lock:
+            split = self._attr.sample(m.runtime, key, reserved.entry_bytes, raw_host, raw_gpu)
+            if split is not None:
+                self._apply_split(m.runtime or "", split, after.pid)
+        return cost
+
+    def _charge_first_load(self, m: Measurement, reserved: Cost, raw_host: int, raw_gpu: dict[str, int],
+                           key: str | None, pid: int | None) -> Cost:
+        """Provisional: the model keeps its reservation, what exceeds it is the server's, until
+        the split is known. Also when another load overlapped: no later load would see this
+        import again, and over-reserving is safe where never charging the import is not."""
+        over_h = max(0, raw_host - reserved.host)
+        over_g = {d: b - reserved.gpu.get(d, 0) for d, b in raw_gpu.items() if b - reserved.gpu.get(d, 0) > 0}
+        if self._overhead_pid == pid:
+            self._overhead[f"runtime:{m.runtime}"] = Cost(over_h, over_g, "measured")
+        if m.runtime is not None and not m.contaminated:
+            self._attr.pending[m.runtime] = FirstLoad(m.name, key, reserved.entry_bytes, raw_host, dict(raw_gpu))
+        log.info("memory runtime_overhead runtime=%s model=%s raw_host=%d host=%d gpu=%s provisional=%s", m.runtime, m.name,
+                 raw_host, over_h, ",".join(f"{d}:{b}" for d, b in over_g.items()) or "0", not m.contaminated)
+        return reserved
+
+    def _apply_split(self, runtime: str, split: Split, pid: int | None) -> None:
+        """A first load's growth is split: charge the import to the server, correct the first
+        model's reservation (if it is still loaded) and remember its share for its entry."""
+        if self._overhead_pid == pid:
+            self._overhead[f"runtime:{runtime}"] = Cost(split.import_host, split.import_gpu, "measured")
+        cost = self._reserved.get(split.name) or Cost(0)  # gone: only its entry's record is written
+        self._record(split.name, cost, split.model_host, split.model_gpu, split.key, attributed=split.source)
+        log.info("memory runtime_import runtime=%s import_host=%d import_gpu=%s model_host=%d source=%s",
+                 runtime, split.import_host, ",".join(f"{d}:{b}" for d, b in split.import_gpu.items()) or "0",
+                 split.model_host, split.source)
+
+    def _record(self, name: str, reserved: Cost, raw_host: int, raw_gpu: Mapping[str, int], key: str | None,
+                attributed: str | None = None) -> Cost:
+        """Turn a model's measured bytes into its cost (floors, reuse rule, declarations as
+        floors), remember it under ``key`` and replace its reservation."""
         prev = self._load_record(key)
         host = max(raw_host, reserved.host_floor)
         if prev is not None and raw_host < self.reuse_ratio * int(prev.get("host", 0)):
@@ -391,6 +497,8 @@ class MemoryManager:
             "raw_host": int(raw_host), "raw_gpu": {d: int(b) for d, b in raw_gpu.items()},
             "samples": int((prev or {}).get("samples", 0)) + 1, "measured_at": time.time(),
         }
+        if attributed:
+            record["attributed"] = attributed  # split from a first load's growth, not measured alone
         if key:
             self._save_record(key, record)
         # declared amounts stay floors of what is reserved (see module doc)
@@ -402,11 +510,17 @@ class MemoryManager:
             g = {next(iter(g), None) or next(iter(reserved.gpu), None) or self._default_gpu() or "gpu:0": int(reserved.declared_gpu)}
             g_src = "declared"
         cost = Cost(h, g, combine(h_src, g_src if g else None), host_floor=reserved.host_floor,
-                    gpu_floor=reserved.gpu_floor, declared_host=reserved.declared_host, declared_gpu=reserved.declared_gpu)
-        over = self.update(m.name, cost)
-        log.info("memory measured model=%s key=%s raw_host=%d host=%d gpu=%s method=%s before_host=%d before_method=%s%s",
-                 m.name, key, raw_host, cost.host, ",".join(f"{d}:{b}" for d, b in g.items()) or "0", cost.method,
-                 reserved.host, reserved.method, "".join(f" over_budget_{d}={b}" for d, b in over.items()))
+                    gpu_floor=reserved.gpu_floor, declared_host=reserved.declared_host, declared_gpu=reserved.declared_gpu,
+                    entry_bytes=reserved.entry_bytes, measured_host=int(host), measured_gpu=sum(record["gpu"].values()))
+        over = self.update(name, cost)
+        log.info("memory measured model=%s key=%s raw_host=%d host=%d gpu=%s method=%s before_host=%d before_method=%s%s%s",
+                 name, key, raw_host, cost.host, ",".join(f"{d}:{b}" for d, b in g.items()) or "0", cost.method,
+                 reserved.host, reserved.method, f" attributed={attributed}" if attributed else "",
+                 "".join(f" over_budget_{d}={b}" for d, b in over.items()))
+        if cost.under_declared:
+            log.warning("memory above_declaration model=%s declared_host=%s measured_host=%d declared_gpu=%s measured_gpu=%d "
+                        "reserved=%s", name, reserved.declared_host, int(host), reserved.declared_gpu,
+                        sum(record["gpu"].values()), cost.describe())
         return cost
 
     def _pid(self) -> int | None:
@@ -439,3 +553,11 @@ class MemoryManager:
                 m.reasons.add(reason)
 
 
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
