@@ -58,13 +58,8 @@ def _read_limit(path: Path) -> int | None:
     return value if 0 < value < _NO_LIMIT else None
 
 
-def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
-    """The container's memory limit in bytes, or None when there is none.
-
-    Reads cgroup v2 ``memory.max`` and v1 ``memory/memory.limit_in_bytes`` (also
-    ``memory.limit_in_bytes`` at the root, as some runtimes mount it), both at the mount root
-    (a container's own cgroup under a cgroup namespace) and under this process's own cgroup path
-    from ``/proc/self/cgroup`` (no namespace). The smallest limit found wins."""
+def own_cgroup_paths(self_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[str, str]:
+    """(v2 path, v1 memory path) of this process's cgroup from ``/proc/self/cgroup``; "" if none."""
     v2_path = v1_path = ""
     try:
         for line in self_cgroup.read_text().splitlines():
@@ -76,6 +71,17 @@ def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path =
                 v1_path = path
     except OSError:
         pass
+    return v2_path, v1_path
+
+
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The container's memory limit in bytes, or None when there is none.
+
+    Reads cgroup v2 ``memory.max`` and v1 ``memory/memory.limit_in_bytes`` (also
+    ``memory.limit_in_bytes`` at the root, as some runtimes mount it), both at the mount root
+    (a container's own cgroup under a cgroup namespace) and under this process's own cgroup path
+    from ``/proc/self/cgroup`` (no namespace). The smallest limit found wins."""
+    v2_path, v1_path = own_cgroup_paths(self_cgroup)
     candidates = [root / "memory.max", root / "memory.limit_in_bytes", root / "memory" / "memory.limit_in_bytes"]
     if v2_path.strip("/"):
         candidates.append(root / v2_path.strip("/") / "memory.max")

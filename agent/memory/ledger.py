@@ -13,6 +13,7 @@ from .budget import discover_budget
 from .cost import DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, dev_index
 from .measure import FirstLoad, ImportAttribution, Measurement, Snapshot, Split, gpu_delta
 from .planner import Candidate, plan_eviction
+from .reality import CgroupMemory, ProcessTracker, RealityCheck
 from .probes import GpuProbe, GpuUsage, open_gpu_probe, process_tree, tree_rss
 from .store import InMemoryStore, MetaStore
 
@@ -29,7 +30,7 @@ class MemoryManager:
                  server_pid: Callable[[], int | None] | int | None = None, min_residency_s: float = 30.0,
                  floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
                  profile: str = "default", clock: Callable[[], float] = time.monotonic,
-                 measure_wait_s: float = 30.0):
+                 measure_wait_s: float = 30.0, reality_options: Mapping[str, Any] | None = None):
         self._budget = {d: int(b) for d, b in budget.items()}
         self._store: MetaStore = store if store is not None else InMemoryStore()
         self._multipliers = {**DEFAULT_MULTIPLIERS, **(multipliers or {})}
@@ -49,7 +50,10 @@ class MemoryManager:
         self._overhead: dict[str, Cost] = {}  # "runtime:<name>" -> server-level bytes (imports, CUDA context)
         self._overhead_pid: int | None = None
         self._attr = ImportAttribution(self.min_model_bytes)
+        self._baselines: dict[int, int] = {}  # server pid -> its tree RSS with no model loaded
+        self._reality: RealityCheck | None = None
         self._window_closed = threading.Condition(self._lock)
+        self.reality_options = dict(reality_options or {})  # RealityCheck keywords (tolerance, pressure, source)
         self.measure_wait_s = float(measure_wait_s)  # how long a window waits for the open one (see start_measure)
 
     @classmethod
@@ -150,7 +154,23 @@ class MemoryManager:
                                              "provisional": k.split(":", 1)[1] in self._attr.pending}
                         for k, c in self._overhead.items()}
             corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
-            return {"devices": devices, "runtime_imports": runtimes, "under_declared": corrected}
+            models = {n: {**c.doc(), "unloading": n in self._unloading} for n, c in sorted(self._reserved.items())}
+            return {"devices": devices, "runtime_imports": runtimes, "under_declared": corrected, "models": models}
+
+    def server_baseline(self, pid: int | None) -> int | None:
+        """The server process ``pid``'s tree RSS before its first model (None: not seen)."""
+        with self._lock:
+            return self._baselines.get(pid) if pid is not None else None
+
+    @property
+    def reality(self) -> RealityCheck:
+        """The reality check for this ledger (created on first use: tracked server pids, this
+        manager's GPU probe, the container's cgroup when there is one)."""
+        with self._lock:
+            if self._reality is None:
+                self._reality = RealityCheck(self, tracker=ProcessTracker(self._server_pid), gpu_probe=self._gpu,
+                                             cgroup=CgroupMemory.discover(), **self.reality_options)
+            return self._reality
 
     def server_rss(self) -> int | None:
         """Current RSS of the server's process tree, or None when its pid is unknown."""
@@ -373,6 +393,9 @@ class MemoryManager:
         snap = self._snapshot()
         with self._lock:
             m.before = snap
+            others = [n for n in self._reserved if n != name]
+            if snap.pid is not None and snap.host is not None and not others and not self._overhead:
+                self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
             if snap.pid is not None:
                 if self._overhead_pid != snap.pid:  # a new server process: old imports are gone
                     self._overhead.clear()
@@ -421,6 +444,8 @@ class MemoryManager:
         with self._lock:
             self._close(m)
             reserved = self._reserved.get(m.name)
+            if self._reality is not None:
+                self._reality.tracker.refresh()  # the load may have started worker processes
         if reserved is None:
             return Cost(0, {}, "estimated")
         if m.before.host is None or after.host is None or m.before.pid != after.pid:

@@ -106,19 +106,9 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
         for d in movable:
             movable[d] += devs.get(d, 0)
     eligible.sort(key=lambda c: (c.last_used, c.loaded_at, c.name))
-    victims: list[str] = []
-    remaining = dict(short)
-    for c in eligible:
-        devs = c.cost.devices()
-        if not any(devs.get(d, 0) > 0 for d in remaining):
-            continue
-        victims.append(c.name)
-        for d in list(remaining):
-            remaining[d] -= devs.get(d, 0)
-            if remaining[d] <= 0:
-                del remaining[d]
-        if not remaining:
-            return victims
+    victims, remaining = take_lru(eligible, short)
+    if not remaining:
+        return victims
     # Not enough even with every eligible model gone: say what is in the way.
     elsewhere = reserved_elsewhere or {}
     blocked["loading"] = _on_map(elsewhere, short)
@@ -140,6 +130,26 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
         f"{_fmt_devs(remaining, remaining)} short; in the way: {what}"
         + ("; pinned models leave too little room" if permanent else ""),
         devices=list(short), retry_after_s=retry, blocked_by=blocked, permanent=permanent, method=method)
+
+
+def take_lru(eligible: Iterable[Candidate], short: Mapping[str, int]) -> tuple[list[str], dict[str, int]]:
+    """Take candidates in order (each with a cost) until ``short`` bytes are covered on every
+    device; one that frees nothing on a device still short is skipped. Returns (victims, what
+    is still short)."""
+    victims: list[str] = []
+    remaining = {d: b for d, b in short.items() if b > 0}
+    for c in eligible:
+        if not remaining:
+            break
+        devs = c.cost.devices() if c.cost is not None else {}
+        if not any(devs.get(d, 0) > 0 for d in remaining):
+            continue
+        victims.append(c.name)
+        for d in list(remaining):
+            remaining[d] -= devs.get(d, 0)
+            if remaining[d] <= 0:
+                del remaining[d]
+    return victims, remaining
 
 
 def _on(cost: Cost, devices: Mapping[str, int]) -> int:
