@@ -8,7 +8,6 @@ returns passes through puller.uri.redact (URIs keep no userinfo nor secret query
 from __future__ import annotations
 
 import html
-import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -68,9 +67,7 @@ def _memory_views(agent: "Agent") -> dict[str, Any]:
     memory = getattr(agent, "memory", None)
     if memory is None:
         return {}
-    report = memory.reality.last()
-    if report is None or time.time() - report.at > 2.0:  # cheap: a few /proc reads
-        report = memory.reality.check()
+    report = memory.reality.check()  # cheap: a few /proc reads of tracked pids, one NVML query
     return {"ledger": memory.ledger_doc(), "reality": report.doc()}
 
 

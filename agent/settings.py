@@ -56,6 +56,9 @@ class Settings:
     header_timeout_s: float = 10.0  # a request head (line + headers) must arrive within this
     keep_alive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
     max_header_bytes: int = 64 * 1024  # a larger request head (line + headers) is answered 431
+    server_pid_file: Path | None = None  # sidecar: a file holding the server's pid (shared PID namespace) for memory
+    memory_tolerance: float = 0.05  # reality may exceed the budget by this fraction before it is excess
+    memory_pressure: float = 0.90  # cgroup working set above this fraction of its limit is excess
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":
         """How the puller reaches one model's storage: its own sha256 and storage key, the

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import psutil
@@ -66,6 +67,11 @@ class MemoryManager:
         GPU budgeting is off); pass a probe or None to choose."""
         probe = open_gpu_probe() if gpu_probe == "nvml" else gpu_probe
         budget = discover_budget(settings.host_memory, settings.gpu_memory, gpu_probe=probe, host_overhead=host_overhead)
+        pid_file = getattr(settings, "server_pid_file", None)
+        if pid_file is not None:  # a sidecar: the adapter has no process, the file names it
+            server_pid = _pid_from_file(Path(pid_file), server_pid)
+        kwargs.setdefault("reality_options", {"tolerance": getattr(settings, "memory_tolerance", 0.05),
+                                              "pressure": getattr(settings, "memory_pressure", 0.90)})
         kwargs.setdefault("min_residency_s", settings.min_residency_s)
         kwargs.setdefault("profile", getattr(settings, "server", "default"))
         return cls(budget, store=store, multipliers=settings.memory_multipliers, gpu_probe=probe,
@@ -586,3 +592,17 @@ def _on_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _pid_from_file(path: Path, fallback: Callable[[], int | None] | int | None) -> Callable[[], int | None]:
+    """The server's pid read from ``path`` on each call (a sidecar restarted writes a new one);
+    ``fallback`` (the adapter's own process) first when it knows one."""
+    def pid() -> int | None:
+        own = fallback() if callable(fallback) else fallback
+        if own is not None:
+            return own
+        try:
+            return int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+    return pid
