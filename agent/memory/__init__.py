@@ -63,7 +63,9 @@ only pinned models are in the way).
 
 One role per module: ``cost`` (Cost, formatting), ``budget`` (discovery), ``probes`` (process tree,
 NVML), ``store`` (where measurements are remembered), ``planner`` (eviction, pure), ``measure``
-(windows and deltas), ``ledger`` (MemoryManager).
+(windows and deltas, the split of a runtime's import), ``ledger`` (MemoryManager), ``reality``
+(what the server really holds against the ledger and the budget: excess, drift, OOM kills, and
+the loop that evicts on excess).
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ from .cost import DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, METHODS, Cost, 
 from .ledger import MemoryManager
 from .measure import Measurement
 from .planner import Blocked, Candidate, DoesNotFit, LargerThanBudget, plan_eviction
+from .reality import CgroupMemory, ProcessTracker, RealityCheck, RealityReport, reality_loop
 from .probes import GpuProbe, GpuUsage, NvmlProbe, open_gpu_probe, process_tree, tree_rss
 from .store import InMemoryStore, MetaStore
 
@@ -81,5 +84,5 @@ __all__ = [
     "Blocked", "Candidate", "Cost", "DoesNotFit", "GpuProbe", "GpuUsage", "InMemoryStore", "LargerThanBudget",
     "Measurement", "MemoryManager", "MetaStore", "NvmlProbe", "cgroup_memory_limit", "discover_budget",
     "format_bytes", "host_memory_total", "open_gpu_probe", "parse_budget", "plan_eviction", "process_tree",
-    "tree_rss",
+    "tree_rss", "CgroupMemory", "ProcessTracker", "RealityCheck", "RealityReport", "reality_loop",
 ]

@@ -28,13 +28,14 @@ the next check sees what they gave back.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 import psutil
 
@@ -213,6 +214,9 @@ class RealityReport:
             "cgroup": None if cg is None else {"current": cg.current, "working_set": cg.working_set, "limit": cg.limit,
                                                "oom_kills": cg.oom_kills, "high_events": cg.high_events},
             "oom_kills": self.oom_kills, "last_oom_kill_at": self.last_oom_kill_at,
+            "reason": (f"{self.oom_kills} process(es) of this container OOM-killed by the kernel (last at "
+                       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.last_oom_kill_at or 0))})"
+                       if self.oom_kills else None),
         }
 
 
@@ -344,3 +348,38 @@ class RealityCheck:
             log.warning("memory relief_short %s: no more evictable models (pinned or in use)",
                         " ".join(f"{d}={format_bytes(b)}" for d, b in remaining.items()))
         return victims
+
+
+async def reality_loop(check: RealityCheck, candidates: Callable[[], Iterable[Candidate]],
+                       evict: Callable[[str], Awaitable[bool]], *, interval_s: float = 2.0,
+                       wake: asyncio.Event | None = None) -> None:
+    """Check reality every ``interval_s`` (or when ``wake`` is set, e.g. after a load); while
+    there is excess, evict least-recently-used models no request holds (``relief``), one at a
+    time, re-checking after each (an eviction may free more than its reservation says, or less).
+    ``evict(name)`` unloads one model and returns whether it did (False: it got leased meanwhile,
+    or is no longer loaded). Runs until cancelled; a failing check or eviction is logged."""
+    while True:
+        try:
+            report = await asyncio.to_thread(check.check)
+            tried: set[str] = set()
+            while report.excess:
+                victims = [v for v in check.relief(report.excess, candidates()) if v not in tried]
+                if not victims:
+                    break
+                tried.add(victims[0])
+                if await evict(victims[0]):
+                    log.warning("memory evicted_for_excess model=%s %s", victims[0],
+                                " ".join(f"{d}={b}({report.reasons.get(d)})" for d, b in report.excess.items()))
+                report = await asyncio.to_thread(check.check)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # keep checking: one bad read must not end the loop
+            log.warning("memory reality_loop_error error=%r", f"{type(e).__name__}: {e}")
+        if wake is None:
+            await asyncio.sleep(interval_s)
+        else:
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=interval_s)
+            except asyncio.TimeoutError:
+                pass
+            wake.clear()

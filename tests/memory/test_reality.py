@@ -162,3 +162,46 @@ def test_real_cgroup_pressure_then_oom_kill_are_seen(tree):
                 import time
 
                 time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+def test_reality_loop_evicts_lru_until_within_never_a_leased_model(tmp_path):
+    """The loop the reconciler runs (agent.memory.reality_loop) against a REAL MLServer: a model
+    whose ledger figure is far too low pushes real memory over budget; the loop evicts least
+    recently used models not under a request, re-checking after each, until reality is within."""
+    import asyncio
+
+    from agent.memory import reality_loop
+
+    with embedded_mlserver(tmp_path / "srv") as srv:
+        mm = MemoryManager({HOST: 100 * MiB}, store=InMemoryStore(), server_pid=lambda: srv.adapter.process.pid)
+        mm.reality.check()  # baseline
+        last_used = {}
+        for i, (name, pad, declared) in enumerate((("old", 0, 5 * MiB), ("big", 120 * MiB, 10 * MiB), ("busy", 0, 5 * MiB))):
+            d = write_sklearn_model(tmp_path / name, seed=i, pad_bytes=pad)
+            mm.reserve(name, mm.cost_for(key=None, runtime="sklearn", entry_bytes=None, declared_host=declared))
+            srv.call(srv.adapter.load(ServedModel(name=name, path=d, runtime="sklearn")))
+            last_used[name] = i
+        evicted = []
+
+        def candidates():
+            return [Candidate(n, last_used=t, loaded_at=0, inflight=1 if n == "busy" else 0) for n, t in last_used.items()]
+
+        async def evict(name: str) -> bool:
+            await asyncio.to_thread(srv.call, srv.adapter.unload(name))
+            mm.release(name)
+            del last_used[name]
+            evicted.append(name)
+            return True
+
+        async def run() -> None:
+            task = asyncio.create_task(reality_loop(mm.reality, candidates, evict, interval_s=0.2))
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if mm.reality.last() is not None and not mm.reality.last().excess and evicted:
+                    break
+            task.cancel()
+
+        asyncio.run(run())
+        assert evicted == ["old", "big"]  # LRU first; "old" alone did not cover the real excess
+        assert set(srv.call(srv.adapter.index())) >= {"busy"} and mm.reality.check().excess == {}
