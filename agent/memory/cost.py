@@ -62,8 +62,10 @@ class Cost:
                      "declared": {"host": self.declared_host, "gpu": self.declared_gpu},
                      "measured": {"host": self.measured_host, "gpu": self.measured_gpu}}
         if self.under_declared:
-            out["note"] = (f"measured above its declaration (host measured {format_bytes(self.measured_host or 0)}, "
-                           f"declared {format_bytes(self.declared_host or 0)}): the measurement is reserved")
+            figures = [f"{what} measured {format_bytes(m)}, declared {format_bytes(d)}"
+                       for what, m, d in (("host", self.measured_host, self.declared_host), ("gpu", self.measured_gpu, self.declared_gpu))
+                       if m is not None and d is not None and m > d]
+            out["note"] = f"measured above its declaration ({'; '.join(figures)}): the measurement is reserved"
         return out
 
     def devices(self) -> dict[str, int]:

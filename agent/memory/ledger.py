@@ -31,7 +31,7 @@ class MemoryManager:
                  server_pid: Callable[[], int | None] | int | None = None, min_residency_s: float = 30.0,
                  floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
                  profile: str = "default", clock: Callable[[], float] = time.monotonic,
-                 measure_wait_s: float = 30.0, reality_options: Mapping[str, Any] | None = None):
+                 measure_wait_s: float = 5.0, reality_options: Mapping[str, Any] | None = None):
         self._budget = {d: int(b) for d, b in budget.items()}
         self._store: MetaStore = store if store is not None else InMemoryStore()
         self._multipliers = {**DEFAULT_MULTIPLIERS, **(multipliers or {})}
