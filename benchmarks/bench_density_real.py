@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_density import _metric, _pct, drive, zipf_sequence  # noqa: E402
+from benchmarks.bench_density import RssSampler, _metric, _pct, drive, zipf_sequence  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     MI, RESULTS, V2_BODY, Agent, StandaloneMLServer, command_line, http, loadavg, machine, machine_md, md_table,
     tree_rss, write_results,
@@ -75,34 +74,26 @@ def models_for_ratio(models: list[dict[str, Any]], room: int, ratio: float) -> l
     return chosen
 
 
-class StatusSampler:
-    """Reads /status every `interval` s: (t, real host, ledger host, drift, excess)."""
+class StatusSampler(RssSampler):
+    """Reads /status every `interval` s: (t, real host, ledger host, held, drift, excess). Reuses
+    RssSampler's thread (its `sample` is replaced; a failed read is skipped, not the end)."""
 
     def __init__(self, agent: Agent, interval: float):
-        self.agent, self.interval = agent, interval
+        super().__init__(agent.proc.pid, agent.proc.pid, interval)
+        self.agent = agent
         self.samples: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
         self.t0 = time.monotonic()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                st = self.agent.status()
-            except Exception:
-                continue
-            r = ((st.get("reality") or {}).get("devices") or {}).get("host") or {}
-            led = ((st.get("ledger") or {}).get("devices") or {}).get("host") or {}
-            self.samples.append({"t": round(time.monotonic() - self.t0, 2), "real": r.get("real"), "ledger": led.get("used"),
-                                 "held": led.get("held"), "drift": r.get("drift"), "excess": r.get("excess", 0)})
-
-    def __enter__(self) -> "StatusSampler":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join(5)
+    def sample(self) -> tuple[int, int]:
+        try:
+            st = self.agent.status()
+        except Exception:
+            return 0, 0
+        r = ((st.get("reality") or {}).get("devices") or {}).get("host") or {}
+        led = ((st.get("ledger") or {}).get("devices") or {}).get("host") or {}
+        self.samples.append({"t": round(time.monotonic() - self.t0, 2), "real": r.get("real"), "ledger": led.get("used"),
+                             "held": led.get("held"), "drift": r.get("drift"), "excess": r.get("excess", 0)})
+        return 0, 0
 
 
 def longest_over(samples: list[dict[str, Any]], limit: float) -> float:
