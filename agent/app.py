@@ -84,7 +84,7 @@ class Agent:
         await self.reconciler.start()
         self.watcher = ConfigWatcher(
             s.config_dir, on_change=self.reconciler.apply, on_error=self.reconciler.config_failed,
-            resync_interval_s=s.resync_interval_s,
+            resync_interval_s=s.resync_interval_s, limits=s.config_limits(),
         )
         await self.watcher.start()
         self._health_task = asyncio.create_task(self._health_loop(), name="server-health")

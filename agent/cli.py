@@ -141,6 +141,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holder", default=None, help="cache lease holder id (default: $POD_NAME or host name)")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--max-config-bytes", default=str(16 * 2**20), help="size limit of the config file (bytes or 16Mi); past it the file is rejected and the last good config kept")
+    p.add_argument("--max-config-depth", type=int, default=64, help="nesting levels of lists/mappings allowed in the config file")
+    p.add_argument("--max-config-nodes", type=int, default=1_000_000, help="values allowed in the config file, each YAML alias use counted in full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-v1-body-bytes", default=str(4 * 2**20), help="V1 :predict body limit (413 past it); V1 JSON is parsed and translated by the agent")
     run.add_argument("--upstream-connections", type=int, default=256, help="requests in flight to the server, all models together")
     run.add_argument("--max-upstream-per-model", type=int, default=0, help="requests in flight to the server for one model (default 0: half of --upstream-connections); past it requests wait, within --request-timeout, then 503")
+    run.add_argument("--drain-timeout", type=float, default=30.0, help="seconds an unload (config removal, update swap) waits for in-flight requests to finish")
 
     pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
     pull.add_argument("uri")
@@ -223,6 +227,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s.pull_concurrency = args.pull_concurrency
     s.holder = args.holder or default_holder()
     s.log_format, s.log_level = args.log_format, args.log_level
+    s.max_config_bytes = parse_quantity(args.max_config_bytes)
+    s.max_config_depth, s.max_config_nodes = args.max_config_depth, args.max_config_nodes
     if args.command == "run":
         s.host, s.port = args.host, args.port
         s.server, s.server_url = args.server, args.server_url
@@ -249,6 +255,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.memory_tolerance, s.memory_pressure = args.memory_tolerance, args.memory_pressure
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
+        s.drain_timeout_s = args.drain_timeout
     return s
 
 

@@ -5,15 +5,21 @@ Formats accepted:
   * KServe's multi-model `models.json`: [{"modelName": ..., "modelSpec": {"storageUri", "framework", "memory"}}]
 
 Rules: a bad entry is rejected with a reason and the others apply; a file that does not parse
-raises ConfigParseError and the caller keeps the last good config.
+raises ConfigParseError and the caller keeps the last good config. So does a file that cannot be
+read (ConfigUnreadable: a dangling or looping symlink, a directory or device under the name) and
+one past a limit (ConfigLimits: its size, its nesting depth, its number of values with every
+YAML alias counted in full). An absent file is not a parse error: load_config_dir says so with
+file=None and the watcher decides what that means (see agent/watcher.py).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -87,6 +93,20 @@ class ConfigParseError(Exception):
         super().__init__(f"{file}: {reason}")
         self.file = file
         self.reason = reason
+
+
+class ConfigUnreadable(ConfigParseError):
+    """A config file name is present but its bytes cannot be read (reason starts "config file unreadable")."""
+
+
+@dataclass(frozen=True)
+class ConfigLimits:
+    """What one config file may cost to read; past a limit the file is rejected like one that
+    does not parse. Each is a `modelshelf run` flag (named in the rejection's message)."""
+
+    max_bytes: int = 16 * 2**20  # --max-config-bytes: the file's size
+    max_depth: int = 64  # --max-config-depth: nesting levels of lists and mappings
+    max_nodes: int = 1_000_000  # --max-config-nodes: values in the document, each YAML alias use counted in full
 
 
 @dataclass(frozen=True)
@@ -346,19 +366,83 @@ def _entry_name(entry: Any) -> str | None:
     return None
 
 
-def _load_document(text: str, filename: str) -> Any:
+def _too_deep(filename: str, limits: ConfigLimits, where: str = "") -> ConfigParseError:
+    return ConfigParseError(
+        filename, f"nested deeper than {limits.max_depth} levels{where} (limit: --max-config-depth)")
+
+
+def _load_document(text: str, filename: str, limits: ConfigLimits) -> Any:
+    """The document as Python data. Nesting the parser itself refuses (libyaml stops at 1,000
+    levels, json at the interpreter's recursion limit) is reported as the depth limit."""
+    if len(text) > limits.max_bytes:  # characters <= bytes: load_config_dir checks the bytes
+        raise ConfigParseError(filename, f"{len(text)} characters is over the limit of {limits.max_bytes} bytes (limit: --max-config-bytes)")
     if filename.endswith(".json"):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigParseError(filename, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except RecursionError:
+            raise _too_deep(filename, limits) from None
     try:
         return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a safe loader
+    except RecursionError:  # the pure-Python loader (no libyaml) recurses per level
+        raise _too_deep(filename, limits) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "maximum nesting depth" in problem:
+            raise _too_deep(filename, limits, where) from None
         raise ConfigParseError(filename, f"not valid YAML: {problem}{where}") from None
+
+
+class _Shape:
+    """Counts a document's values and bounds its nesting against ConfigLimits.
+
+    A YAML alias is one shared object here (the loader builds it once), but everything after
+    (validation, digests, status, the server's settings file) would copy it: so its values
+    count at every use. Shared objects are measured once (memo by id), so a 500-byte alias bomb
+    is rejected after a few dozen steps, in microseconds. Depth 1 is the document itself."""
+
+    def __init__(self, filename: str, limits: ConfigLimits):
+        self.filename, self.limits = filename, limits
+        self.total = 0
+        self._memo: dict[int, tuple[int, int]] = {}  # id -> (values below, levels below)
+
+    def add(self, obj: Any, depth: int) -> None:
+        """Count `obj` (a value at `depth`) and everything below it."""
+        self.total += 1
+        if type(obj) is dict or type(obj) is list:
+            self.total += self._measure(obj, depth)[0]
+        if self.total > self.limits.max_nodes:
+            raise self.too_many()
+
+    def check_depth(self, depth: int) -> None:
+        if depth > self.limits.max_depth:
+            raise _too_deep(self.filename, self.limits)
+
+    def too_many(self) -> ConfigParseError:
+        return ConfigParseError(
+            self.filename, f"more than {self.limits.max_nodes} values (YAML aliases counted at each use) "
+            "(limit: --max-config-nodes)")
+
+    def _measure(self, obj: Any, depth: int) -> tuple[int, int]:
+        seen = self._memo.get(id(obj))
+        if seen is not None:
+            self.check_depth(depth + seen[1])
+            return seen
+        self.check_depth(depth)
+        values = obj.values() if type(obj) is dict else obj
+        count, height = len(values), 0
+        for value in values:
+            if type(value) is dict or type(value) is list:
+                below, levels = self._measure(value, depth + 1)
+                count += below
+                height = max(height, levels + 1)
+        if count > self.limits.max_nodes:
+            raise self.too_many()
+        self._memo[id(obj)] = (count, height)
+        return count, height
 
 
 def _model_list(doc: Any, filename: str) -> tuple[list[Any], list[ConfigError]]:
@@ -384,29 +468,50 @@ def _model_list(doc: Any, filename: str) -> tuple[list[Any], list[ConfigError]]:
     return doc, notes
 
 
-def parse_config(text: str, filename: str) -> ConfigResult:
+def parse_config(text: str, filename: str, limits: ConfigLimits | None = None, *,
+                 digest: str | None = None) -> ConfigResult:
     """Parse one config file's text (format from the name: .json is JSON, else YAML).
 
-    Bad entries come back in `errors` and the rest apply; a document that does not parse, or
-    whose top level is not a list of models (or {"models": [...]}) raises ConfigParseError.
+    Bad entries come back in `errors` and the rest apply; a document that does not parse, that
+    is past one of `limits`, or whose top level is not a list of models (or {"models": [...]})
+    raises ConfigParseError.
     """
     global _previous
-    doc = _load_document(text, filename)
+    limits = limits or ConfigLimits()
+    doc = _load_document(text, filename, limits)
+    shape = _Shape(filename, limits)
     entries, errors = _model_list(doc, filename)
+    depth = 2  # of an entry: the document is a list of entries...
+    if type(doc) is dict:  # ...or a mapping whose 'models' is that list
+        depth = 3
+        for key, value in doc.items():
+            if key != "models":
+                shape.add(value, 2)
+    shape.check_depth(depth)
+    shape.total += 1 + len(entries)
     models: dict[str, ModelSpec] = {}
     first_index: dict[str, int] = {}  # a name belongs to its first entry, even a rejected one
     previous, seen = _previous, {}
     for index, entry in enumerate(entries):
-        name = _entry_name(entry)
+        key, spec = None, None
+        if type(entry) is dict:
+            try:  # an entry of scalars (the usual one) is its own key, built and hashed in C
+                key = (tuple(entry.items()), tuple(map(type, entry.values())))  # the type: 1 vs true
+                spec = previous.get(key)
+                shape.total += len(entry)
+            except TypeError:  # a list or mapping inside (parameters, sub-models): measured first
+                shape.add(entry, depth)
+                shape.total -= 1  # counted with the list
+                key = json.dumps(entry, sort_keys=True, default=str)
+                spec = previous.get(key)
+        name = spec.name if spec is not None else _entry_name(entry)
         try:
-            if not isinstance(entry, dict):
+            if key is None:
                 raise _Reject(f"expected a mapping with name and uri, got {_describe(entry)}")
             if name is not None:
                 if name in first_index:
                     raise _Reject(f"duplicate name: {filename}[{first_index[name]}] already defines {name!r}; this entry is ignored")
                 first_index[name] = index
-            key = _entry_key(entry)
-            spec = previous.get(key)
             if spec is None:
                 is_kserve = "modelName" in entry and "modelSpec" in entry
                 spec = _kserve_entry(entry) if is_kserve else _native_entry(entry)
@@ -415,8 +520,11 @@ def parse_config(text: str, filename: str) -> ConfigResult:
             errors.append(ConfigError(filename, name, index, str(exc)))
             continue
         models[spec.name] = spec
+    if shape.total > limits.max_nodes:
+        raise shape.too_many()
     _previous = seen
-    return ConfigResult(models=models, errors=tuple(errors), file=filename, digest=_sha256(text.encode()))
+    return ConfigResult(models=models, errors=tuple(errors), file=filename,
+                        digest=digest if digest is not None else _sha256(text.encode()))
 
 
 # The accepted entries of the last parse, by their raw content: an edit of one model among
@@ -425,54 +533,106 @@ def parse_config(text: str, filename: str) -> ConfigResult:
 _previous: dict[Any, ModelSpec] = {}
 
 
-def _entry_key(entry: dict[str, Any]) -> Any:
-    """A hashable key of an entry's raw content; the value's type is part of it (1 vs true)."""
-    if all(v is None or isinstance(v, (str, int, float, bool)) for v in entry.values()):
-        return tuple((k, type(v), v) for k, v in entry.items())
-    return json.dumps(entry, sort_keys=True, default=str)
-
-
 def find_config_file(path: Path) -> tuple[Path | None, list[str]]:
-    """The config file to read in `path` (first of CONFIG_FILES present) and the others present."""
-    present = [name for name in CONFIG_FILES if os.path.isfile(os.path.join(path, name))]
+    """The config file to read in `path` (first of CONFIG_FILES present) and the others present.
+
+    A name is present when it exists as a directory entry, even as a dangling symlink: a
+    broken models.yaml is reported as unreadable, never skipped for the next name."""
+    present = [name for name in CONFIG_FILES if os.path.lexists(os.path.join(path, name))]
     return (Path(path) / present[0] if present else None), present[1:]
 
 
-def config_identity(path: Path) -> tuple[str | None, str, tuple[str, ...]] | None:
-    """(file read, sha256 of its bytes, other config files present), or None when the directory
-    cannot be read: cheap, so a periodic resync can skip parsing an unchanged file."""
+def _unreadable(path: Path, exc: OSError) -> ConfigUnreadable:
+    why = exc.strerror or str(exc)
+    if os.path.islink(path):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        kind = "symlink loop" if exc.errno == errno.ELOOP else "dangling symlink"
+        why = f"{kind} -> {target} ({why})"
+    return ConfigUnreadable(path.name, f"config file unreadable: {why}")
+
+
+def _read_bytes(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, at most max_bytes of them; only a regular file is read (a FIFO or a
+    device under the name would block or never end)."""
     try:
-        chosen, ignored = find_config_file(path)
-        data = chosen.read_bytes() if chosen is not None else b""
-    except OSError:
-        return None
-    return (chosen.name if chosen else None, _sha256(data), tuple(ignored))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    too_big = f"over the limit of {max_bytes} bytes (limit: --max-config-bytes)"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ConfigUnreadable(path.name, f"config file unreadable: {kind}")
+        if st.st_size > max_bytes:
+            raise ConfigParseError(path.name, f"{st.st_size} bytes is {too_big}")
+        chunks, left = [], max_bytes + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # it grew after the stat
+        raise ConfigParseError(path.name, f"the file is {too_big}")
+    return data
 
 
-def load_config_dir(path: Path) -> ConfigResult:
-    """Read the model config in a directory (a mounted ConfigMap or a plain one).
+@dataclass(frozen=True)
+class RawConfig:
+    """A config directory's file, read but not parsed: cheap to compare with the last one."""
 
-    Reads through the normal names (models.yaml -> ..data/models.yaml in a ConfigMap), never the
-    dotfiles. No config file -> an empty set with file=None. A missing directory or a file that
-    does not parse raises ConfigParseError: the caller keeps its last good config.
-    """
+    file: str | None  # the name read; None: no config file present
+    data: bytes
+    ignored: tuple[str, ...]  # other config names present (not read)
+    digest: str  # sha256 of data
+
+    @property
+    def identity(self) -> tuple[str | None, str, tuple[str, ...]]:
+        return (self.file, self.digest, self.ignored)
+
+
+def read_config_dir(path: Path, limits: ConfigLimits | None = None) -> RawConfig:
+    """Read the config file of a directory (a mounted ConfigMap or a plain one) without parsing.
+
+    Reads through the normal names (models.yaml -> ..data/models.yaml in a ConfigMap), never
+    the dotfiles. No config file -> RawConfig(file=None). Raises ConfigParseError when the
+    directory is missing, ConfigUnreadable when the file cannot be read, ConfigParseError when
+    it is past limits.max_bytes."""
     path = Path(path)
+    limits = limits or ConfigLimits()
     if not path.is_dir():
         raise ConfigParseError(str(path), "config directory does not exist (or is not a directory)")
     chosen, ignored = find_config_file(path)
-    if chosen is None:
-        return ConfigResult(models={}, errors=(), file=None, digest=_sha256(b""))
+    data = _read_bytes(chosen, limits.max_bytes) if chosen is not None else b""
+    return RawConfig(chosen.name if chosen else None, data, tuple(ignored), _sha256(data))
+
+
+def parse_raw(raw: RawConfig, limits: ConfigLimits | None = None) -> ConfigResult:
+    """Parse what read_config_dir read. No file -> an empty set with file=None."""
+    if raw.file is None:
+        return ConfigResult(models={}, errors=(), file=None, digest=raw.digest)
     try:
-        data = chosen.read_bytes()
-    except OSError as exc:
-        raise ConfigParseError(chosen.name, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8-sig")
+        text = raw.data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigParseError(chosen.name, f"not UTF-8 text (byte {exc.start})") from None
-    result = parse_config(text, chosen.name)
+        raise ConfigParseError(raw.file, f"not UTF-8 text (byte {exc.start})") from None
+    result = parse_config(text, raw.file, limits, digest=raw.digest)
     notes = tuple(
-        ConfigError(chosen.name, None, None, f"{other} ignored: {chosen.name} is read first (keep one config file)")
-        for other in ignored
+        ConfigError(raw.file, None, None, f"{other} ignored: {raw.file} is read first (keep one config file)")
+        for other in raw.ignored
     )
-    return ConfigResult(models=result.models, errors=notes + result.errors, file=chosen.name, digest=_sha256(data))
+    return ConfigResult(models=result.models, errors=notes + result.errors, file=raw.file, digest=raw.digest)
+
+
+def load_config_dir(path: Path, limits: ConfigLimits | None = None) -> ConfigResult:
+    """Read and parse the model config in a directory (read_config_dir, then parse_raw).
+
+    No config file -> an empty set with file=None. A missing directory, a file that cannot be
+    read, is past a limit or does not parse raises ConfigParseError: the caller keeps its last
+    good config."""
+    return parse_raw(read_config_dir(path, limits), limits)

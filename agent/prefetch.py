@@ -29,7 +29,7 @@ log = get_logger("modelshelf.prefetch")
 def prefetch(settings: Settings) -> int:
     setup_logging(settings.log_format, settings.log_level)
     try:
-        config = load_config_dir(settings.config_dir)
+        config = load_config_dir(settings.config_dir, settings.config_limits())
     except ConfigParseError as e:
         print(f"modelshelf prefetch: {e}", file=sys.stderr)
         return 2

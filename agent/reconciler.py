@@ -1,41 +1,71 @@
 """The model's life: one state machine, one owner.
 
     registered ─► pulling ─► cached ─► loading ─► loaded ─► unloading ─► cached
-         ▲            │                    │         │  (evicted: LRU)
-         └── failed ◄─┴────────────────────┘         └─ removed from config: unload, release lease
+         ▲            │                    │         │  (evicted: LRU; drained first when removed)
+         └── failed ◄─┴────────────────────┘         └─ removed from config: drain, unload, release leases
 
-Guarantees, each enforced here and nowhere else:
-  * Every transition of one model happens under that model's lock, in order (`_set` checks
-    it against TRANSITIONS). Different models proceed in parallel under global bounds:
-    `pull_concurrency` pulls and `load_concurrency` loads at a time.
-  * A request holds an in-flight lease (`Model.inflight`) from `acquire` to `release`.
-    `acquire` takes the lease before it looks at the state and without awaiting in between,
-    and eviction re-checks `inflight == 0` under the victim's lock before it unloads: a model
-    is never unloaded under a request (Seldon's agent does that; we must not).
+What holds (each pinned by a test in tests/reconciler/ against the real Reconciler, MemoryManager
+and Cache, with the scripted server of tests/support/scripted.py):
+  * A model's state changes only under that model's lock: in its converge step (`_step`, one
+    readable sequence), its lazy load, a source check applying its result, or an eviction of
+    it. Server restarts, resyncs, `report_missing` and the retry loop only mark a model
+    (`lost_since`, `crashes`, `retry_at`) and schedule its task, which applies the mark under
+    the lock. Different models proceed in parallel under global bounds: `pull_concurrency`
+    pulls and `load_concurrency` loads at a time; loads nobody waits for (preloads, restores,
+    updates) use at most `load_concurrency - 1` slots, so a request's lazy load always finds one
+    (with `load_concurrency >= 2`).
+  * Every way out of a pull, a load or an unload (success, server error, timeout, an
+    unexpected exception such as OSError, cancellation) goes through one try/finally in
+    `_load`/`_unload` and the safety net `_guarded`: the measurement window is closed, the
+    `name#new` reservation is released, `updating` is false, and the model is LOADED (old copy
+    kept), CACHED or FAILED with a reason. A request waiting for a lazy load gets
+    ModelUnavailable (503) with that reason, never a raw error.
+  * Cache leases are per (entry, model): holder `<holder>@<model>`. A model leases the entry
+    it serves and the entry it wants (both during an update); the old one is released only
+    once the new copy serves. An entry is checked (`Cache.check`) before every load; a
+    vanished or broken one is discarded and pulled again.
+  * A request holds an in-flight lease (`Model.inflight`) from `acquire` to `release`. No
+    unload runs under a request: eviction picks models with no lease (re-checked under the
+    victim's lock); removal and the update swap drain first (new requests for a removed
+    model get UnknownModel at once; the unload waits for `release` to signal idle, at most
+    `drain_timeout_s`, logged when it expires).
   * A request for a model that is not loaded triggers one load (single flight) and waits,
-    bounded by `load_timeout_s` and by `max_queue` waiters.
-  * An update loads the new copy before the old one goes (the adapters replace in place);
-    when memory cannot hold both, it swaps and says so in the log.
-  * `failed` keeps its reason and retries with exponential backoff and jitter; a config change
-    to that model resets the count.
+    bounded by `load_timeout_s` (which also bounds the server's load call) and `max_queue`
+    waiters. When memory is short only because other models are loading, leased or young,
+    the lazy load waits for memory to free (within `load_timeout_s`) instead of failing.
+  * An update loads the new copy beside the old one (the adapters replace in place); when
+    memory cannot hold both it drains and swaps, and says so in the log. A failed update
+    keeps the old copy serving and is retried with backoff.
+  * `failed` keeps its reason and is retried with exponential backoff and jitter; within the
+    backoff a request gets 503 with the true Retry-After and no load is attempted. A config
+    change to the model resets the count. A preload that did not fit is retried when memory
+    frees (an unload, a removal, a failed load) and on its retry hint.
+  * The server's index is compared with what the agent holds every `resync_interval_s`, and
+    at once for a model `report_missing` names; a model it lost is loaded again (the copy that
+    served, not a failed update). A model whose load was in flight when the server died twice
+    in a row is quarantined (FAILED, no retry) until its config changes. (An update whose new
+    copy kills the server is not quarantined: the old copy is restored and the update retried
+    with growing backoff.)
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import random
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable
 
 from agent.config import ConfigError, ConfigParseError, ConfigResult, ModelSpec
 from agent.logging import get_logger, kv
 from agent.memory import Candidate, DoesNotFit, MemoryManager
 from agent.metrics import Metrics
 from agent.runtimes import RuntimeAdapter, RuntimeErrorBase, ServedModel
+from agent.runtimes.base import ServerUnavailable
 from agent.settings import Settings
-from puller import Cache, Entry, PullError
+from puller import Cache, Entry, PullError, model_holder
 
 log = get_logger("modelshelf.reconciler")
 
@@ -58,8 +88,9 @@ TRANSITIONS: dict[State, set[State]] = {
     # LOADING -> CACHED: it did not fit in memory (the model stays cached, the reason says why)
     S.LOADING: {S.LOADED, S.FAILED, S.CACHED},
     # LOADED -> CACHED: the server lost it (restart). An update stays LOADED (`updating`):
-    # the old copy serves until the new one replaces it in place.
-    S.LOADED: {S.UNLOADING, S.CACHED},
+    # the old copy serves until the new one replaces it in place. LOADED -> FAILED: the
+    # safety net, when what the server holds is no longer known.
+    S.LOADED: {S.UNLOADING, S.CACHED, S.FAILED},
     S.UNLOADING: {S.CACHED, S.FAILED},
     S.FAILED: {S.PULLING, S.LOADING, S.CACHED, S.UNLOADING},
 }
@@ -79,31 +110,54 @@ class ModelUnavailable(Exception):
         self.retry_after = retry_after
 
 
+QUARANTINE = "server died twice while loading this model; quarantined until its config changes"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One copy of a model the server can serve: a cache entry loaded for a spec."""
+
+    entry: Entry
+    spec: ModelSpec
+
+    def same(self, entry: Entry | None, spec: ModelSpec) -> bool:
+        return entry is not None and self.entry.key == entry.key and self.spec.fingerprint() == spec.fingerprint()
+
+
 @dataclass(eq=False)
 class Model:
     spec: ModelSpec
     state: State = S.REGISTERED
     reason: str | None = None
-    entry: Entry | None = None
+    entry: Entry | None = None  # the entry the spec wants (leased)
     entry_fp: str | None = None  # spec fingerprint `entry` was pulled for
-    recheck: bool = False  # list the source again (periodic source check)
-    served: tuple[str, str] | None = None  # (cache key, spec fingerprint) the server holds
+    served: Copy | None = None  # what the server holds (LOADED/UNLOADING; leased)
+    last_good: Copy | None = None  # the copy that served last: restored after the server lost it
     removed: bool = False
     inflight: int = 0
     waiters: int = 0
     last_used: float = 0.0
     loaded_at: float = 0.0
     failures: int = 0
-    permanent: bool = False  # does not fit even alone: no retry until the config changes
+    permanent: bool = False  # no retry until the config changes (does not fit even alone; quarantined)
+    nofit: bool = False  # its last load did not fit in memory: retried when memory frees
     retry_hint: float | None = None  # seconds until a load that did not fit may (retry-after)
     retry_at: float | None = None
+    lost_since: float | None = None  # the server did not list it at that time (resync/restart)
+    crashes: int = 0  # server deaths in a row while this model's load was in flight
+    died_loading: float | None = None  # start of its last load that found the server gone
     pull_seconds: float | None = None
     load_seconds: float | None = None
     loads: int = 0
     updating: bool = False  # a new copy is loading in place of the served one
+    draining: bool = False  # an unload waits for in-flight requests: no new lease on this copy
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while inflight == 0
     load_task: asyncio.Task | None = None
     changed_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     @property
     def name(self) -> str:
@@ -163,7 +217,8 @@ def shard_of(name: str, shards: int) -> int:
 
 
 class Reconciler:
-    """Owns every model's state. The watcher calls `apply`, the router `acquire`/`release`."""
+    """Owns every model's state. The watcher calls `apply`, the router `acquire`/`release` and
+    `report_missing`, the server's watcher `server_restarted`."""
 
     def __init__(self, settings: Settings, cache: Cache, adapter: RuntimeAdapter, memory: MemoryManager, metrics: Metrics):
         self.settings = settings
@@ -178,14 +233,21 @@ class Reconciler:
         self.applied_once = asyncio.Event()
         self._pull_sem = asyncio.Semaphore(settings.pull_concurrency)
         self._load_sem = asyncio.Semaphore(settings.load_concurrency)
+        # loads nobody waits for (preloads, restores, updates) never take the last load slot
+        self._background_sem = asyncio.Semaphore(max(1, settings.load_concurrency - 1))
         self._tasks: set[asyncio.Task] = set()
         self._adoptable: dict[str, str] = {}  # READY on the server at start, not yet adopted
         self._background: list[asyncio.Task] = []
         self._closing = False
+        self._loading: dict[str, float] = {}  # server load calls in flight: name -> start
+        self._down_since: float | None = None  # first load that found the server gone
+        self._memory_changed = asyncio.Event()  # replaced each time memory frees (see _signal_memory)
+        self._missing: set[str] = set()  # reported by the router, not rechecked yet
+        self._recheck_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Read what the server already serves (restart recovery), start the retry loop."""
+        """Read what the server already serves (restart recovery), start the periodic loops."""
         try:
             index = await self.adapter.index()
         except RuntimeErrorBase as e:
@@ -194,26 +256,29 @@ class Reconciler:
         self._adoptable = {n: st for n, st in index.items() if st.upper() == "READY"}
         if self._adoptable:
             log.info("server already serves models", extra=kv(count=len(self._adoptable)))
-        self._background.append(asyncio.create_task(self._retry_loop(), name="retry-loop"))
-        self._background.append(asyncio.create_task(self._lease_loop(), name="lease-loop"))
-        self._background.append(asyncio.create_task(self._source_loop(), name="source-loop"))
+        for loop in (self._retry_loop, self._lease_loop, self._source_loop, self._resync_loop):
+            self._background.append(asyncio.create_task(loop(), name=loop.__name__.strip("_")))
 
     async def close(self) -> None:
         self._closing = True
-        for t in self._background:
-            t.cancel()
-        for t in list(self._tasks):
+        for t in [*self._background, *self._tasks]:
             t.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
 
     async def wait_idle(self, timeout: float = 30.0) -> None:
-        """Wait until no converge task runs (tests and prefetch use it)."""
+        """Wait until no model task runs (converge, lazy load, recheck; tests and prefetch)."""
         deadline = time.monotonic() + timeout
         while self._tasks:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"reconciler still busy with {len(self._tasks)} task(s)")
             await asyncio.wait(list(self._tasks), timeout=remaining)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # ------------------------------------------------------------------ config
     async def apply(self, result: ConfigResult) -> None:
@@ -234,7 +299,7 @@ class Reconciler:
                 continue  # the parser reuses the ModelSpec of an unchanged entry
             elif m.removed or m.spec != spec or m.spec.fingerprint() != spec.fingerprint():
                 if m.removed or m.spec.fingerprint() != spec.fingerprint():
-                    m.failures, m.permanent, m.retry_at = 0, False, None
+                    m.failures, m.permanent, m.retry_at, m.crashes = 0, False, None, 0
                 m.spec, m.removed = spec, False
                 self._schedule(m)
         for name, m in self.models.items():
@@ -264,9 +329,10 @@ class Reconciler:
         if m is None or m.removed:
             raise UnknownModel(name)
         m.inflight += 1  # the lease comes first: from here on eviction skips this model
+        m.idle.clear()
         self.metrics.inflight.labels(model=name).inc()
         m.last_used = time.monotonic()
-        if m.state is S.LOADED:
+        if m.state is S.LOADED and not m.draining:
             self.metrics.lookups.labels(result="hit").inc()
             return m
         self.metrics.lookups.labels(result="miss").inc()
@@ -281,14 +347,36 @@ class Reconciler:
         m.inflight -= 1
         m.last_used = time.monotonic()
         self.metrics.inflight.labels(model=m.name).dec()
+        if m.inflight == 0:
+            m.idle.set()  # a drain waits for this
+            self._signal_memory()  # a load waiting for memory may evict it now
+
+    def report_missing(self, name: str) -> None:
+        """The server answered 404 for `name` though the agent holds it loaded: recheck the
+        server's index now and reload what it lost. Sync, cheap, never raises."""
+        try:
+            m = self.models.get(name)
+            if m is None or m.removed or m.state is not S.LOADED or self._closing:
+                return
+            self._missing.add(name)
+            if self._recheck_task is None or self._recheck_task.done():
+                self._recheck_task = self._spawn(self._recheck_missing(), "recheck-missing")
+        except Exception:  # the router's error path must not fail because of us
+            log.exception("report_missing failed", extra=kv(model=name))
+
+    async def _recheck_missing(self) -> None:
+        while self._missing:
+            names, self._missing = self._missing, set()
+            await self.resync_server(names)
 
     async def _wait_loaded(self, m: Model) -> None:
-        if m.state is S.FAILED and (m.permanent or m.entry is None):
+        if m.state is S.FAILED and (m.permanent or self._backing_off(m)):
+            # backoff is obeyed: no load within it, and the client is told the true wait
             raise ModelUnavailable(m.name, m.reason or "failed", retry_after=None if m.permanent else self._retry_after(m))
         if m.waiters >= self.settings.max_queue:
             raise ModelUnavailable(m.name, f"{m.waiters} requests already wait for it to load", retry_after=1)
         if m.load_task is None or m.load_task.done():
-            m.load_task = asyncio.create_task(self._lazy_load(m), name=f"lazy-load:{m.name}")
+            m.load_task = self._spawn(self._lazy_load(m), f"lazy-load:{m.name}")
         m.waiters += 1
         started = time.monotonic()
         try:
@@ -298,6 +386,8 @@ class Reconciler:
         finally:
             m.waiters -= 1
         self.metrics.cold_start_seconds.observe(time.monotonic() - started)
+        if m.removed:
+            raise UnknownModel(m.name)
         if m.state is not S.LOADED:
             if m.permanent:
                 raise ModelUnavailable(m.name, m.reason or "does not fit", retry_after=None)
@@ -306,93 +396,148 @@ class Reconciler:
 
     async def _lazy_load(self, m: Model) -> None:
         async with m.lock:
-            if m.removed or m.state is S.LOADED:
-                return
-            if not await self._pull(m):
-                return
-            await self._load(m, lazy=True)
+            await self._guarded(m, self._lazy_step(m))
+
+    async def _lazy_step(self, m: Model) -> None:
+        if m.removed or (m.state is S.LOADED and not m.draining):
+            return
+        if self._quarantine(m) or not await self._pull(m):
+            return
+        if m.state is not S.LOADED:
+            await self._load(m, self._wanted(m), lazy=True)
 
     def _retry_after(self, m: Model) -> float:
         if m.retry_at:
             return max(1.0, round(m.retry_at - time.monotonic(), 1))
         return 1.0
 
+    def _backing_off(self, m: Model) -> bool:
+        return m.retry_at is not None and m.retry_at > time.monotonic()
+
     # ------------------------------------------------------------------ converge
     def _schedule(self, m: Model) -> None:
-        if self._closing:
-            return
-        task = asyncio.create_task(self._converge(m), name=f"converge:{m.name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if not self._closing:
+            self._spawn(self._converge(m), f"converge:{m.name}")
 
     async def _converge(self, m: Model) -> None:
-        """Bring one model to what its spec asks. Idempotent; runs under the model's lock."""
+        async with m.lock:
+            await self._guarded(m, self._step(m))
+
+    async def _guarded(self, m: Model, step: Awaitable[None]) -> None:
+        """The safety net around every step of one model (caller holds m.lock): a bug or an
+        unexpected error fails this model with a reason and leaves it consistent; the rest run on."""
         try:
-            async with m.lock:
-                if m.removed:
-                    await self._remove(m)
-                    return
-                if not await self._pull(m):
-                    return
-                served_now = m.served == (m.entry.key, m.spec.fingerprint()) if m.entry else False
-                if m.state is S.LOADED and served_now:
-                    return
-                if m.name in self._adoptable and await self._adopt(m):
-                    return
-                if m.wants_loaded() or m.state is S.LOADED:
-                    await self._load(m, lazy=False)
+            await step
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # a bug must not kill the agent: fail this model, keep the rest
-            log.exception("converge crashed", extra=kv(model=m.name))
-            self._fail(m, f"internal error: {type(e).__name__}: {e}")
+        except Exception as e:
+            log.exception("model step crashed", extra=kv(model=m.name))
+            self._recover(m, f"internal error: {type(e).__name__}: {e}")
+
+    async def _step(self, m: Model) -> None:
+        """Bring one model to what its spec asks, in one readable sequence. Idempotent; the
+        caller holds m.lock, and this is the only place (with the helpers it calls) that changes
+        the model's state."""
+        if m.removed:
+            await self._remove(m)
+            return
+        restore = self._notice_loss(m)
+        if self._quarantine(m):
+            return
+        if restore is not None and not await asyncio.to_thread(self.cache.check, restore.entry):
+            await self._load(m, restore, lazy=False)  # the copy that served, not a failed update
+        if not await self._pull(m):
+            return
+        if m.name in self._adoptable and m.state is not S.LOADED and await self._adopt(m):
+            return
+        wanted = self._wanted(m)
+        if m.state is S.LOADED and m.served is not None and m.served.same(wanted.entry, wanted.spec):
+            return
+        if self._backing_off(m):
+            return  # the retry loop schedules it again when the backoff ends
+        if m.wants_loaded() or m.state is S.LOADED or restore is not None:
+            await self._load(m, wanted, lazy=False)
+
+    def _wanted(self, m: Model) -> Copy:
+        assert m.entry is not None
+        return Copy(m.entry, m.spec)
+
+    def _notice_loss(self, m: Model) -> Copy | None:
+        """Apply a resync's or a restart's mark: the server lost a copy loaded before the mark.
+        Returns the copy to restore."""
+        since, m.lost_since = m.lost_since, None
+        if since is None or m.state is not S.LOADED or m.loaded_at > since or m.served is None:
+            return None
+        lost = m.served
+        self._release_memory(m.name)
+        m.served = None
+        self._set(m, S.CACHED, reason="the server lost it; loading it again")
+        log.warning("server lost a model; reloading it", extra=kv(model=m.name, key=lost.entry.key))
+        return lost
 
     async def _pull(self, m: Model) -> bool:
-        """Make the spec's files available (a cache hit moves nothing). False on failure.
-
-        A loaded model being updated stays LOADED while its new copy is pulled: the old copy
-        serves until the new one is loaded in its place."""
+        """Make the spec's files available and checked (a cache hit moves nothing). False on
+        failure. A loaded model being updated stays LOADED while its new copy is pulled."""
         fingerprint = m.spec.fingerprint()
-        recheck, m.recheck = m.recheck and m.entry is not None and m.entry_fp == fingerprint, False
-        if m.entry is not None and m.entry_fp == fingerprint and not recheck:
-            return True
-        # a loaded model being updated, and any model whose source is only re-checked, keeps
-        # its state: what it has stays usable while the source is listed (and maybe pulled)
-        serving = m.state is S.LOADED or recheck
-        old_key = m.entry.key if m.entry else None
+        if m.entry is not None and m.entry_fp == fingerprint:
+            problems = await asyncio.to_thread(self.cache.check, m.entry)
+            if not problems:
+                return True
+            log.warning("cache entry gone or damaged; pulling it again",
+                        extra=kv(model=m.name, key=m.entry.key, problems="; ".join(problems[:3])))
+            if not m.entry.in_place:
+                await asyncio.to_thread(self.cache.discard, m.entry.key, f"model {m.name}: {problems[0]}")
+        serving = m.state is S.LOADED
         if not serving:
             self._set(m, S.PULLING)
         started = time.monotonic()
-        options = self.settings.pull_options(m.spec)
-        if recheck:  # a background check must not hold a pull slot through minutes of retries
-            options.retry_deadline_s = min(options.retry_deadline_s, 5.0)
         try:
             async with self._pull_sem:
-                # lease=True: leased under the key's lock, so no GC (any pod) removes it first
-                entry = await asyncio.to_thread(self.cache.ensure, m.spec.uri, options, None, lease=True)
+                entry = await asyncio.to_thread(self._ensure, m.spec)
         except PullError as e:
             self.metrics.pulls.labels(result="error").inc()
-            if recheck:  # the source is unreachable now: the cached copy is as good as before
-                log.warning("source check failed; cached copy kept", extra=kv(model=m.name, reason=str(e)))
-                return True
             if serving:
-                m.reason = f"update failed, previous copy still serving: pull: {e}"
-                m.failures += 1
-                m.retry_at = time.monotonic() + self._backoff(m)
-                log.warning("update pull failed; previous copy still serving", extra=kv(model=m.name, reason=str(e)))
+                self._update_failed(m, f"pull: {e}")
             else:
                 self._fail(m, f"pull: {e}")
             return False
         m.pull_seconds = round(time.monotonic() - started, 4)
         self.metrics.pull_seconds.observe(m.pull_seconds)
         self.metrics.pulls.labels(result="hit" if entry.hit else "downloaded").inc()
-        if old_key and old_key != entry.key:
-            await asyncio.to_thread(self.cache.release, old_key, self.settings.holder)
-        m.entry, m.entry_fp = entry, fingerprint
+        self._keep_entry(m, entry, fingerprint)
         if not serving:
             self._set(m, S.CACHED)
         log.info("model files ready", extra=kv(model=m.name, key=entry.key, hit=entry.hit, bytes=entry.size, seconds=m.pull_seconds))
         return True
+
+    def _ensure(self, spec: ModelSpec, *, check: bool = False) -> Entry:
+        """Blocking: the cache entry of `spec`, leased for that model (under the key's lock,
+        so no GC, in any pod, removes it first). `check`: a background source check, which
+        must not hold a pull slot through minutes of retries."""
+        options = self.settings.pull_options(spec)
+        if check:
+            options.retry_deadline_s = min(options.retry_deadline_s, 5.0)
+        return self.cache.ensure(spec.uri, options, None, lease=True, holder=self._holder(spec.name))
+
+    def _holder(self, name: str) -> str:
+        return model_holder(self.settings.holder, name)
+
+    def _keep_entry(self, m: Model, entry: Entry, fingerprint: str) -> None:
+        before = self._leased(m)
+        m.entry, m.entry_fp = entry, fingerprint
+        self._drop_leases(m, before | {entry.key})
+
+    def _leased(self, m: Model) -> set[str]:
+        """Keys this model holds leases on: what it wants, what serves, what it would restore."""
+        return {c.key for c in (m.entry, m.served and m.served.entry, m.last_good and m.last_good.entry) if c}
+
+    def _drop_leases(self, m: Model, before: set[str]) -> None:
+        """Release the leases of keys in `before` the model no longer uses (quick file unlinks)."""
+        for key in before - self._leased(m):
+            try:
+                self.cache.release(key, self._holder(m.name))
+            except OSError as e:
+                log.warning("could not release a cache lease", extra=kv(model=m.name, key=key, error=str(e)))
 
     async def _adopt(self, m: Model) -> bool:
         """Restart recovery: the server already serves this model from this very entry."""
@@ -401,35 +546,36 @@ class Reconciler:
         served_path = self.adapter.served_path(m.name)
         if served_path is None or served_path.resolve() != m.entry.path.resolve():
             return False
-        cost = self.memory.cost_for(key=m.entry.key, runtime=m.spec.runtime, entry_bytes=m.entry.size,
-                                    declared_host=m.spec.memory, declared_gpu=m.spec.gpu_memory)
-        self.memory.reserve(m.name, cost)
+        self.memory.reserve(m.name, self._cost(m, m.entry))
         self._set(m, S.LOADING)
-        self._set(m, S.LOADED, reason=None)
-        m.served = (m.entry.key, m.spec.fingerprint())
-        m.loaded_at = m.last_used = time.monotonic()
+        self._loaded(m, self._wanted(m))
         log.info("model adopted from the running server (no reload)", extra=kv(model=m.name, key=m.entry.key))
         return True
 
-    async def _load(self, m: Model, *, lazy: bool) -> None:
-        """Load (or replace in place) the model's current entry. Caller holds m.lock."""
-        assert m.entry is not None
-        replacing = m.state is S.LOADED
-        cost = self.memory.cost_for(key=m.entry.key, runtime=m.spec.runtime, entry_bytes=m.entry.size,
+    def _cost(self, m: Model, entry: Entry) -> Any:
+        return self.memory.cost_for(key=entry.key, runtime=m.spec.runtime, entry_bytes=entry.size,
                                     declared_host=m.spec.memory, declared_gpu=m.spec.gpu_memory)
-        # the new copy is reserved beside the old one while both exist
-        slot = f"{m.name}#new" if replacing else m.name
+
+    async def _load(self, m: Model, copy: Copy, *, lazy: bool) -> None:
+        """Load `copy` (or replace the served copy in place). Caller holds m.lock. Every way
+        out leaves the window closed, the reservations right and the state LOADED (new copy,
+        or old copy after a failed update), CACHED (did not fit) or FAILED, with a reason."""
+        replacing = m.state is S.LOADED
+        cost = self._cost(m, copy.entry)
+        slot = f"{m.name}#new" if replacing else m.name  # the new copy is reserved beside the old one
+        wait_until = time.monotonic() + self.settings.load_timeout_s if lazy else None
         try:
-            await self._make_room(slot, cost, lazy=lazy)
+            await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until)
         except DoesNotFit as e:
             if not replacing:
                 self._nofit(m, e)
                 return
             log.warning("not enough memory to load the new copy beside the old one; swapping", extra=kv(model=m.name))
-            await self._unload(m, reason="replaced")
+            if not await self._unload(m, reason="replaced"):
+                return
             replacing, slot = False, m.name
             try:
-                await self._make_room(slot, cost, lazy=lazy)
+                await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until)
             except DoesNotFit as e2:
                 self._nofit(m, e2)
                 return
@@ -437,73 +583,135 @@ class Reconciler:
             m.updating = True  # stays LOADED: the old copy serves until the new one replaces it
         else:
             self._set(m, S.LOADING)
-        served = ServedModel(
-            name=m.name,
-            path=m.entry.path,
-            runtime=m.spec.runtime,
-            implementation=m.spec.implementation,
-            version=m.spec.version,
-            parameters=dict(m.spec.parameters),
-        )
+        served = ServedModel(name=m.name, path=copy.entry.path, runtime=copy.spec.runtime,
+                             implementation=copy.spec.implementation, version=copy.spec.version,
+                             parameters=dict(copy.spec.parameters))
         started = time.monotonic()
-        async with self._load_sem:
-            measure = not replacing and self.memory.needs_measure(m.entry.key, m.spec.runtime)
-            window = self.memory.start_measure(m.name, m.spec.runtime) if measure else None
-            try:
-                await self.adapter.load(served)
-            except RuntimeErrorBase as e:
-                m.updating = False
+        window = None
+        error: BaseException | None = None
+        try:
+            async with self._load_slot(lazy):
+                if not replacing and self.memory.needs_measure(copy.entry.key, copy.spec.runtime):
+                    window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime)
+                self._loading[m.name] = started
+                try:
+                    await asyncio.wait_for(self.adapter.load(served), timeout=self.settings.load_timeout_s)
+                finally:
+                    self._loading.pop(m.name, None)
                 if window is not None:
-                    self.memory.abort_measure(window)
-                self.memory.release(slot)
-                self.metrics.loads.labels(result="error").inc()
-                if replacing:
-                    # the adapters replace in place: the old copy still serves; keep it
-                    m.reason = f"update failed, previous copy still serving: {e.reason}"
-                    m.failures += 1
-                    m.retry_at = time.monotonic() + self._backoff(m)
-                    return
-                self._fail(m, f"load: {e.reason}")
-                return
+                    measured, window = window, None
+                    await asyncio.to_thread(self.memory.finish_measure, measured, key=copy.entry.key)
+        except Exception as e:  # adapter errors, timeouts, OSError (disk full), bugs: all end here
+            error = e
+        except BaseException as e:  # cancelled: leave it consistent, then stop
+            error = e
+            raise
+        finally:
             if window is not None:
-                await asyncio.to_thread(self.memory.finish_measure, window, key=m.entry.key)
+                self.memory.abort_measure(window)
+            m.updating = False
+            if error is not None:
+                self._release_memory(slot)
+                self._load_failed(m, error, replacing=replacing, started=started)
+        if error is not None:
+            if isinstance(error, asyncio.TimeoutError) and not replacing:
+                await self._forget_on_server(m.name)
+            return
         m.load_seconds = round(time.monotonic() - started, 4)
         self.metrics.load_seconds.observe(m.load_seconds)
         self.metrics.loads.labels(result="ok").inc()
-        m.updating = False
         if replacing:  # the old copy is gone: its reservation passes to the new one
             self.metrics.unloads.labels(reason="replaced").inc()
             self.memory.reserve(m.name, self.memory.release(slot) or cost)
-        m.served = (m.entry.key, m.spec.fingerprint())
-        m.loaded_at = m.last_used = time.monotonic()
         m.loads += 1
-        m.failures, m.retry_at, m.permanent = 0, None, False
+        m.failures, m.retry_at, m.permanent, m.nofit, m.crashes = 0, None, False, False, 0
+        self._loaded(m, copy)
+        log.info("model loaded", extra=kv(model=m.name, seconds=m.load_seconds, lazy=lazy, replaced=replacing, key=copy.entry.key))
+
+    def _loaded(self, m: Model, copy: Copy) -> None:
+        before = self._leased(m)
+        m.served = m.last_good = copy
+        m.loaded_at = m.last_used = time.monotonic()
         self._set(m, S.LOADED, reason=None)
-        log.info("model loaded", extra=kv(model=m.name, seconds=m.load_seconds, lazy=lazy, replaced=replacing, key=m.entry.key))
+        self._drop_leases(m, before)  # the previous copy's entry, now that this one serves
+        self._signal_memory()  # no longer "loading": a load waiting for memory may evict it
+
+    @contextlib.asynccontextmanager
+    async def _load_slot(self, lazy: bool) -> AsyncIterator[None]:
+        """A load slot. Loads nobody waits for also take a background slot first, so they
+        never hold the last slot: a request's lazy load is not starved by stuck preloads."""
+        if lazy:
+            async with self._load_sem:
+                yield
+        else:
+            async with self._background_sem, self._load_sem:
+                yield
+
+    def _load_failed(self, m: Model, error: BaseException, *, replacing: bool, started: float) -> None:
+        if isinstance(error, asyncio.TimeoutError):
+            reason = f"load: no answer within --load-timeout {self.settings.load_timeout_s:g}s"
+        elif isinstance(error, RuntimeErrorBase):
+            reason = f"load: {error.reason}"
+            if isinstance(error, ServerUnavailable):
+                # keep the earliest: a retry that finds the server still down must not move it
+                # past the moment the server died (it would no longer be blamed)
+                if m.died_loading is None:
+                    m.died_loading = started
+                self._down_since = min(self._down_since or time.monotonic(), time.monotonic())
+        elif isinstance(error, asyncio.CancelledError):
+            reason = "load: cancelled (agent stopping)"
+        else:
+            reason = f"load: {type(error).__name__}: {error}"
+        self.metrics.loads.labels(result="error").inc()
+        if replacing and not isinstance(error, asyncio.CancelledError):
+            self._update_failed(m, reason)  # the adapters replace in place: the old copy still serves
+        elif m.state is S.LOADING:
+            self._fail(m, reason)
+        self._quarantine(m)
+
+    async def _forget_on_server(self, name: str) -> None:
+        """After a load timed out the server may still finish it: unload it, best effort."""
+        try:
+            await asyncio.wait_for(self.adapter.unload(name), timeout=min(10.0, self.settings.load_timeout_s))
+        except (RuntimeErrorBase, asyncio.TimeoutError) as e:
+            log.warning("could not unload a model whose load timed out", extra=kv(model=name, error=str(e)))
 
     def _nofit(self, m: Model, e: DoesNotFit) -> None:
         self.metrics.loads.labels(result="nofit").inc()
         m.permanent = e.permanent
+        m.nofit = not e.permanent
         m.retry_hint = e.retry_after_s
+        m.retry_at = time.monotonic() + e.retry_after_s if e.retry_after_s and not e.permanent else None
         if m.state is not S.CACHED:
             self._set(m, S.CACHED)
         m.reason = str(e)
         log.warning("model does not fit in memory; it stays cached", extra=kv(model=m.name, reason=str(e)))
 
-    async def _make_room(self, slot: str, cost: Any, *, lazy: bool) -> None:
+    async def _make_room(self, slot: str, cost: Any, *, lazy: bool, wait_until: float | None = None) -> None:
         """Reserve `cost` under `slot`, evicting LRU models (not pinned, no lease, old enough for
-        lazy loads) first. Raises DoesNotFit with nothing reserved.
+        lazy loads) first. Raises DoesNotFit with nothing reserved. `wait_until`: while memory
+        is short only for now (models loading, leased or young), wait for it to free until then.
 
         `memory.admit` plans, reserves and marks the victims as unloading in one atomic step,
         so concurrent loads never pick the same victim nor count the same free bytes: no
         agent-wide lock is held while victims unload, and several misses proceed together."""
-        for _ in range(8):
+        busy = 0
+        while True:
             candidates = [
                 Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight)
                 for o in self.models.values()
                 if o.state is S.LOADED and not o.lock.locked()
             ]
-            victims = self.memory.admit(slot, cost, candidates, lazy=lazy)
+            try:
+                victims = self.memory.admit(slot, cost, candidates, lazy=lazy)
+            except DoesNotFit as e:
+                remaining = (wait_until or 0.0) - time.monotonic()
+                if e.permanent or remaining <= 0:
+                    raise
+                changed = self._memory_changed
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=min(remaining, e.retry_after_s or remaining))
+                continue
             if not victims:
                 return
             evicted = await asyncio.gather(*(self._evict(self.models[v]) for v in victims))
@@ -512,10 +720,12 @@ class Reconciler:
                 return
             # a request leased a victim meanwhile: it stays; give back and plan again
             for name in kept:
-                self.memory.reserve(name, self.memory.reservations()[name])
-            self.memory.release(slot)
-        raise DoesNotFit(slot, cost.devices(), self.memory.budget(),
-                         f"model {slot!r}: the models that could make room stay busy", retry_after_s=1.0)
+                self.memory.cancel_unload(name)
+            self._release_memory(slot)
+            busy += 1
+            if busy >= 8:
+                raise DoesNotFit(slot, cost.devices(), self.memory.budget(),
+                                 f"model {slot!r}: the models that could make room stay busy", retry_after_s=1.0)
 
     async def _evict(self, v: Model) -> bool:
         """Unload `v` to make room, unless a request holds it. Never waits for v's lock."""
@@ -524,31 +734,53 @@ class Reconciler:
         async with v.lock:  # free lock: acquired without yielding, so the check below is current
             if v.inflight > 0 or v.state is not S.LOADED:
                 return False  # a request took a lease: never unload under it
-            await self._unload(v, reason="evicted")
+            if not await self._unload(v, reason="evicted"):
+                return False
             self.metrics.evictions.inc()
             return True
 
-    async def _unload(self, m: Model, *, reason: str) -> None:
-        self._set(m, S.UNLOADING)
-        self.memory.begin_unload(m.name)
-        started = time.monotonic()
+    async def _unload(self, m: Model, *, reason: str) -> bool:
+        """Drain, then unload what the server holds. Caller holds m.lock. True when it is gone;
+        else the model is FAILED with a reason (and its reservation released)."""
+        m.draining = True  # new requests wait for the next load instead of leasing this copy
         try:
-            await self.adapter.unload(m.name)
-        except RuntimeErrorBase as e:
-            self.memory.release(m.name)
-            m.served = None
-            self._fail(m, f"unload: {e.reason}")
-            return
-        self.metrics.unload_seconds.observe(time.monotonic() - started)
-        self.metrics.unloads.labels(reason=reason).inc()
-        self.memory.release(m.name)
-        m.served = None
-        m.loaded_at = 0.0
-        self._set(m, S.CACHED, reason=None)
-        log.info("model unloaded", extra=kv(model=m.name, reason=reason, seconds=round(time.monotonic() - started, 4)))
+            if m.inflight > 0:
+                await self._drain(m, reason)
+            self._set(m, S.UNLOADING)
+            self.memory.begin_unload(m.name)
+            started = time.monotonic()
+            try:
+                await self.adapter.unload(m.name)
+            except RuntimeErrorBase as e:
+                self._fail(m, f"unload: {e.reason}")
+                return False
+            finally:
+                before = self._leased(m)
+                self._release_memory(m.name)
+                m.served = None
+                if reason != "replaced":
+                    m.last_good = None
+                self._drop_leases(m, before)
+            self.metrics.unload_seconds.observe(time.monotonic() - started)
+            self.metrics.unloads.labels(reason=reason).inc()
+            m.loaded_at = 0.0
+            self._set(m, S.CACHED, reason=None)
+            log.info("model unloaded", extra=kv(model=m.name, reason=reason, seconds=round(time.monotonic() - started, 4)))
+            return True
+        finally:
+            m.draining = False
+
+    async def _drain(self, m: Model, reason: str) -> None:
+        """Wait for the requests in flight to finish (release() signals), at most drain_timeout_s."""
+        log.info("draining before unload", extra=kv(model=m.name, reason=reason, inflight=m.inflight))
+        try:
+            await asyncio.wait_for(m.idle.wait(), timeout=self.settings.drain_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout expired; unloading with requests in flight",
+                        extra=kv(model=m.name, reason=reason, inflight=m.inflight, drain_timeout=self.settings.drain_timeout_s))
 
     async def _remove(self, m: Model) -> None:
-        """Removed from config: unload, then release the cache lease (the entry stays)."""
+        """Removed from config: drain, unload, then release the cache leases (the entries stay)."""
         if m.name in self._adoptable:  # served by the server before we started, never adopted
             self._adoptable.pop(m.name, None)
             try:
@@ -557,9 +789,12 @@ class Reconciler:
                 log.warning("could not unload removed model", extra=kv(model=m.name, reason=e.reason))
         if m.state is S.LOADED or m.served is not None:
             await self._unload(m, reason="removed")
-        if m.entry is not None:
-            await asyncio.to_thread(self.cache.release, m.entry.key, self.settings.holder)
-        if m.removed and self.models.get(m.name) is m:
+        if not m.removed:
+            return  # added again while it unloaded: it keeps its leases; its converge reloads it
+        before = self._leased(m)
+        m.entry = m.served = m.last_good = None
+        self._drop_leases(m, before)
+        if self.models.get(m.name) is m:
             del self.models[m.name]
         log.info("model removed", extra=kv(model=m.name))
 
@@ -577,55 +812,78 @@ class Reconciler:
                     log.warning("could not unload orphan", extra=kv(model=name, reason=e.reason))
 
         if orphans:
-            task = asyncio.create_task(_cleanup(), name="orphans")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(_cleanup(), "orphans")
 
-    # ------------------------------------------------------------------ server restarts
+    # ------------------------------------------------------------------ the server's real state
     async def server_restarted(self) -> None:
-        """The server came back empty: what it served must be loaded again."""
+        """The server came back empty. Blame the loads in flight when it died (twice in a row:
+        quarantine), then mark every served model lost; each model's own task reloads it."""
         self.metrics.server_restarts.inc()
         self.memory.reset_server()
-        lost = [m for m in self.models.values() if m.state is S.LOADED]
+        now = time.monotonic()
+        cut = self._down_since or now
+        self._down_since = None
+        retry = []
+        for m in self.models.values():
+            if m.name in self._loading or (m.died_loading is not None and m.died_loading <= cut):
+                m.crashes += 1
+                log.warning("server died while this model was loading", extra=kv(model=m.name, times=m.crashes))
+            elif m.died_loading is not None and m.state is S.FAILED and not m.permanent:
+                # its load only found the server gone: not its fault, and no reason to wait
+                # out a backoff now that the server is back
+                m.retry_at = None
+                retry.append(m)
+            m.died_loading = None
+        lost = [m for m in self.models.values() if m.served is not None or m.crashes >= 2] + retry
         log.warning("server restarted; reloading what it served", extra=kv(models=len(lost)))
         for m in lost:
-            self._reload_lost(m, "server restarted")
+            m.lost_since = now
+            self._schedule(m)
 
-    def _reload_lost(self, m: Model, reason: str) -> None:
-        """The server no longer serves `m` though we loaded it: account for that, load it again."""
-        self.memory.release(m.name)
-        m.served = None
-        self._set(m, S.CACHED, reason=reason)
-        self._schedule_reload(m)
-
-    def _schedule_reload(self, m: Model) -> None:
-        async def _reload() -> None:
-            async with m.lock:
-                if not m.removed and m.state is S.CACHED:
-                    await self._load(m, lazy=False)
-
-        task = asyncio.create_task(_reload(), name=f"reload:{m.name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def resync_server(self) -> None:
-        """Compare our LOADED set with the server's index (sidecar restarts we did not see)."""
+    async def resync_server(self, names: set[str] | None = None) -> None:
+        """Compare what the agent holds loaded with the server's index (a sidecar restart we
+        did not see, a model unloaded behind our back); each lost model's task reloads it."""
+        taken = time.monotonic()
         try:
             index = await self.adapter.index()
-        except RuntimeErrorBase:
+        except RuntimeErrorBase as e:
+            log.warning("server index unavailable; resync skipped", extra=kv(reason=e.reason))
             return
-        missing = [m for m in self.models.values() if m.state is S.LOADED and index.get(m.name, "").upper() != "READY"]
+        missing = [m for m in self.models.values()
+                   if (names is None or m.name in names) and m.state is S.LOADED and not m.removed
+                   and index.get(m.name, "").upper() != "READY"]
         if missing:
             log.warning("server lost models; reloading", extra=kv(models=",".join(m.name for m in missing)))
-            for m in missing:
-                self._reload_lost(m, "server lost it")
+        for m in missing:
+            m.lost_since = taken
+            self._schedule(m)
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.resync_interval_s)
+            await self.resync_server()
+
+    def _quarantine(self, m: Model) -> bool:
+        """A model whose loads killed the server twice in a row never loads again until its
+        config changes (the rest keep serving)."""
+        if m.crashes < 2:
+            return False
+        if m.reason != QUARANTINE or m.state is not S.FAILED:
+            if m.state is S.LOADED:  # it did load in the end; keep it, forget the strikes
+                m.crashes = 0
+                return False
+            self._release_memory(m.name)
+            self._set(m, S.FAILED, reason=QUARANTINE)
+            m.permanent, m.retry_at = True, None
+            log.error("model quarantined", extra=kv(model=m.name, reason=QUARANTINE))
+        return True
 
     # ------------------------------------------------------------------ failures
     def _backoff(self, m: Model) -> float:
-        base = min(300.0, 1.0 * 2 ** min(m.failures, 9))
+        base = min(300.0, self.settings.retry_base_s * 2 ** min(m.failures, 9))
         return base * random.uniform(0.5, 1.5)
 
-    def _fail(self, m: Model, reason: str, server_down: bool = False) -> None:
+    def _fail(self, m: Model, reason: str) -> None:
         m.failures += 1
         m.retry_at = time.monotonic() + self._backoff(m)
         if m.state is not S.FAILED:
@@ -633,15 +891,57 @@ class Reconciler:
         m.reason = reason
         log.warning("model failed", extra=kv(model=m.name, reason=reason, failures=m.failures, retry_in=round(m.retry_at - time.monotonic(), 1)))
 
+    def _update_failed(self, m: Model, reason: str) -> None:
+        """An update failed: the old copy keeps serving; the update is retried with backoff."""
+        m.failures += 1
+        m.retry_at = time.monotonic() + self._backoff(m)
+        m.reason = f"update failed, previous copy still serving: {reason}"
+        log.warning("update failed; previous copy still serving", extra=kv(model=m.name, reason=reason,
+                                                                           retry_in=round(m.retry_at - time.monotonic(), 1)))
+
+    def _recover(self, m: Model, reason: str) -> None:
+        """After an unexpected error: no `#new` reservation, not updating, and either LOADED
+        (the old copy, which the server still serves) or FAILED with nothing reserved."""
+        self._release_memory(f"{m.name}#new")
+        m.updating = m.draining = False
+        if m.state is S.LOADED and m.served is not None:
+            self._update_failed(m, reason)
+            return
+        if m.state in (S.LOADING, S.UNLOADING, S.LOADED):  # what the server holds is unknown now
+            self._release_memory(m.name)
+            m.served = None
+        self._fail(m, reason)
+
+    def _release_memory(self, name: str) -> None:
+        if self.memory.release(name) is not None:
+            self._signal_memory()
+            self._wake_nofit()
+
+    def _signal_memory(self) -> None:
+        """Wake the loads waiting for memory (see _make_room)."""
+        self._memory_changed.set()
+        self._memory_changed = asyncio.Event()
+
+    def _wake_nofit(self) -> None:
+        """Memory freed: preloads that did not fit try again now (not only on their timer)."""
+        for o in self.models.values():
+            if o.nofit and o.state is S.CACHED and o.wants_loaded() and not o.removed and not o.lock.locked():
+                o.nofit, o.retry_at = False, None
+                self._schedule(o)
+
     async def _retry_loop(self) -> None:
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5 * min(1.0, self.settings.retry_base_s))
             now = time.monotonic()
             for m in list(self.models.values()):
-                if m.state is S.FAILED and not m.permanent and m.retry_at and m.retry_at <= now and not m.lock.locked():
+                if m.removed or m.permanent or m.lock.locked() or m.retry_at is None or m.retry_at > now:
+                    continue
+                failed = m.state is S.FAILED and (m.wants_loaded() or m.entry is None)
+                update = m.state is S.LOADED  # a failed update: try again
+                nofit = m.state is S.CACHED and m.nofit and m.wants_loaded()
+                if failed or update or nofit:
                     m.retry_at = None
-                    if m.wants_loaded() or m.entry is None:
-                        self._schedule(m)
+                    self._schedule(m)
 
     async def _source_loop(self) -> None:
         """Every resync interval, list each model's source again (metadata only): an object
@@ -655,11 +955,30 @@ class Reconciler:
         """Schedule a source check of every settled model; returns how many."""
         n = 0
         for m in list(self.models.values()):
-            if not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not m.lock.locked():
-                m.recheck = True
-                self._schedule(m)
+            if not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not self._closing:
+                self._spawn(self._check_source(m), f"source-check:{m.name}")
                 n += 1
         return n
+
+    async def _check_source(self, m: Model) -> None:
+        """List the source and maybe pull, WITHOUT the model's lock (a request's load never
+        queues behind a check waiting for a pull slot); then apply the result under the lock."""
+        spec = m.spec
+        try:
+            async with self._pull_sem:
+                entry = await asyncio.to_thread(self._ensure, spec, check=True)
+        except PullError as e:
+            self.metrics.pulls.labels(result="error").inc()
+            log.warning("source check failed; cached copy kept", extra=kv(model=m.name, reason=str(e)))
+            return
+        async with m.lock:
+            current = not m.removed and m.spec.fingerprint() == spec.fingerprint() and m.entry_fp == spec.fingerprint()
+            if not current or m.entry is None or m.entry.key == entry.key:
+                self._drop_leases(m, {entry.key})  # the check's own lease, unless the model uses the key
+                return
+            log.info("model source changed", extra=kv(model=m.name, old=m.entry.key, new=entry.key))
+            self._keep_entry(m, entry, spec.fingerprint())
+            await self._guarded(m, self._step(m))
 
     async def _lease_loop(self) -> None:
         """Heartbeat the cache leases so other pods sharing the cache see them as live."""

@@ -259,11 +259,11 @@ class Router:
                 reason = "server unreachable"
             await send_error(send, 503, f"model {name!r}: {reason}", retry_after=1)
             return None
-        if status == 404 and model.state is State.LOADED and (version is None or version == model.spec.version):
-            # the server lost a model we hold loaded (restart, unloaded behind our back)
-            report = getattr(self.reconciler, "report_missing", None)
-            if report is not None:
-                report(name)
+        if status == 404 and (version is None or version == model.spec.version):
+            # the server does not have a model we leased as served (a restart, an unload behind
+            # our back, or the window before a restarted server is restocked): never a 404 for
+            # a configured model; the reconciler rechecks the server when it thinks it loaded
+            self.reconciler.report_missing(name)
             self._count(name, 503)
             await send_error(send, 503, f"model {name!r}: the server does not have it loaded; reloading", retry_after=1)
             return None

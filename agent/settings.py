@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agent.config import ModelSpec
+    from agent.config import ConfigLimits, ModelSpec
     from puller import PullOptions
 
 
@@ -56,6 +56,11 @@ class Settings:
     header_timeout_s: float = 10.0  # a request head (line + headers) must arrive within this
     keep_alive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
     max_header_bytes: int = 64 * 1024  # a larger request head (line + headers) is answered 431
+    max_config_bytes: int = 16 * 2**20  # a config file past it is rejected (last good config kept)
+    max_config_depth: int = 64  # nesting levels of lists/mappings in a config file
+    max_config_nodes: int = 1_000_000  # values in a config file, YAML aliases counted at each use
+    drain_timeout_s: float = 30.0  # an unload waits this long for in-flight requests to finish
+    retry_base_s: float = 1.0  # first retry delay of a failed model (doubles per failure, jittered)
     server_pid_file: Path | None = None  # sidecar: a file holding the server's pid (shared PID namespace) for memory
     memory_tolerance: float = 0.05  # reality may exceed the budget by this fraction before it is excess
     memory_pressure: float = 0.90  # cgroup working set above this fraction of its limit is excess
@@ -71,3 +76,10 @@ class Settings:
         if self.pvc_root:
             options.pvc_root = self.pvc_root
         return options
+
+    def config_limits(self) -> "ConfigLimits":
+        """What one config file may cost to read (--max-config-bytes/-depth/-nodes)."""
+        from agent.config import ConfigLimits
+
+        return ConfigLimits(max_bytes=self.max_config_bytes, max_depth=self.max_config_depth,
+                            max_nodes=self.max_config_nodes)

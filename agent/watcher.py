@@ -14,8 +14,18 @@ Guarantees:
   * A reload re-reads and hashes the file; an unchanged config calls nothing.
   * Every `resync_interval_s` the file is re-read anyway (catches anything the watch missed);
     `reload(force=True)` re-delivers the current config even when unchanged.
-  * A file that does not parse goes to on_error (once per distinct error); the caller keeps its
-    last good config. The next good read is delivered even if it equals the last good one.
+  * A file that does not parse, or is past a limit (`limits`: size, depth, values) goes to
+    on_error (once per distinct error); the caller keeps its last good config. The next good
+    read is delivered even if it equals the last good one.
+  * A file that cannot be read changes nothing either. Once a config was delivered, an ABSENT
+    config file is not "zero models": a delete + rewrite, a ConfigMap swapped to an empty
+    payload, a directory recreated empty, a dangling or looping symlink, a directory under the
+    name are all "unreadable". The watcher re-reads after `missing_grace_s`; if the file is
+    back by then nothing is said (a rewrite with the same bytes calls nothing), else on_error
+    gets "config file unreadable: ..." and the last good config stays. The explicit way to serve
+    no models is a file with an empty list (`[]` or `models: []`). Before any config was
+    delivered (start-up), a directory without a config file is the empty set, as ever, and an
+    unreadable file is reported at once.
   * A missing directory (volume not mounted yet) is polled every `retry_interval_s`, said once
     in the log and once to on_error; when it appears it is watched and read.
 """
@@ -41,7 +51,9 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from agent.config import CONFIG_FILES, ConfigParseError, ConfigResult, config_identity, load_config_dir
+from agent.config import (
+    CONFIG_FILES, ConfigLimits, ConfigParseError, ConfigResult, ConfigUnreadable, parse_raw, read_config_dir,
+)
 from agent.logging import get_logger, kv
 
 log = get_logger(__name__)
@@ -88,6 +100,8 @@ class ConfigWatcher:
         settle_s: float = 0.002,
         max_delay_s: float | None = None,
         retry_interval_s: float = 0.5,
+        limits: ConfigLimits | None = None,
+        missing_grace_s: float = 1.0,
     ):
         self.config_dir = Path(config_dir)
         self.on_change = on_change
@@ -97,6 +111,8 @@ class ConfigWatcher:
         self.settle_s = min(settle_s, debounce_s)
         self.max_delay_s = max_delay_s if max_delay_s is not None else max(10 * debounce_s, 0.5)
         self.retry_interval_s = retry_interval_s
+        self.limits = limits or ConfigLimits()
+        self.missing_grace_s = missing_grace_s
         self.last: ConfigResult | None = None  # the last config delivered to on_change
         self.reloads = 0  # reads of the directory (for tests and metrics)
         self.last_event_at: float | None = None  # time.monotonic() of the latest relevant event
@@ -113,6 +129,8 @@ class ConfigWatcher:
         self._arm_failed_said = False
         self._timer: asyncio.TimerHandle | None = None
         self._burst_start: float | None = None
+        self._unreadable_since: float | None = None  # loop time the file was first seen unreadable
+        self._recheck: asyncio.TimerHandle | None = None
         self._reload_wanted = asyncio.Event()
         self._check_dir = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -138,9 +156,10 @@ class ConfigWatcher:
 
     async def stop(self) -> None:
         """Stop watching; no callback runs after this returns."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._recheck):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._recheck = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -169,26 +188,63 @@ class ConfigWatcher:
             if self._missing_said:
                 log.info("config directory present", extra=kv(dir=self._root))
                 self._missing_said = False
-            identity = await asyncio.to_thread(config_identity, Path(self._root))
-            if not force and identity is not None and identity == self._last_identity:
+            root = Path(self._root)
+            try:
+                raw = await asyncio.to_thread(read_config_dir, root, self.limits)
+                if raw.file is None and self.last is not None and self.last.file is not None:
+                    raise ConfigUnreadable(self.last.file, (
+                        f"config file unreadable: it is gone (none of {', '.join(CONFIG_FILES)} in the directory; "
+                        "a file with an empty list serves no models)"))
+            except ConfigUnreadable as err:
+                if self._still_settling(force, err):
+                    return None
+                await self._failed(err, force)
+                return None
+            except ConfigParseError as err:
+                self._unreadable_since = None
+                await self._failed(err, force)
+                return None
+            self._unreadable_since = None
+            if not force and raw.identity == self._last_identity:
                 return None  # same bytes as the last delivered config: nothing to parse
             try:
-                result = await asyncio.to_thread(load_config_dir, Path(self._root))
+                result = await asyncio.to_thread(parse_raw, raw, self.limits)
             except ConfigParseError as err:
-                key = (err.file, err.reason)
-                self._last_key = self._last_identity = None  # the next good read is delivered, even if it equals the last good
-                if force or key != self._last_error:
-                    self._last_error = key
-                    log.debug("config not applied", extra=kv(file=err.file, reason=err.reason))  # on_error logs it
-                    await self.on_error(err)
+                await self._failed(err, force)
                 return None
             key = (result.file, result.digest, result.errors)
             if not force and key == self._last_key:
                 return None
             await self.on_change(result)
             self._last_key, self._last_error, self.last = key, None, result
-            self._last_identity = identity
+            self._last_identity = raw.identity
             return result
+
+    async def _failed(self, err: ConfigParseError, force: bool) -> None:
+        """The caller keeps its last good config; on_error hears each distinct error once."""
+        key = (err.file, err.reason)
+        self._last_key = self._last_identity = None  # the next good read is delivered, even if it equals the last good
+        if force or key != self._last_error:
+            self._last_error = key
+            log.debug("config not applied", extra=kv(file=err.file, reason=err.reason))  # on_error logs it
+            await self.on_error(err)
+
+    def _still_settling(self, force: bool, err: ConfigUnreadable) -> bool:
+        """True while an unreadable file is given `missing_grace_s` to come back (a delete +
+        rewrite, a non-atomic swap); a re-read is scheduled for when the grace ends."""
+        if self.last is None or self.last.file is None or force or self._loop is None:
+            return False  # no file was ever delivered: nothing to protect, say it at once
+        now = self._loop.time()
+        if self._unreadable_since is None:
+            self._unreadable_since = now
+            log.info("config file unreadable; re-reading before reporting it",
+                     extra=kv(dir=self._root, reason=err.reason, grace_s=self.missing_grace_s))
+        left = self._unreadable_since + self.missing_grace_s - now
+        if left <= 0:
+            return False
+        if self._recheck is None or self._recheck.when() < now:
+            self._recheck = self._loop.call_later(left, self._reload_wanted.set)
+        return True
 
     # ------------------------------------------------------------------ internals
     async def _dir_missing(self, force: bool) -> None:
@@ -249,7 +305,8 @@ class ConfigWatcher:
         if self._loop is None:
             return
         self.last_event_at = time.monotonic()
-        if atomic is None:
+        if atomic is None:  # the watched directory went away: whatever is there next needs a new watch,
+            self._watched_id = None  # even one that got the same inode number back
             self._check_dir.set()
             atomic = False
         now = self._loop.time()

@@ -14,6 +14,11 @@ private working dir, or a sidecar at `base_url`; see `process.ServerHandle`), on
   entry back (or remove it); on a timeout keep it, since the server may still be loading it;
 - unload: POST unload, wait until the server no longer serves it, remove the entry.
 
+Repository file work (entry writes, restores, removals) runs in threads (`asyncio.to_thread`),
+never on the agent's event loop: a slow disk or a large entry does not stall the data plane.
+An embedded server gets PYTHONPYCACHEPREFIX pointing into its private working dir, so what it
+compiles is written there, never beside a module in the repository or in a cache entry.
+
 A subclass says only what differs per server: how to start it (`_server_command`), what its
 entry holds (`entry_file`, `_entry_content`), how to read its index (`_index_states`) and errors
 (`_reason`), and how long an unload takes to finish (`_wait_unloaded`).
@@ -21,6 +26,7 @@ entry holds (`entry_file`, `_entry_content`), how to read its index (`_index_sta
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 import logging
 import os
@@ -131,9 +137,14 @@ class HTTPServerAdapter(RuntimeAdapter):
         process = None
         if base_url is None:
             listen = Listen(host, http_port or free_port(host), grpc_port or free_port(host), metrics_port or free_port(host))
-            argv, child_env = self._server_command(listen, dict(os.environ if env is None else env))
             if workdir is None:  # a private cwd: servers write state files there
                 workdir = self._own_workdir = Path(tempfile.mkdtemp(prefix=f"modelshelf-{self.kind}-"))
+            base_env = dict(os.environ if env is None else env)
+            # bytecode of what the server imports (a custom runtime, a python-backend model.py)
+            # goes to its private dir, never next to the module: in the repository or, through
+            # a link, into a cache entry (entries stay byte-identical to what was published)
+            base_env["PYTHONPYCACHEPREFIX"] = str(Path(workdir).resolve() / "pycache")
+            argv, child_env = self._server_command(listen, base_env)
             base_url = f"http://{host}:{listen.http_port}"
             process = ServerProcess(argv, ready_url=f"{base_url}/v2/health/ready", env=child_env, cwd=Path(workdir), name=self.kind, log_file=log_file)
         self._server = ServerHandle(base_url, process=process, name=self.kind, sidecar_interval=sidecar_interval)
@@ -246,22 +257,18 @@ class HTTPServerAdapter(RuntimeAdapter):
 
     async def load(self, model: ServedModel) -> None:
         check_name(model.name)
-        if not Path(model.path).exists():
-            raise LoadFailed(model.name, f"model files not found at {model.path}")
-        text, links = self._entry_content(model)
         entry = self.repository / model.name
-        previous = self._read_entry(entry)
-        self._write_entry(entry, _EntryState(text, links, served_to_json(model)))
+        previous = await asyncio.to_thread(self._prepare_entry, entry, model)  # file work: off the loop
         t0 = time.monotonic()
         try:
             r = await self._post(f"/v2/repository/models/{model.name}/load", model.name, timeout=self.load_timeout)
         except _TimedOut:
             raise  # the server may still be loading it: keep its entry (unload cleans up)
         except ServerUnavailable:
-            self._restore_entry(entry, previous)
+            await asyncio.to_thread(self._restore_entry, entry, previous)
             raise
         if r.status_code != 200:
-            self._restore_entry(entry, previous)
+            await asyncio.to_thread(self._restore_entry, entry, previous)
             raise LoadFailed(model.name, self._reason(r))
         self._log.info("event=model_loaded server=%s model=%s seconds=%.3f replaced=%s", self.kind, model.name, time.monotonic() - t0, previous is not None)
 
@@ -272,7 +279,7 @@ class HTTPServerAdapter(RuntimeAdapter):
         if r.status_code not in (200, 404):  # 404: not loaded, which is what we want
             raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
         await self._wait_unloaded(name)
-        shutil.rmtree(self.repository / name, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, self.repository / name, ignore_errors=True)
         self._log.info("event=model_unloaded server=%s model=%s seconds=%.3f", self.kind, name, time.monotonic() - t0)
 
     def served_path(self, name: str) -> Path | None:
@@ -322,6 +329,16 @@ class HTTPServerAdapter(RuntimeAdapter):
             raise _TimedOut(model, f"{self.kind} at {self.base_url} timed out ({type(e).__name__})") from None
         except (httpx.HTTPError, OSError) as e:
             raise ServerUnavailable(model, f"{self.kind} at {self.base_url} unreachable ({type(e).__name__})") from None
+
+    def _prepare_entry(self, entry: Path, model: ServedModel) -> _EntryState | None:
+        """(In a thread.) Write the entry of `model`; return what it held before (to put back
+        after a refusal). LoadFailed, with nothing written, when the model cannot be served."""
+        if not Path(model.path).exists():
+            raise LoadFailed(model.name, f"model files not found at {model.path}")
+        text, links = self._entry_content(model)
+        previous = self._read_entry(entry)
+        self._write_entry(entry, _EntryState(text, links, served_to_json(model)))
+        return previous
 
     def _read_entry(self, entry: Path) -> _EntryState | None:
         """What the entry holds now (None if it has no entry file)."""

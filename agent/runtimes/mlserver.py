@@ -9,8 +9,8 @@ loaded models' entries in the dir, a load cost 7 ms with 2 entries, 60 ms with 3
 with 100; in the density benchmark p95 grew 23x from over-commit ratio 1.0 to 1.5 (goal: 3x).
 Python's glob skips dot-directories, and MLServer serves a loaded model from its registry, not
 from disk. So an entry is written visibly (`<repo>/<name>/`), loaded, and then moved out of the
-glob's sight to `<repo>/.loaded/<name>`: a load costs ~5 ms again however many models are
-loaded, and p95(1.5)/p95(1.0) fell to ~2x. Measurements and the experiment:
+glob's sight to `<repo>/.loaded/<name>` (in a thread, like all the adapter's file work): a load
+costs ~5 ms again however many models are loaded, and p95(1.5)/p95(1.0) fell to ~2x. Measurements and the experiment:
 benchmarks/results/density.notes.md (and density.md for the current figures).
 
 The visible part of the repository therefore holds only the entries being loaded (and, after
@@ -207,6 +207,10 @@ class MLServerAdapter(HTTPServerAdapter):
 
     index_concurrency = 16  # parked models probed at once by index()
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._parking: dict[str, int] = {}  # name -> parks in flight (each in a thread)
+
     @property
     def parked_dir(self) -> Path:
         """`<repo>/.loaded`: the entries of loaded models, hidden from MLServer's glob."""
@@ -214,23 +218,31 @@ class MLServerAdapter(HTTPServerAdapter):
 
     async def start(self, timeout: float = 60.0) -> None:
         if self.process is not None:  # embedded: the server about to start serves nothing yet
-            shutil.rmtree(self.parked_dir, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, self.parked_dir, ignore_errors=True)
         await super().start(timeout)
 
     async def load(self, model: ServedModel) -> None:
         await super().load(model)
+        self._parking[model.name] = self._parking.get(model.name, 0) + 1
         try:
-            self._park(model.name)
+            await asyncio.to_thread(self._park, model.name)
         except OSError as e:  # still loaded and served; only later loads are slower
             self._log.warning("event=park_failed server=%s model=%s error=%s", self.kind, model.name, type(e).__name__)
+        finally:
+            self._parking[model.name] -= 1
+            if not self._parking[model.name]:
+                del self._parking[model.name]
 
     async def unload(self, name: str) -> None:
         await super().unload(name)  # raises (and keeps the parked copy) unless it is gone
-        self._unpark(name)
+        await asyncio.to_thread(self._unpark, name)
 
     async def index(self) -> dict[str, str]:
         states = await super().index()  # first: a park that happens meanwhile is seen below
-        names = sorted(self._entries_in(self.parked_dir))
+        # a park runs in a thread: between its rename and its link switch the entry is neither
+        # visible nor parked, so names being parked are probed too (taken before the listing)
+        parking = set(self._parking)
+        names = sorted(parking | await asyncio.to_thread(self._entries_in, self.parked_dir))
         sem = asyncio.Semaphore(self.index_concurrency)
 
         async def probe(name: str) -> tuple[str, bool]:
@@ -247,7 +259,7 @@ class MLServerAdapter(HTTPServerAdapter):
     async def model_state(self, name: str) -> str | None:
         """As index() says for `name`, probing only that name's parked entry."""
         state = (await HTTPServerAdapter.index(self)).get(name)
-        if self._served_in(self.parked_dir / name) is not None:
+        if name in self._parking or await asyncio.to_thread(self._served_in, self.parked_dir / name) is not None:
             return "READY" if await self._ready(name) else state or "UNAVAILABLE"
         return state
 
@@ -276,7 +288,8 @@ class MLServerAdapter(HTTPServerAdapter):
     def _park(self, name: str) -> None:
         """Move the just-loaded visible entry of `name` under `.loaded/`, replacing an older
         parked copy: the link `.loaded/<name>` switches from the old dir to the new in one
-        os.replace. Synchronous (no await): parks never interleave on the adapter's loop."""
+        os.replace. Runs in a thread: the reconciler never loads one name twice at once, and
+        index() probes the names whose park is in flight."""
         check_name(name)
         visible = self.repository / name
         self.parked_dir.mkdir(exist_ok=True)

@@ -222,7 +222,7 @@ class ServerProcess:
     def _tail_text(self, lines: int = 5) -> str:
         return " | ".join(list(self.tail)[-lines:])
 
-    async def _wait_ready(self, timeout: float) -> None:
+    async def _wait_ready(self, timeout: float, poll: float = 0.05) -> None:
         proc = self._proc
         assert proc is not None
         deadline = time.monotonic() + timeout
@@ -235,7 +235,7 @@ class ServerProcess:
                 return
             if time.monotonic() > deadline:
                 raise ServerUnavailable(None, f"{self.name} not ready within {timeout:.0f}s: {self._tail_text()}")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(poll)
 
     async def _drain(self) -> None:
         if self._reader is not None:
@@ -262,7 +262,9 @@ class ServerProcess:
                 backoff = min(backoff * 2, self.max_backoff)
                 try:
                     await self._spawn()
-                    await self._wait_ready(self.start_timeout)
+                    # probed often: from the moment the restarted server answers until
+                    # on_restart() has told the owner, it would answer 404 for every model
+                    await self._wait_ready(self.start_timeout, poll=0.01)
                     break
                 except (ServerUnavailable, OSError) as e:
                     log.warning("event=server_restart_failed server=%s reason=%s", self.name, e)

@@ -128,8 +128,24 @@ def config_text(model: ServedModel) -> str:
     return text.rstrip("\n") + "\n"
 
 
+def _file_links(rel: str, target: Path) -> dict[str, str]:
+    """`target` placed at `rel` in an entry: a file (or an empty dir) is one link; a dir is a
+    real dir in the repository with a link per file, recursively. What the server writes beside
+    a model file (the python backend's `__pycache__`) then lands in the repository, never
+    through a linked dir into the cache entry."""
+    if not target.is_dir():
+        return {rel: str(target)}
+    out: dict[str, str] = {}
+    for dirpath, _dirs, files in os.walk(target, followlinks=True):
+        for f in files:
+            p = Path(dirpath) / f
+            out[f"{rel}/{p.relative_to(target).as_posix()}"] = str(p)
+    return out or {rel: str(target)}
+
+
 def entry_links(model: ServedModel) -> dict[str, str]:
-    """Entry-relative path -> target in the cache, for the version dirs and other files."""
+    """Entry-relative path -> target in the cache, one per file of the version dirs and the
+    other files (dirs are made in the entry, see `_file_links`)."""
     src = Path(model.path).resolve()
     if src.is_file():
         return {f"1/{src.name}": str(src)}
@@ -137,10 +153,15 @@ def entry_links(model: ServedModel) -> dict[str, str]:
     versions = [p for p in children if p.is_dir() and p.name.isdigit()]
     if not versions:  # a bare model dir: make it version 1
         version = model.version if model.version and str(model.version).isdigit() else "1"
-        return {f"{version}/{p.name}": str(p) for p in children}
-    if model.version and str(model.version).isdigit() and (src / str(model.version)).is_dir():
-        children = [p for p in children if not (p.is_dir() and p.name.isdigit()) or p.name == str(model.version)]
-    return {p.name: str(p) for p in children}
+        placed = {f"{version}/{p.name}": p for p in children}
+    else:
+        if model.version and str(model.version).isdigit() and (src / str(model.version)).is_dir():
+            children = [p for p in children if not (p.is_dir() and p.name.isdigit()) or p.name == str(model.version)]
+        placed = {p.name: p for p in children}
+    links: dict[str, str] = {}
+    for rel, target in placed.items():
+        links.update(_file_links(rel, target))
+    return links
 
 
 def server_reason(response: httpx.Response) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 
 import psutil
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from agent.demo import write_model
 from tests.support.agentproc import IRIS_ROW, AgentProcess, v2_infer_body
 from tests.support.configmap import ConfigMapDir
+from tests.support.models import SLOW_IMPLEMENTATION, count_loads, write_slow_model
 
 
 def models_yaml(*entries: dict) -> dict[str, str]:
@@ -72,30 +75,47 @@ def test_add_update_remove_through_configmap_swaps(agent_env, store):
     assert agent.state("a") == "loaded"
 
 
-def test_update_never_leaves_a_gap(agent_env, store):
-    """Ready and infer are polled during the swap to a new copy: not one failure."""
+def _server_load_window(agent: AgentProcess, name: str) -> tuple[float, float]:
+    """(start, end) wall-clock seconds of the last repository load of `name` on the server, from
+    the adapter's own log line (its timestamp is the end; `seconds=` the load's duration)."""
+    line = [ln for ln in agent.log().splitlines() if "event=model_loaded" in ln and f" model={name} " in ln][-1]
+    end = datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    return end - float(re.search(r" seconds=([0-9.]+)", line).group(1)), end
+
+
+def test_update_never_leaves_a_gap(agent_env, store, tmp_path):
+    """Ready and infer are polled while `m` is swapped to a new copy whose load takes 1.5 s
+    inside the server: polls that ran wholly within that load (as the adapter timed it) all
+    succeed and get the old copy's answer, and the new copy answers afterwards."""
+    load_log = tmp_path / "loads.log"
+    write_slow_model(tmp_path / "slowstore" / "slow", delay=0.0, load_delay=1.5, load_log=load_log)
     cm, start = agent_env
     cm.write(models_yaml({"name": "m", "uri": str(store / "logreg")}))
     agent = start().wait_ready()
     agent.wait_state("m", "loaded")
     failures: list = []
+    rounds: list[tuple[float, float, object]] = []  # (start, end, output) of successful rounds
     stop = threading.Event()
 
     def poll():
         while not stop.is_set():
+            t0 = time.time()
             code, body = agent.get("/v2/models/m/ready")
             if code != 200:
                 failures.append(("ready", code, body))
-            code, body = infer(agent, "m")
-            if code != 200:
-                failures.append(("infer", code, body))
+            code2, body2 = infer(agent, "m")
+            if code2 != 200:
+                failures.append(("infer", code2, body2))
+            elif code == 200:
+                rounds.append((t0, time.time(), body2["outputs"][0]["data"]))
 
     t = threading.Thread(target=poll)
     t.start()
     try:
         time.sleep(0.3)
         before = agent.status()["models"]["m"]["cache_key"]
-        cm.write(models_yaml({"name": "m", "uri": str(store / "forest")}))
+        cm.write(models_yaml({"name": "m", "uri": str(tmp_path / "slowstore" / "slow"), "runtime": "mlserver",
+                              "implementation": SLOW_IMPLEMENTATION}))
         agent.wait_for(lambda s: s["models"]["m"]["cache_key"] != before and s["models"]["m"]["state"] == "loaded"
                        and s["models"]["m"]["loads"] == 2, what="m replaced")
         time.sleep(0.3)
@@ -103,6 +123,14 @@ def test_update_never_leaves_a_gap(agent_env, store):
         stop.set()
         t.join(10)
     assert failures == []
+    assert count_loads(load_log, "m") == 1
+    start, end = _server_load_window(agent, "m")
+    old_answer = rounds[0][2]
+    during = [r for r in rounds if r[0] >= start and r[1] <= end]
+    assert len(during) >= 3, f"only {len(during)} poll rounds ran within the swap: the test proved nothing"
+    assert all(r[2] == old_answer for r in during)  # the old copy served throughout the new copy's load
+    print(f"\n{len(rounds)} rounds, {len(during)} within the swap; last answer {rounds[-1][2]}")
+    assert rounds[-1][2] == IRIS_ROW, rounds[-1]  # the new copy (an echo of the input) serves now
 
 
 def test_bad_file_keeps_last_good_config(agent_env, store):

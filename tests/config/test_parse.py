@@ -349,3 +349,15 @@ def test_missing_dir_and_unreadable_bytes_raise(tmp_path):
     with pytest.raises(ConfigParseError) as info:
         load_config_dir(tmp_path)
     assert (info.value.file, info.value.reason) == ("models.yaml", "not UTF-8 text (byte 21)")
+
+
+def test_an_unchanged_entry_keeps_its_spec_and_a_value_of_another_type_is_validated_anew():
+    """The parser reuses the ModelSpec of an entry whose raw content is unchanged (the
+    reconciler skips it by identity); 1 == True in Python, so the type is part of that content."""
+    first = parse_config("- {name: a, uri: /m/a, preload: true}\n- {name: b, uri: /m/b, parameters: {x: [1]}}\n", "models.yaml")
+    again = parse_config("- {name: a, uri: /m/a, preload: true}\n- {name: b, uri: /m/b, parameters: {x: [1]}}\n", "models.yaml")
+    assert again.models["a"] is first.models["a"] and again.models["b"] is first.models["b"]
+    result, err = one_error(with_neighbours("{name: a, uri: /m/a, preload: 1}"))
+    assert "preload: expected true or false, got int 1" in err.reason
+    changed = parse_config("- {name: b, uri: /m/b, parameters: {x: [1.5]}}\n", "models.yaml")
+    assert changed.models["b"].parameters == {"x": [1.5]}

@@ -93,9 +93,9 @@ def test_plain_file_edit_in_place_and_by_rename(tmp_path, recorder):
             os.replace(tmp, path)  # what most editors and `kubectl cp`-style tools do
             await recorder.wait_for(lambda r: len(r.changes) == 3, timeout=2.0, what="rename over the file")
             assert recorder.names() == ["c"]
-            path.unlink()  # no config file at all: the empty set
-            await recorder.wait_for(lambda r: len(r.changes) == 4, timeout=2.0, what="file removed")
-            assert recorder.names() == [] and recorder.changes[-1][1].file is None
+            path.write_text("[]\n")  # an explicit empty list: no models
+            await recorder.wait_for(lambda r: len(r.changes) == 4, timeout=2.0, what="the empty list")
+            assert recorder.names() == [] and recorder.changes[-1][1].file == "models.yaml"
         finally:
             await w.stop()
 

@@ -52,6 +52,18 @@ def test_triton_links_the_requested_version_only(tmp_path: Path) -> None:
     assert set(entry_links(ServedModel("x", tmp_path, "triton", version="2"))) == {"2", "labels.txt"}
 
 
+def test_triton_version_dirs_are_real_dirs_with_a_link_per_file(tmp_path: Path) -> None:
+    (tmp_path / "1" / "sub").mkdir(parents=True)
+    (tmp_path / "1" / "model.py").write_text("x")
+    (tmp_path / "1" / "sub" / "helper.py").write_text("y")
+    (tmp_path / "2").mkdir()  # empty: linked as is
+    assert entry_links(ServedModel("x", tmp_path, "triton")) == {
+        "1/model.py": str(tmp_path / "1" / "model.py"),
+        "1/sub/helper.py": str(tmp_path / "1" / "sub" / "helper.py"),
+        "2": str(tmp_path / "2"),
+    }
+
+
 def test_mlserver_uri_points_at_the_model_file(tmp_path: Path) -> None:
     wellknown = tmp_path / "a"
     wellknown.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -272,9 +273,49 @@ def _load_unload_ms(srv: RunningServer, served: ServedModel, rounds: int = 5) ->
     return sorted(times)[len(times) // 2]
 
 
+class _Opens:
+    """The model-settings.json files opened under `root` (inotify, recursive, dot-dirs
+    included) while the context is active: what a server reads, counted by the kernel."""
+
+    def __init__(self, root: Path):
+        from watchdog.events import FileOpenedEvent, FileSystemEventHandler
+        from watchdog.observers.inotify import InotifyObserver
+
+        self.paths: list[str] = []
+        opens = self.paths
+
+        class _Handler(FileSystemEventHandler):
+            def on_opened(self, event: FileOpenedEvent) -> None:
+                if str(event.src_path).endswith("/model-settings.json"):
+                    opens.append(str(event.src_path))
+
+        self._observer = InotifyObserver()
+        self._observer.schedule(_Handler(), str(root), recursive=True)
+
+    def __enter__(self) -> "_Opens":
+        self._observer.start()
+        return self
+
+    def settle(self, expect: Path) -> list[str]:
+        """Read `expect`, wait until that open is seen (every earlier event is in by then) and
+        return the opens before it."""
+        expect.read_bytes()
+        deadline = time.monotonic() + 10
+        while str(expect) not in self.paths and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert str(expect) in self.paths, f"inotify saw no open of {expect}: the count below would mean nothing"
+        return self.paths[: len(self.paths) - 1 - self.paths[::-1].index(str(expect))]
+
+    def __exit__(self, *exc: object) -> None:
+        self._observer.stop()
+        self._observer.join(5)
+
+
 def test_load_cost_does_not_grow_with_the_loaded_set(mlserver: RunningServer, tmp_path: Path) -> None:
     """MLServer parses every model-settings.json its glob finds on each load (on its event
-    loop): with 30 models loaded, a further load still finds only its own entry."""
+    loop), so a load's cost is the number of entries the server reads. With 30 models loaded
+    the kernel (inotify) sees a further load open no other model's model-settings.json: the
+    cost of a load does not grow with the loaded set. Wall times are printed, not asserted."""
     ad = mlserver.adapter
     probe = ServedModel("probe", write_sklearn_model(tmp_path / "probe", seed=1), "sklearn")
     mlserver.call(ad.load(ServedModel("m0", write_sklearn_model(tmp_path / "m0"), "sklearn")))
@@ -284,7 +325,14 @@ def test_load_cost_does_not_grow_with_the_loaded_set(mlserver: RunningServer, tm
         mlserver.call(ad.load(ServedModel(f"m{i}", shared, "sklearn")))
         assert _globbed(mlserver.repository) == []  # after each load: nothing left for the glob
     assert mlserver.call(ad.index()) == {f"m{i}": "READY" for i in range(30)}
-    with_thirty = _load_unload_ms(mlserver, probe)
+    others = {str(p) for p in mlserver.repository.rglob("model-settings.json")}
+    assert len(others) == 30, sorted(others)  # every loaded model's entry is on disk (parked)
+    with _Opens(mlserver.repository) as opens:
+        with_thirty = _load_unload_ms(mlserver, probe)
+        during = opens.settle(Path(sorted(others)[0]))  # a control read by the test itself
+    read_by_loads = [p for p in during if p in others]
+    assert read_by_loads == [], f"5 loads of 'probe' read {len(read_by_loads)} other entries' settings: {sorted(set(read_by_loads))[:5]}"
+    assert any(p.endswith("/probe/model-settings.json") for p in during), during  # the load's own entry was read
     print(f"\nload ms (median of 5, adapter round trip): 1 loaded {with_one:.1f}, 30 loaded {with_thirty:.1f}")
 
     # during a load (a model whose load takes 1 s), the glob sees exactly the entry being loaded
@@ -364,3 +412,54 @@ def test_embedded_server_starts_with_no_parked_entries(tmp_path: Path) -> None:
     with embedded_mlserver(tmp_path) as srv:
         assert srv.adapter.repository_entries() == set() and not parked.exists()
         assert srv.call(srv.adapter.index()) == {}
+
+
+def test_custom_runtime_byproducts_stay_out_of_the_cache_and_the_repository(tmp_path: Path) -> None:
+    """MLServer imports a custom runtime's module from the entry (its `.py` linked from the
+    model dir): its bytecode cache goes to the server's private dir, not next to the module in
+    the repository, nor into the model dir (a cache entry). The server here runs with Python's
+    default (bytecode written), whatever the test runner's environment says."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    src = write_slow_model(tmp_path / "pyc-src", delay=0.0)
+    before = sorted(str(p.relative_to(src)) for p in src.rglob("*"))
+    with embedded_mlserver(tmp_path / "srv", env=env) as srv:
+        srv.call(srv.adapter.load(ServedModel("pyc", src, "mlserver", implementation=SLOW_IMPLEMENTATION)))
+        r = httpx.post(f"{srv.base_url}/v2/models/pyc/infer", json=v2_request(ROWS), timeout=10)
+        assert r.status_code == 200, r.text
+        assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
+        assert [str(p) for p in srv.repository.rglob("__pycache__")] == []
+        assert list((tmp_path / "srv" / "cwd").rglob("slow_model*.pyc")) != []  # written, in the server's own dir
+
+
+def test_repository_file_work_does_not_block_the_event_loop(mlserver: RunningServer, tmp_path: Path) -> None:
+    """A slow repository disk stalls only the load that writes there. The entry write is held
+    here (a stand-in for a slow disk, which cannot be forced on a real one) until the adapter's
+    event loop has answered another call (an index); if the write ran on the loop, nothing
+    could answer and the write would give up waiting after 5 s."""
+    ad = mlserver.adapter
+    d = write_sklearn_model(tmp_path / "m")
+    entered, released = threading.Event(), threading.Event()
+    waited_out: list[bool] = []
+    real = ad._write_entry
+
+    def slow_write(entry: Path, content: object) -> None:
+        entered.set()
+        waited_out.append(not released.wait(5))
+        real(entry, content)
+
+    async def scenario() -> dict[str, str]:
+        load = asyncio.create_task(ad.load(ServedModel("slowdisk", d, "sklearn")))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        index = await ad.index()  # answered while the write is held
+        released.set()
+        await load
+        return index
+
+    ad._write_entry = slow_write  # type: ignore[method-assign]
+    try:
+        index = mlserver.call(scenario())
+    finally:
+        del ad._write_entry
+    assert waited_out == [False], "the entry write blocked the adapter's event loop"
+    assert "slowdisk" not in index and _infer(mlserver, "slowdisk") == sklearn_predictions(d, ROWS)

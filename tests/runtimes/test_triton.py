@@ -38,7 +38,7 @@ def test_load_infer_index_unload_under_the_served_name(triton: RunningServer, tm
     assert triton.call(ad.index()) == {"twice": "READY"}
     assert ad.repository_entries() == {"twice"}
     assert 'name: "twice"' in (triton.repository / "twice" / "config.pbtxt").read_text()
-    assert (triton.repository / "twice" / "1").resolve() == (src / "1").resolve()  # linked, not copied
+    assert (triton.repository / "twice" / "1" / "model.py").resolve() == (src / "1" / "model.py").resolve()  # linked, not copied
 
     triton.call(ad.unload("twice"))
     # unload returned only once Triton finished (it is asynchronous there): gone right away
@@ -92,4 +92,18 @@ def test_failed_reload_keeps_the_old_copy_and_its_entry(triton: RunningServer, t
         triton.call(ad.load(ServedModel("keep", write_triton_broken_model(tmp_path / "bad"), "triton")))
     assert _infer(triton, "keep") == [v * 2 for v in VALUES]
     assert ad.entry("keep").path == good
-    assert (triton.repository / "keep" / "1").resolve() == (good / "1").resolve()
+    assert (triton.repository / "keep" / "1" / "model.py").resolve() == (good / "1" / "model.py").resolve()
+
+
+def test_python_backend_byproducts_stay_out_of_the_model_dir(triton: RunningServer, tmp_path: Path) -> None:
+    """The python backend imports model.py and Python caches its bytecode next to the path it
+    was imported from. The model dir is a cache entry (shared, to stay byte-identical): after a
+    load and an inference, nothing was written into it through the repository's links."""
+    ad = triton.adapter
+    src = _model(tmp_path, "pyc-src", factor=3.0)
+    before = sorted(str(p.relative_to(src)) for p in src.rglob("*"))
+    triton.call(ad.load(ServedModel("pyc", src, "triton")))
+    assert _infer(triton, "pyc") == [v * 3 for v in VALUES]
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
+    assert (triton.repository / "pyc" / "1" / "model.py").resolve() == (src / "1" / "model.py").resolve()  # linked, not copied
+    triton.call(ad.unload("pyc"))
