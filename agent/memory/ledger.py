@@ -31,7 +31,7 @@ class MemoryManager:
                  server_pid: Callable[[], int | None] | int | None = None, min_residency_s: float = 30.0,
                  floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
                  profile: str = "default", clock: Callable[[], float] = time.monotonic,
-                 measure_wait_s: float = 5.0, reality_options: Mapping[str, Any] | None = None):
+                 measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None):
         self._budget = {d: int(b) for d, b in budget.items()}
         self._store: MetaStore = store if store is not None else InMemoryStore()
         self._multipliers = {**DEFAULT_MULTIPLIERS, **(multipliers or {})}
@@ -53,6 +53,7 @@ class MemoryManager:
         self._attr = ImportAttribution(self.min_model_bytes)
         self._baselines: dict[int, int] = {}  # server pid -> its tree RSS with no model loaded
         self._reality: RealityCheck | None = None
+        self._note_baseline()  # the agent builds its ledger when the server has just started, bare
         self._window_closed = threading.Condition(self._lock)
         self.reality_options = dict(reality_options or {})  # RealityCheck keywords (tolerance, pressure, source)
         self.measure_wait_s = float(measure_wait_s)  # how long a window waits for the open one (see start_measure)
@@ -134,6 +135,18 @@ class MemoryManager:
             self._warm = {}
             self._overhead_pid = None
             self._attr.server_restarted()
+        self._note_baseline()  # called when the new process is up and before anything reloads
+
+    def _note_baseline(self) -> None:
+        """Remember the server's tree RSS now as its bare baseline (nothing loaded yet)."""
+        try:
+            pid = self._pid()
+            rss = tree_rss(pid) if pid is not None else 0
+        except Exception:  # an adapter not started yet: the first window will note it
+            return
+        if pid is not None and rss > 0:
+            with self._lock:
+                self._baselines = {pid: rss}
 
     def model_doc(self, name: str) -> dict[str, Any] | None:
         """``name``'s reservation for /status: reserved bytes, method, declared and measured
@@ -386,13 +399,17 @@ class MemoryManager:
         runtime in a server process be told apart (see ``overhead``).
 
         Windows are serialized: called from a worker thread (``asyncio.to_thread``), it waits
-        up to ``measure_wait_s`` for the open window to close, so loads started together (the
-        preloads at start-up) are measured one after another instead of spoiling each other.
-        Called on an event loop's thread it never blocks (the overlapping windows are then not
-        recorded, as before)."""
+        for the open window to close, but never past ``measure_wait_s`` (1 s) after that window
+        opened, so loads started together (the preloads at start-up) are measured one after
+        another when they are quick, and a load never waits long behind one that is slow or
+        hangs (their windows then overlap and are not recorded; the entry is measured on its
+        next load). Called on an event loop's thread it never blocks."""
         with self._lock:
             if self._windows and self.measure_wait_s > 0 and not _on_event_loop():
-                self._window_closed.wait_for(lambda: not self._windows, timeout=self.measure_wait_s)
+                # bounded by the open window's age: a load never waits behind one that hangs
+                oldest = min(w.started for w in self._windows.values())
+                self._window_closed.wait_for(lambda: not self._windows,
+                                             timeout=max(0.0, oldest + self.measure_wait_s - self._clock()))
             m = Measurement(name, Snapshot(None, None, {}), self._clock(), runtime=runtime)
             self._mark_overlaps(m)
             self._windows[id(m)] = m  # registered before the snapshot: the next window waits for it
@@ -400,7 +417,8 @@ class MemoryManager:
         with self._lock:
             m.before = snap
             others = [n for n in self._reserved if n != name]
-            if snap.pid is not None and snap.host is not None and not others and not self._overhead:
+            if snap.pid is not None and snap.host is not None and not others and not self._overhead \
+                    and snap.pid not in self._baselines:
                 self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
             if snap.pid is not None:
                 if self._overhead_pid != snap.pid:  # a new server process: old imports are gone
