@@ -32,7 +32,7 @@ def build_api(agent: "Agent") -> FastAPI:
     _add_probes(api, agent)
 
     def status_doc() -> dict[str, Any]:
-        return redact_doc(agent.status())
+        return redact_doc({**agent.status(), **_memory_views(agent)})
 
     @api.get("/status")
     async def status() -> dict[str, Any]:
@@ -48,6 +48,7 @@ def build_api(agent: "Agent") -> FastAPI:
     @api.get("/metrics")
     async def metrics() -> Response:
         agent.refresh_gauges()
+        _memory_gauges(agent)
         text = agent.metrics.render()
         if b"://" in text:  # label values never should carry a URI; if one does, it is redacted
             text = redact(text.decode()).encode()
@@ -58,6 +59,38 @@ def build_api(agent: "Agent") -> FastAPI:
         return _render_page(status_doc())
 
     return api
+
+
+def _memory_views(agent: "Agent") -> dict[str, Any]:
+    """The two views of memory: "ledger" (what is reserved, used vs held, declared vs measured)
+    beside "reality" (what the server really holds, drift, excess, cgroup, OOM kills)."""
+    memory = getattr(agent, "memory", None)
+    if memory is None:
+        return {}
+    report = memory.reality.check()  # cheap: a few /proc reads of tracked pids, one NVML query
+    return {"ledger": memory.ledger_doc(), "reality": report.doc()}
+
+
+def _memory_gauges(agent: "Agent") -> None:
+    memory, m = getattr(agent, "memory", None), agent.metrics
+    if memory is None:
+        return
+    report = memory.reality.check()
+    for d, b in memory.held().items():
+        m.memory_held.labels(device=d).set(b)
+    for d in report.budget:
+        if d in report.real:
+            m.memory_real.labels(device=d).set(report.real[d])
+            m.memory_drift.labels(device=d).set(report.drift[d])
+        m.memory_excess.labels(device=d).set(report.excess.get(d, 0))
+    if report.cgroup is not None:
+        m.cgroup_memory.labels(kind="current").set(report.cgroup.current)
+        m.cgroup_memory.labels(kind="working_set").set(report.cgroup.working_set)
+        if report.cgroup.limit is not None:
+            m.cgroup_memory.labels(kind="limit").set(report.cgroup.limit)
+    seen = m.oom_kills._value.get()
+    if report.oom_kills > seen:
+        m.oom_kills.inc(report.oom_kills - seen)
 
 
 def _add_probes(api: FastAPI, agent: "Agent") -> None:
@@ -96,6 +129,26 @@ def _bar(used: float, budget: float | None) -> str:
     color = "#c62828" if pct > 90 else "#2e7d32"
     return (f'<div class="bar"><div style="width:{pct:.1f}%;background:{color}"></div></div>'
             f"{_fmt_bytes(used)} of {_fmt_bytes(budget)} ({pct:.0f}%)")
+
+
+def _reality_html(status: dict[str, Any]) -> str:
+    """Ledger (reserved: used, held during a swap) beside reality (what the server holds)."""
+    ledger, reality = status.get("ledger"), status.get("reality")
+    if not ledger or not reality:
+        return ""
+    e = html.escape
+    rows = []
+    for d, v in ledger["devices"].items():
+        r = reality["devices"].get(d) or {}
+        real = r.get("real")
+        excess = f' <b class="bad">excess {_fmt_bytes(r["excess"])} ({e(str(r.get("reason")))})</b>' if r.get("excess") else ""
+        rows.append(f"<tr><td>{e(d)}</td><td>ledger {_bar(v['used'], v['budget'])} · held {_fmt_bytes(v['held'])}</td>"
+                    f"<td>real {_bar(real, v['budget']) if real is not None else '– (baseline not seen yet)'}"
+                    f" · drift {_fmt_bytes(r.get('drift'))}{excess}</td></tr>")
+    oom = f' · <b class="bad">OOM kills: {reality["oom_kills"]}</b>' if reality.get("oom_kills") else ""
+    under = ", ".join(e(n) for n in ledger.get("under_declared", []))
+    return (f"<h3>Ledger vs reality <small>({e(str(reality.get('source')))}){oom}</small></h3><table>{''.join(rows)}</table>"
+            + (f"<p>measured above their declaration: {under}</p>" if under else ""))
 
 
 def _render_page(status: dict[str, Any]) -> str:
@@ -141,6 +194,7 @@ background:#eee;margin-right:8px}} .bar div{{height:10px}} .reason{{color:#c6282
  · config: {config_line} · {counts}</p>
 {f'<p>rejected entries:</p><ul>{rejected}</ul>' if rejected else ''}
 <h3>Memory</h3><table>{memory_rows}</table>
+{_reality_html(status)}
 <h3>Cache</h3><p>{_fmt_bytes(cache.get('bytes'))} in {cache.get('entries', '–')} entries{f" (budget {_fmt_bytes(cache.get('max_bytes'))})" if cache.get('max_bytes') else ''}</p>
 <h3>Models ({len(status['models'])})</h3>
 <table><tr><th>name</th><th>state</th><th>runtime</th><th>files</th><th>memory</th><th>in flight</th><th>load</th><th>idle</th><th>reason</th></tr>

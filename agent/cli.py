@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server-repository", type=Path, default=None, help="repository dir the agent writes model entries into (shared with a sidecar server)")
     run.add_argument("--server-port", type=int, default=None, help="embedded server's HTTP port (default: a free one)")
     run.add_argument("--triton-bin", type=Path, default=None, help="tritonserver binary (default: found in .venv-triton)")
+    run.add_argument("--server-pid-file", type=Path, default=None, help="sidecar mode: file holding the server's pid (needs a shared PID namespace), so its real memory (RSS, NVML per process) is measured")
+    run.add_argument("--memory-tolerance", type=float, default=0.05, help="fraction by which real memory may exceed the budget before the agent evicts (default 0.05)")
+    run.add_argument("--memory-pressure", type=float, default=0.90, help="fraction of the container's cgroup limit above which the agent evicts (default 0.90)")
     run.add_argument("--host-memory", default=None, help="host memory budget: bytes, 8Gi, or 80%% of the cgroup limit/RAM")
     run.add_argument("--gpu-memory", default=None, help="GPU memory budget per device: bytes, 20Gi, or 90%%")
     run.add_argument("--memory-multiplier", action="append", default=[], metavar="RUNTIME=X", help="estimated cost = cache entry size x X for RUNTIME (repeatable)")
@@ -265,6 +268,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.stream_body_bytes = parse_quantity(args.stream_body_bytes)
         s.grpc_port = args.grpc_port if isinstance(args.grpc_port, int) else _grpc_port(args.grpc_port)
         s.grpc_host, s.server_grpc_target = args.grpc_host, args.server_grpc_target
+        s.server_pid_file = args.server_pid_file
+        s.memory_tolerance, s.memory_pressure = args.memory_tolerance, args.memory_pressure
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
         s.drain_timeout_s = args.drain_timeout

@@ -28,6 +28,12 @@ class Metrics:
         self.config_errors = Counter("modelshelf_config_errors_total", "Rejected config files and entries", ["kind"], registry=r)
         self.config_applied = Gauge("modelshelf_config_applied_timestamp_seconds", "When the last good config was applied", registry=r)
         self.server_restarts = Counter("modelshelf_server_restarts_total", "Co-located server restarts seen", registry=r)
+        self.memory_held = Gauge("modelshelf_memory_held_bytes", "Model memory the server still holds by the ledger (used + unloading)", ["device"], registry=r)
+        self.memory_real = Gauge("modelshelf_memory_real_bytes", "Real memory of the server's models per device (RSS or cgroup over baseline; NVML)", ["device"], registry=r)
+        self.memory_drift = Gauge("modelshelf_memory_drift_bytes", "Ledger minus real memory per device", ["device"], registry=r)
+        self.memory_excess = Gauge("modelshelf_memory_excess_bytes", "Bytes to free now per device (real or ledger over budget, cgroup pressure)", ["device"], registry=r)
+        self.cgroup_memory = Gauge("modelshelf_cgroup_memory_bytes", "The container's cgroup memory (current, working_set, limit)", ["kind"], registry=r)
+        self.oom_kills = Counter("modelshelf_oom_kills_total", "OOM kills in the container's cgroup seen by the agent", registry=r)
         self.before_render: list = []  # callables run at each scrape (e.g. the router drops series of removed models)
         self.grpc_requests = Counter("modelshelf_grpc_requests_total", "gRPC data-plane calls by model and status code", ["model", "code"], registry=r)
 

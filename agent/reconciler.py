@@ -60,7 +60,7 @@ from typing import Any, AsyncIterator, Awaitable
 
 from agent.config import ConfigError, ConfigParseError, ConfigResult, ModelSpec
 from agent.logging import get_logger, kv
-from agent.memory import Candidate, DoesNotFit, MemoryManager
+from agent.memory import Candidate, DoesNotFit, MemoryManager, reality_loop
 from agent.metrics import Metrics
 from agent.runtimes import RuntimeAdapter, RuntimeErrorBase, ServedModel
 from agent.runtimes.base import ServerUnavailable
@@ -196,10 +196,8 @@ class Model:
 
 
 def _memory_doc(memory: MemoryManager, name: str) -> dict[str, Any] | None:
-    cost = memory.reservations().get(name)
-    if cost is None:
-        return None
-    return {"host": cost.host, "gpu": dict(cost.gpu), "method": cost.method}
+    """The model's reservation: bytes per device, method, declared beside measured."""
+    return memory.model_doc(name)
 
 
 def _redact_source(spec: ModelSpec) -> Any:
@@ -244,6 +242,7 @@ class Reconciler:
         self._memory_changed = asyncio.Event()  # replaced each time memory frees (see _signal_memory)
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
         self._recheck_task: asyncio.Task | None = None
+        self._reality_wake = asyncio.Event()  # set after a load: check reality at once
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -258,6 +257,11 @@ class Reconciler:
             log.info("server already serves models", extra=kv(count=len(self._adoptable)))
         for loop in (self._retry_loop, self._lease_loop, self._source_loop, self._resync_loop):
             self._background.append(asyncio.create_task(loop(), name=loop.__name__.strip("_")))
+        # reality beside the ledger: every few seconds and after each load, evict LRU models no
+        # request holds while the server really holds more than the budget (agent/memory/reality.py)
+        self._background.append(asyncio.create_task(reality_loop(
+            self.memory.reality, self._relief_candidates, self._evict_for_reality,
+            interval_s=self.settings.reality_interval_s, wake=self._reality_wake), name="reality-loop"))
 
     async def close(self) -> None:
         self._closing = True
@@ -635,6 +639,7 @@ class Reconciler:
         self._set(m, S.LOADED, reason=None)
         self._drop_leases(m, before)  # the previous copy's entry, now that this one serves
         self._signal_memory()  # no longer "loading": a load waiting for memory may evict it
+        self._reality_wake.set()  # check reality now: the load may hold more than it reserved
 
     @contextlib.asynccontextmanager
     async def _load_slot(self, lazy: bool) -> AsyncIterator[None]:
@@ -726,6 +731,14 @@ class Reconciler:
             if busy >= 8:
                 raise DoesNotFit(slot, cost.devices(), self.memory.budget(),
                                  f"model {slot!r}: the models that could make room stay busy", retry_after_s=1.0)
+
+    def _relief_candidates(self) -> list[Candidate]:
+        return [Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight)
+                for o in self.models.values() if o.state is S.LOADED and not o.lock.locked()]
+
+    async def _evict_for_reality(self, name: str) -> bool:
+        m = self.models.get(name)
+        return m is not None and await self._evict(m)
 
     async def _evict(self, v: Model) -> bool:
         """Unload `v` to make room, unless a request holds it. Never waits for v's lock."""
@@ -1016,7 +1029,7 @@ class Reconciler:
             self.metrics.memory_budget.labels(device=device).set(budget)
 
     def status(self) -> dict[str, Any]:
-        used = self.memory.used()
+        used, held = self.memory.used(), self.memory.held()
         return {
             "models": {name: m.status(self.memory) for name, m in sorted(self.models.items())},
             "config": {
@@ -1025,7 +1038,8 @@ class Reconciler:
                 "rejected": [e.__dict__ for e in self.config_errors],
                 "parse_error": self.config_parse_error,
             },
-            "memory": {d: {"used": used.get(d, 0), "budget": b} for d, b in self.memory.budget().items()},
+            "memory": {d: {"used": used.get(d, 0), "held": held.get(d, 0), "budget": b}
+                       for d, b in self.memory.budget().items()},
             "counts": {s.value: sum(1 for m in self.models.values() if m.state is s) for s in State},
         }
 

@@ -65,6 +65,10 @@ class Settings:
     grpc_port: int = 8001  # KServe V2 gRPC data plane; 0 turns it off
     grpc_host: str | None = None  # default: `host`
     server_grpc_target: str | None = None  # sidecar: the server's gRPC HOST:PORT (embedded: known)
+    server_pid_file: Path | None = None  # sidecar: a file holding the server's pid (shared PID namespace) for memory
+    memory_tolerance: float = 0.05  # reality may exceed the budget by this fraction before it is excess
+    memory_pressure: float = 0.90  # cgroup working set above this fraction of its limit is excess
+    reality_interval_s: float = 2.0  # how often real memory is checked against the budget (and after each load)
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":
         """How the puller reaches one model's storage: its own sha256 and storage key, the

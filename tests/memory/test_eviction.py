@@ -143,7 +143,11 @@ def test_admit_reserves_and_never_counts_the_same_victim_twice():
     cands = [Candidate(n, last_used=lu, loaded_at=0) for n, lu in (("old", 1), ("mid", 2), ("new", 3))]  # cost None: use reservation
     assert mm.admit("x", Cost(400), cands, now=NOW) == ["old"]
     # "old" is being unloaded: its bytes are promised to x. y must take the next one.
-    assert mm.used()[HOST] == 1300 and mm.free()[HOST] == 0
+    # A swap in progress never reads above the budget: "used" is what admission counts; "held"
+    # also counts the victim until its unload finished.
+    assert mm.used()[HOST] == 1000 and mm.free()[HOST] == 0
+    assert mm.held()[HOST] == 1300
+    assert mm.ledger_doc()["devices"][HOST] == {"budget": 1000, "used": 1000, "held": 1300, "overhead": 0}
     assert mm.admit("y", Cost(250), cands, now=NOW) == ["mid"]
     mm.release("old")
     mm.release("mid")

@@ -1,0 +1,626 @@
+"""The ledger: budgets, reservations and costs for one node (``MemoryManager``)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import psutil
+
+from .budget import discover_budget
+from .cost import DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, dev_index
+from .measure import FirstLoad, ImportAttribution, Measurement, Snapshot, Split, gpu_delta
+from .planner import Candidate, plan_eviction
+from .reality import CgroupMemory, ProcessTracker, RealityCheck
+from .probes import GpuProbe, GpuUsage, open_gpu_probe, process_tree, tree_rss
+from .store import InMemoryStore, MetaStore
+
+log = logging.getLogger("modelshelf.memory")
+
+
+class MemoryManager:
+    """Budgets, reservations and costs for one node. Thread-safe; every method is cheap (a dict
+    update) except ``start_measure``/``finish_measure`` (read /proc and NVML: ~1 ms per server
+    process) and ``cost_for``/``finish_measure`` (one store read/write when a key is given)."""
+
+    def __init__(self, budget: Mapping[str, int], *, store: MetaStore | None = None,
+                 multipliers: Mapping[str, float] | None = None, gpu_probe: GpuProbe | None = None,
+                 server_pid: Callable[[], int | None] | int | None = None, min_residency_s: float = 30.0,
+                 floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
+                 profile: str = "default", clock: Callable[[], float] = time.monotonic,
+                 measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None):
+        self._budget = {d: int(b) for d, b in budget.items()}
+        self._store: MetaStore = store if store is not None else InMemoryStore()
+        self._multipliers = {**DEFAULT_MULTIPLIERS, **(multipliers or {})}
+        self._gpu = gpu_probe
+        self._server_pid = server_pid
+        self.min_residency_s = float(min_residency_s)
+        self.floor_fraction = float(floor_fraction)
+        self.min_model_bytes = int(min_model_bytes)
+        self.reuse_ratio = float(reuse_ratio)
+        self.profile = profile
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._reserved: dict[str, Cost] = {}
+        self._unloading: set[str] = set()
+        self._windows: dict[int, Measurement] = {}
+        self._warm: dict[int, set[str]] = {}  # server pid -> runtimes it has loaded once
+        self._overhead: dict[str, Cost] = {}  # "runtime:<name>" -> server-level bytes (imports, CUDA context)
+        self._overhead_pid: int | None = None
+        self._attr = ImportAttribution(self.min_model_bytes)
+        self._baselines: dict[int, int] = {}  # server pid -> its tree RSS with no model loaded
+        self._reality: RealityCheck | None = None
+        self._note_baseline()  # the agent builds its ledger when the server has just started, bare
+        self._window_closed = threading.Condition(self._lock)
+        self.reality_options = dict(reality_options or {})  # RealityCheck keywords (tolerance, pressure, source)
+        self.measure_wait_s = float(measure_wait_s)  # how long a window waits for the open one (see start_measure)
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, store: MetaStore | None = None,
+                      server_pid: Callable[[], int | None] | int | None = None, host_overhead: int = 0,
+                      gpu_probe: GpuProbe | None | str = "nvml", **kwargs: Any) -> "MemoryManager":
+        """Budgets discovered from ``settings.host_memory`` / ``gpu_memory`` (agent.settings),
+        multipliers from ``settings.memory_multipliers``, residency from ``min_residency_s``,
+        ``profile`` from ``settings.server``. ``gpu_probe="nvml"`` opens NVML (or logs once that
+        GPU budgeting is off); pass a probe or None to choose."""
+        probe = open_gpu_probe() if gpu_probe == "nvml" else gpu_probe
+        budget = discover_budget(settings.host_memory, settings.gpu_memory, gpu_probe=probe, host_overhead=host_overhead)
+        pid_file = getattr(settings, "server_pid_file", None)
+        if pid_file is not None:  # a sidecar: the adapter has no process, the file names it
+            server_pid = _pid_from_file(Path(pid_file), server_pid)
+        kwargs.setdefault("reality_options", {"tolerance": getattr(settings, "memory_tolerance", 0.05),
+                                              "pressure": getattr(settings, "memory_pressure", 0.90)})
+        kwargs.setdefault("min_residency_s", settings.min_residency_s)
+        kwargs.setdefault("profile", getattr(settings, "server", "default"))
+        return cls(budget, store=store, multipliers=settings.memory_multipliers, gpu_probe=probe,
+                   server_pid=server_pid, **kwargs)
+
+    # -- facts for metrics and status ----------------------------------------------------------
+
+    @property
+    def gpu_enabled(self) -> bool:
+        return any(d != HOST for d in self._budget)
+
+    def budget(self) -> dict[str, int]:
+        """Device -> budget bytes."""
+        return dict(self._budget)
+
+    def used(self) -> dict[str, int]:
+        """Device -> reserved bytes: models loaded or loading plus the server's overhead, every
+        budgeted device. Models being unloaded are not counted (their bytes are promised to the
+        model admitted in their place), so a swap never reads above the budget: ``held()`` counts
+        them until their unload finished."""
+        with self._lock:
+            return self._sum(n for n in self._reserved if n not in self._unloading)
+
+    def held(self) -> dict[str, int]:
+        """Device -> bytes the server still holds by the ledger: ``used()`` plus models whose unload
+        has not finished. Above the budget during a swap, by design."""
+        with self._lock:
+            return self._sum(self._reserved)
+
+    def _sum(self, names: Iterable[str]) -> dict[str, int]:
+        out = {d: 0 for d in self._budget}
+        for cost in [*(self._reserved[n] for n in names), *self._overhead.values()]:
+            for d, b in cost.devices().items():
+                out[d] = out.get(d, 0) + b
+        return out
+
+    def free(self) -> dict[str, int]:
+        """Device -> bytes available to a new model (budget - used). May be negative."""
+        with self._lock:
+            used = self.used()
+            return {d: self._budget[d] - used.get(d, 0) for d in self._budget}
+
+    def reservations(self) -> dict[str, Cost]:
+        with self._lock:
+            return dict(self._reserved)
+
+    def overhead(self) -> dict[str, Cost]:
+        """Server-level bytes no model owns and no eviction frees, learnt from the first load of
+        each runtime in the current server process ("runtime:sklearn" -> the sklearn import,
+        "runtime:pytorch" -> torch + the CUDA context). Counted in ``used()``; cleared when the
+        server's pid changes or by ``reset_server()``."""
+        with self._lock:
+            return dict(self._overhead)
+
+    def reset_server(self) -> None:
+        """The server restarted: forget what its process had imported (the import's size, once
+        split from a first load, is kept: the next process pays the same)."""
+        with self._lock:
+            self._overhead.clear()
+            self._warm = {}
+            self._overhead_pid = None
+            self._attr.server_restarted()
+        self._note_baseline()  # called when the new process is up and before anything reloads
+
+    def _note_baseline(self) -> None:
+        """Remember the server's tree RSS now as its bare baseline (nothing loaded yet)."""
+        try:
+            pid = self._pid()
+            rss = tree_rss(pid) if pid is not None else 0
+        except Exception:  # an adapter not started yet: the first window will note it
+            return
+        if pid is not None and rss > 0:
+            with self._lock:
+                self._baselines = {pid: rss}
+
+    def model_doc(self, name: str) -> dict[str, Any] | None:
+        """``name``'s reservation for /status: reserved bytes, method, declared and measured
+        figures side by side (a note when the measurement exceeds the declaration), unloading."""
+        with self._lock:
+            cost = self._reserved.get(name)
+            if cost is None:
+                return None
+            return {**cost.doc(), "unloading": name in self._unloading}
+
+    def ledger_doc(self) -> dict[str, Any]:
+        """The ledger for /status: per device budget, used (reserved, what admission counts),
+        held (used + models still unloading) and the server's overhead; per runtime the import
+        charged to the server and whether it is split from its first model yet."""
+        with self._lock:
+            used, held = self.used(), self.held()
+            over: dict[str, int] = {}
+            for c in self._overhead.values():
+                for d, b in c.devices().items():
+                    over[d] = over.get(d, 0) + b
+            devices = {d: {"budget": b, "used": used.get(d, 0), "held": held.get(d, 0), "overhead": over.get(d, 0)}
+                       for d, b in self._budget.items()}
+            runtimes = {k.split(":", 1)[1]: {"host": c.host, "gpu": dict(c.gpu),
+                                             "provisional": k.split(":", 1)[1] in self._attr.pending}
+                        for k, c in self._overhead.items()}
+            corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
+            models = {n: {**c.doc(), "unloading": n in self._unloading} for n, c in sorted(self._reserved.items())}
+            return {"devices": devices, "runtime_imports": runtimes, "under_declared": corrected, "models": models}
+
+    def server_baseline(self, pid: int | None) -> int | None:
+        """The server process ``pid``'s tree RSS before its first model (None: not seen)."""
+        with self._lock:
+            return self._baselines.get(pid) if pid is not None else None
+
+    @property
+    def reality(self) -> RealityCheck:
+        """The reality check for this ledger (created on first use: tracked server pids, this
+        manager's GPU probe, the container's cgroup when there is one)."""
+        with self._lock:
+            if self._reality is None:
+                self._reality = RealityCheck(self, tracker=ProcessTracker(self._server_pid), gpu_probe=self._gpu,
+                                             cgroup=CgroupMemory.discover(), **self.reality_options)
+            return self._reality
+
+    def server_rss(self) -> int | None:
+        """Current RSS of the server's process tree, or None when its pid is unknown."""
+        pid = self._pid()
+        return None if pid is None else tree_rss(pid)
+
+    # -- cost -----------------------------------------------------------------------------------
+
+    def multiplier(self, runtime: str, *, gpu: bool = False) -> float | None:
+        """Host (or GPU) bytes per entry byte for ``runtime``; GPU: None when not configured."""
+        if gpu:
+            return self._multipliers.get(f"gpu:{runtime}")
+        return self._multipliers.get(runtime, DEFAULT_MULTIPLIER)
+
+    def cost_for(self, *, key: str | None, runtime: str, entry_bytes: int | None,
+                 declared_host: int | None = None, declared_gpu: int | None = None,
+                 gpu_device: str | None = None) -> Cost:
+        """The cost to reserve for a model about to load (see the module doc for precedence).
+        ``entry_bytes`` None: unknown size, the estimate is ``min_model_bytes``. ``gpu_device``:
+        where a declared/estimated GPU amount is placed (default the first budgeted GPU)."""
+        size = max(0, int(entry_bytes or 0))
+        est_host = max(self.min_model_bytes, int(size * (self.multiplier(runtime) or DEFAULT_MULTIPLIER)))
+        gm = self.multiplier(runtime, gpu=True)
+        est_gpu = int(size * gm) if gm else 0
+        gdev = gpu_device or self._default_gpu()
+        # floors of a measurement: from the estimate only (declarations are applied on top)
+        host_floor = max(self.min_model_bytes, int(self.floor_fraction * est_host))
+        gpu_floor = int(self.floor_fraction * est_gpu)
+
+        record = self._load_record(key)
+        if record is not None:
+            host, h_src = int(record.get("host", 0)), "measured"
+            gpu = self._place_known(record.get("gpu") or {}, gdev)
+            g_src = "measured"
+        else:
+            host, h_src = est_host, "estimated"
+            gpu, g_src = ({gdev: est_gpu} if est_gpu and gdev else {}), "estimated"
+        # declared replaces the estimate; against a measurement it is a floor
+        if declared_host is not None and (h_src == "estimated" or declared_host >= host):
+            host, h_src = int(declared_host), "declared"
+        if declared_gpu is not None and (g_src == "estimated" or declared_gpu >= sum(gpu.values())):
+            gpu = {gdev: int(declared_gpu)} if gdev else {}
+            g_src = "declared"
+        method = combine(h_src, g_src if gpu else None)
+        measured_h = int(record.get("host", 0)) if record is not None else None
+        measured_g = sum(self._place_known(record.get("gpu") or {}, gdev).values()) if record is not None else None
+        return Cost(host, gpu, method, host_floor=host_floor, gpu_floor=gpu_floor,
+                    declared_host=declared_host, declared_gpu=declared_gpu, entry_bytes=entry_bytes,
+                    measured_host=measured_h, measured_gpu=measured_g)
+
+    def _default_gpu(self) -> str | None:
+        gpus = sorted((d for d in self._budget if d != HOST), key=dev_index)
+        return gpus[0] if gpus else None
+
+    def _place_known(self, gpu: Mapping[str, int], default: str | None) -> dict[str, int]:
+        """A remembered per-device GPU record, with devices this node lacks folded into the
+        default GPU (a shared cache may carry measurements from another node's layout)."""
+        out: dict[str, int] = {}
+        for d, b in gpu.items():
+            d = d if d in self._budget else (default or d)
+            if b > 0:
+                out[d] = out.get(d, 0) + int(b)
+        return out
+
+    def _load_record(self, key: str | None) -> dict | None:
+        if not key:
+            return None
+        try:
+            meta = self._store.get_meta(key) or {}
+        except Exception as e:  # a broken store must not stop a load: fall back to the estimate
+            log.warning("memory store_read_failed key=%s error=%r", key, f"{type(e).__name__}: {e}")
+            return None
+        rec = (meta.get("memory") or {}).get(self.profile)
+        return rec if isinstance(rec, dict) and rec.get("method") == "measured" else None
+
+    def _save_record(self, key: str, record: dict) -> None:
+        try:
+            meta = self._store.get_meta(key) or {}
+            mem = dict(meta.get("memory") or {})
+            mem[self.profile] = record
+            meta = {**meta, "memory": mem}
+            self._store.set_meta(key, meta)
+        except Exception as e:
+            log.warning("memory store_write_failed key=%s error=%r", key, f"{type(e).__name__}: {e}")
+
+    # -- accounting -----------------------------------------------------------------------------
+
+    def fits(self, cost: Cost, *, name: str | None = None) -> bool:
+        """Whether ``cost`` fits in what is free now on every budgeted device (replacing
+        ``name``'s own reservation when given)."""
+        with self._lock:
+            free = self._free_for(name)
+        return all(b <= free.get(d, 0) for d, b in cost.devices().items() if d in self._budget and b > 0)
+
+    def reserve(self, name: str, cost: Cost) -> None:
+        """Record ``cost`` for ``name`` (replacing any previous one). Does not check the budget:
+        use ``admit`` (or ``fits``/``plan_eviction`` first)."""
+        with self._lock:  # bookkeeping only: no process memory moves, open windows stay clean
+            self._reserved[name] = cost
+            self._unloading.discard(name)
+
+    def cancel_unload(self, name: str) -> None:
+        """A victim marked by ``admit`` stays loaded after all (a request leased it): its bytes
+        count as used again. Nothing happens when its reservation is gone meanwhile."""
+        with self._lock:
+            self._unloading.discard(name)
+
+    def release(self, name: str) -> Cost | None:
+        """Forget ``name``'s reservation (after its unload finished, or its load failed)."""
+        with self._lock:
+            self._unloading.discard(name)
+            cost = self._reserved.pop(name, None)
+            if cost is not None:
+                self._touch_windows(name, "release")
+            return cost
+
+    def begin_unload(self, name: str) -> None:
+        """``name`` is being unloaded: its bytes count as free for admissions from now on, and
+        measurements running meanwhile are not recorded. ``release`` ends it."""
+        with self._lock:
+            if name in self._reserved:
+                self._unloading.add(name)
+                self._touch_windows(name, "unload")
+
+    def update(self, name: str, cost: Cost) -> dict[str, int]:
+        """Replace ``name``'s reservation with a corrected (measured) cost. Returns device ->
+        bytes over budget now (empty when within): the caller may evict to get back under."""
+        with self._lock:
+            if name in self._reserved:
+                self._reserved[name] = cost
+            return self.over_budget()
+
+    def over_budget(self) -> dict[str, int]:
+        """Device -> bytes reserved beyond budget, counting unloading models as gone."""
+        return {d: -f for d, f in self.free().items() if f < 0}
+
+    def plan_eviction(self, needed: Cost, candidates: Iterable[Candidate], *, model: str | None = None,
+                      lazy: bool = False, now: float | None = None) -> list[str]:
+        """Victims for ``needed`` given the current reservations (see ``plan_eviction`` above).
+        ``lazy``: a load for a request, so ``min_residency_s`` applies. Candidates with no cost
+        use their reservation; unloading or unreserved ones are ignored. Reads state only."""
+        with self._lock:
+            cands, loading = self._resolve_candidates(candidates, model)
+            overhead: dict[str, int] = {}
+            for cost in self._overhead.values():
+                for d, b in cost.devices().items():
+                    overhead[d] = overhead.get(d, 0) + b
+            return plan_eviction(needed, cands, free=self._free_for(model), budget=self._budget, model=model,
+                                 respect_residency=lazy, min_residency_s=self.min_residency_s,
+                                 now=self._clock() if now is None else now, reserved_elsewhere=loading,
+                                 overhead=overhead)
+
+    def admit(self, name: str, cost: Cost, candidates: Iterable[Candidate], *, lazy: bool = False,
+              now: float | None = None) -> list[str]:
+        """Plan, reserve ``cost`` for ``name`` and mark the victims as unloading, atomically.
+        Returns the victims: unload each, then ``release`` it. Raises DoesNotFit (nothing
+        reserved then)."""
+        with self._lock:
+            victims = self.plan_eviction(cost, candidates, model=name, lazy=lazy, now=now)
+            for v in victims:
+                self.begin_unload(v)
+            self.reserve(name, cost)
+            return victims
+
+    def _free_for(self, name: str | None) -> dict[str, int]:
+        free = self.free()
+        own = self._reserved.get(name) if name is not None else None
+        if own is not None and name not in self._unloading:
+            for d, b in own.devices().items():
+                if d in free:
+                    free[d] += b
+        return free
+
+    def _resolve_candidates(self, candidates: Iterable[Candidate], model: str | None) -> tuple[list[Candidate], dict[str, int]]:
+        out: list[Candidate] = []
+        seen: set[str] = set()
+        for c in candidates:
+            if c.name == model or c.name in self._unloading or c.name in seen:
+                continue
+            cost = c.cost if c.cost is not None else self._reserved.get(c.name)
+            if cost is None:
+                continue
+            seen.add(c.name)
+            out.append(c if c.cost is not None else Candidate(c.name, c.last_used, c.loaded_at, c.pinned, c.inflight, cost))
+        loading: dict[str, int] = {}
+        for n, cost in self._reserved.items():
+            if n not in seen and n != model and n not in self._unloading:
+                for d, b in cost.devices().items():
+                    loading[d] = loading.get(d, 0) + b
+        return out, loading
+
+    # -- measurement ----------------------------------------------------------------------------
+
+    def needs_measure(self, key: str | None, runtime: str | None) -> bool:
+        """Whether a load of entry `key` should be measured: no measurement is remembered for
+        it yet, or the server process has not loaded this runtime yet (its import must be
+        charged). A remembered entry is not measured again: snapshotting the server's process
+        tree twice costs a few ms on every cold start."""
+        pid = self._pid()
+        with self._lock:
+            warm = pid is not None and self._overhead_pid == pid and runtime in self._warm.get(pid, set())
+        return not warm or self._load_record(key) is None
+
+    def start_measure(self, name: str, runtime: str | None = None) -> Measurement:
+        """Snapshot the server's process tree before ``name`` loads. Call after its victims are
+        unloaded and released, right before the load. ``runtime``: lets the first load of each
+        runtime in a server process be told apart (see ``overhead``).
+
+        Windows are serialized: called from a worker thread (``asyncio.to_thread``), it waits
+        for the open window to close, but never past ``measure_wait_s`` (1 s) after that window
+        opened, so loads started together (the preloads at start-up) are measured one after
+        another when they are quick, and a load never waits long behind one that is slow or
+        hangs (their windows then overlap and are not recorded; the entry is measured on its
+        next load). Called on an event loop's thread it never blocks."""
+        with self._lock:
+            if self._windows and self.measure_wait_s > 0 and not _on_event_loop():
+                # bounded by the open window's age: a load never waits behind one that hangs
+                oldest = min(w.started for w in self._windows.values())
+                self._window_closed.wait_for(lambda: not self._windows,
+                                             timeout=max(0.0, oldest + self.measure_wait_s - self._clock()))
+            m = Measurement(name, Snapshot(None, None, {}), self._clock(), runtime=runtime)
+            self._mark_overlaps(m)
+            self._windows[id(m)] = m  # registered before the snapshot: the next window waits for it
+        snap = self._snapshot()
+        with self._lock:
+            m.before = snap
+            others = [n for n in self._reserved if n != name]
+            if snap.pid is not None and snap.host is not None and not others and not self._overhead \
+                    and snap.pid not in self._baselines:
+                self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
+            if snap.pid is not None:
+                if self._overhead_pid != snap.pid:  # a new server process: old imports are gone
+                    self._overhead.clear()
+                    self._warm = {}
+                    self._attr.server_restarted()
+                    self._overhead_pid = snap.pid
+                warm = self._warm.setdefault(snap.pid, set())
+                if runtime is not None and runtime not in warm:
+                    m.first_of_runtime = True
+                    warm.add(runtime)
+            return m
+
+    def _mark_overlaps(self, m: Measurement) -> None:
+        if self._windows:
+            m.contaminated = True
+            m.reasons.add("concurrent_load")
+            for other in self._windows.values():
+                other.contaminated = True
+                other.reasons.add("concurrent_load")
+        if self._unloading:
+            m.contaminated = True
+            m.reasons.add("unload")
+
+    def _close(self, m: Measurement) -> None:
+        self._windows.pop(id(m), None)
+        self._window_closed.notify_all()
+
+    def abort_measure(self, m: Measurement) -> None:
+        """Close a window without recording (the load failed)."""
+        with self._lock:
+            self._close(m)
+
+    def finish_measure(self, m: Measurement, *, key: str | None = None) -> Cost:
+        """Snapshot after the load, turn the delta into the model's cost (floors, reuse rule),
+        update its reservation, remember it under ``key`` and return it. Returns the reserved
+        cost unchanged when nothing could be measured (no server pid, server restarted) or the
+        window was shared with another load/unload; a zero cost when the model's reservation
+        was released meanwhile (nothing is recorded then).
+
+        The first load of a runtime in a server process also grows by the runtime's import:
+        when the import's size is known (split earlier, see ``ImportAttribution``) it is charged
+        to the server and the rest measured as the model; else the model keeps its reservation,
+        the rest is charged to the server provisionally, and both are corrected as soon as a
+        later load of that runtime (or this model's entry reloaded) tells the model's share."""
+        after = self._snapshot()
+        with self._lock:
+            self._close(m)
+            reserved = self._reserved.get(m.name)
+            if self._reality is not None:
+                self._reality.tracker.refresh()  # the load may have started worker processes
+        if reserved is None:
+            return Cost(0, {}, "estimated")
+        if m.before.host is None or after.host is None or m.before.pid != after.pid:
+            return reserved  # nothing to measure, or the server restarted in between
+        raw_host = after.host - m.before.host
+        raw_gpu = gpu_delta(m.before.gpu, after.gpu)
+        if m.contaminated and not m.first_of_runtime:
+            log.info("memory measure_skipped model=%s reason=%s raw_host=%d", m.name, ",".join(sorted(m.reasons)), raw_host)
+            return reserved
+        if m.first_of_runtime:
+            with self._lock:
+                known = self._attr.known.get(m.runtime or "")
+                if known is None or m.contaminated:
+                    return self._charge_first_load(m, reserved, raw_host, raw_gpu, key, after.pid)
+                imp_h = min(max(0, raw_host), known[0])
+                imp_g = {d: min(max(0, raw_gpu.get(d, 0)), b) for d, b in known[1].items() if raw_gpu.get(d, 0) > 0}
+                if self._overhead_pid == after.pid:
+                    self._overhead[f"runtime:{m.runtime}"] = Cost(imp_h, imp_g, "measured")
+            log.info("memory runtime_import runtime=%s model=%s raw_host=%d import_host=%d source=known",
+                     m.runtime, m.name, raw_host, imp_h)
+            raw_host -= imp_h
+            raw_gpu = {d: b - imp_g.get(d, 0) for d, b in raw_gpu.items()}
+        cost = self._record(m.name, reserved, raw_host, raw_gpu, key)
+        with self._lock:
+            split = self._attr.sample(m.runtime, key, reserved.entry_bytes, raw_host, raw_gpu)
+            if split is not None:
+                self._apply_split(m.runtime or "", split, after.pid)
+        return cost
+
+    def _charge_first_load(self, m: Measurement, reserved: Cost, raw_host: int, raw_gpu: dict[str, int],
+                           key: str | None, pid: int | None) -> Cost:
+        """Provisional: the model keeps its reservation, what exceeds it is the server's, until
+        the split is known. Also when another load overlapped: no later load would see this
+        import again, and over-reserving is safe where never charging the import is not."""
+        over_h = max(0, raw_host - reserved.host)
+        over_g = {d: b - reserved.gpu.get(d, 0) for d, b in raw_gpu.items() if b - reserved.gpu.get(d, 0) > 0}
+        if self._overhead_pid == pid:
+            self._overhead[f"runtime:{m.runtime}"] = Cost(over_h, over_g, "measured")
+        if m.runtime is not None and not m.contaminated:
+            self._attr.pending[m.runtime] = FirstLoad(m.name, key, reserved.entry_bytes, raw_host, dict(raw_gpu))
+        log.info("memory runtime_overhead runtime=%s model=%s raw_host=%d host=%d gpu=%s provisional=%s", m.runtime, m.name,
+                 raw_host, over_h, ",".join(f"{d}:{b}" for d, b in over_g.items()) or "0", not m.contaminated)
+        return reserved
+
+    def _apply_split(self, runtime: str, split: Split, pid: int | None) -> None:
+        """A first load's growth is split: charge the import to the server, correct the first
+        model's reservation (if it is still loaded) and remember its share for its entry."""
+        if self._overhead_pid == pid:
+            self._overhead[f"runtime:{runtime}"] = Cost(split.import_host, split.import_gpu, "measured")
+        cost = self._reserved.get(split.name) or Cost(0)  # gone: only its entry's record is written
+        self._record(split.name, cost, split.model_host, split.model_gpu, split.key, attributed=split.source)
+        log.info("memory runtime_import runtime=%s import_host=%d import_gpu=%s model_host=%d source=%s",
+                 runtime, split.import_host, ",".join(f"{d}:{b}" for d, b in split.import_gpu.items()) or "0",
+                 split.model_host, split.source)
+
+    def _record(self, name: str, reserved: Cost, raw_host: int, raw_gpu: Mapping[str, int], key: str | None,
+                attributed: str | None = None) -> Cost:
+        """Turn a model's measured bytes into its cost (floors, reuse rule, declarations as
+        floors), remember it under ``key`` and replace its reservation."""
+        prev = self._load_record(key)
+        host = max(raw_host, reserved.host_floor)
+        if prev is not None and raw_host < self.reuse_ratio * int(prev.get("host", 0)):
+            host = max(int(prev["host"]), reserved.host_floor)  # allocator reuse, not a smaller model
+        gpu = {d: b for d, b in raw_gpu.items() if b > 0}
+        prev_gpu = self._place_known((prev or {}).get("gpu") or {}, self._default_gpu())
+        if prev_gpu and sum(gpu.values()) < self.reuse_ratio * sum(prev_gpu.values()):
+            gpu = dict(prev_gpu)  # the caching allocator reused blocks, not a smaller model
+        if sum(gpu.values()) < reserved.gpu_floor:
+            target = max(gpu, key=gpu.get) if gpu else (next(iter(reserved.gpu), None) or self._default_gpu())
+            if target is not None:
+                gpu[target] = gpu.get(target, 0) + reserved.gpu_floor - sum(gpu.values())
+        record = {
+            "host": int(host), "gpu": {d: int(b) for d, b in gpu.items()}, "method": "measured",
+            "raw_host": int(raw_host), "raw_gpu": {d: int(b) for d, b in raw_gpu.items()},
+            "samples": int((prev or {}).get("samples", 0)) + 1, "measured_at": time.time(),
+        }
+        if attributed:
+            record["attributed"] = attributed  # split from a first load's growth, not measured alone
+        if key:
+            self._save_record(key, record)
+        # declared amounts stay floors of what is reserved (see module doc)
+        h, h_src = int(host), "measured"
+        if reserved.declared_host is not None and reserved.declared_host > h:
+            h, h_src = int(reserved.declared_host), "declared"
+        g, g_src = dict(record["gpu"]), "measured"
+        if reserved.declared_gpu is not None and reserved.declared_gpu > sum(g.values()):
+            g = {next(iter(g), None) or next(iter(reserved.gpu), None) or self._default_gpu() or "gpu:0": int(reserved.declared_gpu)}
+            g_src = "declared"
+        cost = Cost(h, g, combine(h_src, g_src if g else None), host_floor=reserved.host_floor,
+                    gpu_floor=reserved.gpu_floor, declared_host=reserved.declared_host, declared_gpu=reserved.declared_gpu,
+                    entry_bytes=reserved.entry_bytes, measured_host=int(host), measured_gpu=sum(record["gpu"].values()))
+        over = self.update(name, cost)
+        log.info("memory measured model=%s key=%s raw_host=%d host=%d gpu=%s method=%s before_host=%d before_method=%s%s%s",
+                 name, key, raw_host, cost.host, ",".join(f"{d}:{b}" for d, b in g.items()) or "0", cost.method,
+                 reserved.host, reserved.method, f" attributed={attributed}" if attributed else "",
+                 "".join(f" over_budget_{d}={b}" for d, b in over.items()))
+        if cost.under_declared:
+            log.warning("memory above_declaration model=%s declared_host=%s measured_host=%d declared_gpu=%s measured_gpu=%d "
+                        "reserved=%s", name, reserved.declared_host, int(host), reserved.declared_gpu,
+                        sum(record["gpu"].values()), cost.describe())
+        return cost
+
+    def _pid(self) -> int | None:
+        src = self._server_pid
+        return src() if callable(src) else src
+
+    def _snapshot(self) -> Snapshot:
+        pid = self._pid()
+        if pid is None:
+            return Snapshot(None, None, {})
+        procs = process_tree(pid)
+        host = 0
+        for p in procs:
+            try:
+                host += p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        gpu: dict[str, GpuUsage] = {}
+        if self._gpu is not None and procs:
+            try:
+                gpu = self._gpu.usage({p.pid for p in procs})
+            except Exception as e:  # a GPU probe failing mid-run must not fail a load
+                log.warning("memory gpu_probe_failed error=%r", f"{type(e).__name__}: {e}")
+        return Snapshot(pid, host if procs else None, gpu)
+
+    def _touch_windows(self, name: str, reason: str) -> None:
+        for m in self._windows.values():
+            if m.name != name:
+                m.contaminated = True
+                m.reasons.add(reason)
+
+
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _pid_from_file(path: Path, fallback: Callable[[], int | None] | int | None) -> Callable[[], int | None]:
+    """The server's pid read from ``path`` on each call (a sidecar restarted writes a new one);
+    ``fallback`` (the adapter's own process) first when it knows one."""
+    def pid() -> int | None:
+        own = fallback() if callable(fallback) else fallback
+        if own is not None:
+            return own
+        try:
+            return int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+    return pid

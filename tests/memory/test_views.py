@@ -1,0 +1,49 @@
+"""Both views of memory through a REAL agent (embedded MLServer): /status carries "ledger"
+(used vs held, declared vs measured per model, runtime imports) beside "reality" (the server's
+real bytes over its baseline, drift, excess), /metrics the matching gauges, and the status page
+shows both."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.support.agentproc import AgentProcess, request
+from tests.support.configmap import ConfigMapDir
+from tests.support.models import write_sklearn_model
+
+MiB = 2**20
+
+
+@pytest.mark.timeout(120)
+def test_status_and_metrics_show_ledger_and_reality(tmp_path):
+    models = []
+    for i, pad in enumerate((0, 30 * MiB)):
+        d = write_sklearn_model(tmp_path / "store" / f"m{i}", seed=i, pad_bytes=pad)
+        models.append({"name": f"m{i}", "uri": str(d), "runtime": "sklearn"})
+    cm = ConfigMapDir(tmp_path / "config")
+    cm.write({"models.yaml": json.dumps({"models": models})})
+    agent = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--host-memory", "1Gi")
+    try:
+        agent.wait_ready()
+        status = agent.wait_for(lambda s: all(m["state"] == "loaded" for m in s["models"].values()), what="both loaded")
+        status = agent.status()
+        ledger, reality = status["ledger"], status["reality"]
+        host = ledger["devices"]["host"]
+        assert host["budget"] == 1024 * MiB and host["used"] <= host["budget"] and host["held"] >= host["used"]
+        assert set(ledger["models"]) == {"m0", "m1"}
+        real = reality["devices"]["host"]
+        assert real["real"] >= 30 * MiB, reality  # the 30 MiB payload, over the bare server's baseline
+        assert real["drift"] == real["ledger"] - real["real"] and real["excess"] == 0
+        assert reality["server_rss"] > real["real"]
+        text = agent.get("/metrics")[1].decode()
+        value = re.search(r'^modelshelf_memory_real_bytes\{device="host"\} ([0-9.e+]+)$', text, re.M)
+        assert value and float(value.group(1)) >= 30 * MiB
+        assert re.search(r'^modelshelf_memory_held_bytes\{device="host"\} ', text, re.M)
+        assert re.search(r'^modelshelf_memory_excess_bytes\{device="host"\} 0\.0$', text, re.M)
+        page = request("GET", agent.url + "/", headers={"accept": "text/html"})[1]  # a browser: the page
+        page = page.decode() if isinstance(page, bytes) else str(page)
+        assert "Ledger vs reality" in page and "drift" in page
+    finally:
+        agent.stop()
