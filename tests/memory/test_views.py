@@ -47,3 +47,36 @@ def test_status_and_metrics_show_ledger_and_reality(tmp_path):
         assert "Ledger vs reality" in page and "drift" in page
     finally:
         agent.stop()
+
+
+@pytest.mark.timeout(180)
+def test_the_agent_evicts_when_real_memory_exceeds_the_budget(tmp_path):
+    """Models that declare 2Mi but really hold 40 MiB each: admission by the ledger lets them
+    in, reality then says the server holds more than the budget, and the agent's own reality
+    loop evicts (least recently used, never under a request) until real memory is within the
+    budget again. Without the loop the excess stays (the ledger only grows by measurement)."""
+    names = ["m0", "m1", "m2"]
+    models = []
+    for i, name in enumerate(names):
+        d = write_sklearn_model(tmp_path / "store" / name, seed=i, pad_bytes=40 * MiB)
+        models.append({"name": name, "uri": str(d), "runtime": "sklearn", "memory": "2Mi", "preload": False})
+    cm = ConfigMapDir(tmp_path / "config")
+    cm.write({"models.yaml": json.dumps({"models": models})})
+    budget = 150 * MiB  # the runtime's import (~80 MiB) and one padded model fit; two do not
+    agent = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--host-memory", str(budget),
+                         "--min-residency", "0")
+    try:
+        agent.wait_ready()
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
+        for name in names:
+            code, answer = agent.post(f"/v2/models/{name}/infer", body)
+            assert code == 200, answer
+        status = agent.wait_for(lambda s: s["reality"]["devices"]["host"]["excess"] == 0
+                                and any(m["state"] == "cached" for m in s["models"].values()),
+                                timeout=60, what="real memory back within the budget after evictions")
+        real = status["reality"]["devices"]["host"]["real"]
+        assert real <= budget * 1.05, status["reality"]
+        assert "evicted_for_excess" in agent.log()
+        assert status["models"]["m2"]["state"] == "loaded"  # the most recently used one stays
+    finally:
+        agent.stop()
