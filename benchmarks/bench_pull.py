@@ -423,7 +423,7 @@ def cache_cost(work: Path, entries: int, calls: int) -> dict:
 def local_main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-pull-local-", dir=args.work_dir))
     code = Path(args.code_root).resolve() if args.code_root else ROOT
-    results: dict = {"machine": _machine(), "code": str(code), "loadavg_start": _load()}
+    results: dict = {"machine": _machine(), "code": "this checkout" if code == ROOT else "--code-root", "loadavg_start": _load()}
     try:
         if args.dest_strategies:
             results["dest"] = dest_strategies(work, args.large_mib, args.small_count, args.small_kib,
