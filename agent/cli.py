@@ -21,12 +21,6 @@ from agent.settings import Settings, default_holder
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
-def _env(flag: str, default=None):
-    """Kept for flags written as `default=_env("flag", X)`: returns X. The environment itself is
-    read once, for every flag, by `_apply_env`."""
-    return default
-
-
 def env_name(option: str) -> str:
     """The environment variable of a flag: --memory-multiplier -> MODELSHELF_MEMORY_MULTIPLIER."""
     return "MODELSHELF_" + option.lstrip("-").upper().replace("-", "_")
