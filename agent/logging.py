@@ -1,6 +1,6 @@
 """Structured logs: one line per event, `key=value` (text) or one JSON object (json).
 
-    log = get_logger(__name__)
+    log = get_logger("modelshelf.reconciler")
     log.info("model loaded", extra=kv(model="iris", seconds=0.004))
 
 The message, every value (strings, and dicts/lists deeply, in text and JSON) and the exception

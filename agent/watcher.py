@@ -56,7 +56,7 @@ from agent.config import (
 )
 from agent.logging import get_logger, kv
 
-log = get_logger(__name__)
+log = get_logger("modelshelf.watcher")
 
 _EVENT_FILTER = [
     FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileMovedEvent, DirMovedEvent,
