@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import bench_density  # noqa: E402
 from benchmarks.bench_density import RssSampler, _metric, _pct, drive, zipf_sequence  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    MI, RESULTS, V2_BODY, Agent, StandaloneMLServer, command_line, http, loadavg, machine, machine_md, md_table,
-    tree_rss, write_results,
+    MI, RESULTS, Agent, command_line, loadavg, machine, machine_md, md_table, write_results,
 )
 
 SIZES_MIB = (1, 4, 16, 64)
@@ -169,17 +169,8 @@ def one_server_per_model(work: Path, models: list[dict[str, Any]]) -> dict[int, 
     out: dict[int, int] = {}
     for size in SIZES_MIB:
         m = next(m for m in models if m["size"] == size * MI)
-        d = Path(m["spec"]["uri"])
-        srv = StandaloneMLServer(work / f"standalone-{size}", {d.name: d})
-        try:
-            srv.wait_ready(90)
-            code, body = http("POST", f"{srv.url}/v2/models/{d.name}/infer", V2_BODY, {"content-type": "application/json"})
-            if code != 200:
-                raise RuntimeError(f"standalone MLServer: {code} {body[:200]!r}")
-            time.sleep(0.5)
-            out[size] = tree_rss(srv.proc.pid)
-        finally:
-            srv.stop()
+        measured = bench_density.one_server_per_model(work / f"standalone-{size}", Path(m["spec"]["uri"]))
+        out[size] = measured["rss_one_server_one_model"]
     return out
 
 
