@@ -7,6 +7,7 @@ Served on the management listener (`--management-host`/`--management-port`); the
 returns passes through puller.uri.redact (URIs keep no userinfo nor secret query values)."""
 from __future__ import annotations
 
+import asyncio
 import html
 from typing import TYPE_CHECKING, Any
 
@@ -31,16 +32,16 @@ def build_api(agent: "Agent") -> FastAPI:
     api = FastAPI(title="modelshelf agent", docs_url=None, redoc_url=None, openapi_url=None)
     _add_probes(api, agent)
 
-    def status_doc() -> dict[str, Any]:
-        return redact_doc({**agent.status(), **_memory_views(agent)})
+    async def status_doc() -> dict[str, Any]:
+        return redact_doc({**agent.status(), **_memory_views(agent, await _reality(agent))})
 
     @api.get("/status")
     async def status() -> dict[str, Any]:
-        return status_doc()
+        return await status_doc()
 
     @api.get("/status/models/{name}")
     async def model_status(name: str) -> JSONResponse:
-        doc = status_doc()["models"].get(name)
+        doc = (await status_doc())["models"].get(name)
         if doc is None:
             return JSONResponse({"error": f"model {redact(name)!r} is not configured"}, status_code=404)
         return JSONResponse(doc)
@@ -48,7 +49,7 @@ def build_api(agent: "Agent") -> FastAPI:
     @api.get("/metrics")
     async def metrics() -> Response:
         agent.refresh_gauges()
-        _memory_gauges(agent)
+        _memory_gauges(agent, await _reality(agent))
         text = agent.metrics.render()
         if b"://" in text:  # label values never should carry a URI; if one does, it is redacted
             text = redact(text.decode()).encode()
@@ -56,26 +57,31 @@ def build_api(agent: "Agent") -> FastAPI:
 
     @api.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return _render_page(status_doc())
+        return _render_page(await status_doc())
 
     return api
 
 
-def _memory_views(agent: "Agent") -> dict[str, Any]:
+async def _reality(agent: "Agent") -> Any:
+    """A fresh reality report (/proc reads of the tracked pids, cgroup files, one NVML query),
+    read in a worker thread so a scrape never stalls the data plane; None before start."""
+    memory = getattr(agent, "memory", None)
+    return None if memory is None else await asyncio.to_thread(memory.reality.check)
+
+
+def _memory_views(agent: "Agent", report: Any) -> dict[str, Any]:
     """The two views of memory: "ledger" (what is reserved, used vs held, declared vs measured)
     beside "reality" (what the server really holds, drift, excess, cgroup, OOM kills)."""
     memory = getattr(agent, "memory", None)
-    if memory is None:
+    if memory is None or report is None:
         return {}
-    report = memory.reality.check()  # cheap: a few /proc reads of tracked pids, one NVML query
     return {"ledger": memory.ledger_doc(), "reality": report.doc()}
 
 
-def _memory_gauges(agent: "Agent") -> None:
+def _memory_gauges(agent: "Agent", report: Any) -> None:
     memory, m = getattr(agent, "memory", None), agent.metrics
-    if memory is None:
+    if memory is None or report is None:
         return
-    report = memory.reality.check()
     for d, b in memory.held().items():
         m.memory_held.labels(device=d).set(b)
     for d in report.budget:
