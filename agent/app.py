@@ -76,11 +76,8 @@ class Agent:
         overhead = tree_rss(os.getpid()) if pid is None else tree_rss(pid) + psutil.Process().memory_info().rss
         self.memory = MemoryManager.from_settings(s, store=self.cache, server_pid=self._server_pid, host_overhead=overhead)
         self.reconciler = Reconciler(s, self.cache, self.adapter, self.memory, self.metrics)
-        self.router = Router(
-            self.reconciler, lambda: self.adapter.base_url, self.metrics,
-            max_body_bytes=s.max_body_bytes, request_timeout_s=s.request_timeout_s,
-            server_ready=lambda: self._server_ready,
-        )
+        self.router = Router(self.reconciler, lambda: self.adapter.base_url, self.metrics,
+                             server_ready=lambda: self._server_ready)
         await self.router.start()
         await self.reconciler.start()
         self.watcher = ConfigWatcher(

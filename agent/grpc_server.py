@@ -260,9 +260,9 @@ class GrpcDataPlane:
             # the server does not have a model we leased as served (a restart, an unload behind
             # our back): never NOT_FOUND for a configured model; the reconciler rechecks the
             # server and reloads it, the client retries (the REST router's rule)
-            report = getattr(self._reconciler(), "report_missing", None)
-            if report is not None:
-                report(name)
+            reconciler = self._reconciler()
+            if reconciler is not None:
+                reconciler.report_missing(name)
             return _Refused(grpc.StatusCode.UNAVAILABLE, f"{what}the server does not have it loaded; reloading", 1)
         return _Refused(code, e.details() or code.name)
 

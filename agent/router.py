@@ -130,20 +130,17 @@ class _TooLarge(Exception):
 
 class Router:
     def __init__(self, reconciler: Reconciler, server_url: Callable[[], str], metrics: Metrics,
-                 *, max_body_bytes: int, request_timeout_s: float, server_ready: Callable[[], bool],
-                 max_v1_body_bytes: int | None = None, upstream_connections: int | None = None,
-                 max_upstream_per_model: int | None = None):
-        settings = getattr(reconciler, "settings", None)
+                 *, server_ready: Callable[[], bool]):
+        s = reconciler.settings  # every data-plane limit is a flag (agent.settings)
         self.reconciler = reconciler
         self._server_url = server_url
         self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
-        self.max_v1_body_bytes = max_v1_body_bytes or getattr(settings, "max_v1_body_bytes", 4 * 2**20)
-        self.request_timeout_s = request_timeout_s
-        self.stream_body_bytes = getattr(settings, "stream_body_bytes", 2**20)
-        self.upstream_connections = upstream_connections or getattr(settings, "upstream_connections", 256)
-        per_model = max_upstream_per_model or getattr(settings, "max_upstream_per_model", 0)
-        self.max_upstream_per_model = per_model or max(1, self.upstream_connections // 2)
+        self.max_body_bytes = s.max_body_bytes
+        self.max_v1_body_bytes = s.max_v1_body_bytes
+        self.request_timeout_s = s.request_timeout_s
+        self.stream_body_bytes = s.stream_body_bytes
+        self.upstream_connections = s.upstream_connections
+        self.max_upstream_per_model = s.max_upstream_per_model or max(1, self.upstream_connections // 2)
         self._server_ready = server_ready
         self._upstream: Upstream | None = None
         self._counters: dict[tuple[str, str], Any] = {}  # (model, code) -> counter child
