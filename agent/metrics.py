@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# cold-start phases are sub-millisecond to seconds: finer at the low end
+_PHASE = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -19,6 +21,11 @@ class Metrics:
         self.unload_seconds = Histogram("modelshelf_unload_seconds", "Server unload latency", buckets=_LATENCY, registry=r)
         self.evictions = Counter("modelshelf_evictions_total", "Models evicted to make room", registry=r)
         self.cold_start_seconds = Histogram("modelshelf_cold_start_seconds", "Wait of a request for its model to load", buckets=_LATENCY, registry=r)
+        self.cold_start_phase_seconds = Histogram(
+            "modelshelf_cold_start_phase_seconds",
+            "Where each lazy load's time went: queue (model lock, memory, load slot), unload (victims' unloads "
+            "waited for), server (the server's load call), measure (memory snapshots), agent (the rest)",
+            ["phase"], buckets=_PHASE, registry=r)
         self.lookups = Counter("modelshelf_loaded_lookups_total", "Requests finding their model loaded (hit) or not (miss)", ["result"], registry=r)
         self.requests = Counter("modelshelf_requests_total", "Data-plane requests by model and status code", ["model", "code"], registry=r)
         self.inflight = Gauge("modelshelf_inflight_requests", "Requests in flight per model", ["model"], registry=r)

@@ -29,6 +29,12 @@ and Cache, with the scripted server of tests/support/scripted.py):
     victim's lock); removal and the update swap drain first (new requests for a removed
     model get UnknownModel at once; the unload waits for `release` to signal idle, at most
     `drain_timeout_s`, logged when it expires).
+  * A miss's victims are unloaded off its critical path: each eviction commits under the
+    victim's lock (no lease; UNLOADING from then on, so no request leases it) and the load
+    starts while the unloads run. The ledger's `used()` never exceeds the budget (an unloading
+    model counts as gone, `held()` counts it until its unload ends). A load that will be
+    measured, or whose victims hold GPU memory, waits for the unloads first. Each lazy load's
+    time is split into phases in `modelshelf_cold_start_phase_seconds` (see ColdStart).
   * A request for a model that is not loaded triggers one load (single flight) and waits,
     bounded by `load_timeout_s` (which also bounds the server's load call) and `max_queue`
     waiters. When memory is short only because other models are loading, leased or young,
@@ -108,6 +114,29 @@ class ModelUnavailable(Exception):
         self.model = model
         self.reason = reason
         self.retry_after = retry_after
+
+
+@dataclass
+class ColdStart:
+    """Where one lazy load's time went, exported as modelshelf_cold_start_phase_seconds{phase}:
+    `queue` (waiting for the model's lock, for memory to free, for a load slot), `unload`
+    (waiting for victims' unloads: only a load that will be measured waits, see _make_room),
+    `server` (the server's own load call, as the adapter reports it), `measure` (memory
+    snapshots) and `agent` (the rest: cache check, repository files, bookkeeping)."""
+
+    started: float
+    queue: float = 0.0
+    unload: float = 0.0
+    server: float = 0.0
+    measure: float = 0.0
+    loaded: bool = False  # this load made the model LOADED (else nothing is observed)
+
+    def observe(self, metrics: Metrics) -> None:
+        total = time.monotonic() - self.started
+        phases = {"queue": self.queue, "unload": self.unload, "server": self.server, "measure": self.measure}
+        phases["agent"] = max(0.0, total - sum(phases.values()))
+        for phase, seconds in phases.items():
+            metrics.cold_start_phase_seconds.labels(phase=phase).observe(seconds)
 
 
 QUARANTINE = "server died twice while loading this model; quarantined until its config changes"
@@ -399,16 +428,20 @@ class Reconciler:
             raise ModelUnavailable(m.name, m.reason or f"not loaded ({m.state.value})", retry_after=retry)
 
     async def _lazy_load(self, m: Model) -> None:
+        phases = ColdStart(time.monotonic())
         async with m.lock:
-            await self._guarded(m, self._lazy_step(m))
+            phases.queue += time.monotonic() - phases.started
+            await self._guarded(m, self._lazy_step(m, phases))
+        if phases.loaded:
+            phases.observe(self.metrics)
 
-    async def _lazy_step(self, m: Model) -> None:
+    async def _lazy_step(self, m: Model, phases: ColdStart) -> None:
         if m.removed or (m.state is S.LOADED and not m.draining):
             return
         if self._quarantine(m) or not await self._pull(m):
             return
         if m.state is not S.LOADED:
-            await self._load(m, self._wanted(m), lazy=True)
+            await self._load(m, self._wanted(m), lazy=True, phases=phases)
 
     def _retry_after(self, m: Model) -> float:
         if m.retry_at:
@@ -560,7 +593,7 @@ class Reconciler:
         return self.memory.cost_for(key=entry.key, runtime=m.spec.runtime, entry_bytes=entry.size,
                                     declared_host=m.spec.memory, declared_gpu=m.spec.gpu_memory)
 
-    async def _load(self, m: Model, copy: Copy, *, lazy: bool) -> None:
+    async def _load(self, m: Model, copy: Copy, *, lazy: bool, phases: ColdStart | None = None) -> None:
         """Load `copy` (or replace the served copy in place). Caller holds m.lock. Every way
         out leaves the window closed, the reservations right and the state LOADED (new copy,
         or old copy after a failed update), CACHED (did not fit) or FAILED, with a reason."""
@@ -568,8 +601,11 @@ class Reconciler:
         cost = self._cost(m, copy.entry)
         slot = f"{m.name}#new" if replacing else m.name  # the new copy is reserved beside the old one
         wait_until = time.monotonic() + self.settings.load_timeout_s if lazy else None
+        # a load that will be measured waits for its victims' unloads (its window must not see
+        # them); any other load starts while they unload (see _make_room)
+        measure = not replacing and self.memory.needs_measure(copy.entry.key, copy.spec.runtime)
         try:
-            await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until)
+            await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=measure, phases=phases)
         except DoesNotFit as e:
             if not replacing:
                 self._nofit(m, e)
@@ -579,7 +615,7 @@ class Reconciler:
                 return
             replacing, slot = False, m.name
             try:
-                await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until)
+                await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=True, phases=phases)
             except DoesNotFit as e2:
                 self._nofit(m, e2)
                 return
@@ -594,17 +630,23 @@ class Reconciler:
         window = None
         error: BaseException | None = None
         try:
-            async with self._load_slot(lazy):
-                if not replacing and self.memory.needs_measure(copy.entry.key, copy.spec.runtime):
+            async with self._load_slot(lazy, phases):
+                mark = time.monotonic()
+                if measure:
                     window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime)
                 self._loading[m.name] = started
+                server_mark = time.monotonic()
                 try:
-                    await asyncio.wait_for(self.adapter.load(served), timeout=self.settings.load_timeout_s)
+                    server_s = await asyncio.wait_for(self.adapter.load(served), timeout=self.settings.load_timeout_s)
                 finally:
                     self._loading.pop(m.name, None)
+                loaded_mark = time.monotonic()
                 if window is not None:
                     measured, window = window, None
                     await asyncio.to_thread(self.memory.finish_measure, measured, key=copy.entry.key)
+                if phases is not None:  # the adapter says how long the server's own call took
+                    phases.server = server_s if server_s is not None else loaded_mark - server_mark
+                    phases.measure = (server_mark - mark) + (time.monotonic() - loaded_mark)
         except Exception as e:  # adapter errors, timeouts, OSError (disk full), bugs: all end here
             error = e
         except BaseException as e:  # cancelled: leave it consistent, then stop
@@ -630,6 +672,8 @@ class Reconciler:
         m.loads += 1
         m.failures, m.retry_at, m.permanent, m.nofit, m.crashes = 0, None, False, False, 0
         self._loaded(m, copy)
+        if phases is not None:
+            phases.loaded = True
         log.info("model loaded", extra=kv(model=m.name, seconds=m.load_seconds, lazy=lazy, replaced=replacing, key=copy.entry.key))
 
     def _loaded(self, m: Model, copy: Copy) -> None:
@@ -642,11 +686,14 @@ class Reconciler:
         self._reality_wake.set()  # check reality now: the load may hold more than it reserved
 
     @contextlib.asynccontextmanager
-    async def _load_slot(self, lazy: bool) -> AsyncIterator[None]:
+    async def _load_slot(self, lazy: bool, phases: ColdStart | None = None) -> AsyncIterator[None]:
         """A load slot. Loads nobody waits for also take a background slot first, so they
         never hold the last slot: a request's lazy load is not starved by stuck preloads."""
         if lazy:
+            waited = time.monotonic()
             async with self._load_sem:
+                if phases is not None:
+                    phases.queue += time.monotonic() - waited
                 yield
         else:
             async with self._background_sem, self._load_sem:
@@ -692,16 +739,26 @@ class Reconciler:
         m.reason = str(e)
         log.warning("model does not fit in memory; it stays cached", extra=kv(model=m.name, reason=str(e)))
 
-    async def _make_room(self, slot: str, cost: Any, *, lazy: bool, wait_until: float | None = None) -> None:
+    async def _make_room(self, slot: str, cost: Any, *, lazy: bool, wait_until: float | None = None,
+                         wait_unloads: bool = True, phases: ColdStart | None = None) -> None:
         """Reserve `cost` under `slot`, evicting LRU models (not pinned, no lease, old enough for
         lazy loads) first. Raises DoesNotFit with nothing reserved. `wait_until`: while memory
         is short only for now (models loading, leased or young), wait for it to free until then.
 
         `memory.admit` plans, reserves and marks the victims as unloading in one atomic step,
         so concurrent loads never pick the same victim nor count the same free bytes: no
-        agent-wide lock is held while victims unload, and several misses proceed together."""
+        agent-wide lock is held while victims unload, and several misses proceed together.
+
+        Victims are unloaded off the load's critical path: each eviction commits first (under
+        the victim's lock, no lease: it is UNLOADING from then on, so no request can lease it),
+        and this returns once every victim committed; their unloads run on while the load
+        starts. The ledger allows it: a model being unloaded counts as free in `used()` (its
+        bytes are promised to this load) and in `held()` until its unload ends. The load waits
+        for the unloads when `wait_unloads` (its memory will be measured: its window must not
+        see them) or when a victim holds GPU memory (a device has no slack for both copies)."""
         busy = 0
         while True:
+            waited = time.monotonic()
             candidates = [
                 Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight)
                 for o in self.models.values()
@@ -716,10 +773,18 @@ class Reconciler:
                 changed = self._memory_changed
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(changed.wait(), timeout=min(remaining, e.retry_after_s or remaining))
+                if phases is not None:
+                    phases.queue += time.monotonic() - waited
                 continue
             if not victims:
                 return
-            evicted = await asyncio.gather(*(self._evict(self.models[v]) for v in victims))
+            wait_unloads = wait_unloads or any(self._holds_gpu(v) for v in victims)
+            loop = asyncio.get_running_loop()
+            claims = [loop.create_future() for _ in victims]
+            unloads = [self._spawn(self._evict(self.models[v], claim), f"evict:{v}") for v, claim in zip(victims, claims)]
+            evicted = await asyncio.gather(*(unloads if wait_unloads else claims))
+            if phases is not None:
+                phases.unload += time.monotonic() - waited
             kept = [v for v, ok in zip(victims, evicted) if not ok]
             if not kept:
                 return
@@ -740,17 +805,31 @@ class Reconciler:
         m = self.models.get(name)
         return m is not None and await self._evict(m)
 
-    async def _evict(self, v: Model) -> bool:
-        """Unload `v` to make room, unless a request holds it. Never waits for v's lock."""
-        if v.lock.locked():
-            return False
-        async with v.lock:  # free lock: acquired without yielding, so the check below is current
-            if v.inflight > 0 or v.state is not S.LOADED:
-                return False  # a request took a lease: never unload under it
-            if not await self._unload(v, reason="evicted"):
+    def _holds_gpu(self, name: str) -> bool:
+        cost = self.memory.reservations().get(name)
+        return cost is not None and any(d != "host" and b > 0 for d, b in cost.devices().items())
+
+    async def _evict(self, v: Model, claim: asyncio.Future | None = None) -> bool:
+        """Unload `v` to make room, unless a request holds it. Never waits for v's lock.
+        `claim` is resolved as soon as the eviction committed (True: `v` is UNLOADING and no
+        request can lease it any more) or declined (False), before the unload's round trip."""
+        try:
+            if v.lock.locked():
                 return False
-            self.metrics.evictions.inc()
-            return True
+            async with v.lock:  # free lock: acquired without yielding, so the check below is current
+                if v.inflight > 0 or v.state is not S.LOADED:
+                    return False  # a request took a lease: never unload under it
+                # committed: _unload marks it draining and UNLOADING before its first await
+                # (no request in flight, so no drain), before `claim`'s waiter runs again
+                if claim is not None and not claim.done():
+                    claim.set_result(True)
+                if not await self._unload(v, reason="evicted"):
+                    return False
+                self.metrics.evictions.inc()
+                return True
+        finally:
+            if claim is not None and not claim.done():
+                claim.set_result(False)
 
     async def _unload(self, m: Model, *, reason: str) -> bool:
         """Drain, then unload what the server holds. Caller holds m.lock. True when it is gone;

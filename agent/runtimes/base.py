@@ -71,10 +71,12 @@ class RuntimeAdapter(abc.ABC):
         """Models the server knows -> state ("READY", "UNAVAILABLE", "LOADING", ...)."""
 
     @abc.abstractmethod
-    async def load(self, model: ServedModel) -> None:
+    async def load(self, model: ServedModel) -> float | None:
         """Write the model's repository entry and load it. Loading a name that is already
         loaded replaces it in place: the old copy serves until the new one is ready.
-        Raises LoadFailed (with the server's reason) or ServerUnavailable."""
+        Raises LoadFailed (with the server's reason) or ServerUnavailable. Returns the seconds
+        the server's own load call took (the rest of the call is the adapter's file work: the
+        agent's cold-start breakdown tells them apart), or None when the adapter cannot tell."""
 
     @abc.abstractmethod
     async def unload(self, name: str) -> None:

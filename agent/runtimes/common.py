@@ -256,7 +256,7 @@ class HTTPServerAdapter(RuntimeAdapter):
             return False
         return r.status_code == 200
 
-    async def load(self, model: ServedModel) -> None:
+    async def load(self, model: ServedModel) -> float | None:
         check_name(model.name)
         entry = self.repository / model.name
         previous = await asyncio.to_thread(self._prepare_entry, entry, model)  # file work: off the loop
@@ -268,10 +268,12 @@ class HTTPServerAdapter(RuntimeAdapter):
         except ServerUnavailable:
             await asyncio.to_thread(self._restore_entry, entry, previous)
             raise
+        server_s = time.monotonic() - t0
         if r.status_code != 200:
             await asyncio.to_thread(self._restore_entry, entry, previous)
             raise LoadFailed(model.name, self._reason(r))
-        self._log.info("event=model_loaded server=%s model=%s seconds=%.3f replaced=%s", self.kind, model.name, time.monotonic() - t0, previous is not None)
+        self._log.info("event=model_loaded server=%s model=%s seconds=%.3f replaced=%s", self.kind, model.name, server_s, previous is not None)
+        return server_s
 
     async def unload(self, name: str) -> None:
         check_name(name)

@@ -253,8 +253,8 @@ class MLServerAdapter(HTTPServerAdapter):
             await asyncio.to_thread(shutil.rmtree, self.parked_dir, ignore_errors=True)
         await super().start(timeout)
 
-    async def load(self, model: ServedModel) -> None:
-        await super().load(model)
+    async def load(self, model: ServedModel) -> float | None:
+        server_s = await super().load(model)
         self._parking[model.name] = self._parking.get(model.name, 0) + 1
         try:
             await asyncio.to_thread(self._park, model.name)
@@ -264,6 +264,7 @@ class MLServerAdapter(HTTPServerAdapter):
             self._parking[model.name] -= 1
             if not self._parking[model.name]:
                 del self._parking[model.name]
+        return server_s
 
     async def unload(self, name: str) -> None:
         await super().unload(name)  # raises (and keeps the parked copy) unless it is gone

@@ -1,0 +1,130 @@
+"""Issue 13 item 1, reconciler side: a miss's victims are unloaded off its critical path (the
+load starts once each eviction committed, while the unloads run), the ledger stays within its
+budget meanwhile, a load that will be measured still waits for its victims, and each lazy load's
+time is broken down in /metrics (modelshelf_cold_start_phase_seconds{phase}).
+
+The scripted server holds the victim's unload open, so the interleaving is exact. The harness's
+ledger has no server pid, so it would measure every load; the tests of the off-path unload set
+`needs_measure` to answer as it does for a warm server whose entries are measured already (the
+steady state of a dense node), and one test keeps the real answer to pin the measured case.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from agent.memory import MemoryManager
+from agent.reconciler import State
+from tests.reconciler.conftest import KB, Harness, run
+
+ONE_MODEL = 200 * KB  # a 64 KiB sklearn entry is reserved at 128 KiB: one fits, two do not
+
+
+def _measured_already(h: Harness) -> None:
+    h.memory.needs_measure = lambda key, runtime: False  # type: ignore[method-assign]
+
+
+async def _a_loaded_then_b_misses(h: Harness):
+    """a and b configured (lazy), a loaded, a's next unload held: returns (gate, b's acquire task)."""
+    await h.apply(h.spec("a", preload=False), h.spec("b", preload=False))
+    h.rec.release(await h.rec.acquire("a"))
+    gate = h.adapter.hold("unload", "a")
+    return gate, asyncio.create_task(h.rec.acquire("b"))
+
+
+def _phase(h: Harness, phase: str, stat: str) -> float:
+    return h.metrics.registry.get_sample_value(f"modelshelf_cold_start_phase_seconds_{stat}", {"phase": phase}) or 0.0
+
+
+def test_a_miss_loads_while_its_victim_unloads_and_the_ledger_stays_within_budget(tmp_path, http):
+    async def scenario():
+        async with Harness(tmp_path, http, budget=ONE_MODEL) as h:
+            _measured_already(h)
+            free_at_load: list[int] = []
+            h.adapter.on_load = lambda model: free_at_load.append(h.memory.free()["host"])
+            gate, miss = await _a_loaded_then_b_misses(h)
+            await gate.entered.wait()
+            # the victim's unload is still in flight, and b serves already
+            b = await asyncio.wait_for(miss, 2.0)
+            assert b.state is State.LOADED and "b" in h.adapter.ready
+            assert h.state("a") is State.UNLOADING and "a" in h.adapter.ready
+            # at each load the ledger had room for it (a's bytes were promised to b, not counted twice)
+            assert free_at_load == [ONE_MODEL - 128 * KB] * 2, free_at_load
+            assert h.memory.free()["host"] >= 0  # used: a counts as gone
+            assert h.memory.held()["host"] == 2 * 128 * KB  # held: a until its unload ends
+            gate.release()
+            await h.wait_for(lambda: h.state("a") is State.CACHED, what="a unloaded")
+            assert h.memory.held()["host"] == 128 * KB
+            h.rec.release(b)
+            assert h.adapter.count("unload", "a") == 1
+    run(scenario())
+
+
+def test_a_request_for_the_victim_during_its_unload_waits_and_then_loads_it_again(tmp_path, http):
+    async def scenario():
+        async with Harness(tmp_path, http, budget=ONE_MODEL) as h:
+            _measured_already(h)
+            gate, miss = await _a_loaded_then_b_misses(h)
+            b = await asyncio.wait_for(miss, 2.0)
+            await gate.entered.wait()
+            back = asyncio.create_task(h.rec.acquire("a"))  # no lease on a copy being unloaded
+            await asyncio.sleep(0.05)
+            assert not back.done() and h.model("a").inflight == 1
+            h.rec.release(b)
+            gate.release()
+            a = await asyncio.wait_for(back, 2.0)
+            assert a.state is State.LOADED and h.state("b") is State.CACHED
+            assert h.adapter.count("load", "a") == 2 and h.adapter.count("unload", "a") == 1
+            assert h.memory.free()["host"] >= 0
+            h.rec.release(a)
+    run(scenario())
+
+
+def test_a_load_that_will_be_measured_waits_for_its_victims_unloads(tmp_path, http):
+    async def scenario():
+        async with Harness(tmp_path, http, budget=ONE_MODEL) as h:  # no pid: every load is measured
+            gate, miss = await _a_loaded_then_b_misses(h)
+            await gate.entered.wait()
+            await asyncio.sleep(0.05)
+            assert not miss.done() and h.adapter.count("load", "b") == 0  # its window must not see a's unload
+            gate.release()
+            h.rec.release(await asyncio.wait_for(miss, 2.0))
+            assert _phase(h, "unload", "sum") >= 0.05  # the wait shows in the breakdown
+    run(scenario())
+
+
+def test_a_victim_holding_gpu_memory_is_unloaded_before_the_load_starts(tmp_path, http):
+    async def scenario():
+        h = Harness(tmp_path, http)
+        h.memory = MemoryManager({"host": 10 * 2**20, "gpu:0": 150 * KB}, store=h.cache, min_residency_s=0.0, min_model_bytes=1)
+        h.rec.memory = h.memory
+        async with h:
+            _measured_already(h)
+            await h.apply(h.spec("a", preload=False, gpu_memory=100 * KB), h.spec("b", preload=False, gpu_memory=100 * KB))
+            h.rec.release(await h.rec.acquire("a"))
+            gate = h.adapter.hold("unload", "a")
+            miss = asyncio.create_task(h.rec.acquire("b"))
+            await gate.entered.wait()
+            await asyncio.sleep(0.05)
+            assert not miss.done() and h.adapter.count("load", "b") == 0  # a device has no slack for both
+            gate.release()
+            h.rec.release(await asyncio.wait_for(miss, 2.0))
+    run(scenario())
+
+
+def test_each_lazy_load_is_broken_down_into_phases_in_the_metrics(tmp_path, http):
+    async def scenario():
+        async with Harness(tmp_path, http, budget=ONE_MODEL) as h:
+            _measured_already(h)
+            h.adapter.load_delay = 0.05  # the "server" takes 50 ms to load
+            await h.apply(h.spec("a", preload=False), h.spec("b", preload=False))
+            h.rec.release(await h.rec.acquire("a"))
+            h.rec.release(await h.rec.acquire("b"))
+            h.rec.release(await h.rec.acquire("b"))  # a hit: no load, nothing observed
+            for phase in ("queue", "unload", "server", "measure", "agent"):
+                assert _phase(h, phase, "count") == 2, phase
+            assert _phase(h, "server", "sum") >= 0.1
+            assert _phase(h, "unload", "sum") < 0.05  # b did not wait for a's unload
+            total = sum(_phase(h, p, "sum") for p in ("queue", "unload", "server", "measure", "agent"))
+            cold = h.metrics.registry.get_sample_value("modelshelf_cold_start_seconds_sum")
+            assert total <= cold + 0.01  # the phases split the requests' wait, they add nothing
+    run(scenario())
