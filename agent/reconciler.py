@@ -267,6 +267,7 @@ class Reconciler:
         self._background: list[asyncio.Task] = []
         self._closing = False
         self._loading: dict[str, float] = {}  # server load calls in flight: name -> start
+        self._unloads: set[str] = set()  # server unload calls in flight
         self._down_since: float | None = None  # first load that found the server gone
         self._memory_changed = asyncio.Event()  # replaced each time memory frees (see _signal_memory)
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
@@ -603,7 +604,8 @@ class Reconciler:
         wait_until = time.monotonic() + self.settings.load_timeout_s if lazy else None
         # a load that will be measured waits for its victims' unloads (its window must not see
         # them); any other load starts while they unload (see _make_room)
-        measure = not replacing and self.memory.needs_measure(copy.entry.key, copy.spec.runtime)
+        measure = not replacing and self.memory.needs_measure(copy.entry.key, copy.spec.runtime) \
+            and not (lazy and self._window_spoilt(copy.spec.runtime))
         try:
             await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=measure, phases=phases)
         except DoesNotFit as e:
@@ -675,6 +677,16 @@ class Reconciler:
         if phases is not None:
             phases.loaded = True
         log.info("model loaded", extra=kv(model=m.name, seconds=m.load_seconds, lazy=lazy, replaced=replacing, key=copy.entry.key))
+
+    def _window_spoilt(self, runtime: str) -> bool:
+        """A measurement window opened now would not be recorded (another load or an unload is
+        in flight: the server's growth would not be this model's alone), so a lazy load skips
+        it rather than snapshot the server's process tree twice for nothing and wait up to
+        `measure_wait_s` for the open window; the entry is measured on a quieter load. The
+        first load of a runtime in the server is always measured: its import is charged then
+        (`memory.overhead()` holds "runtime:<name>" once it was). Preloads keep their windows:
+        the ledger serializes them so that those started together are each measured."""
+        return bool(self._loading or self._unloads) and f"runtime:{runtime}" in self.memory.overhead()
 
     def _loaded(self, m: Model, copy: Copy) -> None:
         before = self._leased(m)
@@ -841,12 +853,14 @@ class Reconciler:
             self._set(m, S.UNLOADING)
             self.memory.begin_unload(m.name)
             started = time.monotonic()
+            self._unloads.add(m.name)
             try:
                 await self.adapter.unload(m.name)
             except RuntimeErrorBase as e:
                 self._fail(m, f"unload: {e.reason}")
                 return False
             finally:
+                self._unloads.discard(m.name)
                 before = self._leased(m)
                 self._release_memory(m.name)
                 m.served = None

@@ -13,6 +13,13 @@ glob's sight to `<repo>/.loaded/<name>` (in a thread, like all the adapter's fil
 costs ~5 ms again however many models are loaded, and p95(1.5)/p95(1.0) fell to ~2x. Measurements and the experiment:
 benchmarks/results/density.notes.md (and density.md for the current figures).
 
+An embedded MLServer goes further: its `model_repository_implementation` is
+`mlserver_repository.EntryRepository` (imported from this checkout of the agent: the child's
+PYTHONPATH starts with it), whose load reads only `<repo>/<name>/model-settings.json`, parses
+each entry's content once and imports installed runtimes without MLServer's per-load
+`importlib.reload`. Parking still keeps MLServer's index (which globs) cheap, and a sidecar
+MLServer, which cannot import the agent, relies on it for its loads too.
+
 The visible part of the repository therefore holds only the entries being loaded (and, after
 a crash between a load and its park, at worst the entry just loaded). The parked part:
 
@@ -72,6 +79,8 @@ from agent.runtimes.common import HTTPServerAdapter, Listen, check_name, write_j
 SETTINGS_FILE = "model-settings.json"
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's largest; the agent bounds messages itself
 PARKED_DIR = ".loaded"  # loaded entries, out of sight of MLServer's re-glob (see the module doc)
+REPOSITORY_IMPLEMENTATION = "agent.runtimes.mlserver_repository.EntryRepository"
+_AGENT_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the `agent` package
 
 IMPLEMENTATIONS = {
     "sklearn": "mlserver_sklearn.SKLearnModel",
@@ -205,9 +214,15 @@ class MLServerAdapter(HTTPServerAdapter):
             # the agent's gRPC plane enforces --max-body-bytes; MLServer's own 4 MiB default
             # would refuse larger messages the agent has admitted
             "grpc_max_message_length": _GRPC_MAX_MESSAGE,
+            # a load reads its own entry, parsed once per content, installed runtimes not
+            # reloaded: no re-glob of the repository, no per-load import (mlserver_repository.py)
+            "model_repository_implementation": REPOSITORY_IMPLEMENTATION,
+            "model_repository_implementation_args": {"builtin": sorted(IMPLEMENTATIONS.values())},
         }
         write_json(self.repository / "settings.json", settings)
         child_env = {k: v for k, v in env.items() if not k.startswith("MLSERVER_MODEL_")}
+        # the repository class is imported from this very checkout of the agent
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in (_AGENT_ROOT, env.get("PYTHONPATH")) if p)
         child_env.update(
             MLSERVER_HOST=listen.host,
             MLSERVER_HTTP_PORT=str(listen.http_port),

@@ -11,6 +11,7 @@ steady state of a dense node), and one test keeps the real answer to pin the mea
 from __future__ import annotations
 
 import asyncio
+import os
 
 from agent.memory import MemoryManager
 from agent.reconciler import State
@@ -127,4 +128,30 @@ def test_each_lazy_load_is_broken_down_into_phases_in_the_metrics(tmp_path, http
             total = sum(_phase(h, p, "sum") for p in ("queue", "unload", "server", "measure", "agent"))
             cold = h.metrics.registry.get_sample_value("modelshelf_cold_start_seconds_sum")
             assert total <= cold + 0.01  # the phases split the requests' wait, they add nothing
+    run(scenario())
+
+
+def test_a_lazy_load_beside_another_load_takes_no_window_that_would_be_discarded(tmp_path, http):
+    """With another load in flight a measurement window is contaminated from its start and
+    never recorded: the lazy load skips it (no process-tree snapshots, no wait for the open
+    window) once the runtime's import is charged. The first load of the runtime is measured."""
+    async def scenario():
+        h = Harness(tmp_path, http)
+        h.memory = MemoryManager({"host": 10 * 2**20}, store=h.cache, server_pid=os.getpid(), min_residency_s=0.0,
+                                 min_model_bytes=1)
+        h.rec.memory = h.memory
+        windows: list[str] = []
+        start = h.memory.start_measure
+        h.memory.start_measure = lambda name, runtime=None: windows.append(name) or start(name, runtime)  # type: ignore[method-assign]
+        async with h:
+            await h.apply(*(h.spec(n, preload=False) for n in ("a", "b", "c")))
+            h.rec.release(await h.rec.acquire("a"))
+            assert windows == ["a"] and "runtime:sklearn" in h.memory.overhead()
+            gate = h.adapter.hold("load", "b")
+            b = asyncio.create_task(h.rec.acquire("b"))
+            await gate.entered.wait()
+            h.rec.release(await asyncio.wait_for(h.rec.acquire("c"), 2.0))  # while b's load is in flight
+            assert windows == ["a", "b"], windows  # c took none
+            gate.release()
+            h.rec.release(await b)
     run(scenario())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -463,3 +464,62 @@ def test_repository_file_work_does_not_block_the_event_loop(mlserver: RunningSer
         del ad._write_entry
     assert waited_out == [False], "the entry write blocked the adapter's event loop"
     assert "slowdisk" not in index and _infer(mlserver, "slowdisk") == sklearn_predictions(d, ROWS)
+
+
+def test_a_load_reads_only_its_own_entry_however_many_the_repository_shows(mlserver: RunningServer, tmp_path: Path) -> None:
+    """The embedded MLServer's repository (agent/runtimes/mlserver_repository.py) reads the one
+    entry named by the load: entries visible to MLServer's glob (another writer's, a crash's
+    leftovers) are never opened, and one of them naming the same model (a stale copy with a
+    broken path) neither breaks the load nor is loaded beside it."""
+    ad = mlserver.adapter
+    probe = ServedModel("probe", write_sklearn_model(tmp_path / "probe", seed=1), "sklearn")
+    strays = []
+    for i in range(5):  # visible entries of other models, as MLServer's own layout has them
+        (mlserver.repository / f"stray{i}").mkdir()
+        strays.append(mlserver.repository / f"stray{i}" / "model-settings.json")
+        strays[-1].write_text(f'{{"name": "stray{i}", "implementation": "mlserver_sklearn.SKLearnModel", '
+                              f'"parameters": {{"uri": "{tmp_path}/nowhere/model.joblib"}}}}')
+    (mlserver.repository / "stale-probe").mkdir()  # the same name, a path that does not load
+    (mlserver.repository / "stale-probe" / "model-settings.json").write_text(
+        f'{{"name": "probe", "implementation": "mlserver_sklearn.SKLearnModel", "parameters": {{"uri": "{tmp_path}/gone.joblib"}}}}')
+    try:
+        with _Opens(mlserver.repository) as opens:
+            mlserver.call(ad.load(probe))
+            during = opens.settle(strays[0])
+        assert [p for p in during if "stray" in p or "stale" in p] == [], during
+        assert any(p.endswith("/probe/model-settings.json") for p in during), during
+        assert _infer(mlserver, "probe") == sklearn_predictions(probe.path, ROWS)
+    finally:
+        for d in [*(s.parent for s in strays), mlserver.repository / "stale-probe"]:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_repository_parses_an_entry_once_and_never_reloads_an_installed_runtime(tmp_path: Path, monkeypatch) -> None:
+    """In-process, on MLServer's own classes: a second load of the same entry is not parsed
+    again (a deep copy of the first parse), and the settings of an installed runtime import
+    their class without `importlib.reload` (a custom implementation keeps MLServer's reload)."""
+    import importlib
+    import json
+
+    import mlserver.settings as ms_settings
+    from agent.runtimes.mlserver import IMPLEMENTATIONS
+    from agent.runtimes.mlserver_repository import EntryRepository
+
+    for name, impl in (("sk", "mlserver_sklearn.SKLearnModel"), ("custom", "tests_custom_impl.Model")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model-settings.json").write_text(json.dumps(
+            {"name": name, "implementation": impl, "parameters": {"uri": str(tmp_path / name)}}))
+    (tmp_path / "custom" / "tests_custom_impl.py").write_text("from mlserver import MLModel\nclass Model(MLModel):\n    pass\n")
+    repo = EntryRepository(str(tmp_path), builtin=IMPLEMENTATIONS.values())
+    parses = []
+    validate = ms_settings.ModelSettings.model_validate.__func__
+    monkeypatch.setattr(ms_settings.ModelSettings, "model_validate",
+                        classmethod(lambda cls, obj: parses.append(1) or validate(cls, obj)))
+    reloads = []
+    monkeypatch.setattr(importlib, "reload", lambda module: reloads.append(module.__name__) or module)
+
+    first, second = (asyncio.run(repo.find("sk"))[0] for _ in range(2))
+    assert len(parses) == 1 and first is not second and first == second
+    assert first.implementation.__name__ == "SKLearnModel" and reloads == []
+    custom = asyncio.run(repo.find("custom"))[0]
+    assert custom.implementation.__name__ == "Model" and reloads == ["tests_custom_impl"]

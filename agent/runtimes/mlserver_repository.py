@@ -1,0 +1,90 @@
+"""The model repository an embedded MLServer uses (its `model_repository_implementation`, set
+by agent/runtimes/mlserver.py): MLServer's own per-load bookkeeping, cut to what a load needs.
+
+MLServer 1.7's SchemalessModelRepository answers a load of NAME by globbing
+`**/model-settings.json` under the whole repository, parsing every file it finds (a
+pydantic-settings model: 2-8 ms each, on the server's event loop) and keeping those named NAME;
+then reading `implementation` on settings that carry their source file inserts the entry's
+folder into sys.path and `importlib.reload`s the runtime's module (~4 ms), on every load. Every
+request queued on that loop waits meanwhile. Here:
+
+- `find(name)` reads `<root>/<name>/model-settings.json`, the one entry the agent writes for
+  that name (the adapter's layout), and falls back to MLServer's glob only when that file is
+  absent or names another model (an entry someone else wrote);
+- parsed settings are kept per file content (bytes -> ModelSettings, at most `cache_size`):
+  a model loaded again gets a deep copy of what was parsed before, no pydantic-settings pass;
+- settings whose implementation is one of `builtin` (installed runtimes such as
+  mlserver_sklearn.SKLearnModel) carry no source file, so MLServer imports the class without
+  touching sys.path or reloading the module. Their `parameters.uri` is absolute (the adapter
+  writes it so): nothing is resolved relative to the file. A custom implementation (`runtime:
+  mlserver`, its code linked into the entry) keeps the source, and MLServer's reload.
+
+This module runs INSIDE the MLServer process: it imports only mlserver and the standard library.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from typing import Iterable, List
+
+from mlserver.repository.repository import DEFAULT_MODEL_SETTINGS_FILENAME, SchemalessModelRepository
+from mlserver.settings import ModelParameters, ModelSettings
+
+
+class EntryRepository(SchemalessModelRepository):
+    """SchemalessModelRepository with a direct `find` (see the module doc)."""
+
+    def __init__(self, root: str, builtin: Iterable[str] = (), cache_size: int = 4096):
+        super().__init__(root)
+        self._abs_root = os.path.abspath(root) if root else ""
+        self._builtin = frozenset(builtin)
+        self._cache: OrderedDict[bytes, ModelSettings] = OrderedDict()
+        self._cache_size = int(cache_size)
+
+    async def find(self, name: str) -> List[ModelSettings]:
+        if self._abs_root and name and "/" not in name and not name.startswith("."):
+            path = os.path.join(self._abs_root, name, DEFAULT_MODEL_SETTINGS_FILENAME)
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+            except OSError:
+                raw = None
+            if raw is not None:
+                settings = self._parse(path, raw)
+                if settings.name == name:
+                    return [settings]
+        return await super().find(name)
+
+    def _parse(self, path: str, raw: bytes) -> ModelSettings:
+        key = path.encode() + b"\0" + raw
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = _settings_from(path, raw)
+            if cached.implementation_ in self._builtin:
+                cached._source = None  # installed runtime: import it, no sys.path entry, no reload
+            self._cache[key] = cached
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return cached.model_copy(deep=True)
+
+
+def _settings_from(path: str, raw: bytes) -> ModelSettings:
+    """What mlserver.repository.load.load_model_settings makes of `path`, from the bytes read
+    (the file may be replaced meanwhile: the cache key is these bytes)."""
+    doc = json.loads(raw)
+    doc["_source"] = path
+    settings = ModelSettings.model_validate(doc)
+    folder = os.path.dirname(path)
+    if not settings.name:
+        settings.name = os.path.basename(folder)
+    if not settings.parameters:
+        settings.parameters = ModelParameters()
+    if not settings.parameters.uri:
+        settings.parameters.uri = folder
+    return settings
+
+
+__all__ = ["EntryRepository"]
