@@ -3,8 +3,12 @@ drive over the KServe V2 REST repository API and whose repository dir we own, pl
 for that dir's entries.
 
 `HTTPServerAdapter` holds the server (an embedded child on loopback with free ports and a
-private working dir, or a sidecar at `base_url`; see `process.ServerHandle`), one pooled
-`httpx.AsyncClient`, and the repository protocol:
+private working dir, or a sidecar at `base_url`; see `process.ServerHandle`), the clients and
+the repository protocol. The repository calls (index, load, unload: two on every cold start)
+go through the data plane's lean keep-alive client (`agent.upstream.Upstream`: one write per
+request, httptools parsing; httpx took ~15% of the agent's CPU under cold-start traffic,
+issue 13); an answer is read into `Answer` (status, text, json()). Readiness probes keep a
+pooled `httpx.AsyncClient`. The repository protocol:
 
 - one dir per served model, `<repo>/<name>/`, holding the server's entry file (written last and
   atomically: the server sees the entry only once it is complete), symlinks into the cache and
@@ -41,6 +45,9 @@ import httpx
 
 from agent.runtimes.base import LoadFailed, RuntimeAdapter, RuntimeErrorBase, ServedModel, ServerUnavailable
 from agent.runtimes.process import OnRestart, ServerHandle, ServerProcess, free_port
+from agent.upstream import Upstream, UpstreamError
+
+_JSON_HEADERS = [(b"content-type", b"application/json"), (b"accept", b"application/json")]
 
 ENTRY_FILE = "modelshelf.json"  # the ServedModel an entry was written for
 
@@ -105,6 +112,21 @@ class _TimedOut(ServerUnavailable):
     """The server took longer than our timeout; it may still complete the operation."""
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A repository call's answer: what the adapters read of it (`_reason`, index items)."""
+
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
 class HTTPServerAdapter(RuntimeAdapter):
     """A server driven over HTTP, embedded (a child process on loopback; `base_url=None`) or a
     sidecar at `base_url` that reads the same `repository` dir. Call `start()` before use and
@@ -156,6 +178,8 @@ class HTTPServerAdapter(RuntimeAdapter):
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             trust_env=False,
         )
+        self.request_timeout = request_timeout
+        self._control = Upstream(self._server.base_url, max_connections=32, connect_timeout=2.0)
 
     @classmethod
     def embedded(cls, repository: Path, **kwargs: Any) -> Self:
@@ -181,7 +205,7 @@ class HTTPServerAdapter(RuntimeAdapter):
 
     @staticmethod
     @abc.abstractmethod
-    def _reason(response: httpx.Response) -> str:
+    def _reason(response: Answer) -> str:
         """The server's error in a response, short and on one line."""
 
     async def _wait_unloaded(self, name: str) -> None:
@@ -237,6 +261,7 @@ class HTTPServerAdapter(RuntimeAdapter):
 
     async def close(self) -> None:
         await self._http.aclose()
+        await self._control.close()
 
     async def index(self) -> dict[str, str]:
         r = await self._post("/v2/repository/index", None)
@@ -282,7 +307,7 @@ class HTTPServerAdapter(RuntimeAdapter):
         if r.status_code not in (200, 404):  # 404: not loaded, which is what we want
             raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
         await self._wait_unloaded(name)
-        await asyncio.to_thread(shutil.rmtree, self.repository / name, ignore_errors=True)
+        await asyncio.to_thread(self._remove_entry, name)
         self._log.info("event=model_unloaded server=%s model=%s seconds=%.3f", self.kind, name, time.monotonic() - t0)
 
     def served_path(self, name: str) -> Path | None:
@@ -315,23 +340,19 @@ class HTTPServerAdapter(RuntimeAdapter):
         except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
             return None
 
-    async def _post(self, path: str, model: str | None, *, timeout: float | None = None) -> httpx.Response:
+    async def _post(self, path: str, model: str | None, *, timeout: float | None = None) -> Answer:
         """POST a repository call with a JSON body `{}` (the form both servers accept);
-        ServerUnavailable (or _TimedOut) when the server did not answer."""
-        kwargs: dict[str, Any] = {}
-        if timeout is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout, connect=2.0)
+        ServerUnavailable (or _TimedOut) when the server did not answer. A pooled connection
+        the server closed before answering (uvicorn does after a 500) is retried once by the
+        client, on a fresh connection: nothing was processed on it."""
         try:
-            try:
-                return await self._http.post(path, json={}, **kwargs)
-            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
-                # a server may close a keep-alive connection after an error (uvicorn does after a
-                # 500); a pooled request can race that close. It was not processed: send it once more.
-                return await self._http.post(path, json={}, **kwargs)
-        except httpx.TimeoutException as e:
+            status, _, body = await self._control.request(
+                "POST", path, _JSON_HEADERS, b"{}", timeout if timeout is not None else self.request_timeout)
+        except asyncio.TimeoutError as e:  # UpstreamBusy included: no slot in time
             raise _TimedOut(model, f"{self.kind} at {self.base_url} timed out ({type(e).__name__})") from None
-        except (httpx.HTTPError, OSError) as e:
+        except (UpstreamError, OSError) as e:
             raise ServerUnavailable(model, f"{self.kind} at {self.base_url} unreachable ({type(e).__name__})") from None
+        return Answer(status, body)
 
     def _prepare_entry(self, entry: Path, model: ServedModel) -> _EntryState | None:
         """(In a thread.) Write the entry of `model`; return what it held before (to put back
@@ -383,6 +404,11 @@ class HTTPServerAdapter(RuntimeAdapter):
             (entry / ENTRY_FILE).unlink(missing_ok=True)
         write_text(entry / self.entry_file, content.text)
 
+    def _remove_entry(self, name: str) -> None:
+        """(In a thread, after the server unloaded `name`.) Remove its entry; a subclass adds
+        its own file work here, so one unload costs one thread hop."""
+        shutil.rmtree(self.repository / name, ignore_errors=True)
+
     def _restore_entry(self, entry: Path, previous: _EntryState | None) -> None:
         """After a failed load: put back what served before, or remove the entry."""
         if previous is None:
@@ -392,6 +418,7 @@ class HTTPServerAdapter(RuntimeAdapter):
 
 
 __all__ = [
+    "Answer",
     "ENTRY_FILE",
     "HTTPServerAdapter",
     "Listen",

@@ -74,7 +74,7 @@ from urllib.parse import quote
 import httpx
 
 from agent.runtimes.base import LoadFailed, ServedModel, ServerUnavailable
-from agent.runtimes.common import HTTPServerAdapter, Listen, check_name, write_json
+from agent.runtimes.common import Answer, HTTPServerAdapter, Listen, check_name, write_json
 
 SETTINGS_FILE = "model-settings.json"
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's largest; the agent bounds messages itself
@@ -166,7 +166,7 @@ def shipped_settings(model: ServedModel) -> tuple[dict[str, Any], str | None]:
 _FRAME_RE = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
-def server_reason(response: httpx.Response) -> str:
+def server_reason(response: Answer) -> str:
     """The server's error, short: its first line, plus the last line of a traceback."""
     text = response.text or ""
     try:
@@ -281,9 +281,9 @@ class MLServerAdapter(HTTPServerAdapter):
                 del self._parking[model.name]
         return server_s
 
-    async def unload(self, name: str) -> None:
-        await super().unload(name)  # raises (and keeps the parked copy) unless it is gone
-        await asyncio.to_thread(self._unpark, name)
+    def _remove_entry(self, name: str) -> None:
+        super()._remove_entry(name)  # runs only once the server unloaded it: the parked copy goes too
+        self._unpark(name)
 
     async def index(self) -> dict[str, str]:
         states = await super().index()  # first: a park that happens meanwhile is seen below

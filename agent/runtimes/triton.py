@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 from agent.runtimes.base import LoadFailed, ServedModel, ServerUnavailable
-from agent.runtimes.common import HTTPServerAdapter, Listen
+from agent.runtimes.common import Answer, HTTPServerAdapter, Listen
 from agent.runtimes.process import OnRestart
 from agent.runtimes.triton_setup import TritonInstall, find_install, install_from_binary
 
@@ -164,7 +163,7 @@ def entry_links(model: ServedModel) -> dict[str, str]:
     return links
 
 
-def server_reason(response: httpx.Response) -> str:
+def server_reason(response: Answer) -> str:
     """Triton's error, short: the first line of its message."""
     text = response.text or ""
     try:
