@@ -604,8 +604,8 @@ class Reconciler:
         wait_until = time.monotonic() + self.settings.load_timeout_s if lazy else None
         # a load that will be measured waits for its victims' unloads (its window must not see
         # them); any other load starts while they unload (see _make_room)
-        measure = not replacing and self.memory.needs_measure(copy.entry.key, copy.spec.runtime) \
-            and not (lazy and self._window_spoilt(copy.spec.runtime))
+        measure = not replacing and not (lazy and self._window_spoilt(copy.spec.runtime)) \
+            and self.memory.needs_measure(copy.entry.key, copy.spec.runtime)
         try:
             await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=measure, phases=phases)
         except DoesNotFit as e:
