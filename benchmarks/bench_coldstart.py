@@ -190,7 +190,8 @@ def verdicts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         out.append({"variant": r["label"], "goal": f"cold-start overhead (agent + measure phases) <= {GOAL_OVERHEAD_MS:g} ms",
                     "value_ms": r["overhead_ms"], "met": r["overhead_ms"] <= GOAL_OVERHEAD_MS,
-                    "server_floor_ms": (r["phases_mean_ms"] or {}).get("server")})
+                    "server_floor_ms": (r["phases_mean_ms"] or {}).get("server"),
+                    "agent_cpu_per_miss_ms": r["agent_cpu_per_miss_ms"], "loadavg": r["loadavg_end"][0]})
     return out
 
 
@@ -214,8 +215,14 @@ def markdown(data: dict[str, Any]) -> str:
                          f"cold start x{r['cold_start_mean_ms'] / before['cold_start_mean_ms']:.2f}, p95 x{r['p95_ms'] / before['p95_ms']:.2f}")
     lines += ["", "## Verdicts", ""]
     for v in data["verdicts"]:
+        why = "" if v["met"] else (
+            f"; the phases are wall time, and at a load average of {v['loadavg']} on {data['machine'].get('cpus', 2)} cores "
+            f"every thread hop and loop turn waits for a CPU: the agent's CPU per miss is {v['agent_cpu_per_miss_ms']} ms, "
+            "all of it, unload included")
         lines.append(f"- {v['variant']}: {v['goal']}: {v['value_ms']} ms -> **{'met' if v['met'] else 'missed'}** "
-                     f"(the server's own load call: {v['server_floor_ms']} ms per load)")
+                     f"(the server's own load call, the floor: {v['server_floor_ms']} ms per load{why})")
+    lines += ["", "`before` is the agent of --baseline-root, which has no phase metric (blank cells); its cold start "
+              "and CPU figures come from the same metrics and counters as the others."]
     for r in data["runs"]:
         if r.get("profile"):
             lines += ["", f"## py-spy, {r['label']} (inclusive share of agent samples, measured window)", "",
@@ -230,7 +237,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    runs = [r for r in runs if r.get("phases_mean_ms")]
+    runs = [r for r in runs if (r.get("phases_mean_ms") or {}).get("agent") is not None]  # `before` has no phases
     fig, ax = plt.subplots(figsize=(8, 4))
     bottom = [0.0] * len(runs)
     for ph in PHASES:
@@ -264,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=float, default=0.0, help="py-spy the first `after` variant for this many seconds")
     p.add_argument("--workdir", type=Path, default=None, help="reuse a dir (models) across invocations")
     p.add_argument("--out", default="coldstart")
+    p.add_argument("--render", type=Path, default=None, help="only re-write the Markdown (and plot) from this JSON result")
     args = p.parse_args(argv)
+    if args.render is not None:
+        data = json.loads(args.render.read_text())
+        data["verdicts"] = verdicts(data["runs"])
+        png = plot(data["runs"], RESULTS / f"{args.out}.png")
+        write_results(args.out, markdown(data) + (f"\n![cold-start breakdown]({png})\n" if png else ""), data)
+        return 0
     from agent.quantity import parse_quantity
 
     args.model_memory_bytes = parse_quantity(args.model_memory)
