@@ -26,8 +26,12 @@ a crash between a load and its park, at worst the entry just loaded). The parked
 - `.loaded/<name>` is a relative symlink to `.loaded/.<name>.<8 hex>`, the moved entry dir. A
   park renames the visible entry to a fresh `.<name>.<hex>` dir, then swaps the link with one
   `os.replace` (atomic), then removes the dir the link pointed at before: a crash leaves the
-  old or the new parked copy, plus at worst the visible entry and unreferenced dot-dirs (swept
-  at the next park/unload of that name, or when an embedded server starts).
+  old or the new parked copy, plus at worst the visible entry and unreferenced dot-dirs. Those
+  are swept when the adapter starts (an embedded server's parked dir is cleared; a sidecar's
+  unreferenced dot-dirs are removed), and for a name whose park failed in this process at its
+  next park/unload. A park or unload otherwise touches only that name's link and the dir it
+  points at: no listing of `.loaded/` per load or unload (it held one entry per loaded model,
+  and its sweep was ~7% of the agent's samples under cold-start traffic, issue 13).
 - An update in place (load of a loaded name) writes the new entry visibly and loads it
   (MLServer's glob finds only that one; its registry loads the new copy before dropping the
   old, so serving never stops); only after the load succeeded is the parked copy replaced. A
@@ -257,6 +261,7 @@ class MLServerAdapter(HTTPServerAdapter):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._parking: dict[str, int] = {}  # name -> parks in flight (each in a thread)
+        self._dirty: set[str] = set()  # names whose park failed here: swept at their next park/unload
 
     @property
     def parked_dir(self) -> Path:
@@ -266,6 +271,8 @@ class MLServerAdapter(HTTPServerAdapter):
     async def start(self, timeout: float = 60.0) -> None:
         if self.process is not None:  # embedded: the server about to start serves nothing yet
             await asyncio.to_thread(shutil.rmtree, self.parked_dir, ignore_errors=True)
+        else:  # a sidecar keeps serving: only what a crash left (nothing points at it) goes
+            await asyncio.to_thread(self._sweep_all)
         await super().start(timeout)
 
     async def load(self, model: ServedModel) -> float | None:
@@ -274,6 +281,7 @@ class MLServerAdapter(HTTPServerAdapter):
         try:
             await asyncio.to_thread(self._park, model.name)
         except OSError as e:  # still loaded and served; only later loads are slower
+            self._dirty.add(model.name)
             self._log.warning("event=park_failed server=%s model=%s error=%s", self.kind, model.name, type(e).__name__)
         finally:
             self._parking[model.name] -= 1
@@ -342,30 +350,66 @@ class MLServerAdapter(HTTPServerAdapter):
         visible = self.repository / name
         self.parked_dir.mkdir(exist_ok=True)
         link = self.parked_dir / name
+        old = self._store_of(name)
         if link.is_dir() and not link.is_symlink():  # a plain dir (not written by us): make it a store dir
-            os.rename(link, self.parked_dir / f".{name}.{secrets.token_hex(4)}")
+            old = self.parked_dir / f".{name}.{secrets.token_hex(4)}"
+            os.rename(link, old)
         store = self.parked_dir / f".{name}.{secrets.token_hex(4)}"
         os.rename(visible, store)  # still hidden: the old copy stays the parked one until the switch
         tmp = self.parked_dir / f".{name}.link"
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(store.name)  # relative: the repository may be mounted elsewhere
         os.replace(tmp, link)
-        self._sweep(name, keep=store.name)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if name in self._dirty:
+            self._dirty.discard(name)
+            self._sweep(name, keep=store.name)
 
     def _unpark(self, name: str) -> None:
         """Remove the parked copy of `name`: the link first (a crash then leaves only a hidden
         dir that nothing points at), then every store dir of that name."""
         check_name(name)
         link = self.parked_dir / name
+        store = self._store_of(name)
         if link.is_symlink():
             link.unlink(missing_ok=True)
         else:
             shutil.rmtree(link, ignore_errors=True)
-        self._sweep(name, keep=None)
+        if store is not None:
+            shutil.rmtree(store, ignore_errors=True)
+        if name in self._dirty:
+            self._dirty.discard(name)
+            self._sweep(name, keep=None)
+
+    def _store_of(self, name: str) -> Path | None:
+        """The `.<name>.<hex>` dir the link `.loaded/<name>` points at (None: no such link)."""
+        try:
+            target = os.readlink(self.parked_dir / name)
+        except OSError:
+            return None
+        return self.parked_dir / target if _is_store(target, name) else None
+
+    def _sweep_all(self) -> None:
+        """Remove every store dir no link points at, and temporary links, under `.loaded/`."""
+        try:
+            children = list(self.parked_dir.iterdir())
+        except FileNotFoundError:
+            return
+        referenced = {str(store.name) for p in children if not p.name.startswith(".")
+                      for store in [self._store_of(p.name)] if store is not None}
+        for p in children:
+            stem, _, token = p.name.rpartition(".")
+            if not stem.startswith(".") or p.name in referenced:
+                continue
+            if token == "link" and p.is_symlink():
+                p.unlink(missing_ok=True)
+            elif _is_store(p.name, stem[1:]) and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
 
     def _sweep(self, name: str, keep: str | None) -> None:
         """Remove `.loaded/.<name>.<hex>` dirs of `name` other than `keep` (replaced copies,
-        leftovers of a crash) and a stray `.<name>.link`."""
+        leftovers of a failed park) and a stray `.<name>.link`."""
         try:
             children = list(self.parked_dir.iterdir())
         except FileNotFoundError:
@@ -376,8 +420,14 @@ class MLServerAdapter(HTTPServerAdapter):
                 continue
             if token == "link" and p.is_symlink():
                 p.unlink(missing_ok=True)
-            elif len(token) == 8 and all(c in "0123456789abcdef" for c in token) and not p.is_symlink():
+            elif _is_store(p.name, name) and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_store(target: str, name: str) -> bool:
+    """`target` is a store dir name of `name`: `.<name>.<8 hex>`."""
+    stem, _, token = target.rpartition(".")
+    return stem == f".{name}" and len(token) == 8 and all(c in "0123456789abcdef" for c in token)
 
 
 __all__ = ["MLServerAdapter", "IMPLEMENTATIONS", "PARKED_DIR", "SETTINGS_FILE", "model_settings", "model_uri",

@@ -380,27 +380,42 @@ def test_stale_parked_entry_is_not_ready_and_unload_removes_it(mlserver: Running
     _assert_parked_once(mlserver.repository, "lost")
 
 
-def test_leftovers_of_an_interrupted_park_are_swept(mlserver: RunningServer, tmp_path: Path) -> None:
+def test_leftovers_of_an_interrupted_park_are_swept_when_the_agent_starts_again(mlserver: RunningServer, tmp_path: Path) -> None:
     """A crash between moving the loaded entry and switching the link leaves an unreferenced
-    `.loaded/.<name>.<hex>` dir (and maybe the temporary link): the next load or unload of that
-    name removes them, and only them (not another model's whose name shares a prefix)."""
+    `.loaded/.<name>.<hex>` dir (and maybe the temporary link). A park or an unload touches only
+    its own name's link and the dir it points at (it lists nothing: one cold start costs the
+    same with 1 or 1,000 models parked); an adapter starting next to the running server (the
+    agent restarted after the crash) removes what no link points at, and only that."""
     ad = mlserver.adapter
     a, b = _distinct_models(tmp_path)
     mlserver.call(ad.load(ServedModel("m", a, "sklearn")))
+    mlserver.call(ad.load(ServedModel("mm", a, "sklearn")))  # a name sharing the prefix: its copy stays
     parked = mlserver.repository / ".loaded"
     for leftover in (".m.0123abcd", ".m.x.0123abcd", ".mm.0123abcd"):
         (parked / leftover).mkdir()
         (parked / leftover / "model-settings.json").write_text("{}")
     (parked / ".m.link").symlink_to(".m.0123abcd")
-    assert ad.served_path("m") == a and ad.repository_entries() == {"m"}  # leftovers are not entries
+    assert ad.served_path("m") == a and ad.repository_entries() == {"m", "mm"}  # leftovers are not entries
 
-    mlserver.call(ad.load(ServedModel("m", b, "sklearn")))
+    mlserver.call(ad.load(ServedModel("m", b, "sklearn")))  # replaces m's parked copy, lists nothing
     assert _infer(mlserver, "m") == sklearn_predictions(b, ROWS) and ad.served_path("m") == b
+    assert (parked / ".m.0123abcd").is_dir()  # not m's current copy, and nothing lists it now
+
+    async def agent_restarts() -> None:
+        side = MLServerAdapter(mlserver.repository, base_url=mlserver.base_url)
+        try:
+            await side.start(timeout=5)
+        finally:
+            await side.stop()
+
+    mlserver.call(agent_restarts())
     _assert_parked_once(mlserver.repository, "m")
-    assert (parked / ".m.x.0123abcd").is_dir() and (parked / ".mm.0123abcd").is_dir()  # other names' dirs kept
-    (parked / ".m.9876fedc").mkdir()
+    _assert_parked_once(mlserver.repository, "mm")
+    assert not (parked / ".m.x.0123abcd").exists() and not (parked / ".mm.0123abcd").exists()
+    assert _infer(mlserver, "m") == sklearn_predictions(b, ROWS) and _infer(mlserver, "mm") == sklearn_predictions(a, ROWS)
     mlserver.call(ad.unload("m"))
     assert _parked_files(mlserver.repository, "m") == []
+    _assert_parked_once(mlserver.repository, "mm")
 
 
 def test_embedded_server_starts_with_no_parked_entries(tmp_path: Path) -> None:
@@ -486,8 +501,9 @@ def test_a_load_reads_only_its_own_entry_however_many_the_repository_shows(mlser
         with _Opens(mlserver.repository) as opens:
             mlserver.call(ad.load(probe))
             during = opens.settle(strays[0])
+        # (settle() proved the stray dirs are watched; the probe's own dir is created during the
+        # load, so whether its open is seen races with the watch on the new dir: not asserted)
         assert [p for p in during if "stray" in p or "stale" in p] == [], during
-        assert any(p.endswith("/probe/model-settings.json") for p in during), during
         assert _infer(mlserver, "probe") == sklearn_predictions(probe.path, ROWS)
     finally:
         for d in [*(s.parent for s in strays), mlserver.repository / "stale-probe"]:
