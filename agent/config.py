@@ -491,7 +491,7 @@ def parse_config(text: str, filename: str, limits: ConfigLimits | None = None, *
     shape.total += 1 + len(entries)
     models: dict[str, ModelSpec] = {}
     first_index: dict[str, int] = {}  # a name belongs to its first entry, even a rejected one
-    previous, seen = _previous, {}
+    previous, keys = _previous, []
     for index, entry in enumerate(entries):
         key, spec = None, None
         if type(entry) is dict:
@@ -514,22 +514,25 @@ def parse_config(text: str, filename: str, limits: ConfigLimits | None = None, *
                 first_index[name] = index
             if spec is None:
                 is_kserve = "modelName" in entry and "modelSpec" in entry
-                spec = _kserve_entry(entry) if is_kserve else _native_entry(entry)
-            seen[key] = spec
+                spec = previous[key] = _kserve_entry(entry) if is_kserve else _native_entry(entry)
+            keys.append(key)
         except _Reject as exc:
             errors.append(ConfigError(filename, name, index, str(exc)))
             continue
         models[spec.name] = spec
     if shape.total > limits.max_nodes:
         raise shape.too_many()
-    _previous = seen
+    if len(previous) > 2 * len(keys) + 64:  # contents no longer in the file pile up: keep this file's
+        _previous = {k: previous[k] for k in keys}
     return ConfigResult(models=models, errors=tuple(errors), file=filename,
                         digest=digest if digest is not None else _sha256(text.encode()))
 
 
-# The accepted entries of the last parse, by their raw content: an edit of one model among
-# 1,000 validates one entry, and the others keep their ModelSpec object (so the reconciler's
-# diff sees them as identical without comparing). Only the last parse is kept.
+# Accepted entries by their raw content: an edit of one model among 1,000 validates one entry,
+# and the others keep their ModelSpec object (so the reconciler's diff sees them as identical
+# without comparing). A spec depends on its entry's content alone, so entries of earlier parses
+# may stay; each entry is hashed once per parse (looked up, and inserted only when new), and the
+# dict is cut back to the current file's entries when it grows past twice their number.
 _previous: dict[Any, ModelSpec] = {}
 
 

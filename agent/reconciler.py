@@ -323,7 +323,7 @@ class Reconciler:
         for err in result.errors:
             self.metrics.config_errors.labels(kind="entry").inc()
             log.warning("config entry rejected", extra=kv(file=err.file, model=err.model, index=err.index, reason=err.reason))
-        desired = {n: s for n, s in result.models.items() if self._mine(n)}
+        desired = result.models if self.settings.shards <= 1 else {n: s for n, s in result.models.items() if self._mine(n)}
         for name, spec in desired.items():
             m = self.models.get(name)
             if m is None:

@@ -361,3 +361,27 @@ def test_an_unchanged_entry_keeps_its_spec_and_a_value_of_another_type_is_valida
     assert "preload: expected true or false, got int 1" in err.reason
     changed = parse_config("- {name: b, uri: /m/b, parameters: {x: [1.5]}}\n", "models.yaml")
     assert changed.models["b"].parameters == {"x": [1.5]}
+
+
+def test_an_edit_validates_only_changed_entries_and_the_reuse_stays_bounded():
+    """Unchanged entries keep their ModelSpec object (the reconciler skips them by identity),
+    a reverted entry gets a spec equal to its content (never a neighbour's), `preload: 0` is not
+    taken for `preload: false`, and the reuse cache holds at most ~2x the file's entries."""
+    import agent.config as config
+
+    def doc(version: str, preload: object = False) -> str:
+        models = [{"name": f"m{i}", "uri": f"/models/m{i}", "preload": preload if i == 0 else False} for i in range(50)]
+        models[7]["version"] = version
+        return json.dumps(models)
+
+    first = parse_config(doc("v1"), "models.json")
+    second = parse_config(doc("v2"), "models.json")
+    assert all(second.models[f"m{i}"] is first.models[f"m{i}"] for i in range(50) if i != 7)
+    assert second.models["m7"].version == "v2"
+    for n in range(200):  # many edits: contents of old files do not pile up
+        parse_config(doc(f"x{n}"), "models.json")
+    assert len(config._previous) <= 2 * 50 + 64
+    back = parse_config(doc("v1"), "models.json")
+    assert back.models["m7"].version == "v1" and back.models["m7"] == first.models["m7"]
+    wrong = parse_config(doc("v1", preload=0), "models.json")  # 0 == False in Python
+    assert "m0" not in wrong.models and wrong.errors  # 0 is not a boolean, even after `false` parsed
