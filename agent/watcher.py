@@ -52,7 +52,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from agent.config import (
-    CONFIG_FILES, ConfigLimits, ConfigParseError, ConfigResult, ConfigUnreadable, parse_raw, read_config_dir,
+    CONFIG_FILES, ConfigLimits, ConfigParseError, ConfigResult, ConfigUnreadable, RawConfig, parse_raw, read_config_dir,
 )
 from agent.logging import get_logger, kv
 
@@ -64,6 +64,19 @@ _EVENT_FILTER = [
 ]  # not opened / closed-without-write: our own reads must not wake us
 _DATA = "..data"
 _RELEVANT = frozenset((_DATA, *CONFIG_FILES))
+
+
+def _read_and_parse(root: Path, limits: ConfigLimits, last_identity: tuple | None
+                    ) -> tuple[RawConfig, ConfigResult | ConfigParseError | None]:
+    """(In a thread.) The directory's config read, and parsed unless its identity is
+    `last_identity` (None then). A parse error is returned, a read error raised."""
+    raw = read_config_dir(root, limits)
+    if raw.identity == last_identity:
+        return raw, None
+    try:
+        return raw, parse_raw(raw, limits)
+    except ConfigParseError as err:
+        return raw, err
 
 
 class _Handler(FileSystemEventHandler):
@@ -189,8 +202,9 @@ class ConfigWatcher:
                 log.info("config directory present", extra=kv(dir=self._root))
                 self._missing_said = False
             root = Path(self._root)
-            try:
-                raw = await asyncio.to_thread(read_config_dir, root, self.limits)
+            last_identity = None if force else self._last_identity
+            try:  # read, and parse unless the bytes are those delivered last: one thread hop
+                raw, parsed = await asyncio.to_thread(_read_and_parse, root, self.limits, last_identity)
                 if raw.file is None and self.last is not None and self.last.file is not None:
                     raise ConfigUnreadable(self.last.file, (
                         f"config file unreadable: it is gone (none of {', '.join(CONFIG_FILES)} in the directory; "
@@ -205,13 +219,12 @@ class ConfigWatcher:
                 await self._failed(err, force)
                 return None
             self._unreadable_since = None
-            if not force and raw.identity == self._last_identity:
-                return None  # same bytes as the last delivered config: nothing to parse
-            try:
-                result = await asyncio.to_thread(parse_raw, raw, self.limits)
-            except ConfigParseError as err:
-                await self._failed(err, force)
+            if isinstance(parsed, ConfigParseError):
+                await self._failed(parsed, force)
                 return None
+            if parsed is None:
+                return None  # same bytes as the last delivered config: nothing to parse
+            result = parsed
             key = (result.file, result.digest, result.errors)
             if not force and key == self._last_key:
                 return None
