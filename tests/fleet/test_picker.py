@@ -18,6 +18,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import parse_qsl, urlsplit
 
 import grpc
 import pytest
@@ -39,10 +40,12 @@ MODELS = ("m0", "m1", "m2")
 # ------------------------------------------------------------------------------ helpers
 class StateStandIn:
     """A real HTTP server answering GET /fleet/state with `doc()` (a 503 while `fail` is set);
-    `stop()` closes it, so the picker's next read is refused."""
+    `stop()` closes it, so the picker's next read is refused. With `long_poll`, it honours
+    `?since=SEQ&wait=S` as the agent does: the answer waits until `changed()` or S seconds."""
 
-    def __init__(self, doc: Callable[[], dict[str, Any]]):
-        self.doc, self.fail = doc, False
+    def __init__(self, doc: Callable[[], dict[str, Any]], long_poll: bool = False):
+        self.doc, self.fail, self.long_poll = doc, False, long_poll
+        self.cond = threading.Condition()
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,6 +53,11 @@ class StateStandIn:
                 if stand_in.fail or not self.path.startswith("/fleet/state"):
                     self.send_error(503 if stand_in.fail else 404)
                     return
+                query = dict(parse_qsl(urlsplit(self.path).query))
+                if stand_in.long_poll and "since" in query:
+                    with stand_in.cond:
+                        stand_in.cond.wait_for(lambda: str(stand_in.doc().get("seq")) != query["since"],
+                                               timeout=float(query.get("wait", 5)))
                 body = json.dumps(stand_in.doc()).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
@@ -67,6 +75,12 @@ class StateStandIn:
         self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def changed(self) -> None:
+        with self.cond:
+            doc = self.doc()
+            doc["seq"] = doc.get("seq", 0) + 1
+            self.cond.notify_all()
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -402,6 +416,26 @@ def test_a_restarted_picker_routes_as_before(stand_in_fleet, tmp_path):
         assert again.health("envoy.service.ext_proc.v3.ExternalProcessor") == health_pb2.HealthCheckResponse.SERVING
     finally:
         again.stop()
+
+
+def test_long_poll_sees_a_change_within_moments_not_a_poll_interval(tmp_path):
+    docs = [doc(20000, loaded=("m0",)), doc(20010)]
+    stand_ins = [StateStandIn(lambda d=d: d, long_poll=True) for d in docs]
+    names = ["127.0.0.1:20000", "127.0.0.1:20010"]
+    picker = Picker(tmp_path / "picker.log", [(n, s.url) for n, s in zip(names, stand_ins)],
+                    "--poll-interval", "30", "--long-poll", "5").wait_ready()
+    try:
+        assert rest_destination(picker, "/v2/models/m0/infer") == names[0]
+        time.sleep(0.3)  # the picker's long polls are waiting now
+        docs[0]["draining"] = True
+        stand_ins[0].changed()
+        started = time.monotonic()
+        eventually(lambda: rest_destination(picker, "/v2/models/m0/infer") == names[1], timeout=10, what="drain seen")
+        assert time.monotonic() - started < 1.0  # neither the 30 s poll interval nor the 5 s wait
+    finally:
+        picker.stop()
+        for s in stand_ins:
+            s.stop()
 
 
 def test_picker_flags_are_checked():
