@@ -9,12 +9,14 @@ One ext_proc stream is one HTTP request. The picker answers:
   `envoy.lb` / `x-gateway-destination-endpoint` (the protocol says both, never two values), with
   `clear_route_cache` so the route is chosen again with the header;
 - request headers of a gRPC model call (`/inference.GRPCInferenceService/ModelInfer`, ModelReady,
-  ModelMetadata, ModelConfig, ModelStatistics, ModelStreamInfer): the name is in the message, so
+  ModelMetadata, ModelConfig, ModelStatistics): the name is in the message, so
   CONTINUE with a mode override asking for the BUFFERED request body (ignored by an Envoy that
   does not allow overrides and already sends the body), then the destination (the agent's gRPC
   port) in answer to the body. BUFFERED_PARTIAL works too: the name is field 1, at the front of
   the message. ModelMesh's `mm-vmodel-id` / `mm-model-id` metadata names the model without the
-  body;
+  body. A stream (ModelStreamInfer) is never asked for its body (a buffered stream would wait
+  for its end): it goes by that metadata, else to any eligible agent (right answers, no
+  affinity);
 - calls that name no model (server metadata, health, `/v2`, ServerLive...): any eligible agent;
 - no eligible agent: the immediate response the protocol defines, 503, with a JSON body
   `{"error": ...}` (the agents' error shape) and, for gRPC, grpc-status UNAVAILABLE;
@@ -46,8 +48,7 @@ DESTINATION = "x-gateway-destination-endpoint"
 NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE, SUBSET_KEY = "envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset"
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
-GRPC_MODEL_METHODS = frozenset({"ModelReady", "ModelMetadata", "ModelInfer", "ModelStreamInfer", "ModelConfig",
-                                "ModelStatistics"})
+GRPC_MODEL_METHODS = frozenset({"ModelReady", "ModelMetadata", "ModelInfer", "ModelConfig", "ModelStatistics"})
 GRPC_UNAVAILABLE = 14
 
 

@@ -222,6 +222,20 @@ def fleet(tmp_path_factory) -> Iterator[dict[str, Any]]:
             a.stop()
 
 
+def loaded_holder(fleet: dict[str, Any], model: str) -> AgentProcess:
+    """The agent holding `model` loaded (loaded on the first agent when none does), once the
+    picker routes to it: each test runs alone too."""
+    agents = fleet["agents"]
+    holder = next((a for a in agents if a.state(model) == "loaded"), None)
+    if holder is None:
+        holder = agents[0]
+        assert holder.post(f"/v2/models/{model}/infer", v2_request(sample_rows(1)))[0] == 200
+        holder.wait_state(model, "loaded")
+    want = f"127.0.0.1:{holder.port}"
+    eventually(lambda: rest_destination(fleet["picker"], f"/v2/models/{model}/infer") == want, what=f"{model} on its copy")
+    return holder
+
+
 def test_rest_request_goes_to_an_agent_and_stays_with_its_copy(fleet):
     picker, by_endpoint = fleet["picker"], fleet["by_endpoint"]
     first = rest_destination(picker, "/v2/models/m0/infer")
@@ -255,7 +269,7 @@ def test_a_loaded_copy_wins_over_where_hashing_would_place_it(fleet):
 
 def test_grpc_model_call_is_routed_from_its_message_to_the_agents_grpc_port(fleet):
     picker, agents = fleet["picker"], fleet["agents"]
-    holder = next(a for a in agents if a.state("m1") == "loaded")
+    holder = loaded_holder(fleet, "m1")
     first, second = picker.exchange(headers("/inference.GRPCInferenceService/ModelInfer", content_type="application/grpc"),
                                     body(grpc_frame(infer_request("m1"))))
     # headers: continue, and ask for the body (the model's name is in the message)
@@ -276,16 +290,28 @@ def test_grpc_model_call_is_routed_from_its_message_to_the_agents_grpc_port(flee
 
 def test_grpc_model_named_by_modelmesh_metadata_needs_no_body(fleet):
     picker, agents = fleet["picker"], fleet["agents"]
-    holder = next(a for a in agents if a.state("m1") == "loaded")
+    holder = loaded_holder(fleet, "m1")
     (answer,) = picker.exchange(headers("/inference.GRPCInferenceService/ModelInfer", content_type="application/grpc",
                                         mm_vmodel_id="m1"))
+    assert destination(answer) == holder.grpc_target
+
+
+def test_a_grpc_stream_is_routed_at_its_headers(fleet):
+    """ModelStreamInfer never ends its body: the picker must not ask for it."""
+    picker, agents = fleet["picker"], fleet["agents"]
+    holder = loaded_holder(fleet, "m1")
+    (answer,) = picker.exchange(headers("/inference.GRPCInferenceService/ModelStreamInfer", content_type="application/grpc"))
+    assert answer.WhichOneof("response") == "request_headers" and not answer.HasField("mode_override")
+    assert destination(answer) in {a.grpc_target for a in agents}
+    (answer,) = picker.exchange(headers("/inference.GRPCInferenceService/ModelStreamInfer", content_type="application/grpc",
+                                        mm_model_id="m1"))
     assert destination(answer) == holder.grpc_target
 
 
 def test_a_partial_grpc_body_is_enough(fleet):
     """BUFFERED_PARTIAL: only the first bytes of a large message arrive; the name is in front."""
     picker, agents = fleet["picker"], fleet["agents"]
-    holder = next(a for a in agents if a.state("m1") == "loaded")
+    holder = loaded_holder(fleet, "m1")
     frame = grpc_frame(infer_request("m1"))
     partial = pb.ProcessingRequest(request_body=pb.HttpBody(body=frame[:12], end_of_stream=False))
     _, answer = picker.exchange(headers("/inference.GRPCInferenceService/ModelInfer", content_type="application/grpc"), partial)
