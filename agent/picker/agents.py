@@ -44,7 +44,12 @@ class AgentAddress:
 
     @property
     def name(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return host_port(self.host, self.http_port)
+
+
+def host_port(host: str, port: int) -> str:
+    """`ip:port` as the destination header wants it (`[v6]:port` for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_agent(text: str) -> AgentAddress:
@@ -70,7 +75,7 @@ def report_from_state(address: AgentAddress, doc: dict[str, Any]) -> AgentReport
     return AgentReport(
         name=address.name,
         endpoint=address.name,
-        grpc_endpoint=f"{address.host}:{int(grpc_port)}" if grpc_port else "",
+        grpc_endpoint=host_port(address.host, int(grpc_port)) if grpc_port else "",
         ready=bool(doc.get("ready")),
         draining=bool(doc.get("draining")),
         host_free=int(host_free) if host_free is not None else None,
@@ -132,7 +137,7 @@ class Fleet:
             log.warning("agent discovery failed; keeping the agents known", extra=kv(dns=name, error=e))
             return None
         hosts = sorted({info[4][0] for info in infos})
-        return [AgentAddress(h, port, f"http://{h if ':' not in h else f'[{h}]'}:{self._management_port}") for h in hosts]
+        return [AgentAddress(h, port, f"http://{host_port(h, self._management_port)}") for h in hosts]
 
     def _watch(self, addresses: list[AgentAddress]) -> None:
         wanted = {a.name: a for a in addresses}

@@ -138,6 +138,7 @@ class EndpointPicker:
         self.placement, self.fallbacks, self.clock = placement, fallbacks, clock
         self._any = itertools.count()
         self.decisions = 0
+        self._warned_at, self._unwarned = -1e9, 0  # "no endpoint": one log line per second at most
 
     def handler(self) -> grpc.GenericRpcHandler:
         service, method = pb.PROCESS_METHOD.strip("/").split("/")
@@ -195,7 +196,12 @@ class EndpointPicker:
             agent, reason = p.any_agent(next(self._any), subset), "any"
         if agent is None:
             why = "no agent is ready" if subset is None else "no agent in the gateway's endpoint subset is ready"
-            log.warning("no endpoint", extra=kv(model=model or "", reason=why))
+            now = self.clock()
+            if now - self._warned_at >= 1.0:
+                log.warning("no endpoint: answered 503", extra=kv(model=model or "", reason=why, more_since_last=self._unwarned))
+                self._warned_at, self._unwarned = now, 0
+            else:
+                self._unwarned += 1
             return unavailable(f"{why} (modelshelf picker)", grpc_call=grpc_call)
         chosen = [agent] + (p.fallbacks(model or "", agent.name, self.fallbacks) if self.fallbacks else [])
         endpoints = [_endpoint(a, grpc_call) for a in chosen]

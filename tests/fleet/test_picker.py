@@ -464,9 +464,31 @@ def test_long_poll_sees_a_change_within_moments_not_a_poll_interval(tmp_path):
             s.stop()
 
 
+def test_agents_are_discovered_from_dns(tmp_path):
+    """--agents-dns: every A record of the name is an agent; its management port is shared."""
+    state = StateStandIn(lambda: doc(20000, loaded=("m0",)))
+    port = state.server.server_address[1]
+    picker = Picker(tmp_path / "picker.log", [], "--agents-dns", "localhost:20000", "--agent-management-port", str(port),
+                    "--dns-interval", "0.2")
+    try:
+        picker.wait_ready()
+        eventually(lambda: rest_destination(picker, "/v2/models/m0/infer") == "127.0.0.1:20000", what="discovered agent")
+    finally:
+        picker.stop()
+        state.stop()
+
+
 def test_picker_flags_are_checked():
     out = subprocess.run([sys.executable, "-m", "agent.cli", "picker", "--agent", "10.0.0.1:8000"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "--agent wants HOST:HTTP_PORT=http://HOST:MANAGEMENT_PORT" in out.stderr
     out = subprocess.run([sys.executable, "-m", "agent.cli", "picker"], capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "give the agents" in out.stderr
+
+
+def test_ipv6_agents_are_named_as_the_destination_header_wants():
+    from agent.picker.agents import parse_agent, report_from_state
+
+    address = parse_agent("[fd00::5]:8000=http://[fd00::5]:8003")
+    report = report_from_state(address, doc(8000))
+    assert (report.endpoint, report.grpc_endpoint) == ("[fd00::5]:8000", "[fd00::5]:8001")
