@@ -366,6 +366,19 @@ def markdown(data: dict[str, Any]) -> str:
               f"and {d['parse_and_apply_ms'] * 4 * a['agents'] / 1000:,.0f} CPU-seconds per second to parse: "
               "at this scale the state must come as changes (`?since=` answering only what changed) or as held models only.", ""]
     lines += ["## Goals", "", md_table(["goal", "result", "verdict"], data["verdicts"]), ""]
+    lines += ["## Reading the misses", "",
+              "- Models per agent: the bound (at most ceil(c x (total + 1) / agents)) holds at each placement "
+              "(tests/fleet/test_placement.py checks it after every decision); the picker never moves a loaded copy "
+              "to restore it, so when other agents evict models and the mean falls, an agent placed at the bound "
+              "sits a little above it until its own models age out.",
+              "- From scratch: bounded-load consistent hashing places models one after another, and a model displaced "
+              "by a full agent changes which agents are full for the models placed after it, so a resize moves a few "
+              "times 1/N of the cold placements (a larger c or more ring points per agent cascade less; c = 1.25 is "
+              "the brief's). Loaded copies do not move at all (the live rows).",
+              "- Requests per agent: the bound counts models, not requests. Hot copies cut the skew (4 copies at most: "
+              "the first row; 64: the second) but a copy is only added above --hot-rate requests/s per copy, which is "
+              "above the mean agent's rate here, and copies land where the model bound allows, not where requests "
+              "are fewest. Bounding requests per agent when placing copies is the next step.", ""]
     return "\n".join(lines)
 
 
