@@ -187,7 +187,7 @@ class Fleet:
             log.info("agent eligible" if eligible else "agent not eligible",
                      extra=kv(agent=name, ready=report.ready, draining=report.draining))
         self._up[name] = eligible
-        self.placement.set_agent(report)
+        self.placement.set_agent(report, now=time.monotonic())
 
     def _down(self, name: str, error: Exception) -> None:
         if self._up.get(name, True):

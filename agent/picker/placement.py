@@ -102,19 +102,20 @@ class _Agent:
 
 class Placement:
     def __init__(self, *, load_factor: float = 1.25, vnodes: int = 64, hot_rate: float = 50.0, max_copies: int = 4,
-                 rate_window: float = 10.0, copy_hold: float = 30.0, room_candidates: int = 8):
+                 rate_window: float = 10.0, copy_hold: float = 30.0, room_candidates: int = 8, pending_ttl: float = 60.0):
         if load_factor < 1.0:
             raise ValueError(f"load_factor must be >= 1 (got {load_factor})")
         self.load_factor, self.vnodes = load_factor, vnodes
         self.hot_rate, self.max_copies = hot_rate, max_copies
         self.rate_window, self.copy_hold = rate_window, copy_hold
         self.room_candidates = room_candidates
+        self.pending_ttl = pending_ttl  # a model sent to an agent that never reports it stops counting against it
         self._agents: dict[str, _Agent] = {}
         self._ring_keys: list[int] = []
         self._ring_names: list[str] = []
         self._ring_sorted = True
         self._holders: dict[str, set[str]] = {}  # model -> agents reporting it loaded/loading
-        self._assigned: dict[str, list[str]] = {}  # model -> agents sent it, not yet reporting it
+        self._assigned: dict[str, dict[str, float]] = {}  # model -> {agent sent it, not yet reporting it: when}
         self._known: dict[str, int] = {}  # every configured model -> bytes (latest report)
         self._rate: dict[str, tuple[float, float]] = {}  # model -> (requests/s, at)
         self._copies: dict[str, tuple[int, float]] = {}  # model -> (wanted copies, changed at)
@@ -123,9 +124,11 @@ class Placement:
         self.events: list[tuple[str, str, int]] = []  # (event, model, copies): hot copies added/removed
 
     # ------------------------------------------------------------------ the fleet
-    def set_agent(self, report: AgentReport, known: bool = True) -> None:
+    def set_agent(self, report: AgentReport, known: bool = True, now: float | None = None) -> None:
         """Replace what is known of one agent. `known`: its model list also names every
-        configured model (the agents share one config), refreshing the known set and sizes."""
+        configured model (the agents share one config), refreshing the known set and sizes.
+        `now` (the clock `choose` gets): models sent to it more than `pending_ttl` ago that it
+        does not hold (their load failed, or they were already evicted) stop counting against it."""
         old = self._agents.get(report.name)
         if old is None:
             self._add_to_ring(report.name)
@@ -144,14 +147,15 @@ class Placement:
         agent = _Agent(report, report.ready and not report.draining, held, min(idle) if idle else math.inf)
         for model in held:
             self._holders.setdefault(model, set()).add(report.name)
-            pending = self._assigned.get(model)
-            if pending and report.name in pending:
-                pending.remove(report.name)
-                if not pending:
-                    del self._assigned[model]
-        # what this picker sent it and it has not reported yet still counts against it
-        for model, agents in self._assigned.items():
-            if report.name in agents:
+            self._unassign(model, report.name)
+        # what this picker sent it and it has not reported yet still counts against it, for a while
+        for model, agents in list(self._assigned.items()):
+            at = agents.get(report.name)
+            if at is None:
+                continue
+            if now is not None and now - at > self.pending_ttl:
+                self._unassign(model, report.name)
+            else:
                 agent.pending += 1
                 agent.pending_bytes += self._known.get(model, 0)
         self._agents[report.name] = agent
@@ -174,9 +178,7 @@ class Placement:
                 if not holders:
                     del self._holders[model]
         for model in [m for m, agents in self._assigned.items() if name in agents]:
-            self._assigned[model].remove(name)
-            if not self._assigned[model]:
-                del self._assigned[model]
+            self._unassign(model, name)
         keep = [i for i, n in enumerate(self._ring_names) if n != name]
         self._ring_keys = [self._ring_keys[i] for i in keep]
         self._ring_names = [self._ring_names[i] for i in keep]
@@ -250,7 +252,7 @@ class Placement:
             if placed is not None:
                 new, reason = placed
                 holders.append(new)
-                self._assign(model, new)
+                self._assign(model, new, now)
         if not holders:
             return None
         best = min(holders, key=lambda n: self._inflight(n, model))
@@ -280,10 +282,15 @@ class Placement:
         report = agent.held.get(model)
         return (report.inflight if report else 0) + agent.routed.get(model, 0)
 
-    def _assign(self, model: str, name: str) -> None:
+    def _unassign(self, model: str, name: str) -> None:
+        pending = self._assigned.get(model)
+        if pending is not None and pending.pop(name, None) is not None and not pending:
+            del self._assigned[model]
+
+    def _assign(self, model: str, name: str, now: float) -> None:
         agent = self._agents[name]
         self._forget(agent)
-        self._assigned.setdefault(model, []).append(name)
+        self._assigned.setdefault(model, {})[name] = now
         agent.pending += 1
         agent.pending_bytes += self._known.get(model, 0)
         self._count(agent)
@@ -358,5 +365,5 @@ def ring_assignment(names: Iterable[str], models: Iterable[str], load_factor: fl
         placed = p._place(m, [], lambda n: True)
         if placed is not None:
             out[m] = placed[0]
-            p._assign(m, placed[0])
+            p._assign(m, placed[0], 0.0)
     return out

@@ -464,6 +464,23 @@ def test_long_poll_sees_a_change_within_moments_not_a_poll_interval(tmp_path):
             s.stop()
 
 
+def test_fallbacks_list_the_next_agent_in_header_and_metadata_alike(tmp_path):
+    """--fallbacks 1: `chosen,next` (the protocol's list; Envoy's override-host policy retries down it)."""
+    docs = [doc(20000, loaded=("m0",)), doc(20010)]
+    stand_ins = [StateStandIn(lambda d=d: d) for d in docs]
+    names = ["127.0.0.1:20000", "127.0.0.1:20010"]
+    picker = Picker(tmp_path / "picker.log", [(n, s.url) for n, s in zip(names, stand_ins)], "--fallbacks", "1").wait_ready()
+    try:
+        assert rest_destination(picker, "/v2/models/m0/infer") == ",".join(names)  # destination() checks the metadata too
+        (answer,) = picker.exchange(headers("/inference.GRPCInferenceService/ModelInfer", content_type="application/grpc",
+                                            mm_model_id="m0"))
+        assert destination(answer) == "127.0.0.1:20001,127.0.0.1:20011"
+    finally:
+        picker.stop()
+        for s in stand_ins:
+            s.stop()
+
+
 def test_agents_are_discovered_from_dns(tmp_path):
     """--agents-dns: every A record of the name is an agent; its management port is shared."""
     state = StateStandIn(lambda: doc(20000, loaded=("m0",)))

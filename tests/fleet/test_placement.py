@@ -114,6 +114,19 @@ def test_room_counts_what_the_picker_already_sent():
     assert picks == {"a": 3, "b": 3}
 
 
+def test_a_model_sent_but_never_loaded_stops_counting_after_a_while():
+    """Its load failed, or the agent evicted it before a report: the bound must not keep it."""
+    p = fleet(2, 10, pending_ttl=30.0)
+    name = p.choose("m1", 0.0).agent.name
+    assert p.load(name) == 1
+    p.set_agent(agent(name), known=False, now=10.0)
+    assert p.load(name) == 1  # still on its way
+    p.set_agent(agent(name), known=False, now=31.0)
+    assert p.load(name) == 0
+    p.set_agent(agent(name, models={"m1": loaded()}), known=False, now=40.0)
+    assert p.load(name) == 1  # held now: counted as held
+
+
 def test_hot_model_gets_copies_and_gives_them_back_with_hysteresis():
     p = fleet(4, 10, hot_rate=10.0, max_copies=3, rate_window=1.0, copy_hold=5.0)
     t = 0.0
