@@ -148,6 +148,28 @@ def test_hot_model_gets_copies_and_gives_them_back_with_hysteresis():
     assert kinds == ["copy added", "copy added", "copy removed", "copy removed"]
 
 
+def test_a_new_copy_goes_where_requests_are_fewer():
+    p = fleet(4, 20, hot_rate=5.0, max_copies=2)
+    names = [a.name for a in p.agents()]
+    held = {n: {f"m{10 + 2 * i}": loaded(), f"m{11 + 2 * i}": loaded()} for i, n in enumerate(names)}  # idle fillers
+    holder = names[0]
+    held[holder]["m1"] = loaded()
+    first, second = [n for n in p._walk("m1") if n != holder][:2]  # where hashing alone puts the copy
+    held[first]["m9"] = loaded()
+    for n in names:
+        p.set_agent(agent(n, models=held[n]), known=False)
+    assert max(p.load(n) for n in names) < math.ceil(1.25 * (sum(p.load(n) for n in names) + 1) / 4)  # models: room
+    t = 0.0
+    for _ in range(300):  # `first` serves m9 at 4.5 requests/s for a minute (not hot: one copy)
+        t += 1 / 4.5
+        p.choose("m9", t)
+    for _ in range(80):  # m1 turns hot (100 requests/s): it wants a second copy
+        t += 0.01
+        p.choose("m1", t)
+    assert p.copies("m9") == 1 and p.copies("m1") == 2
+    assert {p.choose("m1", t).agent.name for _ in range(200)} == {holder, second}  # not the busy `first`
+
+
 def test_stale_surplus_copies_get_no_traffic():
     p = fleet(4, 10, hot_rate=1e9)
     for i in range(3):
