@@ -376,9 +376,9 @@ def markdown(data: dict[str, Any]) -> str:
               "times 1/N of the cold placements (a larger c or more ring points per agent cascade less; c = 1.25 is "
               "the brief's). Loaded copies do not move at all (the live rows).",
               "- Requests per agent: the bound counts models, not requests. Hot copies cut the skew (4 copies at most: "
-              "the first row; 64: the second) but a copy is only added above --hot-rate requests/s per copy, which is "
-              "above the mean agent's rate here, and copies land where the model bound allows, not where requests "
-              "are fewest. Bounding requests per agent when placing copies is the next step.", ""]
+              "the first row; 64: the second), and a new copy skips agents already sent more than c x the mean "
+              "agent's requests, but a model's first copy is placed before its traffic is known, and a copy is only "
+              "added above --hot-rate requests/s per copy, which is above the mean agent's rate here.", ""]
     return "\n".join(lines)
 
 
