@@ -65,6 +65,7 @@ from agent.metrics import Metrics
 from agent.runtimes import RuntimeAdapter, RuntimeErrorBase, ServedModel
 from agent.runtimes.base import ServerUnavailable
 from agent.settings import Settings
+from agent.slots import BACKGROUND, CHECK, URGENT, PrioritySlots
 from puller import Cache, Entry, PullError, model_holder
 
 log = get_logger("modelshelf.reconciler")
@@ -230,7 +231,10 @@ class Reconciler:
         self.config_errors: tuple[ConfigError, ...] = ()
         self.config_parse_error: str | None = None
         self.applied_once = asyncio.Event()
-        self._pull_sem = asyncio.Semaphore(settings.pull_concurrency)
+        # pull slots go to the pulls a request waits for first, then preloads/prefetches, then
+        # source checks: a cold model's first request never queues behind hundreds of checks
+        self._pull_slots = PrioritySlots(settings.pull_concurrency)
+        self._checking: set[str] = set()  # models whose source check is queued or running
         self._load_sem = asyncio.Semaphore(settings.load_concurrency)
         # loads nobody waits for (preloads, restores, updates) never take the last load slot
         self._background_sem = asyncio.Semaphore(max(1, settings.load_concurrency - 1))
@@ -454,6 +458,8 @@ class Reconciler:
             return
         if restore is not None and not await asyncio.to_thread(self.cache.check, restore.entry):
             await self._load(m, restore, lazy=False)  # the copy that served, not a failed update
+        if not self._pull_now(m):
+            return  # pulled when a request first asks for it here (--prefetch preload)
         if not await self._pull(m):
             return
         if m.name in self._adoptable and m.state is not S.LOADED and await self._adopt(m):
@@ -465,6 +471,16 @@ class Reconciler:
             return  # the retry loop schedules it again when the backoff ends
         if m.wants_loaded() or m.state is S.LOADED or restore is not None:
             await self._load(m, wanted, lazy=False)
+
+    def _pull_now(self, m: Model) -> bool:
+        """The lazy-pull decision (`--prefetch`): `all` pulls every configured model ahead;
+        `preload` (the default) pulls what is loaded without a request (preload, pinned, what
+        the server already serves or served) and leaves a `preload: false` model unpulled until
+        its first request, so agents of a fleet download only what is placed on them. A model
+        with its entry in hand is only re-checked (cheap)."""
+        if self.settings.prefetch == "all" or m.wants_loaded() or m.state is S.LOADED or m.name in self._adoptable:
+            return True
+        return m.entry is not None and m.entry_fp == m.spec.fingerprint()
 
     def _wanted(self, m: Model) -> Copy:
         assert m.entry is not None
@@ -500,7 +516,7 @@ class Reconciler:
             self._set(m, S.PULLING)
         started = time.monotonic()
         try:
-            async with self._pull_sem:
+            async with self._pull_slots.slot(lambda: URGENT if m.waiters else BACKGROUND):
                 entry = await asyncio.to_thread(self._ensure, m.spec)
         except PullError as e:
             self.metrics.pulls.labels(result="error").inc()
@@ -969,10 +985,13 @@ class Reconciler:
             self.refresh_sources()
 
     def refresh_sources(self) -> int:
-        """Schedule a source check of every settled model; returns how many."""
+        """Schedule a source check of every settled model (not one whose last check is still
+        queued or running); returns how many."""
         n = 0
         for m in list(self.models.values()):
-            if not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not self._closing:
+            if (not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not self._closing
+                    and m.name not in self._checking):
+                self._checking.add(m.name)
                 self._spawn(self._check_source(m), f"source-check:{m.name}")
                 n += 1
         return n
@@ -982,12 +1001,14 @@ class Reconciler:
         queues behind a check waiting for a pull slot); then apply the result under the lock."""
         spec = m.spec
         try:
-            async with self._pull_sem:
+            async with self._pull_slots.slot(lambda: CHECK):
                 entry = await asyncio.to_thread(self._ensure, spec, check=True)
         except PullError as e:
             self.metrics.pulls.labels(result="error").inc()
             log.warning("source check failed; cached copy kept", extra=kv(model=m.name, reason=str(e)))
             return
+        finally:
+            self._checking.discard(m.name)
         async with m.lock:
             current = not m.removed and m.spec.fingerprint() == spec.fingerprint() and m.entry_fp == spec.fingerprint()
             if not current or m.entry is None or m.entry.key == entry.key:
