@@ -9,6 +9,7 @@ models on a real HTTP server, and the scripted server of tests/support/scripted.
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Callable
 
 from agent.reconciler import State
 from tests.reconciler.conftest import Harness, http, run  # noqa: F401  (http: fixture)
@@ -17,6 +18,27 @@ from tests.reconciler.conftest import Harness, http, run  # noqa: F401  (http: f
 def listed(h: Harness, name: str) -> int:
     """Requests the model's source got (HEAD or GET): listing and downloading alike."""
     return sum(1 for _, path, _ in list(h.http.requests) if path.lstrip("/").startswith(f"{name}/"))
+
+
+async def request_while_queued(h: Harness, name: str, queue: Callable[[], Any], progress: Callable[[], int]) -> int:
+    """On a slow source (every answer 50 ms late), queue work for the pull slots, then serve one
+    request for `name`; returns `progress()` (how much of the queued work was done) as the
+    request was served. Afterwards the source is fast again and everything settles."""
+    h.http.delay_s = 0.05
+    try:
+        queued = queue()
+        if asyncio.iscoroutine(queued):
+            await queued
+        else:
+            assert queued
+        await asyncio.sleep(0.02)
+        h.rec.release(await h.rec.acquire(name))
+        done = progress()
+        assert h.state(name) is State.LOADED
+    finally:
+        h.http.delay_s = 0.0
+    await h.settle()
+    return done
 
 
 def test_a_lazy_model_is_not_pulled_until_its_first_request(tmp_path, http):
@@ -52,16 +74,11 @@ def test_a_cold_request_is_not_queued_behind_source_checks(tmp_path, http):
             names = [f"m{i}" for i in range(40)]
             await h.apply(*(h.spec(n) for n in names), h.spec("cold", preload=False), settle=True)
             assert all(h.state(n) is State.LOADED for n in names)
-            http.delay_s = 0.05
             start = len(http.requests)
-            assert h.rec.refresh_sources() == 40
-            await asyncio.sleep(0.02)
-            h.rec.release(await h.rec.acquire("cold"))
-            checks_done = sum(1 for _, path, _ in http.requests[start:] if path.lstrip("/").startswith("m"))
-            assert h.state("cold") is State.LOADED
+            checks_done = await request_while_queued(
+                h, "cold", lambda: h.rec.refresh_sources() == 40,
+                lambda: sum(1 for _, path, _ in http.requests[start:] if path.lstrip("/").startswith("m")))
             assert checks_done < 20, f"the cold request waited for {checks_done} of 40 source checks"
-            http.delay_s = 0.0
-            await h.settle()
     run(scenario())
 
 
@@ -73,15 +90,9 @@ def test_a_request_promotes_its_model_s_queued_prefetch(tmp_path, http):
         async with Harness(tmp_path, http, pull_concurrency=2, prefetch="all") as h:
             names = [f"p{i}" for i in range(30)]
             specs = [h.spec(n, preload=False) for n in names]
-            http.delay_s = 0.05
-            await h.apply(*specs, settle=False)
-            await asyncio.sleep(0.02)
-            h.rec.release(await h.rec.acquire("p29"))
-            pulled = sum(1 for n in names if h.model(n).entry is not None)
-            assert h.state("p29") is State.LOADED
+            pulled = await request_while_queued(h, "p29", lambda: h.apply(*specs, settle=False),
+                                                lambda: sum(1 for n in names if h.model(n).entry is not None))
             assert pulled < 15, f"the request waited for {pulled} of 30 prefetches"
-            http.delay_s = 0.0
-            await h.settle()
     run(scenario())
 
 
