@@ -143,7 +143,7 @@ class Agent:
                     log.info("server is ready again")
                     self._server_ready = True
                     self.fleet.bump()
-                    await self.reconciler.resync_server()
+                    await self.reconciler.resync_server(restock=True)
                 continue
             failures += 1
             if failures >= 3 and self._server_ready:
@@ -173,10 +173,13 @@ class Agent:
         """Why the agent should take no traffic now ([] when ready): /readyz, /v2/health/ready,
         gRPC ServerReady and /fleet/state all answer from this."""
         reasons = []
-        if not self._server_ready:
+        process = getattr(self.adapter, "process", None)  # the embedded server: known at once when it died
+        if not self._server_ready or (process is not None and not process.ready):
             reasons.append("server not ready")
         if self.reconciler is None or not self.reconciler.applied_once.is_set():
             reasons.append("config not applied yet")
+        elif self.reconciler.restocking:
+            reasons.append(f"restocking: {self.reconciler.restocking} model(s) not checked and loaded yet")
         if self.fleet.draining:
             reasons.append("draining (preStop): no new placements")
         return reasons

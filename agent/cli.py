@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-queue", type=int, default=256, help="requests waiting per model during a load; past it 503")
     run.add_argument("--max-body-bytes", default=str(64 * 2**20), help="request body limit (413 past it)")
     run.add_argument("--load-concurrency", type=int, default=2, help="models loaded at a time")
-    run.add_argument("--prefetch", choices=["all", "preload"], default="preload", help="which models are pulled before a request asks: 'preload' (default) pulls preload and pinned models, a 'preload: false' model on its first request (agents of a fleet download only what is placed on them); 'all' pulls every configured model at once")
+    run.add_argument("--prefetch", choices=["all", "preload"], default="all", help="which models are pulled before a request asks: 'all' (default: one node serves every model, so its first requests only load) pulls every configured model at once; 'preload' (agents of a fleet: each downloads only what is placed on it) pulls preload and pinned models, a 'preload: false' model on its first request")
     run.add_argument("--resync-interval", type=float, default=60.0, help="seconds between full resyncs of config and server")
     run.add_argument("--shards", type=int, default=1, help="split the config across N replicas by hash of model name")
     run.add_argument("--shard-index", type=_shard_index, default="0", help="this replica's shard, or 'auto' (StatefulSet ordinal)")

@@ -249,6 +249,9 @@ class Reconciler:
         self._recheck_task: asyncio.Task | None = None
         self._reality_wake = asyncio.Event()  # set after a load: check reality at once
         self.on_change: Callable[[], None] = lambda: None  # a state or the configured set changed (/fleet/state seq)
+        # readiness: model -> when it was marked; its next step (begun after the mark) must finish
+        # before the agent is ready (the first config, a server restart); see `restocking`
+        self._restocking: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -318,6 +321,7 @@ class Reconciler:
                 self._schedule(m)
         if not self.applied_once.is_set():
             self._schedule_orphan_cleanup(set(desired))
+            self._restock(desired)
             self.applied_once.set()
         self.metrics.config_applied.set_to_current_time()
         self.on_change()
@@ -433,7 +437,34 @@ class Reconciler:
 
     async def _converge(self, m: Model) -> None:
         async with m.lock:
-            await self._guarded(m, self._step(m))
+            began = time.monotonic()
+            try:
+                await self._guarded(m, self._step(m))
+            finally:
+                self._restocked(m.name, began)
+
+    def _restock(self, names: Any) -> None:
+        """Readiness waits for these models' next steps (scheduled by the caller): their files
+        checked or pulled per --prefetch, and loaded when they are to be."""
+        now = time.monotonic()
+        self._restocking.update((n, now) for n in names)
+        if self._restocking:
+            self.on_change()
+
+    def _restocked(self, name: str, began: float) -> None:
+        mark = self._restocking.get(name)
+        if mark is None or began < mark:
+            return  # a step that began before the mark does not count
+        del self._restocking[name]
+        if not self._restocking:
+            log.info("restocked: every model checked and loaded as configured")
+            self.on_change()
+
+    @property
+    def restocking(self) -> int:
+        """Models whose step after the first config or a server restart has not finished: the
+        agent is not ready while any is left (a failed or not-fitting model has finished)."""
+        return len(self._restocking)
 
     async def _guarded(self, m: Model, step: Awaitable[None]) -> None:
         """The safety net around every step of one model (caller holds m.lock): a bug or an
@@ -473,11 +504,12 @@ class Reconciler:
             await self._load(m, wanted, lazy=False)
 
     def _pull_now(self, m: Model) -> bool:
-        """The lazy-pull decision (`--prefetch`): `all` pulls every configured model ahead;
-        `preload` (the default) pulls what is loaded without a request (preload, pinned, what
-        the server already serves or served) and leaves a `preload: false` model unpulled until
-        its first request, so agents of a fleet download only what is placed on them. A model
-        with its entry in hand is only re-checked (cheap)."""
+        """The lazy-pull decision (`--prefetch`): `all` (the default: a single node serves every
+        model, so its first requests should only load) pulls every configured model ahead;
+        `preload` (agents of a fleet) pulls what is loaded without a request (preload, pinned,
+        what the server already serves or served) and leaves a `preload: false` model unpulled
+        and unlisted until its first request, so each agent downloads only what is placed on it.
+        A model with its entry in hand is only re-checked (cheap)."""
         if self.settings.prefetch == "all" or m.wants_loaded() or m.state is S.LOADED or m.name in self._adoptable:
             return True
         return m.entry is not None and m.entry_fp == m.spec.fingerprint()
@@ -872,10 +904,12 @@ class Reconciler:
         for m in lost:
             m.lost_since = now
             self._schedule(m)
+        self._restock(m.name for m in lost)
 
-    async def resync_server(self, names: set[str] | None = None) -> None:
+    async def resync_server(self, names: set[str] | None = None, *, restock: bool = False) -> None:
         """Compare what the agent holds loaded with the server's index (a sidecar restart we
-        did not see, a model unloaded behind our back); each lost model's task reloads it."""
+        did not see, a model unloaded behind our back); each lost model's task reloads it.
+        `restock`: the server was seen down; the agent is not ready until they are back."""
         taken = time.monotonic()
         try:
             index = await self.adapter.index()
@@ -890,6 +924,8 @@ class Reconciler:
         for m in missing:
             m.lost_since = taken
             self._schedule(m)
+        if restock:
+            self._restock(m.name for m in missing)
 
     async def _resync_loop(self) -> None:
         while True:

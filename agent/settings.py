@@ -39,7 +39,7 @@ class Settings:
     max_queue: int = 256  # waiting requests per model during a lazy load
     max_body_bytes: int = 64 * 2**20
     pull_concurrency: int = 4
-    prefetch: str = "preload"  # all | preload: which models are pulled before a request asks (see Reconciler._pull_now)
+    prefetch: str = "all"  # all | preload: which models are pulled before a request asks (see Reconciler._pull_now)
     load_concurrency: int = 2
     resync_interval_s: float = 60.0
     pvc_root: Path | None = None

@@ -1,8 +1,8 @@
 """Agents fit for a fleet, on the pull side (the real Reconciler, MemoryManager and Cache with
 models on a real HTTP server, and the scripted server of tests/support/scripted.py):
 
-- `preload: false` models are not pulled (not even listed) until a request asks for them here,
-  unless `--prefetch all`;
+- with `--prefetch preload` (fleet agents), `preload: false` models are not pulled (not even
+  listed) until a request asks for them here; `--prefetch all` (the default) pulls them ahead;
 - pull slots go to what a request waits for first: a cold model's first request is not queued
   behind hundreds of source checks nor behind other models' prefetches;
 - a source check of a cached model runs no cache-wide scan (no GC, no re-index)."""
@@ -43,7 +43,7 @@ async def request_while_queued(h: Harness, name: str, queue: Callable[[], Any], 
 
 def test_a_lazy_model_is_not_pulled_until_its_first_request(tmp_path, http):
     async def scenario():
-        async with Harness(tmp_path, http) as h:
+        async with Harness(tmp_path, http, prefetch="preload") as h:
             await h.apply(h.spec("hot"), h.spec("cold", preload=False))
             assert h.state("hot") is State.LOADED
             assert h.state("cold") is State.REGISTERED and h.model("cold").entry is None
@@ -70,7 +70,7 @@ def test_a_cold_request_is_not_queued_behind_source_checks(tmp_path, http):
     waits for the source's answer); a request for a model never pulled here is served while
     most checks still wait (first come, first served: it waited for all 40)."""
     async def scenario():
-        async with Harness(tmp_path, http, budget=64 * 2**20, pull_concurrency=2) as h:
+        async with Harness(tmp_path, http, budget=64 * 2**20, pull_concurrency=2, prefetch="preload") as h:
             names = [f"m{i}" for i in range(40)]
             await h.apply(*(h.spec(n) for n in names), h.spec("cold", preload=False), settle=True)
             assert all(h.state(n) is State.LOADED for n in names)

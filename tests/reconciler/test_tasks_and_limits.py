@@ -39,7 +39,7 @@ def test_a_source_check_does_not_hold_the_model_while_it_waits_for_a_pull_slot(t
     queues for it, and a request for that model loads meanwhile (today: it waits for the
     unrelated download to finish)."""
     async def scenario():
-        async with Harness(tmp_path, http, pull_concurrency=1, prefetch="all") as h:  # m cached ahead
+        async with Harness(tmp_path, http, pull_concurrency=1) as h:
             m_spec = h.spec("m", preload=False)
             await h.apply(m_spec)
             big = h.publish("big", size=3 * 2**20)
