@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+import tritonclient.grpc as grpcclient
 
 from tests.support.agentproc import AgentProcess, request
 from tests.support.configmap import ConfigMapDir
@@ -136,6 +137,8 @@ def test_a_draining_agent_is_not_ready_and_keeps_serving(fleet_agent: AgentProce
     assert busy.returncode == 1, busy.stderr
     assert request("GET", agent.url + "/readyz")[0] == 503
     assert request("GET", agent.url + "/v2/health/ready")[0] == 503
+    with grpcclient.InferenceServerClient(agent.grpc_target) as g:
+        assert g.is_server_ready() is False and g.is_server_live() is True
     doc = request("GET", agent.management_url + "/fleet/state")[1]
     assert doc["draining"] is True and doc["ready"] is False and any("draining" in r for r in doc["reasons"])
     # requests still sent to it are served, right, after the drain began
