@@ -285,9 +285,7 @@ def main() -> int:
     data = {"machine": m, "command": command_line(), "args": vars(args), "in_process": part1, "http": part2,
             "cold": cold, "baseline_commit": commit, "goals": [{"what": g[0], "measured": g[1], "goal": g[2], "met": g[3]} for g in goals],
             "verdict": verdict}
-    path, _ = write_results(args.out, md, data)
-    print(md)
-    print(f"\nwrote {path}")
+    print(f"{md}\n\nwrote {write_results(args.out, md, data)[0]}")
     return 0
 
 
