@@ -61,6 +61,7 @@ class Agent:
         self.memory: MemoryManager | None = None
         self._server_ready = False
         self._health_task: asyncio.Task | None = None
+        self._idle_task: asyncio.Task | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.fleet = FleetState(self)  # /fleet/state and /fleet/drain (agent/fleet.py)
         self.api = build_api(self)
@@ -88,6 +89,8 @@ class Agent:
         )
         await self.watcher.start()
         self._health_task = asyncio.create_task(self._health_loop(), name="server-health")
+        if s.idle_unload_s > 0:
+            self._idle_task = asyncio.create_task(self._idle_loop(s.idle_unload_s), name="idle-unload")
         # everything imported and built so far lives as long as the agent: keep it out of the
         # collector's generations, so a full collection does not walk it on every config edit
         gc.collect()
@@ -151,9 +154,18 @@ class Agent:
                 self._server_ready = False
                 self.fleet.bump()
 
+    async def _idle_loop(self, idle_s: float) -> None:
+        """--idle-unload: copies nobody asked for in `idle_s` seconds leave (a fleet's stale copies)."""
+        while True:
+            await asyncio.sleep(min(30.0, max(0.05, idle_s / 4)))
+            n = await self.reconciler.unload_idle(idle_s)
+            if n:
+                log.info("unloaded idle models", extra=kv(models=n, idle_seconds=idle_s))
+
     async def stop(self) -> None:
-        if self._health_task:
-            self._health_task.cancel()
+        for task in (self._health_task, self._idle_task):
+            if task:
+                task.cancel()
         if self.watcher:
             await self.watcher.stop()
         if self.reconciler:

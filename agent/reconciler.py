@@ -792,17 +792,26 @@ class Reconciler:
         m = self.models.get(name)
         return m is not None and await self._evict(m)
 
-    async def _evict(self, v: Model) -> bool:
+    async def _evict(self, v: Model, reason: str = "evicted") -> bool:
         """Unload `v` to make room, unless a request holds it. Never waits for v's lock."""
         if v.lock.locked():
             return False
         async with v.lock:  # free lock: acquired without yielding, so the check below is current
             if v.inflight > 0 or v.state is not S.LOADED:
                 return False  # a request took a lease: never unload under it
-            if not await self._unload(v, reason="evicted"):
+            if not await self._unload(v, reason=reason):
                 return False
             self.metrics.evictions.inc()
             return True
+
+    async def unload_idle(self, idle_s: float) -> int:
+        """Unload models loaded on demand (not pinned, not preload) that no request used for
+        `idle_s` seconds, as an eviction would (never under a request); in a fleet these are
+        copies the picker no longer routes here (`--idle-unload`). Returns how many."""
+        cutoff = time.monotonic() - idle_s
+        idle = [m for m in self.models.values()
+                if m.state is S.LOADED and not m.wants_loaded() and not m.removed and m.inflight == 0 and m.last_used < cutoff]
+        return sum([await self._evict(m, reason="idle") for m in idle])
 
     async def _unload(self, m: Model, *, reason: str) -> bool:
         """Drain, then unload what the server holds. Caller holds m.lock. True when it is gone;

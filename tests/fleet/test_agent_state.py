@@ -36,7 +36,7 @@ def fleet_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProce
         {"name": "hot", "uri": str(root / "store" / "hot")},
         {"name": "cold", "uri": str(root / "store" / "cold"), "preload": False}]})})
     agent = AgentProcess(cm.root, root / "cache", root / "agent.log", f"--management-port={free_port()}",
-                         "--min-residency", "0", "--prefetch", "preload").wait_ready()
+                         "--min-residency", "0", "--prefetch", "preload", "--idle-unload", "5").wait_ready()
     agent.wait_state("hot", "loaded")
     agent.expected = sklearn_predictions(root / "store" / "hot", ROWS)  # type: ignore[attr-defined]
     yield agent
@@ -94,6 +94,17 @@ def test_a_lazy_load_bumps_seq_and_wakes_a_long_poll(fleet_agent: AgentProcess) 
 def test_the_state_is_not_served_to_clients_on_the_public_port(fleet_agent: AgentProcess) -> None:
     assert request("GET", fleet_agent.url + "/fleet/state")[0] == 404
     assert request("POST", fleet_agent.url + "/fleet/drain")[0] == 404
+
+
+def test_a_copy_nobody_asks_for_leaves_after_idle_unload(fleet_agent: AgentProcess) -> None:
+    """--idle-unload 5: `cold`, loaded on demand by the test above, is unloaded once no request
+    used it for 5 s (a copy the picker stopped routing here); `hot` (preload) stays."""
+    a = fleet_agent
+    if state(a)["models"]["cold"]["state"] != "loaded":
+        assert infer(a, "cold") == 200
+    status = a.wait_state("cold", "cached", timeout=60)
+    assert status["models"]["hot"]["state"] == "loaded"
+    assert "unloaded idle models" in a.log()
 
 
 def drain(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess:
