@@ -46,6 +46,15 @@ and Cache, with the scripted server of tests/support/scripted.py):
     in a row is quarantined (FAILED, no retry) until its config changes. (An update whose new
     copy kills the server is not quarantined: the old copy is restored and the update retried
     with growing backoff.)
+  * Pull slots (`agent/slots.py`) go to a pull a request waits for first (a queued preload or
+    prefetch is promoted as soon as a request waits for its model), then preloads/prefetches,
+    then source checks; the last slot is kept for requests. A source check never holds the
+    model's lock while it queues, and a model's next check is not queued while one is.
+    `--prefetch preload` leaves a `preload: false` model unpulled until its first request
+    (`_pull_now`).
+  * Readiness (`restocking`): after the first config and after a server restart (or a sidecar
+    seen down), the agent is not ready until each marked model's next converge step has ended
+    (pulled/checked, loaded when it is to be, or failed with its reason).
 """
 from __future__ import annotations
 
