@@ -38,6 +38,7 @@ def test_the_document_is_json_with_each_model_s_figures(tmp_path, http):
             doc = json.loads(agent.fleet.body())
             assert doc["models"]["Z9"]["requests"] == 1 and doc["models"]["Z9"]["last_used"] > 0
 
-            await h.apply(*(h.spec(n) for n in names[:2]))  # Z9 and lazy removed
+            await h.apply(*(h.spec(n) for n in names[:2]), settle=False)  # Z9 and lazy removed: gone
             assert set(json.loads(agent.fleet.body())["models"]) == {"a.b", "c_d-e"} and agent.fleet.seq > seq
+            await h.settle()  # at once, not once unloaded
     run(scenario())
