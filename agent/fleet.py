@@ -18,6 +18,9 @@ disk walk, no call to the server; a few hundred microseconds for 1,000 models)::
   are read at each call and do NOT bump it, or every request would wake every long-poller.
 - `?since=N`: when `seq` is still N the answer waits for the next change, at most 5 s
   (`&wait=S` shortens it), so a picker learns of a change within milliseconds.
+- `ready` is computed at each call (an embedded server's death shows at once); `seq` bumps when
+  the health probe notices a server down or back and when a restart's restock begins and ends.
+- `(agent, started)` names one incarnation: a restarted agent counts `seq` from 0 again.
 
 `POST /fleet/drain` (the preStop hook: `modelshelf drain`) marks the agent draining: it reports
 not ready on every readiness surface (`/readyz`, `/v2/health/ready`, gRPC ServerReady, the state
