@@ -1,4 +1,4 @@
-"""`modelshelf` command line: run | pull | prefetch | cache | picker.
+"""`modelshelf` command line: run | pull | prefetch | cache | drain | picker.
 
 Every option of every subcommand can also be set by an environment variable named
 MODELSHELF_<FLAG> (e.g. --cache-dir -> MODELSHELF_CACHE_DIR, --memory-multiplier ->
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-queue", type=int, default=256, help="requests waiting per model during a load; past it 503")
     run.add_argument("--max-body-bytes", default=str(64 * 2**20), help="request body limit (413 past it)")
     run.add_argument("--load-concurrency", type=int, default=2, help="models loaded at a time")
+    run.add_argument("--idle-unload", type=float, default=0.0, help="seconds after which a model loaded on demand (not pinned, not preload) that no request used is unloaded (0, the default: only LRU eviction unloads); in a fleet, copies the picker stopped routing here")
+    run.add_argument("--prefetch", choices=["all", "preload"], default="all", help="which models are pulled before a request asks: 'all' (default: one node serves every model, so its first requests only load) pulls every configured model at once; 'preload' (agents of a fleet: each downloads only what is placed on it) pulls preload and pinned models, a 'preload: false' model on its first request")
     run.add_argument("--resync-interval", type=float, default=60.0, help="seconds between full resyncs of config and server")
     run.add_argument("--shards", type=int, default=1, help="split the config across N replicas by hash of model name")
     run.add_argument("--shard-index", type=_shard_index, default="0", help="this replica's shard, or 'auto' (StatefulSet ordinal)")
@@ -223,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     picker.add_argument("--fallbacks", type=int, default=0, help="extra endpoints listed after the chosen one (ip:port,ip:port; for gateways that retry down the list; Envoy's ORIGINAL_DST wants 0)")
     picker.add_argument("--log-format", choices=["text", "json"], default="text")
     picker.add_argument("--log-level", default="info")
+    drain = sub.add_parser("drain", help="preStop hook: the agent takes no new placements (not ready), keeps serving, and this waits until its traffic has moved")
+    drain.add_argument("--management-url", default="http://127.0.0.1:8003", help="the agent's management listener")
+    drain.add_argument("--wait", type=float, default=0.0, help="seconds to wait, at most, for the agent to go quiet (nothing in flight, no new request for --quiet seconds); 0: return at once")
+    drain.add_argument("--quiet", type=float, default=2.0, help="seconds without a new request that count as quiet")
 
     cache = sub.add_parser("cache", help="inspect and maintain a cache root")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -267,6 +273,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.max_queue = args.max_queue
         s.max_body_bytes = parse_quantity(args.max_body_bytes)
         s.load_concurrency = args.load_concurrency
+        s.prefetch = args.prefetch
+        s.idle_unload_s = args.idle_unload
         s.resync_interval_s = args.resync_interval
         s.shards = args.shards
         s.management_host, s.management_port = args.management_host, args.management_port
@@ -315,6 +323,10 @@ def picker_settings_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "drain":
+        from agent.fleet import drain_main
+
+        return drain_main(args.management_url, args.wait, args.quiet)
     if args.command in ("pull", "cache"):
         from puller import cli as puller_cli
 

@@ -52,6 +52,15 @@ and Cache, with the scripted server of tests/support/scripted.py):
     in a row is quarantined (FAILED, no retry) until its config changes. (An update whose new
     copy kills the server is not quarantined: the old copy is restored and the update retried
     with growing backoff.)
+  * Pull slots (`agent/slots.py`) go to a pull a request waits for first (a queued preload or
+    prefetch is promoted as soon as a request waits for its model), then preloads/prefetches,
+    then source checks; the last slot is kept for requests. A source check never holds the
+    model's lock while it queues, and a model's next check is not queued while one is.
+    `--prefetch preload` leaves a `preload: false` model unpulled until its first request
+    (`_pull_now`).
+  * Readiness (`restocking`): after the first config and after a server restart (or a sidecar
+    seen down), the agent is not ready until each marked model's next converge step has ended
+    (pulled/checked, loaded when it is to be, or failed with its reason).
 """
 from __future__ import annotations
 
@@ -62,7 +71,7 @@ import random
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from agent.config import ConfigError, ConfigParseError, ConfigResult, ModelSpec
 from agent.logging import get_logger, kv
@@ -71,6 +80,7 @@ from agent.metrics import Metrics
 from agent.runtimes import RuntimeAdapter, RuntimeErrorBase, ServedModel
 from agent.runtimes.base import ServerUnavailable
 from agent.settings import Settings
+from agent.slots import BACKGROUND, CHECK, URGENT, PrioritySlots
 from puller import Cache, Entry, PullError, model_holder
 
 log = get_logger("modelshelf.reconciler")
@@ -164,6 +174,7 @@ class Model:
     last_good: Copy | None = None  # the copy that served last: restored after the server lost it
     removed: bool = False
     inflight: int = 0
+    requests: int = 0  # requests that asked for it (monotonic; /fleet/state)
     waiters: int = 0
     last_used: float = 0.0
     loaded_at: float = 0.0
@@ -258,7 +269,10 @@ class Reconciler:
         self.config_errors: tuple[ConfigError, ...] = ()
         self.config_parse_error: str | None = None
         self.applied_once = asyncio.Event()
-        self._pull_sem = asyncio.Semaphore(settings.pull_concurrency)
+        # pull slots go to the pulls a request waits for first, then preloads/prefetches, then
+        # source checks: a cold model's first request never queues behind hundreds of checks
+        self._pull_slots = PrioritySlots(settings.pull_concurrency)
+        self._checking: set[str] = set()  # models whose source check is queued or running
         self._load_sem = asyncio.Semaphore(settings.load_concurrency)
         # loads nobody waits for (preloads, restores, updates) never take the last load slot
         self._background_sem = asyncio.Semaphore(max(1, settings.load_concurrency - 1))
@@ -273,6 +287,10 @@ class Reconciler:
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
         self._recheck_task: asyncio.Task | None = None
         self._reality_wake = asyncio.Event()  # set after a load: check reality at once
+        self.on_change: Callable[[], None] = lambda: None  # a state or the configured set changed (/fleet/state seq)
+        # readiness: model -> when it was marked; its next step (begun after the mark) must finish
+        # before the agent is ready (the first config, a server restart); see `restocking`
+        self._restocking: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -342,8 +360,10 @@ class Reconciler:
                 self._schedule(m)
         if not self.applied_once.is_set():
             self._schedule_orphan_cleanup(set(desired))
+            self._restock(desired)
             self.applied_once.set()
         self.metrics.config_applied.set_to_current_time()
+        self.on_change()
         log.info("config applied", extra=kv(file=result.file, models=len(desired), rejected=len(result.errors)))
 
     async def config_failed(self, error: ConfigParseError) -> None:
@@ -363,6 +383,7 @@ class Reconciler:
         if m is None or m.removed:
             raise UnknownModel(name)
         m.inflight += 1  # the lease comes first: from here on eviction skips this model
+        m.requests += 1
         m.idle.clear()
         self.metrics.inflight.labels(model=name).inc()
         m.last_used = time.monotonic()
@@ -459,7 +480,34 @@ class Reconciler:
 
     async def _converge(self, m: Model) -> None:
         async with m.lock:
-            await self._guarded(m, self._step(m))
+            began = time.monotonic()
+            try:
+                await self._guarded(m, self._step(m))
+            finally:
+                self._restocked(m.name, began)
+
+    def _restock(self, names: Any) -> None:
+        """Readiness waits for these models' next steps (scheduled by the caller): their files
+        checked or pulled per --prefetch, and loaded when they are to be."""
+        now = time.monotonic()
+        self._restocking.update((n, now) for n in names)
+        if self._restocking:
+            self.on_change()
+
+    def _restocked(self, name: str, began: float) -> None:
+        mark = self._restocking.get(name)
+        if mark is None or began < mark:
+            return  # a step that began before the mark does not count
+        del self._restocking[name]
+        if not self._restocking:
+            log.info("restocked: every model checked and loaded as configured")
+            self.on_change()
+
+    @property
+    def restocking(self) -> int:
+        """Models whose step after the first config or a server restart has not finished: the
+        agent is not ready while any is left (a failed or not-fitting model has finished)."""
+        return len(self._restocking)
 
     async def _guarded(self, m: Model, step: Awaitable[None]) -> None:
         """The safety net around every step of one model (caller holds m.lock): a bug or an
@@ -484,6 +532,8 @@ class Reconciler:
             return
         if restore is not None and not await asyncio.to_thread(self.cache.check, restore.entry):
             await self._load(m, restore, lazy=False)  # the copy that served, not a failed update
+        if not self._pull_now(m):
+            return  # pulled when a request first asks for it here (--prefetch preload)
         if not await self._pull(m):
             return
         if m.name in self._adoptable and m.state is not S.LOADED and await self._adopt(m):
@@ -495,6 +545,17 @@ class Reconciler:
             return  # the retry loop schedules it again when the backoff ends
         if m.wants_loaded() or m.state is S.LOADED or restore is not None:
             await self._load(m, wanted, lazy=False)
+
+    def _pull_now(self, m: Model) -> bool:
+        """The lazy-pull decision (`--prefetch`): `all` (the default: a single node serves every
+        model, so its first requests should only load) pulls every configured model ahead;
+        `preload` (agents of a fleet) pulls what is loaded without a request (preload, pinned,
+        what the server already serves or served) and leaves a `preload: false` model unpulled
+        and unlisted until its first request, so each agent downloads only what is placed on it.
+        A model with its entry in hand is only re-checked (cheap)."""
+        if self.settings.prefetch == "all" or m.wants_loaded() or m.state is S.LOADED or m.name in self._adoptable:
+            return True
+        return m.entry is not None and m.entry_fp == m.spec.fingerprint()
 
     def _wanted(self, m: Model) -> Copy:
         assert m.entry is not None
@@ -530,7 +591,7 @@ class Reconciler:
             self._set(m, S.PULLING)
         started = time.monotonic()
         try:
-            async with self._pull_sem:
+            async with self._pull_slots.slot(lambda: URGENT if m.waiters else BACKGROUND):
                 entry = await asyncio.to_thread(self._ensure, m.spec)
         except PullError as e:
             self.metrics.pulls.labels(result="error").inc()
@@ -821,7 +882,7 @@ class Reconciler:
         cost = self.memory.reservations().get(name)
         return cost is not None and any(d != "host" and b > 0 for d, b in cost.devices().items())
 
-    async def _evict(self, v: Model, claim: asyncio.Future | None = None) -> bool:
+    async def _evict(self, v: Model, claim: asyncio.Future | None = None, reason: str = "evicted") -> bool:
         """Unload `v` to make room, unless a request holds it. Never waits for v's lock.
         `claim` is resolved as soon as the eviction committed (True: `v` is UNLOADING and no
         request can lease it any more) or declined (False), before the unload's round trip."""
@@ -835,13 +896,22 @@ class Reconciler:
                 # (no request in flight, so no drain), before `claim`'s waiter runs again
                 if claim is not None and not claim.done():
                     claim.set_result(True)
-                if not await self._unload(v, reason="evicted"):
+                if not await self._unload(v, reason=reason):
                     return False
                 self.metrics.evictions.inc()
                 return True
         finally:
             if claim is not None and not claim.done():
                 claim.set_result(False)
+
+    async def unload_idle(self, idle_s: float) -> int:
+        """Unload models loaded on demand (not pinned, not preload) that no request used for
+        `idle_s` seconds, as an eviction would (never under a request); in a fleet these are
+        copies the picker no longer routes here (`--idle-unload`). Returns how many."""
+        cutoff = time.monotonic() - idle_s
+        idle = [m for m in self.models.values()
+                if m.state is S.LOADED and not m.wants_loaded() and not m.removed and m.inflight == 0 and m.last_used < cutoff]
+        return sum([await self._evict(m, reason="idle") for m in idle])
 
     async def _unload(self, m: Model, *, reason: str) -> bool:
         """Drain, then unload what the server holds. Caller holds m.lock. True when it is gone;
@@ -945,10 +1015,12 @@ class Reconciler:
         for m in lost:
             m.lost_since = now
             self._schedule(m)
+        self._restock(m.name for m in lost)
 
-    async def resync_server(self, names: set[str] | None = None) -> None:
+    async def resync_server(self, names: set[str] | None = None, *, restock: bool = False) -> None:
         """Compare what the agent holds loaded with the server's index (a sidecar restart we
-        did not see, a model unloaded behind our back); each lost model's task reloads it."""
+        did not see, a model unloaded behind our back); each lost model's task reloads it.
+        `restock`: the server was seen down; the agent is not ready until they are back."""
         taken = time.monotonic()
         try:
             index = await self.adapter.index()
@@ -963,6 +1035,8 @@ class Reconciler:
         for m in missing:
             m.lost_since = taken
             self._schedule(m)
+        if restock:
+            self._restock(m.name for m in missing)
 
     async def _resync_loop(self) -> None:
         while True:
@@ -1058,10 +1132,13 @@ class Reconciler:
             self.refresh_sources()
 
     def refresh_sources(self) -> int:
-        """Schedule a source check of every settled model; returns how many."""
+        """Schedule a source check of every settled model (not one whose last check is still
+        queued or running); returns how many."""
         n = 0
         for m in list(self.models.values()):
-            if not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not self._closing:
+            if (not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not self._closing
+                    and m.name not in self._checking):
+                self._checking.add(m.name)
                 self._spawn(self._check_source(m), f"source-check:{m.name}")
                 n += 1
         return n
@@ -1071,12 +1148,14 @@ class Reconciler:
         queues behind a check waiting for a pull slot); then apply the result under the lock."""
         spec = m.spec
         try:
-            async with self._pull_sem:
+            async with self._pull_slots.slot(lambda: CHECK):
                 entry = await asyncio.to_thread(self._ensure, spec, check=True)
         except PullError as e:
             self.metrics.pulls.labels(result="error").inc()
             log.warning("source check failed; cached copy kept", extra=kv(model=m.name, reason=str(e)))
             return
+        finally:
+            self._checking.discard(m.name)
         async with m.lock:
             current = not m.removed and m.spec.fingerprint() == spec.fingerprint() and m.entry_fp == spec.fingerprint()
             if not current or m.entry is None or m.entry.key == entry.key:
@@ -1107,6 +1186,7 @@ class Reconciler:
             m.reason = None if new in (S.LOADED, S.PULLING, S.LOADING) else m.reason
         m.changed_at = time.time()
         if new is not old:
+            self.on_change()
             log.debug("transition", extra=kv(model=m.name, old=old.value, new=new.value))
 
     def update_gauges(self) -> None:
