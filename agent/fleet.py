@@ -126,7 +126,7 @@ class FleetState:
                    f'"bytes":{host or 0},"gpu_bytes":{gpu},"last_used":{used:.3f}}}')
         if len(last) > 2 * len(parts) + 64:  # names removed from the config: forget them
             models = self._models()
-            for table in (last, quoted):
+            for table in (last, heads):
                 for gone in [n for n in table if n not in models]:
                     del table[gone]
         reasons = a.not_ready_reasons()
