@@ -48,11 +48,12 @@ def test_the_document_still_answers_after_most_models_left_the_config(tmp_path, 
     """The builder forgets the figures of names removed from the config once they outnumber the
     live ones (its memo tables stay bounded); the document must keep answering right after."""
     async def scenario():
-        async with Harness(tmp_path, http, prefetch="preload") as h:
+        async with Harness(tmp_path, http, budget=200 * 2**20, prefetch="preload") as h:
             agent = fleet_of(h)
             many = [f"m{i}" for i in range(80)]
-            await h.apply(*(h.spec(n, preload=False, memory=2**20) for n in many))
-            assert len(json.loads(agent.fleet.body())["models"]) == 80
+            await h.apply(*(h.spec(n, memory=2**20) for n in many))  # loaded: their reservations are remembered
+            doc = json.loads(agent.fleet.body())
+            assert len(doc["models"]) == 80 and {m["state"] for m in doc["models"].values()} == {"loaded"}
             await h.apply(h.spec("m0", preload=False, memory=2**20))
             assert set(json.loads(agent.fleet.body())["models"]) == {"m0"}
             assert set(json.loads(agent.fleet.body())["models"]) == {"m0"}  # after the tables were pruned
