@@ -82,9 +82,9 @@ def _bin(name: str) -> str | None:
 
 # -- endpoint ----------------------------------------------------------------------------------
 
-def start_endpoint(kind: str, work: Path) -> tuple[str, str, subprocess.Popen]:
+def start_endpoint(kind: str, work: Path, s3rver_bin: str | None = None) -> tuple[str, str, subprocess.Popen]:
     port = _free_port()
-    s3rver = ROOT / ".venv" / "node" / "node_modules" / ".bin" / "s3rver"
+    s3rver = Path(s3rver_bin) if s3rver_bin else ROOT / ".venv" / "node" / "node_modules" / ".bin" / "s3rver"
     if kind in ("auto", "s3rver") and s3rver.exists() and shutil.which("node"):
         data = work / "s3rver-data"
         data.mkdir(parents=True, exist_ok=True)
@@ -139,9 +139,14 @@ def upload(endpoint: str, large_mib: int, small_count: int, small_kib: int, work
 
 # -- the tools -----------------------------------------------------------------------------------
 
-def _env(endpoint: str) -> dict[str, str]:
+def _env(endpoint: str, work: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("AWS_CA_BUNDLE", None)  # plain http endpoint; rclone refuses any custom CA bundle with it
+    # An installed modelshelf has its bytecode compiled (pip compiles wheels on install), like the
+    # peers' packages. With PYTHONDONTWRITEBYTECODE in the caller's environment, every CLI run of
+    # the checkout would compile its own sources again (~60 ms): write them to a private prefix.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     env.update({
         "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
@@ -448,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-count", type=int, default=200)
     ap.add_argument("--small-kib", type=int, default=1024)
     ap.add_argument("--endpoint", choices=("auto", "s3rver", "moto"), default="auto")
+    ap.add_argument("--s3rver", default=os.environ.get("MODELSHELF_BENCH_S3RVER"),
+                    help="path of s3rver's bin (default .venv/node/node_modules/.bin/s3rver; env MODELSHELF_BENCH_S3RVER)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and set; the best is reported")
     ap.add_argument("--parallel", type=int, default=16, help="ceiling reader's parallel GETs")
     ap.add_argument("--part-mib", type=int, default=8, help="ceiling readers' range size")
@@ -468,14 +475,16 @@ def main(argv: list[str] | None = None) -> int:
         return local_main(args)
 
     work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.work_dir))
-    endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work)
+    endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work, args.s3rver)
     results: dict = {"machine": _machine(), "endpoint": endpoint_name, "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "sets": {}}
     try:
         t0 = time.perf_counter()
         sets = upload(endpoint, args.large_mib, args.small_count, args.small_kib, work)
         print(f"endpoint={endpoint_name} upload_s={time.perf_counter() - t0:.1f}", flush=True)
-        env = _env(endpoint)
+        env = _env(endpoint, work)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "agent"), str(ROOT / "puller")],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
         os.environ.clear()
         os.environ.update(env)  # the in-process runs and s5cmd's --endpoint-url read it
         wanted = {t.strip() for t in args.tools.split(",") if t.strip()}
