@@ -311,8 +311,7 @@ class S3WireClient:
         r.release_conn()
         code, message = _parse_error(body, r.status)
         new_region = r.headers.get("x-amz-bucket-region")
-        if (not redirected and new_region and new_region != region and r.status in (301, 400)
-                and not self._custom):
+        if not redirected and new_region and new_region != region and r.status in (301, 400):
             self._regions[bucket] = new_region  # botocore's S3RegionRedirector: re-sign there, once
             return self._request(op, method, bucket, key, params, headers_without_auth(headers), stream, True)
         raise S3ResponseError(op, r.status, code, message, r.headers)
