@@ -41,6 +41,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import subprocess
@@ -57,6 +58,10 @@ BUCKET = "bench"
 KEY_ID = "S3RVER"
 SECRET = "S3RVER"
 PEERS = ("aws s3 cp", "s5cmd", "rclone", "kserve-storage")
+PULL = "modelshelf pull (URI DEST: the drop-in, no cache)"
+PULL_CACHED = "modelshelf pull --cache-dir (a cache entry + DEST's own copy)"
+CEILING = "ceiling (curl --parallel, ranged GETs to /dev/null)"
+CEILING_WRITES = "ceiling + writes (curl --parallel, ranged GETs to files)"
 
 
 def _free_port() -> int:
@@ -170,7 +175,8 @@ def tool_commands(set_name: str, dest: Path, cache: Path) -> dict[str, list[str]
     except ImportError:
         kserve = None
     return {
-        "modelshelf pull": [py, "-m", "agent.cli", "pull", uri, str(dest), "--cache-dir", str(cache), "--no-progress"],
+        PULL: [py, "-m", "agent.cli", "pull", uri, str(dest), "--no-progress"],
+        PULL_CACHED: [py, "-m", "agent.cli", "pull", uri, str(dest), "--cache-dir", str(cache), "--no-progress"],
         "aws s3 cp": [aws, "s3", "cp", "--recursive", "--only-show-errors", f"{uri}/", str(dest)] if aws else None,
         "s5cmd": [s5, "--endpoint-url", os.environ["AWS_ENDPOINT_URL"], "cp", f"{uri}/*", f"{dest}/"] if s5 else None,
         "rclone": [rclone, "copy", f"bench:{BUCKET}/{set_name}", str(dest)] if rclone else None,
@@ -178,10 +184,22 @@ def tool_commands(set_name: str, dest: Path, cache: Path) -> dict[str, list[str]
     }
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float) -> float:
+# CPU seconds (user + system) of the last timed run: its child processes, or this process for
+# the in-process rows. On a shared 2-core machine CPU is steadier than wall time.
+_last_cpu: list[float | None] = [None]
+
+
+def _cpu_now(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None) -> float:
+    c0 = _cpu_now(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout, cwd=cwd)
     seconds = time.perf_counter() - t0
+    _last_cpu[0] = _cpu_now(resource.RUSAGE_CHILDREN) - c0
     if r.returncode != 0:
         raise RuntimeError(f"exit {r.returncode}: {r.stderr.decode(errors='replace')[-400:]}")
     return seconds
@@ -195,22 +213,30 @@ def _check_tree(dest: Path, objects: list[tuple[str, int]], set_name: str) -> No
         raise RuntimeError(f"wrong files in {dest}: {len(got)} files, expected {len(want)}; missing e.g. {missing}")
 
 
-def ceiling(endpoint: str, objects: list[tuple[str, int]], part: int, parallel: int, work: Path) -> float:
-    """curl --parallel: ranged GETs of every byte to /dev/null. Returns seconds."""
+def ceiling(endpoint: str, objects: list[tuple[str, int]], part: int, parallel: int, work: Path,
+            write: bool = False) -> float:
+    """curl --parallel: ranged GETs of every byte to /dev/null, or with `write` to one file per
+    range on the same disk as every DEST (the bytes land in the page cache once, as a pull's do).
+    Returns seconds."""
     curl = shutil.which("curl")
     if not curl:
         raise RuntimeError("curl not installed")
     cfg = work / "curl.cfg"
+    out_dir = work / "dest-curl"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()
     lines = []
-    for key, size in objects:
+    for n, (key, size) in enumerate(objects):
         for start in range(0, size, part):
+            out = out_dir / f"{n}-{start}" if write else "/dev/null"
             lines += [f'url = "{endpoint}/{BUCKET}/{key}"', f"range = {start}-{min(start + part, size) - 1}",
-                      'output = "/dev/null"', "next"]
+                      f'output = "{out}"', "next"]
     cfg.write_text("\n".join(lines[:-1]) + "\n")
-    t0 = time.perf_counter()
-    subprocess.run([curl, "-sSf", "--no-progress-meter", "--parallel", "--parallel-max", str(parallel), "--config", str(cfg)], check=True, stdout=subprocess.DEVNULL,
-                   timeout=600)
-    return time.perf_counter() - t0
+    try:
+        return _run([curl, "-sSf", "--no-progress-meter", "--parallel", "--parallel-max", str(parallel), "--config",
+                     str(cfg)], dict(os.environ), 600)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def raw_reader(endpoint: str, objects: list[tuple[str, int]], part: int, parallel: int) -> float:
@@ -243,6 +269,7 @@ def raw_reader(endpoint: str, objects: list[tuple[str, int]], part: int, paralle
                 errors.append(f"{key} {start}-{end}: HTTP {r.status}, {got} bytes")
         conn.close()
 
+    c0 = _cpu_now(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(parallel)]
     for t in threads:
@@ -251,15 +278,18 @@ def raw_reader(endpoint: str, objects: list[tuple[str, int]], part: int, paralle
         t.join()
     if errors:
         raise RuntimeError(errors[0])
+    _last_cpu[0] = _cpu_now(resource.RUSAGE_SELF) - c0
     return time.perf_counter() - t0
 
 
 def inprocess_source(endpoint: str, set_name: str, dest: Path) -> float:
     from puller.sources.base import NullProgress, PullOptions, open_source
 
+    c0 = _cpu_now(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     src = open_source(f"s3://{BUCKET}/{set_name}", PullOptions())
     src.fetch(src.list(), dest, NullProgress())
+    _last_cpu[0] = _cpu_now(resource.RUSAGE_SELF) - c0
     return time.perf_counter() - t0
 
 
@@ -280,8 +310,8 @@ def inprocess_hit(cache: Path, set_name: str) -> float:
 
 # -- main --------------------------------------------------------------------------------------
 
-# what every `modelshelf pull` pays before its first request (the CLI's import path, botocore included)
-STARTUP = [sys.executable, "-c", "import agent.cli, puller.cli, puller.sources.s3, botocore.session"]
+# what every `modelshelf pull` of s3:// pays before its first request (the CLI's import path)
+STARTUP = [sys.executable, "-c", "import agent.cli, puller.cli, puller.sources.s3"]
 
 
 def _load() -> list[float]:
@@ -298,15 +328,18 @@ def _timed(row: dict, fn, set_name: str, tool: str, total: int) -> None:
     if row["error"]:
         return
     load = round(os.getloadavg()[0], 2)
+    _last_cpu[0] = None
     try:
         seconds = fn()
     except Exception as e:  # noqa: BLE001 - report, keep going
         row["error"] = f"{type(e).__name__}: {e}"[:300]
         print(f"set={set_name} tool={tool!r} FAILED {row['error']}", flush=True)
         return
-    row["runs"].append({"seconds": seconds})
+    row["runs"].append({"seconds": seconds, "cpu_s": _last_cpu[0]})
     row["loadavg_1m"].append(load)
-    print(f"set={set_name} tool={tool!r} {seconds:.3f}s {total / 2**20 / seconds:.0f} MiB/s load={load}", flush=True)
+    cpu = "" if _last_cpu[0] is None else f" cpu={_last_cpu[0]:.3f}s"
+    print(f"set={set_name} tool={tool!r} {seconds:.3f}s {total / 2**20 / seconds:.0f} MiB/s{cpu} load={load}",
+          flush=True)
 
 # -- local sections: no endpoint --------------------------------------------------------------
 
@@ -468,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-calls", type=int, default=20)
     ap.add_argument("--code-root", default=None, help="import puller from this checkout (e.g. main, for before/after)")
     ap.add_argument("--label", default="", help="suffix of the local sections' result file")
+    ap.add_argument("--before-root", default=None,
+                    help="another checkout (e.g. main before this change) for the start-up-per-scheme table")
     args = ap.parse_args(argv)
     if args.code_root:
         sys.path.insert(0, str(Path(args.code_root).resolve()))
@@ -519,15 +554,15 @@ def main(argv: list[str] | None = None) -> int:
                 return seconds
 
             tools: list[tuple[str, Any]] = [
-                ("ceiling (curl --parallel, ranged GETs)",
-                 lambda: ceiling(endpoint, objects, args.part_mib << 20, args.parallel, work)),
+                (CEILING, lambda: ceiling(endpoint, objects, args.part_mib << 20, args.parallel, work)),
+                (CEILING_WRITES, lambda: ceiling(endpoint, objects, args.part_mib << 20, args.parallel, work, True)),
                 ("ceiling (python threads, raw ranged GETs)",
                  lambda: raw_reader(endpoint, objects, args.part_mib << 20, args.parallel)),
             ]
             for tool, cmd in tool_commands(set_name, work / "dest", work / "cache").items():
                 if cmd is None:
                     rows[tool] = {"seconds": None, "error": "not installed", "mib_s": None}
-                elif tool == "modelshelf pull":
+                elif tool == PULL_CACHED:
                     tools.append((tool, lambda tool=tool: modelshelf(tool)))
                 else:
                     tools.append((tool, lambda tool=tool: pull(tool)))
@@ -547,14 +582,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 def cli_hit() -> float:
                     shutil.rmtree(hit_dest, ignore_errors=True)
-                    cmd = tool_commands(set_name, hit_dest, full)["modelshelf pull"]
+                    cmd = tool_commands(set_name, hit_dest, full)[PULL_CACHED]
                     return _run(cmd, env, args.timeout)
                 for tool, fn in (("modelshelf pull, cache hit (CLI incl. interpreter start)", cli_hit),
                                  ("modelshelf Cache.ensure, cache hit (in-process)", lambda: inprocess_hit(full, set_name))):
                     row = _runs(rows, tool, total)
                     for _ in range(args.repeat):
                         _timed(row, fn, set_name, tool, total)
-            startup = "modelshelf start-up only (interpreter + imports incl. botocore, no I/O)"
+            startup = "modelshelf start-up only (interpreter + the s3 pull path's imports, no I/O)"
             if not wanted or any(startup.startswith(w) for w in wanted):
                 row = _runs(rows, startup, total)
                 for _ in range(args.repeat):
@@ -563,11 +598,20 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(c, ignore_errors=True)
             for row in rows.values():
                 if "runs" in row:
-                    ok = [r["seconds"] for r in row.pop("runs")]
+                    runs_ = row.pop("runs")
+                    ok = [r["seconds"] for r in runs_]
+                    cpu = [r["cpu_s"] for r in runs_ if r["cpu_s"] is not None]
                     row["seconds"] = min(ok) if ok else None
                     row["all_seconds"] = ok
+                    row["cpu_s"] = min(cpu) if cpu else None
+                    row["all_cpu_s"] = cpu
                     row["mib_s"] = total / 2**20 / row["seconds"] if row["seconds"] else None
             results["sets"][set_name] = {"files": len(objects), "bytes": total, "tools": rows}
+        if not wanted or "imports" in wanted:
+            roots = {"this checkout": ROOT}
+            if args.before_root:
+                roots = {f"before ({args.before_root})": Path(args.before_root).resolve(), **roots}
+            results["imports"] = import_profile(endpoint, env, work, roots, max(1, args.repeat))
         results["loadavg_end"] = _load()
     finally:
         proc.terminate()
@@ -592,6 +636,98 @@ def _no_rate(tool: str) -> bool:
     return "cache hit" in tool or "start-up" in tool
 
 
+# -- start-up per scheme: -X importtime, before/after ---------------------------------------------
+
+def import_profile(endpoint: str, env: dict[str, str], work: Path, roots: dict[str, Path], repeat: int) -> dict:
+    """For each checkout in `roots` and each scheme (local dir, http://, s3:// with static keys):
+    a one-small-file `modelshelf pull` run with ``-X importtime`` (the sum of every module's own
+    import time, and whether botocore/boto3 were imported), then the same command timed without it
+    (best of `repeat`: wall and CPU)."""
+    from tests.support.httpserver import HTTPFileServer
+
+    _client(endpoint).put_object(Bucket=BUCKET, Key="tiny/w.bin", Body=b"w" * 1000)
+    local = work / "tiny-local"
+    local.mkdir(exist_ok=True)
+    (local / "w.bin").write_bytes(b"w" * 1000)
+    out: dict = {}
+    with HTTPFileServer(files={"tiny/w.bin": b"w" * 1000}) as srv:
+        uris = {"local": str(local), "http": srv.url("tiny/w.bin"), "s3": f"s3://{BUCKET}/tiny"}
+        for label, root in roots.items():
+            renv = dict(env, PYTHONPATH=str(root))
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "agent"), str(root / "puller")],
+                           env=renv, check=True, stdout=subprocess.DEVNULL)
+            out[label] = {}
+            for scheme, uri in uris.items():
+                dest = work / "dest-import"
+                cmd = ["-m", "agent.cli", "pull", uri, str(dest), "--no-progress"]
+                shutil.rmtree(dest, ignore_errors=True)
+                # cwd = the checkout: `python -m` puts the cwd first on sys.path, before PYTHONPATH
+                r = subprocess.run([sys.executable, "-X", "importtime", *cmd], env=renv, capture_output=True,
+                                   text=True, timeout=120, cwd=root)
+                if r.returncode != 0:
+                    raise RuntimeError(f"{label} {scheme}: exit {r.returncode}: {r.stderr[-400:]}")
+                own = [ln.split("|") for ln in r.stderr.splitlines() if ln.startswith("import time:")][1:]
+                names = {c[2].strip() for c in own}
+                walls, cpus = [], []
+                for _ in range(repeat):
+                    shutil.rmtree(dest, ignore_errors=True)
+                    walls.append(_run([sys.executable, *cmd], renv, 120, cwd=root))
+                    cpus.append(_last_cpu[0])
+                shutil.rmtree(dest, ignore_errors=True)
+                out[label][scheme] = {
+                    "import_ms": round(sum(int(c[0].split(":")[1]) for c in own) / 1000, 1),
+                    "modules": len(names),
+                    "botocore": "botocore" in names, "boto3": "boto3" in names,
+                    "wall_s": min(walls), "cpu_s": min(cpus), "all_wall_s": walls, "all_cpu_s": cpus}
+                print(f"imports code={label} scheme={scheme} {out[label][scheme]}", flush=True)
+    return out
+
+
+def _imports_md(imports: dict) -> list[str]:
+    lines = ["## Start-up per scheme (`python -X importtime -m agent.cli pull URI DEST`, one 1 KB file)", "",
+             "Import ms: the sum of every module's own import time. Wall and CPU: the same command without "
+             "-X importtime, best of the runs.", "",
+             "| code | scheme | import ms | modules | botocore imported | boto3 imported | wall s | CPU s |",
+             "| --- | --- | ---: | ---: | --- | --- | ---: | ---: |"]
+    for label, schemes in imports.items():
+        for scheme, r in schemes.items():
+            lines.append(f"| {label} | {scheme} | {r['import_ms']:.0f} | {r['modules']} | "
+                         f"{'yes' if r['botocore'] else 'no'} | {'yes' if r['boto3'] else 'no'} | "
+                         f"{r['wall_s']:.3f} | {r['cpu_s']:.3f} |")
+    return lines + [""]
+
+
+def _ratio(tools: dict, tool: str, other: str) -> float | None:
+    a, b = tools.get(tool, {}).get("mib_s"), tools.get(other, {}).get("mib_s")
+    return a / b if a and b else None
+
+
+def _verdicts(results: dict) -> list[str]:
+    """One line per goal of issue 13 item 3 and per data set: met / missed, with the figures."""
+    lines = []
+    for tool in (PULL, PULL_CACHED):
+        for set_name, data in results["sets"].items():
+            tools = data["tools"]
+            row = tools.get(tool, {})
+            if not row.get("mib_s"):
+                lines.append(f"- {tool}, {set_name}: not measured ({row.get('error') or 'not run'}).")
+                continue
+            vs_s5 = _ratio(tools, tool, "s5cmd")
+            vs_ceil = row["mib_s"] / data["ceiling_mib_s"] if data.get("ceiling_mib_s") else None
+            vs_w = _ratio(tools, tool, CEILING_WRITES)
+            cpu, cpu_s5 = row.get("cpu_s"), tools.get("s5cmd", {}).get("cpu_s")
+            parts = []
+            if vs_s5 is not None:
+                parts.append(f">= 1.0x s5cmd: **{'met' if vs_s5 >= 1.0 else 'missed'}** ({vs_s5:.2f}x)")
+            if vs_ceil is not None:
+                parts.append(f">= 0.8x the ceiling: **{'met' if vs_ceil >= 0.8 else 'missed'}** ({vs_ceil:.2f}x"
+                             + (f"; {vs_w:.2f}x the ceiling with writes" if vs_w else "") + ")")
+            if cpu is not None and cpu_s5:
+                parts.append(f"CPU {cpu:.2f} s vs s5cmd's {cpu_s5:.2f} s ({cpu / cpu_s5:.2f}x)")
+            lines.append(f"- {tool}, {set_name}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def _write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for data in results["sets"].values():
@@ -604,32 +740,48 @@ def _write(results: dict, out: Path) -> None:
             if row.get("mib_s") and not _no_rate(tool):
                 row["vs_best_peer"] = round(row["mib_s"] / best_peer, 3) if best_peer else None
                 row["vs_ceiling"] = round(row["mib_s"] / ceil, 3) if ceil else None
+    results["verdicts"] = _verdicts(results)
     (out / "pull.json").write_text(json.dumps(results, indent=2).replace(str(ROOT) + "/", "") + "\n")
     m = results["machine"]
+    a = results["args"]
     lines = ["# Pull benchmark", "",
-             f"Machine: {m['cpus']} CPU cores, {m['ram_gib']} GiB RAM, Python {m['python']} ({m['note']}).",
-             f"Load average (1, 5, 15 min) at start {results.get('loadavg_start')}, at end "
-             f"{results.get('loadavg_end')}; the load column gives the 1-minute average before each run.",
-             f"Endpoint: {results['endpoint']}, one bucket on 127.0.0.1.",
-             f"Command: `.venv/bin/python benchmarks/bench_pull.py --large-mib {results['args']['large_mib']} "
-             f"--small-count {results['args']['small_count']} --small-kib {results['args']['small_kib']} "
-             f"--repeat {results['args']['repeat']}` (best of --repeat runs, taken round robin over the tools).", ""]
+             "Goals (issue 13 item 3): `modelshelf pull` >= 1.0x s5cmd on both sets and >= 0.8x of the endpoint's "
+             "ceiling measured in the same run (the fastest ceiling row: bytes read to /dev/null).", ""]
+    lines += results["verdicts"] + [""]
+    lines += [f"Machine: {m['cpus']} CPU cores, {m['ram_gib']} GiB RAM, Python {m['python']} ({m['note']}).",
+              f"Load average (1, 5, 15 min) at start {results.get('loadavg_start')}, at end "
+              f"{results.get('loadavg_end')}; the load column gives the 1-minute average before each run.",
+              f"Endpoint: {results['endpoint']}, one bucket on 127.0.0.1 (it shares the 2 cores with the client).",
+              f"Command: `.venv/bin/python benchmarks/bench_pull.py --large-mib {a['large_mib']} "
+              f"--small-count {a['small_count']} --small-kib {a['small_kib']} --repeat {a['repeat']}"
+              + (f" --tools {a['tools']}" if a.get("tools") else "") + "` (best of --repeat runs, taken round robin "
+              "over the tools). CPU: user + system seconds of the tool's processes (the in-process rows: this "
+              "process), the least of the runs.", "",
+              "Rows: the drop-in (`modelshelf pull URI DEST`) downloads through a throw-away cache next to DEST "
+              "and moves the files in: the bytes are written once, as the peers write them. `--cache-dir` keeps "
+              "a cache entry and gives DEST its own copy (reflink where the file system shares blocks, else "
+              "copy_file_range): on a file system without reflinks (ext4 here) that is a second write of every "
+              "byte. \"ceiling + writes\" writes the same ranged GETs to files: what a first write into the page "
+              "cache costs on this machine.", ""]
     for set_name, data in results["sets"].items():
         lines += [f"## {set_name}: {data['files']} file(s), {data['bytes'] / 2**20:.0f} MiB", "",
-                  "| tool | seconds | MiB/s | vs best peer | vs ceiling | all runs (s) | load |",
-                  "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+                  "| tool | seconds | MiB/s | vs best peer | vs ceiling | CPU s | all runs (s) | load |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for tool, row in data["tools"].items():
             if row.get("seconds") is None:
-                lines.append(f"| {tool} | {row.get('error')} | | | | | |")
+                lines.append(f"| {tool} | {row.get('error')} | | | | | | |")
                 continue
             hit = _no_rate(tool)
             rate = "" if hit else "%.0f" % row["mib_s"]
             peer = "" if hit or row.get("vs_best_peer") is None else "%.2f" % row["vs_best_peer"]
             ceil_ = "" if hit or row.get("vs_ceiling") is None else "%.2f" % row["vs_ceiling"]
+            cpu = "" if row.get("cpu_s") is None else "%.2f" % row["cpu_s"]
             runs = " ".join("%.3f" % x for x in row.get("all_seconds", []))
             load = " ".join("%.1f" % x for x in row.get("loadavg_1m", []))
-            lines.append(f"| {tool} | {row['seconds']:.3f} | {rate} | {peer} | {ceil_} | {runs} | {load} |")
+            lines.append(f"| {tool} | {row['seconds']:.3f} | {rate} | {peer} | {ceil_} | {cpu} | {runs} | {load} |")
         lines.append("")
+    if results.get("imports"):
+        lines += _imports_md(results["imports"])
     (out / "pull.md").write_text("\n".join(lines))
     print((out / "pull.md").read_text())
 

@@ -30,10 +30,8 @@ import re
 import socket
 import threading
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import urllib3
 
@@ -330,6 +328,10 @@ def _reason(e: BaseException) -> str:
 
 
 def _proxy_for(origin: str) -> str | None:
+    if not any(k.lower().endswith("_proxy") for k in os.environ):
+        return None  # the common case, without importing urllib.request (email, http.cookiejar...)
+    import urllib.request
+
     parts = urllib.parse.urlsplit(origin)
     proxies = urllib.request.getproxies_environment()
     if not proxies or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
@@ -343,6 +345,8 @@ def _strip(tag: str) -> str:
 
 def _parse_error(body: bytes, status: int) -> tuple[str, str]:
     """S3's <Error><Code>..</Code><Message>..</Message></Error>, else the status (as botocore)."""
+    from xml.etree import ElementTree
+
     if body:
         try:
             root = ElementTree.fromstring(body)
@@ -361,6 +365,8 @@ def _parse_error(body: bytes, status: int) -> tuple[str, str]:
 
 
 def _parse_listing(body: bytes) -> dict:
+    from xml.etree import ElementTree
+
     root = ElementTree.fromstring(body)
     out: dict[str, Any] = {"Contents": [], "IsTruncated": False}
     encoded = False

@@ -153,3 +153,29 @@ def test_the_cli_imports_botocore_only_for_credentials_that_need_its_chain(s3: S
     out = _cli_modules(["s3://models/iris", str(tmp_path / "d4")], env)
     assert out["code"] == 0 and "botocore" in out["heavy"] and "boto3" not in out["heavy"]
     assert (tmp_path / "d4" / "model.joblib").read_bytes() == b"model-bytes"
+
+
+def test_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(
+        s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.puller_sources.test_s3_transfer import _KeepAliveHandler, _KeepAliveProxy
+
+    class _Forward(_KeepAliveHandler):  # a forward proxy gets absolute URIs: pass the path on
+        def _forward(self) -> None:
+            self.path = "/" + self.path.split("://", 1)[-1].split("/", 1)[-1]
+            super()._forward()
+        do_GET = do_HEAD = _forward
+
+    s3.put("models", "px/w.bin", b"through the proxy")
+    proxy = _KeepAliveProxy(s3.endpoint_url)
+    proxy.RequestHandlerClass = _Forward
+    try:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "example.invalid")
+        _pull("s3://models/px", tmp_path / "a")
+        assert proxy.requests == 3  # HEAD (no such key: a prefix), LIST, GET
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        _pull("s3://models/px", tmp_path / "b")
+        assert proxy.requests == 3
+    finally:
+        proxy.close()
+    assert tree(tmp_path / "a") == tree(tmp_path / "b") == {"w.bin": b"through the proxy"}
