@@ -121,6 +121,11 @@ def _chain_fingerprint() -> str:
     return h.hexdigest()
 
 
+def _proxy_fingerprint() -> str:
+    """HTTP(S)_PROXY / NO_PROXY as the environment has them now (a client decides routes once)."""
+    return "\0".join(sorted(f"{k}={v}" for k, v in os.environ.items() if k.lower().endswith("_proxy")))
+
+
 def _session(profile: str | None, chain: str) -> Any:
     """A botocore session, for credentials that are not static (see puller.sources.s3_wire)."""
     import botocore.session
@@ -142,7 +147,7 @@ def _client(settings: S3Settings, pool: int) -> tuple[S3WireClient, bool]:
     size and the chain's environment (a client made before that changed is not reused).
     """
     chain = _chain_fingerprint() if not settings.access_key_id else ""
-    key = (astuple(settings), pool, chain)
+    key = (astuple(settings), pool, chain, _proxy_fingerprint())
     with _clients_lock:
         if key in _clients:
             return _clients[key]

@@ -217,6 +217,7 @@ class S3WireClient:
             kw["ca_certs"] = settings.verify
         self._pool_kw = kw
         self._managers: dict[str | None, urllib3.PoolManager] = {}
+        self._routes: dict[str, tuple[Any, bool]] = {}  # origin -> (pool or proxy manager, proxied)
         self._lock = threading.Lock()
 
     # -- the three calls (botocore's names and keyword arguments, for S3Source) ----------------
@@ -260,7 +261,8 @@ class S3WireClient:
         """(scheme://host[:port], host header, encoded path) for `bucket`/`key`."""
         if self._settings.endpoint_url:
             base = urllib.parse.urlsplit(self._settings.endpoint_url)
-            scheme, netloc, prefix = base.scheme or "https", base.netloc, base.path.rstrip("/")
+            # userinfo in an endpoint URL is never sent (nor shown in an error)
+            scheme, netloc, prefix = base.scheme or "https", base.netloc.rpartition("@")[2], base.path.rstrip("/")
             default_port = {"https": ":443", "http": ":80"}.get(scheme, "")
             if default_port and netloc.endswith(default_port):
                 netloc = netloc[: -len(default_port)]
@@ -278,7 +280,12 @@ class S3WireClient:
             path = f"{prefix}/{_quote(bucket)}" + (f"/{kpath}" if key else "")
         return f"{scheme}://{netloc}", netloc, path
 
-    def _manager(self, origin: str) -> urllib3.PoolManager:
+    def _route(self, origin: str) -> tuple[Any, bool]:
+        """The connection pool for `origin` (decided once per origin: no URL parsing per request),
+        or the proxy manager when HTTP(S)_PROXY applies to it."""
+        route = self._routes.get(origin)
+        if route is not None:
+            return route
         proxy = _proxy_for(origin)
         with self._lock:
             m = self._managers.get(proxy)
@@ -286,7 +293,8 @@ class S3WireClient:
                 m = (urllib3.ProxyManager(proxy, num_pools=4, **self._pool_kw) if proxy
                      else urllib3.PoolManager(num_pools=4, **self._pool_kw))
                 self._managers[proxy] = m
-            return m
+            route = self._routes[origin] = (m, True) if proxy else (m.connection_from_url(origin), False)
+            return route
 
     def _request(self, op: str, method: str, bucket: str, key: str, params: dict[str, str],
                  headers: dict[str, str], stream: bool = False, redirected: bool = False) -> Any:
@@ -297,10 +305,12 @@ class S3WireClient:
         headers["Host"] = host  # sent as signed (urllib3 would drop a default port itself)
         if self._creds is not None:
             self._signer.sign(self._creds.get(), region, method, host, path, query, headers)
-        url = f"{origin}{path}" + (f"?{query}" if query else "")
+        target = path + (f"?{query}" if query else "")
+        pool, proxied = self._route(origin)
         try:
-            r = self._manager(origin).urlopen(method, url, headers=headers, preload_content=not stream,
-                                              decode_content=False, redirect=False, assert_same_host=False)
+            r = pool.urlopen(method, origin + target if proxied else target, headers=headers,
+                             preload_content=not stream, decode_content=False, redirect=False,
+                             assert_same_host=False)
         except urllib3.exceptions.HTTPError as e:
             raise S3ConnectionError(f"{method} {origin}{path}: {type(e).__name__}: {_reason(e)}") from None
         if r.status < 300:
