@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-entries", type=int, default=10_000)
     ap.add_argument("--cache-calls", type=int, default=20)
     ap.add_argument("--code-root", default=None, help="import puller from this checkout (e.g. main, for before/after)")
-    ap.add_argument("--label", default="", help="suffix of the local sections' result file")
+    ap.add_argument("--label", default="", help="suffix of the result file (pull_LABEL.md, pull_local_LABEL.json)")
     ap.add_argument("--before-root", default=None,
                     help="another checkout (e.g. main before this change) for the start-up-per-scheme table")
     args = ap.parse_args(argv)
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.work_dir))
     endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work, args.s3rver)
-    results: dict = {"machine": _machine(), "endpoint": endpoint_name, "args": {
+    results: dict = {"machine": _machine(), "endpoint": endpoint_name, "work_fs": _fs_type(work), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "sets": {}}
     try:
         t0 = time.perf_counter()
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         proc.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
-    _write(results, args.out)
+    _write(results, args.out, "pull" + (f"_{args.label}" if args.label else ""))
     return 0
 
 
@@ -731,7 +731,12 @@ def _verdicts(results: dict) -> list[str]:
     return lines
 
 
-def _write(results: dict, out: Path) -> None:
+def _fs_type(path: Path) -> str:
+    r = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def _write(results: dict, out: Path, name: str = "pull") -> None:
     out.mkdir(parents=True, exist_ok=True)
     for data in results["sets"].values():
         tools = data["tools"]
@@ -744,7 +749,7 @@ def _write(results: dict, out: Path) -> None:
                 row["vs_best_peer"] = round(row["mib_s"] / best_peer, 3) if best_peer else None
                 row["vs_ceiling"] = round(row["mib_s"] / ceil, 3) if ceil else None
     results["verdicts"] = _verdicts(results)
-    (out / "pull.json").write_text(json.dumps(results, indent=2).replace(str(ROOT) + "/", "") + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2).replace(str(ROOT) + "/", "") + "\n")
     m = results["machine"]
     a = results["args"]
     lines = ["# Pull benchmark", "",
@@ -754,10 +759,12 @@ def _write(results: dict, out: Path) -> None:
     lines += [f"Machine: {m['cpus']} CPU cores, {m['ram_gib']} GiB RAM, Python {m['python']} ({m['note']}).",
               f"Load average (1, 5, 15 min) at start {results.get('loadavg_start')}, at end "
               f"{results.get('loadavg_end')}; the load column gives the 1-minute average before each run.",
-              f"Endpoint: {results['endpoint']}, one bucket on 127.0.0.1 (it shares the 2 cores with the client).",
+              f"Endpoint: {results['endpoint']}, one bucket on 127.0.0.1 (it shares the 2 cores with the client). "
+              f"Every DEST, cache and the endpoint's files on one {results.get('work_fs', '?')} file system.",
               f"Command: `.venv/bin/python benchmarks/bench_pull.py --large-mib {a['large_mib']} "
               f"--small-count {a['small_count']} --small-kib {a['small_kib']} --repeat {a['repeat']}"
-              + (f" --tools {a['tools']}" if a.get("tools") else "") + "` (best of --repeat runs, taken round robin "
+              + (f" --tools {a['tools']}" if a.get("tools") else "") + (f" --label {a['label']}" if a.get("label") else "")
+              + (" --work-dir DIR" if a.get("work_dir") else "") + "` (best of --repeat runs, taken round robin "
               "over the tools). CPU: user + system seconds of the tool's processes (the in-process rows: this "
               "process), the least of the runs.", "",
               "Rows: the drop-in (`modelshelf pull URI DEST`) downloads through a throw-away cache next to DEST "
@@ -785,8 +792,8 @@ def _write(results: dict, out: Path) -> None:
         lines.append("")
     if results.get("imports"):
         lines += _imports_md(results["imports"])
-    (out / "pull.md").write_text("\n".join(lines))
-    print((out / "pull.md").read_text())
+    (out / f"{name}.md").write_text("\n".join(lines))
+    print((out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":
