@@ -725,7 +725,7 @@ def _verdicts(results: dict) -> list[str]:
             cpu, cpu_s5 = row.get("cpu_s"), tools.get("s5cmd", {}).get("cpu_s")
             parts = []
             if vs_s5 is not None:
-                parts.append(f">= 1.0x s5cmd: **{'met' if vs_s5 >= 1.0 else 'missed'}** ({vs_s5:.2f}x)")
+                parts.append(f">= 1.0x s5cmd: **{'met' if vs_s5 >= 1.0 else 'missed'}** ({vs_s5:.3f}x)")
             if vs_ceil is not None:
                 parts.append(f">= 0.8x the ceiling: **{'met' if vs_ceil >= 0.8 else 'missed'}** ({vs_ceil:.2f}x"
                              + (f"; {vs_w:.2f}x the ceiling with writes" if vs_w else "") + ")")
@@ -775,7 +775,7 @@ def _write(results: dict, out: Path, name: str = "pull") -> None:
               "Rows: the drop-in (`modelshelf pull URI DEST`) downloads through a throw-away cache next to DEST "
               "and moves the files in: the bytes are written once, as the peers write them. `--cache-dir` keeps "
               "a cache entry and gives DEST its own copy (reflink where the file system shares blocks, else "
-              "copy_file_range): on a file system without reflinks (ext4 here) that is a second write of every "
+              "copy_file_range): on a file system without reflinks (such as ext4) that is a second write of every "
               "byte. \"ceiling + writes\" writes the same ranged GETs to files: what a first write into the page "
               "cache costs on this machine.", ""]
     for set_name, data in results["sets"].items():
