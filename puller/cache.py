@@ -618,10 +618,15 @@ class Cache:
             if rel in need:
                 doc["sha256"] = _sha256_file(full)
             return rel, doc
-        if len(paths) <= 1:
-            return dict(one(p) for p in paths)
-        with ThreadPoolExecutor(max_workers=min(self._hash_workers, len(paths))) as ex:
-            return dict(ex.map(one, paths))
+        # files hashed while streaming cost no read: done here; threads only for the bytes to read
+        out = dict(one(p) for p in paths if p not in need and recorder.fully_streamed(files_dir / p))
+        rest = [p for p in paths if p not in out]
+        if len(rest) <= 1:
+            out.update(one(p) for p in rest)
+            return out
+        with ThreadPoolExecutor(max_workers=min(self._hash_workers, len(rest))) as ex:
+            out.update(ex.map(one, rest))
+        return out
 
     # -- lookups ---------------------------------------------------------------------------
     def get(self, key: str) -> Entry | None:

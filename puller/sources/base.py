@@ -232,6 +232,12 @@ class DigestRecorder:
                 d = self._files[key] = FileDigest(size)
             return d
 
+    def fully_streamed(self, path: str | os.PathLike[str]) -> bool:
+        """Whether every byte of `path` was hashed as it was written (`finish` reads nothing)."""
+        with self._lock:
+            d = self._files.get(os.path.abspath(path))
+        return d is not None and d.unseen_bytes() == 0
+
     def finish(self, path: str | os.PathLike[str]) -> str:
         """The digest of `path`: streamed where the source reported its bytes, else read."""
         with self._lock:

@@ -5,16 +5,18 @@ list(): a HEAD decides between one object (``s3://b/models/model.tgz``) and a pr
 lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
 Identity per object: ETag (+ version id); sizes are part of the listing.
 
+Requests: puller.sources.s3_wire (SigV4 over urllib3; botocore only for credentials that are
+not static, see there).
+
 fetch(): one thread pool of ``options.max_concurrency`` workers over one shared client
 (connection pool sized to match; a body read to its end hands its connection back for the next
 GET). Small objects are one GET each; objects larger than ``options.part_size`` are split into
-ranged GETs written in place with pwrite. A plain body is read straight off the connection into
-one reused 256 KiB buffer per worker and written in 32 KiB pwrites (see _WRITE for why); a body
-whose store checksum botocore verifies is read through botocore. Each GET resumes where it
-stopped when a transient error (5xx, reset, timeout, short body) hits it, within
-``options.retry_deadline_s``; GETs carry
-If-Match on the listed ETag, so an object that changes mid-pull fails instead of mixing versions.
-Whole-object GETs ask the store to verify its own checksum when it has one (not for GCS).
+ranged GETs written in place with pwrite. A body is read straight off the connection into one
+reused 256 KiB buffer per worker and written in 32 KiB pwrites (see _WRITE for why). Each GET
+resumes where it stopped when a transient error (5xx, reset, timeout, short body) hits it,
+within ``options.retry_deadline_s``; GETs carry If-Match on the listed ETag, so an object that
+changes mid-pull fails instead of mixing versions. Whole-object GETs ask the store for its own
+checksum (not for GCS) and check crc32 / sha1 / sha256 ones as the bytes stream by.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullEr
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
                                  pwrite_all, run_all)
+from puller.sources.s3_wire import (NoCredentials, S3ConnectionError, S3ResponseError, S3WireClient,
+                                    resolve_credentials)
 from puller.uri import ParsedURI, redact
 
 log = logging.getLogger("modelshelf.puller.sources.s3")
@@ -60,15 +64,52 @@ class _ShortRead(Exception):
     """The body ended before the range did (treated as transient: resume)."""
 
 
+class ChecksumMismatch(Exception):
+    """The bytes of a whole-object GET do not match the checksum the store sent with them."""
 
 
-# -- clients: one per distinct settings, shared by all sources (botocore clients are thread-safe) --
+class _StreamChecksum:
+    """The store's full-object checksum from a GET's headers (crc32, sha1, sha256: what can be
+    computed without awscrt, as botocore does without it), checked over the streamed bytes."""
+
+    __slots__ = ("algo", "want", "_h", "_crc")
+
+    def __init__(self, algo: str, want: str):
+        self.algo, self.want = algo, want
+        self._h = None if algo == "crc32" else hashlib.new(algo)
+        self._crc = 0
+
+    @classmethod
+    def of(cls, headers: Any) -> "_StreamChecksum | None":
+        if str(headers.get("x-amz-checksum-type") or "FULL_OBJECT").upper() == "COMPOSITE":
+            return None
+        for algo in ("crc32", "sha1", "sha256"):
+            value = headers.get(f"x-amz-checksum-{algo}")
+            if value and "-" not in value:
+                return cls(algo, value)
+        return None
+
+    def update(self, data: memoryview) -> None:
+        if self._h is None:
+            self._crc = zlib.crc32(data, self._crc)
+        else:
+            self._h.update(data)
+
+    def verify(self) -> None:
+        raw = self._crc.to_bytes(4, "big") if self._h is None else self._h.digest()
+        got = base64.b64encode(raw).decode()
+        if got != self.want:
+            raise ChecksumMismatch(f"expected {self.algo} {self.want}, calculated {got}")
+
+
+# -- clients: one per distinct settings, shared by all sources (clients are thread-safe) --
 
 _clients_lock = threading.Lock()
 _clients: dict[tuple, Any] = {}
 _sessions: dict[tuple, Any] = {}
 # what the AWS default chain reads: a client made before these changed must not be reused
-_CHAIN_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+_CHAIN_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+              "AWS_CREDENTIAL_EXPIRATION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_DEFAULT_REGION",
               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
               "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
 
@@ -80,59 +121,51 @@ def _chain_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _client(settings: S3Settings, pool: int) -> tuple[Any, bool]:
-    """A botocore S3 client for `settings` and whether it signs anonymously.
+def _proxy_fingerprint() -> str:
+    """HTTP(S)_PROXY / NO_PROXY as the environment has them now (a client decides routes once)."""
+    return "\0".join(sorted(f"{k}={v}" for k, v in os.environ.items() if k.lower().endswith("_proxy")))
 
-    botocore directly, not boto3: boto3 adds nothing used here and its import (s3transfer
-    included) costs ~0.2 s of a CLI pull's start-up. Timestamps in responses are left as text
-    (LastModified is never used; dateutil parsing was ~40% of the CPU of listing 200 keys).
-    """
+
+def _session(profile: str | None, chain: str) -> Any:
+    """A botocore session, for credentials that are not static (see puller.sources.s3_wire)."""
     import botocore.session
-    from botocore import UNSIGNED
-    from botocore.config import Config
-    from botocore.exceptions import ProfileNotFound
 
+    with _clients_lock:
+        session = _sessions.get((profile, chain))
+        if session is None:
+            if len(_sessions) >= 8:
+                _sessions.pop(next(iter(_sessions)))
+            session = _sessions[(profile, chain)] = botocore.session.Session(profile=profile)
+        return session
+
+
+def _client(settings: S3Settings, pool: int) -> tuple[S3WireClient, bool]:
+    """The S3 client for `settings` and whether it signs anonymously.
+
+    Static keys (settings, AWS_ACCESS_KEY_ID/SECRET) sign without importing botocore; any other
+    credentials come from botocore's chain (see s3_wire). Clients are cached per settings, pool
+    size and the chain's environment (a client made before that changed is not reused).
+    """
     chain = _chain_fingerprint() if not settings.access_key_id else ""
-    key = (astuple(settings), pool, chain)
+    key = (astuple(settings), pool, chain, _proxy_fingerprint())
     with _clients_lock:
         if key in _clients:
             return _clients[key]
-        try:
-            session = _sessions.get((settings.profile, chain))
-            if session is None:
-                if len(_sessions) >= 8:
-                    _sessions.pop(next(iter(_sessions)))
-                session = botocore.session.Session(profile=settings.profile)
-                session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
-                _sessions[(settings.profile, chain)] = session
-            creds: dict[str, str] = {}
-            anonymous = settings.anonymous
-            if settings.access_key_id and not anonymous:
-                creds = {"aws_access_key_id": settings.access_key_id,
-                         "aws_secret_access_key": settings.secret_access_key or ""}
-                if settings.session_token:
-                    creds["aws_session_token"] = settings.session_token
-            elif not anonymous and session.get_credentials() is None:
-                log.info("event=s3_anonymous reason=no_credentials_found source=%s", settings.source)
-                anonymous = True
-            config = Config(
-                signature_version=UNSIGNED if anonymous else "s3v4",
-                s3={"addressing_style": settings.addressing_style},
-                max_pool_connections=pool,
-                retries={"total_max_attempts": 1},  # puller.retry owns retries (backoff within a deadline)
-                connect_timeout=10, read_timeout=60, tcp_keepalive=True,
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-            client = session.create_client("s3", endpoint_url=settings.endpoint_url,
-                                           region_name=settings.region or None, verify=settings.verify,
-                                           config=config, **creds)
-        except ProfileNotFound:
+    try:
+        creds, region = resolve_credentials(settings, lambda profile: _session(profile, chain))
+    except Exception as e:  # noqa: BLE001 - botocore's ProfileNotFound, named without importing it
+        if type(e).__name__ == "ProfileNotFound":
             raise BadURI(f"AWS profile {settings.profile!r} not found") from None
+        raise
+    anonymous = creds is None
+    if anonymous and not settings.anonymous:
+        log.info("event=s3_anonymous reason=no_credentials_found source=%s", settings.source)
+    client = S3WireClient(settings, creds, pool, region=region)
+    with _clients_lock:
         if len(_clients) >= 16:
             _clients.pop(next(iter(_clients)))
         _clients[key] = (client, anonymous)
-        return client, anonymous
+    return client, anonymous
 
 
 class S3Source(Source):
@@ -304,25 +337,27 @@ class S3Source(Source):
             if not (whole and pos[0] == start):
                 kwargs["Range"] = f"bytes={pos[0]}-{end}"
             elif not self._settings.is_gcs:
-                kwargs["ChecksumMode"] = "ENABLED"  # the store's checksum, verified by botocore as it streams
+                kwargs["ChecksumMode"] = "ENABLED"  # the store's checksum, verified as it streams
             if etag:
                 kwargs["IfMatch"] = etag
             resp = self._client.get_object(**kwargs)
-            body = resp["Body"]
-            raw, fp = _direct_stream(body)
+            # the whole object in one response: check the store's checksum as the bytes stream by
+            check = _StreamChecksum.of(resp.headers) if pos[0] == start and whole else None
+            fp = getattr(resp, "_fp", None)  # http.client's response: read straight into our buffer
+            if fp is None or not callable(getattr(fp, "readinto", None)):
+                fp = resp
             unreported = 0
+            done = False
             try:
                 while pos[0] <= end:
                     want = min(_CHUNK, end + 1 - pos[0])
-                    if fp is not None:
-                        n = fp.readinto(buf[:want])
-                        data = buf[:n]
-                    else:
-                        data = body.read(want)
-                        n = len(data)
+                    n = fp.readinto(buf[:want])
                     if not n:
                         break
+                    data = buf[:n]
                     pwrite_all(fd, data, pos[0], _WRITE, digest)
+                    if check is not None:
+                        check.update(data)
                     pos[0] += n
                     unreported += n
                     if unreported >= _REPORT_EVERY:
@@ -330,12 +365,16 @@ class S3Source(Source):
                         unreported = 0
                     if self._cancel.is_set():
                         raise Cancelled()
-                if raw is not None and pos[0] > end and fp.isclosed():
-                    raw.release_conn()  # the body was read to its end: the connection is reusable
+                done = pos[0] > end
             finally:
                 if unreported:
                     progress.advance(unreported)
-                body.close()
+                if done and (fp is resp or fp.isclosed()):
+                    resp.release_conn()  # the body was read to its end: the connection is reusable
+                else:
+                    resp.close()  # a half-read body: the connection is dropped, not reused
+            if check is not None:
+                check.verify()
             if pos[0] != end + 1:
                 raise _ShortRead(f"body ended at byte {pos[0]}, expected {end + 1}")
 
@@ -372,7 +411,7 @@ class S3Source(Source):
             return TransientError(f"{where}: the object changed during the download ({cause})", uri=self._uri)
         if code in ("InvalidBucketName",):
             return BadURI(f"{where}: invalid bucket name {self._parsed.bucket!r}", uri=self._uri)
-        if type(e).__name__ == "FlexibleChecksumError":
+        if isinstance(e, ChecksumMismatch):
             return IntegrityError(f"{where}: the store's checksum does not match the bytes received ({cause})",
                                   uri=self._uri)
         return PullError(f"{where}: {cause}", uri=self._uri)
@@ -398,25 +437,6 @@ def _thread_buffer() -> memoryview:
     return buf
 
 
-def _direct_stream(body: Any) -> tuple[Any, Any]:
-    """(urllib3 response, http.client response) to read a plain body straight into our buffer,
-    or (None, None) to read through botocore (a checksum-validating body, another transport).
-
-    botocore asks urllib3 for undecoded bytes, so the http.client response yields the object's
-    bytes exactly; reading it with readinto skips two copies and two allocations per chunk.
-    """
-    from botocore.response import StreamingBody
-
-    if type(body) is not StreamingBody:
-        return None, None
-    raw = getattr(body, "_raw_stream", None)
-    fp = getattr(raw, "_fp", None)
-    if fp is None or not callable(getattr(fp, "readinto", None)) or not callable(getattr(fp, "isclosed", None)) \
-            or not callable(getattr(raw, "release_conn", None)):
-        return None, None
-    return raw, fp
-
-
 def _code(e: BaseException) -> str:
     response = getattr(e, "response", None)
     if isinstance(response, dict):
@@ -430,31 +450,26 @@ def _code(e: BaseException) -> str:
 
 
 def _is_no_credentials(e: BaseException) -> bool:
-    return type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+    return isinstance(e, NoCredentials) or type(e).__name__ in (
+        "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
 
 
 def _is_transient(e: BaseException) -> bool:
-    from botocore import exceptions as bx
-
-    if isinstance(e, (PullError, Cancelled)):
+    if isinstance(e, (PullError, Cancelled, ChecksumMismatch)):
         return False
-    if isinstance(e, _ShortRead):
+    if isinstance(e, (_ShortRead, S3ConnectionError)):
         return True
-    if isinstance(e, bx.ClientError):
-        code = _code(e)
-        status = (e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
-        return code in _TRANSIENT or status >= 500 or status == 429
-    if isinstance(e, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
-                      bx.ConnectTimeoutError, bx.ResponseStreamingError, bx.IncompleteReadError,
-                      bx.HTTPClientError)):
-        return True
-    try:
-        from urllib3 import exceptions as ux
+    if isinstance(e, S3ResponseError):
+        return e.code in _TRANSIENT or e.status >= 500 or e.status == 429
+    import http.client
 
-        if isinstance(e, (ux.ProtocolError, ux.ReadTimeoutError, ux.IncompleteRead, ux.SSLError)):
-            return not isinstance(e, ux.SSLError) or "certificate" not in str(e).lower()
-    except ImportError:  # pragma: no cover
-        pass
+    import urllib3
+
+    if isinstance(e, urllib3.exceptions.SSLError):
+        return "certificate" not in str(e).lower()
+    if isinstance(e, (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError,
+                      urllib3.exceptions.IncompleteRead, http.client.IncompleteRead, http.client.HTTPException)):
+        return True
     return isinstance(e, (ConnectionError, TimeoutError, socket.timeout))
 
 
@@ -489,7 +504,7 @@ def _checksum(head: dict) -> str | None:
 
 
 def _verify_checksum(path: Path, checksum: str, uri: str, name: str) -> None:
-    """Check sha256/sha1/crc32 store checksums (others are verified by botocore while streaming)."""
+    """Check a listed sha256/sha1/crc32 store checksum against the file (others: unchecked)."""
     algo, _, want = checksum.partition(":")
     if algo in ("sha256", "sha1"):
         h = hashlib.new(algo)

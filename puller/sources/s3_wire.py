@@ -1,0 +1,398 @@
+"""The three S3 calls a pull makes (HEAD, LIST v2, GET), signed with SigV4 over urllib3.
+
+Why not botocore: a CLI pull of 200 x 1 MiB spent more CPU in botocore than in moving bytes:
+~0.1 s importing it and loading its S3 model before the first request, and ~1 ms of its request
+pipeline (events, endpoint rules, parsing) per GET (py-spy, benchmarks/results/pull.md). A pull
+needs none of that: three fixed requests, their headers, one XML listing and S3's error codes.
+
+What stays botocore's: credentials that are not static. Keys given in the settings (storage
+config, rclone, .s3cfg, GCS HMAC) or in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (botocore's
+first provider, which an explicit profile skips) are used as they are; anything else (profiles,
+web identity / IRSA, SSO, container and instance credentials) goes through botocore's own
+credential chain, imported only then, refreshed per request. No credentials at all: anonymous.
+
+Requests follow botocore's S3 choices: the endpoint (AWS's for the region unless one is set),
+path or virtual-host addressing, ``encoding-type=url`` listings, HTTP(S)_PROXY / NO_PROXY, TLS
+verification or a CA bundle. A wrong-region answer (301/400 naming the bucket's region in
+``x-amz-bucket-region``) is re-signed once for that region, as botocore's redirector does.
+Errors raise S3ResponseError with botocore's ``response`` shape ({"Error": {"Code"},
+"ResponseMetadata": {"HTTPStatusCode"}}) so callers classify both alike. Secrets never enter a
+message: only the URL (no query) and S3's code and message.
+"""
+from __future__ import annotations
+
+import configparser
+import datetime as _dt
+import hashlib
+import hmac
+import os
+import re
+import socket
+import threading
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import urllib3
+
+from puller.credentials import S3Settings
+
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_UNRESERVED = "-_.~"
+_DNS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+_S3_NS = re.compile(r"^\{[^}]*\}")
+_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+class S3ResponseError(Exception):
+    """S3 answered with an error status. `response` has botocore's shape (see module docstring)."""
+
+    def __init__(self, op: str, status: int, code: str, message: str, headers: Any = None):
+        self.operation, self.status, self.code = op, status, code
+        self.headers = headers or {}
+        self.response = {"Error": {"Code": code, "Message": message},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}
+        super().__init__(f"An error occurred ({code}) when calling the {op} operation: {message or status}")
+
+
+class S3ConnectionError(Exception):
+    """The endpoint could not be reached or the connection broke (transient)."""
+
+
+class NoCredentials(Exception):
+    """The credential chain failed to produce credentials it promised (e.g. an expired SSO token)."""
+
+
+# -- credentials -----------------------------------------------------------------------------
+
+class _Static:
+    __slots__ = ("access_key", "secret_key", "token")
+
+    def __init__(self, access_key: str, secret_key: str, token: str | None):
+        self.access_key, self.secret_key, self.token = access_key, secret_key, token or None
+
+    def get(self) -> "_Static":
+        return self
+
+
+class _Chain:
+    """botocore's credentials (refreshable ones refresh themselves); frozen per request."""
+
+    def __init__(self, creds: Any):
+        self._creds = creds
+
+    def get(self) -> _Static:
+        try:
+            f = self._creds.get_frozen_credentials()
+        except Exception as e:  # noqa: BLE001 - botocore's refresh errors: no secret in the text
+            raise NoCredentials(f"{type(e).__name__}: {e}") from None
+        return _Static(f.access_key, f.secret_key, f.token)
+
+
+def static_env_credentials(settings: S3Settings, env: Any = None) -> _Static | None:
+    """What botocore's first provider (EnvProvider) returns, without botocore: AWS_ACCESS_KEY_ID +
+    AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN / AWS_SECURITY_TOKEN), unless an explicit profile
+    skips it or AWS_CREDENTIAL_EXPIRATION makes it refreshable (then botocore handles it)."""
+    env = os.environ if env is None else env
+    if settings.profile or env.get("AWS_CREDENTIAL_EXPIRATION"):
+        return None
+    key, secret = (env.get(n) or "" for n in _ENV_KEYS)
+    if not key or not secret:
+        return None
+    return _Static(key, secret, env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN"))
+
+
+def resolve_credentials(settings: S3Settings, session_for: Any) -> tuple[Any, str | None]:
+    """(credentials or None for anonymous, the region from the AWS config when the chain was used).
+
+    `session_for(profile)` returns a botocore session; it is called only when the credentials are
+    not static (see module docstring). Raises botocore's ProfileNotFound for a missing profile.
+    """
+    if settings.anonymous:
+        return None, None
+    if settings.access_key_id:
+        return _Static(settings.access_key_id, settings.secret_access_key or "", settings.session_token), None
+    env = static_env_credentials(settings)
+    if env is not None:
+        return env, None
+    session = session_for(settings.profile)
+    creds = session.get_credentials()
+    region = session.get_config_variable("region")
+    return (_Chain(creds) if creds is not None else None), region
+
+
+def config_file_region(profile: str | None, env: Any = None) -> str | None:
+    """The region of `profile` (or the default) in the AWS config file, as botocore would read it."""
+    env = os.environ if env is None else env
+    path = Path(env.get("AWS_CONFIG_FILE") or Path.home() / ".aws" / "config").expanduser()
+    cp = configparser.RawConfigParser()
+    try:
+        cp.read(path)
+    except (OSError, configparser.Error):
+        return None
+    name = profile or env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+    for section in (f"profile {name}", name) if name != "default" else ("default", "profile default"):
+        if cp.has_section(section) and cp.get(section, "region", fallback=None):
+            return cp.get(section, "region")
+    return None
+
+
+# -- SigV4 -------------------------------------------------------------------------------------
+
+def _quote(s: str, safe: str = _UNRESERVED) -> str:
+    return urllib.parse.quote(s, safe=safe)
+
+
+class _Signer:
+    """AWS Signature Version 4 for S3 requests without a body (the signing key is cached per day)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[str, str, str], bytes] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, secret: str, day: str, region: str) -> bytes:
+        k = (secret, day, region)
+        key = self._keys.get(k)
+        if key is None:
+            key = ("AWS4" + secret).encode()
+            for part in (day, region, "s3", "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            with self._lock:
+                if len(self._keys) > 16:
+                    self._keys.clear()
+                self._keys[k] = key
+        return key
+
+    def sign(self, creds: _Static, region: str, method: str, host: str, path: str, query: str,
+             headers: dict[str, str], now: _dt.datetime | None = None) -> None:
+        """Add x-amz-date, x-amz-content-sha256, the token and Authorization to `headers`.
+        `path` and `query` are already URI-encoded as they will be sent."""
+        now = now or _dt.datetime.now(_dt.timezone.utc)
+        stamp = now.strftime("%Y%m%dT%H%M%SZ")
+        day = stamp[:8]
+        headers["x-amz-date"] = stamp
+        headers["x-amz-content-sha256"] = _EMPTY_SHA256
+        if creds.token:
+            headers["x-amz-security-token"] = creds.token
+        signed = {"host": host}
+        for name, value in headers.items():
+            lname = name.lower()
+            if lname.startswith("x-amz-") or lname in ("range", "if-match"):
+                signed[lname] = " ".join(str(value).split())
+        names = sorted(signed)
+        canonical = "\n".join((method, path, query, "".join(f"{n}:{signed[n]}\n" for n in names),
+                               ";".join(names), _EMPTY_SHA256))
+        scope = f"{day}/{region}/s3/aws4_request"
+        to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        sig = hmac.new(self._key(creds.secret_key, day, region), to_sign.encode(), hashlib.sha256).hexdigest()
+        headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, "
+                                    f"SignedHeaders={';'.join(names)}, Signature={sig}")
+
+
+def _canonical_query(params: dict[str, str]) -> str:
+    return "&".join(f"{_quote(k)}={_quote(str(v))}" for k, v in sorted(params.items()))
+
+
+# -- the client --------------------------------------------------------------------------------
+
+class S3WireClient:
+    """HEAD / LIST v2 / GET against one S3-compatible endpoint; thread-safe (one urllib3 pool)."""
+
+    def __init__(self, settings: S3Settings, credentials: Any, pool: int, region: str | None = None,
+                 connect_timeout: float = 10, read_timeout: float = 60):
+        self._settings = settings
+        self._creds = credentials  # None: anonymous
+        self.region = settings.region or region or config_file_region(settings.profile) or "us-east-1"
+        self._regions: dict[str, str] = {}  # bucket -> region learned from a redirect
+        self._custom = bool(settings.endpoint_url)
+        self._signer = _Signer()
+        timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        kw: dict[str, Any] = {"maxsize": pool, "block": False, "timeout": timeout, "retries": False,
+                              "socket_options": urllib3.connection.HTTPConnection.default_socket_options
+                              + [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]}
+        if settings.verify is False:
+            kw["cert_reqs"] = "CERT_NONE"
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        elif isinstance(settings.verify, str):
+            kw["ca_certs"] = settings.verify
+        self._pool_kw = kw
+        self._managers: dict[str | None, urllib3.PoolManager] = {}
+        self._routes: dict[str, tuple[Any, bool]] = {}  # origin -> (pool or proxy manager, proxied)
+        self._lock = threading.Lock()
+
+    # -- the three calls (botocore's names and keyword arguments, for S3Source) ----------------
+    def head_object(self, Bucket: str, Key: str, ChecksumMode: str | None = None) -> dict:
+        headers = {"x-amz-checksum-mode": ChecksumMode} if ChecksumMode else {}
+        r = self._request("HeadObject", "HEAD", Bucket, Key, {}, headers)
+        h = r.headers
+        out: dict[str, Any] = {"ETag": h.get("ETag", ""), "ContentLength": int(h.get("Content-Length") or 0)}
+        if h.get("x-amz-version-id"):
+            out["VersionId"] = h["x-amz-version-id"]
+        for algo in ("SHA256", "SHA1", "CRC32", "CRC32C", "CRC64NVME"):
+            value = h.get(f"x-amz-checksum-{algo.lower()}")
+            if value:
+                out[f"Checksum{algo}"] = value
+        if h.get("x-amz-checksum-type"):
+            out["ChecksumType"] = h["x-amz-checksum-type"]
+        return out
+
+    def list_objects_v2(self, Bucket: str, Prefix: str = "", MaxKeys: int = 1000,
+                        ContinuationToken: str | None = None) -> dict:
+        params = {"list-type": "2", "prefix": Prefix, "max-keys": str(MaxKeys), "encoding-type": "url"}
+        if ContinuationToken:
+            params["continuation-token"] = ContinuationToken
+        r = self._request("ListObjectsV2", "GET", Bucket, "", params, {})
+        return _parse_listing(r.data)
+
+    def get_object(self, Bucket: str, Key: str, Range: str | None = None, IfMatch: str | None = None,
+                   ChecksumMode: str | None = None) -> urllib3.BaseHTTPResponse:
+        """The streaming response (read it to its end, then `release_conn()`; else `close()`)."""
+        headers: dict[str, str] = {}
+        if Range:
+            headers["Range"] = Range
+        if IfMatch:
+            headers["If-Match"] = IfMatch
+        if ChecksumMode:
+            headers["x-amz-checksum-mode"] = ChecksumMode
+        return self._request("GetObject", "GET", Bucket, Key, {}, headers, stream=True)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _url(self, bucket: str, key: str, region: str) -> tuple[str, str, str]:
+        """(scheme://host[:port], host header, encoded path) for `bucket`/`key`."""
+        if self._settings.endpoint_url:
+            base = urllib.parse.urlsplit(self._settings.endpoint_url)
+            # userinfo in an endpoint URL is never sent (nor shown in an error)
+            scheme, netloc, prefix = base.scheme or "https", base.netloc.rpartition("@")[2], base.path.rstrip("/")
+            default_port = {"https": ":443", "http": ":80"}.get(scheme, "")
+            if default_port and netloc.endswith(default_port):
+                netloc = netloc[: -len(default_port)]
+        else:
+            scheme, prefix = "https", ""
+            netloc = "s3.amazonaws.com" if region == "us-east-1" else f"s3.{region}.amazonaws.com"
+        style = self._settings.addressing_style
+        virtual = style == "virtual" or (style == "auto" and not self._custom and _DNS_BUCKET.match(bucket)
+                                         and "." not in bucket)
+        kpath = _quote(key, "/" + _UNRESERVED)
+        if virtual:
+            netloc = f"{bucket}.{netloc}"
+            path = f"{prefix}/{kpath}"
+        else:
+            path = f"{prefix}/{_quote(bucket)}" + (f"/{kpath}" if key else "")
+        return f"{scheme}://{netloc}", netloc, path
+
+    def _route(self, origin: str) -> tuple[Any, bool]:
+        """The connection pool for `origin` (decided once per origin: no URL parsing per request),
+        or the proxy manager when HTTP(S)_PROXY applies to it."""
+        route = self._routes.get(origin)
+        if route is not None:
+            return route
+        proxy = _proxy_for(origin)
+        with self._lock:
+            m = self._managers.get(proxy)
+            if m is None:
+                m = (urllib3.ProxyManager(proxy, num_pools=4, **self._pool_kw) if proxy
+                     else urllib3.PoolManager(num_pools=4, **self._pool_kw))
+                self._managers[proxy] = m
+            route = self._routes[origin] = (m, True) if proxy else (m.connection_from_url(origin), False)
+            return route
+
+    def _request(self, op: str, method: str, bucket: str, key: str, params: dict[str, str],
+                 headers: dict[str, str], stream: bool = False, redirected: bool = False) -> Any:
+        region = self._regions.get(bucket, self.region)
+        origin, host, path = self._url(bucket, key, region)
+        query = _canonical_query(params)
+        headers = dict(headers)
+        headers["Host"] = host  # sent as signed (urllib3 would drop a default port itself)
+        if self._creds is not None:
+            self._signer.sign(self._creds.get(), region, method, host, path, query, headers)
+        target = path + (f"?{query}" if query else "")
+        pool, proxied = self._route(origin)
+        try:
+            r = pool.urlopen(method, origin + target if proxied else target, headers=headers,
+                             preload_content=not stream, decode_content=False, redirect=False,
+                             assert_same_host=False)
+        except urllib3.exceptions.HTTPError as e:
+            raise S3ConnectionError(f"{method} {origin}{path}: {type(e).__name__}: {_reason(e)}") from None
+        if r.status < 300:
+            return r
+        body = r.data if method != "HEAD" else b""
+        r.release_conn()
+        code, message = _parse_error(body, r.status)
+        new_region = r.headers.get("x-amz-bucket-region")
+        if not redirected and new_region and new_region != region and r.status in (301, 400):
+            self._regions[bucket] = new_region  # botocore's S3RegionRedirector: re-sign there, once
+            return self._request(op, method, bucket, key, params, headers_without_auth(headers), stream, True)
+        raise S3ResponseError(op, r.status, code, message, r.headers)
+
+
+def headers_without_auth(headers: dict[str, str]) -> dict[str, str]:
+    drop = {"authorization", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"}
+    return {k: v for k, v in headers.items() if k.lower() not in drop}
+
+
+def _reason(e: BaseException) -> str:
+    inner = getattr(e, "reason", None) or (e.args[0] if e.args else None)
+    text = str(inner if inner is not None else e)
+    # urllib3 puts the connection object's repr first: keep the cause only
+    return re.sub(r"<urllib3\.[^>]*>:\s*", "", text)
+
+
+def _proxy_for(origin: str) -> str | None:
+    if not any(k.lower().endswith("_proxy") for k in os.environ):
+        return None  # the common case, without importing urllib.request (email, http.cookiejar...)
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(origin)
+    proxies = urllib.request.getproxies_environment()
+    if not proxies or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+        return None
+    return proxies.get(parts.scheme)
+
+
+def _strip(tag: str) -> str:
+    return _S3_NS.sub("", tag)
+
+
+def _parse_error(body: bytes, status: int) -> tuple[str, str]:
+    """S3's <Error><Code>..</Code><Message>..</Message></Error>, else the status (as botocore)."""
+    from xml.etree import ElementTree
+
+    if body:
+        try:
+            root = ElementTree.fromstring(body)
+            fields = {_strip(c.tag): (c.text or "") for c in root}
+            if fields.get("Code"):
+                return fields["Code"], fields.get("Message", "")
+        except ElementTree.ParseError:
+            pass
+    from http import HTTPStatus
+
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return str(status), phrase
+
+
+def _parse_listing(body: bytes) -> dict:
+    from xml.etree import ElementTree
+
+    root = ElementTree.fromstring(body)
+    out: dict[str, Any] = {"Contents": [], "IsTruncated": False}
+    encoded = False
+    for child in root:
+        tag = _strip(child.tag)
+        if tag == "Contents":
+            item = {_strip(c.tag): (c.text or "") for c in child}
+            out["Contents"].append({"Key": item.get("Key", ""), "Size": int(item.get("Size") or 0),
+                                    "ETag": item.get("ETag", "")})
+        elif tag == "IsTruncated":
+            out["IsTruncated"] = (child.text or "").strip().lower() == "true"
+        elif tag == "NextContinuationToken":
+            out["NextContinuationToken"] = child.text or ""
+        elif tag == "EncodingType":
+            encoded = (child.text or "").strip().lower() == "url"
+    if encoded:
+        for item in out["Contents"]:
+            item["Key"] = urllib.parse.unquote_plus(item["Key"])
+    return out

@@ -1,0 +1,181 @@
+"""The S3 wire client (puller.sources.s3_wire) against moto's real server with IAM checks on (so
+every signature is verified by the server), plus a scripted endpoint for a wrong-region answer,
+and the CLI's imports per scheme (botocore only where credentials need its chain)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from puller.errors import IntegrityError
+from puller.sources.base import NullProgress, PullOptions, open_source
+from tests.puller_sources.conftest import tree
+from tests.puller_sources.test_s3_transfer import proxy_factory  # noqa: F401 - fixture
+from tests.support.httpserver import HTTPFileServer
+from tests.support.s3server import S3Server
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pull(uri: str, dest: Path) -> None:
+    src = open_source(uri, PullOptions(retry_deadline_s=2))
+    src.fetch(src.list(), dest, NullProgress())
+
+
+def test_keys_that_need_encoding_round_trip_with_verified_signatures(s3: S3Server, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """SigV4's canonical path and query encoding, and the url-encoded listing: a signature
+    mistake is SignatureDoesNotMatch from moto's IAM check, a decoding mistake a wrong tree."""
+    names = ["plain.bin", "with space.bin", "plus+sign.bin", "pct%41.bin", "ünï/cöde.bin", "a=b&c.bin",
+             "tilde~(x).bin", "sub/dir/x.bin"]
+    files = {f"odd/{n}": f"bytes of {n}".encode() for n in names}
+    for k, v in files.items():
+        s3.put("models", k, v)
+    with s3.iam_auth() as (key_id, secret):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        _pull("s3://models/odd", tmp_path / "all")
+        _pull("s3://models/odd/with space.bin", tmp_path / "one")
+    assert tree(tmp_path / "all") == {k.removeprefix("odd/"): v for k, v in files.items()}
+    assert tree(tmp_path / "one") == {"with space.bin": files["odd/with space.bin"]}
+
+
+@pytest.mark.parametrize("algo", ["CRC32", "SHA256"])
+def test_a_listed_prefix_checks_each_store_checksum_as_it_streams(algo: str, s3: S3Server, proxy_factory,
+                                                                   tmp_path: Path) -> None:
+    """A prefix listing carries no checksums: only the GET's x-amz-checksum-* header can catch a
+    byte changed in transit (same length, so sizes agree)."""
+    body = b"weights " * 500 + b"MARKER" + b" weights" * 500
+    s3.client().put_object(Bucket="models", Key="ckp/a/model.bin", Body=body, ChecksumAlgorithm=algo)
+    _pull("s3://models/ckp/a", tmp_path / "good")
+    assert (tmp_path / "good" / "model.bin").read_bytes() == body
+    proxy_factory(swap=(b"MARKER", b"MARKEX"))
+    with pytest.raises(IntegrityError, match="checksum"):
+        _pull("s3://models/ckp/a", tmp_path / "bad")
+
+
+class _WrongRegion(ThreadingHTTPServer):
+    """Answers 301 + x-amz-bucket-region: eu-west-2 to any request not signed for eu-west-2
+    (as S3 does), else serves one object; records each request's signing scope."""
+
+    daemon_threads = True
+    body = b"served from eu-west-2"
+
+    def __init__(self) -> None:
+        self.scopes: list[str] = []
+        super().__init__(("127.0.0.1", 0), _WrongRegionHandler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+class _WrongRegionHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _WrongRegion
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        scope = self.headers.get("Authorization", "").split("Credential=")[-1].split(",")[0]
+        self.server.scopes.append(scope.split("/")[2] if scope.count("/") >= 2 else scope)  # KEY/DAY/REGION/s3/...
+        if "/eu-west-2/s3/" not in scope:
+            self.send_response(301)
+            self.send_header("x-amz-bucket-region", "eu-west-2")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("ETag", '"e1"')
+        self.send_header("Content-Length", str(len(self.server.body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(self.server.body)
+
+    do_GET = do_HEAD
+
+
+def test_a_wrong_region_answer_is_signed_again_for_the_bucket_region_once(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = _WrongRegion()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.server_address[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREGIONTEST")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "region-test-secret")
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        _pull("s3://bkt/m/model.bin", tmp_path)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert (tmp_path / "model.bin").read_bytes() == _WrongRegion.body
+    # HEAD (us-east-1: 301), HEAD again for eu-west-2, then the GET straight to eu-west-2
+    assert srv.scopes == ["us-east-1", "eu-west-2", "eu-west-2"]
+
+
+_PROBE = """
+import json, sys
+from agent.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("botocore", "boto3", "s3transfer"))}))
+"""
+
+
+def _cli_modules(args: list[str], env: dict[str, str]) -> dict:
+    r = subprocess.run([sys.executable, "-c", _PROBE, "pull", *args, "--no-progress"], env=env,
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_the_cli_imports_botocore_only_for_credentials_that_need_its_chain(s3: S3Server, tmp_path: Path) -> None:
+    """Start-up is most of a short pull: local and HTTP pulls never import botocore/boto3, nor
+    an S3 pull with static keys; a profile (shared credentials file) does, and still works."""
+    s3.put("models", "iris/model.joblib", b"model-bytes")
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "w.bin").write_bytes(b"local")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON"))}
+    env.update(s3.env(), PYTHONPATH=str(ROOT), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    with HTTPFileServer(files={"m/w.bin": b"http"}) as srv:
+        runs = {"local": [str(tmp_path / "local"), str(tmp_path / "d1")],
+                "http": [srv.url("m/w.bin"), str(tmp_path / "d2")],
+                "s3 static keys": ["s3://models/iris", str(tmp_path / "d3")]}
+        for name, args in runs.items():
+            assert _cli_modules(args, env) == {"code": 0, "heavy": []}, name
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[team]\naws_access_key_id = {env.pop('AWS_ACCESS_KEY_ID')}\n"
+                     f"aws_secret_access_key = {env.pop('AWS_SECRET_ACCESS_KEY')}\n")
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_PROFILE="team")
+    out = _cli_modules(["s3://models/iris", str(tmp_path / "d4")], env)
+    assert out["code"] == 0 and "botocore" in out["heavy"] and "boto3" not in out["heavy"]
+    assert (tmp_path / "d4" / "model.joblib").read_bytes() == b"model-bytes"
+
+
+def test_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(
+        s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.puller_sources.test_s3_transfer import _KeepAliveHandler, _KeepAliveProxy
+
+    class _Forward(_KeepAliveHandler):  # a forward proxy gets absolute URIs: pass the path on
+        def _forward(self) -> None:
+            self.path = "/" + self.path.split("://", 1)[-1].split("/", 1)[-1]
+            super()._forward()
+        do_GET = do_HEAD = _forward
+
+    s3.put("models", "px/w.bin", b"through the proxy")
+    proxy = _KeepAliveProxy(s3.endpoint_url)
+    proxy.RequestHandlerClass = _Forward
+    try:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "example.invalid")
+        _pull("s3://models/px", tmp_path / "a")
+        assert proxy.requests == 3  # HEAD (no such key: a prefix), LIST, GET
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        _pull("s3://models/px", tmp_path / "b")
+        assert proxy.requests == 3
+    finally:
+        proxy.close()
+    assert tree(tmp_path / "a") == tree(tmp_path / "b") == {"w.bin": b"through the proxy"}
