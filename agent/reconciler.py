@@ -595,8 +595,10 @@ class Reconciler:
         error: BaseException | None = None
         try:
             async with self._load_slot(lazy):
-                if not replacing and self.memory.needs_measure(copy.entry.key, copy.spec.runtime):
-                    window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime)
+                # every load opens a window (a remembered one takes no snapshot) so that it
+                # never lands in another model's measurement (agent/memory/ledger.py)
+                measure = not replacing and self.memory.needs_measure(copy.entry.key, copy.spec.runtime)
+                window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime, measure=measure)
                 self._loading[m.name] = started
                 try:
                     await asyncio.wait_for(self.adapter.load(served), timeout=self.settings.load_timeout_s)

@@ -15,7 +15,7 @@ from .cost import DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, 
 from .measure import FirstLoad, ImportAttribution, Measurement, Snapshot, Split, gpu_delta
 from .planner import Candidate, plan_eviction
 from .reality import CgroupMemory, ProcessTracker, RealityCheck
-from .probes import GpuProbe, GpuUsage, open_gpu_probe, process_tree, tree_rss
+from .probes import GpuProbe, GpuUsage, open_gpu_probe, tree_rss
 from .store import InMemoryStore, MetaStore
 
 log = logging.getLogger("modelshelf.memory")
@@ -393,53 +393,77 @@ class MemoryManager:
             warm = pid is not None and self._overhead_pid == pid and runtime in self._warm.get(pid, set())
         return not warm or self._load_record(key) is None
 
-    def start_measure(self, name: str, runtime: str | None = None) -> Measurement:
-        """Snapshot the server's process tree before ``name`` loads. Call after its victims are
-        unloaded and released, right before the load. ``runtime``: lets the first load of each
-        runtime in a server process be told apart (see ``overhead``).
+    def start_measure(self, name: str, runtime: str | None = None, *, measure: bool = True) -> Measurement:
+        """Open ``name``'s load window right before the server's load call (after its victims
+        are unloaded and released); ``finish_measure`` (or ``abort_measure``) closes it. EVERY
+        load opens one: ``measure=False`` for a load whose cost is remembered (or an update in
+        place), which takes no snapshot but still grows the server, so it must not land in
+        another model's measurement. ``runtime``: lets the first load of each runtime in a
+        server process be told apart (see ``overhead``).
 
-        Windows are serialized: called from a worker thread (``asyncio.to_thread``), it waits
-        for the open window to close, but never past ``measure_wait_s`` (1 s) after that window
+        Windows are serialized: called from a worker thread (``asyncio.to_thread``), a measured
+        window waits for every open window to close, and an unmeasured load waits for the open
+        measured windows, but never past ``measure_wait_s`` (1 s) after the oldest of them
         opened, so loads started together (the preloads at start-up) are measured one after
         another when they are quick, and a load never waits long behind one that is slow or
-        hangs (their windows then overlap and are not recorded; the entry is measured on its
-        next load). Called on an event loop's thread it never blocks."""
+        hangs (their windows then overlap: the measured ones are marked contaminated and not
+        recorded; the entry is measured on its next load). Called on an event loop's thread it
+        never blocks.
+
+        Snapshots are taken only when they can be kept: never for ``measure=False``, nor for a
+        window already contaminated when it opens (unless it is the runtime's first load,
+        whose import must be charged anyway); they read the TRACKED server pids
+        (``ProcessTracker``: ``/proc/<pid>/statm``), never a scan of every process."""
         with self._lock:
             if self._windows and self.measure_wait_s > 0 and not _on_event_loop():
-                # bounded by the open window's age: a load never waits behind one that hangs
-                oldest = min(w.started for w in self._windows.values())
-                self._window_closed.wait_for(lambda: not self._windows,
-                                             timeout=max(0.0, oldest + self.measure_wait_s - self._clock()))
-            m = Measurement(name, Snapshot(None, None, {}), self._clock(), runtime=runtime)
+                def blocking() -> list[Measurement]:
+                    return [w for w in self._windows.values() if measure or w.measured]
+
+                if blocking():  # bounded by the open windows' age: never wait behind a hung load
+                    oldest = min(w.started for w in blocking())
+                    self._window_closed.wait_for(lambda: not blocking(),
+                                                 timeout=max(0.0, oldest + self.measure_wait_s - self._clock()))
+            m = Measurement(name, Snapshot(None, None, {}), self._clock(), runtime=runtime, measured=measure)
             self._mark_overlaps(m)
             self._windows[id(m)] = m  # registered before the snapshot: the next window waits for it
-        snap = self._snapshot()
+            if not measure:
+                return m
+        pid = self._pid()
+        with self._lock:
+            if pid is not None:
+                if self._overhead_pid != pid:  # a new server process: old imports are gone
+                    self._new_server_process(pid)
+                warm = self._warm.setdefault(pid, set())
+                if runtime is not None and runtime not in warm:
+                    m.first_of_runtime = True
+                    warm.add(runtime)
+            if m.contaminated and not m.first_of_runtime:
+                return m  # its delta will not be recorded: no snapshot
+        snap = self._snapshot(refresh=False)
         with self._lock:
             m.before = snap
             others = [n for n in self._reserved if n != name]
             if snap.pid is not None and snap.host is not None and not others and not self._overhead \
                     and snap.pid not in self._baselines:
                 self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
-            if snap.pid is not None:
-                if self._overhead_pid != snap.pid:  # a new server process: old imports are gone
-                    self._overhead.clear()
-                    self._warm = {}
-                    self._attr.server_restarted()
-                    self._overhead_pid = snap.pid
-                warm = self._warm.setdefault(snap.pid, set())
-                if runtime is not None and runtime not in warm:
-                    m.first_of_runtime = True
-                    warm.add(runtime)
             return m
 
+    def _new_server_process(self, pid: int) -> None:
+        self._overhead.clear()
+        self._warm = {}
+        self._attr.server_restarted()
+        self._overhead_pid = pid
+
     def _mark_overlaps(self, m: Measurement) -> None:
-        if self._windows:
-            m.contaminated = True
-            m.reasons.add("concurrent_load")
-            for other in self._windows.values():
-                other.contaminated = True
-                other.reasons.add("concurrent_load")
-        if self._unloading:
+        """``m`` opens while other loads are in flight: the measured windows among them all
+        (``m`` included) hold bytes of more than one model."""
+        others = list(self._windows.values())
+        if (m.measured and others) or any(o.measured for o in others):
+            for w in [m, *others]:
+                if w.measured:
+                    w.contaminated = True
+                    w.reasons.add("concurrent_load" if all(o.measured for o in [m, *others]) else "unmeasured_load")
+        if self._unloading and m.measured:
             m.contaminated = True
             m.reasons.add("unload")
 
@@ -464,21 +488,21 @@ class MemoryManager:
         to the server and the rest measured as the model; else the model keeps its reservation,
         the rest is charged to the server provisionally, and both are corrected as soon as a
         later load of that runtime (or this model's entry reloaded) tells the model's share."""
-        after = self._snapshot()
+        keep = m.measured and m.before.host is not None and (m.first_of_runtime or not m.contaminated)
+        after = self._snapshot(refresh=True) if keep else None  # the load may have started workers
         with self._lock:
             self._close(m)
             reserved = self._reserved.get(m.name)
-            if self._reality is not None:
-                self._reality.tracker.refresh()  # the load may have started worker processes
+            if not keep and self._reality is not None:
+                self._reality.tracker.refresh()
+        if m.measured and m.contaminated and not m.first_of_runtime:
+            log.info("memory measure_skipped model=%s reason=%s", m.name, ",".join(sorted(m.reasons)))
         if reserved is None:
             return Cost(0, {}, "estimated")
-        if m.before.host is None or after.host is None or m.before.pid != after.pid:
-            return reserved  # nothing to measure, or the server restarted in between
+        if after is None or m.before.host is None or after.host is None or m.before.pid != after.pid:
+            return reserved  # not measured, nothing to measure, or the server restarted in between
         raw_host = after.host - m.before.host
         raw_gpu = gpu_delta(m.before.gpu, after.gpu)
-        if m.contaminated and not m.first_of_runtime:
-            log.info("memory measure_skipped model=%s reason=%s raw_host=%d", m.name, ",".join(sorted(m.reasons)), raw_host)
-            return reserved
         if m.first_of_runtime:
             with self._lock:
                 known = self._attr.known.get(m.runtime or "")
@@ -576,28 +600,28 @@ class MemoryManager:
         src = self._server_pid
         return src() if callable(src) else src
 
-    def _snapshot(self) -> Snapshot:
-        pid = self._pid()
+    def _snapshot(self, *, refresh: bool) -> Snapshot:
+        """The server's tree RSS (and GPU use) over the tracked pids; ``refresh``: find the
+        tree's processes again first (after a load, which may have started workers)."""
+        tracker = self.reality.tracker
+        if refresh:
+            tracker.refresh()
+        pid = tracker.root()
         if pid is None:
             return Snapshot(None, None, {})
-        procs = process_tree(pid)
-        host = 0
-        for p in procs:
-            try:
-                host += p.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+        pids = tracker.pids()
+        host = tracker.rss(pids)
         gpu: dict[str, GpuUsage] = {}
-        if self._gpu is not None and procs:
+        if self._gpu is not None and pids:
             try:
-                gpu = self._gpu.usage({p.pid for p in procs})
+                gpu = self._gpu.usage(pids)
             except Exception as e:  # a GPU probe failing mid-run must not fail a load
                 log.warning("memory gpu_probe_failed error=%r", f"{type(e).__name__}: {e}")
-        return Snapshot(pid, host if procs else None, gpu)
+        return Snapshot(pid, host, gpu)
 
     def _touch_windows(self, name: str, reason: str) -> None:
         for m in self._windows.values():
-            if m.name != name:
+            if m.name != name and m.measured:
                 m.contaminated = True
                 m.reasons.add(reason)
 

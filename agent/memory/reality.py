@@ -54,9 +54,12 @@ _NO_LIMIT = 2**60
 
 
 class ProcessTracker:
-    """The server's pids, tracked: ``pids()`` walks the tree (psutil: a scan of /proc) only when
-    the root pid changed, after ``refresh()`` was asked, or every ``rescan_s``; otherwise it
-    returns the known pids still alive."""
+    """The server's pids, tracked: ``pids()`` finds the tree again only when the root pid
+    changed, after ``refresh()`` was asked, or every ``rescan_s``; otherwise it returns the
+    known pids still alive. Finding the tree walks down from the root through
+    ``/proc/<pid>/task/<tid>/children`` (a few reads per server process), never a scan of
+    every process on the machine (psutil's ``children()`` reads all of /proc: only where the
+    kernel has no ``children`` files)."""
 
     def __init__(self, root: Callable[[], int | None] | int | None, *, rescan_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
@@ -86,20 +89,16 @@ class ProcessTracker:
                 return set()
             now = self._clock()
             if self._stale or root != self._for or now - self._scanned >= self._rescan_s:
-                try:
-                    proc = psutil.Process(root)
-                    self._pids = {root, *(c.pid for c in proc.children(recursive=True))}
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    self._pids = set()
+                self._pids = _descendants(root)
                 self._for, self._scanned, self._stale = root, now, False
                 self.scans += 1
             else:
                 self._pids = {p for p in self._pids if os.path.exists(f"/proc/{p}")}
             return set(self._pids)
 
-    def rss(self) -> int | None:
+    def rss(self, pids: set[int] | None = None) -> int | None:
         """Sum of RSS over the tracked pids (``/proc/<pid>/statm``); None without a server."""
-        pids = self.pids()
+        pids = self.pids() if pids is None else pids
         if not pids:
             return None
         total = 0
@@ -110,6 +109,36 @@ class ProcessTracker:
             except (OSError, ValueError, IndexError):
                 pass  # gone meanwhile
         return total
+
+
+def _descendants(root: int) -> set[int]:
+    """``root`` and its descendants, from the kernel's per-thread ``children`` lists; psutil
+    (a scan of all of /proc) where those files do not exist. Empty when ``root`` is gone."""
+    if not os.path.exists(f"/proc/{root}"):
+        return set()
+    if not os.path.exists(f"/proc/{root}/task/{root}/children"):
+        try:
+            return {root, *(c.pid for c in psutil.Process(root).children(recursive=True))}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return set()
+    found, todo = {root}, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # exited meanwhile
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for c in kids:
+                if c not in found:
+                    found.add(c)
+                    todo.append(c)
+    return found
 
 
 @dataclass(frozen=True)
