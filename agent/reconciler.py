@@ -243,6 +243,7 @@ class Reconciler:
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
         self._recheck_task: asyncio.Task | None = None
         self._reality_wake = asyncio.Event()  # set after a load: check reality at once
+        self.last_restart: dict[str, Any] | None = None  # why the server last restarted (/status)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -832,8 +833,9 @@ class Reconciler:
     # ------------------------------------------------------------------ the server's real state
     async def server_restarted(self) -> None:
         """The server came back empty. Blame the loads in flight when it died (twice in a row:
-        quarantine), then mark every served model lost; each model's own task reloads it."""
-        self.metrics.server_restarts.inc()
+        quarantine), then mark every served model lost; each model's own task reloads it. The
+        reason ("oom_killed" when the cgroup's OOM-kill counter grew, see agent/memory/reality.py)
+        is counted by reason and shown in /status (after the reloads are scheduled)."""
         self.memory.reset_server()
         now = time.monotonic()
         cut = self._down_since or now
@@ -854,6 +856,14 @@ class Reconciler:
         for m in lost:
             m.lost_since = now
             self._schedule(m)
+        exit_ = getattr(getattr(self.adapter, "process", None), "last_exit", None)
+        try:
+            why = await asyncio.to_thread(self.memory.restart_reason, exit_)
+        except Exception as e:  # reading the cgroup must not hold up anything
+            why = {"reason": "unknown", "detail": f"{type(e).__name__}: {e}", "at": time.time()}
+        self.last_restart = why
+        self.metrics.server_restarts.labels(reason=why["reason"]).inc()
+        log.warning("server restart reason", extra=kv(reason=why["reason"], detail=why["detail"]))
 
     async def resync_server(self, names: set[str] | None = None) -> None:
         """Compare what the agent holds loaded with the server's index (a sidecar restart we
@@ -1043,5 +1053,6 @@ class Reconciler:
             "memory": {d: {"used": used.get(d, 0), "held": held.get(d, 0), "budget": b}
                        for d, b in self.memory.budget().items()},
             "counts": {s.value: sum(1 for m in self.models.values() if m.state is s) for s in State},
+            "server_restart": self.last_restart,
         }
 

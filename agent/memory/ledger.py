@@ -66,13 +66,17 @@ class MemoryManager:
         multipliers from ``settings.memory_multipliers``, residency from ``min_residency_s``,
         ``profile`` from ``settings.server``. ``gpu_probe="nvml"`` opens NVML (or logs once that
         GPU budgeting is off); pass a probe or None to choose."""
+        cgroup_dir = getattr(settings, "memory_cgroup", None)
+        if cgroup_dir is not None:
+            CgroupMemory.at(cgroup_dir)  # a wrong --memory-cgroup is said at start, not at the first check
         probe = open_gpu_probe() if gpu_probe == "nvml" else gpu_probe
         budget = discover_budget(settings.host_memory, settings.gpu_memory, gpu_probe=probe, host_overhead=host_overhead)
         pid_file = getattr(settings, "server_pid_file", None)
         if pid_file is not None:  # a sidecar: the adapter has no process, the file names it
             server_pid = _pid_from_file(Path(pid_file), server_pid)
         kwargs.setdefault("reality_options", {"tolerance": getattr(settings, "memory_tolerance", 0.05),
-                                              "pressure": getattr(settings, "memory_pressure", 0.90)})
+                                              "pressure": getattr(settings, "memory_pressure", 0.90),
+                                              "cgroup_dir": cgroup_dir})
         kwargs.setdefault("min_residency_s", settings.min_residency_s)
         kwargs.setdefault("profile", getattr(settings, "server", "default"))
         return cls(budget, store=store, multipliers=settings.memory_multipliers, gpu_probe=probe,
@@ -128,14 +132,31 @@ class MemoryManager:
             return dict(self._overhead)
 
     def reset_server(self) -> None:
-        """The server restarted: forget what its process had imported (the import's size, once
-        split from a first load, is kept: the next process pays the same)."""
+        """The server restarted: forget what its process had imported, except the imports whose
+        size is known (split from a first load): the models that served are reloaded into the
+        new process, which pays the same imports, so those stay charged from now on. Else the
+        loads admitted before the first reload is measured would count the import as free, and
+        a restart after an OOM kill would load more than fits."""
         with self._lock:
-            self._overhead.clear()
+            self._overhead = self._expected_imports()
             self._warm = {}
             self._overhead_pid = None
             self._attr.server_restarted()
         self._note_baseline()  # called when the new process is up and before anything reloads
+
+    def _expected_imports(self) -> dict[str, Cost]:
+        """The runtime imports charged now whose size is known (see ``reset_server``)."""
+        out = {}
+        for k in self._overhead:
+            known = self._attr.known.get(k.split(":", 1)[1])
+            if known is not None:
+                out[k] = Cost(known[0], dict(known[1]), "measured")
+        return out
+
+    def restart_reason(self, exit: dict | None) -> dict[str, Any]:
+        """Why the server restarted ("oom_killed" when the cgroup's OOM-kill counter grew; see
+        ``RealityCheck.restart_reason``). Reads the cgroup: call from a worker thread."""
+        return self.reality.restart_reason(exit)
 
     def _note_baseline(self) -> None:
         """Remember the server's tree RSS now as its bare baseline (nothing loaded yet)."""
@@ -187,8 +208,10 @@ class MemoryManager:
         manager's GPU probe, the container's cgroup when there is one)."""
         with self._lock:
             if self._reality is None:
+                options = dict(self.reality_options)
+                where = options.pop("cgroup_dir", None)
                 self._reality = RealityCheck(self, tracker=ProcessTracker(self._server_pid), gpu_probe=self._gpu,
-                                             cgroup=CgroupMemory.discover(), **self.reality_options)
+                                             cgroup=CgroupMemory.at(where) if where else CgroupMemory.discover(), **options)
             return self._reality
 
     def server_rss(self) -> int | None:
@@ -449,7 +472,7 @@ class MemoryManager:
             return m
 
     def _new_server_process(self, pid: int) -> None:
-        self._overhead.clear()
+        self._overhead = self._expected_imports()
         self._warm = {}
         self._attr.server_restarted()
         self._overhead_pid = pid

@@ -170,6 +170,17 @@ class CgroupMemory:
                 return cls(cand, 1)
         return None
 
+    @classmethod
+    def at(cls, path: Path) -> "CgroupMemory":
+        """The cgroup at ``path`` (``--memory-cgroup``): v2 when it has ``memory.current``, else v1.
+        Raises ValueError naming the path when it has neither."""
+        path = Path(path)
+        if (path / "memory.current").exists():
+            return cls(path, 2)
+        if (path / "memory.usage_in_bytes").exists():
+            return cls(path, 1)
+        raise ValueError(f"--memory-cgroup {path}: no memory.current (cgroup v2) nor memory.usage_in_bytes (v1) there")
+
     def read(self) -> CgroupReading | None:
         try:
             if self.version == 2:
@@ -273,6 +284,7 @@ class RealityCheck:
         self._clock = clock
         self._lock = threading.Lock()
         self._oom_seen: int | None = None
+        self._oom_at_restart = 0  # ``oom_kills`` at the previous server restart
         self.oom_kills = 0
         self.last_oom_kill_at: float | None = None
         self._last: RealityReport | None = None
@@ -349,6 +361,33 @@ class RealityCheck:
             if self._on_oom_kill is not None:
                 self._on_oom_kill(n)
         self._oom_seen = cg.oom_kills
+
+    def restart_reason(self, exit: dict | None) -> dict[str, Any]:
+        """Why the server restarted, from how its process ended (``exit``: code, signal; None
+        for a sidecar, whose end the agent does not see) and the cgroup's ``oom_kill`` counter
+        read now: "oom_killed" when the counter grew since the previous restart (the kernel
+        killed a process of this container for memory: it ends it with SIGKILL), else "killed"
+        (SIGKILL), "signal" (another signal), "exited" (an exit code) or "unknown"."""
+        self.check()  # reads the counter now (the kill happened before the restart finished)
+        with self._lock:
+            grew = self.oom_kills - self._oom_at_restart
+            self._oom_at_restart = self.oom_kills
+        sig = (exit or {}).get("signal")
+        if grew > 0:
+            reason = "oom_killed"
+        elif sig == 9:
+            reason = "killed"
+        elif sig is not None:
+            reason = "signal"
+        elif exit is not None:
+            reason = "exited"
+        else:
+            reason = "unknown"
+        detail = {"oom_killed": f"the kernel OOM-killed {grew} process(es) of this container (cgroup oom_kill counter)",
+                  "killed": "SIGKILL (not counted as an OOM kill by the cgroup)", "signal": f"signal {sig}",
+                  "exited": f"exit code {(exit or {}).get('code')}", "unknown": "the server came back (its exit is not seen)"}[reason]
+        return {"reason": reason, "detail": detail, "at": self._clock(), "exit_code": (exit or {}).get("code"),
+                "signal": sig, "oom_kills": grew}
 
     def _log(self, r: RealityReport) -> None:
         for d, dr in r.drift.items():

@@ -133,3 +133,32 @@ class FakeGpu:
 @pytest.fixture
 def fake_gpu():
     return FakeGpu({"gpu:0": 16 * GiB, "gpu:1": 24 * GiB})
+
+
+class FakeCgroup:
+    """A cgroup directory in the kernel's file formats (v2: memory.current, memory.max,
+    memory.stat, memory.events; v1: memory.usage_in_bytes, memory.limit_in_bytes, memory.stat,
+    memory.oom_control), written by the test: a controllable stand-in for /sys/fs/cgroup, whose
+    counters (the OOM-kill count above all) only the kernel can move for real. The agent reads it
+    through ``--memory-cgroup`` exactly as it reads the real files."""
+
+    def __init__(self, path, version: int = 2):
+        self.path = path
+        self.version = version
+        path.mkdir(parents=True, exist_ok=True)
+
+    def write(self, current: int, limit: int | None = None, inactive_file: int = 0, oom_kill: int = 0) -> "FakeCgroup":
+        p = self.path
+        if self.version == 2:
+            (p / "memory.current").write_text(f"{current}\n")
+            (p / "memory.max").write_text("max\n" if limit is None else f"{limit}\n")
+            (p / "memory.stat").write_text(f"anon {max(0, current - inactive_file)}\nfile {inactive_file}\n"
+                                           f"active_file 0\ninactive_file {inactive_file}\n")
+            (p / "memory.events").write_text(f"low 0\nhigh 0\nmax 0\noom {oom_kill}\noom_kill {oom_kill}\n")
+        else:
+            (p / "memory.usage_in_bytes").write_text(f"{current}\n")
+            (p / "memory.limit_in_bytes").write_text(f"{9223372036854771712 if limit is None else limit}\n")
+            (p / "memory.stat").write_text(f"cache {inactive_file}\nrss {max(0, current - inactive_file)}\n"
+                                           f"inactive_file {inactive_file}\ntotal_inactive_file {inactive_file}\n")
+            (p / "memory.oom_control").write_text(f"oom_kill_disable 0\nunder_oom 0\noom_kill {oom_kill}\n")
+        return self
