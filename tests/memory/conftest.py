@@ -148,17 +148,19 @@ class FakeCgroup:
         path.mkdir(parents=True, exist_ok=True)
 
     def write(self, current: int, limit: int | None = None, inactive_file: int = 0, oom_kill: int = 0) -> "FakeCgroup":
-        p = self.path
         if self.version == 2:
-            (p / "memory.current").write_text(f"{current}\n")
-            (p / "memory.max").write_text("max\n" if limit is None else f"{limit}\n")
-            (p / "memory.stat").write_text(f"anon {max(0, current - inactive_file)}\nfile {inactive_file}\n"
-                                           f"active_file 0\ninactive_file {inactive_file}\n")
-            (p / "memory.events").write_text(f"low 0\nhigh 0\nmax 0\noom {oom_kill}\noom_kill {oom_kill}\n")
+            files = {"memory.current": f"{current}\n", "memory.max": "max\n" if limit is None else f"{limit}\n",
+                     "memory.stat": f"anon {max(0, current - inactive_file)}\nfile {inactive_file}\n"
+                                    f"active_file 0\ninactive_file {inactive_file}\n",
+                     "memory.events": f"low 0\nhigh 0\nmax 0\noom {oom_kill}\noom_kill {oom_kill}\n"}
         else:
-            (p / "memory.usage_in_bytes").write_text(f"{current}\n")
-            (p / "memory.limit_in_bytes").write_text(f"{9223372036854771712 if limit is None else limit}\n")
-            (p / "memory.stat").write_text(f"cache {inactive_file}\nrss {max(0, current - inactive_file)}\n"
-                                           f"inactive_file {inactive_file}\ntotal_inactive_file {inactive_file}\n")
-            (p / "memory.oom_control").write_text(f"oom_kill_disable 0\nunder_oom 0\noom_kill {oom_kill}\n")
+            files = {"memory.usage_in_bytes": f"{current}\n",
+                     "memory.limit_in_bytes": f"{9223372036854771712 if limit is None else limit}\n",
+                     "memory.stat": f"cache {inactive_file}\nrss {max(0, current - inactive_file)}\n"
+                                    f"inactive_file {inactive_file}\ntotal_inactive_file {inactive_file}\n",
+                     "memory.oom_control": f"oom_kill_disable 0\nunder_oom 0\noom_kill {oom_kill}\n"}
+        for name, text in files.items():  # each file replaced whole: a reader never sees half of one
+            tmp = self.path / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.path / name)
         return self
