@@ -10,8 +10,9 @@ figures and says how far off the ledger is and how many bytes must go:
   ``source="cgroup"`` (the agent and the server share a container whose cgroup covers both),
   the cgroup's working set (``memory.current`` minus inactive file pages) minus its baseline.
   Shared pages of forked workers are counted once per process: an over-estimate.
-* GPU (NVML): bytes used by the tracked pids on each device (falling back to the device's used
-  bytes when NVML lists none of them, as in a container without the host PID namespace).
+* GPU (NVML): bytes used by the tracked pids on each device (falling back, when NVML lists none
+  of them as in a container without the host PID namespace, to the device's used bytes over what
+  it used while the ledger held nothing there: other tenants of a shared GPU are not ours).
 * ``excess()``: device -> bytes to free now. A device is in excess when reality exceeds the
   budget by more than ``tolerance`` (default 5%: allocator noise), or the ledger itself does
   (a measurement larger than reserved), or the container's cgroup working set is above
@@ -285,6 +286,7 @@ class RealityCheck:
         self._lock = threading.Lock()
         self._oom_seen: int | None = None
         self._oom_at_restart = 0  # ``oom_kills`` at the previous server restart
+        self._gpu_baseline: dict[str, int] = {}  # device -> its used bytes while the ledger held nothing there
         self.oom_kills = 0
         self.last_oom_kill_at: float | None = None
         self._last: RealityReport | None = None
@@ -319,7 +321,7 @@ class RealityCheck:
             real: dict[str, int] = {}
             if host_now is not None and baseline is not None:
                 real[HOST] = max(0, host_now - baseline)
-            real.update(self._gpu_real(budget))
+            real.update(self._gpu_real(budget, ledger))
             excess: dict[str, int] = {}
             reasons: dict[str, str] = {}
             for d, b in budget.items():
@@ -338,7 +340,11 @@ class RealityCheck:
         self._log(report)
         return report
 
-    def _gpu_real(self, budget: dict[str, int]) -> dict[str, int]:
+    def _gpu_real(self, budget: dict[str, int], ledger: dict[str, int]) -> dict[str, int]:
+        """Per GPU: the bytes NVML lists for the tracked pids; where it lists none of them
+        (another PID namespace), the device's used bytes over what the device used while the
+        ledger held nothing on it (other processes on a shared GPU are not the server's). A
+        device with no such baseline yet is left out (not judged by reality)."""
         if self.gpu is None or not any(d != HOST for d in budget):
             return {}
         pids = self.tracker.pids()
@@ -347,7 +353,18 @@ class RealityCheck:
         except Exception as e:  # a failing probe must not stop the check
             log.warning("memory gpu_probe_failed error=%r", f"{type(e).__name__}: {e}")
             return {}
-        return {d: (u.process_bytes if u.process_bytes is not None else u.device_used) for d, u in usage.items() if d in budget}
+        out: dict[str, int] = {}
+        for d, u in usage.items():
+            if d not in budget:
+                continue
+            if u.process_bytes is not None:
+                out[d] = u.process_bytes
+                continue
+            if ledger.get(d, 0) == 0:
+                self._gpu_baseline[d] = u.device_used
+            if d in self._gpu_baseline:
+                out[d] = max(0, u.device_used - self._gpu_baseline[d])
+        return out
 
     def _note_oom(self, cg: CgroupReading | None) -> None:
         if cg is None:

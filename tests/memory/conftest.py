@@ -164,3 +164,37 @@ class FakeCgroup:
             tmp.write_text(text)
             os.replace(tmp, self.path / name)
         return self
+
+
+def drive_reality_loop(mm, srv, last_used: dict, *, busy: str, interval_s: float = 0.2, rounds: int = 100) -> list[str]:
+    """Run the reconciler's reality loop (agent.memory.reality_loop) against a real server
+    (`srv` from tests.support.servers) until an eviction brought reality back within, for at
+    most `rounds` x 0.1 s. `last_used`: model -> last use (evicted ones are removed from it);
+    `busy` is under a request. Returns the evicted models in order."""
+    import asyncio
+
+    from agent.memory import Candidate, reality_loop
+
+    evicted: list[str] = []
+
+    def candidates():
+        return [Candidate(n, last_used=u, loaded_at=0, inflight=1 if n == busy else 0) for n, u in last_used.items()]
+
+    async def evict(name: str) -> bool:
+        await asyncio.to_thread(srv.call, srv.adapter.unload(name))
+        mm.release(name)
+        del last_used[name]
+        evicted.append(name)
+        return True
+
+    async def run() -> None:
+        task = asyncio.create_task(reality_loop(mm.reality, candidates, evict, interval_s=interval_s))
+        for _ in range(rounds):
+            await asyncio.sleep(0.1)
+            last = mm.reality.last()
+            if evicted and last is not None and not last.excess:
+                break
+        task.cancel()
+
+    asyncio.run(run())
+    return evicted

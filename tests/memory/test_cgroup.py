@@ -9,18 +9,17 @@ eviction test drives a REAL MLServer; only the cgroup's memory.current is the te
 to the server's real RSS plus what the rest of the container holds, as the kernel would count it."""
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
 import pytest
 
-from agent.memory import HOST, Candidate, CgroupMemory, InMemoryStore, MemoryManager, ProcessTracker, RealityCheck, reality_loop
+from agent.memory import HOST, CgroupMemory, InMemoryStore, MemoryManager, ProcessTracker
 from agent.runtimes.base import ServedModel
 from tests.support.models import write_sklearn_model
 from tests.support.servers import embedded_mlserver
 
-from .conftest import FakeCgroup, MiB
+from .conftest import FakeCgroup, MiB, drive_reality_loop
 
 V1_NO_LIMIT = 9223372036854771712
 
@@ -121,28 +120,7 @@ def test_approaching_the_container_limit_evicts_before_the_oom(tmp_path):
             limit[0] = int((loaded - 45 * MiB) / 0.9)  # 90% of the limit: 45 MiB below what is held now
             time.sleep(0.1)
             assert mm.reality.check().reasons.get(HOST) == "cgroup_pressure"
-            evicted = []
-
-            def candidates():
-                return [Candidate(n, last_used=u, loaded_at=0, inflight=1 if n == "busy" else 0) for n, u in last_used.items()]
-
-            async def evict(name: str) -> bool:
-                await asyncio.to_thread(srv.call, srv.adapter.unload(name))
-                mm.release(name)
-                del last_used[name]
-                evicted.append(name)
-                return True
-
-            async def run() -> None:
-                task = asyncio.create_task(reality_loop(mm.reality, candidates, evict, interval_s=0.1))
-                for _ in range(100):
-                    await asyncio.sleep(0.1)
-                    last = mm.reality.last()
-                    if evicted and last is not None and not last.excess:
-                        break
-                task.cancel()
-
-            asyncio.run(run())
+            evicted = drive_reality_loop(mm, srv, last_used, busy="busy", interval_s=0.1)
             assert evicted == ["older_used_later", "old"], evicted
             r = mm.reality.check()
             assert r.excess == {} and r.cgroup.working_set <= 0.9 * limit[0], r
