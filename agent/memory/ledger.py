@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import psutil
 
 from .budget import discover_budget
-from .cost import DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, dev_index
+from .cost import DEFAULT_IMPORTS, DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, dev_index
 from .measure import FirstLoad, ImportAttribution, Measurement, Snapshot, Split, gpu_delta
 from .planner import Candidate, plan_eviction
 from .reality import CgroupMemory, ProcessTracker, RealityCheck
@@ -46,6 +46,7 @@ class MemoryManager:
         self._lock = threading.RLock()
         self._reserved: dict[str, Cost] = {}
         self._unloading: set[str] = set()
+        self._admitted: set[str] = set()  # admitted, their load not finished (see ``settled``)
         self._windows: dict[int, Measurement] = {}
         self._warm: dict[int, set[str]] = {}  # server pid -> runtimes it has loaded once
         self._overhead: dict[str, Cost] = {}  # "runtime:<name>" -> server-level bytes (imports, CUDA context)
@@ -119,6 +120,12 @@ class MemoryManager:
             used = self.used()
             return {d: self._budget[d] - used.get(d, 0) for d in self._budget}
 
+    def settled(self) -> bool:
+        """No load admitted and unfinished, no load window open, no unload in flight: what the
+        ledger counts is what the server should hold (see ``RealityReport.settled``)."""
+        with self._lock:
+            return not self._windows and not self._unloading and not self._admitted
+
     def reservations(self) -> dict[str, Cost]:
         with self._lock:
             return dict(self._reserved)
@@ -191,7 +198,8 @@ class MemoryManager:
             devices = {d: {"budget": b, "used": used.get(d, 0), "held": held.get(d, 0), "overhead": over.get(d, 0)}
                        for d, b in self._budget.items()}
             runtimes = {k.split(":", 1)[1]: {"host": c.host, "gpu": dict(c.gpu),
-                                             "provisional": k.split(":", 1)[1] in self._attr.pending}
+                                             "method": c.method,
+                                             "provisional": k.split(":", 1)[1] in self._attr.pending or c.method == "estimated"}
                         for k, c in self._overhead.items()}
             corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
             models = {n: {**c.doc(), "unloading": n in self._unloading} for n, c in sorted(self._reserved.items())}
@@ -324,6 +332,7 @@ class MemoryManager:
         """Forget ``name``'s reservation (after its unload finished, or its load failed)."""
         with self._lock:
             self._unloading.discard(name)
+            self._admitted.discard(name)
             cost = self._reserved.pop(name, None)
             if cost is not None:
                 self._touch_windows(name, "release")
@@ -375,6 +384,7 @@ class MemoryManager:
             for v in victims:
                 self.begin_unload(v)
             self.reserve(name, cost)
+            self._admitted.add(name)
             return victims
 
     def _free_for(self, name: str | None) -> dict[str, int]:
@@ -460,6 +470,7 @@ class MemoryManager:
                 if runtime is not None and runtime not in warm:
                     m.first_of_runtime = True
                     warm.add(runtime)
+                    self._expect_import(runtime)
             if m.contaminated and not m.first_of_runtime:
                 return m  # its delta will not be recorded: no snapshot
         snap = self._snapshot(refresh=False)
@@ -470,6 +481,20 @@ class MemoryManager:
                     and snap.pid not in self._baselines:
                 self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
             return m
+
+    def _expect_import(self, runtime: str) -> None:
+        """The server starts importing ``runtime`` now (its first load in this process): charge
+        the import from now on, as known from an earlier process, else as ``DEFAULT_IMPORTS``
+        says, so the ledger does not read ~80 MiB low while the import runs. The load's
+        measurement replaces the figure when it ends."""
+        key = f"runtime:{runtime}"
+        if key in self._overhead:
+            return
+        known = self._attr.known.get(runtime)
+        if known is not None:
+            self._overhead[key] = Cost(known[0], dict(known[1]), "measured")
+        elif DEFAULT_IMPORTS.get(self.profile, {}).get(runtime):
+            self._overhead[key] = Cost(DEFAULT_IMPORTS[self.profile][runtime], {}, "estimated")
 
     def _new_server_process(self, pid: int) -> None:
         self._overhead = self._expected_imports()
@@ -492,6 +517,7 @@ class MemoryManager:
 
     def _close(self, m: Measurement) -> None:
         self._windows.pop(id(m), None)
+        self._admitted.discard(m.name)
         self._window_closed.notify_all()
 
     def abort_measure(self, m: Measurement) -> None:

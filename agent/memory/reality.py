@@ -19,7 +19,9 @@ figures and says how far off the ledger is and how many bytes must go:
   ``pressure`` (default 90%) of its limit: the kernel OOM-kills at 100%. The figure is the
   largest of the three gaps (reality over budget, ledger over budget, working set over
   ``pressure`` x limit), so evicting models whose reservations sum to it brings it back.
-* drift = ledger ``used()`` - reality, per device; logged when it exceeds the tolerance.
+* drift = ledger ``used()`` - reality, per device; logged when it exceeds the tolerance while the
+  ledger is ``settled`` (no load or unload in flight: mid-load the model is reserved before the
+  server holds it, mid-unload it is still held but promised to its successor).
 * OOM kills: the cgroup's ``oom_kill`` counter (v2 ``memory.events``, v1 ``memory.oom_control``);
   a rise is logged, counted and kept as the status reason.
 
@@ -244,6 +246,10 @@ class RealityReport:
     cgroup: CgroupReading | None = None
     oom_kills: int = 0
     last_oom_kill_at: float | None = None
+    # no load and no unload in flight: the ledger's figures are what the server should hold
+    # (during a load the model is reserved before the server holds it; during an unload it is
+    # still held but its bytes are promised to its successor), so drift is judged only here
+    settled: bool = True
 
     def doc(self) -> dict[str, Any]:
         cg = self.cgroup
@@ -254,7 +260,7 @@ class RealityReport:
                         for d, b in self.budget.items()},
             "cgroup": None if cg is None else {"current": cg.current, "working_set": cg.working_set, "limit": cg.limit,
                                                "oom_kills": cg.oom_kills, "high_events": cg.high_events},
-            "oom_kills": self.oom_kills, "last_oom_kill_at": self.last_oom_kill_at,
+            "oom_kills": self.oom_kills, "last_oom_kill_at": self.last_oom_kill_at, "settled": self.settled,
             "reason": (f"{self.oom_kills} process(es) of this container OOM-killed by the kernel (last at "
                        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.last_oom_kill_at or 0))})"
                        if self.oom_kills else None),
@@ -306,6 +312,7 @@ class RealityCheck:
     def check(self) -> RealityReport:
         with self._lock:
             budget = self.ledger.budget()
+            settled = self.ledger.settled()
             ledger = self.ledger.used()
             root = self.tracker.root()
             rss = self.tracker.rss()
@@ -335,7 +342,8 @@ class RealityCheck:
                     excess[d], reasons[d] = int(gap), why
             drift = {d: ledger.get(d, 0) - r for d, r in real.items()}
             report = RealityReport(self._clock(), real, ledger, drift, budget, excess, reasons, self.source, rss,
-                                   baseline, cg, self.oom_kills, self.last_oom_kill_at)
+                                   baseline, cg, self.oom_kills, self.last_oom_kill_at,
+                                   settled=settled and self.ledger.settled())
             self._last = report
         self._log(report)
         return report
@@ -407,7 +415,7 @@ class RealityCheck:
                 "signal": sig, "oom_kills": grew}
 
     def _log(self, r: RealityReport) -> None:
-        for d, dr in r.drift.items():
+        for d, dr in (r.drift.items() if r.settled else ()):  # mid-load drift is expected, not news
             off = abs(dr) > self.tolerance * max(1, r.budget.get(d, 0))
             if off != self._drift_logged.get(d, False):
                 self._drift_logged[d] = off

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from agent.memory import HOST, InMemoryStore, MemoryManager
+from agent.memory import HOST, Cost, InMemoryStore, MemoryManager
 from tests.reconciler.conftest import Harness, http, run  # noqa: F401  (fixture)
 
 from .conftest import GiB, MiB
@@ -120,3 +120,24 @@ def test_the_reconciler_announces_remembered_loads(tmp_path, http, tree):  # noq
             assert h.memory.reservations()["new"].host < 20 * MiB
 
     run(body(), timeout=60)
+
+
+def test_the_import_is_charged_while_the_first_load_runs(tree):
+    """The first load of a runtime in a server process imports it (~80 MiB for sklearn in
+    MLServer): the ledger charges the server the expected import from the moment that load
+    starts (DEFAULT_IMPORTS; the known size after a restart), not only once it is measured, so
+    ledger and reality do not drift apart by the whole import while it runs. The measurement
+    then replaces the estimate. Real growth: the tree's child allocates."""
+    from agent.memory.cost import DEFAULT_IMPORTS
+
+    expected = DEFAULT_IMPORTS["mlserver"]["sklearn"]
+    mm = MemoryManager({HOST: 4 * GiB}, store=InMemoryStore(), server_pid=tree.pid, profile="mlserver")
+    mm.reserve("first", mm.cost_for(key="k1", runtime="sklearn", entry_bytes=MiB, declared_host=2 * MiB))
+    w = mm.start_measure("first", runtime="sklearn")
+    assert mm.overhead()["runtime:sklearn"] == Cost(expected, {}, "estimated")
+    assert mm.used()[HOST] == expected + 2 * MiB  # during the import, before any measurement
+    assert mm.ledger_doc()["runtime_imports"]["sklearn"]["provisional"] is True
+    tree.send(f"alloc {GROWTH}")  # the import and the model: 100 MiB
+    mm.finish_measure(w, key="k1")
+    charged = mm.overhead()["runtime:sklearn"]
+    assert charged.method == "measured" and GROWTH - 4 * MiB <= charged.host <= GROWTH + 8 * MiB, charged
