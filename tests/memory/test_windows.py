@@ -141,3 +141,20 @@ def test_the_import_is_charged_while_the_first_load_runs(tree):
     mm.finish_measure(w, key="k1")
     charged = mm.overhead()["runtime:sklearn"]
     assert charged.method == "measured" and GROWTH - 4 * MiB <= charged.host <= GROWTH + 8 * MiB, charged
+
+
+def test_reality_is_settled_only_when_no_load_or_unload_is_in_flight(tree):
+    """Drift is judged (and logged) only when settled: between admission and the end of the load
+    the model is reserved before the server holds it; during an unload it is still held."""
+    mm = MemoryManager({HOST: 4 * GiB}, store=InMemoryStore(), server_pid=tree.pid)
+    assert mm.reality.check().settled
+    mm.admit("a", Cost(10 * MiB), [])
+    assert not mm.reality.check().doc()["settled"]  # admitted, its load not started yet
+    w = mm.start_measure("a")
+    assert not mm.settled()
+    mm.finish_measure(w, key="ka")
+    assert mm.reality.check().settled
+    mm.begin_unload("a")
+    assert not mm.settled()
+    mm.release("a")
+    assert mm.reality.check().settled
