@@ -599,7 +599,10 @@ class Reconciler:
                 # every load opens a window (a remembered one takes no snapshot) so that it
                 # never lands in another model's measurement (agent/memory/ledger.py)
                 measure = not replacing and self.memory.needs_measure(copy.entry.key, copy.spec.runtime)
-                window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime, measure=measure)
+                if measure or self.memory.measuring():  # it may wait for an open window: in a thread
+                    window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime, measure=measure)
+                else:  # nothing to wait for: bookkeeping only, on the loop
+                    window = self.memory.start_measure(m.name, copy.spec.runtime, measure=False)
                 self._loading[m.name] = started
                 try:
                     await asyncio.wait_for(self.adapter.load(served), timeout=self.settings.load_timeout_s)
@@ -607,7 +610,10 @@ class Reconciler:
                     self._loading.pop(m.name, None)
                 if window is not None:
                     measured, window = window, None
-                    await asyncio.to_thread(self.memory.finish_measure, measured, key=copy.entry.key)
+                    if measured.measured:  # a snapshot (/proc reads) and a store write
+                        await asyncio.to_thread(self.memory.finish_measure, measured, key=copy.entry.key)
+                    else:
+                        self.memory.finish_measure(measured, key=copy.entry.key)
         except Exception as e:  # adapter errors, timeouts, OSError (disk full), bugs: all end here
             error = e
         except BaseException as e:  # cancelled: leave it consistent, then stop

@@ -120,6 +120,11 @@ class MemoryManager:
             used = self.used()
             return {d: self._budget[d] - used.get(d, 0) for d in self._budget}
 
+    def measuring(self) -> bool:
+        """A measured load window is open (a new load would wait for it: call from a thread)."""
+        with self._lock:
+            return any(w.measured for w in self._windows.values())
+
     def settled(self) -> bool:
         """No load admitted and unfinished, no load window open, no unload in flight: what the
         ledger counts is what the server should hold (see ``RealityReport.settled``)."""
