@@ -52,8 +52,10 @@ container without the host PID namespace). Honest about noise:
     the same runtime tells what a model costs (the first entry reloaded and measured alone, or
     the median bytes per entry byte of later loads); then the import is charged as itself
     (``overhead()``, counted in ``used()``, never freed by eviction) and the first model gets its
-    own share, recorded for its entry. The import's size outlives a server restart: the next
-    process's first load is split at once.
+    own share, recorded for its entry. The import's size outlives a server restart: it stays
+    charged from the restart on (the reloads are admitted counting it) and the next process's
+    first load is split at once. While a first load runs, its import is charged as expected (the
+    known size, else ``cost.DEFAULT_IMPORTS``) until the load's measurement replaces it.
   * A measurement above a model's declaration replaces it in the reservation and is said so:
     ``Cost.under_declared``, ``model_doc(name)`` (declared and measured side by side), a warning.
 
