@@ -468,6 +468,9 @@ class MemoryManager:
                 return m
         pid = self._pid()
         with self._lock:
+            # the bare server (nothing reserved but this model, no import charged): its RSS now
+            # is the baseline reality is measured over
+            bare = not [n for n in self._reserved if n != name] and (not self._overhead or self._overhead_pid != pid)
             if pid is not None:
                 if self._overhead_pid != pid:  # a new server process: old imports are gone
                     self._new_server_process(pid)
@@ -481,9 +484,7 @@ class MemoryManager:
         snap = self._snapshot(refresh=False)
         with self._lock:
             m.before = snap
-            others = [n for n in self._reserved if n != name]
-            if snap.pid is not None and snap.host is not None and not others and not self._overhead \
-                    and snap.pid not in self._baselines:
+            if snap.pid is not None and snap.host is not None and bare and snap.pid not in self._baselines:
                 self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
             return m
 
