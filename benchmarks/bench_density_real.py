@@ -225,8 +225,10 @@ with embedded_mlserver(Path(os.environ["SLACK_WORKDIR"])) as srv:
                       "slack": rss - base - imp - payload, "loaded": len(loaded), "loads": steps + 1}))
 """
 
-SLACK_VARIANTS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=131072": {"MALLOC_MMAP_THRESHOLD_": "131072"},
-                  "MALLOC_ARENA_MAX=2": {"MALLOC_ARENA_MAX": "2"}}
+# the embedded server runs with MALLOC_MMAP_THRESHOLD_=131072 (agent/runtimes/common.py); "" removes it
+SLACK_VARIANTS = {"glibc default (dynamic mmap threshold)": {"MALLOC_MMAP_THRESHOLD_": ""},
+                  "MALLOC_ARENA_MAX=2": {"MALLOC_MMAP_THRESHOLD_": "", "MALLOC_ARENA_MAX": "2"},
+                  "MALLOC_MMAP_THRESHOLD_=131072 (the agent's default)": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
 def allocator_slack(work: Path, models: list[dict[str, Any]], budget_mib: int) -> dict[str, Any]:
