@@ -146,7 +146,7 @@ class HTTPServerAdapter(RuntimeAdapter):
             base_env["PYTHONPYCACHEPREFIX"] = str(Path(workdir).resolve() / "pycache")
             # memory an unload frees goes back to the OS: with glibc's default (a dynamic mmap
             # threshold that rises up to 32 MiB after a large block is freed) model arrays land
-            # on the heap and stay in the server's RSS after their model is unloaded (83 MiB of
+            # on the heap and stay in the server's RSS after their model is unloaded (80 MiB of
             # 258 MiB measured, benchmarks/results/density_real.md); a fixed threshold (its
             # initial 128 KiB) keeps large blocks mmapped and returned at free. A user's own
             # setting is kept; set to "" it is removed (glibc's dynamic default).
