@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server-pid-file", type=Path, default=None, help="sidecar mode: file holding the server's pid (needs a shared PID namespace), so its real memory (RSS, NVML per process) is measured")
     run.add_argument("--memory-tolerance", type=float, default=0.05, help="fraction by which real memory may exceed the budget before the agent evicts (default 0.05)")
     run.add_argument("--memory-pressure", type=float, default=0.90, help="fraction of the container's cgroup limit above which the agent evicts (default 0.90)")
+    run.add_argument("--memory-cgroup", type=Path, default=None, help="cgroup directory whose memory.current/max/events/stat the agent reads (default: its own cgroup; e.g. the pod's, for a sidecar server)")
     run.add_argument("--host-memory", default=None, help="host memory budget: bytes, 8Gi, or 80%% of the cgroup limit/RAM")
     run.add_argument("--gpu-memory", default=None, help="GPU memory budget per device: bytes, 20Gi, or 90%%")
     run.add_argument("--memory-multiplier", action="append", default=[], metavar="RUNTIME=X", help="estimated cost = cache entry size x X for RUNTIME (repeatable)")
@@ -289,6 +290,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.grpc_host, s.server_grpc_target = args.grpc_host, args.server_grpc_target
         s.server_pid_file = args.server_pid_file
         s.memory_tolerance, s.memory_pressure = args.memory_tolerance, args.memory_pressure
+        s.memory_cgroup = args.memory_cgroup
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
         s.drain_timeout_s = args.drain_timeout

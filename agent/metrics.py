@@ -34,7 +34,8 @@ class Metrics:
         self.memory_budget = Gauge("modelshelf_memory_budget_bytes", "Model memory budget per device", ["device"], registry=r)
         self.config_errors = Counter("modelshelf_config_errors_total", "Rejected config files and entries", ["kind"], registry=r)
         self.config_applied = Gauge("modelshelf_config_applied_timestamp_seconds", "When the last good config was applied", registry=r)
-        self.server_restarts = Counter("modelshelf_server_restarts_total", "Co-located server restarts seen", registry=r)
+        self.server_restarts = Counter("modelshelf_server_restarts_total", "Co-located server restarts seen, by reason "
+                                       "(oom_killed, killed, signal, exited, unknown)", ["reason"], registry=r)
         self.memory_held = Gauge("modelshelf_memory_held_bytes", "Model memory the server still holds by the ledger (used + unloading)", ["device"], registry=r)
         self.memory_real = Gauge("modelshelf_memory_real_bytes", "Real memory of the server's models per device (RSS or cgroup over baseline; NVML)", ["device"], registry=r)
         self.memory_drift = Gauge("modelshelf_memory_drift_bytes", "Ledger minus real memory per device", ["device"], registry=r)

@@ -291,6 +291,7 @@ class Reconciler:
         # readiness: model -> when it was marked; its next step (begun after the mark) must finish
         # before the agent is ready (the first config, a server restart); see `restocking`
         self._restocking: dict[str, float] = {}
+        self.last_restart: dict[str, Any] | None = None  # why the server last restarted (/status)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -695,8 +696,15 @@ class Reconciler:
         try:
             async with self._load_slot(lazy, phases):
                 mark = time.monotonic()
-                if measure:
-                    window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime)
+                # every load opens a window (a remembered one takes no snapshot) so that it never
+                # lands in another model's measurement (agent/memory/ledger.py). A measured one, or
+                # a preload while others are measured, may wait for open windows: in a thread. A
+                # request's load never waits: opened on the loop, an overlap only marks the
+                # measured windows contaminated (they are measured again on a later load)
+                if measure or (not lazy and self.memory.measuring()):
+                    window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime, measure=measure)
+                else:
+                    window = self.memory.start_measure(m.name, copy.spec.runtime, measure=False)
                 self._loading[m.name] = started
                 server_mark = time.monotonic()
                 try:
@@ -706,7 +714,10 @@ class Reconciler:
                 loaded_mark = time.monotonic()
                 if window is not None:
                     measured, window = window, None
-                    await asyncio.to_thread(self.memory.finish_measure, measured, key=copy.entry.key)
+                    if measured.measured:  # a snapshot (/proc reads) and a store write
+                        await asyncio.to_thread(self.memory.finish_measure, measured, key=copy.entry.key)
+                    else:
+                        self.memory.finish_measure(measured, key=copy.entry.key)
                 if phases is not None:  # the adapter says how long the server's own call took
                     phases.server = server_s if server_s is not None else loaded_mark - server_mark
                     phases.measure = (server_mark - mark) + (time.monotonic() - loaded_mark)
@@ -993,8 +1004,9 @@ class Reconciler:
     # ------------------------------------------------------------------ the server's real state
     async def server_restarted(self) -> None:
         """The server came back empty. Blame the loads in flight when it died (twice in a row:
-        quarantine), then mark every served model lost; each model's own task reloads it."""
-        self.metrics.server_restarts.inc()
+        quarantine), then mark every served model lost; each model's own task reloads it. The
+        reason ("oom_killed" when the cgroup's OOM-kill counter grew, see agent/memory/reality.py)
+        is counted by reason and shown in /status (after the reloads are scheduled)."""
         self.memory.reset_server()
         now = time.monotonic()
         cut = self._down_since or now
@@ -1016,6 +1028,14 @@ class Reconciler:
             m.lost_since = now
             self._schedule(m)
         self._restock(m.name for m in lost)
+        exit_ = getattr(getattr(self.adapter, "process", None), "last_exit", None)
+        try:
+            why = await asyncio.to_thread(self.memory.restart_reason, exit_)
+        except Exception as e:  # reading the cgroup must not hold up anything
+            why = {"reason": "unknown", "detail": f"{type(e).__name__}: {e}", "at": time.time()}
+        self.last_restart = why
+        self.metrics.server_restarts.labels(reason=why["reason"]).inc()
+        log.warning("server restart reason", extra=kv(reason=why["reason"], detail=why["detail"]))
 
     async def resync_server(self, names: set[str] | None = None, *, restock: bool = False) -> None:
         """Compare what the agent holds loaded with the server's index (a sidecar restart we
@@ -1214,5 +1234,6 @@ class Reconciler:
             "memory": {d: {"used": used.get(d, 0), "held": held.get(d, 0), "budget": b}
                        for d, b in self.memory.budget().items()},
             "counts": {s.value: sum(1 for m in self.models.values() if m.state is s) for s in State},
+            "server_restart": self.last_restart,
         }
 

@@ -70,6 +70,7 @@ class Settings:
     server_pid_file: Path | None = None  # sidecar: a file holding the server's pid (shared PID namespace) for memory
     memory_tolerance: float = 0.05  # reality may exceed the budget by this fraction before it is excess
     memory_pressure: float = 0.90  # cgroup working set above this fraction of its limit is excess
+    memory_cgroup: Path | None = None  # the cgroup dir whose memory.* files are read (default: the agent's own)
     reality_interval_s: float = 2.0  # how often real memory is checked against the budget (and after each load)
 
     def pull_options(self, spec: "ModelSpec") -> "PullOptions":

@@ -38,7 +38,6 @@ import argparse
 import bisect
 import gc
 import json
-import os
 import random
 import statistics
 import sys

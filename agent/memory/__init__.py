@@ -36,11 +36,15 @@ container without the host PID namespace). Honest about noise:
     measurement is never below ``floor_fraction`` x the estimate nor ``min_model_bytes``, and a new
     measurement below ``reuse_ratio`` x the previous one for the same entry is treated as reuse
     and does not lower the record.
-  * Windows are serialized: a first-time load started while another window is open waits for it
-    (from a worker thread, never on the event loop; at most until that window is
-    ``measure_wait_s`` = 1 s old, so nothing waits long behind a slow or hanging load) so quick
-    start-up preloads are each measured. A window that still overlapped another load, or an unload (``begin_unload``
-    ... ``release``), is not recorded: its delta belongs to more than one model.
+  * Every load opens a window, measured or not: a load whose cost is remembered (or an update
+    in place) takes no snapshot (``start_measure(..., measure=False)``) but still grows the
+    server, so it is announced. Windows are serialized: a measured window waits for every open
+    one, an unmeasured load for the measured ones (from a worker thread, never on the event
+    loop; at most until the oldest is ``measure_wait_s`` = 1 s old, so nothing waits long behind
+    a slow or hanging load), so quick start-up preloads are each measured. A measured window
+    that still overlapped another load (measured or not), or an unload (``begin_unload`` ...
+    ``release``), is not recorded: its delta belongs to more than one model. Snapshots are taken
+    only for windows that can be kept, over the tracked pids (``reality.ProcessTracker``).
   * The first load of each runtime in a server process also pays for importing its libraries
     (measured: ~80 MB for the first sklearn model in MLServer, then 4-300 KB per model) and, on a
     GPU, the CUDA context. That growth is split (``measure.ImportAttribution``): the model keeps
@@ -48,8 +52,10 @@ container without the host PID namespace). Honest about noise:
     the same runtime tells what a model costs (the first entry reloaded and measured alone, or
     the median bytes per entry byte of later loads); then the import is charged as itself
     (``overhead()``, counted in ``used()``, never freed by eviction) and the first model gets its
-    own share, recorded for its entry. The import's size outlives a server restart: the next
-    process's first load is split at once.
+    own share, recorded for its entry. The import's size outlives a server restart: it stays
+    charged from the restart on (the reloads are admitted counting it) and the next process's
+    first load is split at once. While a first load runs, its import is charged as expected (the
+    known size, else ``cost.DEFAULT_IMPORTS``) until the load's measurement replaces it.
   * A measurement above a model's declaration replaces it in the reservation and is said so:
     ``Cost.under_declared``, ``model_doc(name)`` (declared and measured side by side), a warning.
 

@@ -30,6 +30,16 @@ DEFAULT_MULTIPLIERS: dict[str, float] = {
     "torchscript": 1.2,
 }
 
+# What a server process grows by when it imports a runtime for its first model, per server kind
+# (the ledger's ``profile``) and runtime, charged to the server from the moment that first load
+# starts until the load measures the real figure. Measured, not guessed: MLServer 1.7.1 with
+# mlserver-sklearn 1.7.1 and scikit-learn 1.9 grew by 80-85 MiB on the first sklearn model
+# (benchmarks/results/density_real.md, tests/memory/test_attribution.py). Runtimes not listed
+# are learnt from their first load only.
+DEFAULT_IMPORTS: dict[str, dict[str, int]] = {
+    "mlserver": {"sklearn": 80 * 2**20},
+}
+
 
 @dataclass(frozen=True)
 class Cost:

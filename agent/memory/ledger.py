@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import psutil
 
 from .budget import discover_budget
-from .cost import DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, dev_index
+from .cost import DEFAULT_IMPORTS, DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, dev_index
 from .measure import FirstLoad, ImportAttribution, Measurement, Snapshot, Split, gpu_delta
 from .planner import Candidate, plan_eviction
 from .reality import CgroupMemory, ProcessTracker, RealityCheck
-from .probes import GpuProbe, GpuUsage, open_gpu_probe, process_tree, tree_rss
+from .probes import GpuProbe, GpuUsage, open_gpu_probe, tree_rss
 from .store import InMemoryStore, MetaStore
 
 log = logging.getLogger("modelshelf.memory")
@@ -46,6 +45,7 @@ class MemoryManager:
         self._lock = threading.RLock()
         self._reserved: dict[str, Cost] = {}
         self._unloading: set[str] = set()
+        self._admitted: set[str] = set()  # admitted, their load not finished (see ``settled``)
         self._windows: dict[int, Measurement] = {}
         self._warm: dict[int, set[str]] = {}  # server pid -> runtimes it has loaded once
         self._overhead: dict[str, Cost] = {}  # "runtime:<name>" -> server-level bytes (imports, CUDA context)
@@ -66,13 +66,17 @@ class MemoryManager:
         multipliers from ``settings.memory_multipliers``, residency from ``min_residency_s``,
         ``profile`` from ``settings.server``. ``gpu_probe="nvml"`` opens NVML (or logs once that
         GPU budgeting is off); pass a probe or None to choose."""
+        cgroup_dir = getattr(settings, "memory_cgroup", None)
+        if cgroup_dir is not None:
+            CgroupMemory.at(cgroup_dir)  # a wrong --memory-cgroup is said at start, not at the first check
         probe = open_gpu_probe() if gpu_probe == "nvml" else gpu_probe
         budget = discover_budget(settings.host_memory, settings.gpu_memory, gpu_probe=probe, host_overhead=host_overhead)
         pid_file = getattr(settings, "server_pid_file", None)
         if pid_file is not None:  # a sidecar: the adapter has no process, the file names it
             server_pid = _pid_from_file(Path(pid_file), server_pid)
         kwargs.setdefault("reality_options", {"tolerance": getattr(settings, "memory_tolerance", 0.05),
-                                              "pressure": getattr(settings, "memory_pressure", 0.90)})
+                                              "pressure": getattr(settings, "memory_pressure", 0.90),
+                                              "cgroup_dir": cgroup_dir})
         kwargs.setdefault("min_residency_s", settings.min_residency_s)
         kwargs.setdefault("profile", getattr(settings, "server", "default"))
         return cls(budget, store=store, multipliers=settings.memory_multipliers, gpu_probe=probe,
@@ -115,6 +119,17 @@ class MemoryManager:
             used = self.used()
             return {d: self._budget[d] - used.get(d, 0) for d in self._budget}
 
+    def measuring(self) -> bool:
+        """A measured load window is open (a new load would wait for it: call from a thread)."""
+        with self._lock:
+            return any(w.measured for w in self._windows.values())
+
+    def settled(self) -> bool:
+        """No load admitted and unfinished, no load window open, no unload in flight: what the
+        ledger counts is what the server should hold (see ``RealityReport.settled``)."""
+        with self._lock:
+            return not self._windows and not self._unloading and not self._admitted
+
     def reservations(self) -> dict[str, Cost]:
         with self._lock:
             return dict(self._reserved)
@@ -128,14 +143,31 @@ class MemoryManager:
             return dict(self._overhead)
 
     def reset_server(self) -> None:
-        """The server restarted: forget what its process had imported (the import's size, once
-        split from a first load, is kept: the next process pays the same)."""
+        """The server restarted: forget what its process had imported, except the imports whose
+        size is known (split from a first load): the models that served are reloaded into the
+        new process, which pays the same imports, so those stay charged from now on. Else the
+        loads admitted before the first reload is measured would count the import as free, and
+        a restart after an OOM kill would load more than fits."""
         with self._lock:
-            self._overhead.clear()
+            self._overhead = self._expected_imports()
             self._warm = {}
             self._overhead_pid = None
             self._attr.server_restarted()
         self._note_baseline()  # called when the new process is up and before anything reloads
+
+    def _expected_imports(self) -> dict[str, Cost]:
+        """The runtime imports charged now whose size is known (see ``reset_server``)."""
+        out = {}
+        for k in self._overhead:
+            known = self._attr.known.get(k.split(":", 1)[1])
+            if known is not None:
+                out[k] = Cost(known[0], dict(known[1]), "measured")
+        return out
+
+    def restart_reason(self, exit: dict | None) -> dict[str, Any]:
+        """Why the server restarted ("oom_killed" when the cgroup's OOM-kill counter grew; see
+        ``RealityCheck.restart_reason``). Reads the cgroup: call from a worker thread."""
+        return self.reality.restart_reason(exit)
 
     def _note_baseline(self) -> None:
         """Remember the server's tree RSS now as its bare baseline (nothing loaded yet)."""
@@ -170,7 +202,8 @@ class MemoryManager:
             devices = {d: {"budget": b, "used": used.get(d, 0), "held": held.get(d, 0), "overhead": over.get(d, 0)}
                        for d, b in self._budget.items()}
             runtimes = {k.split(":", 1)[1]: {"host": c.host, "gpu": dict(c.gpu),
-                                             "provisional": k.split(":", 1)[1] in self._attr.pending}
+                                             "method": c.method,
+                                             "provisional": k.split(":", 1)[1] in self._attr.pending or c.method == "estimated"}
                         for k, c in self._overhead.items()}
             corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
             models = {n: {**c.doc(), "unloading": n in self._unloading} for n, c in sorted(self._reserved.items())}
@@ -187,8 +220,10 @@ class MemoryManager:
         manager's GPU probe, the container's cgroup when there is one)."""
         with self._lock:
             if self._reality is None:
+                options = dict(self.reality_options)
+                where = options.pop("cgroup_dir", None)
                 self._reality = RealityCheck(self, tracker=ProcessTracker(self._server_pid), gpu_probe=self._gpu,
-                                             cgroup=CgroupMemory.discover(), **self.reality_options)
+                                             cgroup=CgroupMemory.at(where) if where else CgroupMemory.discover(), **options)
             return self._reality
 
     def server_rss(self) -> int | None:
@@ -301,6 +336,7 @@ class MemoryManager:
         """Forget ``name``'s reservation (after its unload finished, or its load failed)."""
         with self._lock:
             self._unloading.discard(name)
+            self._admitted.discard(name)
             cost = self._reserved.pop(name, None)
             if cost is not None:
                 self._touch_windows(name, "release")
@@ -352,6 +388,7 @@ class MemoryManager:
             for v in victims:
                 self.begin_unload(v)
             self.reserve(name, cost)
+            self._admitted.add(name)
             return victims
 
     def _free_for(self, name: str | None) -> dict[str, int]:
@@ -393,58 +430,99 @@ class MemoryManager:
             warm = pid is not None and self._overhead_pid == pid and runtime in self._warm.get(pid, set())
         return not warm or self._load_record(key) is None
 
-    def start_measure(self, name: str, runtime: str | None = None) -> Measurement:
-        """Snapshot the server's process tree before ``name`` loads. Call after its victims are
-        unloaded and released, right before the load. ``runtime``: lets the first load of each
-        runtime in a server process be told apart (see ``overhead``).
+    def start_measure(self, name: str, runtime: str | None = None, *, measure: bool = True) -> Measurement:
+        """Open ``name``'s load window right before the server's load call (after its victims
+        are unloaded and released); ``finish_measure`` (or ``abort_measure``) closes it. EVERY
+        load opens one: ``measure=False`` for a load whose cost is remembered (or an update in
+        place), which takes no snapshot but still grows the server, so it must not land in
+        another model's measurement. ``runtime``: lets the first load of each runtime in a
+        server process be told apart (see ``overhead``).
 
-        Windows are serialized: called from a worker thread (``asyncio.to_thread``), it waits
-        for the open window to close, but never past ``measure_wait_s`` (1 s) after that window
+        Windows are serialized: called from a worker thread (``asyncio.to_thread``), a measured
+        window waits for every open window to close, and an unmeasured load waits for the open
+        measured windows, but never past ``measure_wait_s`` (1 s) after the oldest of them
         opened, so loads started together (the preloads at start-up) are measured one after
         another when they are quick, and a load never waits long behind one that is slow or
-        hangs (their windows then overlap and are not recorded; the entry is measured on its
-        next load). Called on an event loop's thread it never blocks."""
+        hangs (their windows then overlap: the measured ones are marked contaminated and not
+        recorded; the entry is measured on its next load). Called on an event loop's thread it
+        never blocks.
+
+        Snapshots are taken only when they can be kept: never for ``measure=False``, nor for a
+        window already contaminated when it opens (unless it is the runtime's first load,
+        whose import must be charged anyway); they read the TRACKED server pids
+        (``ProcessTracker``: ``/proc/<pid>/statm``), never a scan of every process."""
         with self._lock:
             if self._windows and self.measure_wait_s > 0 and not _on_event_loop():
-                # bounded by the open window's age: a load never waits behind one that hangs
-                oldest = min(w.started for w in self._windows.values())
-                self._window_closed.wait_for(lambda: not self._windows,
-                                             timeout=max(0.0, oldest + self.measure_wait_s - self._clock()))
-            m = Measurement(name, Snapshot(None, None, {}), self._clock(), runtime=runtime)
+                def blocking() -> list[Measurement]:
+                    return [w for w in self._windows.values() if measure or w.measured]
+
+                if blocking():  # bounded by the open windows' age: never wait behind a hung load
+                    oldest = min(w.started for w in blocking())
+                    self._window_closed.wait_for(lambda: not blocking(),
+                                                 timeout=max(0.0, oldest + self.measure_wait_s - self._clock()))
+            m = Measurement(name, Snapshot(None, None, {}), self._clock(), runtime=runtime, measured=measure)
             self._mark_overlaps(m)
             self._windows[id(m)] = m  # registered before the snapshot: the next window waits for it
-        snap = self._snapshot()
+            if not measure:
+                return m
+        pid = self._pid()
         with self._lock:
-            m.before = snap
-            others = [n for n in self._reserved if n != name]
-            if snap.pid is not None and snap.host is not None and not others and not self._overhead \
-                    and snap.pid not in self._baselines:
-                self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
-            if snap.pid is not None:
-                if self._overhead_pid != snap.pid:  # a new server process: old imports are gone
-                    self._overhead.clear()
-                    self._warm = {}
-                    self._attr.server_restarted()
-                    self._overhead_pid = snap.pid
-                warm = self._warm.setdefault(snap.pid, set())
+            # the bare server (nothing reserved but this model, no import charged): its RSS now
+            # is the baseline reality is measured over
+            bare = not [n for n in self._reserved if n != name] and (not self._overhead or self._overhead_pid != pid)
+            if pid is not None:
+                if self._overhead_pid != pid:  # a new server process: old imports are gone
+                    self._new_server_process(pid)
+                warm = self._warm.setdefault(pid, set())
                 if runtime is not None and runtime not in warm:
                     m.first_of_runtime = True
                     warm.add(runtime)
+                    self._expect_import(runtime)
+            if m.contaminated and not m.first_of_runtime:
+                return m  # its delta will not be recorded: no snapshot
+        snap = self._snapshot(refresh=False)
+        with self._lock:
+            m.before = snap
+            if snap.pid is not None and snap.host is not None and bare and snap.pid not in self._baselines:
+                self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
             return m
 
+    def _expect_import(self, runtime: str) -> None:
+        """The server starts importing ``runtime`` now (its first load in this process): charge
+        the import from now on, as known from an earlier process, else as ``DEFAULT_IMPORTS``
+        says, so the ledger does not read ~80 MiB low while the import runs. The load's
+        measurement replaces the figure when it ends."""
+        key = f"runtime:{runtime}"
+        if key in self._overhead:
+            return
+        known = self._attr.known.get(runtime)
+        if known is not None:
+            self._overhead[key] = Cost(known[0], dict(known[1]), "measured")
+        elif DEFAULT_IMPORTS.get(self.profile, {}).get(runtime):
+            self._overhead[key] = Cost(DEFAULT_IMPORTS[self.profile][runtime], {}, "estimated")
+
+    def _new_server_process(self, pid: int) -> None:
+        self._overhead = self._expected_imports()
+        self._warm = {}
+        self._attr.server_restarted()
+        self._overhead_pid = pid
+
     def _mark_overlaps(self, m: Measurement) -> None:
-        if self._windows:
-            m.contaminated = True
-            m.reasons.add("concurrent_load")
-            for other in self._windows.values():
-                other.contaminated = True
-                other.reasons.add("concurrent_load")
-        if self._unloading:
+        """``m`` opens while other loads are in flight: the measured windows among them all
+        (``m`` included) hold bytes of more than one model."""
+        others = list(self._windows.values())
+        if (m.measured and others) or any(o.measured for o in others):
+            for w in [m, *others]:
+                if w.measured:
+                    w.contaminated = True
+                    w.reasons.add("concurrent_load" if all(o.measured for o in [m, *others]) else "unmeasured_load")
+        if self._unloading and m.measured:
             m.contaminated = True
             m.reasons.add("unload")
 
     def _close(self, m: Measurement) -> None:
         self._windows.pop(id(m), None)
+        self._admitted.discard(m.name)
         self._window_closed.notify_all()
 
     def abort_measure(self, m: Measurement) -> None:
@@ -464,21 +542,21 @@ class MemoryManager:
         to the server and the rest measured as the model; else the model keeps its reservation,
         the rest is charged to the server provisionally, and both are corrected as soon as a
         later load of that runtime (or this model's entry reloaded) tells the model's share."""
-        after = self._snapshot()
+        keep = m.measured and m.before.host is not None and (m.first_of_runtime or not m.contaminated)
+        after = self._snapshot(refresh=True) if keep else None  # the load may have started workers
         with self._lock:
             self._close(m)
             reserved = self._reserved.get(m.name)
-            if self._reality is not None:
-                self._reality.tracker.refresh()  # the load may have started worker processes
+            if not keep and self._reality is not None:
+                self._reality.tracker.refresh()
+        if m.measured and m.contaminated and not m.first_of_runtime:
+            log.info("memory measure_skipped model=%s reason=%s", m.name, ",".join(sorted(m.reasons)))
         if reserved is None:
             return Cost(0, {}, "estimated")
-        if m.before.host is None or after.host is None or m.before.pid != after.pid:
-            return reserved  # nothing to measure, or the server restarted in between
+        if after is None or m.before.host is None or after.host is None or m.before.pid != after.pid:
+            return reserved  # not measured, nothing to measure, or the server restarted in between
         raw_host = after.host - m.before.host
         raw_gpu = gpu_delta(m.before.gpu, after.gpu)
-        if m.contaminated and not m.first_of_runtime:
-            log.info("memory measure_skipped model=%s reason=%s raw_host=%d", m.name, ",".join(sorted(m.reasons)), raw_host)
-            return reserved
         if m.first_of_runtime:
             with self._lock:
                 known = self._attr.known.get(m.runtime or "")
@@ -576,28 +654,28 @@ class MemoryManager:
         src = self._server_pid
         return src() if callable(src) else src
 
-    def _snapshot(self) -> Snapshot:
-        pid = self._pid()
+    def _snapshot(self, *, refresh: bool) -> Snapshot:
+        """The server's tree RSS (and GPU use) over the tracked pids; ``refresh``: find the
+        tree's processes again first (after a load, which may have started workers)."""
+        tracker = self.reality.tracker
+        if refresh:
+            tracker.refresh()
+        pid = tracker.root()
         if pid is None:
             return Snapshot(None, None, {})
-        procs = process_tree(pid)
-        host = 0
-        for p in procs:
-            try:
-                host += p.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+        pids = tracker.pids()
+        host = tracker.rss(pids)
         gpu: dict[str, GpuUsage] = {}
-        if self._gpu is not None and procs:
+        if self._gpu is not None and pids:
             try:
-                gpu = self._gpu.usage({p.pid for p in procs})
+                gpu = self._gpu.usage(pids)
             except Exception as e:  # a GPU probe failing mid-run must not fail a load
                 log.warning("memory gpu_probe_failed error=%r", f"{type(e).__name__}: {e}")
-        return Snapshot(pid, host if procs else None, gpu)
+        return Snapshot(pid, host, gpu)
 
     def _touch_windows(self, name: str, reason: str) -> None:
         for m in self._windows.values():
-            if m.name != name:
+            if m.name != name and m.measured:
                 m.contaminated = True
                 m.reasons.add(reason)
 

@@ -16,13 +16,15 @@ class Snapshot:
 
 @dataclass
 class Measurement:
-    """An open measurement window for one model's load (``start_measure`` ... ``finish_measure``)."""
+    """An open load window for one model (``start_measure`` ... ``finish_measure``): measured,
+    or only announced (``measured=False``) so that it spoils no other model's measurement."""
 
     name: str
     before: Snapshot
     started: float
     runtime: str | None = None
     first_of_runtime: bool = False  # the server imports the runtime's libraries during this load
+    measured: bool = True  # False: a load whose cost is remembered; no snapshot, but it grows the server
     contaminated: bool = False
     reasons: set[str] = field(default_factory=set)
 

@@ -10,15 +10,18 @@ figures and says how far off the ledger is and how many bytes must go:
   ``source="cgroup"`` (the agent and the server share a container whose cgroup covers both),
   the cgroup's working set (``memory.current`` minus inactive file pages) minus its baseline.
   Shared pages of forked workers are counted once per process: an over-estimate.
-* GPU (NVML): bytes used by the tracked pids on each device (falling back to the device's used
-  bytes when NVML lists none of them, as in a container without the host PID namespace).
+* GPU (NVML): bytes used by the tracked pids on each device (falling back, when NVML lists none
+  of them as in a container without the host PID namespace, to the device's used bytes over what
+  it used while the ledger held nothing there: other tenants of a shared GPU are not ours).
 * ``excess()``: device -> bytes to free now. A device is in excess when reality exceeds the
   budget by more than ``tolerance`` (default 5%: allocator noise), or the ledger itself does
   (a measurement larger than reserved), or the container's cgroup working set is above
   ``pressure`` (default 90%) of its limit: the kernel OOM-kills at 100%. The figure is the
   largest of the three gaps (reality over budget, ledger over budget, working set over
   ``pressure`` x limit), so evicting models whose reservations sum to it brings it back.
-* drift = ledger ``used()`` - reality, per device; logged when it exceeds the tolerance.
+* drift = ledger ``used()`` - reality, per device; logged when it exceeds the tolerance while the
+  ledger is ``settled`` (no load or unload in flight: mid-load the model is reserved before the
+  server holds it, mid-unload it is still held but promised to its successor).
 * OOM kills: the cgroup's ``oom_kill`` counter (v2 ``memory.events``, v1 ``memory.oom_control``);
   a rise is logged, counted and kept as the status reason.
 
@@ -54,9 +57,12 @@ _NO_LIMIT = 2**60
 
 
 class ProcessTracker:
-    """The server's pids, tracked: ``pids()`` walks the tree (psutil: a scan of /proc) only when
-    the root pid changed, after ``refresh()`` was asked, or every ``rescan_s``; otherwise it
-    returns the known pids still alive."""
+    """The server's pids, tracked: ``pids()`` finds the tree again only when the root pid
+    changed, after ``refresh()`` was asked, or every ``rescan_s``; otherwise it returns the
+    known pids still alive. Finding the tree walks down from the root through
+    ``/proc/<pid>/task/<tid>/children`` (a few reads per server process), never a scan of
+    every process on the machine (psutil's ``children()`` reads all of /proc: only where the
+    kernel has no ``children`` files)."""
 
     def __init__(self, root: Callable[[], int | None] | int | None, *, rescan_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
@@ -86,20 +92,16 @@ class ProcessTracker:
                 return set()
             now = self._clock()
             if self._stale or root != self._for or now - self._scanned >= self._rescan_s:
-                try:
-                    proc = psutil.Process(root)
-                    self._pids = {root, *(c.pid for c in proc.children(recursive=True))}
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    self._pids = set()
+                self._pids = _descendants(root)
                 self._for, self._scanned, self._stale = root, now, False
                 self.scans += 1
             else:
                 self._pids = {p for p in self._pids if os.path.exists(f"/proc/{p}")}
             return set(self._pids)
 
-    def rss(self) -> int | None:
+    def rss(self, pids: set[int] | None = None) -> int | None:
         """Sum of RSS over the tracked pids (``/proc/<pid>/statm``); None without a server."""
-        pids = self.pids()
+        pids = self.pids() if pids is None else pids
         if not pids:
             return None
         total = 0
@@ -110,6 +112,36 @@ class ProcessTracker:
             except (OSError, ValueError, IndexError):
                 pass  # gone meanwhile
         return total
+
+
+def _descendants(root: int) -> set[int]:
+    """``root`` and its descendants, from the kernel's per-thread ``children`` lists; psutil
+    (a scan of all of /proc) where those files do not exist. Empty when ``root`` is gone."""
+    if not os.path.exists(f"/proc/{root}"):
+        return set()
+    if not os.path.exists(f"/proc/{root}/task/{root}/children"):
+        try:
+            return {root, *(c.pid for c in psutil.Process(root).children(recursive=True))}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return set()
+    found, todo = {root}, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # exited meanwhile
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for c in kids:
+                if c not in found:
+                    found.add(c)
+                    todo.append(c)
+    return found
 
 
 @dataclass(frozen=True)
@@ -140,6 +172,17 @@ class CgroupMemory:
             if (cand / "memory.usage_in_bytes").exists():
                 return cls(cand, 1)
         return None
+
+    @classmethod
+    def at(cls, path: Path) -> "CgroupMemory":
+        """The cgroup at ``path`` (``--memory-cgroup``): v2 when it has ``memory.current``, else v1.
+        Raises ValueError naming the path when it has neither."""
+        path = Path(path)
+        if (path / "memory.current").exists():
+            return cls(path, 2)
+        if (path / "memory.usage_in_bytes").exists():
+            return cls(path, 1)
+        raise ValueError(f"--memory-cgroup {path}: no memory.current (cgroup v2) nor memory.usage_in_bytes (v1) there")
 
     def read(self) -> CgroupReading | None:
         try:
@@ -203,6 +246,10 @@ class RealityReport:
     cgroup: CgroupReading | None = None
     oom_kills: int = 0
     last_oom_kill_at: float | None = None
+    # no load and no unload in flight: the ledger's figures are what the server should hold
+    # (during a load the model is reserved before the server holds it; during an unload it is
+    # still held but its bytes are promised to its successor), so drift is judged only here
+    settled: bool = True
 
     def doc(self) -> dict[str, Any]:
         cg = self.cgroup
@@ -213,7 +260,7 @@ class RealityReport:
                         for d, b in self.budget.items()},
             "cgroup": None if cg is None else {"current": cg.current, "working_set": cg.working_set, "limit": cg.limit,
                                                "oom_kills": cg.oom_kills, "high_events": cg.high_events},
-            "oom_kills": self.oom_kills, "last_oom_kill_at": self.last_oom_kill_at,
+            "oom_kills": self.oom_kills, "last_oom_kill_at": self.last_oom_kill_at, "settled": self.settled,
             "reason": (f"{self.oom_kills} process(es) of this container OOM-killed by the kernel (last at "
                        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.last_oom_kill_at or 0))})"
                        if self.oom_kills else None),
@@ -244,6 +291,8 @@ class RealityCheck:
         self._clock = clock
         self._lock = threading.Lock()
         self._oom_seen: int | None = None
+        self._oom_at_restart = 0  # ``oom_kills`` at the previous server restart
+        self._gpu_baseline: dict[str, int] = {}  # device -> its used bytes while the ledger held nothing there
         self.oom_kills = 0
         self.last_oom_kill_at: float | None = None
         self._last: RealityReport | None = None
@@ -263,6 +312,7 @@ class RealityCheck:
     def check(self) -> RealityReport:
         with self._lock:
             budget = self.ledger.budget()
+            settled = self.ledger.settled()
             ledger = self.ledger.used()
             root = self.tracker.root()
             rss = self.tracker.rss()
@@ -278,7 +328,7 @@ class RealityCheck:
             real: dict[str, int] = {}
             if host_now is not None and baseline is not None:
                 real[HOST] = max(0, host_now - baseline)
-            real.update(self._gpu_real(budget))
+            real.update(self._gpu_real(budget, ledger))
             excess: dict[str, int] = {}
             reasons: dict[str, str] = {}
             for d, b in budget.items():
@@ -292,12 +342,17 @@ class RealityCheck:
                     excess[d], reasons[d] = int(gap), why
             drift = {d: ledger.get(d, 0) - r for d, r in real.items()}
             report = RealityReport(self._clock(), real, ledger, drift, budget, excess, reasons, self.source, rss,
-                                   baseline, cg, self.oom_kills, self.last_oom_kill_at)
+                                   baseline, cg, self.oom_kills, self.last_oom_kill_at,
+                                   settled=settled and self.ledger.settled())
             self._last = report
         self._log(report)
         return report
 
-    def _gpu_real(self, budget: dict[str, int]) -> dict[str, int]:
+    def _gpu_real(self, budget: dict[str, int], ledger: dict[str, int]) -> dict[str, int]:
+        """Per GPU: the bytes NVML lists for the tracked pids; where it lists none of them
+        (another PID namespace), the device's used bytes over what the device used while the
+        ledger held nothing on it (other processes on a shared GPU are not the server's). A
+        device with no such baseline yet is left out (not judged by reality)."""
         if self.gpu is None or not any(d != HOST for d in budget):
             return {}
         pids = self.tracker.pids()
@@ -306,7 +361,18 @@ class RealityCheck:
         except Exception as e:  # a failing probe must not stop the check
             log.warning("memory gpu_probe_failed error=%r", f"{type(e).__name__}: {e}")
             return {}
-        return {d: (u.process_bytes if u.process_bytes is not None else u.device_used) for d, u in usage.items() if d in budget}
+        out: dict[str, int] = {}
+        for d, u in usage.items():
+            if d not in budget:
+                continue
+            if u.process_bytes is not None:
+                out[d] = u.process_bytes
+                continue
+            if ledger.get(d, 0) == 0:
+                self._gpu_baseline[d] = u.device_used
+            if d in self._gpu_baseline:
+                out[d] = max(0, u.device_used - self._gpu_baseline[d])
+        return out
 
     def _note_oom(self, cg: CgroupReading | None) -> None:
         if cg is None:
@@ -321,8 +387,35 @@ class RealityCheck:
                 self._on_oom_kill(n)
         self._oom_seen = cg.oom_kills
 
+    def restart_reason(self, exit: dict | None) -> dict[str, Any]:
+        """Why the server restarted, from how its process ended (``exit``: code, signal; None
+        for a sidecar, whose end the agent does not see) and the cgroup's ``oom_kill`` counter
+        read now: "oom_killed" when the counter grew since the previous restart (the kernel
+        killed a process of this container for memory: it ends it with SIGKILL), else "killed"
+        (SIGKILL), "signal" (another signal), "exited" (an exit code) or "unknown"."""
+        self.check()  # reads the counter now (the kill happened before the restart finished)
+        with self._lock:
+            grew = self.oom_kills - self._oom_at_restart
+            self._oom_at_restart = self.oom_kills
+        sig = (exit or {}).get("signal")
+        if grew > 0:
+            reason = "oom_killed"
+        elif sig == 9:
+            reason = "killed"
+        elif sig is not None:
+            reason = "signal"
+        elif exit is not None:
+            reason = "exited"
+        else:
+            reason = "unknown"
+        detail = {"oom_killed": f"the kernel OOM-killed {grew} process(es) of this container (cgroup oom_kill counter)",
+                  "killed": "SIGKILL (not counted as an OOM kill by the cgroup)", "signal": f"signal {sig}",
+                  "exited": f"exit code {(exit or {}).get('code')}", "unknown": "the server came back (its exit is not seen)"}[reason]
+        return {"reason": reason, "detail": detail, "at": self._clock(), "exit_code": (exit or {}).get("code"),
+                "signal": sig, "oom_kills": grew}
+
     def _log(self, r: RealityReport) -> None:
-        for d, dr in r.drift.items():
+        for d, dr in (r.drift.items() if r.settled else ()):  # mid-load drift is expected, not news
             off = abs(dr) > self.tolerance * max(1, r.budget.get(d, 0))
             if off != self._drift_logged.get(d, False):
                 self._drift_logged[d] = off

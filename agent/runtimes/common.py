@@ -166,6 +166,15 @@ class HTTPServerAdapter(RuntimeAdapter):
             # goes to its private dir, never next to the module: in the repository or, through
             # a link, into a cache entry (entries stay byte-identical to what was published)
             base_env["PYTHONPYCACHEPREFIX"] = str(Path(workdir).resolve() / "pycache")
+            # memory an unload frees goes back to the OS: with glibc's default (a dynamic mmap
+            # threshold that rises up to 32 MiB after a large block is freed) model arrays land
+            # on the heap and stay in the server's RSS after their model is unloaded (80 MiB of
+            # 258 MiB measured, benchmarks/results/density_real.md); a fixed threshold (its
+            # initial 128 KiB) keeps large blocks mmapped and returned at free. A user's own
+            # setting is kept; set to "" it is removed (glibc's dynamic default).
+            base_env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+            if not base_env["MALLOC_MMAP_THRESHOLD_"]:
+                del base_env["MALLOC_MMAP_THRESHOLD_"]
             argv, child_env = self._server_command(listen, base_env)
             base_url = f"http://{host}:{listen.http_port}"
             self.grpc_target = f"{host}:{listen.grpc_port}"

@@ -105,6 +105,7 @@ class ServerProcess:
         self.log_file = Path(log_file) if log_file else None
         self.die_with_parent = die_with_parent and sys.platform.startswith("linux")
         self.restarts = 0  # successful restarts after an unexpected exit
+        self.last_exit: dict | None = None  # the last unexpected exit: pid, code, signal, at
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
@@ -249,6 +250,9 @@ class ServerProcess:
             assert proc is not None
             started = time.monotonic()
             code = await proc.wait()
+            # how it ended (a negative code is the signal that killed it: SIGKILL is also how the
+            # kernel's OOM killer ends a process); the owner reads it to say why it restarted
+            self.last_exit = {"pid": proc.pid, "code": code, "signal": -code if code < 0 else None, "at": time.time()}
             self._ready.clear()
             if self._stopping:
                 return

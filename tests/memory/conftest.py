@@ -133,3 +133,68 @@ class FakeGpu:
 @pytest.fixture
 def fake_gpu():
     return FakeGpu({"gpu:0": 16 * GiB, "gpu:1": 24 * GiB})
+
+
+class FakeCgroup:
+    """A cgroup directory in the kernel's file formats (v2: memory.current, memory.max,
+    memory.stat, memory.events; v1: memory.usage_in_bytes, memory.limit_in_bytes, memory.stat,
+    memory.oom_control), written by the test: a controllable stand-in for /sys/fs/cgroup, whose
+    counters (the OOM-kill count above all) only the kernel can move for real. The agent reads it
+    through ``--memory-cgroup`` exactly as it reads the real files."""
+
+    def __init__(self, path, version: int = 2):
+        self.path = path
+        self.version = version
+        path.mkdir(parents=True, exist_ok=True)
+
+    def write(self, current: int, limit: int | None = None, inactive_file: int = 0, oom_kill: int = 0) -> "FakeCgroup":
+        if self.version == 2:
+            files = {"memory.current": f"{current}\n", "memory.max": "max\n" if limit is None else f"{limit}\n",
+                     "memory.stat": f"anon {max(0, current - inactive_file)}\nfile {inactive_file}\n"
+                                    f"active_file 0\ninactive_file {inactive_file}\n",
+                     "memory.events": f"low 0\nhigh 0\nmax 0\noom {oom_kill}\noom_kill {oom_kill}\n"}
+        else:
+            files = {"memory.usage_in_bytes": f"{current}\n",
+                     "memory.limit_in_bytes": f"{9223372036854771712 if limit is None else limit}\n",
+                     "memory.stat": f"cache {inactive_file}\nrss {max(0, current - inactive_file)}\n"
+                                    f"inactive_file {inactive_file}\ntotal_inactive_file {inactive_file}\n",
+                     "memory.oom_control": f"oom_kill_disable 0\nunder_oom 0\noom_kill {oom_kill}\n"}
+        for name, text in files.items():  # each file replaced whole: a reader never sees half of one
+            tmp = self.path / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.path / name)
+        return self
+
+
+def drive_reality_loop(mm, srv, last_used: dict, *, busy: str, interval_s: float = 0.2, rounds: int = 100) -> list[str]:
+    """Run the reconciler's reality loop (agent.memory.reality_loop) against a real server
+    (`srv` from tests.support.servers) until an eviction brought reality back within, for at
+    most `rounds` x 0.1 s. `last_used`: model -> last use (evicted ones are removed from it);
+    `busy` is under a request. Returns the evicted models in order."""
+    import asyncio
+
+    from agent.memory import Candidate, reality_loop
+
+    evicted: list[str] = []
+
+    def candidates():
+        return [Candidate(n, last_used=u, loaded_at=0, inflight=1 if n == busy else 0) for n, u in last_used.items()]
+
+    async def evict(name: str) -> bool:
+        await asyncio.to_thread(srv.call, srv.adapter.unload(name))
+        mm.release(name)
+        del last_used[name]
+        evicted.append(name)
+        return True
+
+    async def run() -> None:
+        task = asyncio.create_task(reality_loop(mm.reality, candidates, evict, interval_s=interval_s))
+        for _ in range(rounds):
+            await asyncio.sleep(0.1)
+            last = mm.reality.last()
+            if evicted and last is not None and not last.excess:
+                break
+        task.cancel()
+
+    asyncio.run(run())
+    return evicted

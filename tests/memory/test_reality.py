@@ -19,7 +19,7 @@ from agent.runtimes.base import ServedModel
 from tests.support.models import write_sklearn_model
 from tests.support.servers import embedded_mlserver
 
-from .conftest import MiB
+from .conftest import MiB, drive_reality_loop
 
 
 @pytest.mark.timeout(120)
@@ -169,10 +169,6 @@ def test_reality_loop_evicts_lru_until_within_never_a_leased_model(tmp_path):
     """The loop the reconciler runs (agent.memory.reality_loop) against a REAL MLServer: a model
     whose ledger figure is far too low pushes real memory over budget; the loop evicts least
     recently used models not under a request, re-checking after each, until reality is within."""
-    import asyncio
-
-    from agent.memory import reality_loop
-
     with embedded_mlserver(tmp_path / "srv") as srv:
         mm = MemoryManager({HOST: 100 * MiB}, store=InMemoryStore(), server_pid=lambda: srv.adapter.process.pid)
         mm.reality.check()  # baseline
@@ -182,26 +178,22 @@ def test_reality_loop_evicts_lru_until_within_never_a_leased_model(tmp_path):
             mm.reserve(name, mm.cost_for(key=None, runtime="sklearn", entry_bytes=None, declared_host=declared))
             srv.call(srv.adapter.load(ServedModel(name=name, path=d, runtime="sklearn")))
             last_used[name] = i
-        evicted = []
-
-        def candidates():
-            return [Candidate(n, last_used=t, loaded_at=0, inflight=1 if n == "busy" else 0) for n, t in last_used.items()]
-
-        async def evict(name: str) -> bool:
-            await asyncio.to_thread(srv.call, srv.adapter.unload(name))
-            mm.release(name)
-            del last_used[name]
-            evicted.append(name)
-            return True
-
-        async def run() -> None:
-            task = asyncio.create_task(reality_loop(mm.reality, candidates, evict, interval_s=0.2))
-            for _ in range(100):
-                await asyncio.sleep(0.1)
-                if mm.reality.last() is not None and not mm.reality.last().excess and evicted:
-                    break
-            task.cancel()
-
-        asyncio.run(run())
+        evicted = drive_reality_loop(mm, srv, last_used, busy="busy")
         assert evicted == ["old", "big"]  # LRU first; "old" alone did not cover the real excess
         assert set(srv.call(srv.adapter.index())) >= {"busy"} and mm.reality.check().excess == {}
+
+
+def test_another_tenant_of_a_shared_gpu_is_not_counted_as_the_server(fake_gpu):
+    """NVML lists none of the server's pids (another PID namespace): the device's used bytes are
+    the fallback, but only over what the device used while the ledger held nothing there. A
+    neighbour holding 15 GiB of gpu:0 is not the server's (main read it as real excess over an
+    8 GiB budget and would have evicted every model for it). FakeGpu: no GPU here (conftest)."""
+    mm = MemoryManager({HOST: 10 * 2**30, "gpu:0": 8 * 2**30, "gpu:1": 8 * 2**30}, gpu_probe=fake_gpu)
+    check = RealityCheck(mm, tracker=ProcessTracker(os.getpid()), gpu_probe=fake_gpu)
+    fake_gpu.others["gpu:0"] = 15 * 2**30  # someone else's process
+    r = check.check()
+    assert r.real.get("gpu:0") == 0 and "gpu:0" not in r.excess, r
+    mm.reserve("m", Cost(MiB, {"gpu:0": 2 * 2**30}))
+    fake_gpu.others["gpu:0"] = 17 * 2**30 + 100 * MiB  # our model, invisible by pid, on the same device
+    r = check.check()
+    assert r.real["gpu:0"] == 2 * 2**30 + 100 * MiB and r.drift["gpu:0"] == -100 * MiB and r.excess == {}, r
