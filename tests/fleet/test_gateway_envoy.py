@@ -1,0 +1,151 @@
+"""The gateway harness on its own: a real Envoy (tests/support/envoy.py) with a small stand-in
+Endpoint Picker (a fixed model -> endpoint table, speaking real ext_proc over gRPC) in front of
+small real HTTP/1.1 and gRPC backends that say who they are.
+
+What this pins, independent of modelshelf's picker: a header-less REST request and a gRPC call
+reach the endpoint the picker named (ORIGINAL_DST on `x-gateway-destination-endpoint`); the
+picker sees the model name (REST: path; gRPC: the body, so the body must be sent); a client
+cannot choose its destination by sending the header itself; the picker down gives 503 under
+FailClose and the pool under FailOpen.
+"""
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import struct_pb2
+from tritonclient.grpc import service_pb2
+
+from tests.support.agentproc import request
+from tests.support.envoy import DEST_HEADER, LB_NAMESPACE, Envoy
+from tests.support.net import free_port
+from tests.support.whoami import WhoAmI
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class StandInPicker(ep_grpc.ExternalProcessorServicer):
+    """Fixed table model -> (http endpoint, grpc endpoint); records every model name it saw."""
+
+    def __init__(self, table: dict[str, tuple[str, str]]):
+        self.table = table
+        self.seen: list[tuple[str, str]] = []  # (kind, model)
+        self.port = free_port()
+        self.server = grpc.server(futures.ThreadPoolExecutor(8))
+        ep_grpc.add_ExternalProcessorServicer_to_server(self, self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+
+    def start(self) -> "StandInPicker":
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+
+    @staticmethod
+    def _answer(endpoint: str, phase: str) -> ep.ProcessingResponse:
+        mutation = ep.CommonResponse(
+            header_mutation=_mutation(endpoint), clear_route_cache=True)
+        meta = struct_pb2.Struct()
+        meta.update({LB_NAMESPACE: {DEST_HEADER: endpoint}})
+        if phase == "headers":
+            return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=mutation), dynamic_metadata=meta)
+        return ep.ProcessingResponse(request_body=ep.BodyResponse(response=mutation), dynamic_metadata=meta)
+
+    def Process(self, requests, context):
+        path = ""
+        for req in requests:
+            which = req.WhichOneof("request")
+            if which == "request_headers":
+                hdrs = {h.key: (h.raw_value or h.value.encode()).decode() for h in req.request_headers.headers.headers}
+                path = hdrs.get(":path", "")
+                if path.startswith("/inference."):
+                    yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())  # wait for the body
+                    continue
+                model = path.split("/")[3] if path.startswith("/v2/models/") else ""
+                self.seen.append(("rest", model))
+                yield self._answer(self.table[model][0], "headers")
+            elif which == "request_body":
+                body = req.request_body.body
+                model = service_pb2.ModelInferRequest.FromString(body[5:]).model_name  # 5-byte gRPC frame prefix
+                self.seen.append(("grpc", model))
+                yield self._answer(self.table[model][1], "body")
+
+
+def _mutation(endpoint: str):
+    from envoy.service.ext_proc.v3 import external_processor_pb2  # noqa: F401  (HeaderMutation lives in common)
+    from envoy.service.ext_proc.v3.external_processor_pb2 import HeaderMutation
+    return HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=DEST_HEADER, raw_value=endpoint.encode()))])
+
+
+@pytest.fixture(scope="module")
+def backends():
+    bs = [WhoAmI("a"), WhoAmI("b")]
+    yield bs
+    for b in bs:
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def picker(backends):
+    a, b = backends
+    p = StandInPicker({"m1": (a.http_addr, a.grpc_addr), "m2": (b.http_addr, b.grpc_addr)}).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def envoy(picker, tmp_path_factory):
+    with Envoy(f"127.0.0.1:{picker.port}", workdir=tmp_path_factory.mktemp("envoy")) as e:
+        yield e
+
+
+def grpc_infer(target: str, model: str) -> service_pb2.ModelInferResponse:
+    with grpc.insecure_channel(target) as ch:
+        call = ch.unary_unary(INFER, request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=service_pb2.ModelInferResponse.FromString)
+        return call(service_pb2.ModelInferRequest(model_name=model), timeout=10)
+
+
+def test_rest_request_reaches_the_picked_endpoint(envoy, picker):
+    for model, who in (("m1", "a"), ("m2", "b"), ("m1", "a")):
+        status, body = request("POST", f"{envoy.url}/v2/models/{model}/infer", {"inputs": []})
+        assert status == 200, body
+        assert body["who"] == who and body["path"] == f"/v2/models/{model}/infer"
+    assert ("rest", "m2") in picker.seen
+
+
+def test_grpc_call_reaches_the_picked_endpoint_by_the_model_in_its_body(envoy, picker):
+    for model, who in (("m2", "b"), ("m1", "a")):
+        r = grpc_infer(envoy.grpc_target, model)
+        assert (r.model_name, r.model_version) == (model, who)
+    assert ("grpc", "m2") in picker.seen and ("grpc", "m1") in picker.seen
+
+
+def test_a_client_cannot_pick_its_own_destination(envoy, backends):
+    """The client's x-gateway-destination-endpoint is dropped before the picker: m1 still goes to a."""
+    _, b = backends
+    status, body = request("POST", f"{envoy.url}/v2/models/m1/infer", {"inputs": []}, headers={DEST_HEADER: b.http_addr})
+    assert status == 200 and body["who"] == "a"
+
+
+def test_picker_down_fail_close_answers_503(picker, tmp_path):
+    dead = free_port()
+    with Envoy(f"127.0.0.1:{dead}", workdir=tmp_path) as e:
+        status, body = request("POST", f"{e.url}/v2/models/m1/infer", {"inputs": []})
+        assert status == 503, body
+
+
+def test_picker_down_fail_open_routes_to_the_pool(backends, tmp_path):
+    a, b = backends
+    dead = free_port()
+    with Envoy(f"127.0.0.1:{dead}", workdir=tmp_path, fail_open=True, pool_http=[a.http_addr, b.http_addr],
+               pool_grpc=[a.grpc_addr, b.grpc_addr]) as e:
+        whos = {request("POST", f"{e.url}/v2/models/m1/infer", {"inputs": []})[1]["who"] for _ in range(4)}
+        assert whos == {"a", "b"}  # round robin over the pool: no affinity, but answered
+        assert grpc_infer(e.grpc_target, "m1").model_version in ("a", "b")

