@@ -1,5 +1,5 @@
 """Management API (FastAPI): health, readiness, status of every model, Prometheus metrics,
-and a small status page.
+a small status page, and the fleet endpoints (`/fleet/state`, `/fleet/drain`: agent/fleet.py).
 
 Served on the management listener (`--management-host`/`--management-port`); the public
 (inference) port answers only the data plane (`/v1/`, `/v2/`) and the probes (`/healthz`,
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from agent.fleet import LONG_POLL_S
 from puller.uri import redact, redact_doc
 
 if TYPE_CHECKING:
@@ -59,7 +60,23 @@ def build_api(agent: "Agent") -> FastAPI:
     async def page() -> str:
         return _render_page(await status_doc())
 
+    _add_fleet(api, agent)
     return api
+
+
+def _add_fleet(api: FastAPI, agent: "Agent") -> None:
+    @api.get("/fleet/state")
+    async def fleet_state(since: int | None = None, wait: float = LONG_POLL_S) -> Response:
+        """What an endpoint picker needs (agent/fleet.py); `since`: long-poll until seq moves."""
+        if since is not None:
+            await agent.fleet.wait_change(since, wait)
+        return Response(agent.fleet.body(), media_type="application/json")
+
+    @api.post("/fleet/drain")
+    async def fleet_drain() -> dict[str, Any]:
+        """preStop: report not ready, take no new placements, keep serving what arrives."""
+        agent.fleet.drain()
+        return {"draining": True, "seq": agent.fleet.seq}
 
 
 async def _reality(agent: "Agent") -> Any:

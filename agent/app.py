@@ -32,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from agent.api import build_api, build_probes
 from agent.config import load_config_dir
+from agent.fleet import FleetState
 from agent.grpc_server import start_grpc
 from agent.logging import get_logger, kv, setup_logging
 from agent.memory import MemoryManager, tree_rss
@@ -61,6 +62,7 @@ class Agent:
         self._server_ready = False
         self._health_task: asyncio.Task | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self.fleet = FleetState(self)  # /fleet/state and /fleet/drain (agent/fleet.py)
         self.api = build_api(self)
         self.probes = build_probes(self)
 
@@ -76,8 +78,8 @@ class Agent:
         overhead = tree_rss(os.getpid()) if pid is None else tree_rss(pid) + psutil.Process().memory_info().rss
         self.memory = MemoryManager.from_settings(s, store=self.cache, server_pid=self._server_pid, host_overhead=overhead)
         self.reconciler = Reconciler(s, self.cache, self.adapter, self.memory, self.metrics)
-        self.router = Router(self.reconciler, lambda: self.adapter.base_url, self.metrics,
-                             server_ready=lambda: self._server_ready)
+        self.reconciler.on_change = self.fleet.bump
+        self.router = Router(self.reconciler, lambda: self.adapter.base_url, self.metrics, server_ready=self.ready)
         await self.router.start()
         await self.reconciler.start()
         self.watcher = ConfigWatcher(
@@ -140,12 +142,14 @@ class Agent:
                 if not self._server_ready:
                     log.info("server is ready again")
                     self._server_ready = True
+                    self.fleet.bump()
                     await self.reconciler.resync_server()
                 continue
             failures += 1
             if failures >= 3 and self._server_ready:
                 log.warning("server is not ready", extra=kv(failed_probes=failures))
                 self._server_ready = False
+                self.fleet.bump()
 
     async def stop(self) -> None:
         if self._health_task:
@@ -166,12 +170,19 @@ class Agent:
 
     # ------------------------------------------------------------------ views
     def not_ready_reasons(self) -> list[str]:
+        """Why the agent should take no traffic now ([] when ready): /readyz, /v2/health/ready,
+        gRPC ServerReady and /fleet/state all answer from this."""
         reasons = []
         if not self._server_ready:
             reasons.append("server not ready")
         if self.reconciler is None or not self.reconciler.applied_once.is_set():
             reasons.append("config not applied yet")
+        if self.fleet.draining:
+            reasons.append("draining (preStop): no new placements")
         return reasons
+
+    def ready(self) -> bool:
+        return not self.not_ready_reasons()
 
     def status(self) -> dict[str, Any]:
         doc = self.reconciler.status() if self.reconciler else {"models": {}, "config": {}, "memory": {}, "counts": {}}

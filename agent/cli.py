@@ -1,4 +1,4 @@
-"""`modelshelf` command line: run | pull | prefetch | cache.
+"""`modelshelf` command line: run | pull | prefetch | cache | drain.
 
 Every option of every subcommand can also be set by an environment variable named
 MODELSHELF_<FLAG> (e.g. --cache-dir -> MODELSHELF_CACHE_DIR, --memory-multiplier ->
@@ -207,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch = sub.add_parser("prefetch", help="pull every configured model into the cache, then exit (Job/CronJob)")
     _add_common(prefetch)
 
+    drain = sub.add_parser("drain", help="preStop hook: the agent takes no new placements (not ready), keeps serving, and this waits until its traffic has moved")
+    drain.add_argument("--management-url", default="http://127.0.0.1:8003", help="the agent's management listener")
+    drain.add_argument("--wait", type=float, default=0.0, help="seconds to wait, at most, for the agent to go quiet (nothing in flight, no new request for --quiet seconds); 0: return at once")
+    drain.add_argument("--quiet", type=float, default=2.0, help="seconds without a new request that count as quiet")
+
     cache = sub.add_parser("cache", help="inspect and maintain a cache root")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, text in (("ls", "list entries"), ("gc", "remove LRU entries without leases past the budget"), ("verify", "re-check sizes and digests")):
@@ -272,6 +277,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "drain":
+        from agent.fleet import drain_main
+
+        return drain_main(args.management_url, args.wait, args.quiet)
     if args.command in ("pull", "cache"):
         from puller import cli as puller_cli
 

@@ -352,7 +352,7 @@ async def start_grpc(settings: Any, agent: Any) -> GrpcDataPlane | None:
     plane = GrpcDataPlane(
         lambda: agent.reconciler, lambda: server_grpc_target(settings, agent.adapter), agent.metrics,
         max_message_bytes=settings.max_body_bytes, request_timeout_s=settings.request_timeout_s,
-        server_ready=lambda: agent._server_ready,
+        server_ready=agent.ready,
     )
     await plane.start(settings.grpc_host or settings.host, settings.grpc_port)
     return plane

@@ -56,7 +56,7 @@ import random
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from agent.config import ConfigError, ConfigParseError, ConfigResult, ModelSpec
 from agent.logging import get_logger, kv
@@ -135,6 +135,7 @@ class Model:
     last_good: Copy | None = None  # the copy that served last: restored after the server lost it
     removed: bool = False
     inflight: int = 0
+    requests: int = 0  # requests that asked for it (monotonic; /fleet/state)
     waiters: int = 0
     last_used: float = 0.0
     loaded_at: float = 0.0
@@ -243,6 +244,7 @@ class Reconciler:
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
         self._recheck_task: asyncio.Task | None = None
         self._reality_wake = asyncio.Event()  # set after a load: check reality at once
+        self.on_change: Callable[[], None] = lambda: None  # a state or the configured set changed (/fleet/state seq)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -314,6 +316,7 @@ class Reconciler:
             self._schedule_orphan_cleanup(set(desired))
             self.applied_once.set()
         self.metrics.config_applied.set_to_current_time()
+        self.on_change()
         log.info("config applied", extra=kv(file=result.file, models=len(desired), rejected=len(result.errors)))
 
     async def config_failed(self, error: ConfigParseError) -> None:
@@ -333,6 +336,7 @@ class Reconciler:
         if m is None or m.removed:
             raise UnknownModel(name)
         m.inflight += 1  # the lease comes first: from here on eviction skips this model
+        m.requests += 1
         m.idle.clear()
         self.metrics.inflight.labels(model=name).inc()
         m.last_used = time.monotonic()
@@ -1014,6 +1018,7 @@ class Reconciler:
             m.reason = None if new in (S.LOADED, S.PULLING, S.LOADING) else m.reason
         m.changed_at = time.time()
         if new is not old:
+            self.on_change()
             log.debug("transition", extra=kv(model=m.name, old=old.value, new=new.value))
 
     def update_gauges(self) -> None:
