@@ -8,7 +8,6 @@ the container's own MODELSHELF_* environment and a POD_NAME like the one Kuberne
 from __future__ import annotations
 
 import argparse
-import re
 from urllib.parse import urlsplit
 
 import pytest
@@ -199,14 +198,14 @@ def _server_facts(server: dict) -> tuple[str, int, str]:
 SIDECARS = [(p, c, a) for p, c, a in INVOCATIONS if a[0] == "run" and flag_value(a, "--server-url")]
 
 
-def _prestop_seconds(container: dict) -> int:
-    """How long a container's preStop keeps it up: `sleep N`, or the sleeps of a `sh -c` line
-    (the fleet agents run `modelshelf drain ...; sleep N`)."""
+def _prestop_seconds(container: dict) -> float:
+    """How long a container's preStop keeps it up, at most: `sleep N`, or `modelshelf drain
+    --wait=N` (the fleet agents: it returns once the agent is quiet, N at most)."""
     command = [str(c) for c in container["lifecycle"]["preStop"]["exec"]["command"]]
     if command[0] == "sleep":
-        return int(command[1])
-    assert command[:2] == ["sh", "-c"], f"{container['name']}: preStop {command}"
-    return sum(int(n) for n in re.findall(r"\bsleep (\d+)", command[2]))
+        return float(command[1])
+    assert command[:2] == ["modelshelf", "drain"], f"{container['name']}: preStop {command}"
+    return float(flag_value(command, "--wait") or 0)
 
 
 @pytest.mark.parametrize("pod, agent, argv", SIDECARS, ids=[f"{p.doc.label}" for p, _, _ in SIDECARS])
