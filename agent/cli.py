@@ -1,4 +1,4 @@
-"""`modelshelf` command line: run | pull | prefetch | cache | drain.
+"""`modelshelf` command line: run | pull | prefetch | cache | drain | picker.
 
 Every option of every subcommand can also be set by an environment variable named
 MODELSHELF_<FLAG> (e.g. --cache-dir -> MODELSHELF_CACHE_DIR, --memory-multiplier ->
@@ -212,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--wait", type=float, default=0.0, help="seconds to wait, at most, for the agent to go quiet (nothing in flight, no new request for --quiet seconds); 0: return at once")
     drain.add_argument("--quiet", type=float, default=2.0, help="seconds without a new request that count as quiet")
 
+    picker = sub.add_parser("picker", help="the Endpoint Picker: Envoy ext_proc routing each request to an agent (past one node)")
+    picker.add_argument("--listen", default="127.0.0.1:9002", help="HOST:PORT of the ext_proc gRPC server (and its gRPC health service)")
+    picker.add_argument("--agent", action="append", default=[], metavar="HOST:HTTP_PORT=MANAGEMENT_URL", help="one agent: its data plane and its management URL (repeatable)")
+    picker.add_argument("--agents-dns", default=None, metavar="NAME:HTTP_PORT", help="discover agents from a headless Service's A records, re-resolved every --dns-interval")
+    picker.add_argument("--agent-management-port", type=int, default=8003, help="with --agents-dns: the agents' management port")
+    picker.add_argument("--dns-interval", type=float, default=5.0, help="seconds between DNS resolutions")
+    picker.add_argument("--poll-interval", type=float, default=0.25, help="seconds between two reads of an agent's /fleet/state")
+    picker.add_argument("--poll-timeout", type=float, default=1.0, help="seconds a /fleet/state read may take; past it the agent gets no requests until it answers again")
+    picker.add_argument("--load-factor", type=float, default=1.25, help="bounded loads: no agent holds more than this x the mean number of models")
+    picker.add_argument("--hot-rate", type=float, default=50.0, help="requests/s per copy above which a model gets another copy")
+    picker.add_argument("--max-copies", type=int, default=4, help="copies of one hot model at most")
+    picker.add_argument("--copy-hold", type=float, default=30.0, help="seconds a copy count holds before a copy is given back")
+    picker.add_argument("--fallbacks", type=int, default=0, help="extra endpoints listed after the chosen one (ip:port,ip:port; for gateways that retry down the list; Envoy's ORIGINAL_DST wants 0)")
+    picker.add_argument("--log-format", choices=["text", "json"], default="text")
+    picker.add_argument("--log-level", default="info")
+
     cache = sub.add_parser("cache", help="inspect and maintain a cache root")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, text in (("ls", "list entries"), ("gc", "remove LRU entries without leases past the budget"), ("verify", "re-check sizes and digests")):
@@ -275,6 +291,31 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return s
 
 
+def picker_settings_from_args(args: argparse.Namespace):
+    """Settings for `picker`. Raises SystemExit(2) naming the bad value."""
+    from agent.picker.agents import parse_agent
+    from agent.picker.service import PickerSettings
+
+    try:
+        agents = [parse_agent(a) for a in args.agent]
+    except ValueError as e:
+        raise SystemExit(f"modelshelf picker: {e}") from None
+    dns = None
+    if args.agents_dns:
+        name, _, port = args.agents_dns.rpartition(":")
+        if not name or not port.isdigit():
+            raise SystemExit(f"modelshelf picker: --agents-dns wants NAME:HTTP_PORT, got {args.agents_dns!r}")
+        dns = (name, int(port))
+    if not agents and dns is None:
+        raise SystemExit("modelshelf picker: give the agents: --agent HOST:HTTP_PORT=MANAGEMENT_URL (repeatable) or --agents-dns NAME:HTTP_PORT")
+    if args.load_factor < 1.0:
+        raise SystemExit(f"modelshelf picker: --load-factor must be >= 1 (got {args.load_factor})")
+    return PickerSettings(listen=args.listen, agents=agents, agents_dns=dns, agent_management_port=args.agent_management_port,
+                          poll_interval=args.poll_interval, poll_timeout=args.poll_timeout, dns_interval=args.dns_interval,
+                          load_factor=args.load_factor, hot_rate=args.hot_rate, max_copies=args.max_copies,
+                          copy_hold=args.copy_hold, fallbacks=args.fallbacks, log_format=args.log_format, log_level=args.log_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "drain":
@@ -285,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         from puller import cli as puller_cli
 
         return puller_cli.main(args)
+    if args.command == "picker":
+        from agent.picker.service import run as run_picker
+
+        return run_picker(picker_settings_from_args(args))
     settings = settings_from_args(args)
     if args.command == "prefetch":
         from agent.prefetch import prefetch
