@@ -14,12 +14,9 @@ from concurrent import futures
 
 import grpc
 import pytest
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from envoy.config.core.v3 import base_pb2
-from google.protobuf import struct_pb2
 from tritonclient.grpc import service_pb2
 
+from agent.picker import messages as pb
 from tests.support.agentproc import request
 from tests.support.envoy import DEST_HEADER, LB_NAMESPACE, Envoy
 from tests.support.net import free_port
@@ -28,15 +25,19 @@ from tests.support.whoami import WhoAmI
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-class StandInPicker(ep_grpc.ExternalProcessorServicer):
-    """Fixed table model -> (http endpoint, grpc endpoint); records every model name it saw."""
+class StandInPicker:
+    """Fixed table model -> (http endpoint, grpc endpoint), speaking ext_proc over real gRPC (the
+    message classes are the picker's, the decisions are this table's); records every model it saw."""
 
     def __init__(self, table: dict[str, tuple[str, str]]):
         self.table = table
         self.seen: list[tuple[str, str]] = []  # (kind, model)
         self.port = free_port()
         self.server = grpc.server(futures.ThreadPoolExecutor(8))
-        ep_grpc.add_ExternalProcessorServicer_to_server(self, self.server)
+        service, method = pb.PROCESS_METHOD.rsplit("/", 1)
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service.lstrip("/"), {
+            method: grpc.stream_stream_rpc_method_handler(self.process, request_deserializer=pb.ProcessingRequest.FromString,
+                                                          response_serializer=lambda m: m.SerializeToString())})])
         self.server.add_insecure_port(f"127.0.0.1:{self.port}")
 
     def start(self) -> "StandInPicker":
@@ -47,24 +48,24 @@ class StandInPicker(ep_grpc.ExternalProcessorServicer):
         self.server.stop(0).wait()
 
     @staticmethod
-    def _answer(endpoint: str, phase: str) -> ep.ProcessingResponse:
-        mutation = ep.CommonResponse(
-            header_mutation=_mutation(endpoint), clear_route_cache=True)
-        meta = struct_pb2.Struct()
+    def _answer(endpoint: str, phase: str):
+        header = pb.HeaderValueOption(header=pb.HeaderValue(key=DEST_HEADER, raw_value=endpoint.encode()),
+                                      append_action=pb.OVERWRITE_IF_EXISTS_OR_ADD)
+        common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[header]), clear_route_cache=True)
+        meta = pb.Struct()
         meta.update({LB_NAMESPACE: {DEST_HEADER: endpoint}})
         if phase == "headers":
-            return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=mutation), dynamic_metadata=meta)
-        return ep.ProcessingResponse(request_body=ep.BodyResponse(response=mutation), dynamic_metadata=meta)
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=meta)
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
 
-    def Process(self, requests, context):
-        path = ""
+    def process(self, requests, context):
         for req in requests:
             which = req.WhichOneof("request")
             if which == "request_headers":
                 hdrs = {h.key: (h.raw_value or h.value.encode()).decode() for h in req.request_headers.headers.headers}
                 path = hdrs.get(":path", "")
                 if path.startswith("/inference."):
-                    yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())  # wait for the body
+                    yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())  # the model is in the body
                     continue
                 model = path.split("/")[3] if path.startswith("/v2/models/") else ""
                 self.seen.append(("rest", model))
@@ -74,13 +75,6 @@ class StandInPicker(ep_grpc.ExternalProcessorServicer):
                 model = service_pb2.ModelInferRequest.FromString(body[5:]).model_name  # 5-byte gRPC frame prefix
                 self.seen.append(("grpc", model))
                 yield self._answer(self.table[model][1], "body")
-
-
-def _mutation(endpoint: str):
-    from envoy.service.ext_proc.v3 import external_processor_pb2  # noqa: F401  (HeaderMutation lives in common)
-    from envoy.service.ext_proc.v3.external_processor_pb2 import HeaderMutation
-    return HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=DEST_HEADER, raw_value=endpoint.encode()))])
 
 
 @pytest.fixture(scope="module")

