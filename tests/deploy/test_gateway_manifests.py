@@ -98,6 +98,7 @@ def test_picker_command_line_parses_and_finds_the_agents(capsys):
         build_parser().parse_args(argv)
     except SystemExit:
         pytest.fail(f"`modelshelf {' '.join(argv)}` does not parse: {capsys.readouterr().err.strip()}")
+    listen_port = int(flag_value(argv, "--listen").rsplit(":", 1)[1])
     name, port = flag_value(argv, "--agents-dns").rsplit(":", 1)
     svc = find("Service", name)
     agents = _agents_pod()
@@ -108,8 +109,11 @@ def test_picker_command_line_parses_and_finds_the_agents(capsys):
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
     assert int(port) == ports["http"]
     assert int(flag_value(argv, "--agent-management-port")) == ports["management"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert picker[probe]["grpc"]["port"] in {p["containerPort"] for p in picker["ports"]}
+    from agent.picker.service import READY_SERVICES
+
+    for probe, service in (("livenessProbe", "liveness"), ("readinessProbe", "readiness")):
+        assert picker[probe]["grpc"]["port"] == listen_port and picker[probe]["grpc"]["service"] == service
+    assert "readiness" in READY_SERVICES, "the picker's gRPC health names the service the probe asks"
 
 
 def test_agents_drain_on_prestop_and_share_one_rwx_cache(capsys):
