@@ -64,11 +64,14 @@ class Fleet:
 
     # ------------------------------------------------------------------ life
 
-    def start(self, initial: int = 3) -> "Fleet":
+    def start(self, initial: int = 3, gateway: bool = True) -> "Fleet":
+        """Start `initial` agents; with `gateway`, the picker and Envoy in front of them."""
         for i in range(initial):
             self.start_agent(i, wait=False)
         for s in self.slots[:initial]:
             s.proc.wait_ready(timeout=120)  # type: ignore[union-attr]
+        if not gateway:
+            return self
         self.start_picker()
         self.envoy = Envoy(f"127.0.0.1:{self.picker_port}", workdir=self.root / "envoy", fail_open=self.fail_open,
                            pool_http=[s.endpoint for s in self.slots], pool_grpc=[s.grpc_endpoint for s in self.slots]).start()
