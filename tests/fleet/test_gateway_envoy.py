@@ -6,7 +6,9 @@ What this pins, independent of modelshelf's picker: a header-less REST request a
 reach the endpoint the picker named (ORIGINAL_DST on `x-gateway-destination-endpoint`); the
 picker sees the model name (REST: path; gRPC: the body, so the body must be sent); a client
 cannot choose its destination by sending the header itself; the picker down gives 503 under
-FailClose and the pool under FailOpen.
+FailClose and the pool under FailOpen; an endpoint that is dead when picked fails the request
+with ORIGINAL_DST and is retried elsewhere with the override-host policy. Every test runs with
+both ways of routing to the picked endpoint (`lb`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from tritonclient.grpc import service_pb2
 
 from agent.picker import messages as pb
 from tests.support.agentproc import request
-from tests.support.envoy import DEST_HEADER, LB_NAMESPACE, Envoy
+from tests.support.envoy import DEST_HEADER, LB_MODES, LB_NAMESPACE, Envoy
 from tests.support.net import free_port
 from tests.support.whoami import WhoAmI
 
@@ -85,17 +87,23 @@ def backends():
         b.stop()
 
 
+DEAD = f"127.0.0.1:{free_port()}"  # an agent that was killed: nothing listens there
+
+
 @pytest.fixture(scope="module")
 def picker(backends):
     a, b = backends
-    p = StandInPicker({"m1": (a.http_addr, a.grpc_addr), "m2": (b.http_addr, b.grpc_addr)}).start()
+    p = StandInPicker({"m1": (a.http_addr, a.grpc_addr), "m2": (b.http_addr, b.grpc_addr), "gone": (DEAD, DEAD)}).start()
     yield p
     p.stop()
 
 
-@pytest.fixture(scope="module")
-def envoy(picker, tmp_path_factory):
-    with Envoy(f"127.0.0.1:{picker.port}", workdir=tmp_path_factory.mktemp("envoy")) as e:
+@pytest.fixture(scope="module", params=LB_MODES)
+def envoy(request, picker, backends, tmp_path_factory):
+    a, b = backends
+    with Envoy(f"127.0.0.1:{picker.port}", workdir=tmp_path_factory.mktemp("envoy"), lb=request.param,
+               pool_http=[a.http_addr, b.http_addr, DEAD], pool_grpc=[a.grpc_addr, b.grpc_addr, DEAD]) as e:
+        e.lb = request.param
         yield e
 
 
@@ -128,6 +136,20 @@ def test_a_client_cannot_pick_its_own_destination(envoy, backends):
     assert status == 200 and body["who"] == "a"
 
 
+def test_a_request_picked_for_a_dead_agent(envoy):
+    """The picker has not noticed yet that an agent died and names it. With the override-host
+    policy the connect failure is retried on another agent and answered; ORIGINAL_DST takes one
+    address and retries the same one: the client gets 503 (why the benchmark compares both)."""
+    status, body = request("POST", f"{envoy.url}/v2/models/gone/infer", {"inputs": []})
+    if envoy.lb == "override_host":
+        assert status == 200 and body["who"] in ("a", "b"), body
+        assert envoy.stats("cluster.picked_http.upstream_rq_retry_success").get("cluster.picked_http.upstream_rq_retry_success", 0) >= 1
+        r = grpc_infer(envoy.grpc_target, "gone")
+        assert r.model_version in ("a", "b")
+    else:
+        assert status == 503, body
+
+
 def test_picker_down_fail_close_answers_503(picker, tmp_path):
     dead = free_port()
     with Envoy(f"127.0.0.1:{dead}", workdir=tmp_path) as e:
@@ -135,10 +157,11 @@ def test_picker_down_fail_close_answers_503(picker, tmp_path):
         assert status == 503, body
 
 
-def test_picker_down_fail_open_routes_to_the_pool(backends, tmp_path):
+@pytest.mark.parametrize("lb", LB_MODES)
+def test_picker_down_fail_open_routes_to_the_pool(backends, tmp_path, lb):
     a, b = backends
     dead = free_port()
-    with Envoy(f"127.0.0.1:{dead}", workdir=tmp_path, fail_open=True, pool_http=[a.http_addr, b.http_addr],
+    with Envoy(f"127.0.0.1:{dead}", workdir=tmp_path, fail_open=True, lb=lb, pool_http=[a.http_addr, b.http_addr],
                pool_grpc=[a.grpc_addr, b.grpc_addr]) as e:
         whos = {request("POST", f"{e.url}/v2/models/m1/infer", {"inputs": []})[1]["who"] for _ in range(4)}
         assert whos == {"a", "b"}  # round robin over the pool: no affinity, but answered

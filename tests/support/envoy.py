@@ -17,9 +17,10 @@ an InferencePool, written out by hand (fleet contract, issue 12):
   answers 503 (`status_on_error`); `fail_open=True` (FailOpen) lets the request through without a
   destination, and it is routed round-robin over `pool` (the agents, as the InferencePool
   selector would give them) with outlier detection;
-- retries on connect failure / refused stream / reset before request, so a request that met a
-  dead agent before the picker noticed is tried again (with ORIGINAL_DST the same address is
-  tried: see `retry_note` in the test of kill -9) -- and outlier detection on every cluster.
+- retries on connect failure / refused stream / reset before request, and outlier detection on
+  every cluster. Where a retry goes depends on `lb` (see `bootstrap`): with ORIGINAL_DST to the
+  same address (it takes one), with the override-host policy to another agent, so only requests
+  a killed agent already had fail.
 
 Start: `Envoy(picker_port=..., pool=[...]).start()`; `url` / `grpc_target` for clients, `stats()`
 for counters, `stop()` kills it. Each instance has its own free ports and --disable-hot-restart
@@ -91,28 +92,61 @@ def _original_dst(name: str, h2: bool) -> dict:
     return c
 
 
-def _pool(name: str, addrs: list[str], h2: bool) -> dict:
-    c = {"name": name, "type": "STATIC", "lb_policy": "ROUND_ROBIN", "connect_timeout": "1s",
-         "load_assignment": _endpoints(name, addrs), "outlier_detection": _OUTLIER}
+_PREVIOUS_HOSTS = {"retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 5}
+
+
+def _pool(name: str, addrs: list[str], h2: bool, override_host: bool = False) -> dict:
+    """A STATIC cluster of the agents; with `override_host`, the picked endpoint (header, else the
+    `envoy.lb` metadata; a comma-separated list is tried in order on retries) wins over round robin."""
+    c: dict = {"name": name, "type": "STATIC", "connect_timeout": "1s", "load_assignment": _endpoints(name, addrs),
+               "outlier_detection": _OUTLIER, "common_lb_config": {"healthy_panic_threshold": {"value": 0}}}
+    if override_host:
+        c["load_balancing_policy"] = {"policies": [{"typed_extension_config": {
+            "name": "envoy.load_balancing_policies.override_host", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                "override_host_sources": [{"header": DEST_HEADER},
+                                          {"metadata": {"key": LB_NAMESPACE, "path": [{"key": DEST_HEADER}]}}],
+                "fallback_policy": {"policies": [{"typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.round_robin", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"}}}]}}}}]}
+    else:
+        c["lb_policy"] = "ROUND_ROBIN"
     if h2:
         c["typed_extension_protocol_options"] = _H2
     return c
 
 
+LB_MODES = ("original_dst", "override_host")
+
+
 def bootstrap(port: int, admin_port: int, picker: str, *, pool_http: list[str] | None = None,
-              pool_grpc: list[str] | None = None, fail_open: bool = False, retries: int = 2,
-              message_timeout_s: float = 2.0) -> dict:
+              pool_grpc: list[str] | None = None, fail_open: bool = False, lb: str = "original_dst",
+              retries: int = 2, message_timeout_s: float = 2.0) -> dict:
     """The Envoy bootstrap (a dict; YAML/JSON alike) for a gateway on `port` in front of `picker`
-    (host:port of the ext_proc gRPC server). `pool_*`: the agents' data-plane addresses, used only
-    when `fail_open` and the picker cannot answer."""
+    (host:port of the ext_proc gRPC server). `pool_*`: the agents' data-plane addresses.
+
+    `lb="original_dst"` (the fleet contract; what a gateway needs no endpoint list for): an
+    ORIGINAL_DST cluster connects to the address in `x-gateway-destination-endpoint`; one address
+    only (a list is rejected), so a retry after a connect failure goes to the same address.
+    `pool_*` serve only FailOpen.
+    `lb="override_host"` (Envoy's override-host load balancing policy over a cluster of `pool_*`,
+    as a gateway that knows the InferencePool's endpoints can configure it): the picked address
+    first; a retry after a connect failure goes to the next address of the list, else to another
+    agent round robin (never the same one twice) -- a request that met a dead agent before the
+    picker noticed is answered elsewhere. Without a picked address (FailOpen) it is round robin."""
+    if lb not in LB_MODES:
+        raise ValueError(f"lb must be one of {LB_MODES}, got {lb!r}")
     retry = {"retry_on": "connect-failure,refused-stream,reset-before-request", "num_retries": retries,
-             "per_try_timeout": f"{ROUTE_TIMEOUT_S}s"}
+             "per_try_timeout": f"{ROUTE_TIMEOUT_S}s", **_PREVIOUS_HOSTS}
     grpc_mode = {"envoy.filters.http.ext_proc": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
         "overrides": {"processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
                                           "request_body_mode": "BUFFERED_PARTIAL", "response_body_mode": "NONE",
                                           "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}}}}
     picked = {"name": DEST_HEADER, "present_match": True}
+    fallback = "picked" if lb == "override_host" else "pool"
 
     def route(grpc: bool, has_dest: bool) -> dict:
         match: dict = {"prefix": "/"}
@@ -121,15 +155,11 @@ def bootstrap(port: int, admin_port: int, picker: str, *, pool_http: list[str] |
         if has_dest:
             match["headers"] = [picked]
         r: dict = {"match": match}
+        kind = "grpc" if grpc else "http"
         if has_dest:
-            r["route"] = {"cluster": "picked_grpc" if grpc else "picked_http", "timeout": f"{ROUTE_TIMEOUT_S}s",
-                          "retry_policy": retry}
-        elif fail_open:
-            r["route"] = {"cluster": "pool_grpc" if grpc else "pool_http", "timeout": f"{ROUTE_TIMEOUT_S}s",
-                          "retry_policy": {**retry, "retry_host_predicate": [
-                              {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-                                  "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
-                              "host_selection_retry_max_attempts": 3}}
+            r["route"] = {"cluster": f"picked_{kind}", "timeout": f"{ROUTE_TIMEOUT_S}s", "retry_policy": retry}
+        elif fail_open:  # FailOpen: the picker did not answer; any agent (it lazy-loads the model)
+            r["route"] = {"cluster": f"{fallback}_{kind}", "timeout": f"{ROUTE_TIMEOUT_S}s", "retry_policy": retry}
         else:  # FailClose: nothing picked and nothing to fall back to
             r["direct_response"] = {"status": 503, "body": {"inline_string": "no endpoint picked for this request\n"}}
         if grpc:
@@ -163,11 +193,14 @@ def bootstrap(port: int, admin_port: int, picker: str, *, pool_http: list[str] |
     clusters = [
         {"name": "picker", "type": "STATIC", "connect_timeout": "1s", "typed_extension_protocol_options": _H2,
          "load_assignment": _endpoints("picker", [f"{host}:{pport}"])},
-        _original_dst("picked_http", h2=False),
-        _original_dst("picked_grpc", h2=True),
     ]
-    if fail_open:
-        clusters += [_pool("pool_http", pool_http or [], h2=False), _pool("pool_grpc", pool_grpc or [], h2=True)]
+    if lb == "override_host":
+        clusters += [_pool("picked_http", pool_http or [], h2=False, override_host=True),
+                     _pool("picked_grpc", pool_grpc or [], h2=True, override_host=True)]
+    else:
+        clusters += [_original_dst("picked_http", h2=False), _original_dst("picked_grpc", h2=True)]
+        if fail_open:
+            clusters += [_pool("pool_http", pool_http or [], h2=False), _pool("pool_grpc", pool_grpc or [], h2=True)]
     return {
         "admin": {"address": _socket(admin_port)},
         "static_resources": {

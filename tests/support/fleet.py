@@ -1,6 +1,8 @@
 """A fleet on loopback for tests and benchmarks: N real agents (`modelshelf run`, each with its
 embedded MLServer) on one shared cache dir and one config dir, the real picker (`modelshelf
-picker`) watching them, and a real Envoy (tests/support/envoy.py) calling the picker.
+picker`) watching them, and a real Envoy (tests/support/envoy.py) calling the picker (`lb`: how
+Envoy reaches the picked agent; the override-host policy by default, which retries a request that
+met a dead agent on another one).
 
 Agents' addresses are fixed up front, so an agent can join later (`start_agent(i)`): the picker
 lists every slot from the start (a slot with no process is an unreachable agent: no placement),
@@ -49,7 +51,7 @@ class Fleet:
     """`slots` agent addresses, `initial` of them started; picker + Envoy in front (`start()`)."""
 
     def __init__(self, root: Path, models: list[dict], *, slots: int = 4, agent_args: tuple[str, ...] = (),
-                 picker_args: tuple[str, ...] = (), fail_open: bool = True):
+                 picker_args: tuple[str, ...] = (), fail_open: bool = True, lb: str = "override_host"):
         self.root = root
         self.config = ConfigMapDir(root / "config")
         self.config.write({"models.yaml": json.dumps({"models": models})})
@@ -58,6 +60,7 @@ class Fleet:
         self.agent_args = agent_args
         self.picker_args = picker_args
         self.fail_open = fail_open
+        self.lb = lb
         self.picker_port = free_port()
         self.picker: subprocess.Popen | None = None
         self.envoy: Envoy | None = None
@@ -73,7 +76,7 @@ class Fleet:
         if not gateway:
             return self
         self.start_picker()
-        self.envoy = Envoy(f"127.0.0.1:{self.picker_port}", workdir=self.root / "envoy", fail_open=self.fail_open,
+        self.envoy = Envoy(f"127.0.0.1:{self.picker_port}", workdir=self.root / "envoy", fail_open=self.fail_open, lb=self.lb,
                            pool_http=[s.endpoint for s in self.slots], pool_grpc=[s.grpc_endpoint for s in self.slots]).start()
         return self
 
