@@ -1,7 +1,10 @@
 """Past one node, side by side: the same Zipf traffic from header-less V2 REST clients through
-(a) a real Envoy + the modelshelf picker (the inference gateway, tests/support/envoy.py) and
-(b) nginx hashing on the model name that deploy/k8s/07-scale-out's `map` takes from the path
-(tests/support/nginx.py), in one run, each in front of its own fresh fleet of the same agents
+(a) a real Envoy + the modelshelf picker (the inference gateway, tests/support/envoy.py), with
+Envoy reaching the picked agent through its override-host policy (`gateway`: a retry after a
+connect failure goes to another agent) and through an ORIGINAL_DST cluster (`gateway-odst`: the
+fleet contract's wiring; a retry goes to the same address), and (b) nginx hashing on the model
+name that deploy/k8s/07-scale-out's `map` takes from the path (tests/support/nginx.py, `nginx`),
+in one run, each in front of its own fresh fleet of the same agents
 (`modelshelf run`, embedded MLServer, one shared cache dir, models served by a local HTTP store
 so downloads are counted, a memory budget that holds about a third of the models per agent).
 
@@ -15,9 +18,9 @@ Phases per topology:
 4. resize: a fourth agent joins (gateway: the picker polls its slot; nginx: reloaded with it in
    the upstream): models moved (holders that changed) and copies left (models loaded twice).
 
-Goals (issue 12), each with a verdict: 0 failed requests other than those in flight at a kill;
-max/mean requests per agent <= 1.25; gateway p95 no worse than nginx's; a hot model's throughput
-scales with its copies.
+Goals (issue 12), each with a verdict for `gateway`: 0 failed requests other than those in
+flight at a kill; max/mean requests per agent <= 1.25; p95 no worse than nginx's; a hot model's
+throughput scales with its copies.
 
 Run (one command; results in benchmarks/results/cluster.{md,json}; ~4 min by default):
     flock /tmp/modelshelf-bench.lock .venv/bin/python benchmarks/bench_cluster.py
@@ -40,10 +43,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import command_line, http as http_call, loadavg, machine, machine_md, md_table, write_results  # noqa: E402
+from benchmarks.common import command_line, cpu_seconds, http as http_call, loadavg, machine, machine_md, md_table, write_results  # noqa: E402
 from agent.memory import tree_rss  # noqa: E402
 from tests.support.fleet import Fleet  # noqa: E402
 from tests.support.httpserver import HTTPFileServer  # noqa: E402
@@ -51,6 +55,7 @@ from tests.support.models import sample_rows, v2_request, write_sklearn_model  #
 from tests.support.nginx import Nginx, nginx_binary  # noqa: E402
 
 BODY = json.dumps(v2_request(sample_rows(1))).encode()
+TOPOLOGIES = ("gateway", "gateway-odst", "nginx")
 
 
 # ---------------------------------------------------------------------------------- traffic
@@ -154,13 +159,14 @@ def holders_map(snap: dict[int, dict]) -> dict[str, set[int]]:
 def run_topology(kind: str, a, store: HTTPFileServer, models: list[dict], names: list[str], root: Path) -> dict:
     agent_args = ("--host-memory", a.budget, "--min-residency", "2")
     picker_args = ("--hot-rate", str(a.hot_rate))
-    fleet = Fleet(root / kind, models, slots=a.agents + 1, agent_args=agent_args, picker_args=picker_args)
+    lb = "original_dst" if kind == "gateway-odst" else "override_host"
+    fleet = Fleet(root / kind, models, slots=a.agents + 1, agent_args=agent_args, picker_args=picker_args, lb=lb)
     nginx: Nginx | None = None
     out: dict = {"topology": kind}
     try:
         t0 = time.monotonic()
         gets_at_start = sum(store.get_count(f"{n}/model.joblib") for n in names)
-        fleet.start(initial=a.agents, gateway=(kind == "gateway"))
+        fleet.start(initial=a.agents, gateway=kind.startswith("gateway"))
         for s in fleet.live():  # MLServer imports its runtime on the first load: not in the figures
             s.proc.wait_state("warm", "loaded", timeout=180)
         fleet.wait_all_ready(timeout=120)
@@ -173,11 +179,19 @@ def run_topology(kind: str, a, store: HTTPFileServer, models: list[dict], names:
         pick = zipf_picker(names, a.zipf)
 
         # 1. steady
+        def front_pids() -> dict[str, list[int]]:
+            if nginx is not None:
+                master = psutil.Process(nginx.proc.pid)  # type: ignore[union-attr]
+                return {"nginx": [master.pid] + [c.pid for c in master.children(recursive=True)]}
+            return {"envoy": [fleet.envoy.proc.pid], "picker": [fleet.picker.pid]}  # type: ignore[union-attr]
+
+        cpu0 = {k: cpu_seconds(v) for k, v in front_pids().items()}
         before, look0 = snapshot(fleet), lookups(fleet)
         gets0 = sum(store.get_count(f"{n}/model.joblib") for n in names)
         records = Traffic(front, a.clients, pick, seed=1).start()
         time.sleep(a.duration)
         records = records.stop()
+        cpu1 = {k: cpu_seconds(v) for k, v in front_pids().items()}
         after, look1 = snapshot(fleet), lookups(fleet)
         served = {i: sum(after[i]["requests"].values()) - sum(before[i]["requests"].values()) for i in after}
         hits = sum(look1[i].get("hit", 0) - look0[i].get("hit", 0) for i in look1)
@@ -186,6 +200,7 @@ def run_topology(kind: str, a, store: HTTPFileServer, models: list[dict], names:
         holders = holders_map(after)
         out["steady"] = {
             "requests": len(records), "rps": round(len(records) / a.duration, 1), "statuses": dict(statuses),
+            "front_cpu_ms_per_request": {k: round((cpu1[k] - cpu0[k]) * 1000 / max(1, len(records)), 3) for k in cpu0},
             "rate_503": statuses.get(503, 0) / max(1, len(records)),
             "failed": sum(v for k, v in statuses.items() if k != 200),
             "hit_ratio": hits / max(1, hits + misses), **percentiles(records),
@@ -222,26 +237,32 @@ def run_topology(kind: str, a, store: HTTPFileServer, models: list[dict], names:
         mid = snapshot(fleet)
         busiest = max(mid, key=lambda i: sum(mid[i]["requests"].values()) - sum(pre[i]["requests"].values()))
         victim_models = set(mid[busiest]["loaded"]) - {"warm"}
-        killed_at = time.monotonic()
-        fleet.kill(busiest)
+        killed_at, dead_at = fleet.kill(busiest)
         time.sleep(a.failover)
         rec = tr.stop()
         failed = [r for r in rec if r[3] != 200]
-        in_flight = [r for r in failed if r[0] <= killed_at]
-        after_kill = [r for r in failed if r[0] > killed_at]
+        # in flight: the request had started before the victim was gone (kill -9 of its process
+        # group takes a few ms, during which its server may already be dead and it answers 503)
+        in_flight = [r for r in failed if r[0] < dead_at]
+        after_kill = [r for r in failed if r[0] >= dead_at]
         last_fail = max((r[0] + r[1] - killed_at for r in failed), default=0.0)
-        first_ok = {}
+        first_asked: dict[str, float] = {}
+        answered: dict[str, float] = {}  # victim model -> from its first request after the kill to its first answer
         for r in sorted(rec):
-            if r[2] in victim_models and r[0] > killed_at and r[3] == 200 and r[2] not in first_ok:
-                first_ok[r[2]] = r[0] + r[1] - killed_at
+            if r[2] in victim_models and r[0] >= dead_at:
+                first_asked.setdefault(r[2], r[0])
+                if r[3] == 200 and r[2] not in answered:
+                    answered[r[2]] = r[0] + r[1] - first_asked[r[2]]
         out["failover"] = {
             "victim": busiest, "victim_models": len(victim_models), "requests": len(rec), "failed": len(failed),
+            "kill_ms": round((dead_at - killed_at) * 1000, 1),
             "failed_in_flight_at_kill": len(in_flight), "failed_started_after_kill": len(after_kill),
             "failed_statuses": dict(Counter(r[3] for r in failed)),
             "failed_started_after_kill_at_s": sorted(round(r[0] - killed_at, 3) for r in after_kill)[:50],
             "last_failure_s_after_kill": round(last_fail, 3),
-            "victim_models_answered_elsewhere": len(first_ok),
-            "max_s_until_a_victim_model_answered": round(max(first_ok.values(), default=float("nan")), 3),
+            "victim_models_asked_after_kill": len(first_asked),
+            "victim_models_answered_elsewhere": len(answered),
+            "max_s_first_request_to_answer": round(max(answered.values(), default=float("nan")), 3),
         }
 
         # 4. resize: a fourth agent joins
@@ -266,7 +287,7 @@ def run_topology(kind: str, a, store: HTTPFileServer, models: list[dict], names:
             "models_loaded_twice_after": sum(1 for m in names if len(h1.get(m, ())) > 1),
             "served_by_new_agent": sum(snapshot(fleet)[new]["requests"].values()),
         }
-        if kind == "gateway":
+        if kind.startswith("gateway"):
             out["picker_copy_events"] = len(re.findall(r"copy added", (root / kind / "picker.log").read_text()))
         return out
     finally:
@@ -281,12 +302,15 @@ def verdicts(res: dict) -> list[tuple[str, str, str]]:
     out = []
     f = g["failover"]
     other_failures = g["steady"]["failed"] + g["resize"]["failed"] + g["hot"]["failed"] + f["failed_started_after_kill"]
+    why = (f"{f['failed_in_flight_at_kill']} failed in flight at the kill, {f['failed_started_after_kill']} started after it "
+           f"(at {f['failed_started_after_kill_at_s'][:8]} s); steady {g['steady']['failed']}, hot {g['hot']['failed']}, "
+           f"resize {g['resize']['failed']}")
+    odst = res.get("gateway-odst")
+    if odst:
+        why += (f". ORIGINAL_DST wiring: {odst['failover']['failed_started_after_kill']} started after the kill failed "
+                f"(picked for the dead agent before the picker's next poll; the retry goes to the same address)")
     out.append(("0 failed requests other than those in flight at a kill (gateway)",
-                "met" if other_failures == 0 else "missed",
-                f"{f['failed_in_flight_at_kill']} failed in flight at the kill; {f['failed_started_after_kill']} started after it "
-                f"(at {f['failed_started_after_kill_at_s'][:8]} s: picked for the dead agent before the picker's next poll; "
-                f"Envoy's ORIGINAL_DST retries the same address); steady {g['steady']['failed']}, hot {g['hot']['failed']}, "
-                f"resize {g['resize']['failed']}"))
+                "met" if other_failures == 0 else "missed", why))
     r = g["steady"]["requests_max_mean"]
     out.append(("max/mean requests per agent <= 1.25 (gateway, steady)", "met" if r <= 1.25 else "missed",
                 f"{r:.2f} (nginx: {n['steady']['requests_max_mean']:.2f})" if n else f"{r:.2f}"))
@@ -306,7 +330,7 @@ def verdicts(res: dict) -> list[tuple[str, str, str]]:
 
 
 def report(a, res: dict, m: dict) -> str:
-    kinds = [k for k in ("gateway", "nginx") if k in res]
+    kinds = [k for k in TOPOLOGIES if k in res]
     rows = []
     def row(label, f):
         rows.append([label] + [f(res[k]) for k in kinds])
@@ -316,6 +340,7 @@ def report(a, res: dict, m: dict) -> str:
     row("503 rate", lambda r: f"{r['steady']['rate_503']:.4f}")
     row("failed (any non-200)", lambda r: r["steady"]["failed"])
     row("p50 / p95 / p99 ms", lambda r: f"{r['steady']['p50_ms']:.1f} / {r['steady']['p95_ms']:.1f} / {r['steady']['p99_ms']:.1f}")
+    row("front CPU ms per request", lambda r: ", ".join(f"{k} {v:.2f}" for k, v in r["steady"]["front_cpu_ms_per_request"].items()))
     row("requests max/mean per agent", lambda r: f"{r['steady']['requests_max_mean']:.2f} {list(r['steady']['served_per_agent'].values())}")
     row("ledger memory max/mean", lambda r: f"{r['steady']['reserved_max_mean']:.2f}")
     row("RSS (agent+server) max/mean", lambda r: f"{r['steady']['rss_max_mean']:.2f} ({max(r['steady']['rss_per_agent'].values()) / 2**20:.0f} MiB max)")
@@ -325,7 +350,7 @@ def report(a, res: dict, m: dict) -> str:
     row("hot model ok/s first→last third", lambda r: f"{r['hot']['first_third_rps']:.0f} → {r['hot']['last_third_rps']:.0f}, copies {max(r['hot']['copies_per_second'] or [0])}")
     row("failover: failed (in flight / after)", lambda r: f"{r['failover']['failed']} ({r['failover']['failed_in_flight_at_kill']} / {r['failover']['failed_started_after_kill']})")
     row("failover: last failure, s after kill", lambda r: r["failover"]["last_failure_s_after_kill"])
-    row("failover: dead agent's models answered elsewhere", lambda r: f"{r['failover']['victim_models_answered_elsewhere']} of {r['failover']['victim_models']} (all within {r['failover']['max_s_until_a_victim_model_answered']} s)")
+    row("failover: dead agent's models answered elsewhere", lambda r: f"{r['failover']['victim_models_answered_elsewhere']} of {r['failover']['victim_models_asked_after_kill']} asked ({r['failover']['victim_models']} held); first request answered within {r['failover']['max_s_first_request_to_answer']} s")
     row("3→4: models on the new agent", lambda r: r["resize"]["models_on_new_agent"])
     row("3→4: models moved between old agents", lambda r: r["resize"]["models_moved_between_old_agents"])
     row("3→4: models loaded twice after", lambda r: r["resize"]["models_loaded_twice_after"])
@@ -341,7 +366,10 @@ def report(a, res: dict, m: dict) -> str:
         f"- Setup: {a.agents} agents (+1 joining), {a.models} sklearn models served over HTTP into one shared cache, "
         f"each declared {a.model_memory} with --host-memory {a.budget} per agent, --min-residency 2; "
         f"Zipf s={a.zipf}; {a.clients} keep-alive clients; steady {a.duration} s, hot {a.hot} s, failover {a.failover} s, "
-        f"resize {a.resize} s; picker --hot-rate {a.hot_rate}. Each topology gets a fresh fleet; gateway first.",
+        f"resize {a.resize} s; picker --hot-rate {a.hot_rate}. Each topology gets a fresh fleet, in the order of the columns.",
+        "- gateway: Envoy + picker, Envoy's override-host policy to the picked agent (a retry goes to another agent); "
+        "gateway-odst: the same with an ORIGINAL_DST cluster (the fleet contract's wiring); nginx: `hash $modelshelf_model "
+        "consistent` on the deployed path map (deploy/k8s/07-scale-out).",
         "",
         md_table(["", *kinds], rows),
         "",
@@ -371,7 +399,8 @@ def main() -> int:
     p.add_argument("--failover", type=float, default=8.0)
     p.add_argument("--resize", type=float, default=8.0)
     p.add_argument("--hot-rate", type=float, default=30.0, help="the picker's --hot-rate")
-    p.add_argument("--only", choices=["gateway", "nginx"], default=None)
+    p.add_argument("--topologies", default=",".join(TOPOLOGIES),
+                   help="comma-separated, from: gateway (Envoy override-host + picker), gateway-odst (Envoy ORIGINAL_DST + picker), nginx")
     p.add_argument("--name", default="cluster")
     a = p.parse_args()
 
@@ -388,8 +417,9 @@ def main() -> int:
             models = [{"name": n, "uri": store.url(f"{n}/model.joblib"), "runtime": "sklearn", "memory": a.model_memory,
                        "preload": False} for n in names]
             models.append({"name": "warm", "uri": store.url("warm/model.joblib"), "runtime": "sklearn", "memory": "1Mi"})
-            kinds = [a.only] if a.only else ["gateway", "nginx"]
-            for kind in kinds:
+            for kind in a.topologies.split(","):
+                if kind not in TOPOLOGIES:
+                    raise SystemExit(f"--topologies: unknown {kind!r} (one of {', '.join(TOPOLOGIES)})")
                 if kind == "nginx":
                     try:
                         nginx_binary()
@@ -408,7 +438,7 @@ def main() -> int:
     md = report(a, res, m)
     paths = write_results(a.name, md, res)
     print(md)
-    print("wrote", *paths)
+    print("wrote", *(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p for p in paths))
     return 0
 
 

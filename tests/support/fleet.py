@@ -113,12 +113,16 @@ class Fleet:
                 time.sleep(0.05)
         raise TimeoutError(f"picker not ready; log:\n{(self.root / 'picker.log').read_text()[-3000:]}")
 
-    def kill(self, i: int) -> None:
-        """kill -9 agent i and its MLServer (its process group)."""
+    def kill(self, i: int) -> tuple[float, float]:
+        """kill -9 agent i and its MLServer (its process group). Returns (monotonic time of the
+        signal, monotonic time the agent was reaped): a request that reached the agent before the
+        second may fail with it (its server may die a few ms before the agent does)."""
         proc = self.slots[i].proc
         assert proc is not None
+        sent = time.monotonic()
         os.killpg(proc.proc.pid, signal.SIGKILL)
         proc.proc.wait(10)
+        return sent, time.monotonic()
 
     def stop(self) -> None:
         if self.envoy:
