@@ -130,7 +130,8 @@ def test_grpc_call_reaches_the_picked_endpoint_by_the_model_in_its_body(envoy, p
 
 
 def test_a_client_cannot_pick_its_own_destination(envoy, backends):
-    """The client's x-gateway-destination-endpoint is dropped before the picker: m1 still goes to a."""
+    """A client's x-gateway-destination-endpoint does not win over the picker's: m1 still goes to
+    a (the picker overwrites it; the gateway also strips it first: see the FailOpen test)."""
     _, b = backends
     status, body = request("POST", f"{envoy.url}/v2/models/m1/infer", {"inputs": []}, headers={DEST_HEADER: b.http_addr})
     assert status == 200 and body["who"] == "a"
@@ -166,3 +167,13 @@ def test_picker_down_fail_open_routes_to_the_pool(backends, tmp_path, lb):
         whos = {request("POST", f"{e.url}/v2/models/m1/infer", {"inputs": []})[1]["who"] for _ in range(4)}
         assert whos == {"a", "b"}  # round robin over the pool: no affinity, but answered
         assert grpc_infer(e.grpc_target, "m1").model_version in ("a", "b")
+        # with no picker to overwrite it, a client's own destination header must not steer the
+        # gateway anywhere (ORIGINAL_DST would connect to any ip:port it names)
+        outsider = WhoAmI("outsider")
+        try:
+            for _ in range(4):
+                status, body = request("POST", f"{e.url}/v2/models/m1/infer", {"inputs": []},
+                                       headers={DEST_HEADER: outsider.http_addr})
+                assert status == 200 and body["who"] in ("a", "b"), body
+        finally:
+            outsider.stop()

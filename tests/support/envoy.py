@@ -4,9 +4,9 @@ The bootstrap is what a Gateway API Inference Extension gateway (Istio, Envoy Ga
 an InferencePool, written out by hand (fleet contract, issue 12):
 
 - one listener, codec AUTO: HTTP/1.1 and HTTP/2 (gRPC, h2c prior knowledge) on one port;
-- `header_mutation` first: a client's own `x-gateway-destination-endpoint` is removed, so only
-  the picker chooses where a request goes (else any client could aim the ORIGINAL_DST cluster at
-  any ip:port);
+- an early header mutation (before routing): a client's own `x-gateway-destination-endpoint` is
+  removed, so only the picker chooses where a request goes (else, whenever the picker does not
+  overwrite it, e.g. FailOpen, any client could aim the ORIGINAL_DST cluster at any ip:port);
 - `ext_proc` to the picker (a STATIC gRPC cluster): request headers only for REST (the path names
   the model), request headers plus the start of the body for gRPC (`BUFFERED_PARTIAL`: the model
   name is field 1 of the message; a message larger than the buffer is not refused, the picker
@@ -171,10 +171,11 @@ def bootstrap(port: int, admin_port: int, picker: str, *, pool_http: list[str] |
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "gateway", "codec_type": "AUTO",
         "route_config": {"name": "models", "virtual_hosts": [{"name": "models", "domains": ["*"], "routes": routes}]},
+        # before any route is chosen (a filter would run after the route was cached with the header)
+        "early_header_mutation_extensions": [{"name": "envoy.http.early_header_mutation.header_mutation", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+            "mutations": [{"remove": DEST_HEADER}]}}],
         "http_filters": [
-            {"name": "envoy.filters.http.header_mutation", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                "mutations": {"request_mutations": [{"remove": DEST_HEADER}]}}},
             {"name": "envoy.filters.http.ext_proc", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                 "grpc_service": {"envoy_grpc": {"cluster_name": "picker"}, "timeout": f"{message_timeout_s}s"},
