@@ -47,7 +47,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import command_line, cpu_seconds, http as http_call, loadavg, machine, machine_md, md_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, command_line, cpu_seconds, http as http_call, loadavg, machine, machine_md, md_table, write_results  # noqa: E402
 from agent.memory import tree_rss  # noqa: E402
 from tests.support.fleet import Fleet  # noqa: E402
 from tests.support.httpserver import HTTPFileServer  # noqa: E402
@@ -253,7 +253,12 @@ def run_topology(kind: str, a, store: HTTPFileServer, models: list[dict], names:
                 first_asked.setdefault(r[2], r[0])
                 if r[3] == 200 and r[2] not in answered:
                     answered[r[2]] = r[0] + r[1] - first_asked[r[2]]
+        bins = np.arange(-2.0, a.failover + 0.25, 0.25)
+        timeline = {"t_s": bins[:-1].round(2).tolist(),
+                    "ok": np.histogram([r[0] + r[1] - killed_at for r in rec if r[3] == 200], bins)[0].tolist(),
+                    "failed": np.histogram([r[0] + r[1] - killed_at for r in failed], bins)[0].tolist()}
         out["failover"] = {
+            "timeline": timeline,
             "victim": busiest, "victim_models": len(victim_models), "requests": len(rec), "failed": len(failed),
             "kill_ms": round((dead_at - killed_at) * 1000, 1),
             "failed_in_flight_at_kill": len(in_flight), "failed_started_after_kill": len(after_kill),
@@ -327,6 +332,35 @@ def verdicts(res: dict) -> list[tuple[str, str, str]]:
                 f"copies {h['copies_per_second']}; ok/s first third {h['first_third_rps']:.0f}, last third {h['last_third_rps']:.0f} "
                 f"(x{scale:.2f} with {copies} copies): every agent shares the same CPUs here, so copies add no CPU"))
     return out
+
+
+def plot(res: dict, path: Path) -> Path | None:
+    """Failover timelines (answers and failures per 0.25 s around the kill) and the hot model's
+    answers per second with its copies, one line per topology."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    kinds = [k for k in TOPOLOGIES if k in res]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for k in kinds:
+        t = res[k]["failover"]["timeline"]
+        line, = ax1.plot(t["t_s"], [v * 4 for v in t["ok"]], label=f"{k} answered/s")
+        if any(t["failed"]):
+            ax1.bar(t["t_s"], [v * 4 for v in t["failed"]], width=0.2, alpha=0.5, color=line.get_color(), label=f"{k} failed/s")
+        h = res[k]["hot"]
+        ax2.plot(range(len(h["ok_per_second"])), h["ok_per_second"], label=f"{k} (copies {h['copies_per_second']})")
+    ax1.axvline(0, color="k", lw=0.8)
+    ax1.set(title="kill -9 of the busiest agent at t=0", xlabel="s after the kill", ylabel="requests/s")
+    ax2.set(title="every client on the hottest model", xlabel="s", ylabel="answers/s")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return path
 
 
 def report(a, res: dict, m: dict) -> str:
@@ -435,7 +469,8 @@ def main() -> int:
     res["machine"] = m
     if "gateway" in res:
         res["verdicts"] = [{"goal": g, "verdict": v, "why": w} for g, v, w in verdicts(res)]
-    md = report(a, res, m)
+    png = plot(res, RESULTS / f"{a.name}.png")
+    md = report(a, res, m) + (f"\n\n![failover and hot model]({png.name})\n" if png else "")
     paths = write_results(a.name, md, res)
     print(md)
     print("wrote", *(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p for p in paths))

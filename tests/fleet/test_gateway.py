@@ -162,7 +162,7 @@ def test_kill_9_under_traffic_fails_only_requests_in_flight(fleet, expected):
         f"{[(round(r[0] - killed_at, 3), r[2], r[3]) for r in failed]}"
     assert all(r[2] in by_agent[victim] for r in failed), f"a model the victim did not hold failed: {failed}"
     for model in orphans:
-        after = [r for r in results if r[2] == model and r[0] > killed_at]
+        after = [r for r in results if r[2] == model and r[0] >= dead_at]
         assert after and all(r[3] == 200 for r in after), f"{model} did not answer after its agent died"
         assert fleet.holders(model) and victim not in fleet.holders(model)
     print(f"kill -9 agent {victim} ({len(by_agent[victim])} models): {len(failed)} failed of {len(results)}")
