@@ -124,7 +124,8 @@ def _add_probes(api: FastAPI, agent: "Agent") -> None:
 
     @api.get("/readyz")
     async def readyz() -> JSONResponse:
-        """Readiness: the server answers and the first config was applied."""
+        """Readiness: the server answers, the first config was applied, its models (and, after a
+        server restart, what the server lost) are checked and loaded as configured, not draining."""
         reasons = agent.not_ready_reasons()
         return JSONResponse({"ready": not reasons, "reasons": reasons}, status_code=503 if reasons else 200)
 

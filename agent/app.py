@@ -61,6 +61,7 @@ class Agent:
         self.memory: MemoryManager | None = None
         self._server_ready = False
         self._health_task: asyncio.Task | None = None
+        self._idle_task: asyncio.Task | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.fleet = FleetState(self)  # /fleet/state and /fleet/drain (agent/fleet.py)
         self.api = build_api(self)
@@ -88,6 +89,8 @@ class Agent:
         )
         await self.watcher.start()
         self._health_task = asyncio.create_task(self._health_loop(), name="server-health")
+        if s.idle_unload_s > 0:
+            self._idle_task = asyncio.create_task(self._idle_loop(s.idle_unload_s), name="idle-unload")
         # everything imported and built so far lives as long as the agent: keep it out of the
         # collector's generations, so a full collection does not walk it on every config edit
         gc.collect()
@@ -143,7 +146,7 @@ class Agent:
                     log.info("server is ready again")
                     self._server_ready = True
                     self.fleet.bump()
-                    await self.reconciler.resync_server()
+                    await self.reconciler.resync_server(restock=True)
                 continue
             failures += 1
             if failures >= 3 and self._server_ready:
@@ -151,9 +154,18 @@ class Agent:
                 self._server_ready = False
                 self.fleet.bump()
 
+    async def _idle_loop(self, idle_s: float) -> None:
+        """--idle-unload: copies nobody asked for in `idle_s` seconds leave (a fleet's stale copies)."""
+        while True:
+            await asyncio.sleep(min(30.0, max(0.05, idle_s / 4)))
+            n = await self.reconciler.unload_idle(idle_s)
+            if n:
+                log.info("unloaded idle models", extra=kv(models=n, idle_seconds=idle_s))
+
     async def stop(self) -> None:
-        if self._health_task:
-            self._health_task.cancel()
+        for task in (self._health_task, self._idle_task):
+            if task:
+                task.cancel()
         if self.watcher:
             await self.watcher.stop()
         if self.reconciler:
@@ -173,10 +185,13 @@ class Agent:
         """Why the agent should take no traffic now ([] when ready): /readyz, /v2/health/ready,
         gRPC ServerReady and /fleet/state all answer from this."""
         reasons = []
-        if not self._server_ready:
+        process = getattr(self.adapter, "process", None)  # the embedded server: known at once when it died
+        if not self._server_ready or (process is not None and not process.ready):
             reasons.append("server not ready")
         if self.reconciler is None or not self.reconciler.applied_once.is_set():
             reasons.append("config not applied yet")
+        elif self.reconciler.restocking:
+            reasons.append(f"restocking: {self.reconciler.restocking} model(s) not checked and loaded yet")
         if self.fleet.draining:
             reasons.append("draining (preStop): no new placements")
         return reasons

@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-queue", type=int, default=256, help="requests waiting per model during a load; past it 503")
     run.add_argument("--max-body-bytes", default=str(64 * 2**20), help="request body limit (413 past it)")
     run.add_argument("--load-concurrency", type=int, default=2, help="models loaded at a time")
+    run.add_argument("--idle-unload", type=float, default=0.0, help="seconds after which a model loaded on demand (not pinned, not preload) that no request used is unloaded (0, the default: only LRU eviction unloads); in a fleet, copies the picker stopped routing here")
+    run.add_argument("--prefetch", choices=["all", "preload"], default="all", help="which models are pulled before a request asks: 'all' (default: one node serves every model, so its first requests only load) pulls every configured model at once; 'preload' (agents of a fleet: each downloads only what is placed on it) pulls preload and pinned models, a 'preload: false' model on its first request")
     run.add_argument("--resync-interval", type=float, default=60.0, help="seconds between full resyncs of config and server")
     run.add_argument("--shards", type=int, default=1, help="split the config across N replicas by hash of model name")
     run.add_argument("--shard-index", type=_shard_index, default="0", help="this replica's shard, or 'auto' (StatefulSet ordinal)")
@@ -271,6 +273,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.max_queue = args.max_queue
         s.max_body_bytes = parse_quantity(args.max_body_bytes)
         s.load_concurrency = args.load_concurrency
+        s.prefetch = args.prefetch
+        s.idle_unload_s = args.idle_unload
         s.resync_interval_s = args.resync_interval
         s.shards = args.shards
         s.management_host, s.management_port = args.management_host, args.management_port

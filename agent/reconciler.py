@@ -65,6 +65,7 @@ from agent.metrics import Metrics
 from agent.runtimes import RuntimeAdapter, RuntimeErrorBase, ServedModel
 from agent.runtimes.base import ServerUnavailable
 from agent.settings import Settings
+from agent.slots import BACKGROUND, CHECK, URGENT, PrioritySlots
 from puller import Cache, Entry, PullError, model_holder
 
 log = get_logger("modelshelf.reconciler")
@@ -230,7 +231,10 @@ class Reconciler:
         self.config_errors: tuple[ConfigError, ...] = ()
         self.config_parse_error: str | None = None
         self.applied_once = asyncio.Event()
-        self._pull_sem = asyncio.Semaphore(settings.pull_concurrency)
+        # pull slots go to the pulls a request waits for first, then preloads/prefetches, then
+        # source checks: a cold model's first request never queues behind hundreds of checks
+        self._pull_slots = PrioritySlots(settings.pull_concurrency)
+        self._checking: set[str] = set()  # models whose source check is queued or running
         self._load_sem = asyncio.Semaphore(settings.load_concurrency)
         # loads nobody waits for (preloads, restores, updates) never take the last load slot
         self._background_sem = asyncio.Semaphore(max(1, settings.load_concurrency - 1))
@@ -245,6 +249,9 @@ class Reconciler:
         self._recheck_task: asyncio.Task | None = None
         self._reality_wake = asyncio.Event()  # set after a load: check reality at once
         self.on_change: Callable[[], None] = lambda: None  # a state or the configured set changed (/fleet/state seq)
+        # readiness: model -> when it was marked; its next step (begun after the mark) must finish
+        # before the agent is ready (the first config, a server restart); see `restocking`
+        self._restocking: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -314,6 +321,7 @@ class Reconciler:
                 self._schedule(m)
         if not self.applied_once.is_set():
             self._schedule_orphan_cleanup(set(desired))
+            self._restock(desired)
             self.applied_once.set()
         self.metrics.config_applied.set_to_current_time()
         self.on_change()
@@ -429,7 +437,34 @@ class Reconciler:
 
     async def _converge(self, m: Model) -> None:
         async with m.lock:
-            await self._guarded(m, self._step(m))
+            began = time.monotonic()
+            try:
+                await self._guarded(m, self._step(m))
+            finally:
+                self._restocked(m.name, began)
+
+    def _restock(self, names: Any) -> None:
+        """Readiness waits for these models' next steps (scheduled by the caller): their files
+        checked or pulled per --prefetch, and loaded when they are to be."""
+        now = time.monotonic()
+        self._restocking.update((n, now) for n in names)
+        if self._restocking:
+            self.on_change()
+
+    def _restocked(self, name: str, began: float) -> None:
+        mark = self._restocking.get(name)
+        if mark is None or began < mark:
+            return  # a step that began before the mark does not count
+        del self._restocking[name]
+        if not self._restocking:
+            log.info("restocked: every model checked and loaded as configured")
+            self.on_change()
+
+    @property
+    def restocking(self) -> int:
+        """Models whose step after the first config or a server restart has not finished: the
+        agent is not ready while any is left (a failed or not-fitting model has finished)."""
+        return len(self._restocking)
 
     async def _guarded(self, m: Model, step: Awaitable[None]) -> None:
         """The safety net around every step of one model (caller holds m.lock): a bug or an
@@ -454,6 +489,8 @@ class Reconciler:
             return
         if restore is not None and not await asyncio.to_thread(self.cache.check, restore.entry):
             await self._load(m, restore, lazy=False)  # the copy that served, not a failed update
+        if not self._pull_now(m):
+            return  # pulled when a request first asks for it here (--prefetch preload)
         if not await self._pull(m):
             return
         if m.name in self._adoptable and m.state is not S.LOADED and await self._adopt(m):
@@ -465,6 +502,17 @@ class Reconciler:
             return  # the retry loop schedules it again when the backoff ends
         if m.wants_loaded() or m.state is S.LOADED or restore is not None:
             await self._load(m, wanted, lazy=False)
+
+    def _pull_now(self, m: Model) -> bool:
+        """The lazy-pull decision (`--prefetch`): `all` (the default: a single node serves every
+        model, so its first requests should only load) pulls every configured model ahead;
+        `preload` (agents of a fleet) pulls what is loaded without a request (preload, pinned,
+        what the server already serves or served) and leaves a `preload: false` model unpulled
+        and unlisted until its first request, so each agent downloads only what is placed on it.
+        A model with its entry in hand is only re-checked (cheap)."""
+        if self.settings.prefetch == "all" or m.wants_loaded() or m.state is S.LOADED or m.name in self._adoptable:
+            return True
+        return m.entry is not None and m.entry_fp == m.spec.fingerprint()
 
     def _wanted(self, m: Model) -> Copy:
         assert m.entry is not None
@@ -500,7 +548,7 @@ class Reconciler:
             self._set(m, S.PULLING)
         started = time.monotonic()
         try:
-            async with self._pull_sem:
+            async with self._pull_slots.slot(lambda: URGENT if m.waiters else BACKGROUND):
                 entry = await asyncio.to_thread(self._ensure, m.spec)
         except PullError as e:
             self.metrics.pulls.labels(result="error").inc()
@@ -744,17 +792,26 @@ class Reconciler:
         m = self.models.get(name)
         return m is not None and await self._evict(m)
 
-    async def _evict(self, v: Model) -> bool:
+    async def _evict(self, v: Model, reason: str = "evicted") -> bool:
         """Unload `v` to make room, unless a request holds it. Never waits for v's lock."""
         if v.lock.locked():
             return False
         async with v.lock:  # free lock: acquired without yielding, so the check below is current
             if v.inflight > 0 or v.state is not S.LOADED:
                 return False  # a request took a lease: never unload under it
-            if not await self._unload(v, reason="evicted"):
+            if not await self._unload(v, reason=reason):
                 return False
             self.metrics.evictions.inc()
             return True
+
+    async def unload_idle(self, idle_s: float) -> int:
+        """Unload models loaded on demand (not pinned, not preload) that no request used for
+        `idle_s` seconds, as an eviction would (never under a request); in a fleet these are
+        copies the picker no longer routes here (`--idle-unload`). Returns how many."""
+        cutoff = time.monotonic() - idle_s
+        idle = [m for m in self.models.values()
+                if m.state is S.LOADED and not m.wants_loaded() and not m.removed and m.inflight == 0 and m.last_used < cutoff]
+        return sum([await self._evict(m, reason="idle") for m in idle])
 
     async def _unload(self, m: Model, *, reason: str) -> bool:
         """Drain, then unload what the server holds. Caller holds m.lock. True when it is gone;
@@ -856,10 +913,12 @@ class Reconciler:
         for m in lost:
             m.lost_since = now
             self._schedule(m)
+        self._restock(m.name for m in lost)
 
-    async def resync_server(self, names: set[str] | None = None) -> None:
+    async def resync_server(self, names: set[str] | None = None, *, restock: bool = False) -> None:
         """Compare what the agent holds loaded with the server's index (a sidecar restart we
-        did not see, a model unloaded behind our back); each lost model's task reloads it."""
+        did not see, a model unloaded behind our back); each lost model's task reloads it.
+        `restock`: the server was seen down; the agent is not ready until they are back."""
         taken = time.monotonic()
         try:
             index = await self.adapter.index()
@@ -874,6 +933,8 @@ class Reconciler:
         for m in missing:
             m.lost_since = taken
             self._schedule(m)
+        if restock:
+            self._restock(m.name for m in missing)
 
     async def _resync_loop(self) -> None:
         while True:
@@ -969,10 +1030,13 @@ class Reconciler:
             self.refresh_sources()
 
     def refresh_sources(self) -> int:
-        """Schedule a source check of every settled model; returns how many."""
+        """Schedule a source check of every settled model (not one whose last check is still
+        queued or running); returns how many."""
         n = 0
         for m in list(self.models.values()):
-            if not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not self._closing:
+            if (not m.removed and m.entry is not None and m.state in (S.CACHED, S.LOADED) and not self._closing
+                    and m.name not in self._checking):
+                self._checking.add(m.name)
                 self._spawn(self._check_source(m), f"source-check:{m.name}")
                 n += 1
         return n
@@ -982,12 +1046,14 @@ class Reconciler:
         queues behind a check waiting for a pull slot); then apply the result under the lock."""
         spec = m.spec
         try:
-            async with self._pull_sem:
+            async with self._pull_slots.slot(lambda: CHECK):
                 entry = await asyncio.to_thread(self._ensure, spec, check=True)
         except PullError as e:
             self.metrics.pulls.labels(result="error").inc()
             log.warning("source check failed; cached copy kept", extra=kv(model=m.name, reason=str(e)))
             return
+        finally:
+            self._checking.discard(m.name)
         async with m.lock:
             current = not m.removed and m.spec.fingerprint() == spec.fingerprint() and m.entry_fp == spec.fingerprint()
             if not current or m.entry is None or m.entry.key == entry.key:

@@ -39,6 +39,8 @@ class Settings:
     max_queue: int = 256  # waiting requests per model during a lazy load
     max_body_bytes: int = 64 * 2**20
     pull_concurrency: int = 4
+    idle_unload_s: float = 0.0  # models loaded on demand and unused this long are unloaded (0: only LRU)
+    prefetch: str = "all"  # all | preload: which models are pulled before a request asks (see Reconciler._pull_now)
     load_concurrency: int = 2
     resync_interval_s: float = 60.0
     pvc_root: Path | None = None
