@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     picker.add_argument("--dns-interval", type=float, default=5.0, help="seconds between DNS resolutions")
     picker.add_argument("--poll-interval", type=float, default=0.25, help="seconds between two reads of an agent's /fleet/state")
     picker.add_argument("--poll-timeout", type=float, default=1.0, help="seconds a /fleet/state read may take; past it the agent gets no requests until it answers again")
+    picker.add_argument("--long-poll", type=float, default=1.0, help="seconds an agent may hold a /fleet/state read until its state changes (?since=); 0: plain polling")
     picker.add_argument("--load-factor", type=float, default=1.25, help="bounded loads: no agent holds more than this x the mean number of models")
     picker.add_argument("--hot-rate", type=float, default=50.0, help="requests/s per copy above which a model gets another copy")
     picker.add_argument("--max-copies", type=int, default=4, help="copies of one hot model at most")
@@ -316,6 +317,7 @@ def picker_settings_from_args(args: argparse.Namespace):
         raise SystemExit(f"modelshelf picker: --load-factor must be >= 1 (got {args.load_factor})")
     return PickerSettings(listen=args.listen, agents=agents, agents_dns=dns, agent_management_port=args.agent_management_port,
                           poll_interval=args.poll_interval, poll_timeout=args.poll_timeout, dns_interval=args.dns_interval,
+                          long_poll=args.long_poll,
                           load_factor=args.load_factor, hot_rate=args.hot_rate, max_copies=args.max_copies,
                           copy_hold=args.copy_hold, fallbacks=args.fallbacks, log_format=args.log_format, log_level=args.log_level)
 

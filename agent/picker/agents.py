@@ -1,6 +1,12 @@
 """The fleet as the picker sees it: which agents exist (a static list, or a headless Service's A
 records re-resolved every `dns_interval` seconds) and what each reports on its management port
-(GET /fleet/state, polled every `poll_interval` seconds with a `timeout`).
+(GET /fleet/state, polled every `poll_interval` seconds with a `timeout`). With `long_poll` > 0
+each read after the first asks `?since=SEQ&wait=long_poll`: an agent that supports it answers
+as soon as its placement-relevant state changes (a model loaded or evicted, readiness, drain),
+so the picker learns of it within milliseconds, and at the latest after `long_poll` seconds (the
+live counters: in-flight, last use); an agent that ignores it answers at once and is polled every
+`poll_interval`. A killed agent's long poll fails at once (connection reset); a frozen one
+after `long_poll` + `timeout`.
 
 Soft state only: everything here is rebuilt from the agents, so a restarted picker routes like
 the old one after one round of reports. An agent whose report fails (connection refused, a
@@ -38,7 +44,12 @@ class AgentAddress:
 
     @property
     def name(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return host_port(self.host, self.http_port)
+
+
+def host_port(host: str, port: int) -> str:
+    """`ip:port` as the destination header wants it (`[v6]:port` for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_agent(text: str) -> AgentAddress:
@@ -64,7 +75,7 @@ def report_from_state(address: AgentAddress, doc: dict[str, Any]) -> AgentReport
     return AgentReport(
         name=address.name,
         endpoint=address.name,
-        grpc_endpoint=f"{address.host}:{int(grpc_port)}" if grpc_port else "",
+        grpc_endpoint=host_port(address.host, int(grpc_port)) if grpc_port else "",
         ready=bool(doc.get("ready")),
         draining=bool(doc.get("draining")),
         host_free=int(host_free) if host_free is not None else None,
@@ -78,11 +89,12 @@ class Fleet:
 
     def __init__(self, placement: Placement, agents: Iterable[AgentAddress] = (), *, dns: tuple[str, int] | None = None,
                  management_port: int = 8003, poll_interval: float = 0.25, timeout: float = 1.0,
-                 dns_interval: float = 5.0):
+                 dns_interval: float = 5.0, long_poll: float = 1.0):
         self.placement = placement
         self._static = list(agents)
         self._dns, self._management_port = dns, management_port
         self.poll_interval, self.timeout, self.dns_interval = poll_interval, timeout, dns_interval
+        self.long_poll = long_poll
         self._tasks: dict[str, asyncio.Task] = {}
         self._up: dict[str, bool] = {}
         self._first: dict[str, asyncio.Event] = {}
@@ -125,7 +137,7 @@ class Fleet:
             log.warning("agent discovery failed; keeping the agents known", extra=kv(dns=name, error=e))
             return None
         hosts = sorted({info[4][0] for info in infos})
-        return [AgentAddress(h, port, f"http://{h if ':' not in h else f'[{h}]'}:{self._management_port}") for h in hosts]
+        return [AgentAddress(h, port, f"http://{host_port(h, self._management_port)}") for h in hosts]
 
     def _watch(self, addresses: list[AgentAddress]) -> None:
         wanted = {a.name: a for a in addresses}
@@ -142,22 +154,32 @@ class Fleet:
 
     async def _poll(self, address: AgentAddress) -> None:
         url = address.management_url + "/fleet/state"
+        seq: Any = None
         while True:
             started = time.monotonic()
+            long_poll = self.long_poll > 0 and seq is not None
+            params = {"since": str(seq), "wait": str(self.long_poll)} if long_poll else None
+            changed = False
             try:
                 assert self._client is not None
-                r = await self._client.get(url)
+                r = await self._client.get(url, params=params, timeout=self.timeout + (self.long_poll if long_poll else 0))
                 if r.status_code != 200:
                     raise ValueError(f"HTTP {r.status_code}")
-                report = report_from_state(address, r.json())
+                doc = r.json()
+                report = report_from_state(address, doc)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # any failed report means: do not route there
                 self._down(address.name, e)
+                seq = None
             else:
                 self._report(address.name, report)
+                changed, seq = doc.get("seq") != seq, doc.get("seq")
             self._first[address.name].set()
-            await asyncio.sleep(max(0.0, self.poll_interval - (time.monotonic() - started)))
+            elapsed = time.monotonic() - started
+            if self.long_poll > 0 and seq is not None and (changed or (long_poll and elapsed >= self.long_poll / 2)):
+                continue  # a new state, or the agent held the request for its wait: ask again now
+            await asyncio.sleep(max(0.0, self.poll_interval - elapsed))
 
     def _report(self, name: str, report: AgentReport) -> None:
         eligible = report.ready and not report.draining
@@ -165,7 +187,7 @@ class Fleet:
             log.info("agent eligible" if eligible else "agent not eligible",
                      extra=kv(agent=name, ready=report.ready, draining=report.draining))
         self._up[name] = eligible
-        self.placement.set_agent(report)
+        self.placement.set_agent(report, now=time.monotonic())
 
     def _down(self, name: str, error: Exception) -> None:
         if self._up.get(name, True):

@@ -9,12 +9,14 @@ One ext_proc stream is one HTTP request. The picker answers:
   `envoy.lb` / `x-gateway-destination-endpoint` (the protocol says both, never two values), with
   `clear_route_cache` so the route is chosen again with the header;
 - request headers of a gRPC model call (`/inference.GRPCInferenceService/ModelInfer`, ModelReady,
-  ModelMetadata, ModelConfig, ModelStatistics, ModelStreamInfer): the name is in the message, so
+  ModelMetadata, ModelConfig, ModelStatistics): the name is in the message, so
   CONTINUE with a mode override asking for the BUFFERED request body (ignored by an Envoy that
   does not allow overrides and already sends the body), then the destination (the agent's gRPC
   port) in answer to the body. BUFFERED_PARTIAL works too: the name is field 1, at the front of
   the message. ModelMesh's `mm-vmodel-id` / `mm-model-id` metadata names the model without the
-  body;
+  body. A stream (ModelStreamInfer) is never asked for its body (a buffered stream would wait
+  for its end): it goes by that metadata, else to any eligible agent (right answers, no
+  affinity);
 - calls that name no model (server metadata, health, `/v2`, ServerLive...): any eligible agent;
 - no eligible agent: the immediate response the protocol defines, 503, with a JSON body
   `{"error": ...}` (the agents' error shape) and, for gRPC, grpc-status UNAVAILABLE;
@@ -46,8 +48,7 @@ DESTINATION = "x-gateway-destination-endpoint"
 NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE, SUBSET_KEY = "envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset"
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
-GRPC_MODEL_METHODS = frozenset({"ModelReady", "ModelMetadata", "ModelInfer", "ModelStreamInfer", "ModelConfig",
-                                "ModelStatistics"})
+GRPC_MODEL_METHODS = frozenset({"ModelReady", "ModelMetadata", "ModelInfer", "ModelConfig", "ModelStatistics"})
 GRPC_UNAVAILABLE = 14
 
 
@@ -137,6 +138,7 @@ class EndpointPicker:
         self.placement, self.fallbacks, self.clock = placement, fallbacks, clock
         self._any = itertools.count()
         self.decisions = 0
+        self._warned_at, self._unwarned = -1e9, 0  # "no endpoint": one log line per second at most
 
     def handler(self) -> grpc.GenericRpcHandler:
         service, method = pb.PROCESS_METHOD.strip("/").split("/")
@@ -194,7 +196,12 @@ class EndpointPicker:
             agent, reason = p.any_agent(next(self._any), subset), "any"
         if agent is None:
             why = "no agent is ready" if subset is None else "no agent in the gateway's endpoint subset is ready"
-            log.warning("no endpoint", extra=kv(model=model or "", reason=why))
+            now = self.clock()
+            if now - self._warned_at >= 1.0:
+                log.warning("no endpoint: answered 503", extra=kv(model=model or "", reason=why, more_since_last=self._unwarned))
+                self._warned_at, self._unwarned = now, 0
+            else:
+                self._unwarned += 1
             return unavailable(f"{why} (modelshelf picker)", grpc_call=grpc_call)
         chosen = [agent] + (p.fallbacks(model or "", agent.name, self.fallbacks) if self.fallbacks else [])
         endpoints = [_endpoint(a, grpc_call) for a in chosen]

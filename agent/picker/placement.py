@@ -32,6 +32,8 @@ The decision for one request (`choose`), in order:
    `rate_window` seconds). Above `hot_rate` requests/s per copy a model wants one more copy (up to
    `max_copies`); it gives one back only when its rate falls under half of what the remaining
    copies would carry and the last change is `copy_hold` seconds old (hysteresis: no flapping).
+   A new copy is placed as in 4, skipping agents this picker sends more than c x the mean agent's
+   request rate (copies are there to spread requests; the model bound alone would not).
 
 A new agent takes load gradually: loaded copies never move to it; it receives only new
 placements (cold models, a dead agent's models, new hot copies) that hash onto its arcs of the
@@ -94,6 +96,8 @@ class _Agent:
     pending_bytes: int = 0
     pending: int = 0
     routed: dict[str, int] = field(default_factory=dict)
+    rate: float = 0.0  # requests/s this picker sent it (exponentially weighted), as of rate_at
+    rate_at: float = 0.0
 
     @property
     def load(self) -> int:
@@ -102,30 +106,34 @@ class _Agent:
 
 class Placement:
     def __init__(self, *, load_factor: float = 1.25, vnodes: int = 64, hot_rate: float = 50.0, max_copies: int = 4,
-                 rate_window: float = 10.0, copy_hold: float = 30.0, room_candidates: int = 8):
+                 rate_window: float = 10.0, copy_hold: float = 30.0, room_candidates: int = 8, pending_ttl: float = 60.0):
         if load_factor < 1.0:
             raise ValueError(f"load_factor must be >= 1 (got {load_factor})")
         self.load_factor, self.vnodes = load_factor, vnodes
         self.hot_rate, self.max_copies = hot_rate, max_copies
         self.rate_window, self.copy_hold = rate_window, copy_hold
         self.room_candidates = room_candidates
+        self.pending_ttl = pending_ttl  # a model sent to an agent that never reports it stops counting against it
         self._agents: dict[str, _Agent] = {}
         self._ring_keys: list[int] = []
         self._ring_names: list[str] = []
         self._ring_sorted = True
         self._holders: dict[str, set[str]] = {}  # model -> agents reporting it loaded/loading
-        self._assigned: dict[str, list[str]] = {}  # model -> agents sent it, not yet reporting it
+        self._assigned: dict[str, dict[str, float]] = {}  # model -> {agent sent it, not yet reporting it: when}
         self._known: dict[str, int] = {}  # every configured model -> bytes (latest report)
         self._rate: dict[str, tuple[float, float]] = {}  # model -> (requests/s, at)
         self._copies: dict[str, tuple[int, float]] = {}  # model -> (wanted copies, changed at)
         self._eligible_load = 0
         self._eligible_count = 0
+        self._total_rate, self._total_at = 0.0, 0.0  # requests/s of the whole fleet through this picker
         self.events: list[tuple[str, str, int]] = []  # (event, model, copies): hot copies added/removed
 
     # ------------------------------------------------------------------ the fleet
-    def set_agent(self, report: AgentReport, known: bool = True) -> None:
+    def set_agent(self, report: AgentReport, known: bool = True, now: float | None = None) -> None:
         """Replace what is known of one agent. `known`: its model list also names every
-        configured model (the agents share one config), refreshing the known set and sizes."""
+        configured model (the agents share one config), refreshing the known set and sizes.
+        `now` (the clock `choose` gets): models sent to it more than `pending_ttl` ago that it
+        does not hold (their load failed, or they were already evicted) stop counting against it."""
         old = self._agents.get(report.name)
         if old is None:
             self._add_to_ring(report.name)
@@ -142,16 +150,19 @@ class Placement:
             self._known = {m: r.bytes for m, r in report.models.items()}
         idle = [r.last_used for r in held.values() if r.state == "loaded" and r.inflight == 0]
         agent = _Agent(report, report.ready and not report.draining, held, min(idle) if idle else math.inf)
+        if old is not None:
+            agent.rate, agent.rate_at = old.rate, old.rate_at
         for model in held:
             self._holders.setdefault(model, set()).add(report.name)
-            pending = self._assigned.get(model)
-            if pending and report.name in pending:
-                pending.remove(report.name)
-                if not pending:
-                    del self._assigned[model]
-        # what this picker sent it and it has not reported yet still counts against it
-        for model, agents in self._assigned.items():
-            if report.name in agents:
+            self._unassign(model, report.name)
+        # what this picker sent it and it has not reported yet still counts against it, for a while
+        for model, agents in list(self._assigned.items()):
+            at = agents.get(report.name)
+            if at is None:
+                continue
+            if now is not None and now - at > self.pending_ttl:
+                self._unassign(model, report.name)
+            else:
                 agent.pending += 1
                 agent.pending_bytes += self._known.get(model, 0)
         self._agents[report.name] = agent
@@ -174,9 +185,7 @@ class Placement:
                 if not holders:
                     del self._holders[model]
         for model in [m for m, agents in self._assigned.items() if name in agents]:
-            self._assigned[model].remove(name)
-            if not self._assigned[model]:
-                del self._assigned[model]
+            self._unassign(model, name)
         keep = [i for i, n in enumerate(self._ring_names) if n != name]
         self._ring_keys = [self._ring_keys[i] for i in keep]
         self._ring_names = [self._ring_names[i] for i in keep]
@@ -246,17 +255,22 @@ class Placement:
             del holders[wanted:]
         new, reason = None, "copy"
         if len(holders) < wanted:
-            placed = self._place(model, holders, ok)
+            placed = self._place(model, holders, ok, now)
             if placed is not None:
                 new, reason = placed
                 holders.append(new)
-                self._assign(model, new)
+                self._assign(model, new, now)
         if not holders:
             return None
         best = min(holders, key=lambda n: self._inflight(n, model))
-        routed = self._agents[best].routed
-        routed[model] = routed.get(model, 0) + 1
-        return Choice(self._agents[best].report, reason if best == new else "copy")
+        agent = self._agents[best]
+        agent.routed[model] = agent.routed.get(model, 0) + 1
+        agent.rate, agent.rate_at = self._decay(agent.rate, agent.rate_at, now) + 1.0 / self.rate_window, now
+        self._total_rate, self._total_at = self._decay(self._total_rate, self._total_at, now) + 1.0 / self.rate_window, now
+        return Choice(agent.report, reason if best == new else "copy")
+
+    def _decay(self, rate: float, at: float, now: float) -> float:
+        return rate * math.exp(-max(0.0, now - at) / self.rate_window)
 
     def any_agent(self, salt: int, allowed: Collection[str] | None = None) -> AgentReport | None:
         """An eligible agent for a request that names no model (round robin by `salt`)."""
@@ -280,21 +294,30 @@ class Placement:
         report = agent.held.get(model)
         return (report.inflight if report else 0) + agent.routed.get(model, 0)
 
-    def _assign(self, model: str, name: str) -> None:
+    def _unassign(self, model: str, name: str) -> None:
+        pending = self._assigned.get(model)
+        if pending is not None and pending.pop(name, None) is not None and not pending:
+            del self._assigned[model]
+
+    def _assign(self, model: str, name: str, now: float) -> None:
         agent = self._agents[name]
         self._forget(agent)
-        self._assigned.setdefault(model, []).append(name)
+        self._assigned.setdefault(model, {})[name] = now
         agent.pending += 1
         agent.pending_bytes += self._known.get(model, 0)
         self._count(agent)
 
-    def _place(self, model: str, exclude: list[str], ok) -> tuple[str, str] | None:
-        """Bounded-load consistent hashing with room; else the oldest LRU victim's agent."""
+    def _place(self, model: str, exclude: list[str], ok, now: float) -> tuple[str, str] | None:
+        """Bounded-load consistent hashing with room; else the oldest LRU victim's agent. One
+        more copy of a model that has copies (`exclude`) also skips agents this picker already
+        sends more than c x the mean agent's request rate: copies spread requests, not models."""
         if not self._eligible_count:
             return None
         cap = math.ceil(self.load_factor * (self._eligible_load + 1) / self._eligible_count)
+        busy = self.load_factor * self._decay(self._total_rate, self._total_at, now) / self._eligible_count if exclude else None
         size = self._known.get(model, 0)
         under: list[_Agent] = []
+        loaded: list[_Agent] = []  # under the model bound, above the request bound
         fallback: str | None = None
         for name in self._walk(model):
             if name in exclude or not ok(name):
@@ -302,6 +325,11 @@ class Placement:
             agent = self._agents[name]
             fallback = fallback or name
             if agent.load >= cap:
+                continue
+            if busy is not None and self._decay(agent.rate, agent.rate_at, now) >= busy:
+                loaded.append(agent)
+                if len(loaded) >= 4 * self.room_candidates:
+                    break
                 continue
             free = agent.report.host_free
             if free is None or free - agent.pending_bytes >= size:
@@ -311,6 +339,8 @@ class Placement:
                 break
         if under:
             return min(under, key=lambda a: a.lru_age).report.name, "lru"
+        if loaded:
+            return min(loaded, key=lambda a: self._decay(a.rate, a.rate_at, now)).report.name, "placed"
         return (fallback, "placed") if fallback else None
 
     def _wanted_copies(self, model: str, now: float) -> int:
@@ -355,8 +385,8 @@ def ring_assignment(names: Iterable[str], models: Iterable[str], load_factor: fl
     p.set_known({m: 0 for m in model_list})
     out: dict[str, str] = {}
     for m in model_list:
-        placed = p._place(m, [], lambda n: True)
+        placed = p._place(m, [], lambda n: True, 0.0)
         if placed is not None:
             out[m] = placed[0]
-            p._assign(m, placed[0])
+            p._assign(m, placed[0], 0.0)
     return out

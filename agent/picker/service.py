@@ -32,6 +32,7 @@ class PickerSettings:
     agent_management_port: int = 8003
     poll_interval: float = 0.25
     poll_timeout: float = 1.0
+    long_poll: float = 1.0
     dns_interval: float = 5.0
     load_factor: float = 1.25
     hot_rate: float = 50.0
@@ -45,7 +46,8 @@ class PickerSettings:
 async def serve(s: PickerSettings, stop: asyncio.Event | None = None) -> None:
     placement = Placement(load_factor=s.load_factor, hot_rate=s.hot_rate, max_copies=s.max_copies, copy_hold=s.copy_hold)
     fleet = Fleet(placement, s.agents, dns=s.agents_dns, management_port=s.agent_management_port,
-                  poll_interval=s.poll_interval, timeout=s.poll_timeout, dns_interval=s.dns_interval)
+                  poll_interval=s.poll_interval, timeout=s.poll_timeout, dns_interval=s.dns_interval,
+                  long_poll=s.long_poll)
     picker = EndpointPicker(placement, fallbacks=s.fallbacks)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((picker.handler(),))

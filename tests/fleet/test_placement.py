@@ -114,6 +114,19 @@ def test_room_counts_what_the_picker_already_sent():
     assert picks == {"a": 3, "b": 3}
 
 
+def test_a_model_sent_but_never_loaded_stops_counting_after_a_while():
+    """Its load failed, or the agent evicted it before a report: the bound must not keep it."""
+    p = fleet(2, 10, pending_ttl=30.0)
+    name = p.choose("m1", 0.0).agent.name
+    assert p.load(name) == 1
+    p.set_agent(agent(name), known=False, now=10.0)
+    assert p.load(name) == 1  # still on its way
+    p.set_agent(agent(name), known=False, now=31.0)
+    assert p.load(name) == 0
+    p.set_agent(agent(name, models={"m1": loaded()}), known=False, now=40.0)
+    assert p.load(name) == 1  # held now: counted as held
+
+
 def test_hot_model_gets_copies_and_gives_them_back_with_hysteresis():
     p = fleet(4, 10, hot_rate=10.0, max_copies=3, rate_window=1.0, copy_hold=5.0)
     t = 0.0
@@ -133,6 +146,28 @@ def test_hot_model_gets_copies_and_gives_them_back_with_hysteresis():
     assert p.copies("m1") == 1
     kinds = [e[0] for e in p.events]
     assert kinds == ["copy added", "copy added", "copy removed", "copy removed"]
+
+
+def test_a_new_copy_goes_where_requests_are_fewer():
+    p = fleet(4, 20, hot_rate=5.0, max_copies=2)
+    names = [a.name for a in p.agents()]
+    held = {n: {f"m{10 + 2 * i}": loaded(), f"m{11 + 2 * i}": loaded()} for i, n in enumerate(names)}  # idle fillers
+    holder = names[0]
+    held[holder]["m1"] = loaded()
+    first, second = [n for n in p._walk("m1") if n != holder][:2]  # where hashing alone puts the copy
+    held[first]["m9"] = loaded()
+    for n in names:
+        p.set_agent(agent(n, models=held[n]), known=False)
+    assert max(p.load(n) for n in names) < math.ceil(1.25 * (sum(p.load(n) for n in names) + 1) / 4)  # models: room
+    t = 0.0
+    for _ in range(300):  # `first` serves m9 at 4.5 requests/s for a minute (not hot: one copy)
+        t += 1 / 4.5
+        p.choose("m9", t)
+    for _ in range(80):  # m1 turns hot (100 requests/s): it wants a second copy
+        t += 0.01
+        p.choose("m1", t)
+    assert p.copies("m9") == 1 and p.copies("m1") == 2
+    assert {p.choose("m1", t).agent.name for _ in range(200)} == {holder, second}  # not the busy `first`
 
 
 def test_stale_surplus_copies_get_no_traffic():
