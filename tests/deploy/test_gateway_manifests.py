@@ -135,7 +135,7 @@ def test_agents_drain_on_prestop_and_share_one_rwx_cache(capsys):
     assert pod.doc.obj["spec"]["replicas"] >= 2
 
 
-def test_no_scale_out_agent_forbids_evictions_for_long():
+def test_scale_out_agents_evict_pull_lazily_and_drop_stale_copies():
     """After a replica dies the survivors must evict to take its models: a long --min-residency
     (the issue's 60 s) held them full and answered 503 for 30 s."""
     for p in pods():
@@ -145,6 +145,10 @@ def test_no_scale_out_agent_forbids_evictions_for_long():
                 if argv and argv[0] == "run":
                     residency = flag_value(argv, "--min-residency")
                     assert residency is not None and float(residency) <= 5, f"{p.doc.label}: --min-residency {residency}"
+                    # a replica pulls what is sent to it, not every model (the issue: 180 GETs for
+                    # 60 models), and copies left behind by a move or a resize leave when idle
+                    assert flag_value(argv, "--prefetch") == "preload", p.doc.label
+                    assert float(flag_value(argv, "--idle-unload") or 0) > 0, p.doc.label
 
 
 # ------------------------------------------------------------------ the nginx path map, live

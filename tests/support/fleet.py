@@ -1,5 +1,5 @@
-"""A fleet on loopback for tests and benchmarks: N real agents (`modelshelf run`, each with its
-embedded MLServer) on one shared cache dir and one config dir, the real picker (`modelshelf
+"""A fleet on loopback for tests and benchmarks: N real agents (`modelshelf run --prefetch preload`,
+each with its embedded MLServer) on one shared cache dir and one config dir, the real picker (`modelshelf
 picker`) watching them, and a real Envoy (tests/support/envoy.py) calling the picker (`lb`: how
 Envoy reaches the picked agent; the override-host policy by default, which retries a request that
 met a dead agent on another one).
@@ -82,7 +82,7 @@ class Fleet:
 
     def start_agent(self, i: int, wait: bool = True) -> AgentProcess:
         s = self.slots[i]
-        s.proc = AgentProcess(self.config.root, self.cache, self.root / f"agent{i}.log", *self.agent_args,
+        s.proc = AgentProcess(self.config.root, self.cache, self.root / f"agent{i}.log", "--prefetch", "preload", *self.agent_args,
                               port=s.port, grpc_port=s.grpc_port, env={"POD_NAME": f"agent-{i}"})
         if wait:
             s.proc.wait_ready(timeout=120)
