@@ -79,6 +79,11 @@ _H2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "explicit_http_config": {"http2_protocol_options": {}}}}
 
+# Envoy's default circuit breaker allows 3 retries in flight per cluster: when an agent dies under
+# concurrent traffic, the retries of the requests picked for it overflow that and fail with 503.
+_BREAKERS = {"thresholds": [{"max_retries": 1024, "max_connections": 65536, "max_pending_requests": 65536,
+                             "max_requests": 65536}]}
+
 _OUTLIER = {"consecutive_5xx": 5, "consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
             "interval": "1s", "base_ejection_time": "5s", "max_ejection_percent": 100}
 
@@ -86,7 +91,7 @@ _OUTLIER = {"consecutive_5xx": 5, "consecutive_local_origin_failure": 1, "split_
 def _original_dst(name: str, h2: bool) -> dict:
     c = {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s",
          "original_dst_lb_config": {"use_http_header": True, "http_header_name": DEST_HEADER},
-         "cleanup_interval": "30s", "outlier_detection": _OUTLIER}
+         "cleanup_interval": "30s", "outlier_detection": _OUTLIER, "circuit_breakers": _BREAKERS}
     if h2:
         c["typed_extension_protocol_options"] = _H2
     return c
@@ -101,7 +106,8 @@ def _pool(name: str, addrs: list[str], h2: bool, override_host: bool = False) ->
     """A STATIC cluster of the agents; with `override_host`, the picked endpoint (header, else the
     `envoy.lb` metadata; a comma-separated list is tried in order on retries) wins over round robin."""
     c: dict = {"name": name, "type": "STATIC", "connect_timeout": "1s", "load_assignment": _endpoints(name, addrs),
-               "outlier_detection": _OUTLIER, "common_lb_config": {"healthy_panic_threshold": {"value": 0}}}
+               "outlier_detection": _OUTLIER, "circuit_breakers": _BREAKERS,
+               "common_lb_config": {"healthy_panic_threshold": {"value": 0}}}
     if override_host:
         c["load_balancing_policy"] = {"policies": [{"typed_extension_config": {
             "name": "envoy.load_balancing_policies.override_host", "typed_config": {
