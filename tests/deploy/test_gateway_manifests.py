@@ -189,3 +189,15 @@ def test_nginx_map_keeps_every_call_for_a_model_on_one_replica(nginx_over_four):
         where[m] = seen.pop()
     spread = Counter(where.values())
     assert len(spread) == 4 and max(spread.values()) <= 20, spread
+
+
+def test_envoy_gateway_retries_a_dead_agent_without_overflowing():
+    """The HTTPRoute to the pools has a retry policy on connect failure (not after the request was
+    sent) and room for many retries at once."""
+    (policy,) = by_kind("BackendTrafficPolicy")
+    (target,) = policy.obj["spec"]["targetRefs"]
+    route = find("HTTPRoute", target["name"])
+    assert route and target["kind"] == "HTTPRoute" and _in(route, GATEWAY_DIR / "envoy-gateway")
+    retry = policy.obj["spec"]["retry"]
+    assert "connect-failure" in retry["retryOn"]["triggers"] and "reset" not in retry["retryOn"]["triggers"]
+    assert retry["numRetries"] >= 1 and policy.obj["spec"]["circuitBreaker"]["maxParallelRetries"] >= 64
