@@ -312,8 +312,10 @@ def verdicts(res: dict) -> list[tuple[str, str, str]]:
            f"resize {g['resize']['failed']}")
     odst = res.get("gateway-odst")
     if odst:
-        why += (f". ORIGINAL_DST wiring: {odst['failover']['failed_started_after_kill']} started after the kill failed "
-                f"(picked for the dead agent before the picker's next poll; the retry goes to the same address)")
+        n_odst = odst["failover"]["failed_started_after_kill"]
+        why += f". ORIGINAL_DST wiring: {n_odst} started after the kill failed"
+        if n_odst:
+            why += " (picked for the dead agent before the picker heard of its death; the retry goes to the same address)"
     out.append(("0 failed requests other than those in flight at a kill (gateway)",
                 "met" if other_failures == 0 else "missed", why))
     r = g["steady"]["requests_max_mean"]
@@ -326,11 +328,21 @@ def verdicts(res: dict) -> list[tuple[str, str, str]]:
     else:
         out.append(("p95 no worse than the nginx path-hash baseline", "not measured", "nginx not installed"))
     h = g["hot"]
-    copies = max(h["copies_per_second"] or [1])
+    seen = h["copies_per_second"] or [1]
+    copies, first = max(seen), min(seen)
     scale = h["last_third_rps"] / max(1e-9, h["first_third_rps"])
-    out.append(("a hot model's throughput scales with its copies", "met" if copies > 1 and scale >= 0.8 * copies else "missed",
-                f"copies {h['copies_per_second']}; ok/s first third {h['first_third_rps']:.0f}, last third {h['last_third_rps']:.0f} "
-                f"(x{scale:.2f} with {copies} copies): every agent shares the same CPUs here, so copies add no CPU"))
+    cpu = g["steady"]["front_cpu_ms_per_request"]
+    why = (f"copies {seen}; ok/s first third {h['first_third_rps']:.0f}, last third {h['last_third_rps']:.0f}; "
+           f"every agent shares the same 2 CPUs here, so a copy adds no CPU, and the front costs "
+           f"{sum(cpu.values()):.2f} ms CPU per request ({', '.join(f'{k} {v:.2f}' for k, v in cpu.items())})")
+    if n:
+        why += f"; nginx, one copy: {n['hot']['last_third_rps']:.0f} ok/s"
+    if copies == first:
+        verdict = "not measured"
+        why = f"the model had {copies} copies already when the phase began (no before/after); " + why
+    else:
+        verdict = "met" if scale >= 0.8 * copies / first else "missed"
+    out.append(("a hot model's throughput scales with its copies", verdict, why))
     return out
 
 
