@@ -19,7 +19,7 @@ K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY / "Dockerfile"
 
 # Kinds that live in a CRD: no bundled schema in kubernetes-validate, checked structurally instead.
-CRD_GROUPS = {"monitoring.coreos.com", "networking.istio.io"}
+CRD_GROUPS = {"monitoring.coreos.com", "networking.istio.io", "gateway.networking.k8s.io", "inference.networking.k8s.io", "gateway.envoyproxy.io"}
 
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
 

@@ -198,6 +198,16 @@ def _server_facts(server: dict) -> tuple[str, int, str]:
 SIDECARS = [(p, c, a) for p, c, a in INVOCATIONS if a[0] == "run" and flag_value(a, "--server-url")]
 
 
+def _prestop_seconds(container: dict) -> float:
+    """How long a container's preStop keeps it up, at most: `sleep N`, or `modelshelf drain
+    --wait=N` (the fleet agents: it returns once the agent is quiet, N at most)."""
+    command = [str(c) for c in container["lifecycle"]["preStop"]["exec"]["command"]]
+    if command[0] == "sleep":
+        return float(command[1])
+    assert command[:2] == ["modelshelf", "drain"], f"{container['name']}: preStop {command}"
+    return float(flag_value(command, "--wait") or 0)
+
+
 @pytest.mark.parametrize("pod, agent, argv", SIDECARS, ids=[f"{p.doc.label}" for p, _, _ in SIDECARS])
 def test_sidecar_server_matches_the_agent(pod, agent, argv):
     """--server, --server-url and --server-repository agree with the server container, and the
@@ -223,7 +233,7 @@ def test_sidecar_server_matches_the_agent(pod, agent, argv):
     assert sc and sc["name"] == ac["name"], f"{kind} must see the cache at {cache} too"
     assert server.get("ports") in (None, []), "the server stays on loopback: clients go through the agent"
     # on pod deletion the server must outlive the agent's drain, both within the grace period
-    sleeps = [int(c["lifecycle"]["preStop"]["exec"]["command"][1]) for c in (agent, server)]
+    sleeps = [_prestop_seconds(c) for c in (agent, server)]
     grace = pod.spec.get("terminationGracePeriodSeconds", 30)
     assert sleeps[0] < sleeps[1] < grace, f"preStop sleeps agent={sleeps[0]}s server={sleeps[1]}s, grace {grace}s"
 

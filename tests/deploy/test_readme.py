@@ -16,7 +16,8 @@ def test_every_topology_directory_is_documented():
 
 
 def test_paths_named_in_the_readme_exist():
-    paths = set(re.findall(r"deploy/[A-Za-z0-9_./-]+[A-Za-z0-9_]", README))
+    paths = set(re.findall(r"(?<![\w/])deploy/[A-Za-z0-9_./-]+[A-Za-z0-9_]", README))
+    paths |= {"tests/" + p for p in re.findall(r"tests/(deploy/[A-Za-z0-9_./-]+[A-Za-z0-9_])", README)}
     assert len(paths) > 10
     for p in paths:
         assert (REPO / p).exists(), f"deploy/README.md names {p}, which does not exist"

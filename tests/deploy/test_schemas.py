@@ -25,7 +25,7 @@ BUILTIN = [d for d in DOCS if not d.is_crd]
 def test_manifests_exist_for_every_topology():
     dirs = {p.name for p in K8S.iterdir() if p.is_dir()}
     for wanted in ("00-embedded", "01-mlserver-sidecar", "02-triton-sidecar", "03-shared-cache",
-                   "04-node-local-cache", "05-prefetch-cronjob", "07-scale-out", "credentials",
+                   "04-node-local-cache", "05-prefetch-cronjob", "07-scale-out", "08-inference-gateway", "credentials",
                    "models", "monitoring"):
         assert wanted in dirs, f"deploy/k8s/{wanted}/ is missing"
     assert len(BUILTIN) >= 25

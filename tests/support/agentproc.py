@@ -16,10 +16,11 @@ from tests.support.net import free_port, wait_http
 
 
 class AgentProcess:
-    def __init__(self, config_dir: Path, cache_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(self, config_dir: Path, cache_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None,
+                 port: int | None = None, grpc_port: int | None = None):
+        self.port = port or free_port()  # a port given: the caller chose the address up front (a fleet slot)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.grpc_port = free_port()  # never the default 8001: agents of parallel tests would share it
+        self.grpc_port = grpc_port or free_port()  # never the default 8001: agents of parallel tests would share it
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")
