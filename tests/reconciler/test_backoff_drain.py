@@ -36,7 +36,10 @@ def test_a_failed_update_is_retried_with_backoff(tmp_path, http):
             await h.apply(h.spec("m"))
             h.adapter.fail_next("load", "m", LoadFailed("m", "transient"))
             await h.apply(h.spec("m", h.publish("m", version="v2")))
-            await h.wait_for(lambda: h.adapter.ready["m"].path == h.model("m").entry.path, what="update retried")
+            # the server holds the new copy a moment before the agent records it (its lock is still
+            # held while the load's window closes): wait for the agent's record, not the server's
+            await h.wait_for(lambda: h.adapter.ready["m"].path == h.model("m").entry.path and not h.model("m").lock.locked(),
+                             what="update retried")
             m = h.model("m")
             assert m.state is State.LOADED and m.reason is None and "v2" in m.entry.uri
             assert h.adapter.count("load", "m") == 3  # v1, v2 failed, v2 retried
