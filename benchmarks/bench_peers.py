@@ -38,8 +38,9 @@ CPU ms per request of each system's own trees; peak RSS of each tree (sampled ev
 the load average; for modelshelf the hit ratio, evictions and a cold-start breakdown: the
 delta of every `modelshelf_*_seconds` histogram in /metrics (count and mean), so phases added
 later show up without a change here; for Ray its loader's joblib.load count and mean.
-"Cold start" differs by design: modelshelf's is a request's wait for its model
-(modelshelf_cold_start_seconds), Ray's is its loader's time alone (the replica's counter).
+"Cold start" is a request's wait for its model on both: modelshelf_cold_start_seconds, and for
+Ray the replica's own counter around `get_model` (peers_ray_app.py), with its joblib.load alone
+beside it.
 
 Goals (issue 13): small: p95 <= 0.8x Ray's and p50 <= 0.5x Ray's; big: p50 and p95 <= Ray's;
 hits: throughput >= 3x Ray's. The machine is shared: results carry the load average, and
@@ -322,7 +323,7 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
         passes: list[dict[str, Any]] = []
         order = [s for s in SYSTEMS if s in systems]
         for r in range(args.rounds):
-            seq = zipf_sequence(names, args.requests, args.zipf_s, args.seed + 10 + r)
+            seq = zipf_sequence(names, args.big_requests if name == "big" else args.requests, args.zipf_s, args.seed + 10 + r)
             for s in order[r % len(order):] + order[: r % len(order)]:
                 la = loadavg()
                 m0 = agent.metrics() if s == "modelshelf" else {}
@@ -345,21 +346,24 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
                     p["cold_start_mean_ms"] = p["breakdown"].get("cold_start", {}).get("mean_ms")
                 elif s == "ray":
                     st1 = ray.stats()
-                    loads = st1.get("loads", 0) - st0.get("loads", 0)
-                    p["misses"] = int(loads)
-                    p["cold_start_mean_ms"] = round(1000 * (st1["load_seconds"] - st0["load_seconds"]) / loads, 2) if loads else None
+                    loads, waits = (st1.get(k, 0) - st0.get(k, 0) for k in ("loads", "waits"))
+                    p["misses"] = int(waits)
+                    p["loads"] = int(loads)
+                    p["cold_start_mean_ms"] = round(1000 * (st1["wait_seconds"] - st0["wait_seconds"]) / waits, 2) if waits else None
+                    p["joblib_load_mean_ms"] = round(1000 * (st1["load_seconds"] - st0["load_seconds"]) / loads, 2) if loads else None
                 passes.append(p)
                 print(f"[{name}] round {r + 1} {s}: p50={p['p50_ms']} p95={p['p95_ms']} rps={p['rps']} non200={p['non_200']} "
                       f"misses={p.get('misses')} cold={p.get('cold_start_mean_ms')} cpu/req={p['cpu_ms_per_request']}ms "
                       f"load={p['loadavg_end'][0]} others_cpu={p['others_cpu_s']}s", flush=True)
         status = agent.status()
+        loaded = [(m["memory"] or {}).get("host", 0) for m in status["models"].values() if m["state"] == "loaded"]
     finally:
         for s in systems.values():
             s.stop()
     return {"workload": name, "models": len(dirs), "fit": fit, "host_budget_bytes": budget, "calibrated_overhead_bytes": overhead,
             "model_bytes_min": min(declared), "model_bytes_max": max(declared), "warmup_requests": len(warm),
             "warmup_non_200": warm_non_200, "passes": passes,
-            "loaded_at_end": sum(1 for m in status["models"].values() if m["state"] == "loaded"),
+            "loaded_at_end": len(loaded), "reserved_mean_bytes": int(statistics.fmean(loaded)) if loaded else None,
             "summary": summarize(passes), "total_s": round(time.monotonic() - t0, 1)}
 
 
@@ -434,10 +438,11 @@ def markdown(data: dict[str, Any]) -> str:
          "average and other processes' CPU seconds per pass are in the CPU table below); re-run on a quiet machine."),
         "",
         f"Traffic: Zipf s={data['settings']['zipf_s']}, {data['settings']['clients']} keep-alive clients, "
-        f"{data['settings']['requests']} requests per pass, {data['settings']['rounds']} interleaved rounds (order rotates), "
+        f"{data['settings']['requests']} requests per pass ({data['settings']['big_requests']} for big), {data['settings']['rounds']} interleaved rounds (order rotates), "
         "the same sequence for every system in a round; ranges are over the rounds. The client, the agent, MLServer "
-        "and Ray share the machine's cores. Cold start: modelshelf = a request's wait for its model "
-        "(`modelshelf_cold_start_seconds`); Ray = its loader's `joblib.load` alone (the replica's counter).",
+        "and Ray share the machine's cores. Cold start: a request's wait for its model to load (its own load or one it queued "
+        "behind): modelshelf's `modelshelf_cold_start_seconds`; Ray's measured around `get_model` in the replica, "
+        "which also gives Ray's `joblib.load` alone (in the breakdown below).",
         "",
         "| workload | system | p50 ms | p95 ms | p99 ms | req/s | cold start mean ms | misses/pass | CPU ms/request | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -456,17 +461,25 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{_rng(row['p99_ms'])} | {_rng(row['rps'], 4)} | {_rng(row['cold_start_mean_ms'])} | "
                          f"{(f'{min(misses)}–{max(misses)}' if misses and min(misses) != max(misses) else (misses[0] if misses else '–'))} | "
                          f"{_rng(row['cpu_ms_per_request'])} | {rss / MI:.0f} |")
-    lines += ["", "## Verdicts (medians over the rounds)", ""]
+    lines += ["", "What modelshelf held (its ledger at the end of the workload): "
+              + "; ".join(f"{w['workload']}: {w['loaded_at_end']} of {w['models']} loaded, reserving "
+                          f"{(w['reserved_mean_bytes'] or 0) / MI:.1f} MiB each on average (declared "
+                          f"{w['model_bytes_min'] / MI:.0f}–{w['model_bytes_max'] / MI:.0f} MiB; budget "
+                          f"{w['host_budget_bytes'] / MI:.0f} MiB incl. {w['calibrated_overhead_bytes'] / MI:.0f} MiB "
+                          "for the runtime import)" for w in data["workloads"]) + f". Ray holds `fit` models by count.", ""]
+    lines += ["## Verdicts (medians over the rounds)", ""]
     for w in data["workloads"]:
         v = w["verdict"]
         ratios = ", ".join(f"{k} {x}" for k, x in (v.get("ratios") or {}).items())
         lines.append(f"- {w['workload']}: goal {v['goal']}: {ratios} → **{v['verdict']}** "
                      f"({v.get('rounds_meeting_goal', '–')} rounds meet it on their own)")
-    lines += ["", "## Cold-start breakdown (modelshelf, agent /metrics histograms, per pass: count × mean ms)", ""]
+    lines += ["", "## Cold-start breakdown (per pass; modelshelf: every agent /metrics histogram that moved, count × mean ms)", ""]
     for w in data["workloads"]:
         for p in (p for p in w["passes"] if p["system"] == "modelshelf"):
             parts = ", ".join(f"{k} {v['count']}×{v['mean_ms']}" for k, v in sorted(p.get("breakdown", {}).items()))
-            lines.append(f"- {w['workload']} round {p['round']}: hit ratio {p.get('hit_ratio')}, evictions {p.get('evictions')}; "
+            ray = next((q for q in w["passes"] if q["system"] == "ray" and q["round"] == p["round"]), {})
+            lines.append(f"- {w['workload']} round {p['round']}: Ray: {ray.get('misses')} waits × {ray.get('cold_start_mean_ms')} ms, "
+                         f"{ray.get('loads')} loads, joblib.load {ray.get('joblib_load_mean_ms')} ms; modelshelf: hit ratio {p.get('hit_ratio')}, evictions {p.get('evictions')}; "
                          f"{parts or 'no histogram moved'}")
     lines += ["", "## CPU seconds per pass, every process tree", ""]
     trees = sorted({t for w in data["workloads"] for p in w["passes"] for t in p["cpu_s"]})
@@ -524,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a short look: fewer models and requests, one round")
     p.add_argument("--workloads", default="small,big,hits")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--requests", type=int, default=2000, help="measured requests per pass")
+    p.add_argument("--requests", type=int, default=2000, help="measured requests per pass (small, hits)")
+    p.add_argument("--big-requests", type=int, default=600, help="measured requests per pass (big: ~30 req/s here)")
     p.add_argument("--warmup", type=int, default=500, help="Zipf warm-up requests per system (after one per fitting model)")
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--zipf-s", type=float, default=1.1)
@@ -540,9 +554,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="model files and caches, kept for the next run")
     p.add_argument("--out", default="peers", help="result name under benchmarks/results/ ('' = don't write)")
     args = p.parse_args(argv)
+    if args.out and (Path(args.out).name != args.out or args.out.startswith(".")):
+        p.error(f"--out {args.out!r}: a plain name for benchmarks/results/<name>.md, not a path ('' writes nothing)")
     if args.quick:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
-        quick = {"--rounds": ("rounds", 1), "--requests": ("requests", 300), "--warmup": ("warmup", 100),
+        quick = {"--rounds": ("rounds", 1), "--requests": ("requests", 300), "--big-requests": ("big_requests", 150), "--warmup": ("warmup", 100),
                  "--small-models": ("small_models", 200), "--small-fit": ("small_fit", 20),
                  "--big-models": ("big_models", 20), "--big-fit": ("big_fit", 5), "--hits-models": ("hits_models", 30)}
         for flag, (attr, value) in quick.items():

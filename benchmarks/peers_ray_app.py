@@ -16,8 +16,12 @@ evicts the least recently used model when `--max-models` are held. The model id 
 `serve_multiplexed_model_id` header when a client sends it, else the name in the path (one
 replica: Ray's model-aware routing has nothing to choose between).
 
-`GET /-/stats` answers the replica's own counters: loads, seconds spent in joblib.load, and
-the models currently held, so the benchmark can report Ray's cold starts beside the agent's.
+`GET /-/stats` answers the replica's own counters, so the benchmark can report Ray's cold starts
+beside the agent's: loads and the seconds spent in joblib.load, and "waits": requests that
+waited for a load (their own, or one they queued behind on Ray's model-cache lock, which also
+covers Ray's LRU unload) and the seconds they waited, measured around `get_model`. A hit never
+suspends there, so a request during which the load counter moved is one that waited: the same
+meaning as the agent's `modelshelf_cold_start_seconds`.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ def build_app(store: Path, max_models: int, max_ongoing: int):
             self.store = Path(store)
             self.loads = 0
             self.load_s = 0.0
-            self.held: set[str] = set()
+            self.waits = 0
+            self.wait_s = 0.0
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def get_model(self, model_id: str):
@@ -58,17 +63,22 @@ def build_app(store: Path, max_models: int, max_ongoing: int):
         async def __call__(self, request: Request):
             parts = request.url.path.strip("/").split("/")
             if parts == ["-", "stats"]:
-                return JSONResponse({"loads": self.loads, "load_seconds": self.load_s})
+                return JSONResponse({"loads": self.loads, "load_seconds": self.load_s,
+                                     "waits": self.waits, "wait_seconds": self.wait_s})
             if len(parts) != 4 or parts[:2] != ["v2", "models"] or parts[3] != "infer":
                 return JSONResponse({"error": f"no route {request.url.path}"}, status_code=404)
             name = serve.get_multiplexed_model_id() or parts[2]
             body = await request.json()
             tensor = body["inputs"][0]
             x = np.asarray(tensor["data"], dtype=np.float64).reshape(tensor["shape"])
+            loads, t0 = self.loads, time.perf_counter()
             try:
                 model = await self.get_model(name)
             except FileNotFoundError:
                 return JSONResponse({"error": f"model {name} not found"}, status_code=404)
+            if self.loads != loads:  # this request waited for a load (a hit returns without suspending)
+                self.waits += 1
+                self.wait_s += time.perf_counter() - t0
             y = model.predict(x)
             return JSONResponse({"model_name": name, "outputs": [
                 {"name": "predict", "shape": list(y.shape), "datatype": "INT64", "data": y.tolist()}]})
