@@ -81,7 +81,9 @@ def build_app(store: Path, max_models: int, max_ongoing: int):
                 self.wait_s += time.perf_counter() - t0
             y = model.predict(x)
             return JSONResponse({"model_name": name, "outputs": [
-                {"name": "predict", "shape": list(y.shape), "datatype": "INT64", "data": y.tolist()}]})
+                # a column, as MLServer's numpy codec answers a 1-D prediction
+                {"name": "predict", "shape": [len(y), 1] if y.ndim == 1 else list(y.shape), "datatype": "INT64",
+                 "data": y.tolist()}]})
 
     return MultiplexedSklearn.bind(str(store))
 
