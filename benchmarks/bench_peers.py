@@ -251,6 +251,14 @@ def histogram_deltas(m0: dict[str, float], m1: dict[str, float]) -> dict[str, di
     return out
 
 
+def memory_view(status: dict[str, Any]) -> dict[str, Any]:
+    """The agent's two views of host memory and how many models it holds (from /status)."""
+    real = ((status.get("reality") or {}).get("devices") or {}).get("host") or {}
+    ledger = ((status.get("ledger") or {}).get("devices") or {}).get("host") or {}
+    return {"loaded": sum(1 for m in status["models"].values() if m["state"] == "loaded"), "ledger_used": ledger.get("used"),
+            "real": real.get("real"), "excess": real.get("excess"), "budget": status["memory"]["host"]["budget"]}
+
+
 def latency_figures(res: list[tuple[float, int, str]], wall: float) -> dict[str, Any]:
     ok = [lat * 1000 for lat, code, _ in res if code == 200]
     codes: dict[str, int] = {}
@@ -294,7 +302,7 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
     warm = ranked[:fit] + zipf_sequence(names, args.warmup, args.zipf_s, args.seed + 1)
     try:
         agent = Agent(work / f"agent-{name}", entries, "--host-memory", str(budget), "--min-residency", f"{args.min_residency:g}",
-                      "--resync-interval", "600", "--load-timeout", "60")
+                      "--resync-interval", "600", "--load-timeout", "60", *args.agent_arg)
         systems["modelshelf"] = agent
         ray = RayServe(work / f"ray-{name}", store, fit)
         systems["ray"] = ray
@@ -344,6 +352,7 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
                     p["evictions"] = int(_metric(m1, "modelshelf_evictions_total") - _metric(m0, "modelshelf_evictions_total"))
                     p["breakdown"] = histogram_deltas(m0, m1)
                     p["cold_start_mean_ms"] = p["breakdown"].get("cold_start", {}).get("mean_ms")
+                    p["memory_at_end"] = memory_view(agent.status())
                 elif s == "ray":
                     st1 = ray.stats()
                     loads, waits = (st1.get(k, 0) - st0.get(k, 0) for k in ("loads", "waits"))
@@ -423,6 +432,13 @@ def _rng(cell: dict[str, Any] | None, digits: int = 3) -> str:
     return fmt(cell["min"]) if cell["min"] == cell["max"] else f"{fmt(cell['min'])}–{fmt(cell['max'])}"
 
 
+def _memory_note(mem: dict[str, Any] | None) -> str:
+    if not mem:
+        return ""
+    return (f"; at the pass's end {mem['loaded']} loaded, ledger {(mem['ledger_used'] or 0) / MI:.0f} MiB, real "
+            f"{(mem['real'] or 0) / MI:.0f} MiB, excess {(mem['excess'] or 0) / MI:.0f} MiB, budget {mem['budget'] / MI:.0f} MiB")
+
+
 def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     quiet = data["quiet"]
@@ -449,7 +465,7 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     for w in data["workloads"]:
         desc = {"small": f"{w['models']:,} tiny sklearn models, {w['fit']} fit",
-                "big": f"{w['models']} RandomForest pipelines of {w['model_bytes_min'] / MI:.0f}–{w['model_bytes_max'] / MI:.0f} MiB, {w['fit']} fit",
+                "big": f"{w['models']} RandomForest pipelines of {w['model_bytes_min'] / MI - 1:.0f}–{w['model_bytes_max'] / MI - 1:.0f} MiB, {w['fit']} fit",
                 "hits": f"{w['models']} tiny models, all fit"}[w["workload"]]
         for i, s in enumerate(s for s in SYSTEMS if s in w["summary"]):
             row = w["summary"][s]
@@ -463,7 +479,7 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{_rng(row['cpu_ms_per_request'])} | {rss / MI:.0f} |")
     lines += ["", "What modelshelf held (its ledger at the end of the workload): "
               + "; ".join(f"{w['workload']}: {w['loaded_at_end']} of {w['models']} loaded, reserving "
-                          f"{(w['reserved_mean_bytes'] or 0) / MI:.1f} MiB each on average (declared "
+                          f"{(w['reserved_mean_bytes'] or 0) / MI:.1f} MiB each on average (declared, size + 1 MiB for big: "
                           f"{w['model_bytes_min'] / MI:.0f}–{w['model_bytes_max'] / MI:.0f} MiB; budget "
                           f"{w['host_budget_bytes'] / MI:.0f} MiB incl. {w['calibrated_overhead_bytes'] / MI:.0f} MiB "
                           "for the runtime import)" for w in data["workloads"]) + f". Ray holds `fit` models by count.", ""]
@@ -480,14 +496,17 @@ def markdown(data: dict[str, Any]) -> str:
             ray = next((q for q in w["passes"] if q["system"] == "ray" and q["round"] == p["round"]), {})
             lines.append(f"- {w['workload']} round {p['round']}: Ray: {ray.get('misses')} waits × {ray.get('cold_start_mean_ms')} ms, "
                          f"{ray.get('loads')} loads, joblib.load {ray.get('joblib_load_mean_ms')} ms; modelshelf: hit ratio {p.get('hit_ratio')}, evictions {p.get('evictions')}; "
-                         f"{parts or 'no histogram moved'}")
+                         f"{parts or 'no histogram moved'}" + _memory_note(p.get("memory_at_end")))
     lines += ["", "## CPU seconds per pass, every process tree", ""]
     trees = sorted({t for w in data["workloads"] for p in w["passes"] for t in p["cpu_s"]})
     rows = [[w["workload"], p["round"], p["system"], p["requests"], p["wall_s"], *[p["cpu_s"].get(t) for t in trees],
-             p["others_cpu_s"], p["loadavg_end"][0]] for w in data["workloads"] for p in w["passes"]]
-    lines += [md_table(["workload", "round", "system driven", "requests", "wall s", *trees, "other processes", "load avg (end)"], rows), "",
+             p["others_cpu_s"], round(p["others_cpu_s"] / p["wall_s"], 2) if p["wall_s"] else None, p["loadavg_end"][0]]
+            for w in data["workloads"] for p in w["passes"]]
+    lines += [md_table(["workload", "round", "system driven", "requests", "wall s", *trees, "other processes",
+                        "other processes, cores", "load avg (end)"], rows), "",
               "The trees not driven in a pass show what each system costs while idle beside the others; \"other processes\" "
-              "is the machine's busy CPU minus all of these trees (other people's work on a shared machine).", ""]
+              "is the machine's busy CPU minus all of these trees (other people's work on a shared machine), also as "
+              "cores taken on average over the pass: a pass that got fewer cores than another is not comparable with it.", ""]
     if data.get("plot"):
         lines += [f"![p50/p95 per workload and system]({data['plot']})", ""]
     lines.append(f"Total time of the benchmark: {data['total_s']:.0f} s.")
@@ -548,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-fit", type=int, default=20)
     p.add_argument("--hits-models", type=int, default=100)
     p.add_argument("--min-residency", type=float, default=0.25, help="agent --min-residency (s), as bench_density")
+    p.add_argument("--agent-arg", action="append", default=[], help="an extra `modelshelf run` argument (repeat; e.g. --agent-arg=--memory-tolerance=0.5)")
     p.add_argument("--no-floor", action="store_true", help="skip the MLServer-with-everything-loaded floor")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "modelshelf-bench-peers",
