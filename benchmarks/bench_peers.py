@@ -175,6 +175,25 @@ class RayServe:
         self._log.close()
 
 
+def start_floor(workdir: Path, dirs: list[Path], attempts: int = 3, timeout: float = 900) -> StandaloneMLServer:
+    """A standalone MLServer with every model in `dirs` loaded at start, ready. Its ports are
+    picked free and bound a moment later; on a busy machine another process can take one
+    meanwhile and the server exits: then it is started again on new ports."""
+    for attempt in range(1, attempts + 1):
+        shutil.rmtree(workdir, ignore_errors=True)  # its repository must hold exactly these models
+        srv = StandaloneMLServer(workdir, {d.name: d for d in dirs})
+        deadline = time.monotonic() + timeout
+        while srv.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                return srv.wait_ready(5)
+            except TimeoutError:
+                pass
+        log = (workdir / "mlserver.log").read_text(errors="replace")[-2000:]
+        srv.stop()
+        print(f"floor MLServer did not start (attempt {attempt}, exit {srv.proc.returncode}); log tail:\n{log}", flush=True)
+    raise RuntimeError(f"floor MLServer did not start in {attempts} attempts; see {workdir / 'mlserver.log'}")
+
+
 class TreeSampler:
     """CPU seconds (delta between start and stop) and peak RSS of named process trees; a tree
     is (root pid, include descendants). Processes that exit during the pass lose their CPU."""
@@ -301,20 +320,16 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
     ranked = popular(names, args.seed)
     warm = ranked[:fit] + zipf_sequence(names, args.warmup, args.zipf_s, args.seed + 1)
     try:
+        if name != "big" and not args.no_floor:  # first: loading every model at start is the longest start
+            systems["floor"] = start_floor(work / f"floor-{name}", dirs)
         agent = Agent(work / f"agent-{name}", entries, "--host-memory", str(budget), "--min-residency", f"{args.min_residency:g}",
                       "--resync-interval", "600", "--load-timeout", "60", *args.agent_arg)
         systems["modelshelf"] = agent
         ray = RayServe(work / f"ray-{name}", store, fit)
         systems["ray"] = ray
-        if name != "big" and not args.no_floor:
-            floor_dir = work / f"floor-{name}"
-            shutil.rmtree(floor_dir, ignore_errors=True)  # its repository must hold exactly these models
-            systems["floor"] = StandaloneMLServer(floor_dir, {d.name: d for d in dirs})
         agent.wait_ready(180)
         agent.wait_models(lambda ms: len(ms) == len(entries) and all(m["state"] == "cached" for m in ms.values()), 300, "cached")
         ray.wait_ready()
-        if "floor" in systems:
-            systems["floor"].wait_ready(900)
         urls = {s: systems[s].url for s in systems}
         server_pid = agent.server_pid
         trees = {"agent": (agent.proc.pid, False), "agent's MLServer": (server_pid, True), "ray": (ray.proc.pid, True),
