@@ -6,7 +6,8 @@ V2-shaped infer requests for the same sklearn `model.joblib` files MLServer serv
 Runs in Ray's own venv (`make ray`: .venv-ray), never in .venv; it imports nothing from this
 project. It starts a local Ray instance (no dashboard, usage stats off, its temp dir private),
 deploys the app, prints one line `READY {"port": P, "pid": ...}` on stdout and serves until
-SIGTERM or SIGINT, then shuts Serve and Ray down (their processes are its children).
+SIGTERM or SIGINT, then shuts Serve and Ray down (their processes are its children) and removes
+its temp dir.
 
 The work per request is what MLServer's sklearn runtime does for the same request: parse the V2
 JSON body, build the input array from `data` and `shape`, `model.predict`, answer a V2 JSON body
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -118,6 +120,7 @@ def main() -> int:
             serve.shutdown()
         finally:
             ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)  # Ray's session logs and sockets: ~1 MB per run
     return 0
 
 
