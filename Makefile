@@ -5,11 +5,12 @@ SERVER ?= mlserver
 VENV   := .venv
 TRITON_VENV := .venv-triton
 KSERVE_VENV := .venv-kserve
+RAY_VENV := .venv-ray
 PIP_QUIET := --quiet --disable-pip-version-check
 # pip prints one warning per package for the machine's file:// mirrors; keep the log readable
 PIP_FILTER := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: run test venv triton kserve demo bench clean
+.PHONY: run test venv triton kserve ray demo bench bench-peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,5 +52,23 @@ bench: venv triton
 	$(VENV)/bin/pip install $(PIP_QUIET) -e '.[mlserver,test,bench]' $(PIP_FILTER)
 	@echo "see benchmarks/README.md for each benchmark's command"
 
+# Ray Serve, the peer bench_peers compares with, in its own venv so it never disturbs .venv. It
+# loads the very model.joblib files MLServer loads: scikit-learn, joblib and numpy are pinned to
+# .venv's versions (a pickle is only safe to load with the version that wrote it). jinja2: ray 2.58's
+# serve imports it (serve/_private/haproxy.py) but its `serve` extra does not require it.
+$(RAY_VENV)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/pip install $(PIP_QUIET) 'ray[serve]==2.58.0' jinja2 \
+	  $$($(VENV)/bin/python -c "from importlib.metadata import version as v; print(*(f'{p}=={v(p)}' for p in ('scikit-learn', 'joblib', 'numpy', 'psutil')))") $(PIP_FILTER)
+	$(RAY_VENV)/bin/python -c "import ray.serve, sklearn, joblib"
+	touch $@
+
+ray: $(RAY_VENV)/.installed
+
+# modelshelf vs Ray Serve multiplexing vs MLServer with everything loaded (benchmarks/bench_peers.py);
+# BENCH_ARGS=--quick for a short look. Runs under the shared benchmark lock.
+bench-peers: venv ray
+	flock /tmp/modelshelf-bench.lock $(VENV)/bin/python benchmarks/bench_peers.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) $(KSERVE_VENV) demo
+	rm -rf $(VENV) $(TRITON_VENV) $(KSERVE_VENV) $(RAY_VENV) demo
