@@ -329,16 +329,13 @@ class Reconciler:
     # ------------------------------------------------------------------ data plane
     async def acquire(self, name: str) -> Model:
         """Lease `name` for one request, loading it first if needed. Pair with `release`."""
+        hit = self.try_acquire(name)
+        if hit is not None:
+            return hit
         m = self.models.get(name)
         if m is None or m.removed:
             raise UnknownModel(name)
-        m.inflight += 1  # the lease comes first: from here on eviction skips this model
-        m.idle.clear()
-        self.metrics.inflight.labels(model=name).inc()
-        m.last_used = time.monotonic()
-        if m.state is S.LOADED and not m.draining:
-            self.metrics.lookups.labels(result="hit").inc()
-            return m
+        self._lease(m)
         self.metrics.lookups.labels(result="miss").inc()
         try:
             await self._wait_loaded(m)
@@ -346,6 +343,22 @@ class Reconciler:
             self.release(m)
             raise
         return m
+
+    def try_acquire(self, name: str) -> Model | None:
+        """acquire() when it need not wait: the lease on `name` if it is loaded (and not
+        draining) now; else None, nothing held (await acquire()). The data plane's fast path."""
+        m = self.models.get(name)
+        if m is None or m.removed or m.state is not S.LOADED or m.draining:
+            return None
+        self._lease(m)
+        self.metrics.lookups.labels(result="hit").inc()
+        return m
+
+    def _lease(self, m: Model) -> None:
+        m.inflight += 1  # the lease comes first: from here on eviction skips this model
+        m.idle.clear()
+        self.metrics.inflight.labels(model=m.name).inc()
+        m.last_used = time.monotonic()
 
     def release(self, m: Model) -> None:
         m.inflight -= 1
