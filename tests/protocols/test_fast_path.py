@@ -175,3 +175,21 @@ def test_a_fast_path_request_holds_its_lease_until_its_answer_is_sent(agent):
     assert result["slow_done"] <= other_done  # slow was not unloaded under its request
     assert fast_answers(agent) == before + 1  # the slow request took the fast path (other loaded lazily: ASGI)
     agent.wait_state("slow", "cached")
+
+
+def test_a_request_in_flight_when_the_agent_stops_is_answered_before_it_exits(agent):
+    """SIGTERM with a fast-path request in flight: its answer is sent, then the agent exits
+    (last: it stops the module's agent)."""
+    assert agent.post("/v2/models/slow/infer", body("load-again", "slow"))[0] == 200  # evicted above: loads lazily
+    assert agent.post("/v2/models/slow/infer", body("warm-again", "slow"))[0] == 200
+    before = fast_answers(agent)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", agent.post("/v2/models/slow/infer",
+                                                                          body("last", "slow", delay=1.5))))
+    t.start()
+    agent.wait_for(lambda s: s["models"]["slow"]["inflight"] == 1, timeout=10, what="slow request in flight")
+    assert fast_answers(agent) == before  # counted when answered
+    code = agent.stop()
+    t.join(30)
+    assert result["r"][0] == 200 and result["r"][1]["id"] == "last", result["r"]
+    assert code == 0
