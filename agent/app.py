@@ -2,7 +2,9 @@
 management API, and serves them on two listeners:
 
 - public (`--host`/`--port`): the data plane (`/v1/`, `/v2/`) and the probes (`/healthz`,
-  `/readyz`) that a kubelet or a gateway needs; every other path is 404.
+  `/readyz`) that a kubelet or a gateway needs; every other path is 404. Its protocol answers
+  plain infer requests for loaded models on the router's fast path (no ASGI task; see
+  agent.router) unless `--no-fast-path`.
 - management (`--management-host`/`--management-port`, default the same host and port 8003;
   8002 stays free for a Triton sidecar's metrics):
   the probes, `/status`, `/status/models/NAME`, `/metrics` and the status page.

@@ -10,6 +10,17 @@ is sent, so eviction never unloads a model under a request; a request for a mode
 loaded waits for one (single-flight) load. Forwarding goes through agent.upstream (keep-alive
 HTTP/1.1 with httptools), the cheapest client we measured (benchmarks/results/proxy.md).
 
+The fast path (fast_route/fast_forward; the public listener's protocol in agent.app calls it):
+a plain infer request -- POST /v2/models/{m}/infer, no version, no query string, a
+Content-Length body of at most 64 KiB -- for a model that is loaded now, when an idle upstream
+connection and its slots are free now, is answered from the connection's callbacks without an
+ASGI task: Reconciler.try_acquire leases the model, Upstream.send_now sends it, and the answer
+is composed by the same code as the ASGI path's (_compose) and written in one write; the lease
+ends after that write. Every other request, and one the fast path cannot take at once (not
+loaded, no idle connection or slot, a stale pooled connection), goes through the ASGI app
+whole, with nothing held and nothing sent. The answers, the timeout and the bounds are the
+same either way (tests/protocols/test_fast_path.py sends the same requests both ways).
+
 What a client gets, per path (every model path: configured models only, under an in-flight
 lease, after a lazy single-flight load):
   passed through (bytes; Content-Encoding gzip/deflate and Accept-Encoding forwarded, so
