@@ -473,7 +473,9 @@ def _markdown(data: dict[str, Any]) -> str:
                       "whole run.", ""]
     b = r.get("agent-asgi")
     if b:
-        lines += [f"Before/after in this run: the agent with --no-fast-path spent {s['agent-asgi']['cpu_us_per_req']['agent-asgi']:g} µs "
+        lines += ["Before/after in this run (agent-asgi is a second agent, same code, with --no-fast-path and its own "
+                  "MLServer: its ratios to direct are indicative, its agent CPU per request is the figure): "
+                  f"the agent with --no-fast-path spent {s['agent-asgi']['cpu_us_per_req']['agent-asgi']:g} µs "
                   f"of CPU per request ({b.get('cpu_vs_nginx', '?')}× nginx), added {b['added_p50_ms']:.3f} ms at p50; with "
                   f"the fast path {s['agent']['cpu_us_per_req']['agent']:g} µs ({a.get('cpu_vs_nginx', '?') if a else '?'}× nginx), "
                   f"{a['added_p50_ms'] if a else '?'} ms.", ""]
