@@ -10,6 +10,17 @@ is sent, so eviction never unloads a model under a request; a request for a mode
 loaded waits for one (single-flight) load. Forwarding goes through agent.upstream (keep-alive
 HTTP/1.1 with httptools), the cheapest client we measured (benchmarks/results/proxy.md).
 
+The fast path (fast_route/fast_forward; the public listener's protocol in agent.app calls it):
+a plain infer request -- POST /v2/models/{m}/infer, no version, no query string, a
+Content-Length body of at most 64 KiB -- for a model that is loaded now, when an idle upstream
+connection and its slots are free now, is answered from the connection's callbacks without an
+ASGI task: Reconciler.try_acquire leases the model, Upstream.send_now sends it, and the answer
+is composed by the same code as the ASGI path's (_compose) and written in one write; the lease
+ends after that write. Every other request, and one the fast path cannot take at once (not
+loaded, no idle connection or slot, a stale pooled connection), goes through the ASGI app
+whole, with nothing held and nothing sent. The answers, the timeout and the bounds are the
+same either way (tests/protocols/test_fast_path.py sends the same requests both ways).
+
 What a client gets, per path (every model path: configured models only, under an in-flight
 lease, after a lazy single-flight load):
   passed through (bytes; Content-Encoding gzip/deflate and Accept-Encoding forwarded, so
@@ -120,6 +131,7 @@ _PASS_RESPONSE = (b"content-type", b"inference-header-content-length", b"content
 _PASS_REQUEST = (b"content-type", b"inference-header-content-length", b"accept", b"x-request-id", b"traceparent",
                  b"content-encoding", b"accept-encoding")
 _ERROR_BYTES = 64 * 1024  # of an error answer read (and decompressed) for its reason
+FAST_BODY_BYTES = 64 * 1024  # infer bodies up to this size may take the fast path (uvicorn buffers them unpaused)
 V1_WORKER_BYTES = 256 * 1024  # V1 bodies (and answers) above this are translated in the worker process
 _ECHO = 80  # characters of a client's input echoed in an error
 
@@ -142,6 +154,9 @@ class Router:
         self.upstream_connections = s.upstream_connections
         self.max_upstream_per_model = s.max_upstream_per_model or max(1, self.upstream_connections // 2)
         self._server_ready = server_ready
+        self._fast_body_bytes = min(FAST_BODY_BYTES, self.stream_body_bytes, self.max_body_bytes)
+        self.fast_answers = 0  # requests answered on the fast path, and those it handed to the ASGI path
+        self.fast_fallbacks = 0
         self._upstream: Upstream | None = None
         self._counters: dict[tuple[str, str], Any] = {}  # (model, code) -> counter child
         self._v1_worker: ProcessPoolExecutor | None = None
@@ -449,6 +464,88 @@ class Router:
         await self._answer(send, model, target, version, status, payload, out_headers, action)
         return None
 
+    # ------------------------------------------------------------------ fast path
+    def fast_route(self, scope: Scope) -> str | None:
+        """The model of a request that fast_forward() may answer: POST /v2/models/{m}/infer
+        without a version or query string, for a configured model, with a Content-Length body of
+        at most FAST_BODY_BYTES (and the limits), no Transfer-Encoding, no Expect. None: the
+        ASGI path answers it. Cheap: only the path and headers are read."""
+        path = scope["path"]
+        if scope["method"] != "POST" or scope["query_string"] or not path.startswith("/v2/models/") \
+                or not path.endswith("/infer") or not self.reconciler.applied_once.is_set():
+            return None
+        name = path[11:-6]
+        model = self.reconciler.models.get(name)  # configured names hold no "/"
+        if model is None or model.removed:
+            return None
+        length = None
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                length = v
+            elif k == b"transfer-encoding" or k == b"expect":
+                return None
+        if length is None or not length.isdigit() or int(length) > self._fast_body_bytes:
+            return None
+        return name
+
+    def fast_forward(self, name: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                     reply: Callable[[_Parts], None], demote: Callable[[], None]) -> None:
+        """Answer a request fast_route() chose from callbacks, without a task: when the model is
+        loaded now and an idle upstream connection and its slots are free now, lease the model,
+        send the request, and `reply(parts)` when the answer (or the error) is there, the same
+        answer _forward() gives; then release the lease. Otherwise `demote()`: the ASGI path
+        takes the request whole (lazy load, waits for a slot, connects, retries a stale
+        connection), with nothing held and nothing sent."""
+        upstream = self._current_upstream()
+        if not upstream.ready_now(name):
+            self._fall_back(demote)
+            return
+        model = self.reconciler.try_acquire(name)
+        if model is None:  # not loaded now: the ASGI path loads it (single flight) and waits
+            self._fall_back(demote)
+            return
+        forwarded = [(k, v) for k, v in headers if k in _PASS_REQUEST]
+
+        def answered(result: tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None) -> None:
+            nonlocal model
+            try:
+                if result is None:  # a stale pooled connection: nothing was served, so the
+                    self.reconciler.release(model)  # ASGI path sends it again on a fresh one
+                    model = None
+                    self._fall_back(demote)
+                    return
+                self.fast_answers += 1
+                if isinstance(result, BaseException):
+                    status, reason = self._upstream_failure(name, result)
+                    self._count(name, status)
+                    reply(error_parts(status, reason, retry_after=1 if status == 503 else None))
+                    return
+                status, resp_headers, payload = result
+                out_headers = [(k, v) for k, v in resp_headers if k in _PASS_RESPONSE]
+                reply(self._compose(model, None, status, payload, out_headers, "/infer"))
+            except Exception:
+                log.exception("fast path failed", extra=kv(model=name))
+                reply(error_parts(500, f"model {name!r}: internal error in the agent"))
+            finally:
+                if model is not None:
+                    self.reconciler.release(model)
+
+        sent = False
+        try:
+            sent = upstream.send_now("POST", f"/v2/models/{name}/infer", forwarded, body, self.request_timeout_s,
+                                     name, answered)
+        except UnsafeRequest:
+            pass  # the ASGI path answers it (400)
+        finally:
+            if not sent:
+                self.reconciler.release(model)
+        if not sent:
+            self._fall_back(demote)
+
+    def _fall_back(self, demote: Callable[[], None]) -> None:
+        self.fast_fallbacks += 1
+        demote()
+
     def _lost(self, model: Any, version: str | None) -> bool:
         """A 404 for the model we leased as served (not for a version it may lack)."""
         return version is None or version == model.spec.version
@@ -456,28 +553,30 @@ class Router:
     async def _answer(self, send: Send, model: Any, target: str, version: str | None, status: int, payload: bytes,
                       out_headers: list[tuple[bytes, bytes]], action: str | None) -> None:
         """Send the server's answer on; its errors as {"error": reason}."""
+        await _send_parts(send, self._compose(model, version, status, payload, out_headers, action))
+
+    def _compose(self, model: Any, version: str | None, status: int, payload: bytes,
+                 out_headers: list[tuple[bytes, bytes]], action: str | None) -> _Parts:
+        """What the client gets for the server's answer (counted): its errors as {"error": reason}."""
         name = model.name
         if status == 404 and action in _EXTENSIONS and _no_route(payload, out_headers):
             self._count(name, 501)
             kind = getattr(getattr(self.reconciler, "adapter", None), "kind", "the co-located server")
-            await send_error(send, 501, f"model {name!r}: {action} is not served by {kind} (a Triton extension; "
-                                        "the server has no such endpoint)")
-            return
+            return error_parts(501, f"model {name!r}: {action} is not served by {kind} (a Triton extension; "
+                                    "the server has no such endpoint)")
         if status == 404 and self._lost(model, version):
             # the server does not have a model we leased as served (a restart, an unload behind
             # our back, or the window before a restarted server is restocked): never a 404 for
             # a configured model; the reconciler rechecks the server when it thinks it loaded
             self.reconciler.report_missing(name)
             self._count(name, 503)
-            await send_error(send, 503, f"model {name!r}: the server does not have it loaded; reloading", retry_after=1)
-            return
+            return error_parts(503, f"model {name!r}: the server does not have it loaded; reloading", retry_after=1)
         self._count(name, status)
         if status >= 400:
             payload = json.dumps({"error": error_reason(status, _decoded(payload, out_headers))}).encode()
             out_headers = [(b"content-type", b"application/json")]
-        out_headers.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": out_headers})
-        await send({"type": "http.response.body", "body": payload})
+        out_headers.append((b"content-length", b"%d" % len(payload)))
+        return status, out_headers, payload
 
     def _current_upstream(self) -> Upstream:
         upstream = self._upstream
@@ -705,13 +804,25 @@ def can_serve(model: Any) -> bool:
 
 
 # ---------------------------------------------------------------------- responses
-async def _json(send: Send, status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+_Parts = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers (with content-length), body
+
+
+def _json_parts(status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None) -> _Parts:
     body = json.dumps(doc).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if extra:
         headers += extra
+    return status, headers, body
+
+
+async def _send_parts(send: Send, parts: _Parts) -> None:
+    status, headers, body = parts
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send: Send, status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    await _send_parts(send, _json_parts(status, doc, extra))
 
 
 async def liveness(send: Send) -> None:
@@ -719,7 +830,12 @@ async def liveness(send: Send) -> None:
     await _json(send, 200, {"status": "alive"})
 
 
-async def send_error(send: Send, status: int, message: str, *, retry_after: float | None = None) -> None:
+def error_parts(status: int, message: str, *, retry_after: float | None = None) -> _Parts:
     """An error in the shape both protocols use, {"error": "<message>"} (V2 and KServe V1)."""
     extra = [(b"retry-after", str(max(1, int(round(retry_after)))).encode())] if retry_after is not None else None
-    await _json(send, status, {"error": message}, extra)
+    return _json_parts(status, {"error": message}, extra)
+
+
+async def send_error(send: Send, status: int, message: str, *, retry_after: float | None = None) -> None:
+    """Send error_parts(...)."""
+    await _send_parts(send, error_parts(status, message, retry_after=retry_after))

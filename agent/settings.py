@@ -64,6 +64,7 @@ class Settings:
     drain_timeout_s: float = 30.0  # an unload waits this long for in-flight requests to finish
     retry_base_s: float = 1.0  # first retry delay of a failed model (doubles per failure, jittered)
     stream_body_bytes: int = 2**20  # request bodies with a Content-Length above this are forwarded as they arrive
+    fast_path: bool = True  # plain infer requests for loaded models answered without an ASGI task (agent.router)
     grpc_port: int = 8001  # KServe V2 gRPC data plane; 0 turns it off
     grpc_host: str | None = None  # default: `host`
     server_grpc_target: str | None = None  # sidecar: the server's gRPC HOST:PORT (embedded: known)

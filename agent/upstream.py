@@ -24,6 +24,12 @@ Guarantees:
     caller's (UpstreamError), never retried, since an infer may not be idempotent;
   * each request is bounded by `timeout` seconds.
 
+Without a task: `ready_now(key)` says whether a request would get its slots and an idle
+connection without waiting, and `send_now(...)` sends it at once and calls back with the
+answer (the data plane's fast path, agent.router.Router.fast_forward); the bounds, the
+timeout and the desync rules above are the same ones, and a reused connection that the server
+closed before any byte of the answer is reported (None), never silently retried.
+
 Two streaming modes, both on a fresh connection (nothing is retried once a client's byte was
 forwarded) and both holding their slots until they end:
   * a request body given as a BodySource (its declared length and an async chunk reader) is
@@ -122,8 +128,7 @@ class _Slots:
         self._waiters: deque[asyncio.Future] = deque()
 
     async def take(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
+        if self.try_take():
             return
         fut = loop.create_future()
         self._waiters.append(fut)
@@ -141,6 +146,13 @@ class _Slots:
             raise
         finally:
             timer.cancel()
+
+    def try_take(self) -> bool:
+        """Take a slot if one is free now and nobody waits for one."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
 
     def give(self) -> None:
         while self._waiters:
@@ -397,9 +409,7 @@ class Upstream:
     async def _slot(self, key: str, deadline: float, timeout: float) -> AsyncIterator[None]:
         """Hold one of `key`'s slots, then one of the pool's, until the block ends."""
         loop = asyncio.get_running_loop()
-        key_slots = self._key_slots.get(key)
-        if key_slots is None:
-            key_slots = self._key_slots[key] = _Slots(self.max_per_key)
+        key_slots = self._key_slot(key)
         try:
             await key_slots.take(loop, deadline)
         except asyncio.TimeoutError:
@@ -414,9 +424,71 @@ class Upstream:
             finally:
                 self._slots.give()
         finally:
-            key_slots.give()
-            if key_slots.idle() and self._key_slots.get(key) is key_slots:
-                del self._key_slots[key]
+            self._give_key(key, key_slots)
+
+    def _key_slot(self, key: str) -> _Slots:
+        key_slots = self._key_slots.get(key)
+        if key_slots is None:
+            key_slots = self._key_slots[key] = _Slots(self.max_per_key)
+        return key_slots
+
+    def _give_key(self, key: str, key_slots: _Slots) -> None:
+        key_slots.give()
+        if key_slots.idle() and self._key_slots.get(key) is key_slots:
+            del self._key_slots[key]
+
+    # -- the fast path: no task, no await
+    def ready_now(self, key: str = "") -> bool:
+        """Whether send_now() for `key` would get its slots and an idle connection at once."""
+        key_slots = self._key_slots.get(key)
+        if key_slots is not None and (key_slots.free <= 0 or key_slots._waiters):
+            return False
+        if self._slots.free <= 0 or self._slots._waiters:
+            return False
+        now = time.monotonic()
+        while self._idle:  # the newest idle connection is the one send_now() takes
+            conn = self._idle[-1]
+            if not conn.closed and now - conn.idle_since < self._idle_timeout:
+                return True
+            self._drop(self._idle.pop())
+        return False
+
+    def send_now(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, timeout: float,
+                 key: str, done: Callable[[tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None], None]
+                 ) -> bool:
+        """Send one request on an idle connection now, if ready_now(key); False (nothing taken,
+        nothing sent) otherwise. `done` is called once, from the loop, with (status, lower-cased
+        headers, body), with the exception that ended the request (UpstreamError,
+        asyncio.TimeoutError after `timeout` seconds), or with None when the reused connection
+        had been closed by the server before any byte of the answer (nothing was served: the
+        caller may send the request again). The slots are given back before `done` runs.
+        Raises UnsafeRequest before anything is taken."""
+        message = self._head(method, target, headers, body)
+        if not self.ready_now(key):
+            return False
+        key_slots = self._key_slot(key)
+        key_slots.free -= 1  # ready_now: both are free and nobody waits
+        self._slots.free -= 1
+        conn = self._idle.pop()
+        loop = asyncio.get_running_loop()
+        waiter = conn.start(loop)
+        timer = loop.call_at(loop.time() + timeout, _expire, waiter)
+        assert conn.transport is not None
+        conn.transport.write(message + body)
+
+        def answered(_: asyncio.Future) -> None:
+            timer.cancel()
+            self._slots.give()
+            self._give_key(key, key_slots)
+            if waiter.cancelled() or waiter.exception() is not None:
+                self._drop(conn)
+                error = asyncio.CancelledError() if waiter.cancelled() else waiter.exception()
+                done(None if isinstance(error, _Stale) else error)
+                return
+            done((waiter.result(), *self._finish(conn)))
+
+        waiter.add_done_callback(answered)
+        return True
 
     async def close(self) -> None:
         for conn in list(self._all):
@@ -517,13 +589,17 @@ class Upstream:
             raise
         finally:
             timer.cancel()
+        return (status, *self._finish(conn))
+
+    def _finish(self, conn: _Conn) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """A completed answer's headers and body; the connection back to the pool if it may be reused."""
         headers, payload = conn.result()
         if conn.closed or conn.desynced or not conn.keep_alive:
             self._drop(conn)
         else:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
-        return status, headers, payload
+        return headers, payload
 
     def _drop(self, conn: _Conn) -> None:
         conn.closed = True

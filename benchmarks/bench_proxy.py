@@ -8,9 +8,15 @@ One agent with its embedded MLServer serves one small sklearn model (loaded at s
 load generator, wrk (apt; a Lua script sends the POST body), drives the same small V2 infer
 request (one row, 4 features) against three targets that all end in the SAME MLServer process:
 
-  direct  the MLServer's own HTTP port (`/status` -> server.url)
-  agent   the agent's port (raw ASGI router -> aiohttp keep-alive pool -> MLServer)
-  nginx   nginx (apt) as a reverse proxy on a free loopback port, one worker, keep-alive upstream
+  direct      the MLServer's own HTTP port (`/status` -> server.url)
+  agent       the agent's port: the fast path (a plain infer for a loaded model is answered from
+              the connection's callbacks: uvicorn's httptools protocol -> agent.upstream's pool)
+  nginx       nginx (apt) as a reverse proxy on a free loopback port, one worker, keep-alive upstream
+  agent-asgi  (optional, `--targets direct,agent,nginx,agent-asgi`) the same agent code with
+              --no-fast-path (every request through the ASGI router): the before/after of the
+              fast path in the same run. It is a second agent with its OWN MLServer (same code and
+              model), so its server figures come from that process; its ratios are against the
+              first server's direct runs (indicative); its agent CPU per request is the figure.
 
 Per target: latency p50/p99 at concurrency 1 (wrk -t1 -c1) and throughput at concurrency 16
 (wrk -t1 -c16), plus the CPU time each process spent per request during the concurrency-16 run.
@@ -54,8 +60,10 @@ from benchmarks.common import (  # noqa: E402
 )
 
 MODEL = "iris"
-GOAL_RATIO = 0.9
-GOAL_ADDED_P50_MS = 0.3
+# issue 13's goals for the hop
+GOAL_RATIO = 0.95  # agent throughput / direct (c=16)
+GOAL_ADDED_P50_MS = 0.2  # agent p50 - direct p50 (c=1)
+GOAL_CPU_VS_NGINX = 2.0  # agent CPU per request / nginx CPU per request (c=16)
 
 _LUA = """
 wrk.method = "POST"
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the targets; medians are reported")
     p.add_argument("--latency-concurrency", type=int, default=1)
     p.add_argument("--throughput-concurrency", type=int, default=16)
-    p.add_argument("--targets", default="direct,agent,nginx")
+    p.add_argument("--targets", default="direct,agent,nginx", help="comma-separated: direct, agent, nginx, agent-asgi")
     p.add_argument("--profile", action="store_true", help="py-spy profile of the agent at the throughput concurrency")
     p.add_argument("--agent-entry", default=None, help="command that takes `run ...` args (default: python -m agent.cli)")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where result files go")
@@ -289,16 +297,24 @@ def main(argv: list[str] | None = None) -> int:
     script.write_text(_LUA % V2_BODY.decode())
     write_sklearn_model(tmp / "store" / MODEL, "logreg", 0)
     entry = shlex.split(args.agent_entry) if args.agent_entry else None
-    agent = Agent(tmp / "agent", [{"name": MODEL, "uri": str(tmp / "store" / MODEL), "runtime": "sklearn"}], entry=entry)
+    models = [{"name": MODEL, "uri": str(tmp / "store" / MODEL), "runtime": "sklearn"}]
+    agent = Agent(tmp / "agent", models, entry=entry)
+    asgi = Agent(tmp / "agent-asgi", models, "--no-fast-path", entry=entry) if "agent-asgi" in targets else None
     nginx: Nginx | None = None
     results: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
     profile = None
     try:
-        agent.wait_ready()
-        agent.wait_models(lambda ms: ms.get(MODEL, {}).get("state") == "loaded", 60, f"{MODEL} loaded")
+        for a in filter(None, (agent, asgi)):
+            a.wait_ready()
+            a.wait_models(lambda ms: ms.get(MODEL, {}).get("state") == "loaded", 60, f"{MODEL} loaded")
         server_url, server_pid = agent.server_url, agent.server_pid
         pids: dict[str, list[int]] = {"server": [q.pid for q in process_tree(server_pid)], "agent": [agent.proc.pid]}
         urls = {"direct": server_url, "agent": agent.url}
+        target_pids = {t: pids for t in targets}
+        if asgi is not None:
+            urls["agent-asgi"] = asgi.url
+            target_pids["agent-asgi"] = {"server": [q.pid for q in process_tree(asgi.server_pid)],
+                                         "agent-asgi": [asgi.proc.pid]}
         if "nginx" in targets:
             nginx = Nginx(server_url.split("//", 1)[1], tmp)
             wait_http(nginx.url + "/v2/health/ready", 20, "nginx")
@@ -313,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
             for t in order:
-                r = measure(t, urls[t] + infer, script, args, pids)
+                r = measure(t, urls[t] + infer, script, args, target_pids[t])
                 r["round"] = rnd
                 r["loadavg"] = loadavg()
                 results[t].append(r)
@@ -321,11 +337,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"cpu/req={r['cpu_us_per_req']} load={r['loadavg'][0]}", flush=True)
         if args.profile and "agent" in targets:
             profile = profile_agent(agent.proc.pid, urls["agent"] + infer, script, args, tmp)
+        fast_path = agent.status().get("data_plane")  # how many answers took the fast path
     finally:
         if nginx is not None:
             nginx.stop()
         agent.stop()
+        if asgi is not None:
+            asgi.stop()
     info["loadavg_at_end"] = loadavg()
+    info["fast_path"] = fast_path
 
     summary = {t: _median(rs) for t, rs in results.items()}
     ratios = _ratios(summary, results)
@@ -364,7 +384,7 @@ def _ratios(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -
     out: dict[str, Any] = {}
     if not d:
         return out
-    for t in ("agent", "nginx"):
+    for t in ("agent", "nginx", "agent-asgi"):
         s = summary.get(t)
         if not s:
             continue
@@ -378,11 +398,21 @@ def _ratios(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -
             "throughput_ratio_per_round": [round(b["rps"] / a["rps"], 3) for a, b in pairs],
             "added_p50_ms_per_round": [round(b["p50_ms"] - a["p50_ms"], 3) for a, b in pairs],
         }
+    for t in ("agent", "agent-asgi"):  # CPU per request against nginx's, paired by round
+        if t in out and "nginx" in results:
+            pairs = list(zip(results["nginx"], results[t]))
+            per_round = [round(b["cpu_us_per_req"][t] / a["cpu_us_per_req"]["nginx"], 2) for a, b in pairs]
+            out[t]["cpu_vs_nginx"] = round(statistics.median(per_round), 2)
+            out[t]["cpu_vs_nginx_per_round"] = per_round
     if "agent" in out:
-        out["agent"]["goal_throughput_ratio"] = GOAL_RATIO
-        out["agent"]["goal_added_p50_ms"] = GOAL_ADDED_P50_MS
-        out["agent"]["meets_throughput_goal"] = out["agent"]["throughput_ratio"] >= GOAL_RATIO
-        out["agent"]["meets_latency_goal"] = out["agent"]["added_p50_ms"] <= GOAL_ADDED_P50_MS
+        a = out["agent"]
+        a["goal_throughput_ratio"] = GOAL_RATIO
+        a["goal_added_p50_ms"] = GOAL_ADDED_P50_MS
+        a["goal_cpu_vs_nginx"] = GOAL_CPU_VS_NGINX
+        a["meets_throughput_goal"] = a["throughput_ratio"] >= GOAL_RATIO
+        a["meets_latency_goal"] = a["added_p50_ms"] <= GOAL_ADDED_P50_MS
+        if "cpu_vs_nginx" in a:
+            a["meets_cpu_goal"] = a["cpu_vs_nginx"] <= GOAL_CPU_VS_NGINX
     return out
 
 
@@ -422,12 +452,33 @@ def _markdown(data: dict[str, Any]) -> str:
     ]
     a = r.get("agent")
     if a:
+        verdict = lambda ok: "met" if ok else "MISSED"  # noqa: E731
         lines += [
-            f"Goals for the agent: throughput ≥ {GOAL_RATIO}× direct → {a['throughput_ratio']:.3f} "
-            f"({'met' if a['meets_throughput_goal'] else 'MISSED'}); added p50 ≤ {GOAL_ADDED_P50_MS} ms → "
-            f"{a['added_p50_ms']:.3f} ms ({'met' if a['meets_latency_goal'] else 'MISSED'}).",
+            "## Goals (issue 13, the hop)",
+            "",
+            md_table(["goal", "measured (median of paired rounds)", "verdict"], [
+                [f"throughput ≥ {GOAL_RATIO}× direct (c={thr_c})", f"{a['throughput_ratio']:.3f}×",
+                 verdict(a["meets_throughput_goal"])],
+                [f"added p50 ≤ {GOAL_ADDED_P50_MS} ms (c={lat_c})", f"{a['added_p50_ms']:.3f} ms", verdict(a["meets_latency_goal"])],
+                *([[f"agent CPU per request ≤ {GOAL_CPU_VS_NGINX}× nginx's (c={thr_c})",
+                    f"{a['cpu_vs_nginx']:.2f}× (per round {a['cpu_vs_nginx_per_round']})", verdict(a["meets_cpu_goal"])]]
+                  if "cpu_vs_nginx" in a else []),
+            ]),
             "",
         ]
+        fp = data["machine"].get("fast_path")
+        if fp:
+            lines += [f"Fast path: {fp.get('fast_path_answers')} answers, {fp.get('fast_path_fallbacks')} handed to the "
+                      "ASGI path (a request that found no idle upstream connection or free slot at once), over the "
+                      "whole run.", ""]
+    b = r.get("agent-asgi")
+    if b:
+        lines += ["Before/after in this run (agent-asgi is a second agent, same code, with --no-fast-path and its own "
+                  "MLServer: its ratios to direct are indicative, its agent CPU per request is the figure): "
+                  f"the agent with --no-fast-path spent {s['agent-asgi']['cpu_us_per_req']['agent-asgi']:g} µs "
+                  f"of CPU per request ({b.get('cpu_vs_nginx', '?')}× nginx), added {b['added_p50_ms']:.3f} ms at p50; with "
+                  f"the fast path {s['agent']['cpu_us_per_req']['agent']:g} µs ({a.get('cpu_vs_nginx', '?') if a else '?'}× nginx), "
+                  f"{a['added_p50_ms'] if a else '?'} ms.", ""]
     lines += ["Per round (req/s at c=%d): " % thr_c + "; ".join(f"{t} {v['rps_all_rounds']}" for t, v in s.items()), ""]
     prof = data.get("profile")
     if prof:

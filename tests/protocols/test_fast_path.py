@@ -1,0 +1,195 @@
+"""The data plane's fast path (agent.router.Router.fast_forward): a plain infer request for a
+loaded model is answered from the connection's callbacks, without an ASGI task. Every test
+checks, through /status (`data_plane.fast_path_answers`), that the request it is about took the
+fast path, and that the client notices nothing else: the same answers as the ASGI path, the
+lease held until the answer is sent, the request timeout, keep-alive, pipelining, HTTP/1.0 and
+clients that go away. A real agent with its embedded MLServer."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.support.agentproc import IRIS_ROW, AgentProcess, request
+from tests.support.configmap import ConfigMapDir
+from tests.support.models import SLOW_IMPLEMENTATION, write_sklearn_model, write_slow_model
+
+REQUEST_TIMEOUT = 3.0
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    """`iris` (sklearn, 10Mi), `slow` (echoes after the request's `delay` parameter, 300Mi) and
+    `other` (300Mi, lazy): within the 400Mi budget `other` can only load by evicting `slow`."""
+    root = tmp_path_factory.mktemp("fast-path")
+    store = root / "store"
+    write_sklearn_model(store / "iris", "iris-logreg", 0)
+    write_sklearn_model(store / "other", "tree", 1)
+    write_slow_model(store / "slow", delay=0.0)
+    models = [
+        {"name": "iris", "uri": str(store / "iris"), "memory": "10Mi"},
+        {"name": "slow", "uri": str(store / "slow"), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION,
+         "memory": "300Mi"},
+        {"name": "other", "uri": str(store / "other"), "memory": "300Mi", "preload": False},
+    ]
+    cm = ConfigMapDir(root / "config")
+    cm.write({"models.json": json.dumps({"models": models})})
+    proc = AgentProcess(cm.root, root / "cache", root / "agent.log", "--min-residency", "0", "--host-memory", "400Mi",
+                        "--request-timeout", str(REQUEST_TIMEOUT)).wait_ready()
+    try:
+        proc.wait_for(lambda s: all(s["models"][n]["state"] == "loaded" for n in ("iris", "slow")), timeout=60,
+                      what="iris and slow loaded")
+        for name in ("iris", "slow"):  # the upstream pool gets idle connections (the fast path needs one)
+            assert proc.post(f"/v2/models/{name}/infer", body("warm", name))[0] == 200
+        yield proc
+    finally:
+        proc.stop()
+
+
+def body(request_id: str, model: str = "iris", delay: float | None = None, row: list[float] = IRIS_ROW) -> dict:
+    doc: dict = {"id": request_id, "inputs": [{"name": "x", "shape": [1, len(row)], "datatype": "FP64", "data": row}]}
+    if delay is not None:
+        doc["parameters"] = {"delay": delay}
+    return doc
+
+
+def fast_answers(agent: AgentProcess) -> int:
+    return agent.status()["data_plane"]["fast_path_answers"]
+
+
+def exchange(port: int, raw: bytes, answers: int = 1, timeout: float = 30) -> tuple[list[tuple[int, dict, bytes]], bool]:
+    """Send `raw` bytes on one connection and read `answers` HTTP/1.1 answers (Content-Length
+    bodies); returns them as (status, headers, body) and whether the server closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        buf, out = b"", []
+        closed = False
+        while len(out) < answers or not closed:
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end >= 0:
+                lines = buf[:head_end].decode("latin-1").split("\r\n")
+                headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+                end = head_end + 4 + int(headers["content-length"])
+                if len(buf) >= end:
+                    out.append((int(lines[0].split(" ")[1]), headers, buf[head_end + 4:end]))
+                    buf = buf[end:]
+                    continue
+            if len(out) == answers:  # all answers in: is the connection closed (or kept)?
+                s.settimeout(0.5)
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                closed = True
+                break
+            buf += chunk
+    return out, closed
+
+
+def post_line(model: str, doc: dict, version: bytes = b"HTTP/1.1", extra: bytes = b"") -> bytes:
+    data = json.dumps(doc).encode()
+    return (b"POST /v2/models/%s/infer %s\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+            % (model.encode(), version, len(data), extra, data))
+
+
+def test_the_fast_path_answers_exactly_as_the_asgi_path(agent):
+    """The same request through both paths (a query string sends it through the ASGI app):
+    the same status, headers and body, for an answer and for a server error."""
+    for doc in (body("same-1"), body("same-2", row=[5.1, 3.5, 1.4])):  # 4 features: 200; 3: the server's 500
+        before = fast_answers(agent)
+        fast = request("POST", f"{agent.url}/v2/models/iris/infer", doc)
+        assert fast_answers(agent) == before + 1  # it took the fast path ...
+        slow = request("POST", f"{agent.url}/v2/models/iris/infer?via=asgi", doc)
+        assert fast_answers(agent) == before + 1  # ... and this one did not
+        assert fast == slow
+    assert fast[0] == 500 and set(fast[1]) == {"error"} and "4 features" in fast[1]["error"], fast
+    for path in ("/v2/models/iris/infer", "/v2/models/iris/infer?via=asgi"):
+        data = json.dumps(body("headers")).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=30)
+        conn.request("POST", path, data, {"content-type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        assert r.status == 200 and sorted(k.lower() for k in r.headers) == ["content-length", "content-type", "date", "server"]
+
+
+def test_keep_alive_pipelining_and_http_1_0(agent):
+    before = fast_answers(agent)
+    # two requests in one write on a keep-alive connection: two answers, in order, connection kept
+    answers, closed = exchange(agent.port, post_line("iris", body("p1")) + post_line("iris", body("p2")), answers=2)
+    assert [(s, json.loads(b)["id"]) for s, _, b in answers] == [(200, "p1"), (200, "p2")]
+    assert not closed
+    # HTTP/1.0 without keep-alive: the answer says it closes, and the connection is closed
+    answers, closed = exchange(agent.port, post_line("iris", body("old"), version=b"HTTP/1.0"))
+    assert answers[0][0] == 200 and json.loads(answers[0][2])["id"] == "old"
+    assert answers[0][1].get("connection") == "close" and closed
+    assert fast_answers(agent) == before + 3
+
+
+def test_a_client_that_goes_away_releases_the_lease_when_the_answer_comes(agent):
+    before = fast_answers(agent)
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as s:
+        s.sendall(post_line("slow", body("gone", "slow", delay=1.0)))
+        agent.wait_for(lambda st: st["models"]["slow"]["inflight"] == 1, timeout=10, what="slow request in flight")
+    # the server still answers after 1 s; then the lease ends though no one reads the answer
+    agent.wait_for(lambda st: st["models"]["slow"]["inflight"] == 0, timeout=10, what="the lease released")
+    assert fast_answers(agent) == before + 1
+    assert agent.post("/v2/models/slow/infer", body("next", "slow"))[0] == 200  # and the model serves on
+
+
+def test_an_answer_later_than_the_request_timeout_is_503_and_frees_the_lease(agent):
+    before = fast_answers(agent)
+    started = time.monotonic()
+    status, doc = agent.post("/v2/models/slow/infer", body("late", "slow", delay=REQUEST_TIMEOUT + 2))
+    waited = time.monotonic() - started
+    assert status == 503 and "--request-timeout" in doc["error"], doc
+    assert REQUEST_TIMEOUT - 0.5 < waited < REQUEST_TIMEOUT + 1.5, waited  # answered at the timeout, not later
+    assert fast_answers(agent) == before + 1
+    assert agent.status()["models"]["slow"]["inflight"] == 0
+    assert agent.post("/v2/models/slow/infer", body("after", "slow"))[0] == 200
+
+
+def test_a_fast_path_request_holds_its_lease_until_its_answer_is_sent(agent):
+    """`other` needs the memory `slow` holds; a fast-path request to `slow` is in flight: the
+    eviction waits for its answer (last: it leaves `slow` evicted)."""
+    before = fast_answers(agent)
+    result: dict = {}
+
+    def slow_request() -> None:
+        result["slow"] = agent.post("/v2/models/slow/infer", body("held", "slow", delay=1.5))
+        result["slow_done"] = time.monotonic()
+
+    t = threading.Thread(target=slow_request)
+    t.start()
+    agent.wait_for(lambda s: s["models"]["slow"]["inflight"] == 1, timeout=10, what="slow request in flight")
+    status, doc = agent.post("/v2/models/other/infer", body("other", "other"))
+    other_done = time.monotonic()
+    t.join(30)
+    assert result["slow"][0] == 200 and result["slow"][1]["id"] == "held", result["slow"]
+    assert status == 200, doc
+    assert result["slow_done"] <= other_done  # slow was not unloaded under its request
+    assert fast_answers(agent) == before + 1  # the slow request took the fast path (other loaded lazily: ASGI)
+    agent.wait_state("slow", "cached")
+
+
+def test_a_request_in_flight_when_the_agent_stops_is_answered_before_it_exits(agent):
+    """SIGTERM with a fast-path request in flight: its answer is sent, then the agent exits
+    (last: it stops the module's agent)."""
+    assert agent.post("/v2/models/slow/infer", body("load-again", "slow"))[0] == 200  # evicted above: loads lazily
+    assert agent.post("/v2/models/slow/infer", body("warm-again", "slow"))[0] == 200
+    before = fast_answers(agent)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", agent.post("/v2/models/slow/infer",
+                                                                          body("last", "slow", delay=1.5))))
+    t.start()
+    agent.wait_for(lambda s: s["models"]["slow"]["inflight"] == 1, timeout=10, what="slow request in flight")
+    assert fast_answers(agent) == before  # counted when answered
+    code = agent.stop()
+    t.join(30)
+    assert result["r"][0] == 200 and result["r"][1]["id"] == "last", result["r"]
+    assert code == 0
