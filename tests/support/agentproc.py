@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from tests.support.net import free_port, wait_http
+from tests.support.net import free_port, stop_group, wait_http
 
 
 class AgentProcess:
@@ -75,13 +75,7 @@ class AgentProcess:
         return self.wait_for(ok, timeout, f"{name} -> {state}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_group(self.proc, sig, timeout)
         self._log.close()
         return self.proc.returncode
 

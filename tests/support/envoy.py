@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.net import free_port, wait_http
+from tests.support.net import free_port, stop_group, wait_http
 
 DEST_HEADER = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
@@ -257,13 +256,7 @@ class Envoy:
         return {s["name"]: s["value"] for s in doc["stats"] if "value" in s and s["name"].startswith(prefix)}
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_group(self.proc)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

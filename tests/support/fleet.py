@@ -24,7 +24,7 @@ from pathlib import Path
 from tests.support.agentproc import AgentProcess
 from tests.support.configmap import ConfigMapDir
 from tests.support.envoy import Envoy
-from tests.support.net import free_port
+from tests.support.net import free_port, stop_group
 
 
 @dataclass
@@ -127,12 +127,7 @@ class Fleet:
     def stop(self) -> None:
         if self.envoy:
             self.envoy.stop()
-        if self.picker and self.picker.poll() is None:
-            os.killpg(self.picker.pid, signal.SIGTERM)
-            try:
-                self.picker.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.picker.pid, signal.SIGKILL)
+        stop_group(self.picker)
         for s in self.slots:
             if s.proc is not None:
                 s.proc.stop()

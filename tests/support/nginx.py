@@ -8,7 +8,6 @@ install command (`apt-get install -y nginx`).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.net import free_port
+from tests.support.net import free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 CONTROLLER_CONFIGMAP = REPO / "deploy/k8s/07-scale-out/mesh-affinity/ingress-nginx-controller-configmap.yaml"
@@ -106,13 +105,7 @@ class Nginx:
         raise TimeoutError(f"nginx did not listen on {self.port}: {(self.dir / 'error.log').read_text(errors='replace')[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGQUIT)  # graceful: workers finish their requests
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_group(self.proc, signal.SIGQUIT)  # graceful: workers finish their requests
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
