@@ -5,6 +5,8 @@ import asyncio
 import glob
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -513,7 +515,15 @@ def test_a_load_reads_only_its_own_entry_however_many_the_repository_shows(mlser
 def test_the_repository_parses_an_entry_once_and_never_reloads_an_installed_runtime(tmp_path: Path, monkeypatch) -> None:
     """In-process, on MLServer's own classes: a second load of the same entry is not parsed
     again (a deep copy of the first parse), and the settings of an installed runtime import
-    their class without `importlib.reload` (a custom implementation keeps MLServer's reload)."""
+    their class without `importlib.reload` (a custom implementation keeps MLServer's reload).
+    Runs in a fresh interpreter: MLServer's gRPC protos and tritonclient's (imported by other
+    tests in this process) both declare `inference.*` in protobuf's default pool."""
+    if os.environ.get("MODELSHELF_TEST_FRESH") != "1":
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"{__file__}::test_the_repository_parses_an_entry_once_and_never_reloads_an_installed_runtime"],
+                              env={**os.environ, "MODELSHELF_TEST_FRESH": "1"}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        return
     import importlib
     import json
 
