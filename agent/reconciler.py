@@ -862,7 +862,9 @@ class Reconciler:
         starts. The ledger allows it: a model being unloaded counts as free in `used()` (its
         bytes are promised to this load) and in `held()` until its unload ends. The load waits
         for the unloads when `wait_unloads` (its memory will be measured: its window must not
-        see them) or when a victim holds GPU memory (a device has no slack for both copies)."""
+        see them), when a victim holds GPU memory (a device has no slack for both copies), or
+        when the server would hold more than the budget x (1 + `unload_overlap`) while both
+        copies are in it (`held()`: real memory stays within the budget's tolerance by default)."""
         busy = 0
         while True:
             waited = time.monotonic()
@@ -885,7 +887,7 @@ class Reconciler:
                 continue
             if not victims:
                 return
-            wait_unloads = wait_unloads or any(self._holds_gpu(v) for v in victims)
+            wait_unloads = wait_unloads or any(self._holds_gpu(v) for v in victims) or not self._room_for_both()
             loop = asyncio.get_running_loop()
             claims = [loop.create_future() for _ in victims]
             unloads = [self._spawn(self._evict(self.models[v], claim), f"evict:{v}") for v, claim in zip(victims, claims)]
@@ -911,6 +913,12 @@ class Reconciler:
     async def _evict_for_reality(self, name: str) -> bool:
         m = self.models.get(name)
         return m is not None and await self._evict(m)
+
+    def _room_for_both(self) -> bool:
+        """Whether the server may hold the victims being unloaded and the reservation just made
+        at once: `held()` within the budget x (1 + unload_overlap) on every device."""
+        held, limit = self.memory.held(), 1.0 + self.settings.unload_overlap
+        return all(held.get(d, 0) <= b * limit for d, b in self.memory.budget().items() if b)
 
     def _holds_gpu(self, name: str) -> bool:
         cost = self.memory.reservations().get(name)

@@ -38,7 +38,7 @@ def _phase(h: Harness, phase: str, stat: str) -> float:
 
 def test_a_miss_loads_while_its_victim_unloads_and_the_ledger_stays_within_budget(tmp_path, http):
     async def scenario():
-        async with Harness(tmp_path, http, budget=ONE_MODEL) as h:
+        async with Harness(tmp_path, http, budget=ONE_MODEL, unload_overlap=1.0) as h:  # the server may hold both
             _measured_already(h)
             free_at_load: list[int] = []
             h.adapter.on_load = lambda model: free_at_load.append(h.memory.free()["host"])
@@ -60,9 +60,30 @@ def test_a_miss_loads_while_its_victim_unloads_and_the_ledger_stays_within_budge
     run(scenario())
 
 
-def test_a_request_for_the_victim_during_its_unload_waits_and_then_loads_it_again(tmp_path, http):
+def test_by_default_a_load_waits_for_unloads_that_would_leave_the_server_over_its_budget(tmp_path, http):
+    """--unload-overlap (default 0.05): while a victim unloads the server still holds it; a miss
+    whose load would put what the server holds above budget x 1.05 waits for the unload, so real
+    memory never leaves the budget's tolerance for the sake of a faster cold start."""
     async def scenario():
         async with Harness(tmp_path, http, budget=ONE_MODEL) as h:
+            _measured_already(h)
+            held_at_load: list[int] = []
+            h.adapter.on_load = lambda model: held_at_load.append(h.memory.held()["host"])
+            gate, miss = await _a_loaded_then_b_misses(h)
+            await gate.entered.wait()
+            await asyncio.sleep(0.2)
+            assert not miss.done() and "b" not in h.adapter.ready  # b waits: a is still in the server
+            gate.release()
+            b = await asyncio.wait_for(miss, 2.0)
+            assert b.state is State.LOADED and h.state("a") is State.CACHED
+            assert max(held_at_load) <= ONE_MODEL * 1.05, held_at_load
+            h.rec.release(b)
+    run(scenario())
+
+
+def test_a_request_for_the_victim_during_its_unload_waits_and_then_loads_it_again(tmp_path, http):
+    async def scenario():
+        async with Harness(tmp_path, http, budget=ONE_MODEL, unload_overlap=1.0) as h:  # the server may hold both
             _measured_already(h)
             gate, miss = await _a_loaded_then_b_misses(h)
             b = await asyncio.wait_for(miss, 2.0)
