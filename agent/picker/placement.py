@@ -17,7 +17,8 @@ The decision for one request (`choose`), in order:
    agents, no bookkeeping; that agent answers 404 in the protocol's shape.
 3. A loaded copy first: the model's holders are the eligible agents that report it `loaded` or
    `loading`, plus agents this picker sent it to that have not reported yet. Of those, the first
-   `copies(model)` in rendezvous order serve (so the surplus after a failback or a resize gets no
+   `copies(model)` serve: reported `loaded` copies before `loading` ones before unconfirmed
+   placements (a placement never beats a copy), each class in rendezvous order (so the surplus after a failback or a resize gets no
    traffic and ages out of its agent's LRU: stale copies drain), and the one with the fewest
    requests in flight wins: the agent's last reported in-flight count for the model plus the
    requests this picker sent it since that report.
@@ -251,7 +252,7 @@ class Placement:
         holders = [n for n in self._holders.get(model, ()) if ok(n)]
         holders += [n for n in self._assigned.get(model, ()) if ok(n) and n not in holders]
         if len(holders) > wanted:
-            holders.sort(key=lambda n: _hash(f"{model}@{n}"))
+            holders.sort(key=lambda n: (self._rank(n, model), _hash(f"{model}@{n}")))
             del holders[wanted:]
         new, reason = None, "copy"
         if len(holders) < wanted:
@@ -288,6 +289,12 @@ class Placement:
             if name != first and a.eligible:
                 out.append(a.report)
         return out
+
+    def _rank(self, name: str, model: str) -> int:
+        """Which holders serve first: a reported loaded copy, then one reported loading, then an
+        agent this picker sent the model to that has not reported it (a placement, not a copy)."""
+        report = self._agents[name].held.get(model)
+        return 2 if report is None else 0 if report.state == "loaded" else 1
 
     def _inflight(self, name: str, model: str) -> int:
         agent = self._agents[name]

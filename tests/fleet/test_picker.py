@@ -263,7 +263,8 @@ def test_a_loaded_copy_wins_over_where_hashing_would_place_it(fleet):
     assert status == 200
     other.wait_state("m1", "loaded")
     want = f"127.0.0.1:{other.port}"
-    eventually(lambda: rest_destination(picker, "/v2/models/m1/infer") == want, what="m1 routed to its loaded copy")
+    eventually(lambda: rest_destination(picker, "/v2/models/m1/infer") == want, timeout=30,
+               what=f"m1 routed to its loaded copy on {want} (picker log: {fleet['picker'].log_path})")
     assert {rest_destination(picker, "/v2/models/m1/infer") for _ in range(10)} == {want}
 
 

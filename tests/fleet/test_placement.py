@@ -41,6 +41,21 @@ def test_loaded_copy_wins_over_hashing():
     assert p.choose("m1", 0.0).reason == "copy"
 
 
+def test_a_reported_copy_beats_a_placement_not_yet_reported():
+    """The picker sent m to one agent (not yet reported), then another agent reports m loaded
+    (a request that reached it directly, or a report that raced the placement): the loaded copy
+    serves, whatever the rendezvous order says; the unconfirmed placement is not a copy."""
+    for j in range(40):
+        p = fleet(3, 50)
+        m = f"m{j}"
+        placed = p.choose(m, 0.0).agent.name
+        for other in [a.name for a in p.agents() if a.name != placed]:
+            q = fleet(3, 50)
+            assert q.choose(m, 0.0).agent.name == placed
+            q.set_agent(agent(other, models={m: loaded()}), known=False, now=1.0)
+            assert q.choose(m, 1.0).agent.name == other, (m, placed, other)
+
+
 def test_least_inflight_copy_serves():
     p = fleet(3, 10, hot_rate=1e9)
     p.set_agent(agent("10.0.0.0", models={"m1": loaded(inflight=5)}), known=False)
