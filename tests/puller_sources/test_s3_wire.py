@@ -120,7 +120,8 @@ _PROBE = """
 import json, sys
 from agent.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("botocore", "boto3", "s3transfer"))}))
+print(json.dumps({"code": code, "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("botocore", "boto3", "s3transfer")),
+                  "modules": sorted(sys.modules)}))
 """
 
 
@@ -145,7 +146,8 @@ def test_the_cli_imports_botocore_only_for_credentials_that_need_its_chain(s3: S
                 "http": [srv.url("m/w.bin"), str(tmp_path / "d2")],
                 "s3 static keys": ["s3://models/iris", str(tmp_path / "d3")]}
         for name, args in runs.items():
-            assert _cli_modules(args, env) == {"code": 0, "heavy": []}, name
+            out = _cli_modules(args, env)
+            assert (out["code"], out["heavy"]) == (0, []), name
     creds = tmp_path / "credentials"
     creds.write_text(f"[team]\naws_access_key_id = {env.pop('AWS_ACCESS_KEY_ID')}\n"
                      f"aws_secret_access_key = {env.pop('AWS_SECRET_ACCESS_KEY')}\n")
@@ -179,3 +181,30 @@ def test_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(
     finally:
         proxy.close()
     assert tree(tmp_path / "a") == tree(tmp_path / "b") == {"w.bin": b"through the proxy"}
+
+
+# what no `pull` needs: the agent and its settings (pydantic), botocore for static keys, digests
+# of a scratch cache (xxhash), a progress bar with --no-progress (rich), servers' stacks
+_NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer", "xxhash", "rich", "click", "pygments", "yaml",
+                   "starlette", "uvicorn", "psutil", "grpc")
+_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio"), "http": ("urllib3", "xml")}
+
+
+def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3: S3Server, tmp_path: Path) -> None:
+    """`modelshelf pull` is dispatched before anything of the agent is imported (agent.cli
+    only), records no digests in its throw-away cache, and loads one scheme's client: urllib3
+    for s3://, httpx for http://. Interpreter start-up is most of a short pull."""
+    s3.put("models", "lean/w.bin", b"s3-bytes")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON", "MODELSHELF_"))}
+    env.update(s3.env(), PYTHONPATH=str(ROOT), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    with HTTPFileServer(files={"m/w.bin": b"http-bytes"}) as srv:
+        runs = {"s3": ["s3://models/lean", str(tmp_path / "s3")], "http": [srv.url("m/w.bin"), str(tmp_path / "http")]}
+        for scheme, args in runs.items():
+            out = _cli_modules(args, env)
+            assert out["code"] == 0, scheme
+            agent = [m for m in out["modules"] if m.split(".")[0] == "agent" and m not in ("agent", "agent.cli")]
+            unwanted = [m for m in out["modules"] if m.split(".")[0] in _NEVER_FOR_PULL + _NOT_FOR_SCHEME[scheme]]
+            assert (agent, unwanted) == ([], []), scheme
+    assert (tmp_path / "s3" / "w.bin").read_bytes() == b"s3-bytes"
+    assert (tmp_path / "http" / "w.bin").read_bytes() == b"http-bytes"
