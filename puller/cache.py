@@ -541,7 +541,13 @@ class Cache:
                         if options.record_digests or (options.sha256 and len(listed) == 1 and len(listing.objects) == 1) or (
                                 o.checksum and o.checksum.lower().startswith("sha256:")):
                             need.add(prefix + o.path)
-            files = self._hash_tree(files_dir, need, recorder)
+            if self._scratch and not need and not any(li.archive and options.extract_archives for _, _, li in listed):
+                # a scratch root records no digests: the listed sizes (fetch and _check_sizes
+                # verified them) without another stat of every file
+                files = {(f"{name}/" if name else "") + o.path: {"size": o.size}
+                         for name, _src, li in listed if li.local_path is None for o in li.objects}
+            else:
+                files = self._hash_tree(files_dir, need, recorder)
             if source_sha256 is None:  # plain files: check the user's sha256 / store checksums
                 for name, _src, listing in listed:
                     if listing.local_path is not None:
