@@ -1,6 +1,8 @@
 """The S3 wire client (puller.sources.s3_wire) against moto's real server with IAM checks on (so
 every signature is verified by the server), plus a scripted endpoint for a wrong-region answer,
-and the CLI's imports per scheme (botocore only where credentials need its chain)."""
+a self-signed HTTPS endpoint (TLS verification) and one that closes idle keep-alive connections,
+and the CLI's imports per scheme (botocore only where credentials need its chain; nothing of the
+agent, no digest or progress-bar library, no other scheme's client)."""
 from __future__ import annotations
 
 import json
@@ -187,13 +189,13 @@ def test_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(
 # of a scratch cache (xxhash), a progress bar with --no-progress (rich), servers' stacks
 _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer", "xxhash", "rich", "click", "pygments", "yaml",
                    "starlette", "uvicorn", "psutil", "grpc")
-_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio"), "http": ("urllib3", "xml")}
+_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3"), "http": ("urllib3", "xml")}
 
 
 def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3: S3Server, tmp_path: Path) -> None:
     """`modelshelf pull` is dispatched before anything of the agent is imported (agent.cli
-    only), records no digests in its throw-away cache, and loads one scheme's client: urllib3
-    for s3://, httpx for http://. Interpreter start-up is most of a short pull."""
+    only), records no digests in its throw-away cache, and loads one scheme's client: http.client
+    for s3:// (no urllib3), httpx (without its CLI) for http://. Interpreter start-up is most of a short pull."""
     s3.put("models", "lean/w.bin", b"s3-bytes")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON", "MODELSHELF_"))}
     env.update(s3.env(), PYTHONPATH=str(ROOT), AWS_CONFIG_FILE=str(tmp_path / "none"),
