@@ -6,8 +6,10 @@ cache entry's files: a reflink (FICLONE) where the file system shares blocks, el
 copy_file_range (in-kernel, no user-space pass over the bytes), else a plain copy. A server that
 runs as root ignores file modes, so a hard link would let it rewrite the shared, immutable
 entry; `--link` (read-only hard links) is an explicit opt-in for consumers that do not run as
-root. Without --cache-dir the files are downloaded through a throw-away cache next to DEST and
-moved in. Exit codes: 0 ok, 2 usage / bad URI, 3 not found,
+root. Without --cache-dir the files are downloaded through a throw-away (scratch) cache next to
+DEST, which records no digests and leaves them writable, and moved in: the whole tree in one
+rename when DEST does not exist yet, else file by file (an existing DEST keeps its inode and
+mode). Exit codes: 0 ok, 2 usage / bad URI, 3 not found,
 4 access denied, 5 integrity failure or unsafe archive, 6 transient failure outlasting retries,
 1 anything else; the one-line error on stderr names the URI with credentials redacted. Known
 secrets (credential env vars, header values, storage-config / .s3cfg keys) are masked in every
