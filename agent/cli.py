@@ -14,9 +14,14 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.settings import Settings, default_holder
+if TYPE_CHECKING:
+    from agent.settings import Settings
 
+# `pull` and `cache` are dispatched before anything of the agent is imported (see main): a
+# storage-initializer pull pays only for the interpreter, argparse and the puller.
+_LIGHT = ("pull", "cache")
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
@@ -117,6 +122,8 @@ def _multipliers(items: list[str]) -> dict[str, float]:
 def _shard_index(value: str) -> int:
     """An integer, or "auto": the ordinal at the end of a StatefulSet pod's host name."""
     if value == "auto":
+        from agent.settings import default_holder
+
         name = os.environ.get("POD_NAME") or default_holder()
         ordinal = name.rsplit("-", 1)[-1]
         if not ordinal.isdigit():
@@ -148,6 +155,34 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-config-bytes", default=str(16 * 2**20), help="size limit of the config file (bytes or 16Mi); past it the file is rejected and the last good config kept")
     p.add_argument("--max-config-depth", type=int, default=64, help="nesting levels of lists/mappings allowed in the config file")
     p.add_argument("--max-config-nodes", type=int, default=1_000_000, help="values allowed in the config file, each YAML alias use counted in full")
+
+
+def _add_pull(sub: "argparse._SubParsersAction") -> None:
+    pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
+    pull.add_argument("uri")
+    pull.add_argument("dest", type=Path)
+    pull.add_argument("--cache-dir", type=Path, default=None, help="pull through this cache; DEST gets its own copies (reflink / copy_file_range where the file system allows)")
+    pull.add_argument("--sha256", help="expected sha256 of the single file or archive")
+    pull.add_argument("--storage-key", help="storage key in the storage-config dir")
+    pull.add_argument("--storage-config-dir", type=Path, default=None)
+    pull.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="HTTP header (repeatable)")
+    pull.add_argument("--pvc-root", type=Path, default=None)
+    pull.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    pull.add_argument("--link", action="store_true", help="with --cache-dir: read-only hard links into the cache instead of copies (only for consumers that do not run as root: root ignores modes and would rewrite the shared entry)")
+
+
+def _add_cache(sub: "argparse._SubParsersAction") -> None:
+    cache = sub.add_parser("cache", help="inspect and maintain a cache root")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("ls", "list entries"), ("gc", "remove LRU entries without leases past the budget"), ("verify", "re-check sizes and digests")):
+        c = cache_sub.add_parser(name, help=text)
+        c.add_argument("--cache-dir", type=Path, required=True)
+        if name == "gc":
+            c.add_argument("--max-cache-bytes", required=True, help="bytes or quantity (e.g. 50Gi)")
+        if name in ("ls", "verify"):
+            c.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "verify":
+            c.add_argument("key", nargs="?", help="one entry (default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,17 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--grpc-host", default=None, help="address for the gRPC data plane (default: --host)")
     run.add_argument("--server-grpc-target", default=None, help="sidecar mode: the server's gRPC HOST:PORT (gRPC model calls answer UNAVAILABLE without it)")
 
-    pull = sub.add_parser("pull", help="pull one URI into DEST (storage-initializer drop-in)")
-    pull.add_argument("uri")
-    pull.add_argument("dest", type=Path)
-    pull.add_argument("--cache-dir", type=Path, default=None, help="pull through this cache; DEST gets its own copies (reflink / copy_file_range where the file system allows)")
-    pull.add_argument("--sha256", help="expected sha256 of the single file or archive")
-    pull.add_argument("--storage-key", help="storage key in the storage-config dir")
-    pull.add_argument("--storage-config-dir", type=Path, default=None)
-    pull.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="HTTP header (repeatable)")
-    pull.add_argument("--pvc-root", type=Path, default=None)
-    pull.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    pull.add_argument("--link", action="store_true", help="with --cache-dir: read-only hard links into the cache instead of copies (only for consumers that do not run as root: root ignores modes and would rewrite the shared entry)")
+    _add_pull(sub)
 
     prefetch = sub.add_parser("prefetch", help="pull every configured model into the cache, then exit (Job/CronJob)")
     _add_common(prefetch)
@@ -233,17 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--wait", type=float, default=0.0, help="seconds to wait, at most, for the agent to go quiet (nothing in flight, no new request for --quiet seconds); 0: return at once")
     drain.add_argument("--quiet", type=float, default=2.0, help="seconds without a new request that count as quiet")
 
-    cache = sub.add_parser("cache", help="inspect and maintain a cache root")
-    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
-    for name, text in (("ls", "list entries"), ("gc", "remove LRU entries without leases past the budget"), ("verify", "re-check sizes and digests")):
-        c = cache_sub.add_parser(name, help=text)
-        c.add_argument("--cache-dir", type=Path, required=True)
-        if name == "gc":
-            c.add_argument("--max-cache-bytes", required=True, help="bytes or quantity (e.g. 50Gi)")
-        if name in ("ls", "verify"):
-            c.add_argument("--json", action="store_true", help="machine-readable output")
-        if name == "verify":
-            c.add_argument("key", nargs="?", help="one entry (default: all)")
+    _add_cache(sub)
+    _apply_env(parser)
+    return parser
+
+
+def build_light_parser() -> argparse.ArgumentParser:
+    """Only `pull` and `cache` (same flags, same MODELSHELF_* variables): what main parses when
+    the command is one of them, so that nothing of the agent is imported for a pull."""
+    parser = argparse.ArgumentParser(prog="modelshelf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_pull(sub)
+    _add_cache(sub)
     _apply_env(parser)
     return parser
 
@@ -251,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings for `run` and `prefetch`. Raises SystemExit(2) with a message on bad values."""
     from agent.quantity import parse_quantity
+    from agent.settings import Settings, default_holder
 
     if args.config_dir is None or args.cache_dir is None:
         raise SystemExit(f"modelshelf {args.command}: --config-dir and --cache-dir are required (or MODELSHELF_CONFIG_DIR / MODELSHELF_CACHE_DIR)")
@@ -328,7 +355,9 @@ def picker_settings_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    light = bool(argv) and argv[0] in _LIGHT
+    args = (build_light_parser() if light else build_parser()).parse_args(argv)
     if args.command == "drain":
         from agent.fleet import drain_main
 

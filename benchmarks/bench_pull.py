@@ -741,8 +741,23 @@ def _fs_type(path: Path) -> str:
     return r.stdout.strip() or "unknown"
 
 
+def _scrub_paths(results: dict) -> None:
+    """No path of the machine that ran it in a result: the s3rver binary, the baseline checkout,
+    the scratch and code roots are named by role."""
+    a = results.get("args", {})
+    for k, role in (("s3rver", "<s3rver>"), ("before_root", "<baseline checkout>"), ("work_dir", "DIR"),
+                    ("code_root", "<code root>"), ("out", "OUT")):
+        if a.get(k):
+            a[k] = role
+    imports = results.get("imports") or {}
+    for label in list(imports):
+        if label.startswith("before (") and label != "before (<baseline checkout>)":
+            imports["before (<baseline checkout>)"] = imports.pop(label)
+
+
 def _write(results: dict, out: Path, name: str = "pull") -> None:
     out.mkdir(parents=True, exist_ok=True)
+    _scrub_paths(results)
     for data in results["sets"].values():
         tools = data["tools"]
         peers = [tools[p]["mib_s"] for p in PEERS if p in tools and tools[p].get("mib_s")]

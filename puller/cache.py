@@ -315,12 +315,17 @@ class Cache:
 
     `max_bytes`: disk budget; when set, `ensure` runs `gc` after each call (and makes room
     before a download). `holder`: default lease holder (a pod name). `lease_ttl_s`: a lease not
-    refreshed for this long is dead.
+    refreshed for this long is dead. `scratch`: a throw-away root whose entries are moved out as
+    soon as they are published (`modelshelf pull URI DEST` without --cache-dir): no per-file
+    digests (nothing will verify them; a user's sha256 and store checksums are still checked),
+    files and directories stay writable, no fsync. Never share a scratch root.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, max_bytes: int | None = None,
-                 holder: str | None = None, lease_ttl_s: float = 300.0, hash_workers: int = 4):
+                 holder: str | None = None, lease_ttl_s: float = 300.0, hash_workers: int = 4,
+                 scratch: bool = False):
         self.root = Path(root)
+        self._scratch = scratch
         self.max_bytes = max_bytes
         self.holder = _safe_holder(holder or f"{socket.gethostname()}-{os.getpid()}")
         self.lease_ttl_s = float(lease_ttl_s)
@@ -487,7 +492,8 @@ class Cache:
         log.info("event=cache_miss key=%s uri=%s bytes=%d files=%d", key, label, total, nfiles)
         try:
             progress.start(total, nfiles, label)
-            recorder = DigestRecorder()  # the sources report what they write: digests while streaming
+            # the sources report what they write: digests while streaming (none for a scratch root)
+            recorder = None if self._scratch else DigestRecorder()
             links: list[dict[str, Any]] = []
             sources_meta: list[dict[str, Any]] = []
             source_sha256: str | None = None
@@ -535,7 +541,13 @@ class Cache:
                         if options.record_digests or (options.sha256 and len(listed) == 1 and len(listing.objects) == 1) or (
                                 o.checksum and o.checksum.lower().startswith("sha256:")):
                             need.add(prefix + o.path)
-            files = self._hash_tree(files_dir, need, recorder)
+            if self._scratch and not need and not any(li.archive and options.extract_archives for _, _, li in listed):
+                # a scratch root records no digests: the listed sizes (fetch and _check_sizes
+                # verified them) without another stat of every file
+                files = {(f"{name}/" if name else "") + o.path: {"size": o.size}
+                         for name, _src, li in listed if li.local_path is None for o in li.objects}
+            else:
+                files = self._hash_tree(files_dir, need, recorder)
             if source_sha256 is None:  # plain files: check the user's sha256 / store checksums
                 for name, _src, listing in listed:
                     if listing.local_path is not None:
@@ -558,20 +570,22 @@ class Cache:
                 "created_ts": time.time(),
                 "created_by": {"host": socket.gethostname(), "pid": os.getpid(), "holder": self.holder},
                 "total_bytes": size,
-                "digest_algo": DIGEST_ALGO,
+                "digest_algo": None if recorder is None else DIGEST_ALGO,
                 "source_sha256": source_sha256,
                 "links": links,
                 "dirs": dirs,
                 "files": [dict(path=p, **v) for p, v in sorted(files.items())],
             }
-            _make_read_only(files_dir)
-            _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1), fsync=True)
+            if not self._scratch:
+                _make_read_only(files_dir)
+            _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1), fsync=not self._scratch)
             os.chmod(tmp / "manifest.json", 0o444)
             (tmp / "owner.json").unlink()
             final = self._entry_dir(key)
             try:
                 os.rename(tmp, final)  # (a directory moved to another parent must be writable)
-                os.chmod(final, 0o555)
+                if not self._scratch:
+                    os.chmod(final, 0o555)
                 hit = False
                 self._note_added(key, size)
             except OSError as e:
@@ -585,7 +599,8 @@ class Cache:
                 if existing is None:
                     raise PullError(f"{label}: entry {key} exists but has no manifest", uri=label) from None
                 manifest = existing
-            _fsync_dir(final.parent)
+            if not self._scratch:
+                _fsync_dir(final.parent)
             _touch(final)
             progress.finish()
             secs = time.monotonic() - t0
@@ -601,10 +616,12 @@ class Cache:
                 raise PullError(f"{label}: {e.strerror or e} ({type(e).__name__})", uri=label) from e
             raise
 
-    def _hash_tree(self, files_dir: Path, need: set[str], recorder: DigestRecorder) -> dict[str, dict[str, Any]]:
+    def _hash_tree(self, files_dir: Path, need: set[str],
+                   recorder: DigestRecorder | None) -> dict[str, dict[str, Any]]:
         """{relative path: {size, digest[, sha256]}} of every regular file (links to local dirs
         skipped): the digest as streamed by the source (files it did not report, e.g. extracted
-        from an archive, are read here); sha256 for the paths in `need` only."""
+        from an archive, are read here; no digest without a recorder: a scratch root); sha256
+        for the paths in `need` only."""
         paths: list[str] = []
         for root, dirs, names in os.walk(files_dir):
             for n in names:
@@ -614,12 +631,14 @@ class Cache:
                 paths.append(os.path.relpath(full, files_dir).replace(os.sep, "/"))
         def one(rel: str) -> tuple[str, dict[str, Any]]:
             full = files_dir / rel
-            doc: dict[str, Any] = {"size": full.stat().st_size, "digest": recorder.finish(full)}
+            doc: dict[str, Any] = {"size": full.stat().st_size}
+            if recorder is not None:
+                doc["digest"] = recorder.finish(full)
             if rel in need:
                 doc["sha256"] = _sha256_file(full)
             return rel, doc
         # files hashed while streaming cost no read: done here; threads only for the bytes to read
-        out = dict(one(p) for p in paths if p not in need and recorder.fully_streamed(files_dir / p))
+        out = dict(one(p) for p in paths if p not in need and (recorder is None or recorder.fully_streamed(files_dir / p)))
         rest = [p for p in paths if p not in out]
         if len(rest) <= 1:
             out.update(one(p) for p in rest)

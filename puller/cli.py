@@ -6,8 +6,10 @@ cache entry's files: a reflink (FICLONE) where the file system shares blocks, el
 copy_file_range (in-kernel, no user-space pass over the bytes), else a plain copy. A server that
 runs as root ignores file modes, so a hard link would let it rewrite the shared, immutable
 entry; `--link` (read-only hard links) is an explicit opt-in for consumers that do not run as
-root. Without --cache-dir the files are downloaded through a throw-away cache next to DEST and
-moved in. Exit codes: 0 ok, 2 usage / bad URI, 3 not found,
+root. Without --cache-dir the files are downloaded through a throw-away (scratch) cache next to
+DEST, which records no digests and leaves them writable, and moved in: the whole tree in one
+rename when DEST does not exist yet, else file by file (an existing DEST keeps its inode and
+mode). Exit codes: 0 ok, 2 usage / bad URI, 3 not found,
 4 access denied, 5 integrity failure or unsafe archive, 6 transient failure outlasting retries,
 1 anything else; the one-line error on stderr names the URI with credentials redacted. Known
 secrets (credential env vars, header values, storage-config / .s3cfg keys) are masked in every
@@ -146,21 +148,37 @@ def _options(args: argparse.Namespace, scrubber: "_Scrubber") -> PullOptions:
 
 
 def _pull_uncached(uri: str, dest: Path, options: PullOptions, progress: Any) -> Entry:
-    """Download through a throw-away cache next to DEST (same file system: files are moved)."""
+    """Download through a throw-away (scratch) cache next to DEST (same file system: files are
+    moved; when DEST does not exist yet, the whole tree in one rename)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp_root = Path(tempfile.mkdtemp(prefix=".modelshelf-pull-", dir=dest.parent))
     except OSError:
         tmp_root = Path(tempfile.mkdtemp(prefix="modelshelf-pull-"))
     try:
-        entry = Cache(tmp_root).ensure(uri, options, progress)
-        if not entry.in_place:
-            make_tree_writable(entry.path)  # entries are read-only: files are moved out of them
-        _place(entry, dest, "copy" if entry.in_place else "move")
+        entry = Cache(tmp_root, scratch=True).ensure(uri, options, progress)
+        if entry.in_place:
+            _place(entry, dest, "copy")
+        elif not _rename_tree(Path(entry.path), dest):
+            _place(entry, dest, "move")
         return entry
     finally:
         make_tree_writable(tmp_root)
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _rename_tree(src: Path, dest: Path) -> bool:
+    """Move a scratch entry's files directory to DEST in one rename when DEST does not exist
+    (an existing DEST, even an empty one, keeps its own inode, mode and mount: False)."""
+    if os.path.lexists(dest):
+        return False
+    try:
+        os.rename(src, dest)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV, errno.ENOTDIR, errno.EBUSY):
+            return False  # DEST appeared meanwhile, or another file system: file by file
+        raise
+    return True
 
 
 def _place(entry: Entry, dest: Path, mode: str) -> None:
@@ -210,10 +228,9 @@ def _place_file(src: Path, out: Path, mode: str) -> None:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.ENOTSUP):
                 raise
-    elif mode == "move":
+    elif mode == "move":  # from a scratch entry: files are writable already
         try:
             os.rename(src, out)
-            os.chmod(out, _writable(out))
             return
         except OSError as e:
             if e.errno != errno.EXDEV:

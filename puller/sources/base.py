@@ -21,11 +21,13 @@ from __future__ import annotations
 import abc
 import os
 import threading
-import xxhash
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+
+if TYPE_CHECKING:
+    import xxhash
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,14 @@ DIGEST_ALGO = "xxh3-128/1m"
 DIGEST_PART = 1 << 20
 
 
+def _xxhash():
+    """xxhash, imported on first use: a pull that records no digests (the CLI's scratch cache)
+    never loads it."""
+    import xxhash
+
+    return xxhash
+
+
 class FileDigest:
     """The digest of one file being written at arbitrary offsets, possibly from several threads.
     Bytes that arrive in order within their part are hashed as they come; a part that saw a gap,
@@ -146,7 +156,7 @@ class FileDigest:
                     if offset == self._next[i]:
                         h = self._hashers[i]
                         if h is None:
-                            h = self._hashers[i] = xxhash.xxh3_128()
+                            h = self._hashers[i] = _xxhash().xxh3_128()
                         h.update(view[:take])
                         self._next[i] = offset + take
                     else:
@@ -179,11 +189,11 @@ class FileDigest:
                     if h is not None and i not in self._dirty and self._next[i] == end:
                         parts.append(h.digest())
                     elif end == i * DIGEST_PART:  # the one part of an empty file
-                        parts.append(xxhash.xxh3_128_digest(b""))
+                        parts.append(_xxhash().xxh3_128_digest(b""))
                     else:
                         if fd is None:
                             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                        parts.append(xxhash.xxh3_128_digest(os.pread(fd, end - i * DIGEST_PART, i * DIGEST_PART)))
+                        parts.append(_xxhash().xxh3_128_digest(os.pread(fd, end - i * DIGEST_PART, i * DIGEST_PART)))
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -191,11 +201,12 @@ class FileDigest:
 
 
 def _combine(parts: list[bytes]) -> str:
-    return f"{DIGEST_ALGO}:{xxhash.xxh3_128_hexdigest(b''.join(parts))}"
+    return f"{DIGEST_ALGO}:{_xxhash().xxh3_128_hexdigest(b''.join(parts))}"
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
     """The digest of a file on disk (what `FileDigest` computes while streaming)."""
+    xxhash = _xxhash()
     parts: list[bytes] = []
     buf = bytearray(DIGEST_PART)
     with open(path, "rb", buffering=0) as f:

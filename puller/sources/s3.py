@@ -5,7 +5,7 @@ list(): a HEAD decides between one object (``s3://b/models/model.tgz``) and a pr
 lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
 Identity per object: ETag (+ version id); sizes are part of the listing.
 
-Requests: puller.sources.s3_wire (SigV4 over urllib3; botocore only for credentials that are
+Requests: puller.sources.s3_wire (SigV4 over http.client; botocore only for credentials that are
 not static, see there).
 
 fetch(): one thread pool of ``options.max_concurrency`` workers over one shared client
@@ -343,9 +343,7 @@ class S3Source(Source):
             resp = self._client.get_object(**kwargs)
             # the whole object in one response: check the store's checksum as the bytes stream by
             check = _StreamChecksum.of(resp.headers) if pos[0] == start and whole else None
-            fp = getattr(resp, "_fp", None)  # http.client's response: read straight into our buffer
-            if fp is None or not callable(getattr(fp, "readinto", None)):
-                fp = resp
+            fp = resp  # http.client's readinto: straight off the connection into our buffer
             unreported = 0
             done = False
             try:
@@ -369,7 +367,7 @@ class S3Source(Source):
             finally:
                 if unreported:
                     progress.advance(unreported)
-                if done and (fp is resp or fp.isclosed()):
+                if done and fp.isclosed():
                     resp.release_conn()  # the body was read to its end: the connection is reusable
                 else:
                     resp.close()  # a half-read body: the connection is dropped, not reused
@@ -457,20 +455,20 @@ def _is_no_credentials(e: BaseException) -> bool:
 def _is_transient(e: BaseException) -> bool:
     if isinstance(e, (PullError, Cancelled, ChecksumMismatch)):
         return False
-    if isinstance(e, (_ShortRead, S3ConnectionError)):
+    if isinstance(e, S3ConnectionError):
+        return e.transient
+    if isinstance(e, _ShortRead):
         return True
     if isinstance(e, S3ResponseError):
         return e.code in _TRANSIENT or e.status >= 500 or e.status == 429
     import http.client
 
-    import urllib3
-
-    if isinstance(e, urllib3.exceptions.SSLError):
-        return "certificate" not in str(e).lower()
-    if isinstance(e, (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError,
-                      urllib3.exceptions.IncompleteRead, http.client.IncompleteRead, http.client.HTTPException)):
+    if isinstance(e, http.client.HTTPException):  # a body cut short (IncompleteRead) or garbled
         return True
-    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout))
+    if type(e).__name__ == "SSLCertVerificationError":
+        return False
+    # a reset, a read timeout, or a TLS record broken mid-body
+    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout)) or type(e).__name__ == "SSLError"
 
 
 def _safe_path(rel: str, uri: str) -> str:

@@ -1,9 +1,11 @@
-"""The three S3 calls a pull makes (HEAD, LIST v2, GET), signed with SigV4 over urllib3.
+"""The three S3 calls a pull makes (HEAD, LIST v2, GET), signed with SigV4 over http.client.
 
 Why not botocore: a CLI pull of 200 x 1 MiB spent more CPU in botocore than in moving bytes:
 ~0.1 s importing it and loading its S3 model before the first request, and ~1 ms of its request
 pipeline (events, endpoint rules, parsing) per GET (py-spy, benchmarks/results/pull.md). A pull
 needs none of that: three fixed requests, their headers, one XML listing and S3's error codes.
+Nor urllib3: its import (~35 ms here, a third of a short pull's start-up) buys a pool and proxy
+plumbing that `_Pool` below does in ~100 lines over the standard library's http.client.
 
 What stays botocore's: credentials that are not static. Keys given in the settings (storage
 config, rclone, .s3cfg, GCS HMAC) or in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (botocore's
@@ -12,8 +14,11 @@ web identity / IRSA, SSO, container and instance credentials) goes through botoc
 credential chain, imported only then, refreshed per request. No credentials at all: anonymous.
 
 Requests follow botocore's S3 choices: the endpoint (AWS's for the region unless one is set),
-path or virtual-host addressing, ``encoding-type=url`` listings, HTTP(S)_PROXY / NO_PROXY, TLS
-verification or a CA bundle. A wrong-region answer (301/400 naming the bucket's region in
+path or virtual-host addressing, ``encoding-type=url`` listings, HTTP(S)_PROXY / NO_PROXY (an
+http:// proxy: absolute URIs for http origins, CONNECT for https ones; user:password in the
+proxy URL is sent as Proxy-Authorization), TLS verification or a CA bundle. Connections are kept
+alive and reused (one idle list per origin; one that the server closed while idle is replaced
+before use); a connect timeout, then a read timeout per socket operation. A wrong-region answer (301/400 naming the bucket's region in
 ``x-amz-bucket-region``) is re-signed once for that region, as botocore's redirector does.
 Errors raise S3ResponseError with botocore's ``response`` shape ({"Error": {"Code"},
 "ResponseMetadata": {"HTTPStatusCode"}}) so callers classify both alike. Secrets never enter a
@@ -21,22 +26,25 @@ message: only the URL (no query) and S3's code and message.
 """
 from __future__ import annotations
 
+import base64
 import configparser
 import datetime as _dt
 import hashlib
 import hmac
+import http.client
+import logging
 import os
 import re
+import select
 import socket
 import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
-import urllib3
-
 from puller.credentials import S3Settings
 
+log = logging.getLogger("modelshelf.puller.sources.s3_wire")
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _UNRESERVED = "-_.~"
 _DNS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
@@ -56,7 +64,12 @@ class S3ResponseError(Exception):
 
 
 class S3ConnectionError(Exception):
-    """The endpoint could not be reached or the connection broke (transient)."""
+    """The endpoint could not be reached or the connection broke (transient, unless `transient`
+    says otherwise: a certificate that fails verification)."""
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
 
 
 class NoCredentials(Exception):
@@ -196,7 +209,7 @@ def _canonical_query(params: dict[str, str]) -> str:
 # -- the client --------------------------------------------------------------------------------
 
 class S3WireClient:
-    """HEAD / LIST v2 / GET against one S3-compatible endpoint; thread-safe (one urllib3 pool)."""
+    """HEAD / LIST v2 / GET against one S3-compatible endpoint; thread-safe (one connection pool per origin)."""
 
     def __init__(self, settings: S3Settings, credentials: Any, pool: int, region: str | None = None,
                  connect_timeout: float = 10, read_timeout: float = 60):
@@ -206,18 +219,11 @@ class S3WireClient:
         self._regions: dict[str, str] = {}  # bucket -> region learned from a redirect
         self._custom = bool(settings.endpoint_url)
         self._signer = _Signer()
-        timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-        kw: dict[str, Any] = {"maxsize": pool, "block": False, "timeout": timeout, "retries": False,
-                              "socket_options": urllib3.connection.HTTPConnection.default_socket_options
-                              + [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]}
-        if settings.verify is False:
-            kw["cert_reqs"] = "CERT_NONE"
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        elif isinstance(settings.verify, str):
-            kw["ca_certs"] = settings.verify
-        self._pool_kw = kw
-        self._managers: dict[str | None, urllib3.PoolManager] = {}
-        self._routes: dict[str, tuple[Any, bool]] = {}  # origin -> (pool or proxy manager, proxied)
+        self._pool_size = pool
+        self._timeouts = (connect_timeout, read_timeout)
+        self._verify = settings.verify
+        self._ssl_context: Any = None  # made on the first https connection (ssl loaded only then)
+        self._routes: dict[str, _Pool] = {}  # origin -> its connections
         self._lock = threading.Lock()
 
     # -- the three calls (botocore's names and keyword arguments, for S3Source) ----------------
@@ -245,8 +251,8 @@ class S3WireClient:
         return _parse_listing(r.data)
 
     def get_object(self, Bucket: str, Key: str, Range: str | None = None, IfMatch: str | None = None,
-                   ChecksumMode: str | None = None) -> urllib3.BaseHTTPResponse:
-        """The streaming response (read it to its end, then `release_conn()`; else `close()`)."""
+                   ChecksumMode: str | None = None) -> "_Response":
+        """The streaming response (`readinto` to its end, then `release_conn()`; else `close()`)."""
         headers: dict[str, str] = {}
         if Range:
             headers["Range"] = Range
@@ -280,21 +286,34 @@ class S3WireClient:
             path = f"{prefix}/{_quote(bucket)}" + (f"/{kpath}" if key else "")
         return f"{scheme}://{netloc}", netloc, path
 
-    def _route(self, origin: str) -> tuple[Any, bool]:
-        """The connection pool for `origin` (decided once per origin: no URL parsing per request),
-        or the proxy manager when HTTP(S)_PROXY applies to it."""
+    def _route(self, origin: str) -> "_Pool":
+        """The connections to `origin`, direct or through the HTTP(S)_PROXY that applies to it
+        (decided once per origin: no URL parsing per request)."""
         route = self._routes.get(origin)
         if route is not None:
             return route
         proxy = _proxy_for(origin)
         with self._lock:
-            m = self._managers.get(proxy)
-            if m is None:
-                m = (urllib3.ProxyManager(proxy, num_pools=4, **self._pool_kw) if proxy
-                     else urllib3.PoolManager(num_pools=4, **self._pool_kw))
-                self._managers[proxy] = m
-            route = self._routes[origin] = (m, True) if proxy else (m.connection_from_url(origin), False)
+            route = self._routes.get(origin)
+            if route is None:
+                route = self._routes[origin] = _Pool(origin, proxy, self._pool_size, self._timeouts, self._context)
             return route
+
+    def _context(self) -> Any:
+        """The TLS context of every https connection: the system's CAs, the CA bundle, or none
+        checked (verify=False)."""
+        import ssl
+
+        with self._lock:
+            if self._ssl_context is None:
+                if self._verify is False:
+                    ctx = ssl.create_default_context()
+                    ctx.check_hostname = False
+                    ctx.verify_mode = ssl.CERT_NONE
+                else:
+                    ctx = ssl.create_default_context(cafile=self._verify if isinstance(self._verify, str) else None)
+                self._ssl_context = ctx
+            return self._ssl_context
 
     def _request(self, op: str, method: str, bucket: str, key: str, params: dict[str, str],
                  headers: dict[str, str], stream: bool = False, redirected: bool = False) -> Any:
@@ -302,22 +321,19 @@ class S3WireClient:
         origin, host, path = self._url(bucket, key, region)
         query = _canonical_query(params)
         headers = dict(headers)
-        headers["Host"] = host  # sent as signed (urllib3 would drop a default port itself)
+        headers["Host"] = host  # sent exactly as signed (http.client adds none of its own then)
         if self._creds is not None:
             self._signer.sign(self._creds.get(), region, method, host, path, query, headers)
         target = path + (f"?{query}" if query else "")
-        pool, proxied = self._route(origin)
-        try:
-            r = pool.urlopen(method, origin + target if proxied else target, headers=headers,
-                             preload_content=not stream, decode_content=False, redirect=False,
-                             assert_same_host=False)
-        except urllib3.exceptions.HTTPError as e:
-            raise S3ConnectionError(f"{method} {origin}{path}: {type(e).__name__}: {_reason(e)}") from None
+        r = self._route(origin).send(method, target, headers, f"{method} {origin}{path}")
+        if not stream:
+            r.preload()
         if r.status < 300:
             return r
         body = r.data if method != "HEAD" else b""
         r.release_conn()
         code, message = _parse_error(body, r.status)
+        log.debug("event=s3_error_response op=%s url=%s%s status=%d code=%s", op, origin, path, r.status, code)
         new_region = r.headers.get("x-amz-bucket-region")
         if not redirected and new_region and new_region != region and r.status in (301, 400):
             self._regions[bucket] = new_region  # botocore's S3RegionRedirector: re-sign there, once
@@ -330,11 +346,143 @@ def headers_without_auth(headers: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in drop}
 
 
-def _reason(e: BaseException) -> str:
-    inner = getattr(e, "reason", None) or (e.args[0] if e.args else None)
-    text = str(inner if inner is not None else e)
-    # urllib3 puts the connection object's repr first: keep the cause only
-    return re.sub(r"<urllib3\.[^>]*>:\s*", "", text)
+class _Pool:
+    """Keep-alive HTTP/1.1 connections to one origin, direct or through an http:// proxy.
+
+    Idle connections wait in a list (at most `size`); one the server closed while it was idle is
+    dropped when taken, not found broken by the request. A connection is handed back only by a
+    response read to its end (`_Response.release_conn`); any other ends with it closed.
+    """
+
+    def __init__(self, origin: str, proxy: str | None, size: int, timeouts: tuple[float, float], context: Any):
+        parts = urllib.parse.urlsplit(origin)
+        self._tls = parts.scheme == "https"
+        self._host, self._port = parts.hostname or "", parts.port or (443 if self._tls else 80)
+        self._size, (self._connect_timeout, self._read_timeout) = size, timeouts
+        self._context = context
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._proxy: tuple[str, int] | None = None
+        self._proxy_headers: dict[str, str] = {}
+        self.origin = origin
+        if proxy:
+            p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if p.scheme != "http":
+                raise S3ConnectionError(f"proxy {p.scheme}://{p.hostname}: only http:// proxies are supported",
+                                        transient=False)
+            self._proxy = (p.hostname or "", p.port or 80)
+            if p.username is not None:
+                user = urllib.parse.unquote(p.username) + ":" + urllib.parse.unquote(p.password or "")
+                self._proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+
+    def send(self, method: str, target: str, headers: dict[str, str], what: str) -> "_Response":
+        """Send one request without a body; returns the response with its headers read."""
+        if self._proxy and not self._tls:  # a forward proxy takes the absolute URI
+            target = self.origin + target
+            headers = {**headers, **self._proxy_headers}
+        conn = self._take()
+        try:
+            if conn.sock is None:
+                conn.connect()
+                conn.sock.settimeout(self._read_timeout)
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.request(method, target, headers=headers)
+            r = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            cert = type(e).__name__ == "SSLCertVerificationError"
+            raise S3ConnectionError(f"{what}: {type(e).__name__}: {e}", transient=not cert) from None
+        return _Response(r, conn, self)
+
+    def _take(self) -> http.client.HTTPConnection:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._new()
+            if not _dropped(conn.sock):
+                return conn
+            conn.close()
+
+    def _new(self) -> http.client.HTTPConnection:
+        host, port = self._proxy or (self._host, self._port)
+        if self._tls:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=self._connect_timeout, context=self._context())
+            if self._proxy:
+                conn.set_tunnel(self._host, self._port, headers=self._proxy_headers or None)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+        return conn
+
+    def give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self._size:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+
+def _dropped(sock: Any) -> bool:
+    """Whether an idle keep-alive connection is unusable: closed by the peer (readable at EOF)
+    or sent something unasked. A connection never opened is not dropped."""
+    if sock is None:
+        return False
+    try:
+        p = select.poll()
+        p.register(sock, select.POLLIN)
+        return bool(p.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+class _Response:
+    """A response whose body streams off its connection: `status`, `headers` (case-insensitive
+    `get`), `readinto`, `data`; `release_conn()` hands the connection back when the body was read
+    to its end (else closes it), `close()` closes it."""
+
+    __slots__ = ("status", "headers", "_r", "_conn", "_pool", "_data")
+
+    def __init__(self, r: http.client.HTTPResponse, conn: http.client.HTTPConnection, pool: _Pool):
+        self.status, self.headers = r.status, r.headers
+        self._r, self._conn, self._pool = r, conn, pool
+        self._data: bytes | None = None
+
+    def readinto(self, buf: Any) -> int:
+        return self._r.readinto(buf)
+
+    def isclosed(self) -> bool:
+        return self._r.isclosed()
+
+    def preload(self) -> None:
+        """Read the whole body now and hand the connection back (small bodies: HEAD, LIST, errors)."""
+        if self._data is None:
+            try:
+                self._data = self._r.read()
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                raise S3ConnectionError(f"reading a response: {type(e).__name__}: {e}") from None
+            self.release_conn()
+
+    @property
+    def data(self) -> bytes:
+        self.preload()
+        return self._data or b""
+
+    def release_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._r.isclosed() and not self._r.will_close:
+            self._pool.give_back(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._r.close()
+        if conn is not None:
+            conn.close()
 
 
 def _proxy_for(origin: str) -> str | None:

@@ -26,6 +26,30 @@ def test_pull_without_cache_moves_files_and_leaves_nothing_behind(tmp_path: Path
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"], "temp cache removed"
 
 
+def test_pull_without_cache_into_an_existing_dest_keeps_that_directory(tmp_path: Path, s3_server: S3Server) -> None:
+    """A new DEST gets the downloaded tree in one rename; an existing one (e.g. an emptyDir
+    mount, or a directory made for a non-root consumer) keeps its own inode and mode, and gets
+    the files and sub-directories, all writable, and nothing else."""
+    s3_server.create_bucket("models")
+    for key, body in (("m/a.bin", b"a" * 3000), ("m/sub/b.bin", b"b" * 10), ("m/sub/deeper/c.bin", b"c")):
+        s3_server.put("models", key, body)
+    env = cli_env(s3_server.env())
+    fresh = tmp_path / "fresh" / "model"
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    os.chmod(kept, 0o2777)
+    before = os.stat(kept)
+    for dest in (fresh, kept):
+        r = run_cli("pull", "s3://models/m", str(dest), "--no-progress", env=env)
+        assert r.returncode == 0, r.stderr
+        got = {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+        assert got == {"a.bin": b"a" * 3000, "sub/b.bin": b"b" * 10, "sub/deeper/c.bin": b"c"}
+        assert all(os.access(p, os.W_OK) for p in dest.rglob("*"))
+        assert [p.name for p in dest.parent.iterdir() if p.name.startswith(".modelshelf")] == []
+    after = os.stat(kept)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+
+
 def test_pull_local_dir_copies_into_dest(tmp_path: Path) -> None:
     src = tmp_path / "pvc" / "claim" / "iris"
     (src / "1").mkdir(parents=True)

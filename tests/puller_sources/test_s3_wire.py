@@ -1,6 +1,8 @@
 """The S3 wire client (puller.sources.s3_wire) against moto's real server with IAM checks on (so
 every signature is verified by the server), plus a scripted endpoint for a wrong-region answer,
-and the CLI's imports per scheme (botocore only where credentials need its chain)."""
+a self-signed HTTPS endpoint (TLS verification) and one that closes idle keep-alive connections,
+and the CLI's imports per scheme (botocore only where credentials need its chain; nothing of the
+agent, no digest or progress-bar library, no other scheme's client)."""
 from __future__ import annotations
 
 import json
@@ -120,7 +122,8 @@ _PROBE = """
 import json, sys
 from agent.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("botocore", "boto3", "s3transfer"))}))
+print(json.dumps({"code": code, "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("botocore", "boto3", "s3transfer")),
+                  "modules": sorted(sys.modules)}))
 """
 
 
@@ -145,7 +148,8 @@ def test_the_cli_imports_botocore_only_for_credentials_that_need_its_chain(s3: S
                 "http": [srv.url("m/w.bin"), str(tmp_path / "d2")],
                 "s3 static keys": ["s3://models/iris", str(tmp_path / "d3")]}
         for name, args in runs.items():
-            assert _cli_modules(args, env) == {"code": 0, "heavy": []}, name
+            out = _cli_modules(args, env)
+            assert (out["code"], out["heavy"]) == (0, []), name
     creds = tmp_path / "credentials"
     creds.write_text(f"[team]\naws_access_key_id = {env.pop('AWS_ACCESS_KEY_ID')}\n"
                      f"aws_secret_access_key = {env.pop('AWS_SECRET_ACCESS_KEY')}\n")
@@ -179,3 +183,133 @@ def test_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(
     finally:
         proxy.close()
     assert tree(tmp_path / "a") == tree(tmp_path / "b") == {"w.bin": b"through the proxy"}
+
+
+# what no `pull` needs: the agent and its settings (pydantic), botocore for static keys, digests
+# of a scratch cache (xxhash), a progress bar with --no-progress (rich), servers' stacks
+_NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer", "xxhash", "rich", "click", "pygments", "yaml",
+                   "starlette", "uvicorn", "psutil", "grpc")
+_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3"), "http": ("urllib3", "xml")}
+
+
+def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3: S3Server, tmp_path: Path) -> None:
+    """`modelshelf pull` is dispatched before anything of the agent is imported (agent.cli
+    only), records no digests in its throw-away cache, and loads one scheme's client: http.client
+    for s3:// (no urllib3), httpx (without its CLI) for http://. Interpreter start-up is most of a short pull."""
+    s3.put("models", "lean/w.bin", b"s3-bytes")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON", "MODELSHELF_"))}
+    env.update(s3.env(), PYTHONPATH=str(ROOT), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    with HTTPFileServer(files={"m/w.bin": b"http-bytes"}) as srv:
+        runs = {"s3": ["s3://models/lean", str(tmp_path / "s3")], "http": [srv.url("m/w.bin"), str(tmp_path / "http")]}
+        for scheme, args in runs.items():
+            out = _cli_modules(args, env)
+            assert out["code"] == 0, scheme
+            agent = [m for m in out["modules"] if m.split(".")[0] == "agent" and m not in ("agent", "agent.cli")]
+            unwanted = [m for m in out["modules"] if m.split(".")[0] in _NEVER_FOR_PULL + _NOT_FOR_SCHEME[scheme]]
+            assert (agent, unwanted) == ([], []), scheme
+    assert (tmp_path / "s3" / "w.bin").read_bytes() == b"s3-bytes"
+    assert (tmp_path / "http" / "w.bin").read_bytes() == b"http-bytes"
+
+
+class _TLSObjectHandler(BaseHTTPRequestHandler):
+    """One object over HTTPS, as S3 answers HEAD and GET for it (moto's server here speaks no TLS)."""
+
+    protocol_version = "HTTP/1.1"
+    body = b"over TLS " * 1000
+
+    def _answer(self, with_body: bool) -> None:
+        if self.path != "/bkt/m/w.bin":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.send_header("ETag", '"e1"')
+        self.end_headers()
+        if with_body:
+            self.wfile.write(self.body)
+
+    def do_HEAD(self) -> None:
+        self._answer(False)
+
+    def do_GET(self) -> None:
+        self._answer(True)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_https_endpoints_verify_against_the_ca_bundle_and_a_failed_verification_is_not_retried(tmp_path: Path) -> None:
+    """TLS as botocore does it: the CA bundle given (verify=PATH) is trusted, the system's CAs
+    by default (a self-signed endpoint then fails at once, not retried as transient), verify=False
+    skips the check. Keep-alive connections are reused across requests."""
+    import ssl
+
+    from puller.credentials import S3Settings
+    from puller.sources.s3 import _is_transient
+    from puller.sources.s3_wire import S3ConnectionError, S3WireClient, _Static
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _TLSObjectHandler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{srv.server_address[1]}"
+    creds = _Static("AKIDEXAMPLE", "secret-example", None)
+
+    def client(verify) -> S3WireClient:
+        return S3WireClient(S3Settings(source="test", endpoint_url=url, addressing_style="path", verify=verify),
+                            creds, pool=2)
+    try:
+        for verify in (str(cert), False):
+            c = client(verify)
+            assert c.head_object(Bucket="bkt", Key="m/w.bin")["ContentLength"] == len(_TLSObjectHandler.body)
+            r = c.get_object(Bucket="bkt", Key="m/w.bin")
+            buf = bytearray(len(_TLSObjectHandler.body) + 10)
+            got = 0
+            while n := r.readinto(memoryview(buf)[got:]):
+                got += n
+            r.release_conn()
+            assert bytes(buf[:got]) == _TLSObjectHandler.body
+            assert len(c._route(url)._idle) == 1, "one connection, reused and handed back"
+        with pytest.raises(S3ConnectionError) as exc:
+            client(True).head_object(Bucket="bkt", Key="m/w.bin")
+        assert "certificate" in str(exc.value).lower() and not _is_transient(exc.value)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_not_failed(tmp_path: Path) -> None:
+    """Servers close idle keep-alive connections without notice (S3 after a few seconds): the next
+    request opens a new connection instead of failing on the dead one (a transient error, retried
+    after a back-off, for every connection of the pool)."""
+    from puller.credentials import S3Settings
+    from puller.sources.s3_wire import S3WireClient, _Static
+
+    closed = threading.Event()
+
+    class _CloseAfterOne(_TLSObjectHandler):
+        def handle(self) -> None:
+            self.handle_one_request()  # keep-alive answer, then the server drops the connection
+            self.connection.shutdown(2)
+            closed.set()
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _CloseAfterOne)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        c = S3WireClient(S3Settings(source="test", endpoint_url=f"http://127.0.0.1:{srv.server_address[1]}",
+                                    addressing_style="path"), _Static("AKIDEXAMPLE", "secret-example", None), pool=2)
+        for _ in range(3):
+            closed.clear()
+            assert c.head_object(Bucket="bkt", Key="m/w.bin")["ETag"] == '"e1"'
+            assert closed.wait(5)
+    finally:
+        srv.shutdown()
+        srv.server_close()
