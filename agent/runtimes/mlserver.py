@@ -54,7 +54,11 @@ One entry: `<repo>/<name>/model-settings.json` (name, implementation, parameters
 into the cache, version, the model's parameters) plus `modelshelf.json` (the ServedModel). For
 `runtime: mlserver` the model dir's top-level `*.py` files are linked into the entry, because
 MLServer imports `implementation` with the entry's folder on sys.path. The server starts with
-`settings.json` in the repository dir and the same settings as MLSERVER_* env vars.
+`settings.json` in the repository dir and the same settings as MLSERVER_* env vars. It runs
+with `debug` off (MLSERVER_DEBUG=false) unless the agent's environment sets MLSERVER_DEBUG:
+MLServer's default (on) logs a line per request, REST and gRPC, which the agent reads from the
+server's output pipe, a wake-up of the agent per request; off keeps its INFO lines (loads,
+unloads, start-up) and its errors.
 
 Other server quirks handled here: the index wants a JSON body (`{}`; none -> 422); a model that
 is not on disk -> 404, a bad URI -> 422 and a broken model -> 500 with a plain-text traceback
@@ -236,6 +240,9 @@ class MLServerAdapter(HTTPServerAdapter):
             MLSERVER_LOAD_MODELS_AT_STARTUP="false",
             MLSERVER_GRPC_MAX_MESSAGE_LENGTH=str(_GRPC_MAX_MESSAGE),
         )
+        # no access line per request (REST and gRPC) for the agent to read from the pipe; loads,
+        # unloads and errors are still logged. Not in settings.json, so a user's MLSERVER_DEBUG wins.
+        child_env.setdefault("MLSERVER_DEBUG", "false")
         argv = [sys.executable, "-c", "import sys; from mlserver.cli import main; sys.exit(main())", "start", str(self.repository)]
         return argv, child_env
 
