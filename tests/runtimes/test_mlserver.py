@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -593,10 +594,13 @@ def test_requests_produce_no_server_output_for_the_agent_to_read(mlserver: Runni
     assert [line for line in between if "quiet-after" not in line] == [], between
 
 
-def test_mlserver_debug_from_the_agents_environment_is_kept(tmp_path: Path) -> None:
-    """Per-request logging is off by default for an embedded MLServer; a user who sets
-    MLSERVER_DEBUG in the agent's environment gets what they asked for (nothing is started)."""
+def test_a_users_mlserver_logging_settings_are_kept(tmp_path: Path) -> None:
+    """The adapter's quiet logging settings go into settings.json (which MLServer prefers to its
+    environment) only when the agent's environment has no MLSERVER_LOGGING_SETTINGS of the
+    user's (nothing is started)."""
     quiet = MLServerAdapter.embedded(tmp_path / "q" / "repository", workdir=tmp_path / "q" / "cwd", env={})
-    loud = MLServerAdapter.embedded(tmp_path / "l" / "repository", workdir=tmp_path / "l" / "cwd", env={"MLSERVER_DEBUG": "true"})
-    assert quiet.process.env["MLSERVER_DEBUG"] == "false"
-    assert loud.process.env["MLSERVER_DEBUG"] == "true"
+    own = MLServerAdapter.embedded(tmp_path / "o" / "repository", workdir=tmp_path / "o" / "cwd",
+                                   env={"MLSERVER_LOGGING_SETTINGS": str(tmp_path / "logging.json")})
+    assert json.loads((quiet.repository / "settings.json").read_text())["logging_settings"]["loggers"]["uvicorn.access"]["level"] == "WARNING"
+    assert "logging_settings" not in json.loads((own.repository / "settings.json").read_text())
+    assert own.process.env["MLSERVER_LOGGING_SETTINGS"] == str(tmp_path / "logging.json")
