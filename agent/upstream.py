@@ -259,7 +259,17 @@ class _Conn(asyncio.Protocol):
         self._headers_done = True
         head = self._head
         end = head.find(b"\r\n\r\n")
-        lines = bytes(head[:end]).split(b"\r\n") if end >= 0 else [x.rstrip(b"\r") for x in bytes(head).split(b"\n\n")[0].split(b"\n")]
+        if end >= 0:
+            cut = end + 4
+            lines = bytes(head[:end]).split(b"\r\n")
+        else:  # bare line feeds
+            end = head.find(b"\n\n")
+            cut = end + 2 if end >= 0 else len(head)
+            lines = [x.rstrip(b"\r") for x in bytes(head[:end if end >= 0 else cut]).split(b"\n")]
+        if self.parser.get_status_code() < 200:
+            del head[:cut]  # an interim head: what follows it is the real answer's
+        else:
+            head.clear()  # body bytes: on_body has them; an idle pooled connection holds none
         headers = self._headers
         for line in lines[1:]:  # after the status line
             if line[:1] in (b" ", b"\t") and headers:  # an obsolete folded continuation
@@ -314,9 +324,6 @@ class _Conn(asyncio.Protocol):
         if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
             self._headers, self._body, self._headers_done = [], [], False
             self._length_known = False
-            head = self._head
-            end = head.find(b"\r\n\r\n")
-            del head[:end + 4 if end >= 0 else len(head)]  # the interim head; the rest is the real answer's
             return
         self.keep_alive = self.parser.should_keep_alive()  # only valid inside this callback
         self._complete = True

@@ -105,6 +105,7 @@ def test_connections_are_reused(mode):
                 assert (b"content-type", b"text/plain") in headers
                 if mode == "split":
                     assert headers == [(b"content-type", b"text/plain"), (b"x-a", b"1"), (b"x-a", b"2"), (b"content-length", b"6")]
+            assert up._idle and all(not conn._head for conn in up._idle)  # a pooled connection keeps no answer bytes
             await up.close()
             return srv.connections
     assert run(main()) == 1
