@@ -272,9 +272,10 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus bounds on the request head, which uvicorn lacks (its
     keep-alive timer runs only between requests, and httptools buffers a head of any size):
 
-    - a deadline: armed when the connection opens and when a request's first byte arrives after
-      a response, disarmed when the headers are complete; on expiry the connection is closed
-      (with a 408 if part of a request had arrived);
+    - a deadline: armed when the connection opens and when a read that began a request ends
+      with its head incomplete (the time its first byte arrived, to within that read),
+      disarmed when the headers are complete; on expiry the connection is closed (with a 408
+      if part of a request had arrived);
     - a size: bytes received while a head is incomplete are counted; past `max_head_bytes`
       the client gets a 431 and the connection is closed."""
 
@@ -289,6 +290,11 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
         if not self._in_body:
             self._head_bytes += len(data)  # reset when a head completes (within the feed below)
         super().data_received(data)
+        if self._partial and self._header_timer is None and not self.transport.is_closing():
+            # a head begun in this read and not complete at its end: its deadline starts now
+            # (armed here, not in on_message_begin, so a head that arrives whole, the usual
+            # case, arms and cancels no timer)
+            self._arm_header_timer()
         if not self._in_body and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
             self._close_with(b"431 Request Header Fields Too Large", b"request head too large")
 
@@ -305,11 +311,10 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._partial = True
-        if self._header_timer is None:
-            self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
-        self._disarm_header_timer()
+        if self._header_timer is not None:
+            self._disarm_header_timer()
         self._partial, self._in_body, self._head_bytes = False, True, 0
         super().on_headers_complete()
 
@@ -369,7 +374,7 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
         if cycle.response_complete or cycle.disconnected:
             return
         status, headers, body = parts
-        if any(HEADER_VALUE_RE.search(v) for _, v in headers):
+        if HEADER_VALUE_RE.search(b"".join([v for _, v in headers])):  # one search for all values
             status, headers, body = error_parts(502, "the server's answer holds a header that cannot be passed on")
         content = [STATUS_LINE[status]]
         for k, v in (*cycle.default_headers, *headers):

@@ -171,11 +171,13 @@ class _Conn(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
         self._waiter: asyncio.Future | None = None
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head = bytearray()  # the answer's bytes until its head is complete
         self._body: list[bytes] = []
         self._got_bytes = False
         self._headers_done = False
@@ -192,6 +194,8 @@ class _Conn(asyncio.Protocol):
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # kept for send_now(): on Python 3.11 every get_running_loop() is a getpid() syscall
+        self.loop = asyncio.get_running_loop()
 
     def pause_writing(self) -> None:
         if self._writable is None:
@@ -230,6 +234,8 @@ class _Conn(asyncio.Protocol):
             self._desync()
             return
         self._got_bytes = True
+        if not self._headers_done:
+            self._head += data  # read whole in on_headers_complete (may hold body bytes too)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -247,15 +253,34 @@ class _Conn(asyncio.Protocol):
             self._desync()
             raise _Desynced
 
-    # -- httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name in (b"content-length", b"transfer-encoding"):
-            self._length_known = True
-        self._headers.append((name, value))
-
+    # -- httptools callbacks (no on_header: a Python call per header line, a dozen per MLServer
+    # answer; the head httptools has validated is split here in one go instead)
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        head = self._head
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            cut = end + 4
+            lines = bytes(head[:end]).split(b"\r\n")
+        else:  # bare line feeds
+            end = head.find(b"\n\n")
+            cut = end + 2 if end >= 0 else len(head)
+            lines = [x.rstrip(b"\r") for x in bytes(head[:end if end >= 0 else cut]).split(b"\n")]
+        if self.parser.get_status_code() < 200:
+            del head[:cut]  # an interim head: what follows it is the real answer's
+        else:
+            head.clear()  # body bytes: on_body has them; an idle pooled connection holds none
+        headers = self._headers
+        for line in lines[1:]:  # after the status line
+            if line[:1] in (b" ", b"\t") and headers:  # an obsolete folded continuation
+                name, value = headers[-1]
+                headers[-1] = (name, (value + b" " + line.strip(b" \t")).strip(b" \t"))
+                continue
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            if name == b"content-length" or name == b"transfer-encoding":
+                self._length_known = True
+            headers.append((name, value.strip(b" \t")))
         if self._streaming and self.parser.get_status_code() >= 200:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(self.parser.get_status_code())
@@ -298,6 +323,7 @@ class _Conn(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
             self._headers, self._body, self._headers_done = [], [], False
+            self._length_known = False
             return
         self.keep_alive = self.parser.should_keep_alive()  # only valid inside this callback
         self._complete = True
@@ -311,6 +337,7 @@ class _Conn(asyncio.Protocol):
         self._streaming = streaming
         self._chunks.clear()
         self._headers, self._body = [], []
+        self._head.clear()
         self._got_bytes = self._headers_done = self._length_known = self._complete = False
         self.keep_alive = False
         self._waiter = loop.create_future()
@@ -470,7 +497,7 @@ class Upstream:
         key_slots.free -= 1  # ready_now: both are free and nobody waits
         self._slots.free -= 1
         conn = self._idle.pop()
-        loop = asyncio.get_running_loop()
+        loop = conn.loop
         waiter = conn.start(loop)
         timer = loop.call_at(loop.time() + timeout, _expire, waiter)
         assert conn.transport is not None

@@ -54,7 +54,12 @@ One entry: `<repo>/<name>/model-settings.json` (name, implementation, parameters
 into the cache, version, the model's parameters) plus `modelshelf.json` (the ServedModel). For
 `runtime: mlserver` the model dir's top-level `*.py` files are linked into the entry, because
 MLServer imports `implementation` with the entry's folder on sys.path. The server starts with
-`settings.json` in the repository dir and the same settings as MLSERVER_* env vars.
+`settings.json` in the repository dir and the same settings as MLSERVER_* env vars. Its
+`logging_settings` drop the access line MLServer writes per request (REST: `uvicorn.access`,
+gRPC: `mlserver.grpc`), which the agent would read from the server's output pipe, a wake-up of
+the agent per request; its other lines (start-up, loads, unloads, errors) stay. `debug` stays
+on: with it off MLServer answers a failed inference with a bare "Internal Server Error" instead
+of the error's reason. A user's MLSERVER_LOGGING_SETTINGS in the agent's environment wins.
 
 Other server quirks handled here: the index wants a JSON body (`{}`; none -> 422); a model that
 is not on disk -> 404, a bad URI -> 422 and a broken model -> 500 with a plain-text traceback
@@ -65,6 +70,7 @@ unload is synchronous; loading a loaded name loads the new copy before unloading
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import re
@@ -197,6 +203,18 @@ def server_reason(response: Answer) -> str:
     return f"HTTP {response.status_code}: {reason}"
 
 
+def quiet_logging() -> dict[str, Any]:
+    """MLServer's `logging_settings` (a logging dictConfig, which it also hands to uvicorn):
+    uvicorn's default configuration without the access line per request, and without the line
+    per gRPC call that MLServer's debug mode logs (`mlserver.grpc`). Everything else is kept."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["uvicorn.access"]["level"] = "WARNING"
+    config["loggers"]["mlserver.grpc"] = {"level": "WARNING"}
+    return config
+
+
 _STATES = {"READY": "READY", "UNAVAILABLE": "UNAVAILABLE", "UNKNOWN": "LOADING", "LOADING": "LOADING", "UNLOADING": "UNLOADING"}
 
 
@@ -223,6 +241,8 @@ class MLServerAdapter(HTTPServerAdapter):
             "model_repository_implementation": REPOSITORY_IMPLEMENTATION,
             "model_repository_implementation_args": {"builtin": sorted(IMPLEMENTATIONS.values())},
         }
+        if "MLSERVER_LOGGING_SETTINGS" not in env:  # settings.json would override the user's choice
+            settings["logging_settings"] = quiet_logging()
         write_json(self.repository / "settings.json", settings)
         child_env = {k: v for k, v in env.items() if not k.startswith("MLSERVER_MODEL_")}
         # the repository class is imported from this very checkout of the agent

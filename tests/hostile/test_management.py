@@ -172,6 +172,29 @@ def test_idle_keep_alive_connection_outlives_the_header_timeout(agent):
         conn.close()
 
 
+def test_a_slow_head_after_a_keep_alive_answer_gets_408(agent):
+    """The head deadline covers every request of a kept-alive connection, not only its first:
+    after an answer, a request whose head starts and never completes gets a 408 and the
+    connection is closed (the deadline is armed when a read leaves a head incomplete)."""
+    body = json.dumps(v2_infer_body([IRIS_ROW])).encode()
+    with socket.create_connection(("127.0.0.1", int(agent.url.rsplit(":", 1)[1])), timeout=30) as s:
+        s.sendall(b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += s.recv(65536)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+        while len(rest) < length:
+            rest += s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        second = b""
+        while chunk := s.recv(65536):  # until the agent closes it
+            second += chunk
+    assert second.startswith(b"HTTP/1.1 408"), second[:200]
+
+
 def _raw(port: int, data: bytes) -> bytes:
     """Send `data` (stopping if the server closes) and return everything it answers."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:

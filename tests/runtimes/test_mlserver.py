@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -549,3 +550,57 @@ def test_the_repository_parses_an_entry_once_and_never_reloads_an_installed_runt
     assert first.implementation.__name__ == "SKLearnModel" and reloads == []
     custom = asyncio.run(repo.find("custom"))[0]
     assert custom.implementation.__name__ == "Model" and reloads == ["tests_custom_impl"]
+
+
+def _wait_for_line(srv: RunningServer, text: str, timeout: float = 10.0) -> list[str]:
+    """The server output lines the agent has read so far, once one of them holds `text`."""
+    tail = srv.adapter.process.tail
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = list(tail)
+        if any(text in line for line in lines):
+            return lines
+        time.sleep(0.02)
+    raise AssertionError(f"no server output line holds {text!r}: {list(tail)}")
+
+
+def test_requests_produce_no_server_output_for_the_agent_to_read(mlserver: RunningServer, tmp_path: Path) -> None:
+    """The embedded MLServer logs no line per request (REST or gRPC): the agent reads the
+    server's output from a pipe, and a line per request was a wake-up of the agent per request.
+    Loads stay visible: the lines between two loads are read in order, and the requests between
+    them left none."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    a = write_sklearn_model(tmp_path / "a", seed=0)
+    ad = mlserver.adapter
+    mlserver.call(ad.load(ServedModel("quiet-before", a, "sklearn")))
+    _wait_for_line(mlserver, "Loaded model 'quiet-before'")
+    for _ in range(10):
+        _infer(mlserver, "quiet-before")
+    client = grpcclient.InferenceServerClient(ad.grpc_target)
+    try:
+        rows = np.array(ROWS, dtype=np.float64)
+        for _ in range(5):
+            inp = grpcclient.InferInput("input-0", list(rows.shape), "FP64")
+            inp.set_data_from_numpy(rows)
+            assert client.infer("quiet-before", [inp]).as_numpy("predict") is not None
+    finally:
+        client.close()
+    mlserver.call(ad.load(ServedModel("quiet-after", a, "sklearn")))
+    after = _wait_for_line(mlserver, "Loaded model 'quiet-after'")
+    start = max(i for i, line in enumerate(after) if "Loaded model 'quiet-before'" in line)
+    between = after[start + 1:]
+    assert [line for line in between if "quiet-after" not in line] == [], between
+
+
+def test_a_users_mlserver_logging_settings_are_kept(tmp_path: Path) -> None:
+    """The adapter's quiet logging settings go into settings.json (which MLServer prefers to its
+    environment) only when the agent's environment has no MLSERVER_LOGGING_SETTINGS of the
+    user's (nothing is started)."""
+    quiet = MLServerAdapter.embedded(tmp_path / "q" / "repository", workdir=tmp_path / "q" / "cwd", env={})
+    own = MLServerAdapter.embedded(tmp_path / "o" / "repository", workdir=tmp_path / "o" / "cwd",
+                                   env={"MLSERVER_LOGGING_SETTINGS": str(tmp_path / "logging.json")})
+    assert json.loads((quiet.repository / "settings.json").read_text())["logging_settings"]["loggers"]["uvicorn.access"]["level"] == "WARNING"
+    assert "logging_settings" not in json.loads((own.repository / "settings.json").read_text())
+    assert own.process.env["MLSERVER_LOGGING_SETTINGS"] == str(tmp_path / "logging.json")
