@@ -37,7 +37,7 @@ and Cache, with the scripted server of tests/support/scripted.py):
     time is split into phases in `modelshelf_cold_start_phase_seconds` (see ColdStart).
   * Headroom (`--headroom` N, default 1; 0: off): after each load commits, one background
     task evicts idle LRU models until the budget has room for N loads of the median loaded
-    size (only where that is at most HEADROOM_MAX_FRACTION of a device's budget), so that a
+    size (at most HEADROOM_MAX_FRACTION of a device's budget, in whole loads), so that a
     miss on a full node normally finds room and loads at once, with no unload on its path.
     Same rules as a miss's eviction (no lease, not pinned, past `min_residency_s`, committed
     under the victim's lock); a victim's bytes are free for admission only once its eviction
@@ -160,8 +160,8 @@ class ColdStart:
             metrics.cold_start_phase_seconds.labels(phase=phase).observe(seconds)
 
 
-# the headroom is kept only on a device where it costs at most this share of the budget (a node
-# holding ~10 models or more): below that, the hits it would cost outweigh the unloads it saves
+# the headroom never takes more than this share of a device's budget (whole loads; none on a node
+# holding under ~10 models): beyond it, the hits it would cost outweigh the unloads it saves
 HEADROOM_MAX_FRACTION = 0.10
 
 QUARANTINE = "server died twice while loading this model; quarantined until its config changes"

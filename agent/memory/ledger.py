@@ -393,9 +393,10 @@ class MemoryManager:
 
     def headroom(self, models: float, max_fraction: float) -> dict[str, int]:
         """Device -> bytes to keep free ahead of need: room for ``models`` loads of the median
-        reservation on that device among the models reserved now, on each device where that is
-        at most ``max_fraction`` of its budget (a node that holds few models would give up too
-        large a share of its hits: no headroom there). Empty when nothing is reserved."""
+        reservation on that device among the models reserved now, but never more than
+        ``max_fraction`` of its budget (then as many whole loads as fit in that share; none on
+        a device where not even one does: a node that holds few models would give up too large
+        a share of its hits). Empty when nothing is reserved."""
         with self._lock:
             out: dict[str, int] = {}
             for d, budget in self._budget.items():
@@ -403,9 +404,10 @@ class MemoryManager:
                                for b in [c.devices().get(d, 0)] if b > 0)
                 if not sizes or models <= 0:
                     continue
-                want = int(models * sizes[len(sizes) // 2])
-                if want <= max_fraction * budget:
-                    out[d] = want
+                median = sizes[len(sizes) // 2]
+                want = min(models, max_fraction * budget // median) * median
+                if want > 0:
+                    out[d] = int(want)
             return out
 
     def reclaim(self, target: Mapping[str, int], candidates: Iterable[Candidate], *, now: float | None = None) -> list[str]:
