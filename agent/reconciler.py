@@ -35,7 +35,7 @@ and Cache, with the scripted server of tests/support/scripted.py):
     model counts as gone, `held()` counts it until its unload ends). A load that will be
     measured, or whose victims hold GPU memory, waits for the unloads first. Each lazy load's
     time is split into phases in `modelshelf_cold_start_phase_seconds` (see ColdStart).
-  * Headroom (`--headroom` N, default 1; 0: off): after each load commits, one background
+  * Headroom (`--headroom` N, default 8; 0: off): after each load commits, one background
     task evicts idle LRU models until the budget has room for N loads of the median loaded
     size (at most HEADROOM_MAX_FRACTION of a device's budget, in whole loads), so that a
     miss on a full node normally finds room and loads at once, with no unload on its path.

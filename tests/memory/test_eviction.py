@@ -178,8 +178,9 @@ def test_headroom_is_n_loads_of_the_median_model_within_a_tenth_of_the_budget():
     assert mm.headroom(2, 0.10) == {HOST: 40}  # the median (20), not the mean; gpu: 300 > 10% of it
     assert mm.headroom(8, 0.10) == {HOST: 100}  # capped at whole loads within 10% of the budget
     assert mm.headroom(0, 0.10) == {}
-    mm.begin_unload("m1")  # an unloading model no longer counts
-    assert mm.headroom(1, 0.10) == {HOST: 20}
+    mm.begin_unload("m0")  # unloading models no longer count: the median is 300 now
+    mm.begin_unload("m1")
+    assert mm.headroom(1, 0.5) == {HOST: 300, "gpu:0": 300}
 
 
 def test_reclaim_frees_the_target_lru_first_and_marks_nothing():

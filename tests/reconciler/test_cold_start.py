@@ -301,3 +301,16 @@ def test_a_miss_beside_a_headroom_unload_waits_while_the_server_could_not_hold_b
             assert all(held <= budget and used <= budget for held, used in seen), seen
             assert _phase(h, "unload", "sum") > 0  # the wait shows in the breakdown
     run(scenario())
+
+
+def test_the_headroom_flag_takes_a_number_of_loads_and_says_what_is_wrong(capsys):
+    from agent.cli import build_parser, settings_from_args
+
+    def parse(*flags: str):
+        return settings_from_args(build_parser().parse_args(["run", "--config-dir", "/c", "--cache-dir", "/d", *flags]))
+
+    assert parse().headroom == 8.0 and parse("--headroom", "0").headroom == 0.0 and parse("--headroom", "2.5").headroom == 2.5
+    for bad in ("-1", "lots", "inf"):
+        with pytest.raises(SystemExit):
+            parse("--headroom", bad)
+        assert f"--headroom {bad!r} is not a number of loads" in capsys.readouterr().err
