@@ -35,7 +35,9 @@ and Cache, with the scripted server of tests/support/scripted.py):
     model counts as gone, `held()` counts it until its unload ends). A load that will be
     measured, or whose victims hold GPU memory, waits for the unloads first. Each lazy load's
     time is split into phases in `modelshelf_cold_start_phase_seconds` (see ColdStart).
-  * Headroom (`--headroom` N, default 8; 0: off): after each load commits, one background
+  * Headroom (`--headroom` N, default 8; 0: off): under pressure (from a miss that had to
+    evict on its own path until HEADROOM_PRESSURE_S after the last miss; a node whose models
+    all fit gives up nothing), after each load commits, one background
     task evicts idle LRU models until the budget has room for N loads of the median loaded
     size (at most HEADROOM_MAX_FRACTION of a device's budget, in whole loads), so that a
     miss on a full node normally finds room and loads at once, with no unload on its path.
@@ -163,6 +165,9 @@ class ColdStart:
 # the headroom never takes more than this share of a device's budget (whole loads; none on a node
 # holding under ~10 models): beyond it, the hits it would cost outweigh the unloads it saves
 HEADROOM_MAX_FRACTION = 0.10
+# the headroom is kept from a miss that had to evict on its own path until this long after the
+# last miss: a node whose models all fit (or whose misses stopped) gives up no capacity for it
+HEADROOM_PRESSURE_S = 60.0
 
 QUARANTINE = "server died twice while loading this model; quarantined until its config changes"
 
@@ -303,6 +308,7 @@ class Reconciler:
         self._recheck_task: asyncio.Task | None = None
         self._reality_wake = asyncio.Event()  # set after a load: check reality at once
         self._headroom_wake = asyncio.Event()  # set after a load: restore the free margin (see _keep_headroom)
+        self._pressure_until = 0.0  # the headroom is kept until then (misses evict: see _keep_headroom)
         self.on_change: Callable[[], None] = lambda: None  # a state or the configured set changed (/fleet/state seq)
         # readiness: model -> when it was marked; its next step (begun after the mark) must finish
         # before the agent is ready (the first config, a server restart); see `restocking`
@@ -904,6 +910,9 @@ class Reconciler:
                 if phases is not None:
                     phases.queue += time.monotonic() - waited
                 continue
+            if lazy and (victims or time.monotonic() < self._pressure_until):
+                # requests' misses need room: keep the headroom while they go on
+                self._pressure_until = time.monotonic() + HEADROOM_PRESSURE_S
             if not victims:
                 await self._after_unloads(wait_unloads, phases)
                 return
@@ -954,10 +963,12 @@ class Reconciler:
         past `--min-residency`; each eviction commits under the victim's lock, `_evict`); a
         victim's bytes count as free only once its eviction commits. Never while a measured
         window is open (the unload would spoil it: the next load's commit wakes this again).
-        Returns how many models it unloaded."""
+        Only under pressure: from a miss that had to evict on its own path, while misses go on
+        (HEADROOM_PRESSURE_S after the last), so that a node whose models all fit keeps them
+        all (no capacity is given up where no miss needs room). Returns how many it unloaded."""
         evicted = 0
         for _ in range(8):  # a few rounds: loads committing meanwhile take room again
-            if self._closing or self.memory.measuring():
+            if self._closing or self.memory.measuring() or time.monotonic() >= self._pressure_until:
                 break
             target = self.memory.headroom(self.settings.headroom, HEADROOM_MAX_FRACTION)
             victims = self.memory.reclaim(target, self._relief_candidates()) if target else []

@@ -235,8 +235,8 @@ def markdown(data: dict[str, Any]) -> str:
             "all of it, unload included")
         lines.append(f"- {v['variant']}: {v['goal']}: {v['value_ms']} ms -> **{'met' if v['met'] else 'missed'}** "
                      f"(the server's own load call, the floor: {v['server_floor_ms']} ms per load{why})")
-    lines += ["", "`before` is the agent of --baseline-root, which has no phase metric (blank cells); its cold start "
-              "and CPU figures come from the same metrics and counters as the others."]
+    lines += ["", "`before` is the agent of --baseline-root (blank phase cells where that checkout has no phase "
+              "metric); its figures come from the same metrics and counters as the others."]
     for r in data["runs"]:
         if r.get("profile"):
             lines += ["", f"## py-spy, {r['label']} (inclusive share of agent samples, measured window)", "",

@@ -200,18 +200,22 @@ async def _fill(h: Harness, names: list[str]) -> None:
 
 
 def test_with_headroom_a_miss_on_a_full_node_loads_with_no_unload_on_its_path(tmp_path, http):
-    """The node fills its budget; the headroom evicts its LRU model in the background, so the
-    next miss finds room: its load starts with no unload in flight, and the model a miss would
-    have had to unload (held open here) is not on its path."""
+    """Models that all fit give up no room. Once a miss had to evict on its own path, the
+    headroom evicts the next LRU model in the background, so the next miss finds room: its
+    load starts with no unload in flight, and the model it would have had to unload (held open
+    here) is not on its path."""
     async def scenario():
         async with Harness(tmp_path, http, budget=SLOTS * SLOT) as h:
             _measured_already(h)
-            names = [f"m{i:02}" for i in range(SLOTS + 1)]
+            names = [f"m{i:02}" for i in range(SLOTS + 2)]
             await h.apply(*(h.spec(n, preload=False) for n in names))
             await _fill(h, names[:SLOTS])
+            assert await h.rec._keep_headroom() == 0  # they all fit: no miss needed room, none is given up
+            assert all(h.state(n) is State.LOADED for n in names[:SLOTS]) and h.memory.free()["host"] == 0
+            h.rec.release(await asyncio.wait_for(h.rec.acquire(names[SLOTS]), 2.0))  # evicts m00 on its path
             await h.wait_for(lambda: h.memory.free()["host"] >= SLOT and not _unloads_in_flight(h), timeout=2.0,
                              what="room for one load kept free")
-            assert h.state(names[0]) is State.CACHED  # the LRU model made the room
+            assert h.state(names[1]) is State.CACHED  # the next LRU model made the room, off any path
             lru = min((m for m in h.rec.models.values() if m.state is State.LOADED), key=lambda m: m.last_used).name
             gate = h.adapter.hold("unload", lru)  # the victim the miss would otherwise unload first
             at_load: list[list[str]] = []
@@ -231,20 +235,20 @@ def test_the_headroom_never_evicts_a_leased_a_pinned_or_a_young_model(tmp_path, 
     async def scenario():
         async with Harness(tmp_path, http, budget=SLOTS * SLOT) as h:
             _measured_already(h)
-            others = [f"m{i:02}" for i in range(SLOTS - 2)]
+            others = [f"m{i:02}" for i in range(SLOTS - 1)]  # with pinned and leased: one more than fits
             await h.apply(h.spec("pinned", pinned=True), h.spec("leased", preload=False),
                           *(h.spec(n, preload=False) for n in others))
             leased = await h.rec.acquire("leased")  # held through the test's first part
-            await _fill(h, others)  # full: pinned, leased and the others, least recently used first
-            await h.wait_for(lambda: h.state(others[0]) is State.CACHED, timeout=2.0, what="the headroom eviction")
+            await _fill(h, others)  # the last one evicts m00 on its path; then the headroom goes on
+            await h.wait_for(lambda: h.state(others[1]) is State.CACHED, timeout=2.0, what="the headroom eviction")
             assert h.state("pinned") is State.LOADED and h.state("leased") is State.LOADED  # older, but kept
             assert h.adapter.count("unload", "pinned") == h.adapter.count("unload", "leased") == 0
             # young: every model was loaded less than min_residency_s ago
             h.memory.min_residency_s = 3600.0
             h.rec.release(leased)  # leased is now the least recently used model that may go
-            h.rec.release(await asyncio.wait_for(h.rec.acquire(others[0]), 2.0))  # fills the margin
+            h.rec.release(await asyncio.wait_for(h.rec.acquire(others[1]), 2.0))  # fills the margin
             assert await h.rec._keep_headroom() == 0
-            assert all(h.state(n) is State.LOADED for n in ["pinned", "leased", *others])
+            assert all(h.state(n) is State.LOADED for n in ["pinned", "leased", *others[1:]])
             assert h.adapter.count("unload", "leased") == 0 and h.memory.free()["host"] < SLOT
     run(scenario())
 
@@ -256,8 +260,6 @@ def test_headroom_zero_fills_the_budget_and_a_miss_evicts_on_its_path_as_before(
             names = [f"m{i:02}" for i in range(SLOTS + 1)]
             await h.apply(*(h.spec(n, preload=False) for n in names))
             await _fill(h, names[:SLOTS])
-            assert await h.rec._keep_headroom() == 0  # nothing evicted ahead of need
-            assert h.adapter.count("unload") == 0 and h.memory.free()["host"] == 0
             gate = h.adapter.hold("unload", names[0])
             miss = asyncio.create_task(h.rec.acquire(names[-1]))
             await gate.entered.wait()  # the miss unloads its victim itself
@@ -265,7 +267,8 @@ def test_headroom_zero_fills_the_budget_and_a_miss_evicts_on_its_path_as_before(
             assert not miss.done() and h.adapter.count("load", names[-1]) == 0  # and waits for it (budget x 1.05)
             gate.release()
             h.rec.release(await asyncio.wait_for(miss, 2.0))
-            assert h.state(names[0]) is State.CACHED
+            assert await h.rec._keep_headroom() == 0  # under pressure, still nothing evicted ahead of need
+            assert h.adapter.count("unload") == 1 and h.memory.free()["host"] == 0
     run(scenario())
 
 
@@ -285,12 +288,13 @@ def test_a_miss_beside_a_headroom_unload_waits_while_the_server_could_not_hold_b
         budget = h.memory.budget()[device]
         async with h:
             _measured_already(h)
-            names = [f"m{i:02}" for i in range(SLOTS + 1)]
+            names = [f"m{i:02}" for i in range(SLOTS + 2)]
             await h.apply(*(h.spec(n, preload=False, gpu_memory=100 * KB if gpu else None) for n in names))
             seen: list[tuple[int, int]] = []
             h.adapter.on_load = lambda model: seen.append((h.memory.held()[device], h.memory.used()[device]))
-            gate = h.adapter.hold("unload", names[0])  # the headroom's victim, once the budget is full
             await _fill(h, names[:SLOTS])
+            gate = h.adapter.hold("unload", names[1])  # the headroom's victim, once a miss evicted m00
+            h.rec.release(await asyncio.wait_for(h.rec.acquire(names[SLOTS]), 2.0))
             await gate.entered.wait()
             miss = asyncio.create_task(h.rec.acquire(names[-1]))
             await asyncio.sleep(0.05)
