@@ -142,6 +142,17 @@ def _grpc_port(value: str) -> int:
     return port
 
 
+def _headroom(value: str) -> float:
+    """A number of loads, 0 or more (0: no headroom)."""
+    try:
+        n = float(value)
+    except ValueError:
+        n = -1.0
+    if not 0 <= n < float("inf"):
+        raise argparse.ArgumentTypeError(f"--headroom {value!r} is not a number of loads (0 or more; 0 turns it off)")
+    return n
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", type=Path, default=None, help="directory with models.yaml/models.json (a mounted ConfigMap)")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache root: node-local disk or a shared RWX PVC")
@@ -227,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--drain-timeout", type=float, default=30.0, help="seconds an unload (config removal, update swap) waits for in-flight requests to finish")
     run.add_argument("--stream-body-bytes", default=str(2**20), help="request bodies with a Content-Length above this are forwarded to the server as they arrive, not buffered whole (--max-body-bytes still applies)")
     run.add_argument("--unload-overlap", type=float, default=0.05, help="a miss's load starts while its victims unload only if what the server holds by the ledger (the victims included) stays within the budget x (1 + this); else it waits for the unloads. Raise it (e.g. 0.3) where the container's limit has that much room above the budget: faster cold starts, real memory briefly above the budget (default 0.05)")
+    run.add_argument("--headroom", type=_headroom, default=8.0, help="while misses need room (from a miss that had to evict on its own path until 60 s after the last miss), keep room for this many loads of the median loaded model free: after each load, idle least-recently-used models are evicted in the background (never under a request, pinned or younger than --min-residency), so a miss on a full node loads at once instead of waiting for its victim's unload; never more than 10%% of a device's budget (whole loads). 0 turns it off (default 8: with a few misses in flight at once and each unload a round trip, fewer left most misses evicting on their path in benchmarks/results/coldstart.md)")
     run.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True, help="answer plain infer requests (POST /v2/models/M/infer, a loaded model, a body of at most 64 KiB) from the connection's callbacks, without an ASGI task: same answers, less CPU per request; --no-fast-path sends every request through the ASGI router")
     run.add_argument("--grpc-port", type=_grpc_port, default="8001", help="KServe V2 gRPC port (0 or 'off' disables it)")
     run.add_argument("--grpc-host", default=None, help="address for the gRPC data plane (default: --host)")
@@ -317,6 +329,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.stream_body_bytes = parse_quantity(args.stream_body_bytes)
         s.fast_path = args.fast_path
         s.unload_overlap = args.unload_overlap
+        s.headroom = args.headroom
         s.grpc_port = args.grpc_port if isinstance(args.grpc_port, int) else _grpc_port(args.grpc_port)
         s.grpc_host, s.server_grpc_target = args.grpc_host, args.server_grpc_target
         s.server_pid_file = args.server_pid_file

@@ -35,6 +35,18 @@ and Cache, with the scripted server of tests/support/scripted.py):
     model counts as gone, `held()` counts it until its unload ends). A load that will be
     measured, or whose victims hold GPU memory, waits for the unloads first. Each lazy load's
     time is split into phases in `modelshelf_cold_start_phase_seconds` (see ColdStart).
+  * Headroom (`--headroom` N, default 8; 0: off): under pressure (from a miss that had to
+    evict on its own path until HEADROOM_PRESSURE_S after the last miss; a node whose models
+    all fit gives up nothing), after each load commits, one background
+    task evicts idle LRU models until the budget has room for N loads of the median loaded
+    size (at most HEADROOM_MAX_FRACTION of a device's budget, in whole loads), so that a
+    miss on a full node normally finds room and loads at once, with no unload on its path.
+    Same rules as a miss's eviction (no lease, not pinned, past `min_residency_s`, committed
+    under the victim's lock); a victim's bytes are free for admission only once its eviction
+    commits; no headroom eviction starts while a measured window is open. A miss that needs
+    no victim but finds unloads in flight waits for them only while its window would see them
+    or the server could not hold them beside it (`held()` within budget x (1 + unload_overlap)
+    on the host, within the budget on a GPU).
   * A request for a model that is not loaded triggers one load (single flight) and waits,
     bounded by `load_timeout_s` (which also bounds the server's load call) and `max_queue`
     waiters. When memory is short only because other models are loading, leased or young,
@@ -130,7 +142,8 @@ class ModelUnavailable(Exception):
 class ColdStart:
     """Where one lazy load's time went, exported as modelshelf_cold_start_phase_seconds{phase}:
     `queue` (waiting for the model's lock, for memory to free, for a load slot), `unload`
-    (waiting for victims' unloads: only a load that will be measured waits, see _make_room),
+    (waiting for unloads: its victims', or ones in flight it needed none of; only a load that
+    will be measured, or that the server could not hold beside them, waits: see _make_room),
     `server` (the server's own load call, as the adapter reports it), `measure` (memory
     snapshots) and `agent` (the rest: cache check, repository files, bookkeeping)."""
 
@@ -148,6 +161,13 @@ class ColdStart:
         for phase, seconds in phases.items():
             metrics.cold_start_phase_seconds.labels(phase=phase).observe(seconds)
 
+
+# the headroom never takes more than this share of a device's budget (whole loads; none on a node
+# holding under ~10 models): beyond it, the hits it would cost outweigh the unloads it saves
+HEADROOM_MAX_FRACTION = 0.10
+# the headroom is kept from a miss that had to evict on its own path until this long after the
+# last miss: a node whose models all fit (or whose misses stopped) gives up no capacity for it
+HEADROOM_PRESSURE_S = 60.0
 
 QUARANTINE = "server died twice while loading this model; quarantined until its config changes"
 
@@ -287,6 +307,8 @@ class Reconciler:
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
         self._recheck_task: asyncio.Task | None = None
         self._reality_wake = asyncio.Event()  # set after a load: check reality at once
+        self._headroom_wake = asyncio.Event()  # set after a load: restore the free margin (see _keep_headroom)
+        self._pressure_until = 0.0  # the headroom is kept until then (misses evict: see _keep_headroom)
         self.on_change: Callable[[], None] = lambda: None  # a state or the configured set changed (/fleet/state seq)
         # readiness: model -> when it was marked; its next step (begun after the mark) must finish
         # before the agent is ready (the first config, a server restart); see `restocking`
@@ -315,6 +337,8 @@ class Reconciler:
         self._background.append(asyncio.create_task(reality_loop(
             self.memory.reality, self._relief_candidates, self._evict_for_reality,
             interval_s=self.settings.reality_interval_s, wake=self._reality_wake), name="reality-loop"))
+        if self.settings.headroom > 0:
+            self._background.append(asyncio.create_task(self._headroom_loop(), name="headroom-loop"))
 
     async def close(self) -> None:
         self._closing = True
@@ -791,6 +815,7 @@ class Reconciler:
         self._drop_leases(m, before)  # the previous copy's entry, now that this one serves
         self._signal_memory()  # no longer "loading": a load waiting for memory may evict it
         self._reality_wake.set()  # check reality now: the load may hold more than it reserved
+        self._headroom_wake.set()  # the load took free room: make it again, off any request's path
 
     @contextlib.asynccontextmanager
     async def _load_slot(self, lazy: bool, phases: ColdStart | None = None) -> AsyncIterator[None]:
@@ -885,7 +910,11 @@ class Reconciler:
                 if phases is not None:
                     phases.queue += time.monotonic() - waited
                 continue
+            if lazy and (victims or time.monotonic() < self._pressure_until):
+                # requests' misses need room: keep the headroom while they go on
+                self._pressure_until = time.monotonic() + HEADROOM_PRESSURE_S
             if not victims:
+                await self._after_unloads(wait_unloads, phases)
                 return
             wait_unloads = wait_unloads or any(self._holds_gpu(v) for v in victims) or not self._room_for_both()
             loop = asyncio.get_running_loop()
@@ -906,6 +935,51 @@ class Reconciler:
                 raise DoesNotFit(slot, cost.devices(), self.memory.budget(),
                                  f"model {slot!r}: the models that could make room stay busy", retry_after_s=1.0)
 
+    async def _after_unloads(self, measured: bool, phases: ColdStart | None) -> None:
+        """A load that needed no victim may still find unloads in flight (the headroom's, or
+        another miss's victims): it waits for them while its window would see them (`measured`)
+        or while the server could not hold them and it at once (`_room_for_both`)."""
+        waited = time.monotonic()
+        while self._unloads and (measured or not self._room_for_both()):
+            await self._memory_changed.wait()  # set when an unload ends (its reservation released)
+        if phases is not None:
+            phases.unload += time.monotonic() - waited
+
+    # ------------------------------------------------------------------ headroom
+    async def _headroom_loop(self) -> None:
+        while True:
+            await self._headroom_wake.wait()
+            self._headroom_wake.clear()
+            try:
+                await self._keep_headroom()
+            except Exception:  # an eviction's own errors end in its model's state; this is a bug
+                log.exception("headroom eviction failed")
+
+    async def _keep_headroom(self) -> int:
+        """Keep room for `--headroom` loads of the median loaded size free, by evicting idle LRU
+        models ahead of need, so that a miss on a full node finds room and loads at once: no
+        victim's unload round trip on its path. Runs in one background task, woken after each
+        load commits. Same rules as a miss's eviction (`memory.reclaim`: no lease, not pinned,
+        past `--min-residency`; each eviction commits under the victim's lock, `_evict`); a
+        victim's bytes count as free only once its eviction commits. Never while a measured
+        window is open (the unload would spoil it: the next load's commit wakes this again).
+        Only under pressure: from a miss that had to evict on its own path, while misses go on
+        (HEADROOM_PRESSURE_S after the last), so that a node whose models all fit keeps them
+        all (no capacity is given up where no miss needs room). Returns how many it unloaded."""
+        evicted = 0
+        for _ in range(8):  # a few rounds: loads committing meanwhile take room again
+            if self._closing or self.memory.measuring() or time.monotonic() >= self._pressure_until:
+                break
+            target = self.memory.headroom(self.settings.headroom, HEADROOM_MAX_FRACTION)
+            victims = self.memory.reclaim(target, self._relief_candidates()) if target else []
+            if not victims:
+                break
+            done = await asyncio.gather(*(self._evict(self.models[v], reason="headroom") for v in victims))
+            evicted += sum(done)
+            if not any(done):
+                break
+        return evicted
+
     def _relief_candidates(self) -> list[Candidate]:
         return [Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight)
                 for o in self.models.values() if o.state is S.LOADED and not o.lock.locked()]
@@ -918,7 +992,8 @@ class Reconciler:
         """Whether the server may hold the victims being unloaded and the reservation just made
         at once: `held()` within the budget x (1 + unload_overlap) on every device."""
         held, limit = self.memory.held(), 1.0 + self.settings.unload_overlap
-        return all(held.get(d, 0) <= b * limit for d, b in self.memory.budget().items() if b)
+        # a GPU has no slack: a victim's bytes there are free only once its unload ended
+        return all(held.get(d, 0) <= b * (limit if d == "host" else 1.0) for d, b in self.memory.budget().items() if b)
 
     def _holds_gpu(self, name: str) -> bool:
         cost = self.memory.reservations().get(name)
@@ -975,6 +1050,7 @@ class Reconciler:
                 self._unloads.discard(m.name)
                 before = self._leased(m)
                 self._release_memory(m.name)
+                self._signal_memory()  # a load waiting for unloads to end (_after_unloads), even if nothing was reserved
                 m.served = None
                 if reason != "replaced":
                     m.last_good = None

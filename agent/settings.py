@@ -71,6 +71,7 @@ class Settings:
     server_pid_file: Path | None = None  # sidecar: a file holding the server's pid (shared PID namespace) for memory
     memory_tolerance: float = 0.05  # reality may exceed the budget by this fraction before it is excess
     unload_overlap: float = 0.05  # a load may start while its victims unload only if held <= budget x (1 + this)
+    headroom: float = 8.0  # keep room for this many loads of the median loaded size free (0: off; see Reconciler._keep_headroom)
     memory_pressure: float = 0.90  # cgroup working set above this fraction of its limit is excess
     memory_cgroup: Path | None = None  # the cgroup dir whose memory.* files are read (default: the agent's own)
     reality_interval_s: float = 2.0  # how often real memory is checked against the budget (and after each load)

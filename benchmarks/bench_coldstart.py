@@ -23,11 +23,12 @@ cold-start overhead beyond the server's own load+unload <= 5 ms, taken as agent 
 lazy load (queue is time spent waiting for other models' loads and for memory; unload and
 server are the server's).
 
-Variants (--variants, comma-separated LABEL:LOAD_CONCURRENCY): `before:2` runs the agent from
---baseline-root (another checkout of this repository, e.g. main) when given; `after:N` runs this
-checkout with --load-concurrency N (what the server really parallelizes: MLServer loads on one
-event loop). --passes interleaves the variants that many times. --profile SECONDS records the
-first `after` variant's agent with py-spy during its measured window, in a separate pass, and
+Variants (--variants, comma-separated LABEL:LOAD_CONCURRENCY[:AGENT_ARGS], AGENT_ARGS being extra
+`modelshelf run` flags separated by `;`, e.g. `h0:2:--headroom=0`): `before:2` runs the agent from
+--baseline-root (another checkout of this repository, e.g. main) when given; any other label runs
+this checkout with --load-concurrency N (what the server really parallelizes: MLServer loads on
+one event loop) and its flags. --passes interleaves the variants that many times. --profile SECONDS records the
+first variant of this checkout's agent with py-spy during its measured window, in a separate pass, and
 reports the top frames (the figures above come from the un-profiled pass).
 
 Results: benchmarks/results/coldstart.{md,json} (+ coldstart.png).
@@ -72,6 +73,12 @@ def _cpu(pid: int, tree: bool = False) -> float:
     return total
 
 
+def _py_spy() -> str:
+    """py-spy beside this interpreter, else the one on PATH."""
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else (shutil.which("py-spy") or str(here))
+
+
 def _delta(m0: dict[str, float], m1: dict[str, float], key: str) -> float:
     return m1.get(key, 0.0) - m0.get(key, 0.0)
 
@@ -85,7 +92,7 @@ def _entry(root: Path | None) -> list[str] | None:
 
 
 def one_variant(work: Path, dirs: list[Path], budget: int, args: argparse.Namespace, label: str, concurrency: int,
-                root: Path | None, profile_s: float = 0.0) -> dict[str, Any]:
+                root: Path | None, profile_s: float = 0.0, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     names = [d.name for d in dirs]
     ranked = popular(names, args.seed)
     warm = ranked[:args.capacity] + zipf_sequence(names, args.warmup_requests, args.zipf_s, args.seed + 1)
@@ -93,8 +100,9 @@ def one_variant(work: Path, dirs: list[Path], budget: int, args: argparse.Namesp
     models = [{"name": d.name, "uri": str(d), "runtime": "sklearn", "memory": args.model_memory, "preload": False} for d in dirs]
     la = loadavg()
     agent = Agent(work / f"agent-{label}", models, "--host-memory", str(budget), "--min-residency", f"{args.min_residency:g}",
-                  "--resync-interval", "600", "--load-timeout", "60", "--load-concurrency", str(concurrency), entry=_entry(root))
-    out: dict[str, Any] = {"label": label, "load_concurrency": concurrency, "code": str(root) if root else "this checkout"}
+                  "--resync-interval", "600", "--load-timeout", "60", "--load-concurrency", str(concurrency), *extra, entry=_entry(root))
+    out: dict[str, Any] = {"label": label, "load_concurrency": concurrency, "agent_args": list(extra),
+                           "code": "baseline checkout" if root else "this checkout"}
     try:
         agent.wait_ready(180)
         agent.wait_models(lambda ms: len(ms) == len(dirs) and all(m["state"] == "cached" for m in ms.values()), 300, "cached")
@@ -106,7 +114,7 @@ def one_variant(work: Path, dirs: list[Path], budget: int, args: argparse.Namesp
         spy = None
         if profile_s:
             spy_out = work / f"pyspy-{label}.txt"
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(agent.proc.pid),
+            spy = subprocess.Popen([_py_spy(), "record", "--pid", str(agent.proc.pid),
                                     "--format", "raw", "--rate", "200", "--duration", f"{profile_s:g}", "--nonblocking",
                                     "-o", str(spy_out)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             time.sleep(1.0)
@@ -150,6 +158,9 @@ def one_variant(work: Path, dirs: list[Path], budget: int, args: argparse.Namesp
         "requests": len(res), "status_counts": dict(codes), "wall_s": round(wall, 2), "throughput_rps": round(len(res) / wall, 1),
         "p50_ms": round(_pct(lat, 50), 2), "p95_ms": round(_pct(lat, 95), 2), "p99_ms": round(_pct(lat, 99), 2),
         "hits": int(hits), "misses": int(misses), "loads_ok": int(loads),
+        # victims unloaded by a miss itself vs ahead of need by the headroom (--headroom)
+        "evicted_on_path": int(_delta(m0, m1, 'modelshelf_unloads_total{reason="evicted"}')),
+        "evicted_ahead": int(_delta(m0, m1, 'modelshelf_unloads_total{reason="headroom"}')),
         "cold_start_mean_ms": round(1000 * _delta(m0, m1, "modelshelf_cold_start_seconds_sum") / cs_n, 2) if cs_n else None,
         "server_load_mean_ms": round(1000 * _delta(m0, m1, "modelshelf_load_seconds_sum") / ld_n, 2) if ld_n else None,
         "unload_mean_ms": round(1000 * _delta(m0, m1, "modelshelf_unload_seconds_sum") / un_n, 2) if un_n else None,
@@ -162,7 +173,7 @@ def one_variant(work: Path, dirs: list[Path], budget: int, args: argparse.Namesp
         "loadavg_start": la, "loadavg_end": loadavg(),
     })
     print(f"{label}: p50={out['p50_ms']} p95={out['p95_ms']} misses={out['misses']} cold={out['cold_start_mean_ms']}ms "
-          f"phases={phases} agent_cpu/miss={out['agent_cpu_per_miss_ms']}ms cpu/hit={out['agent_cpu_per_hit_ms']}ms "
+          f"phases={phases} evicted on path/ahead={out['evicted_on_path']}/{out['evicted_ahead']} agent_cpu/miss={out['agent_cpu_per_miss_ms']}ms cpu/hit={out['agent_cpu_per_hit_ms']}ms "
           f"load={out['loadavg_end'][0]}", flush=True)
     return out
 
@@ -197,15 +208,19 @@ def verdicts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(data: dict[str, Any]) -> str:
     runs = [r for r in data["runs"] if "p50_ms" in r]
     rows = [[r["label"], r["load_concurrency"], r["p50_ms"], r["p95_ms"], r["throughput_rps"], r["misses"],
+             r.get("evicted_on_path"), r.get("evicted_ahead"),
              r["cold_start_mean_ms"], *[(r["phases_mean_ms"] or {}).get(p) for p in PHASES], r["overhead_ms"],
              r["agent_cpu_per_miss_ms"], r["agent_cpu_per_hit_ms"], r["server_cpu_per_load_ms"], r["loadavg_end"][0]] for r in runs]
     lines = [f"# Cold start: {data['settings']['models']} tiny models, {data['settings']['capacity']} fit, Zipf s={data['settings']['zipf_s']}",
              "", f"Command: `{data['command']}`", "", machine_md(data["machine"]), "",
              "The machine is shared (2 cores, other engineers' tests and benchmarks): the load average is in every row.", "",
-             md_table(["variant", "load conc.", "p50 ms", "p95 ms", "req/s", "misses", "cold start ms",
+             md_table(["variant", "load conc.", "p50 ms", "p95 ms", "req/s", "misses", "evicted by a miss",
+                       "evicted ahead", "cold start ms",
                        *[f"{p} ms" for p in PHASES], "overhead ms", "agent CPU/miss ms", "agent CPU/hit ms",
                        "server CPU/load ms", "load avg"], rows), "",
              "Phases are means per lazy load from the agent's own metrics; overhead = agent + measure. "
+             "Evicted by a miss: victims a miss unloaded itself (on its path); ahead: by the headroom (--headroom), "
+             "in the background. "
              "Agent CPU per miss = (window CPU - hits x CPU per hit) / misses.", ""]
     before = next((r for r in runs if r["label"].startswith("before")), None)
     for r in runs:
@@ -220,8 +235,8 @@ def markdown(data: dict[str, Any]) -> str:
             "all of it, unload included")
         lines.append(f"- {v['variant']}: {v['goal']}: {v['value_ms']} ms -> **{'met' if v['met'] else 'missed'}** "
                      f"(the server's own load call, the floor: {v['server_floor_ms']} ms per load{why})")
-    lines += ["", "`before` is the agent of --baseline-root, which has no phase metric (blank cells); its cold start "
-              "and CPU figures come from the same metrics and counters as the others."]
+    lines += ["", "`before` is the agent of --baseline-root (blank phase cells where that checkout has no phase "
+              "metric); its figures come from the same metrics and counters as the others."]
     for r in data["runs"]:
         if r.get("profile"):
             lines += ["", f"## py-spy, {r['label']} (inclusive share of agent samples, measured window)", "",
@@ -284,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     args.entry = None
     variants = []
     for item in args.variants.split(","):
-        label, _, conc = item.partition(":")
+        label, conc, *rest = item.split(":", 2)
         if label == "before" and args.baseline_root is None:
             continue
-        variants.append((f"{label} lc={conc}", int(conc), args.baseline_root if label == "before" else None))
+        extra = tuple(a for a in (rest[0].split(";") if rest else []) if a)
+        variants.append((f"{label} lc={conc}", int(conc), args.baseline_root if label == "before" else None, extra))
     info = machine()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-coldstart-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -297,14 +313,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server overhead {overhead / MI:.1f}Mi -> --host-memory {budget}", flush=True)
     runs = []
     for i in range(args.passes):
-        for label, conc, root in variants:
-            runs.append(one_variant(work, dirs, budget, args, label if args.passes == 1 else f"{label} #{i + 1}", conc, root))
+        for label, conc, root, extra in variants:
+            runs.append(one_variant(work, dirs, budget, args, label if args.passes == 1 else f"{label} #{i + 1}", conc, root,
+                                    extra=extra))
     if args.profile:
-        label, conc, root = next(v for v in variants if v[2] is None)
-        runs.append(one_variant(work, dirs, budget, args, f"{label} (py-spy)", conc, root, profile_s=args.profile))
+        label, conc, root, extra = next(v for v in variants if v[2] is None)
+        runs.append(one_variant(work, dirs, budget, args, f"{label} (py-spy)", conc, root, profile_s=args.profile, extra=extra))
     info["loadavg_at_end"] = loadavg()
-    data = {"benchmark": "coldstart", "command": command_line(), "machine": info,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("workdir", "entry")},
+    # no paths of the machine that ran it in the results
+    command = command_line()
+    for path, name in ((args.baseline_root, "<baseline checkout>"), (args.workdir, "<scratch dir>")):
+        if path is not None:
+            command = command.replace(str(path), name)
+    settings = {k: v for k, v in vars(args).items() if k not in ("workdir", "entry")}
+    if args.baseline_root is not None:
+        settings["baseline_root"] = "<baseline checkout>"
+    data = {"benchmark": "coldstart", "command": command, "machine": info, "settings": settings,
             "host_budget_bytes": budget, "calibrated_overhead_bytes": overhead, "runs": runs}
     data["verdicts"] = verdicts(runs)
     md = markdown(data)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .budget import discover_budget
 from .cost import DEFAULT_IMPORTS, DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, dev_index
 from .measure import FirstLoad, ImportAttribution, Measurement, Snapshot, Split, gpu_delta
-from .planner import Candidate, plan_eviction
+from .planner import Candidate, plan_eviction, plan_reclaim
 from .reality import CgroupMemory, ProcessTracker, RealityCheck
 from .probes import GpuProbe, GpuUsage, open_gpu_probe, tree_rss
 from .store import InMemoryStore, MetaStore
@@ -390,6 +390,39 @@ class MemoryManager:
             self.reserve(name, cost)
             self._admitted.add(name)
             return victims
+
+    def headroom(self, models: float, max_fraction: float) -> dict[str, int]:
+        """Device -> bytes to keep free ahead of need: room for ``models`` loads of the median
+        reservation on that device among the models reserved now, but never more than
+        ``max_fraction`` of its budget (then as many whole loads as fit in that share; none on
+        a device where not even one does: a node that holds few models would give up too large
+        a share of its hits). Empty when nothing is reserved."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for d, budget in self._budget.items():
+                sizes = sorted(b for n, c in self._reserved.items() if n not in self._unloading
+                               for b in [c.devices().get(d, 0)] if b > 0)
+                if not sizes or models <= 0:
+                    continue
+                median = sizes[len(sizes) // 2]
+                want = min(models, max_fraction * budget // median) * median
+                if want > 0:
+                    out[d] = int(want)
+            return out
+
+    def reclaim(self, target: Mapping[str, int], candidates: Iterable[Candidate], *, now: float | None = None) -> list[str]:
+        """Victims to unload so that ``target`` bytes are free per device (``plan_reclaim``:
+        LRU, no lease, not pinned, past ``min_residency_s``; best effort). Marks nothing: each
+        victim's bytes count as free only once its unload commits (``begin_unload``), so no
+        admission counts bytes a request may still keep by leasing the victim first."""
+        with self._lock:
+            free = self.free()
+            short = {d: t - free.get(d, 0) for d, t in target.items() if t > free.get(d, 0)}
+            if not short:
+                return []
+            cands, _ = self._resolve_candidates(candidates, None)
+            return plan_reclaim(short, cands, min_residency_s=self.min_residency_s,
+                                now=self._clock() if now is None else now)
 
     def _free_for(self, name: str | None) -> dict[str, int]:
         free = self.free()

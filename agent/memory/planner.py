@@ -132,6 +132,18 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
         devices=list(short), retry_after_s=retry, blocked_by=blocked, permanent=permanent, method=method)
 
 
+def plan_reclaim(short: Mapping[str, int], candidates: Iterable[Candidate], *, min_residency_s: float = 0.0,
+                 now: float | None = None) -> list[str]:
+    """Victims that free ``short`` bytes per device ahead of need (headroom), least recently
+    used first, by the rules of ``plan_eviction`` for a lazy load: never pinned, never leased,
+    never loaded less than ``min_residency_s`` ago. Best effort: when the eligible models free
+    less than ``short``, all of them (none raises)."""
+    now = time.monotonic() if now is None else now
+    eligible = sorted((c for c in candidates if not c.pinned and c.inflight == 0 and now - c.loaded_at >= min_residency_s),
+                      key=lambda c: (c.last_used, c.loaded_at, c.name))
+    return take_lru(eligible, short)[0]
+
+
 def take_lru(eligible: Iterable[Candidate], short: Mapping[str, int]) -> tuple[list[str], dict[str, int]]:
     """Take candidates in order (each with a cost) until ``short`` bytes are covered on every
     device; one that frees nothing on a device still short is skipped. Returns (victims, what

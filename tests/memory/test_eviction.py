@@ -168,3 +168,30 @@ def test_manager_applies_min_residency_for_lazy():
         mm.plan_eviction(Cost(100), cands, model="b", lazy=True)
     assert ei.value.retry_after_s == 20.0
     assert mm.plan_eviction(Cost(100), cands, model="b", lazy=False) == ["a"]
+
+
+def test_headroom_is_n_loads_of_the_median_model_within_a_tenth_of_the_budget():
+    mm = MemoryManager({HOST: 1000, "gpu:0": 1000}, min_residency_s=0.0, min_model_bytes=1)
+    assert mm.headroom(4, 0.10) == {}  # nothing loaded: nothing to size it by
+    for i, size in enumerate([10, 20, 20, 300]):
+        mm.reserve(f"m{i}", Cost(size, {"gpu:0": 300} if i == 3 else {}, "measured"))
+    assert mm.headroom(2, 0.10) == {HOST: 40}  # the median (20), not the mean; gpu: 300 > 10% of it
+    assert mm.headroom(8, 0.10) == {HOST: 100}  # capped at whole loads within 10% of the budget
+    assert mm.headroom(0, 0.10) == {}
+    mm.begin_unload("m0")  # unloading models no longer count: the median is 300 now
+    mm.begin_unload("m1")
+    assert mm.headroom(1, 0.5) == {HOST: 300, "gpu:0": 300}
+
+
+def test_reclaim_frees_the_target_lru_first_and_marks_nothing():
+    mm = MemoryManager({HOST: 400}, min_residency_s=5.0, min_model_bytes=1, clock=lambda: NOW)
+    for name in ("old", "pinned", "leased", "young", "recent"):
+        mm.reserve(name, Cost(80, {}, "measured"))
+    cands = [c("old", 1, host=80), c("pinned", 0, host=80, pinned=True), c("leased", 2, host=80, inflight=1),
+             c("young", 3, host=80, loaded_at=NOW - 1), c("recent", 9, host=80)]
+    assert mm.free() == {HOST: 0}
+    assert mm.reclaim({HOST: 100}, cands) == ["old", "recent"]  # never pinned, leased or young
+    assert mm.free() == {HOST: 0}  # nothing counts as free before each unload commits
+    assert mm.reclaim({HOST: 500}, cands) == ["old", "recent"]  # best effort: all it may take
+    mm.release("old")
+    assert mm.reclaim({HOST: 80}, cands) == []  # the target is free already

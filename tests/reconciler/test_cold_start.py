@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+import pytest
+
 from agent.memory import MemoryManager
 from agent.reconciler import State
 from tests.reconciler.conftest import KB, Harness, run
@@ -180,3 +182,139 @@ def test_a_lazy_load_beside_another_load_takes_no_window_that_would_be_discarded
             gate.release()
             h.rec.release(await b)
     run(scenario())
+
+
+# -- headroom: a free margin kept by evicting ahead of need, off any request's path ---------------
+
+SLOT = 128 * KB  # what one 64 KiB sklearn entry reserves
+SLOTS = 12  # the budget below holds 12: room for one is under 10% of it, so the headroom applies
+
+
+def _unloads_in_flight(h: Harness) -> list[str]:
+    return [c.name for c in h.adapter.calls if c.op == "unload" and c.outcome is None]
+
+
+async def _fill(h: Harness, names: list[str]) -> None:
+    for n in names:
+        h.rec.release(await h.rec.acquire(n))
+
+
+def test_with_headroom_a_miss_on_a_full_node_loads_with_no_unload_on_its_path(tmp_path, http):
+    """Models that all fit give up no room. Once a miss had to evict on its own path, the
+    headroom evicts the next LRU model in the background, so the next miss finds room: its
+    load starts with no unload in flight, and the model it would have had to unload (held open
+    here) is not on its path."""
+    async def scenario():
+        async with Harness(tmp_path, http, budget=SLOTS * SLOT) as h:
+            _measured_already(h)
+            names = [f"m{i:02}" for i in range(SLOTS + 2)]
+            await h.apply(*(h.spec(n, preload=False) for n in names))
+            await _fill(h, names[:SLOTS])
+            assert await h.rec._keep_headroom() == 0  # they all fit: no miss needed room, none is given up
+            assert all(h.state(n) is State.LOADED for n in names[:SLOTS]) and h.memory.free()["host"] == 0
+            h.rec.release(await asyncio.wait_for(h.rec.acquire(names[SLOTS]), 2.0))  # evicts m00 on its path
+            await h.wait_for(lambda: h.memory.free()["host"] >= SLOT and not _unloads_in_flight(h), timeout=2.0,
+                             what="room for one load kept free")
+            assert h.state(names[1]) is State.CACHED  # the next LRU model made the room, off any path
+            lru = min((m for m in h.rec.models.values() if m.state is State.LOADED), key=lambda m: m.last_used).name
+            gate = h.adapter.hold("unload", lru)  # the victim the miss would otherwise unload first
+            at_load: list[list[str]] = []
+            h.adapter.on_load = lambda model: at_load.append(_unloads_in_flight(h))
+            m = await asyncio.wait_for(h.rec.acquire(names[-1]), 2.0)
+            assert m.state is State.LOADED and at_load == [[]], at_load  # nothing unloading at its load
+            assert h.memory.held()["host"] <= SLOTS * SLOT
+            await gate.entered.wait()  # then the margin is made again, in the background
+            gate.release()
+            await h.wait_for(lambda: h.state(lru) is State.CACHED, what="the next LRU evicted ahead of need")
+            assert h.model(names[-1]).state is State.LOADED
+            h.rec.release(m)
+    run(scenario())
+
+
+def test_the_headroom_never_evicts_a_leased_a_pinned_or_a_young_model(tmp_path, http):
+    async def scenario():
+        async with Harness(tmp_path, http, budget=SLOTS * SLOT) as h:
+            _measured_already(h)
+            others = [f"m{i:02}" for i in range(SLOTS - 1)]  # with pinned and leased: one more than fits
+            await h.apply(h.spec("pinned", pinned=True), h.spec("leased", preload=False),
+                          *(h.spec(n, preload=False) for n in others))
+            leased = await h.rec.acquire("leased")  # held through the test's first part
+            await _fill(h, others)  # the last one evicts m00 on its path; then the headroom goes on
+            await h.wait_for(lambda: h.state(others[1]) is State.CACHED, timeout=2.0, what="the headroom eviction")
+            assert h.state("pinned") is State.LOADED and h.state("leased") is State.LOADED  # older, but kept
+            assert h.adapter.count("unload", "pinned") == h.adapter.count("unload", "leased") == 0
+            # young: every model was loaded less than min_residency_s ago
+            h.memory.min_residency_s = 3600.0
+            h.rec.release(leased)  # leased is now the least recently used model that may go
+            h.rec.release(await asyncio.wait_for(h.rec.acquire(others[1]), 2.0))  # fills the margin
+            assert await h.rec._keep_headroom() == 0
+            assert all(h.state(n) is State.LOADED for n in ["pinned", "leased", *others[1:]])
+            assert h.adapter.count("unload", "leased") == 0 and h.memory.free()["host"] < SLOT
+    run(scenario())
+
+
+def test_headroom_zero_fills_the_budget_and_a_miss_evicts_on_its_path_as_before(tmp_path, http):
+    async def scenario():
+        async with Harness(tmp_path, http, budget=SLOTS * SLOT, headroom=0.0) as h:
+            _measured_already(h)
+            names = [f"m{i:02}" for i in range(SLOTS + 1)]
+            await h.apply(*(h.spec(n, preload=False) for n in names))
+            await _fill(h, names[:SLOTS])
+            gate = h.adapter.hold("unload", names[0])
+            miss = asyncio.create_task(h.rec.acquire(names[-1]))
+            await gate.entered.wait()  # the miss unloads its victim itself
+            await asyncio.sleep(0.05)
+            assert not miss.done() and h.adapter.count("load", names[-1]) == 0  # and waits for it (budget x 1.05)
+            gate.release()
+            h.rec.release(await asyncio.wait_for(miss, 2.0))
+            assert await h.rec._keep_headroom() == 0  # under pressure, still nothing evicted ahead of need
+            assert h.adapter.count("unload") == 1 and h.memory.free()["host"] == 0
+    run(scenario())
+
+
+@pytest.mark.parametrize("device", ["host", "gpu:0"])
+def test_a_miss_beside_a_headroom_unload_waits_while_the_server_could_not_hold_both(tmp_path, http, device):
+    """The headroom's unload is held open when a miss arrives: its bytes are promised, so the
+    miss needs no victim, but the server still holds them; with --unload-overlap 0 (host) or on
+    a GPU (no slack) the load waits for the unload: what the server holds never exceeds the
+    budget, nor does the ledger's `used`."""
+    async def scenario():
+        gpu = device != "host"
+        h = Harness(tmp_path, http, budget=SLOTS * SLOT, unload_overlap=0.0 if not gpu else 1.0)
+        if gpu:
+            h.memory = MemoryManager({"host": 10 * 2**20, "gpu:0": SLOTS * 100 * KB}, store=h.cache, min_residency_s=0.0,
+                                     min_model_bytes=1)
+            h.rec.memory = h.memory
+        budget = h.memory.budget()[device]
+        async with h:
+            _measured_already(h)
+            names = [f"m{i:02}" for i in range(SLOTS + 2)]
+            await h.apply(*(h.spec(n, preload=False, gpu_memory=100 * KB if gpu else None) for n in names))
+            seen: list[tuple[int, int]] = []
+            h.adapter.on_load = lambda model: seen.append((h.memory.held()[device], h.memory.used()[device]))
+            await _fill(h, names[:SLOTS])
+            gate = h.adapter.hold("unload", names[1])  # the headroom's victim, once a miss evicted m00
+            h.rec.release(await asyncio.wait_for(h.rec.acquire(names[SLOTS]), 2.0))
+            await gate.entered.wait()
+            miss = asyncio.create_task(h.rec.acquire(names[-1]))
+            await asyncio.sleep(0.05)
+            assert not miss.done() and h.adapter.count("load", names[-1]) == 0
+            assert h.memory.used()[device] <= budget
+            gate.release()
+            h.rec.release(await asyncio.wait_for(miss, 2.0))
+            assert all(held <= budget and used <= budget for held, used in seen), seen
+            assert _phase(h, "unload", "sum") > 0  # the wait shows in the breakdown
+    run(scenario())
+
+
+def test_the_headroom_flag_takes_a_number_of_loads_and_says_what_is_wrong(capsys):
+    from agent.cli import build_parser, settings_from_args
+
+    def parse(*flags: str):
+        return settings_from_args(build_parser().parse_args(["run", "--config-dir", "/c", "--cache-dir", "/d", *flags]))
+
+    assert parse().headroom == 8.0 and parse("--headroom", "0").headroom == 0.0 and parse("--headroom", "2.5").headroom == 2.5
+    for bad in ("-1", "lots", "inf"):
+        with pytest.raises(SystemExit):
+            parse("--headroom", bad)
+        assert f"--headroom {bad!r} is not a number of loads" in capsys.readouterr().err
