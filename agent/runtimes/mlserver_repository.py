@@ -23,11 +23,15 @@ This module runs INSIDE the MLServer process: it imports only mlserver and the s
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 from collections import OrderedDict
-from typing import Iterable, List
+from typing import Any, Callable, Iterable, List
 
+from mlserver.registry import MultiModelRegistry
 from mlserver.repository.repository import DEFAULT_MODEL_SETTINGS_FILENAME, SchemalessModelRepository
 from mlserver.settings import ModelParameters, ModelSettings
 
@@ -41,6 +45,7 @@ class EntryRepository(SchemalessModelRepository):
         self._builtin = frozenset(builtin)
         self._cache: OrderedDict[bytes, ModelSettings] = OrderedDict()
         self._cache_size = int(cache_size)
+        _trim_after_unloads()
 
     async def find(self, name: str) -> List[ModelSettings]:
         if self._abs_root and name and "/" not in name and not name.startswith("."):
@@ -85,6 +90,36 @@ def _settings_from(path: str, raw: bytes) -> ModelSettings:
     if not settings.parameters.uri:
         settings.parameters.uri = folder
     return settings
+
+
+def _malloc_trim() -> Callable[[], Any] | None:
+    """glibc's malloc_trim(0) (None where the C library has none: musl, macOS)."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return functools.partial(fn, 0)
+
+
+def _trim_after_unloads() -> None:
+    """Make every registry unload end with malloc_trim(0) (once per process; see the module doc)."""
+    trim = _malloc_trim()
+    if trim is None or getattr(MultiModelRegistry, "_modelshelf_trims", False):
+        return
+
+    def trimming(method):
+        @functools.wraps(method)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            finally:  # the model's last references went with the registry's: its bytes are free
+                trim()
+        return wrapper
+
+    MultiModelRegistry.unload = trimming(MultiModelRegistry.unload)
+    MultiModelRegistry.unload_version = trimming(MultiModelRegistry.unload_version)
+    MultiModelRegistry._modelshelf_trims = True
 
 
 __all__ = ["EntryRepository"]
