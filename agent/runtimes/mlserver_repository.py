@@ -103,7 +103,8 @@ def _malloc_trim() -> Callable[[], Any] | None:
 
 
 def _trim_after_unloads() -> None:
-    """Make every registry unload end with malloc_trim(0) (once per process; see the module doc)."""
+    """Make every registry load and unload end with malloc_trim(0) (once per process; see the
+    module doc)."""
     trim = _malloc_trim()
     if trim is None or getattr(MultiModelRegistry, "_modelshelf_trims", False):
         return
@@ -113,10 +114,11 @@ def _trim_after_unloads() -> None:
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await method(*args, **kwargs)
-            finally:  # the model's last references went with the registry's: its bytes are free
-                trim()
+            finally:  # an unloaded model's last references went with the registry's, a load's
+                trim()  # transient buffers with the load: their bytes are free
         return wrapper
 
+    MultiModelRegistry.load = trimming(MultiModelRegistry.load)  # the load's transient buffers
     MultiModelRegistry.unload = trimming(MultiModelRegistry.unload)
     MultiModelRegistry.unload_version = trimming(MultiModelRegistry.unload_version)
     MultiModelRegistry._modelshelf_trims = True

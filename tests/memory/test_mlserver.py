@@ -99,7 +99,8 @@ def _minor_faults(pid: int) -> int:
 def test_a_forest_gives_its_memory_back_and_loads_without_faulting_its_bytes_thrice(server, tmp_path):
     """A forest's per-tree arrays (0.5-1.5 MiB) sit under the server's mmap threshold (4 MiB),
     on the heap. Unloading it from under another model leaves a hole glibc does not give back
-    by itself: the server trims the heap after every unload (agent/runtimes/mlserver_repository.py).
+    by itself, nor the freed read buffers a load leaves there: the server trims the heap after
+    every load and unload (agent/runtimes/mlserver_repository.py), so its RSS follows what it holds.
     And a load faults in about twice the file's pages (the tree arrays joblib reads, then the
     copies each tree keeps), not three times: with the threshold at 128 KiB, the arrays joblib
     reads and each tree copies from were fresh mmaps too, faulted page by page and unmapped
@@ -116,7 +117,11 @@ def test_a_forest_gives_its_memory_back_and_loads_without_faulting_its_bytes_thr
     def load(n, d):
         server.call(server.adapter.load(ServedModel(name=n, path=d, runtime="sklearn")))
 
+    load("warm", write_noise_forest(tmp_path / "warm", trees=1, rows=2000, seed=1))  # sklearn.ensemble imported
+    before = tracker.rss()
     load("forest", forest)
+    grown = tracker.rss() - before
+    assert grown <= 1.25 * size, f"loading a {size / MiB:.1f} MiB forest kept {grown / MiB:.1f} MiB (its transient buffers too)"
     load("above", above)  # above the forest on the heap
     before = tracker.rss()
     server.call(server.adapter.unload("forest"))
@@ -130,5 +135,6 @@ def test_a_forest_gives_its_memory_back_and_loads_without_faulting_its_bytes_thr
         faults.append(_minor_faults(pid) - f0)
         server.call(server.adapter.unload("forest"))
     server.call(server.adapter.unload("above"))
+    server.call(server.adapter.unload("warm"))
     pages = size // 4096
     assert min(faults) <= 2.5 * pages, f"a load of a {size / MiB:.1f} MiB forest ({pages} pages) faulted {faults} pages"
