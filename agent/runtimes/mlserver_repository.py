@@ -19,6 +19,18 @@ request queued on that loop waits meanwhile. Here:
   writes it so): nothing is resolved relative to the file. A custom implementation (`runtime:
   mlserver`, its code linked into the entry) keeps the source, and MLServer's reload.
 
+Memory follows what the server holds: the embedded server runs with glibc's mmap threshold
+fixed at 4 MiB (`MLServerAdapter.malloc_mmap_threshold`), so a model's large arrays are
+mmapped and unmapped at free, and its smaller blocks (a forest's per-tree arrays, 0.5-1.5 MiB)
+land on the heap. Once this repository is in use, every registry load and unload
+(`MultiModelRegistry.load` / `unload` / `unload_version`: the repository API's calls) ends with
+`malloc_trim(0)`, which hands the heap's free pages back: an unloaded model's blocks, and the
+read buffers a load freed (5-7 ms a trim with 20 forests of ~30 MiB held). With the threshold
+at glibc's initial 128 KiB (the agent before) every block above it, joblib.load's transient
+arrays (each tree's arrays read from the file, which the tree then copies) as much as the model,
+was a fresh mmap faulted in page by page and unmapped at free: 26k faults and 158 ms per load
+of bench_peers' forests, against 17k and ~70 ms now (benchmarks/results/peers.notes.md).
+
 This module runs INSIDE the MLServer process: it imports only mlserver and the standard library.
 """
 from __future__ import annotations
