@@ -28,8 +28,8 @@ land on the heap. Once this repository is in use, every registry load and unload
 read buffers a load freed (5-7 ms a trim with 20 forests of ~30 MiB held). With the threshold
 at glibc's initial 128 KiB (the agent before) every block above it, joblib.load's transient
 arrays (each tree's arrays read from the file, which the tree then copies) as much as the model,
-was a fresh mmap faulted in page by page and unmapped at free: 26k faults and 158 ms per load
-of bench_peers' forests, against 17k and ~70 ms now (benchmarks/results/peers.notes.md).
+was a fresh mmap faulted in page by page and unmapped at free: 26k faults and 91-158 ms per load
+of bench_peers' forests, against 17k and ~67 ms now (benchmarks/results/peers.notes.md).
 
 This module runs INSIDE the MLServer process: it imports only mlserver and the standard library.
 """

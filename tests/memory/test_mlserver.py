@@ -104,7 +104,7 @@ def test_a_forest_gives_its_memory_back_and_loads_without_faulting_its_bytes_thr
     And a load faults in about twice the file's pages (the tree arrays joblib reads, then the
     copies each tree keeps), not three times: with the threshold at 128 KiB, the arrays joblib
     reads and each tree copies from were fresh mmaps too, faulted page by page and unmapped
-    (3.0x here; 26k faults and 158 ms per load of bench_peers' forests, 73 ms now)."""
+    (3.0x here; 26k faults and 91-158 ms per load of bench_peers' forests, ~67 ms now)."""
     from agent.memory import ProcessTracker
     from tests.support.models import write_noise_forest
 
