@@ -228,10 +228,12 @@ with embedded_mlserver(Path(os.environ["SLACK_WORKDIR"])) as srv:
                       "slack": rss - base - imp - payload, "loaded": len(loaded), "loads": steps + 1}))
 """
 
-# the embedded server runs with MALLOC_MMAP_THRESHOLD_=131072 (agent/runtimes/common.py); "" removes it
-SLACK_VARIANTS = {"glibc default (dynamic mmap threshold)": {"MALLOC_MMAP_THRESHOLD_": ""},
-                  "MALLOC_ARENA_MAX=2": {"MALLOC_MMAP_THRESHOLD_": "", "MALLOC_ARENA_MAX": "2"},
-                  "MALLOC_MMAP_THRESHOLD_=131072 (the agent's default)": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+# the embedded MLServer runs with MALLOC_MMAP_THRESHOLD_=4194304 (MLServerAdapter) and trims its
+# heap after every unload (agent/runtimes/mlserver_repository.py), in every variant; "" removes
+# the threshold (glibc's dynamic default)
+SLACK_VARIANTS = {"glibc default (dynamic mmap threshold), trim after unload": {"MALLOC_MMAP_THRESHOLD_": ""},
+                  "MALLOC_MMAP_THRESHOLD_=131072 (the agent's default before), trim after unload": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+                  "MALLOC_MMAP_THRESHOLD_=4194304, trim after unload (the agent's default)": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
 
 
 def allocator_slack(work: Path, models: list[dict[str, Any]], budget_mib: int) -> dict[str, Any]:

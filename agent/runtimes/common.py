@@ -133,6 +133,9 @@ class HTTPServerAdapter(RuntimeAdapter):
     `stop()` at the end."""
 
     entry_file: str  # the file in `<repo>/<name>/` that makes the dir an entry the server sees
+    # glibc's mmap threshold in an embedded server (MALLOC_MMAP_THRESHOLD_): its initial 128 KiB,
+    # fixed, unless the server gives the heap's free pages back itself (MLServerAdapter)
+    malloc_mmap_threshold = "131072"
 
     def __init__(
         self,
@@ -169,10 +172,10 @@ class HTTPServerAdapter(RuntimeAdapter):
             # memory an unload frees goes back to the OS: with glibc's default (a dynamic mmap
             # threshold that rises up to 32 MiB after a large block is freed) model arrays land
             # on the heap and stay in the server's RSS after their model is unloaded (80 MiB of
-            # 258 MiB measured, benchmarks/results/density_real.md); a fixed threshold (its
-            # initial 128 KiB) keeps large blocks mmapped and returned at free. A user's own
-            # setting is kept; set to "" it is removed (glibc's dynamic default).
-            base_env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+            # 258 MiB measured, benchmarks/results/density_real.md); a fixed threshold keeps
+            # blocks above it mmapped and returned at free (`malloc_mmap_threshold`). A user's
+            # own setting is kept; set to "" it is removed (glibc's dynamic default).
+            base_env.setdefault("MALLOC_MMAP_THRESHOLD_", self.malloc_mmap_threshold)
             if not base_env["MALLOC_MMAP_THRESHOLD_"]:
                 del base_env["MALLOC_MMAP_THRESHOLD_"]
             argv, child_env = self._server_command(listen, base_env)

@@ -19,15 +19,31 @@ request queued on that loop waits meanwhile. Here:
   writes it so): nothing is resolved relative to the file. A custom implementation (`runtime:
   mlserver`, its code linked into the entry) keeps the source, and MLServer's reload.
 
+Memory follows what the server holds: the embedded server runs with glibc's mmap threshold
+fixed at 4 MiB (`MLServerAdapter.malloc_mmap_threshold`), so a model's large arrays are
+mmapped and unmapped at free, and its smaller blocks (a forest's per-tree arrays, 0.5-1.5 MiB)
+land on the heap. Once this repository is in use, every registry load and unload
+(`MultiModelRegistry.load` / `unload` / `unload_version`: the repository API's calls) ends with
+`malloc_trim(0)`, which hands the heap's free pages back: an unloaded model's blocks, and the
+read buffers a load freed (5-7 ms a trim with 20 forests of ~30 MiB held). With the threshold
+at glibc's initial 128 KiB (the agent before) every block above it, joblib.load's transient
+arrays (each tree's arrays read from the file, which the tree then copies) as much as the model,
+was a fresh mmap faulted in page by page and unmapped at free: 26k faults and 91-158 ms per load
+of bench_peers' forests, against 17k and ~67 ms now (benchmarks/results/peers.notes.md).
+
 This module runs INSIDE the MLServer process: it imports only mlserver and the standard library.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 from collections import OrderedDict
-from typing import Iterable, List
+from typing import Any, Callable, Iterable, List
 
+from mlserver.registry import MultiModelRegistry
 from mlserver.repository.repository import DEFAULT_MODEL_SETTINGS_FILENAME, SchemalessModelRepository
 from mlserver.settings import ModelParameters, ModelSettings
 
@@ -41,6 +57,7 @@ class EntryRepository(SchemalessModelRepository):
         self._builtin = frozenset(builtin)
         self._cache: OrderedDict[bytes, ModelSettings] = OrderedDict()
         self._cache_size = int(cache_size)
+        _trim_after_unloads()
 
     async def find(self, name: str) -> List[ModelSettings]:
         if self._abs_root and name and "/" not in name and not name.startswith("."):
@@ -85,6 +102,38 @@ def _settings_from(path: str, raw: bytes) -> ModelSettings:
     if not settings.parameters.uri:
         settings.parameters.uri = folder
     return settings
+
+
+def _malloc_trim() -> Callable[[], Any] | None:
+    """glibc's malloc_trim(0) (None where the C library has none: musl, macOS)."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return functools.partial(fn, 0)
+
+
+def _trim_after_unloads() -> None:
+    """Make every registry load and unload end with malloc_trim(0) (once per process; see the
+    module doc)."""
+    trim = _malloc_trim()
+    if trim is None or getattr(MultiModelRegistry, "_modelshelf_trims", False):
+        return
+
+    def trimming(method):
+        @functools.wraps(method)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            finally:  # an unloaded model's last references went with the registry's, a load's
+                trim()  # transient buffers with the load: their bytes are free
+        return wrapper
+
+    MultiModelRegistry.load = trimming(MultiModelRegistry.load)  # the load's transient buffers
+    MultiModelRegistry.unload = trimming(MultiModelRegistry.unload)
+    MultiModelRegistry.unload_version = trimming(MultiModelRegistry.unload_version)
+    MultiModelRegistry._modelshelf_trims = True
 
 
 __all__ = ["EntryRepository"]

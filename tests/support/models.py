@@ -35,12 +35,15 @@ def _dataset(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.argmax(x @ w, axis=1)
 
 
-def write_sklearn_model(directory: Path, kind: str = "iris-logreg", seed: int = 0, pad_bytes: int = 0) -> Path:
+def write_sklearn_model(directory: Path, kind: str = "iris-logreg", seed: int = 0, pad_bytes: int = 0,
+                        pad_chunk: int | None = None) -> Path:
     """Train a small classifier and save it as `<directory>/model.joblib`; return the directory.
 
     `seed` changes the data, so two seeds give two models that disagree on some rows.
     `pad_bytes` attaches an incompressible array of that size to the estimator, so the file and
-    the server's memory after load grow by about that much (for memory-budget tests).
+    the server's memory after load grow by about that much (for memory-budget tests);
+    `pad_chunk` splits it into a list of arrays of at most that size (blocks a server's
+    allocator keeps on its heap, as a forest's per-tree arrays).
     """
     import joblib
     from sklearn.ensemble import RandomForestClassifier
@@ -59,6 +62,24 @@ def write_sklearn_model(directory: Path, kind: str = "iris-logreg", seed: int = 
     est.fit(x, y)
     if pad_bytes:
         est.modelshelf_pad_ = np.random.default_rng(seed).integers(0, 255, size=pad_bytes, dtype=np.uint8)
+        if pad_chunk:
+            est.modelshelf_pad_ = [est.modelshelf_pad_[i:i + pad_chunk].copy() for i in range(0, pad_bytes, pad_chunk)]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    joblib.dump(est, directory / "model.joblib")
+    return directory
+
+
+def write_noise_forest(directory: Path, trees: int = 4, rows: int = 20000, seed: int = 0) -> Path:
+    """A RandomForest fully grown on noise (`rows` x 4 features, 3 classes: ~0.5 MiB of tree
+    arrays per 10,000 rows and tree) saved as `<directory>/model.joblib`, as the big models of
+    benchmarks/bench_peers.py; return the directory."""
+    import joblib
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(rows, N_FEATURES)), rng.integers(0, 3, rows)
+    est = RandomForestClassifier(n_estimators=trees, random_state=seed).fit(x, y)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     joblib.dump(est, directory / "model.joblib")

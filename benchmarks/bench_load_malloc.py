@@ -1,0 +1,138 @@
+"""What glibc's malloc settings cost a server that loads and unloads big sklearn models: the
+bench_peers big models (StandardScaler + RandomForest pipelines of 19-49 MiB) joblib.load-ed in
+an LRU loop of 20 held models, in one fresh python (the project's venv, MLServer's libraries)
+per variant, no server around it: what a load, an unload and the memory given back cost under
+each setting, without MLServer's loop, HTTP or the agent.
+
+    flock /tmp/modelshelf-bench.lock .venv/bin/python benchmarks/bench_load_malloc.py
+
+Per variant: the mean and p50 of a joblib.load, the mean of malloc_trim(0) where the variant
+trims after each unload (as the embedded MLServer does, agent/runtimes/mlserver_repository.py),
+the process's CPU seconds (user + system) and minor page faults over the loop, and its RSS
+with the last 20 held and after every model is freed (what the allocator keeps of freed memory:
+what an agent's ledger cannot see). The variants run in a rotating order over --rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MI, command_line, loadavg, machine, machine_md, md_table, write_results  # noqa: E402
+
+LOOP = r"""
+import ctypes, gc, json, os, random, resource, sys, time
+import joblib, psutil
+store, held_max, steps, trim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+names = sorted(n for n in os.listdir(store) if not n.startswith("."))
+rng = random.Random(0)
+held, loads, trims = {}, [], []
+ru0 = resource.getrusage(resource.RUSAGE_SELF)
+for name in [rng.choice(names) for _ in range(steps)]:
+    if name in held:
+        held[name] = held.pop(name)
+        continue
+    if len(held) >= held_max:
+        del held[next(iter(held))]
+        if trim:
+            t0 = time.perf_counter(); malloc_trim(0); trims.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    held[name] = joblib.load(os.path.join(store, name, "model.joblib"))
+    loads.append(time.perf_counter() - t0)
+ru1 = resource.getrusage(resource.RUSAGE_SELF)
+rss_held = psutil.Process().memory_info().rss
+held.clear(); gc.collect()
+if trim:
+    malloc_trim(0)
+loads.sort()
+print(json.dumps({"loads": len(loads), "load_ms_mean": 1000 * sum(loads) / len(loads), "load_ms_p50": 1000 * loads[len(loads) // 2],
+                  "trim_ms_mean": 1000 * sum(trims) / len(trims) if trims else None,
+                  "cpu_s": ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime, "sys_s": ru1.ru_stime - ru0.ru_stime,
+                  "minflt": ru1.ru_minflt - ru0.ru_minflt, "rss_held": rss_held, "rss_after_free": psutil.Process().memory_info().rss}))
+"""
+
+# label -> (environment of the loading python, trim after each unload)
+VARIANTS = {
+    "glibc default (dynamic threshold), no trim": ({"MALLOC_MMAP_THRESHOLD_": None}, False),
+    "MALLOC_MMAP_THRESHOLD_=131072, no trim (the agent before)": ({"MALLOC_MMAP_THRESHOLD_": "131072"}, False),
+    "MALLOC_MMAP_THRESHOLD_=4194304, no trim": ({"MALLOC_MMAP_THRESHOLD_": "4194304"}, False),
+    "MALLOC_MMAP_THRESHOLD_=4194304, trim after unload (the agent now)": ({"MALLOC_MMAP_THRESHOLD_": "4194304"}, True),
+}
+
+
+def run_variant(store: Path, env_over: dict[str, str | None], trim: bool, held: int, steps: int) -> dict[str, Any]:
+    env = dict(os.environ)
+    for k, v in env_over.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    r = subprocess.run([sys.executable, "-c", LOOP, str(store), str(held), str(steps), "1" if trim else "0"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode != 0:
+        return {"error": r.stderr[-500:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=int, default=100)
+    p.add_argument("--held", type=int, default=20)
+    p.add_argument("--steps", type=int, default=150, help="Zipf-free uniform picks per variant (hits skip the load)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "modelshelf-bench-peers",
+                   help="where bench_peers keeps its model files (written if missing)")
+    p.add_argument("--out", default="load_malloc")
+    args = p.parse_args(argv)
+    from bench_peers import write_forests
+
+    store = args.workdir / f"store-big-{args.models}"
+    write_forests(store, args.models)
+    info = machine()
+    t0 = time.monotonic()
+    labels = list(VARIANTS)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in labels}
+    for rnd in range(args.rounds):
+        for label in labels[rnd % len(labels):] + labels[:rnd % len(labels)]:
+            env_over, trim = VARIANTS[label]
+            res = run_variant(store, env_over, trim, args.held, args.steps)
+            res["loadavg"] = loadavg()
+            runs[label].append(res)
+            print(label, json.dumps(res), flush=True)
+    info["loadavg_at_end"] = loadavg()
+
+    def rng(label: str, key: str, scale: float = 1.0, digits: int = 1) -> str:
+        vals = [r[key] * scale for r in runs[label] if r.get(key) is not None]
+        return "" if not vals else f"{min(vals):.{digits}f}–{max(vals):.{digits}f}" if len(vals) > 1 else f"{vals[0]:.{digits}f}"
+
+    rows = [[label, rng(label, "load_ms_mean"), rng(label, "load_ms_p50"), rng(label, "trim_ms_mean", digits=2),
+             rng(label, "cpu_s", digits=2), rng(label, "sys_s", digits=2), rng(label, "minflt", 1 / 1000, 0),
+             rng(label, "rss_held", 1 / MI, 0), rng(label, "rss_after_free", 1 / MI, 0)] for label in labels]
+    md = "\n".join([
+        "# Loading big sklearn models under glibc malloc settings", "", machine_md(info), "",
+        f"Command: `{command_line()}`", "",
+        f"One python per variant and round loads the {args.models} bench_peers forests (19–49 MiB) in an LRU loop of "
+        f"{args.held} held ({args.steps} uniform picks), freeing the oldest before each load; ranges over {args.rounds} rounds "
+        "(rotating order). No server: this is joblib.load and the allocator alone.", "",
+        md_table(["variant", "load ms mean", "load ms p50", "trim ms mean", "CPU s", "of which system s", "minor faults (k)",
+                  "RSS, 20 held (MiB)", "RSS after freeing all (MiB)"], rows), "",
+        "RSS after freeing all is the interpreter and libraries (~160 MiB) plus what the allocator kept of freed models.",
+    ])
+    data = {"benchmark": "load_malloc", "command": command_line(), "machine": info, "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
+            "runs": runs, "total_s": round(time.monotonic() - t0, 1)}
+    print(md)
+    if args.out:
+        print("wrote", *[str(x) for x in write_results(args.out, md, data)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
