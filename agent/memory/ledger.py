@@ -20,6 +20,8 @@ from .store import InMemoryStore, MetaStore
 log = logging.getLogger("modelshelf.memory")
 
 
+_RECORDS_KEPT = 100_000  # remembered measurement records (per key); more: start over
+
 class MemoryManager:
     """Budgets, reservations and costs for one node. Thread-safe; every method is cheap (a dict
     update) except ``start_measure``/``finish_measure`` (read /proc and NVML: ~1 ms per server
@@ -33,6 +35,11 @@ class MemoryManager:
                  measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None):
         self._budget = {d: int(b) for d, b in budget.items()}
         self._store: MetaStore = store if store is not None else InMemoryStore()
+        # key -> this profile's measured record (None: none), read from the store once per key:
+        # a load asks for it twice on the event loop (its cost, whether to measure), and the
+        # store is a file per entry (on a shared PVC, maybe over the network). Only this
+        # manager's own measurements change it after the first read (`_save_record`).
+        self._records: dict[str, dict | None] = {}
         self._multipliers = {**DEFAULT_MULTIPLIERS, **(multipliers or {})}
         self._gpu = gpu_probe
         self._server_pid = server_pid
@@ -292,13 +299,20 @@ class MemoryManager:
     def _load_record(self, key: str | None) -> dict | None:
         if not key:
             return None
+        with self._lock:
+            if key in self._records:
+                return self._records[key]
         try:
             meta = self._store.get_meta(key) or {}
         except Exception as e:  # a broken store must not stop a load: fall back to the estimate
             log.warning("memory store_read_failed key=%s error=%r", key, f"{type(e).__name__}: {e}")
-            return None
+            return None  # not remembered: read again next time
         rec = (meta.get("memory") or {}).get(self.profile)
-        return rec if isinstance(rec, dict) and rec.get("method") == "measured" else None
+        rec = rec if isinstance(rec, dict) and rec.get("method") == "measured" else None
+        with self._lock:
+            if len(self._records) >= _RECORDS_KEPT:
+                self._records.clear()
+            return self._records.setdefault(key, rec)  # a measurement saved meanwhile wins
 
     def _save_record(self, key: str, record: dict) -> None:
         try:
@@ -307,6 +321,8 @@ class MemoryManager:
             mem[self.profile] = record
             meta = {**meta, "memory": mem}
             self._store.set_meta(key, meta)
+            with self._lock:
+                self._records[key] = record
         except Exception as e:
             log.warning("memory store_write_failed key=%s error=%r", key, f"{type(e).__name__}: {e}")
 

@@ -72,6 +72,29 @@ def test_measured_beats_estimate_and_survives_a_new_manager(tmp_path):
     assert triton.cost_for(key="entry-1", runtime="sklearn", entry_bytes=100 * MiB).method == "estimated"
 
 
+def test_a_load_reads_an_entrys_record_from_the_store_once(tmp_path):
+    """Every load asks for its entry's record twice on the event loop (its cost, whether to
+    measure it): the store (a file per entry, maybe on a network PVC) is read once per key;
+    this manager's own new measurement is seen at once, without reading the file again."""
+    reads: list[str] = []
+
+    class Counting(JsonFileStore):
+        def get_meta(self, key):
+            reads.append(key)
+            return super().get_meta(key)
+
+    JsonFileStore(tmp_path).set_meta("measured", {"memory": {"default": _record(37 * MiB)}})
+    mm = MemoryManager({HOST: 8 * GiB}, store=Counting(tmp_path))
+    for _ in range(5):  # five loads of each entry
+        assert mm.cost_for(key="measured", runtime="sklearn", entry_bytes=100 * MiB).host == 37 * MiB
+        assert mm.cost_for(key="new", runtime="sklearn", entry_bytes=100 * MiB).method == "estimated"
+        mm.needs_measure("measured", "sklearn"), mm.needs_measure("new", "sklearn")
+    assert sorted(reads) == ["measured", "new"]
+    mm._save_record("new", _record(12 * MiB))
+    assert mm.cost_for(key="new", runtime="sklearn", entry_bytes=100 * MiB).host == 12 * MiB
+    assert reads.count("new") == 2  # the save's own read-modify-write of the file, no lookup
+
+
 def test_record_keeps_other_metadata_of_the_entry():
     store = InMemoryStore()
     store.set_meta("k", {"last_used": 123, "memory": {"triton": _record(5 * MiB)}})
