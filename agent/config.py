@@ -492,18 +492,25 @@ def parse_config(text: str, filename: str, limits: ConfigLimits | None = None, *
     models: dict[str, ModelSpec] = {}
     first_index: dict[str, int] = {}  # a name belongs to its first entry, even a rejected one
     previous, keys = _previous, []
+    reuse = previous.get
     for index, entry in enumerate(entries):
         key, spec = None, None
         if type(entry) is dict:
-            try:  # an entry of scalars (the usual one) is its own key, built and hashed in C
-                key = (tuple(entry.items()), tuple(map(type, entry.values())))  # the type: 1 vs true
-                spec = previous.get(key)
-                shape.total += len(entry)
+            try:  # an entry of scalars (the usual one) is its own key: one flat tuple, built and hashed in C
+                key = (*entry, *entry.values(), *map(type, entry.values()))  # the types: 1 == True in Python
+                spec = reuse(key)
             except TypeError:  # a list or mapping inside (parameters, sub-models): measured first
                 shape.add(entry, depth)
                 shape.total -= 1  # counted with the list
                 key = json.dumps(entry, sort_keys=True, default=str)
-                spec = previous.get(key)
+                spec = reuse(key)
+            else:
+                shape.total += len(entry)
+            if spec is not None and spec.name not in first_index:  # unchanged content: nothing to check
+                first_index[spec.name] = index
+                keys.append(key)
+                models[spec.name] = spec
+                continue
         name = spec.name if spec is not None else _entry_name(entry)
         try:
             if key is None:

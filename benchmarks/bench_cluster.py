@@ -29,7 +29,6 @@ results say so.
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import re
@@ -47,7 +46,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, command_line, cpu_seconds, http as http_call, loadavg, machine, machine_md, md_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, Flag, arg_parser, command_line, cpu_seconds, http as http_call, loadavg, machine, machine_md, md_table, write_results  # noqa: E402
 from agent.memory import tree_rss  # noqa: E402
 from tests.support.fleet import Fleet  # noqa: E402
 from tests.support.httpserver import HTTPFileServer  # noqa: E402
@@ -433,21 +432,13 @@ def report(a, res: dict, m: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--agents", type=int, default=3)
-    p.add_argument("--models", type=int, default=60)
-    p.add_argument("--model-memory", default="24Mi", help="each model's declared memory")
-    p.add_argument("--budget", default="480Mi", help="--host-memory of each agent (480Mi / 24Mi: 20 models)")
-    p.add_argument("--zipf", type=float, default=1.1)
-    p.add_argument("--clients", type=int, default=6)
-    p.add_argument("--duration", type=float, default=20.0)
-    p.add_argument("--hot", type=float, default=12.0)
-    p.add_argument("--failover", type=float, default=8.0)
-    p.add_argument("--resize", type=float, default=8.0)
-    p.add_argument("--hot-rate", type=float, default=30.0, help="the picker's --hot-rate")
-    p.add_argument("--topologies", default=",".join(TOPOLOGIES),
-                   help="comma-separated, from: gateway (Envoy override-host + picker), gateway-odst (Envoy ORIGINAL_DST + picker), nginx")
-    p.add_argument("--name", default="cluster")
+    p = arg_parser(
+        __doc__, agents=3, models=60, model_memory=Flag("24Mi", "each model's declared memory"),
+        budget=Flag("480Mi", "--host-memory of each agent (480Mi / 24Mi: 20 models)"), zipf=1.1, clients=6,
+        duration=20.0, hot=12.0, failover=8.0, resize=8.0, hot_rate=Flag(30.0, "the picker's --hot-rate"),
+        topologies=Flag(",".join(TOPOLOGIES), "comma-separated, from: gateway (Envoy override-host + picker), "
+                        "gateway-odst (Envoy ORIGINAL_DST + picker), nginx"),
+        name="cluster")
     a = p.parse_args()
 
     m = machine(tools=[["nginx", "-v"]])

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_density import _pct, calibrate_overhead, drive, popular, write_models, zipf_sequence  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    MI, RESULTS, V2_BODY, Agent, command_line, http, loadavg, machine, machine_md, md_table, write_results,
+    MI, RESULTS, V2_BODY, Agent, Flag, arg_parser, command_line, http, loadavg, machine, machine_md, md_table, write_results,
 )
 
 GOAL_OVERHEAD_MS = 5.0
@@ -268,24 +268,14 @@ def plot(runs: list[dict[str, Any]], path: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", type=int, default=1000)
-    p.add_argument("--capacity", type=int, default=100)
-    p.add_argument("--model-memory", default="10Mi")
-    p.add_argument("--requests", type=int, default=1500)
-    p.add_argument("--warmup-requests", type=int, default=300)
-    p.add_argument("--hit-requests", type=int, default=1000)
-    p.add_argument("--clients", type=int, default=5)
-    p.add_argument("--zipf-s", type=float, default=1.1)
-    p.add_argument("--min-residency", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--variants", default="before:2,after:1,after:2,after:4", help="LABEL:LOAD_CONCURRENCY,...")
-    p.add_argument("--baseline-root", type=Path, default=None, help="checkout whose agent is `before` (skipped without)")
-    p.add_argument("--passes", type=int, default=1)
-    p.add_argument("--profile", type=float, default=0.0, help="py-spy the first `after` variant for this many seconds")
-    p.add_argument("--workdir", type=Path, default=None, help="reuse a dir (models) across invocations")
-    p.add_argument("--out", default="coldstart")
-    p.add_argument("--render", type=Path, default=None, help="only re-write the Markdown (and plot) from this JSON result")
+    p = arg_parser(
+        __doc__, models=1000, capacity=100, model_memory="10Mi", requests=1500, warmup_requests=300,
+        hit_requests=1000, clients=5, zipf_s=1.1, min_residency=0.25, seed=1,
+        variants=Flag("before:2,after:1,after:2,after:4", "LABEL:LOAD_CONCURRENCY,..."),
+        baseline_root=Flag(None, "checkout whose agent is `before` (skipped without)", Path), passes=1,
+        profile=Flag(0.0, "py-spy the first `after` variant for this many seconds"),
+        workdir=Flag(None, "reuse a dir (models) across invocations", Path), out="coldstart",
+        render=Flag(None, "only re-write the Markdown (and plot) from this JSON result", Path))
     args = p.parse_args(argv)
     if args.render is not None:
         data = json.loads(args.render.read_text())

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import bench_density  # noqa: E402
 from benchmarks.bench_density import RssSampler, _metric, _pct, drive, zipf_sequence  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    MI, RESULTS, Agent, command_line, loadavg, machine, machine_md, md_table, write_results,
+    MI, RESULTS, Agent, Flag, arg_parser, command_line, loadavg, machine, machine_md, md_table, write_results,
 )
 
 SIZES_MIB = (1, 4, 16, 64)
@@ -290,18 +290,12 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget-mib", type=int, default=256)
-    p.add_argument("--ratios", default="1.0,1.5,2.0")
-    p.add_argument("--requests", type=int, default=300)
-    p.add_argument("--clients", type=int, default=3)
-    p.add_argument("--sample-s", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--import-mib", type=int, default=96, help="room left in the budget for the sklearn import MLServer pays once (~80 MiB measured)")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/modelshelf-bench-density-real"))
-    p.add_argument("--out", default="density_real")
-    p.add_argument("--agent-log-level", default="warning", help="info: the agent's log (in --workdir) says what each load measured")
-    p.add_argument("--no-slack", action="store_true", help="skip the allocator-slack check (three more MLServers)")
+    p = arg_parser(
+        __doc__, budget_mib=256, ratios="1.0,1.5,2.0", requests=300, clients=3, sample_s=0.25, seed=1,
+        import_mib=Flag(96, "room left in the budget for the sklearn import MLServer pays once (~80 MiB measured)"),
+        workdir=Path("/tmp/modelshelf-bench-density-real"), out="density_real",
+        agent_log_level=Flag("warning", "info: the agent's log (in --workdir) says what each load measured"),
+        no_slack=Flag(False, "skip the allocator-slack check (three more MLServers)"))
     args = p.parse_args(argv)
     budget = args.budget_mib * MI
     ratios = [float(r) for r in args.ratios.split(",") if r]

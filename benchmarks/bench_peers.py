@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_density import _metric, _pct, calibrate_overhead, drive, model_entries, popular, write_models, zipf_sequence  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    MI, RESULTS, ROOT, Agent, StandaloneMLServer, command_line, free_port, loadavg, machine, machine_md, md_table,
+    MI, RESULTS, ROOT, Agent, Flag, StandaloneMLServer, arg_parser, command_line, free_port, loadavg, machine, machine_md, md_table,
     stop_group, tree_rss, write_results,
 )
 from agent.memory import process_tree  # noqa: E402
@@ -567,27 +567,17 @@ def plot_svg(data: dict[str, Any], path: Path) -> str:
 
 # ---------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short look: fewer models and requests, one round")
-    p.add_argument("--workloads", default="small,big,hits")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--requests", type=int, default=2000, help="measured requests per pass (small, hits)")
-    p.add_argument("--big-requests", type=int, default=600, help="measured requests per pass (big: ~30 req/s here)")
-    p.add_argument("--warmup", type=int, default=500, help="Zipf warm-up requests per system (after one per fitting model)")
-    p.add_argument("--clients", type=int, default=5)
-    p.add_argument("--zipf-s", type=float, default=1.1)
-    p.add_argument("--small-models", type=int, default=1000)
-    p.add_argument("--small-fit", type=int, default=100)
-    p.add_argument("--big-models", type=int, default=100)
-    p.add_argument("--big-fit", type=int, default=20)
-    p.add_argument("--hits-models", type=int, default=100)
-    p.add_argument("--min-residency", type=float, default=0.25, help="agent --min-residency (s), as bench_density")
-    p.add_argument("--agent-arg", action="append", default=[], help="an extra `modelshelf run` argument (repeat; e.g. --agent-arg=--memory-tolerance=0.5)")
-    p.add_argument("--no-floor", action="store_true", help="skip the MLServer-with-everything-loaded floor")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "modelshelf-bench-peers",
-                   help="model files and caches, kept for the next run")
-    p.add_argument("--out", default="peers", help="result name under benchmarks/results/ ('' = don't write)")
+    p = arg_parser(
+        __doc__, quick=Flag(False, "a short look: fewer models and requests, one round"),
+        workloads="small,big,hits", rounds=3, requests=Flag(2000, "measured requests per pass (small, hits)"),
+        big_requests=Flag(600, "measured requests per pass (big: ~30 req/s here)"),
+        warmup=Flag(500, "Zipf warm-up requests per system (after one per fitting model)"), clients=5, zipf_s=1.1,
+        small_models=1000, small_fit=100, big_models=100, big_fit=20, hits_models=100,
+        min_residency=Flag(0.25, "agent --min-residency (s), as bench_density"),
+        agent_arg=Flag([], "an extra `modelshelf run` argument (repeat; e.g. --agent-arg=--memory-tolerance=0.5)"),
+        no_floor=Flag(False, "skip the MLServer-with-everything-loaded floor"), seed=1,
+        workdir=Flag(Path(tempfile.gettempdir()) / "modelshelf-bench-peers", "model files and caches, kept for the next run"),
+        out=Flag("peers", "result name under benchmarks/results/ ('' = don't write)"))
     args = p.parse_args(argv)
     if args.out and (Path(args.out).name != args.out or args.out.startswith(".")):
         p.error(f"--out {args.out!r}: a plain name for benchmarks/results/<name>.md, not a path ('' writes nothing)")

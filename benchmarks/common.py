@@ -7,6 +7,7 @@ disturbs the figures), and the exact command that produced it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ import urllib.error
 import urllib.request
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import psutil
 
@@ -33,6 +34,37 @@ from agent.memory import process_tree, tree_rss  # noqa: E402  (the agent's own 
 
 MI = 2**20
 PACKAGES = ("mlserver", "mlserver-sklearn", "uvicorn", "httptools", "h11", "uvloop", "aiohttp", "fastapi", "scikit-learn", "psutil")
+
+
+# ---------------------------------------------------------------------------------- flags
+class Flag(NamedTuple):
+    """A flag of `arg_parser` that needs more than its default: a help text, or its type
+    (which a None default cannot tell)."""
+
+    default: Any
+    help: str | None = None
+    type: Callable[[str], Any] | None = None
+
+
+def arg_parser(doc: str | None, **flags: Any) -> argparse.ArgumentParser:
+    """A benchmark's command line, described by the first line of `doc`, with one `--flag` per
+    keyword, in order: `zipf_s=1.1` is `--zipf-s`, a float that defaults to 1.1. The default's
+    type is the flag's (a Path default: Path); False makes a switch (store_true), a list a flag
+    that may repeat (append); `Flag(default, help, type)` adds a help text or a type."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    for name, value in flags.items():
+        flag = value if isinstance(value, Flag) else Flag(value)
+        options: dict[str, Any] = {"default": flag.default, "help": flag.help}
+        if flag.default is False and flag.type is None:
+            options["action"] = "store_true"
+        elif isinstance(flag.default, list):
+            options["action"] = "append"
+        else:
+            kind = flag.type or (Path if isinstance(flag.default, Path) else type(flag.default))
+            if kind is not str:
+                options["type"] = kind
+        p.add_argument("--" + name.replace("_", "-"), **options)
+    return p
 
 
 # ---------------------------------------------------------------------------------- machine

@@ -23,6 +23,17 @@ _TYPES = {"string": _T.TYPE_STRING, "bytes": _T.TYPE_BYTES, "bool": _T.TYPE_BOOL
 
 # message full name -> [(field, number, type or .message, repeated, oneof)]
 _CORE, _EP = "envoy.config.core.v3", "envoy.service.ext_proc.v3"
+
+
+def _per_phase(first: int, oneof: str, headers: str, body: str, trailers: str) -> list[tuple[str, int, str, bool, str]]:
+    """The oneof both ProcessingRequest and ProcessingResponse open with: request_headers,
+    response_headers, request_body, response_body, request_trailers, response_trailers, numbered
+    from `first` in that order, each of the ext_proc message type given for its part."""
+    kinds = (headers, headers, body, body, trailers, trailers)
+    names = [f"{side}_{part}" for part in ("headers", "body", "trailers") for side in ("request", "response")]
+    return [(name, first + i, f".{_EP}.{kind}", False, oneof) for i, (name, kind) in enumerate(zip(names, kinds))]
+
+
 _SCHEMA: dict[str, list[tuple[str, int, str, bool, str | None]]] = {
     f"{_CORE}.HeaderValue": [("key", 1, "string", False, None), ("value", 2, "string", False, None),
                              ("raw_value", 3, "bytes", False, None)],
@@ -39,12 +50,7 @@ _SCHEMA: dict[str, list[tuple[str, int, str, bool, str | None]]] = {
     f"{_EP}.HttpBody": [("body", 1, "bytes", False, None), ("end_of_stream", 2, "bool", False, None)],
     f"{_EP}.HttpTrailers": [("trailers", 1, f".{_CORE}.HeaderMap", False, None)],
     f"{_EP}.ProcessingRequest": [
-        ("request_headers", 2, f".{_EP}.HttpHeaders", False, "request"),
-        ("response_headers", 3, f".{_EP}.HttpHeaders", False, "request"),
-        ("request_body", 4, f".{_EP}.HttpBody", False, "request"),
-        ("response_body", 5, f".{_EP}.HttpBody", False, "request"),
-        ("request_trailers", 6, f".{_EP}.HttpTrailers", False, "request"),
-        ("response_trailers", 7, f".{_EP}.HttpTrailers", False, "request"),
+        *_per_phase(2, "request", "HttpHeaders", "HttpBody", "HttpTrailers"),
         ("metadata_context", 8, f".{_CORE}.Metadata", False, None),
         ("observability_mode", 10, "bool", False, None)],
     f"{_EP}.HeaderMutation": [("set_headers", 1, f".{_CORE}.HeaderValueOption", True, None),
@@ -62,12 +68,7 @@ _SCHEMA: dict[str, list[tuple[str, int, str, bool, str | None]]] = {
                                  ("grpc_status", 4, f".{_EP}.GrpcStatus", False, None),
                                  ("details", 5, "string", False, None)],
     f"{_EP}.ProcessingResponse": [
-        ("request_headers", 1, f".{_EP}.HeadersResponse", False, "response"),
-        ("response_headers", 2, f".{_EP}.HeadersResponse", False, "response"),
-        ("request_body", 3, f".{_EP}.BodyResponse", False, "response"),
-        ("response_body", 4, f".{_EP}.BodyResponse", False, "response"),
-        ("request_trailers", 5, f".{_EP}.TrailersResponse", False, "response"),
-        ("response_trailers", 6, f".{_EP}.TrailersResponse", False, "response"),
+        *_per_phase(1, "response", "HeadersResponse", "BodyResponse", "TrailersResponse"),
         ("immediate_response", 7, f".{_EP}.ImmediateResponse", False, "response"),
         ("dynamic_metadata", 8, ".google.protobuf.Struct", False, None),
         ("mode_override", 9, ".envoy.extensions.filters.http.ext_proc.v3.ProcessingMode", False, None)],

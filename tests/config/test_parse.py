@@ -385,3 +385,16 @@ def test_an_edit_validates_only_changed_entries_and_the_reuse_stays_bounded():
     assert back.models["m7"].version == "v1" and back.models["m7"] == first.models["m7"]
     wrong = parse_config(doc("v1", preload=0), "models.json")  # 0 == False in Python
     assert "m0" not in wrong.models and wrong.errors  # 0 is not a boolean, even after `false` parsed
+
+
+def test_an_entry_seen_before_still_loses_to_an_earlier_entry_of_its_name():
+    """An unchanged entry skips validation, not the name check: a copy of it, or one after a
+    bad entry of the same name, is still rejected as a duplicate."""
+    good = "- {name: a, uri: /m/a}\n"
+    parse_config(good, "models.yaml")  # its spec is now remembered
+    twice = parse_config(good + good, "models.yaml")
+    assert [str(e) for e in twice.errors] == [
+        "models.yaml[1] (name 'a'): duplicate name: models.yaml[0] already defines 'a'; this entry is ignored"]
+    behind_bad = parse_config("- {name: a, uri: /m/a, memory: 12XB}\n" + good, "models.yaml")
+    assert behind_bad.models == {} and [e.index for e in behind_bad.errors] == [0, 1]
+    assert "duplicate name" in behind_bad.errors[1].reason

@@ -289,24 +289,23 @@ def test_grpc_model_call_is_routed_from_its_message_to_the_agents_grpc_port(flee
         client.close()
 
 
-def test_grpc_model_named_by_modelmesh_metadata_needs_no_body(fleet):
-    picker, agents = fleet["picker"], fleet["agents"]
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelStreamInfer"])
+@pytest.mark.parametrize("metadata", ["mm_vmodel_id", "mm_model_id"])
+def test_grpc_model_named_by_modelmesh_metadata_needs_no_body(fleet, method, metadata):
+    """ModelMesh's mm-vmodel-id / mm-model-id names the model: routed to its holder at the headers."""
     holder = loaded_holder(fleet, "m1")
-    (answer,) = picker.exchange(headers("/inference.GRPCInferenceService/ModelInfer", content_type="application/grpc",
-                                        mm_vmodel_id="m1"))
+    (answer,) = fleet["picker"].exchange(headers(f"/inference.GRPCInferenceService/{method}", content_type="application/grpc",
+                                                 **{metadata: "m1"}))
+    assert answer.WhichOneof("response") == "request_headers" and not answer.HasField("mode_override")
     assert destination(answer) == holder.grpc_target
 
 
 def test_a_grpc_stream_is_routed_at_its_headers(fleet):
     """ModelStreamInfer never ends its body: the picker must not ask for it."""
     picker, agents = fleet["picker"], fleet["agents"]
-    holder = loaded_holder(fleet, "m1")
     (answer,) = picker.exchange(headers("/inference.GRPCInferenceService/ModelStreamInfer", content_type="application/grpc"))
     assert answer.WhichOneof("response") == "request_headers" and not answer.HasField("mode_override")
     assert destination(answer) in {a.grpc_target for a in agents}
-    (answer,) = picker.exchange(headers("/inference.GRPCInferenceService/ModelStreamInfer", content_type="application/grpc",
-                                        mm_model_id="m1"))
-    assert destination(answer) == holder.grpc_target
 
 
 def test_a_partial_grpc_body_is_enough(fleet):
