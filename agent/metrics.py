@@ -26,6 +26,13 @@ class Metrics:
             "Where each lazy load's time went: queue (model lock, memory, load slot), unload (victims' unloads "
             "waited for), server (the server's load call), measure (memory snapshots), agent (the rest)",
             ["phase"], buckets=_PHASE, registry=r)
+        self.cold_start_unload_wait_seconds = Histogram(
+            "modelshelf_cold_start_unload_wait_seconds",
+            "A lazy load's wait for unloads, by the rule that made it wait: victim_* (its own victims) or "
+            "in_flight_* (others' unloads, e.g. the headroom's); *_measured (its memory window must not see "
+            "them), *_gpu (a victim holds GPU memory), *_overlap (the server could not hold them beside it: "
+            "held over budget x (1 + --unload-overlap))",
+            ["rule"], buckets=_PHASE, registry=r)
         self.lookups = Counter("modelshelf_loaded_lookups_total", "Requests finding their model loaded (hit) or not (miss)", ["result"], registry=r)
         self.requests = Counter("modelshelf_requests_total", "Data-plane requests by model and status code", ["model", "code"], registry=r)
         self.inflight = Gauge("modelshelf_inflight_requests", "Requests in flight per model", ["model"], registry=r)

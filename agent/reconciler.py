@@ -927,13 +927,17 @@ class Reconciler:
             if not victims:
                 await self._after_unloads(wait_unloads, phases)
                 return
-            wait_unloads = wait_unloads or any(self._holds_gpu(v) for v in victims) or not self._room_for_both()
+            rule = ("victim_measured" if wait_unloads else "victim_gpu" if any(self._holds_gpu(v) for v in victims)
+                    else None if self._room_for_both() else "victim_overlap")
+            wait_unloads = rule is not None
             loop = asyncio.get_running_loop()
             claims = [loop.create_future() for _ in victims]
             unloads = [self._spawn(self._evict(self.models[v], claim), f"evict:{v}") for v, claim in zip(victims, claims)]
             evicted = await asyncio.gather(*(unloads if wait_unloads else claims))
             if phases is not None:
                 phases.unload += time.monotonic() - waited
+                if rule is not None:
+                    self.metrics.cold_start_unload_wait_seconds.labels(rule=rule).observe(time.monotonic() - waited)
             kept = [v for v, ok in zip(victims, evicted) if not ok]
             if not kept:
                 return
@@ -950,11 +954,14 @@ class Reconciler:
         """A load that needed no victim may still find unloads in flight (the headroom's, or
         another miss's victims): it waits for them while its window would see them (`measured`)
         or while the server could not hold them and it at once (`_room_for_both`)."""
-        waited = time.monotonic()
+        waited, rule = time.monotonic(), None
         while self._unloads and (measured or not self._room_for_both()):
+            rule = rule or ("in_flight_measured" if measured else "in_flight_overlap")
             await self._memory_changed.wait()  # set when an unload ends (its reservation released)
         if phases is not None:
             phases.unload += time.monotonic() - waited
+            if rule is not None:
+                self.metrics.cold_start_unload_wait_seconds.labels(rule=rule).observe(time.monotonic() - waited)
 
     # ------------------------------------------------------------------ headroom
     async def _headroom_loop(self) -> None:

@@ -38,6 +38,13 @@ def _phase(h: Harness, phase: str, stat: str) -> float:
     return h.metrics.registry.get_sample_value(f"modelshelf_cold_start_phase_seconds_{stat}", {"phase": phase}) or 0.0
 
 
+def _waits(h: Harness) -> dict[str, int]:
+    """Lazy loads that waited for unloads, by the rule that made them wait (/metrics)."""
+    rules = ("victim_measured", "victim_gpu", "victim_overlap", "in_flight_measured", "in_flight_overlap")
+    return {r: int(n) for r in rules
+            if (n := h.metrics.registry.get_sample_value("modelshelf_cold_start_unload_wait_seconds_count", {"rule": r}))}
+
+
 def test_a_miss_loads_while_its_victim_unloads_and_the_ledger_stays_within_budget(tmp_path, http):
     async def scenario():
         async with Harness(tmp_path, http, budget=ONE_MODEL, unload_overlap=1.0) as h:  # the server may hold both
@@ -79,6 +86,7 @@ def test_by_default_a_load_waits_for_unloads_that_would_leave_the_server_over_it
             b = await asyncio.wait_for(miss, 2.0)
             assert b.state is State.LOADED and h.state("a") is State.CACHED
             assert max(held_at_load) <= ONE_MODEL * 1.05, held_at_load
+            assert _waits(h) == {"victim_overlap": 1}  # /metrics says which rule held it
             h.rec.release(b)
     run(scenario())
 
@@ -113,6 +121,7 @@ def test_a_load_that_will_be_measured_waits_for_its_victims_unloads(tmp_path, ht
             gate.release()
             h.rec.release(await asyncio.wait_for(miss, 2.0))
             assert _phase(h, "unload", "sum") >= 0.05  # the wait shows in the breakdown
+            assert _waits(h) == {"victim_measured": 1}
     run(scenario())
 
 
@@ -132,6 +141,7 @@ def test_a_victim_holding_gpu_memory_is_unloaded_before_the_load_starts(tmp_path
             assert not miss.done() and h.adapter.count("load", "b") == 0  # a device has no slack for both
             gate.release()
             h.rec.release(await asyncio.wait_for(miss, 2.0))
+            assert _waits(h) == {"victim_gpu": 1}
     run(scenario())
 
 
@@ -304,6 +314,7 @@ def test_a_miss_beside_a_headroom_unload_waits_while_the_server_could_not_hold_b
             h.rec.release(await asyncio.wait_for(miss, 2.0))
             assert all(held <= budget and used <= budget for held, used in seen), seen
             assert _phase(h, "unload", "sum") > 0  # the wait shows in the breakdown
+            assert _waits(h).get("in_flight_overlap") == 1  # not its own victim: the headroom's, in flight
     run(scenario())
 
 
