@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MI, command_line, loadavg, machine, machine_md, md_table, write_results  # noqa: E402
+from common import MI, command_line, loadavg, machine, machine_md, md_table, publish, settings_of  # noqa: E402
 
 LOOP = r"""
 import ctypes, gc, json, os, random, resource, sys, time
@@ -126,11 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                   "RSS, 20 held (MiB)", "RSS after freeing all (MiB)"], rows), "",
         "RSS after freeing all is the interpreter and libraries (~160 MiB) plus what the allocator kept of freed models.",
     ])
-    data = {"benchmark": "load_malloc", "command": command_line(), "machine": info, "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
+    data = {"benchmark": "load_malloc", "command": command_line(), "machine": info, "settings": settings_of(args),
             "runs": runs, "total_s": round(time.monotonic() - t0, 1)}
-    print(md)
-    if args.out:
-        print("wrote", *[str(x) for x in write_results(args.out, md, data)])
+    publish(args.out, md, data)
     return 0
 
 

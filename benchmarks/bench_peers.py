@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_density import _metric, _pct, calibrate_overhead, drive, model_entries, popular, write_models, zipf_sequence  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     MI, RESULTS, ROOT, Agent, Flag, StandaloneMLServer, arg_parser, command_line, free_port, loadavg, machine, machine_md, md_table,
-    stop_group, tree_rss, write_results,
+    publish, settings_of, stop_group, tree_rss,
 )
 from agent.memory import process_tree  # noqa: E402
 
@@ -497,7 +497,7 @@ def markdown(data: dict[str, Any]) -> str:
                           f"{(w['reserved_mean_bytes'] or 0) / MI:.1f} MiB each on average (declared, size + 1 MiB for big: "
                           f"{w['model_bytes_min'] / MI:.0f}–{w['model_bytes_max'] / MI:.0f} MiB; budget "
                           f"{w['host_budget_bytes'] / MI:.0f} MiB incl. {w['calibrated_overhead_bytes'] / MI:.0f} MiB "
-                          "for the runtime import)" for w in data["workloads"]) + f". Ray holds `fit` models by count.", ""]
+                          "for the runtime import)" for w in data["workloads"]) + ". Ray holds `fit` models by count.", ""]
     lines += ["## Verdicts (medians over the rounds)", ""]
     for w in data["workloads"]:
         v = w["verdict"]
@@ -607,16 +607,14 @@ def main(argv: list[str] | None = None) -> int:
         workloads.append(w)
     info["loadavg_at_end"] = loadavg()
     data = {"benchmark": "peers", "command": command_line(), "machine": info,
-            "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
+            "settings": settings_of(args),
             "workloads": workloads, "total_s": round(time.monotonic() - t0, 1)}
     # quiet: other processes took under 5% of one core during every pass
     data["quiet"] = all(p["others_cpu_s"] <= 0.05 * p["wall_s"] for w in workloads for p in w["passes"])
     if args.out:
         data["plot"] = plot_svg(data, RESULTS / f"{args.out}.svg")
     md = markdown(data)
-    print(md)
-    if args.out:
-        print("wrote", *[str(x) for x in write_results(args.out, md, data)])
+    publish(args.out, md, data)
     return 0
 
 

@@ -160,6 +160,18 @@ def write_results(name: str, markdown: str, data: dict[str, Any], out_dir: Path 
 
 
 # ---------------------------------------------------------------------------------- processes
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """A run's flags for its results file, without the scratch directory (a machine path)."""
+    return {k: v for k, v in vars(args).items() if k != "workdir"}
+
+
+def publish(out: str | None, markdown: str, data: dict[str, Any]) -> None:
+    """Print the report; with `out`, write benchmarks/results/<out>.md and .json too."""
+    print(markdown)
+    if out:
+        print("wrote", *[str(x) for x in write_results(out, markdown, data)])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
