@@ -47,6 +47,9 @@ and Cache, with the scripted server of tests/support/scripted.py):
     no victim but finds unloads in flight waits for them only while its window would see them
     or the server could not hold them beside it (`held()` within budget x (1 + unload_overlap)
     on the host, within the budget on a GPU).
+  * Reality is checked after each load (reality_loop): at once after a load reserved from an
+    estimate or a declaration alone (it may hold more than it reserved); after loads reserved at
+    least at their entry's own measurement, once within REALITY_COALESCE_S for all of them (`_wake_reality`).
   * A request for a model that is not loaded triggers one load (single flight) and waits,
     bounded by `load_timeout_s` (which also bounds the server's load call) and `max_queue`
     waiters. When memory is short only because other models are loading, leased or young,
@@ -170,8 +173,20 @@ HEADROOM_MAX_FRACTION = 0.10
 # the headroom is kept from a miss that had to evict on its own path until this long after the
 # last miss: a node whose models all fit (or whose misses stopped) gives up no capacity for it
 HEADROOM_PRESSURE_S = 60.0
+# after a load reserved at least at its entry's measurement (the server grows by no more), the
+# reality check is woken at most once per this long: a stream of such loads costs one check (a
+# thread hop and /proc reads), not one per load. A load reserved from an estimate or a
+# declaration (its real memory may exceed what it reserved) still wakes it at once.
+REALITY_COALESCE_S = 0.25
 
 QUARANTINE = "server died twice while loading this model; quarantined until its config changes"
+
+
+def _within_measurement(cost: Any) -> bool:
+    """The reservation is at least what a measurement of this very entry found on every device
+    (measured, or declared above the measurement): the load should hold no more than it reserved."""
+    return cost.measured_host is not None and cost.host >= cost.measured_host \
+        and sum(cost.gpu.values()) >= (cost.measured_gpu or 0)
 
 
 @dataclass(frozen=True)
@@ -309,7 +324,8 @@ class Reconciler:
         self._memory_changed = asyncio.Event()  # replaced each time memory frees (see _signal_memory)
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
         self._recheck_task: asyncio.Task | None = None
-        self._reality_wake = asyncio.Event()  # set after a load: check reality at once
+        self._reality_wake = asyncio.Event()  # set after a load: check reality (see _wake_reality)
+        self._reality_later: asyncio.TimerHandle | None = None  # a coalesced wake pending
         self._headroom_wake = asyncio.Event()  # set after a load: restore the free margin (see _keep_headroom)
         self._pressure_until = 0.0  # the headroom is kept until then (misses evict: see _keep_headroom)
         self.on_change: Callable[[], None] = lambda: None  # a state or the configured set changed (/fleet/state seq)
@@ -345,6 +361,8 @@ class Reconciler:
 
     async def close(self) -> None:
         self._closing = True
+        if self._reality_later is not None:
+            self._reality_later.cancel()
         for t in [*self._background, *self._tasks]:
             t.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
@@ -706,7 +724,7 @@ class Reconciler:
             return False
         self.memory.reserve(m.name, self._cost(m, m.entry))
         self._set(m, S.LOADING)
-        self._loaded(m, self._wanted(m))
+        self._loaded(m, self._wanted(m), trusted=False)
         log.info("model adopted from the running server (no reload)", extra=kv(model=m.name, key=m.entry.key))
         return True
 
@@ -803,7 +821,7 @@ class Reconciler:
             self.memory.reserve(m.name, self.memory.release(slot) or cost)
         m.loads += 1
         m.failures, m.retry_at, m.permanent, m.nofit, m.crashes = 0, None, False, False, 0
-        self._loaded(m, copy)
+        self._loaded(m, copy, trusted=_within_measurement(cost))
         if phases is not None:
             phases.loaded = True
         log.info("model loaded", extra=kv(model=m.name, seconds=m.load_seconds, lazy=lazy, replaced=replacing, key=copy.entry.key))
@@ -818,15 +836,33 @@ class Reconciler:
         the ledger serializes them so that those started together are each measured."""
         return bool(self._loading or self._unloads) and f"runtime:{runtime}" in self.memory.overhead()
 
-    def _loaded(self, m: Model, copy: Copy) -> None:
+    def _loaded(self, m: Model, copy: Copy, *, trusted: bool) -> None:
+        """`trusted`: the load reserved at least its entry's own measurement (see _wake_reality)."""
         before = self._leased(m)
         m.served = m.last_good = copy
         m.loaded_at = m.last_used = time.monotonic()
         self._set(m, S.LOADED, reason=None)
         self._drop_leases(m, before)  # the previous copy's entry, now that this one serves
         self._signal_memory()  # no longer "loading": a load waiting for memory may evict it
-        self._reality_wake.set()  # check reality now: the load may hold more than it reserved
+        self._wake_reality(at_once=not trusted)
         self._headroom_wake.set()  # the load took free room: make it again, off any request's path
+
+    def _wake_reality(self, *, at_once: bool) -> None:
+        """Check reality after a load: at once when the load may hold more than it reserved (an
+        estimate or a declaration alone), else within REALITY_COALESCE_S, one check for every such
+        load in that time (a measured entry grows the server by what was reserved; the periodic
+        check and the next untrusted load catch any drift)."""
+        if at_once:
+            if self._reality_later is not None:
+                self._reality_later.cancel()
+                self._reality_later = None
+            self._reality_wake.set()
+        elif self._reality_later is None and not self._reality_wake.is_set():
+            self._reality_later = asyncio.get_running_loop().call_later(REALITY_COALESCE_S, self._reality_due)
+
+    def _reality_due(self) -> None:
+        self._reality_later = None
+        self._reality_wake.set()
 
     @contextlib.asynccontextmanager
     async def _load_slot(self, lazy: bool, phases: ColdStart | None = None) -> AsyncIterator[None]:

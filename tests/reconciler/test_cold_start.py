@@ -318,3 +318,33 @@ def test_the_headroom_flag_takes_a_number_of_loads_and_says_what_is_wrong(capsys
         with pytest.raises(SystemExit):
             parse("--headroom", bad)
         assert f"--headroom {bad!r} is not a number of loads" in capsys.readouterr().err
+
+
+def test_reality_checks_after_measured_loads_are_coalesced_but_an_estimated_load_is_checked_at_once(tmp_path, http, monkeypatch):
+    """After a load whose reservation is a measurement of its entry, the reality check waits
+    (REALITY_COALESCE_S) and one check covers every such load meanwhile; a load reserved from an
+    estimate (its real memory may exceed it) wakes the check at once."""
+    import agent.reconciler as reconciler_module
+
+    async def scenario():
+        async with Harness(tmp_path, http, reality_interval_s=3600.0) as h:
+            _measured_already(h)
+            checks = []
+            real_check = h.memory.reality.check
+            h.memory.reality.check = lambda: checks.append(1) or real_check()  # type: ignore[method-assign]
+            await h.wait_for(lambda: len(checks) == 1, what="the reality loop's first check")
+            await h.apply(*(h.spec(n, preload=False) for n in "abcd"))
+            for n in "abd":  # remembered: their reservation is what a measurement found
+                h.memory._save_record(h.model(n).entry.key, {"host": 128 * KB, "gpu": {}, "method": "measured", "samples": 1})
+            monkeypatch.setattr(reconciler_module, "REALITY_COALESCE_S", 3600.0)
+            h.rec.release(await h.rec.acquire("a"))
+            h.rec.release(await h.rec.acquire("b"))
+            for _ in range(20):
+                await asyncio.sleep(0)  # the reality loop would run now if it had been woken
+            assert len(checks) == 1  # two measured loads: no check yet, one pending for both
+            h.rec.release(await h.rec.acquire("c"))  # estimated: checked at once
+            await h.wait_for(lambda: len(checks) == 2, what="a check right after the estimated load")
+            monkeypatch.setattr(reconciler_module, "REALITY_COALESCE_S", 0.01)
+            h.rec.release(await h.rec.acquire("d"))  # measured: checked once the coalescing delay ends
+            await h.wait_for(lambda: len(checks) == 3, what="the coalesced check")
+    run(scenario())
