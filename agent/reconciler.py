@@ -23,7 +23,9 @@ and Cache, with the scripted server of tests/support/scripted.py):
   * Cache leases are per (entry, model): holder `<holder>@<model>`. A model leases the entry
     it serves and the entry it wants (both during an update); the old one is released only
     once the new copy serves. An entry is checked (`Cache.check`) before every load; a
-    vanished or broken one is discarded and pulled again.
+    vanished or broken one is discarded and pulled again. (An in-place entry, a local or PVC
+    path, on a request's load: the adapter's load checks the path in its file-work thread and
+    refuses one that is gone; there is nothing to pull again.)
   * A request holds an in-flight lease (`Model.inflight`) from `acquire` to `release`. No
     unload runs under a request: eviction picks models with no lease (re-checked under the
     victim's lock); removal and the update swap drain first (new requests for a removed
@@ -537,7 +539,7 @@ class Reconciler:
     async def _lazy_step(self, m: Model, phases: ColdStart) -> None:
         if m.removed or (m.state is S.LOADED and not m.draining):
             return
-        if self._quarantine(m) or not await self._pull(m):
+        if self._quarantine(m) or not await self._pull(m, lazy=True):
             return
         if m.state is not S.LOADED:
             await self._load(m, self._wanted(m), lazy=True, phases=phases)
@@ -651,11 +653,16 @@ class Reconciler:
         log.warning("server lost a model; reloading it", extra=kv(model=m.name, key=lost.entry.key))
         return lost
 
-    async def _pull(self, m: Model) -> bool:
+    async def _pull(self, m: Model, *, lazy: bool = False) -> bool:
         """Make the spec's files available and checked (a cache hit moves nothing). False on
-        failure. A loaded model being updated stays LOADED while its new copy is pulled."""
+        failure. A loaded model being updated stays LOADED while its new copy is pulled. `lazy`
+        (a request's load follows): an in-place entry is not checked here, the adapter's load
+        refuses a path that is gone (LoadFailed) in the thread that writes its repository entry,
+        and there is no copy to pull again: one thread hop less on the request's path."""
         fingerprint = m.spec.fingerprint()
         if m.entry is not None and m.entry_fp == fingerprint:
+            if lazy and m.entry.in_place:
+                return True
             problems = await asyncio.to_thread(self.cache.check, m.entry)
             if not problems:
                 return True

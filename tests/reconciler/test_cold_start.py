@@ -348,3 +348,33 @@ def test_reality_checks_after_measured_loads_are_coalesced_but_an_estimated_load
             h.rec.release(await h.rec.acquire("d"))  # measured: checked once the coalescing delay ends
             await h.wait_for(lambda: len(checks) == 3, what="the coalesced check")
     run(scenario())
+
+
+def test_a_request_for_an_in_place_model_takes_no_separate_cache_check_and_a_vanished_path_gets_a_503(tmp_path, http):
+    """A local (in-place) model's request-driven load is not preceded by a Cache.check in its own
+    thread: the adapter's load checks the path where it writes the repository entry. A path that
+    is gone still ends in a 503 with the reason (model FAILED), never a raw error."""
+    from agent.reconciler import ModelUnavailable
+
+    async def scenario():
+        async with Harness(tmp_path, http) as h:
+            _measured_already(h)
+            dirs = {}
+            for n in ("here", "gone"):
+                dirs[n] = tmp_path / "local" / n
+                dirs[n].mkdir(parents=True)
+                (dirs[n] / "model.bin").write_bytes(b"x" * KB)
+            await h.apply(*(h.spec(n, str(d), preload=False) for n, d in dirs.items()))
+            assert h.model("here").entry.in_place
+            checks = []
+            real_check = h.cache.check
+            h.cache.check = lambda entry: checks.append(entry.key) or real_check(entry)  # type: ignore[method-assign]
+            h.rec.release(await h.rec.acquire("here"))
+            assert h.state("here") is State.LOADED and checks == []
+            for f in dirs["gone"].iterdir():
+                f.unlink()
+            dirs["gone"].rmdir()
+            with pytest.raises(ModelUnavailable) as e:
+                await h.rec.acquire("gone")
+            assert h.state("gone") is State.FAILED and str(dirs["gone"]) in e.value.reason
+    run(scenario())
