@@ -191,6 +191,35 @@ def test_a_load_answers_before_its_entry_is_parked_and_an_unload_waits_for_the_p
     assert mlserver.call(ad.index()) == {}
 
 
+def test_a_reload_waits_for_the_park_of_the_previous_load(
+        mlserver: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload of a name whose park is still in flight writes its visible entry only after that
+    park moved the previous one: the new copy serves and is parked once, nothing left visible."""
+    ad = mlserver.adapter
+    a, b = _distinct_models(tmp_path)
+    gate = threading.Event()
+    real_park = ad._park
+    monkeypatch.setattr(ad, "_park", lambda name: (gate.wait(30), real_park(name)))
+
+    async def scenario() -> None:
+        await asyncio.wait_for(ad.load(ServedModel("again", a, "sklearn")), 10)  # the park is held
+        reloading = asyncio.create_task(ad.load(ServedModel("again", b, "sklearn")))
+        await asyncio.sleep(0.3)
+        assert not reloading.done()  # it waits for the park in flight
+        gate.set()
+        await reloading
+        await ad.parked()
+
+    try:
+        mlserver.call(scenario())
+    finally:
+        gate.set()
+    assert _infer(mlserver, "again") == sklearn_predictions(b, ROWS)
+    assert ad.visible_entries() == set() and ad.served_path("again") == b
+    _assert_parked_once(mlserver.repository, "again")
+    mlserver.call(ad.unload("again"))
+
+
 def test_failed_reload_keeps_the_old_copy_serving(mlserver: RunningServer, tmp_path: Path) -> None:
     ad = mlserver.adapter
     good = write_sklearn_model(tmp_path / "good")
