@@ -23,7 +23,9 @@ and Cache, with the scripted server of tests/support/scripted.py):
   * Cache leases are per (entry, model): holder `<holder>@<model>`. A model leases the entry
     it serves and the entry it wants (both during an update); the old one is released only
     once the new copy serves. An entry is checked (`Cache.check`) before every load; a
-    vanished or broken one is discarded and pulled again.
+    vanished or broken one is discarded and pulled again. (An in-place entry, a local or PVC
+    path, on a request's load: the adapter's load checks the path in its file-work thread and
+    refuses one that is gone; there is nothing to pull again.)
   * A request holds an in-flight lease (`Model.inflight`) from `acquire` to `release`. No
     unload runs under a request: eviction picks models with no lease (re-checked under the
     victim's lock); removal and the update swap drain first (new requests for a removed
@@ -47,6 +49,9 @@ and Cache, with the scripted server of tests/support/scripted.py):
     no victim but finds unloads in flight waits for them only while its window would see them
     or the server could not hold them beside it (`held()` within budget x (1 + unload_overlap)
     on the host, within the budget on a GPU).
+  * Reality is checked after each load (reality_loop): at once after a load reserved from an
+    estimate or a declaration alone (it may hold more than it reserved); after loads reserved at
+    least at their entry's own measurement, once within REALITY_COALESCE_S for all of them (`_wake_reality`).
   * A request for a model that is not loaded triggers one load (single flight) and waits,
     bounded by `load_timeout_s` (which also bounds the server's load call) and `max_queue`
     waiters. When memory is short only because other models are loading, leased or young,
@@ -170,8 +175,20 @@ HEADROOM_MAX_FRACTION = 0.10
 # the headroom is kept from a miss that had to evict on its own path until this long after the
 # last miss: a node whose models all fit (or whose misses stopped) gives up no capacity for it
 HEADROOM_PRESSURE_S = 60.0
+# after a load reserved at least at its entry's measurement (the server grows by no more), the
+# reality check is woken at most once per this long: a stream of such loads costs one check (a
+# thread hop and /proc reads), not one per load. A load reserved from an estimate or a
+# declaration (its real memory may exceed what it reserved) still wakes it at once.
+REALITY_COALESCE_S = 0.25
 
 QUARANTINE = "server died twice while loading this model; quarantined until its config changes"
+
+
+def _within_measurement(cost: Any) -> bool:
+    """The reservation is at least what a measurement of this very entry found on every device
+    (measured, or declared above the measurement): the load should hold no more than it reserved."""
+    return cost.measured_host is not None and cost.host >= cost.measured_host \
+        and sum(cost.gpu.values()) >= (cost.measured_gpu or 0)
 
 
 @dataclass(frozen=True)
@@ -309,7 +326,8 @@ class Reconciler:
         self._memory_changed = asyncio.Event()  # replaced each time memory frees (see _signal_memory)
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
         self._recheck_task: asyncio.Task | None = None
-        self._reality_wake = asyncio.Event()  # set after a load: check reality at once
+        self._reality_wake = asyncio.Event()  # set after a load: check reality (see _wake_reality)
+        self._reality_later: asyncio.TimerHandle | None = None  # a coalesced wake pending
         self._headroom_wake = asyncio.Event()  # set after a load: restore the free margin (see _keep_headroom)
         self._pressure_until = 0.0  # the headroom is kept until then (misses evict: see _keep_headroom)
         self.on_change: Callable[[], None] = lambda: None  # a state or the configured set changed (/fleet/state seq)
@@ -345,6 +363,8 @@ class Reconciler:
 
     async def close(self) -> None:
         self._closing = True
+        if self._reality_later is not None:
+            self._reality_later.cancel()
         for t in [*self._background, *self._tasks]:
             t.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
@@ -519,7 +539,7 @@ class Reconciler:
     async def _lazy_step(self, m: Model, phases: ColdStart) -> None:
         if m.removed or (m.state is S.LOADED and not m.draining):
             return
-        if self._quarantine(m) or not await self._pull(m):
+        if self._quarantine(m) or not await self._pull(m, lazy=True):
             return
         if m.state is not S.LOADED:
             await self._load(m, self._wanted(m), lazy=True, phases=phases)
@@ -633,11 +653,16 @@ class Reconciler:
         log.warning("server lost a model; reloading it", extra=kv(model=m.name, key=lost.entry.key))
         return lost
 
-    async def _pull(self, m: Model) -> bool:
+    async def _pull(self, m: Model, *, lazy: bool = False) -> bool:
         """Make the spec's files available and checked (a cache hit moves nothing). False on
-        failure. A loaded model being updated stays LOADED while its new copy is pulled."""
+        failure. A loaded model being updated stays LOADED while its new copy is pulled. `lazy`
+        (a request's load follows): an in-place entry is not checked here, the adapter's load
+        refuses a path that is gone (LoadFailed) in the thread that writes its repository entry,
+        and there is no copy to pull again: one thread hop less on the request's path."""
         fingerprint = m.spec.fingerprint()
         if m.entry is not None and m.entry_fp == fingerprint:
+            if lazy and m.entry.in_place:
+                return True
             problems = await asyncio.to_thread(self.cache.check, m.entry)
             if not problems:
                 return True
@@ -706,7 +731,7 @@ class Reconciler:
             return False
         self.memory.reserve(m.name, self._cost(m, m.entry))
         self._set(m, S.LOADING)
-        self._loaded(m, self._wanted(m))
+        self._loaded(m, self._wanted(m), trusted=False)
         log.info("model adopted from the running server (no reload)", extra=kv(model=m.name, key=m.entry.key))
         return True
 
@@ -803,7 +828,7 @@ class Reconciler:
             self.memory.reserve(m.name, self.memory.release(slot) or cost)
         m.loads += 1
         m.failures, m.retry_at, m.permanent, m.nofit, m.crashes = 0, None, False, False, 0
-        self._loaded(m, copy)
+        self._loaded(m, copy, trusted=_within_measurement(cost))
         if phases is not None:
             phases.loaded = True
         log.info("model loaded", extra=kv(model=m.name, seconds=m.load_seconds, lazy=lazy, replaced=replacing, key=copy.entry.key))
@@ -818,15 +843,33 @@ class Reconciler:
         the ledger serializes them so that those started together are each measured."""
         return bool(self._loading or self._unloads) and f"runtime:{runtime}" in self.memory.overhead()
 
-    def _loaded(self, m: Model, copy: Copy) -> None:
+    def _loaded(self, m: Model, copy: Copy, *, trusted: bool) -> None:
+        """`trusted`: the load reserved at least its entry's own measurement (see _wake_reality)."""
         before = self._leased(m)
         m.served = m.last_good = copy
         m.loaded_at = m.last_used = time.monotonic()
         self._set(m, S.LOADED, reason=None)
         self._drop_leases(m, before)  # the previous copy's entry, now that this one serves
         self._signal_memory()  # no longer "loading": a load waiting for memory may evict it
-        self._reality_wake.set()  # check reality now: the load may hold more than it reserved
+        self._wake_reality(at_once=not trusted)
         self._headroom_wake.set()  # the load took free room: make it again, off any request's path
+
+    def _wake_reality(self, *, at_once: bool) -> None:
+        """Check reality after a load: at once when the load may hold more than it reserved (an
+        estimate or a declaration alone), else within REALITY_COALESCE_S, one check for every such
+        load in that time (a measured entry grows the server by what was reserved; the periodic
+        check and the next untrusted load catch any drift)."""
+        if at_once:
+            if self._reality_later is not None:
+                self._reality_later.cancel()
+                self._reality_later = None
+            self._reality_wake.set()
+        elif self._reality_later is None and not self._reality_wake.is_set():
+            self._reality_later = asyncio.get_running_loop().call_later(REALITY_COALESCE_S, self._reality_due)
+
+    def _reality_due(self) -> None:
+        self._reality_later = None
+        self._reality_wake.set()
 
     @contextlib.asynccontextmanager
     async def _load_slot(self, lazy: bool, phases: ColdStart | None = None) -> AsyncIterator[None]:

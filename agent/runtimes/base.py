@@ -74,7 +74,8 @@ class RuntimeAdapter(abc.ABC):
     async def load(self, model: ServedModel) -> float | None:
         """Write the model's repository entry and load it. Loading a name that is already
         loaded replaces it in place: the old copy serves until the new one is ready.
-        Raises LoadFailed (with the server's reason) or ServerUnavailable. Returns the seconds
+        Raises LoadFailed (with the server's reason; before any server call when `model.path`
+        does not exist: the reconciler relies on it for in-place entries) or ServerUnavailable. Returns the seconds
         the server's own load call took (the rest of the call is the adapter's file work: the
         agent's cold-start breakdown tells them apart), or None when the adapter cannot tell."""
 

@@ -9,7 +9,9 @@ loaded models' entries in the dir, a load cost 7 ms with 2 entries, 60 ms with 3
 with 100; in the density benchmark p95 grew 23x from over-commit ratio 1.0 to 1.5 (goal: 3x).
 Python's glob skips dot-directories, and MLServer serves a loaded model from its registry, not
 from disk. So an entry is written visibly (`<repo>/<name>/`), loaded, and then moved out of the
-glob's sight to `<repo>/.loaded/<name>` (in a thread, like all the adapter's file work): a load
+glob's sight to `<repo>/.loaded/<name>` (in a thread, like all the adapter's file work, and in
+the background: load() answers once the server has the model; the next load or unload of that
+name, index() and close() see or wait for the park in flight): a load
 costs ~5 ms again however many models are loaded, and p95(1.5)/p95(1.0) fell to ~2x. Measurements and the experiment:
 benchmarks/results/density.notes.md (and density.md for the current figures).
 
@@ -285,6 +287,7 @@ class MLServerAdapter(HTTPServerAdapter):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._parking: dict[str, int] = {}  # name -> parks in flight (each in a thread)
+        self._parks: dict[str, asyncio.Task] = {}  # name -> its latest park (see load)
         self._dirty: set[str] = set()  # names whose park failed here: swept at their next park/unload
 
     @property
@@ -300,18 +303,41 @@ class MLServerAdapter(HTTPServerAdapter):
         await super().start(timeout)
 
     async def load(self, model: ServedModel) -> float | None:
+        """Load, then park the entry in the background: the load answers as soon as the server
+        has the model (the park is file work, off the caller's path). A later load or unload of
+        the same name, and close(), wait for that park first."""
+        await self.parked(model.name)  # a reload writes the visible entry the park moves
         server_s = await super().load(model)
         self._parking[model.name] = self._parking.get(model.name, 0) + 1
-        try:
-            await asyncio.to_thread(self._park, model.name)
-        except OSError as e:  # still loaded and served; only later loads are slower
-            self._dirty.add(model.name)
-            self._log.warning("event=park_failed server=%s model=%s error=%s", self.kind, model.name, type(e).__name__)
-        finally:
-            self._parking[model.name] -= 1
-            if not self._parking[model.name]:
-                del self._parking[model.name]
+        self._parks[model.name] = asyncio.create_task(self._park_now(model.name), name=f"park:{model.name}")
         return server_s
+
+    async def _park_now(self, name: str) -> None:
+        try:
+            await asyncio.to_thread(self._park, name)
+        except Exception as e:  # still loaded and served; only later loads are slower
+            self._dirty.add(name)
+            self._log.warning("event=park_failed server=%s model=%s error=%s", self.kind, name, type(e).__name__)
+        finally:
+            self._parking[name] -= 1
+            if not self._parking[name]:
+                del self._parking[name]
+            if self._parks.get(name) is asyncio.current_task():
+                del self._parks[name]
+
+    async def parked(self, name: str | None = None) -> None:
+        """Wait for the park of `name` in flight (None: every park in flight) to end."""
+        tasks = [self._parks[name]] if name in self._parks else [] if name is not None else list(self._parks.values())
+        if tasks:
+            await asyncio.wait([asyncio.shield(t) for t in tasks])
+
+    async def unload(self, name: str) -> None:
+        await self.parked(name)  # the unload removes what the park moves
+        await super().unload(name)
+
+    async def close(self) -> None:
+        await self.parked()
+        await super().close()
 
     def _remove_entry(self, name: str) -> None:
         super()._remove_entry(name)  # runs only once the server unloaded it: the parked copy goes too

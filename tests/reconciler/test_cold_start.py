@@ -329,3 +329,63 @@ def test_the_headroom_flag_takes_a_number_of_loads_and_says_what_is_wrong(capsys
         with pytest.raises(SystemExit):
             parse("--headroom", bad)
         assert f"--headroom {bad!r} is not a number of loads" in capsys.readouterr().err
+
+
+def test_reality_checks_after_measured_loads_are_coalesced_but_an_estimated_load_is_checked_at_once(tmp_path, http, monkeypatch):
+    """After a load whose reservation is a measurement of its entry, the reality check waits
+    (REALITY_COALESCE_S) and one check covers every such load meanwhile; a load reserved from an
+    estimate (its real memory may exceed it) wakes the check at once."""
+    import agent.reconciler as reconciler_module
+
+    async def scenario():
+        async with Harness(tmp_path, http, reality_interval_s=3600.0) as h:
+            _measured_already(h)
+            checks = []
+            real_check = h.memory.reality.check
+            h.memory.reality.check = lambda: checks.append(1) or real_check()  # type: ignore[method-assign]
+            await h.wait_for(lambda: len(checks) == 1, what="the reality loop's first check")
+            await h.apply(*(h.spec(n, preload=False) for n in "abcd"))
+            for n in "abd":  # remembered: their reservation is what a measurement found
+                h.memory._save_record(h.model(n).entry.key, {"host": 128 * KB, "gpu": {}, "method": "measured", "samples": 1})
+            monkeypatch.setattr(reconciler_module, "REALITY_COALESCE_S", 3600.0)
+            h.rec.release(await h.rec.acquire("a"))
+            h.rec.release(await h.rec.acquire("b"))
+            for _ in range(20):
+                await asyncio.sleep(0)  # the reality loop would run now if it had been woken
+            assert len(checks) == 1  # two measured loads: no check yet, one pending for both
+            h.rec.release(await h.rec.acquire("c"))  # estimated: checked at once
+            await h.wait_for(lambda: len(checks) == 2, what="a check right after the estimated load")
+            monkeypatch.setattr(reconciler_module, "REALITY_COALESCE_S", 0.01)
+            h.rec.release(await h.rec.acquire("d"))  # measured: checked once the coalescing delay ends
+            await h.wait_for(lambda: len(checks) == 3, what="the coalesced check")
+    run(scenario())
+
+
+def test_a_request_for_an_in_place_model_takes_no_separate_cache_check_and_a_vanished_path_gets_a_503(tmp_path, http):
+    """A local (in-place) model's request-driven load is not preceded by a Cache.check in its own
+    thread: the adapter's load checks the path where it writes the repository entry. A path that
+    is gone still ends in a 503 with the reason (model FAILED), never a raw error."""
+    from agent.reconciler import ModelUnavailable
+
+    async def scenario():
+        async with Harness(tmp_path, http) as h:
+            _measured_already(h)
+            dirs = {}
+            for n in ("here", "gone"):
+                dirs[n] = tmp_path / "local" / n
+                dirs[n].mkdir(parents=True)
+                (dirs[n] / "model.bin").write_bytes(b"x" * KB)
+            await h.apply(*(h.spec(n, str(d), preload=False) for n, d in dirs.items()))
+            assert h.model("here").entry.in_place
+            checks = []
+            real_check = h.cache.check
+            h.cache.check = lambda entry: checks.append(entry.key) or real_check(entry)  # type: ignore[method-assign]
+            h.rec.release(await h.rec.acquire("here"))
+            assert h.state("here") is State.LOADED and checks == []
+            for f in dirs["gone"].iterdir():
+                f.unlink()
+            dirs["gone"].rmdir()
+            with pytest.raises(ModelUnavailable) as e:
+                await h.rec.acquire("gone")
+            assert h.state("gone") is State.FAILED and str(dirs["gone"]) in e.value.reason
+    run(scenario())

@@ -74,8 +74,8 @@ def _distinct_models(tmp_path: Path) -> tuple[Path, Path]:
 def test_load_infer_index_unload(mlserver: RunningServer, tmp_path: Path) -> None:
     a, b = _distinct_models(tmp_path)
     ad = mlserver.adapter
-    mlserver.call(ad.load(ServedModel("iris-a", a, "sklearn", version="3")))
-    mlserver.call(ad.load(ServedModel("iris-b", b, "sklearn")))
+    mlserver.load(ServedModel("iris-a", a, "sklearn", version="3"))
+    mlserver.load(ServedModel("iris-b", b, "sklearn"))
 
     assert _infer(mlserver, "iris-a") == sklearn_predictions(a, ROWS)
     assert _infer(mlserver, "iris-a", version="3") == sklearn_predictions(a, ROWS)
@@ -104,12 +104,12 @@ def test_unload_of_unknown_model_is_not_an_error(mlserver: RunningServer) -> Non
 def test_missing_files_fail_the_load_and_leave_no_entry(mlserver: RunningServer, tmp_path: Path) -> None:
     ad = mlserver.adapter
     with pytest.raises(LoadFailed) as e:
-        mlserver.call(ad.load(ServedModel("ghost", tmp_path / "nowhere", "sklearn")))
+        mlserver.load(ServedModel("ghost", tmp_path / "nowhere", "sklearn"))
     assert "nowhere" in e.value.reason
     # a dir that exists but holds no model: the server itself refuses it
     (tmp_path / "empty").mkdir()
     with pytest.raises(LoadFailed) as e:
-        mlserver.call(ad.load(ServedModel("empty", tmp_path / "empty", "sklearn")))
+        mlserver.load(ServedModel("empty", tmp_path / "empty", "sklearn"))
     assert e.value.reason.startswith("HTTP 500") and "IsADirectoryError" in e.value.reason
     assert ad.repository_entries() == set()
     assert mlserver.call(ad.index()) == {}
@@ -118,9 +118,9 @@ def test_missing_files_fail_the_load_and_leave_no_entry(mlserver: RunningServer,
 def test_broken_model_fails_with_short_reason_and_others_keep_serving(mlserver: RunningServer, tmp_path: Path) -> None:
     ad = mlserver.adapter
     good = write_sklearn_model(tmp_path / "good")
-    mlserver.call(ad.load(ServedModel("good", good, "sklearn")))
+    mlserver.load(ServedModel("good", good, "sklearn"))
     with pytest.raises(LoadFailed) as e:
-        mlserver.call(ad.load(ServedModel("broken", write_broken_model(tmp_path / "broken"), "sklearn")))
+        mlserver.load(ServedModel("broken", write_broken_model(tmp_path / "broken"), "sklearn"))
     reason = e.value.reason
     assert e.value.model == "broken"
     assert reason.startswith("HTTP 500: ") and "\n" not in reason and len(reason) < 400, reason
@@ -133,9 +133,9 @@ def test_broken_model_fails_with_short_reason_and_others_keep_serving(mlserver: 
 def test_unknown_runtime_and_missing_implementation_are_refused(mlserver: RunningServer, tmp_path: Path) -> None:
     d = write_sklearn_model(tmp_path / "m")
     with pytest.raises(LoadFailed, match="not served by MLServer"):
-        mlserver.call(mlserver.adapter.load(ServedModel("m", d, "tensorrt")))
+        mlserver.load(ServedModel("m", d, "tensorrt"))
     with pytest.raises(LoadFailed, match="needs an implementation"):
-        mlserver.call(mlserver.adapter.load(ServedModel("m", d, "mlserver")))
+        mlserver.load(ServedModel("m", d, "mlserver"))
     assert mlserver.adapter.repository_entries() == set()
 
 
@@ -143,7 +143,7 @@ def test_reload_in_place_has_no_gap(mlserver: RunningServer, tmp_path: Path) -> 
     """While the model is replaced (several times), every ready probe and inference succeeds."""
     a, b = _distinct_models(tmp_path)
     ad = mlserver.adapter
-    mlserver.call(ad.load(ServedModel("swap", a, "sklearn")))
+    mlserver.load(ServedModel("swap", a, "sklearn"))
 
     async def reloads() -> None:
         for path in (b, a, b):
@@ -156,31 +156,90 @@ def test_reload_in_place_has_no_gap(mlserver: RunningServer, tmp_path: Path) -> 
     assert tuple(sklearn_predictions(a, ROWS)) in polled.outputs and tuple(sklearn_predictions(b, ROWS)) in polled.outputs
     assert _infer(mlserver, "swap") == sklearn_predictions(b, ROWS)
     assert mlserver.call(ad.index()) == {"swap": "READY"}
+    mlserver.call(ad.parked())
     # the new copy replaced the parked one; the replaced copies are gone
     assert ad.visible_entries() == set() and ad.served_path("swap") == b
     _assert_parked_once(mlserver.repository, "swap")
 
 
+def test_a_load_answers_before_its_entry_is_parked_and_an_unload_waits_for_the_park(
+        mlserver: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The park (file work) is off the load's path: load() answers once the server has the
+    model, which serves and reads READY while its park is held; an unload meanwhile waits for the
+    park and then leaves nothing behind, visible or parked."""
+    ad = mlserver.adapter
+    gate = threading.Event()
+    real_park = ad._park
+    monkeypatch.setattr(ad, "_park", lambda name: (gate.wait(30), real_park(name)))
+    d = write_sklearn_model(tmp_path / "early")
+
+    async def scenario() -> asyncio.Task:
+        await asyncio.wait_for(ad.load(ServedModel("early", d, "sklearn")), 10)  # the park is held
+        assert _infer(mlserver, "early") == sklearn_predictions(d, ROWS)
+        assert await ad.index() == {"early": "READY"}
+        unloading = asyncio.create_task(ad.unload("early"))
+        await asyncio.sleep(0.3)
+        assert not unloading.done()  # it waits for the park in flight
+        gate.set()
+        await unloading
+
+    try:
+        mlserver.call(scenario())
+    finally:
+        gate.set()
+    assert ad.repository_entries() == set() and _parked_files(mlserver.repository, "early") == []
+    assert mlserver.call(ad.index()) == {}
+
+
+def test_a_reload_waits_for_the_park_of_the_previous_load(
+        mlserver: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload of a name whose park is still in flight writes its visible entry only after that
+    park moved the previous one: the new copy serves and is parked once, nothing left visible."""
+    ad = mlserver.adapter
+    a, b = _distinct_models(tmp_path)
+    gate = threading.Event()
+    real_park = ad._park
+    monkeypatch.setattr(ad, "_park", lambda name: (gate.wait(30), real_park(name)))
+
+    async def scenario() -> None:
+        await asyncio.wait_for(ad.load(ServedModel("again", a, "sklearn")), 10)  # the park is held
+        reloading = asyncio.create_task(ad.load(ServedModel("again", b, "sklearn")))
+        await asyncio.sleep(0.3)
+        assert not reloading.done()  # it waits for the park in flight
+        gate.set()
+        await reloading
+        await ad.parked()
+
+    try:
+        mlserver.call(scenario())
+    finally:
+        gate.set()
+    assert _infer(mlserver, "again") == sklearn_predictions(b, ROWS)
+    assert ad.visible_entries() == set() and ad.served_path("again") == b
+    _assert_parked_once(mlserver.repository, "again")
+    mlserver.call(ad.unload("again"))
+
+
 def test_failed_reload_keeps_the_old_copy_serving(mlserver: RunningServer, tmp_path: Path) -> None:
     ad = mlserver.adapter
     good = write_sklearn_model(tmp_path / "good")
-    mlserver.call(ad.load(ServedModel("keep", good, "sklearn", version="1")))
+    mlserver.load(ServedModel("keep", good, "sklearn", version="1"))
     with pytest.raises(LoadFailed):
-        mlserver.call(ad.load(ServedModel("keep", write_broken_model(tmp_path / "bad"), "sklearn", version="1")))
+        mlserver.load(ServedModel("keep", write_broken_model(tmp_path / "bad"), "sklearn", version="1"))
     assert _infer(mlserver, "keep") == sklearn_predictions(good, ROWS)
     assert ad.entry("keep") == ServedModel("keep", good, "sklearn", version="1")  # the old parked entry, intact
     assert ad.visible_entries() == set() and ad.parked_entries() == {"keep"}  # the failed one was removed
     assert mlserver.call(ad.index()) == {"keep": "READY"}
     # and it still serves after the next load of another model (MLServer re-globs then)
-    mlserver.call(ad.load(ServedModel("other", good, "sklearn")))
+    mlserver.load(ServedModel("other", good, "sklearn"))
     assert _infer(mlserver, "keep") == sklearn_predictions(good, ROWS)
 
 
 def test_version_change_replaces_the_old_version(mlserver: RunningServer, tmp_path: Path) -> None:
     a, b = _distinct_models(tmp_path)
     ad = mlserver.adapter
-    mlserver.call(ad.load(ServedModel("ver", a, "sklearn", version="1")))
-    mlserver.call(ad.load(ServedModel("ver", b, "sklearn", version="2")))
+    mlserver.load(ServedModel("ver", a, "sklearn", version="1"))
+    mlserver.load(ServedModel("ver", b, "sklearn", version="2"))
     assert _infer(mlserver, "ver") == sklearn_predictions(b, ROWS)
     assert _infer(mlserver, "ver", version="2") == sklearn_predictions(b, ROWS)
     r = httpx.post(f"{mlserver.base_url}/v2/models/ver/versions/1/infer", json=v2_request(ROWS))
@@ -191,9 +250,9 @@ def test_repository_holds_only_loaded_models(mlserver: RunningServer, tmp_path: 
     """MLServer re-globs the whole dir on each load: only loaded models may have an entry."""
     ad = mlserver.adapter
     for i in range(3):
-        mlserver.call(ad.load(ServedModel(f"m{i}", write_sklearn_model(tmp_path / f"m{i}", seed=i), "sklearn")))
+        mlserver.load(ServedModel(f"m{i}", write_sklearn_model(tmp_path / f"m{i}", seed=i), "sklearn"))
     with pytest.raises(LoadFailed):
-        mlserver.call(ad.load(ServedModel("bad", write_broken_model(tmp_path / "bad"), "sklearn")))
+        mlserver.load(ServedModel("bad", write_broken_model(tmp_path / "bad"), "sklearn"))
     mlserver.call(ad.unload("m1"))
     assert ad.repository_entries() == ad.parked_entries() == {"m0", "m2"}
     # what MLServer's re-glob sees: nothing (loaded entries are parked under .loaded/)
@@ -210,7 +269,7 @@ def test_slow_custom_model_serves_and_counts_loads(mlserver: RunningServer, tmp_
     ad = mlserver.adapter
     log = tmp_path / "loads.log"
     d = write_slow_model(tmp_path / "slow", delay=0.3, load_log=log)
-    mlserver.call(ad.load(ServedModel("slow", d, "mlserver", implementation=SLOW_IMPLEMENTATION)))
+    mlserver.load(ServedModel("slow", d, "mlserver", implementation=SLOW_IMPLEMENTATION))
     t0 = time.monotonic()
     r = httpx.post(f"{mlserver.base_url}/v2/models/slow/infer", json=v2_request([[1.0, 2.0]]), timeout=10)
     took = time.monotonic() - t0
@@ -222,7 +281,7 @@ def test_slow_custom_model_serves_and_counts_loads(mlserver: RunningServer, tmp_
     assert httpx.post(f"{mlserver.base_url}/v2/models/slow/infer", json=body, timeout=10).status_code == 200
     assert time.monotonic() - t0 < 0.3
     assert count_loads(log, "slow") == 1
-    mlserver.call(ad.load(ServedModel("slow", d, "mlserver", implementation=SLOW_IMPLEMENTATION, parameters={"extra": {"delay": 0.0}})))
+    mlserver.load(ServedModel("slow", d, "mlserver", implementation=SLOW_IMPLEMENTATION, parameters={"extra": {"delay": 0.0}}))
     assert count_loads(log, "slow") == 2
 
 
@@ -231,7 +290,7 @@ def test_sidecar_adapter_sees_the_same_server_and_entries(mlserver: RunningServe
     is loaded and what each entry serves, without loading anything."""
     d = write_sklearn_model(tmp_path / "m")
     served = ServedModel("adopt", d, "sklearn", version="7", parameters={"extra": {"k": "v"}})
-    mlserver.call(mlserver.adapter.load(served))
+    mlserver.load(served)
 
     async def look() -> tuple[dict[str, str], ServedModel | None, bool]:
         side = MLServerAdapter(mlserver.repository, base_url=mlserver.base_url)
@@ -271,7 +330,7 @@ def _load_unload_ms(srv: RunningServer, served: ServedModel, rounds: int = 5) ->
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        srv.call(srv.adapter.load(served))
+        srv.load(served)
         times.append((time.perf_counter() - t0) * 1000)
         srv.call(srv.adapter.unload(served.name))
     return sorted(times)[len(times) // 2]
@@ -322,11 +381,11 @@ def test_load_cost_does_not_grow_with_the_loaded_set(mlserver: RunningServer, tm
     cost of a load does not grow with the loaded set. Wall times are printed, not asserted."""
     ad = mlserver.adapter
     probe = ServedModel("probe", write_sklearn_model(tmp_path / "probe", seed=1), "sklearn")
-    mlserver.call(ad.load(ServedModel("m0", write_sklearn_model(tmp_path / "m0"), "sklearn")))
+    mlserver.load(ServedModel("m0", write_sklearn_model(tmp_path / "m0"), "sklearn"))
     with_one = _load_unload_ms(mlserver, probe)
     shared = write_sklearn_model(tmp_path / "shared", seed=2)
     for i in range(1, 30):
-        mlserver.call(ad.load(ServedModel(f"m{i}", shared, "sklearn")))
+        mlserver.load(ServedModel(f"m{i}", shared, "sklearn"))
         assert _globbed(mlserver.repository) == []  # after each load: nothing left for the glob
     assert mlserver.call(ad.index()) == {f"m{i}": "READY" for i in range(30)}
     others = {str(p) for p in mlserver.repository.rglob("model-settings.json")}
@@ -352,6 +411,7 @@ def test_load_cost_does_not_grow_with_the_loaded_set(mlserver: RunningServer, tm
                 break
         index = await ad.index()  # while loading: the visible entry LOADING, the parked ones READY
         await load
+        await ad.parked("slowload")
         return seen, index
 
     seen, index = mlserver.call(during_load())
@@ -367,8 +427,8 @@ def test_stale_parked_entry_is_not_ready_and_unload_removes_it(mlserver: Running
     reconciler's orphan cleanup) removes it."""
     ad = mlserver.adapter
     d = write_sklearn_model(tmp_path / "m")
-    mlserver.call(ad.load(ServedModel("kept", d, "sklearn")))
-    mlserver.call(ad.load(ServedModel("lost", d, "sklearn")))
+    mlserver.load(ServedModel("kept", d, "sklearn"))
+    mlserver.load(ServedModel("lost", d, "sklearn"))
     # the server drops it behind the adapter's back, as a restart does to every model
     assert httpx.post(f"{mlserver.base_url}/v2/repository/models/lost/unload", json={}).status_code == 200
     assert mlserver.call(ad.index()) == {"kept": "READY", "lost": "UNAVAILABLE"}
@@ -378,7 +438,7 @@ def test_stale_parked_entry_is_not_ready_and_unload_removes_it(mlserver: Running
     assert ad.repository_entries() == {"kept"} and _parked_files(mlserver.repository, "lost") == []
     assert mlserver.call(ad.index()) == {"kept": "READY"}
     # a reload of a lost model re-parks it
-    mlserver.call(ad.load(ServedModel("lost", d, "sklearn")))
+    mlserver.load(ServedModel("lost", d, "sklearn"))
     assert mlserver.call(ad.index()) == {"kept": "READY", "lost": "READY"}
     _assert_parked_once(mlserver.repository, "lost")
 
@@ -391,8 +451,8 @@ def test_leftovers_of_an_interrupted_park_are_swept_when_the_agent_starts_again(
     agent restarted after the crash) removes what no link points at, and only that."""
     ad = mlserver.adapter
     a, b = _distinct_models(tmp_path)
-    mlserver.call(ad.load(ServedModel("m", a, "sklearn")))
-    mlserver.call(ad.load(ServedModel("mm", a, "sklearn")))  # a name sharing the prefix: its copy stays
+    mlserver.load(ServedModel("m", a, "sklearn"))
+    mlserver.load(ServedModel("mm", a, "sklearn"))  # a name sharing the prefix: its copy stays
     parked = mlserver.repository / ".loaded"
     for leftover in (".m.0123abcd", ".m.x.0123abcd", ".mm.0123abcd"):
         (parked / leftover).mkdir()
@@ -400,7 +460,7 @@ def test_leftovers_of_an_interrupted_park_are_swept_when_the_agent_starts_again(
     (parked / ".m.link").symlink_to(".m.0123abcd")
     assert ad.served_path("m") == a and ad.repository_entries() == {"m", "mm"}  # leftovers are not entries
 
-    mlserver.call(ad.load(ServedModel("m", b, "sklearn")))  # replaces m's parked copy, lists nothing
+    mlserver.load(ServedModel("m", b, "sklearn"))  # replaces m's parked copy, lists nothing
     assert _infer(mlserver, "m") == sklearn_predictions(b, ROWS) and ad.served_path("m") == b
     assert (parked / ".m.0123abcd").is_dir()  # not m's current copy, and nothing lists it now
 
@@ -442,7 +502,7 @@ def test_custom_runtime_byproducts_stay_out_of_the_cache_and_the_repository(tmp_
     src = write_slow_model(tmp_path / "pyc-src", delay=0.0)
     before = sorted(str(p.relative_to(src)) for p in src.rglob("*"))
     with embedded_mlserver(tmp_path / "srv", env=env) as srv:
-        srv.call(srv.adapter.load(ServedModel("pyc", src, "mlserver", implementation=SLOW_IMPLEMENTATION)))
+        srv.load(ServedModel("pyc", src, "mlserver", implementation=SLOW_IMPLEMENTATION))
         r = httpx.post(f"{srv.base_url}/v2/models/pyc/infer", json=v2_request(ROWS), timeout=10)
         assert r.status_code == 200, r.text
         assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
@@ -502,7 +562,7 @@ def test_a_load_reads_only_its_own_entry_however_many_the_repository_shows(mlser
         f'{{"name": "probe", "implementation": "mlserver_sklearn.SKLearnModel", "parameters": {{"uri": "{tmp_path}/gone.joblib"}}}}')
     try:
         with _Opens(mlserver.repository) as opens:
-            mlserver.call(ad.load(probe))
+            mlserver.load(probe)
             during = opens.settle(strays[0])
         # (settle() proved the stray dirs are watched; the probe's own dir is created during the
         # load, so whether its open is seen races with the watch on the new dir: not asserted)
@@ -574,7 +634,7 @@ def test_requests_produce_no_server_output_for_the_agent_to_read(mlserver: Runni
 
     a = write_sklearn_model(tmp_path / "a", seed=0)
     ad = mlserver.adapter
-    mlserver.call(ad.load(ServedModel("quiet-before", a, "sklearn")))
+    mlserver.load(ServedModel("quiet-before", a, "sklearn"))
     _wait_for_line(mlserver, "Loaded model 'quiet-before'")
     for _ in range(10):
         _infer(mlserver, "quiet-before")
@@ -587,7 +647,7 @@ def test_requests_produce_no_server_output_for_the_agent_to_read(mlserver: Runni
             assert client.infer("quiet-before", [inp]).as_numpy("predict") is not None
     finally:
         client.close()
-    mlserver.call(ad.load(ServedModel("quiet-after", a, "sklearn")))
+    mlserver.load(ServedModel("quiet-after", a, "sklearn"))
     after = _wait_for_line(mlserver, "Loaded model 'quiet-after'")
     start = max(i for i, line in enumerate(after) if "Loaded model 'quiet-before'" in line)
     between = after[start + 1:]

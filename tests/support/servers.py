@@ -76,8 +76,22 @@ class RunningServer:
     def call(self, coro: Awaitable[T], timeout: float = 60.0) -> T:
         return self.loop.run(coro, timeout)
 
+    def load(self, served: Any, timeout: float = 60.0) -> Any:
+        """The adapter's load of `served`, then (MLServer) the park it started in the background:
+        the repository on disk is as the load leaves it."""
+        return self.call(self._load_parked(served), timeout)
+
+    async def _load_parked(self, served: Any) -> Any:
+        try:
+            return await self.adapter.load(served)
+        finally:
+            if hasattr(self.adapter, "parked"):
+                await self.adapter.parked(served.name)
+
     def unload_all(self) -> None:
         """Unload every model with an entry in the repository (test isolation)."""
+        if hasattr(self.adapter, "parked"):
+            self.call(self.adapter.parked())
         for name in sorted(self.adapter.repository_entries()):
             self.call(self.adapter.unload(name))
 
