@@ -122,8 +122,9 @@ _PROBE = """
 import json, sys
 from agent.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("botocore", "boto3", "s3transfer")),
-                  "modules": sorted(sys.modules)}))
+imported = [m for m, module in sys.modules.items() if module is not None]  # None: an import blocked, not made
+print(json.dumps({"code": code, "heavy": sorted(m for m in imported if m.split(".")[0] in ("botocore", "boto3", "s3transfer")),
+                  "modules": sorted(imported)}))
 """
 
 
