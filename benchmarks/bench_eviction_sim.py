@@ -14,7 +14,6 @@ A simulation of hit ratios, not a benchmark: no timing, nothing machine-dependen
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections import OrderedDict
@@ -22,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_density import zipf_sequence  # noqa: E402
+from benchmarks.common import Flag, arg_parser  # noqa: E402
 
 
 def simulate(seq: list[str], sizes: dict[str, float], room: float, policy: str, measure_from: int) -> tuple[float, float]:
@@ -52,15 +52,9 @@ def simulate(seq: list[str], sizes: dict[str, float], room: float, policy: str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", type=int, default=100)
-    ap.add_argument("--room-mib", type=float, default=716.0)
-    ap.add_argument("--headroom-loads", type=int, default=2, help="the headroom bench_peers' budget allows (10%% cap)")
-    ap.add_argument("--warmup", type=int, default=520)
-    ap.add_argument("--requests", type=int, default=1800, help="bench_peers: 3 passes of 600")
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--zipf-s", type=float, default=1.1)
-    args = ap.parse_args(argv)
+    args = arg_parser(__doc__, models=100, room_mib=716.0,
+                      headroom_loads=Flag(2, "the headroom bench_peers' budget allows (10%% cap)"), warmup=520,
+                      requests=Flag(1800, "bench_peers: 3 passes of 600"), seeds=10, zipf_s=1.1).parse_args(argv)
     names = [f"f{i:03d}" for i in range(args.models)]
     sizes = {n: 19 + 30 * i / max(1, args.models - 1) + 1 for i, n in enumerate(names)}
     median = statistics.median(sizes.values())
