@@ -14,7 +14,6 @@ what an agent's ledger cannot see). The variants run in a rotating order over --
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MI, command_line, loadavg, machine, machine_md, md_table, publish, settings_of  # noqa: E402
+from common import MI, Flag, arg_parser, command_line, loadavg, machine, machine_md, md_table, publish, settings_of  # noqa: E402
 
 LOOP = r"""
 import ctypes, gc, json, os, random, resource, sys, time
@@ -83,15 +82,11 @@ def run_variant(store: Path, env_over: dict[str, str | None], trim: bool, held: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", type=int, default=100)
-    p.add_argument("--held", type=int, default=20)
-    p.add_argument("--steps", type=int, default=150, help="Zipf-free uniform picks per variant (hits skip the load)")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "modelshelf-bench-peers",
-                   help="where bench_peers keeps its model files (written if missing)")
-    p.add_argument("--out", default="load_malloc")
-    args = p.parse_args(argv)
+    args = arg_parser(__doc__, models=100, held=20,
+                      steps=Flag(150, "Zipf-free uniform picks per variant (hits skip the load)"), rounds=2,
+                      workdir=Flag(Path(tempfile.gettempdir()) / "modelshelf-bench-peers",
+                                   "where bench_peers keeps its model files (written if missing)"),
+                      out="load_malloc").parse_args(argv)
     from bench_peers import write_forests
 
     store = args.workdir / f"store-big-{args.models}"
