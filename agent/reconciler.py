@@ -947,13 +947,8 @@ class Reconciler:
         busy = 0
         while True:
             waited = time.monotonic()
-            candidates = [
-                Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight)
-                for o in self.models.values()
-                if o.state is S.LOADED and not o.lock.locked()
-            ]
             try:
-                victims = self.memory.admit(slot, cost, candidates, lazy=lazy)
+                victims = self.memory.admit(slot, cost, self._relief_candidates(), lazy=lazy)
             except DoesNotFit as e:
                 remaining = (wait_until or 0.0) - time.monotonic()
                 if e.permanent or remaining <= 0:

@@ -57,6 +57,11 @@ class Blocked(DoesNotFit):
         self.permanent = permanent
 
 
+def lru_order(c: Candidate) -> tuple[float, float, str]:
+    """Eviction order: least recently used first (then loaded earliest, then by name: stable)."""
+    return (c.last_used, c.loaded_at, c.name)
+
+
 def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candidate], *,
                   free: Mapping[str, int], budget: Mapping[str, int], model: str | None = None,
                   respect_residency: bool = False, min_residency_s: float = 0.0,
@@ -105,7 +110,7 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
         devs = c.cost.devices()
         for d in movable:
             movable[d] += devs.get(d, 0)
-    eligible.sort(key=lambda c: (c.last_used, c.loaded_at, c.name))
+    eligible.sort(key=lru_order)
     victims, remaining = take_lru(eligible, short)
     if not remaining:
         return victims
@@ -140,7 +145,7 @@ def plan_reclaim(short: Mapping[str, int], candidates: Iterable[Candidate], *, m
     less than ``short``, all of them (none raises)."""
     now = time.monotonic() if now is None else now
     eligible = sorted((c for c in candidates if not c.pinned and c.inflight == 0 and now - c.loaded_at >= min_residency_s),
-                      key=lambda c: (c.last_used, c.loaded_at, c.name))
+                      key=lru_order)
     return take_lru(eligible, short)[0]
 
 
