@@ -228,7 +228,7 @@ class MLServerAdapter(HTTPServerAdapter):
     entry_file = SETTINGS_FILE
     # blocks under 4 MiB on the heap, whose free pages EntryRepository trims after each unload:
     # joblib.load's transient buffers reuse warm heap pages instead of faulting in a fresh mmap
-    # each (91-158 -> 67 ms per load of a 19-49 MiB forest; mlserver_repository.py)
+    # each (91-93 -> 67 ms per load of a 19-49 MiB forest with the unload's trim: benchmarks/results/load_malloc.md)
     malloc_mmap_threshold = str(4 * 2**20)
 
     def _server_command(self, listen: Listen, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -286,8 +286,7 @@ class MLServerAdapter(HTTPServerAdapter):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._parking: dict[str, int] = {}  # name -> parks in flight (each in a thread)
-        self._parks: dict[str, asyncio.Task] = {}  # name -> its latest park (see load)
+        self._parks: dict[str, asyncio.Task] = {}  # name -> its park in flight (see load; one per name: a load waits for the last)
         self._dirty: set[str] = set()  # names whose park failed here: swept at their next park/unload
 
     @property
@@ -308,7 +307,6 @@ class MLServerAdapter(HTTPServerAdapter):
         the same name, and close(), wait for that park first."""
         await self.parked(model.name)  # a reload writes the visible entry the park moves
         server_s = await super().load(model)
-        self._parking[model.name] = self._parking.get(model.name, 0) + 1
         self._parks[model.name] = asyncio.create_task(self._park_now(model.name), name=f"park:{model.name}")
         return server_s
 
@@ -319,9 +317,6 @@ class MLServerAdapter(HTTPServerAdapter):
             self._dirty.add(name)
             self._log.warning("event=park_failed server=%s model=%s error=%s", self.kind, name, type(e).__name__)
         finally:
-            self._parking[name] -= 1
-            if not self._parking[name]:
-                del self._parking[name]
             if self._parks.get(name) is asyncio.current_task():
                 del self._parks[name]
 
@@ -347,7 +342,7 @@ class MLServerAdapter(HTTPServerAdapter):
         states = await super().index()  # first: a park that happens meanwhile is seen below
         # a park runs in a thread: between its rename and its link switch the entry is neither
         # visible nor parked, so names being parked are probed too (taken before the listing)
-        parking = set(self._parking)
+        parking = set(self._parks)
         names = sorted(parking | await asyncio.to_thread(self._entries_in, self.parked_dir))
         sem = asyncio.Semaphore(self.index_concurrency)
 
@@ -365,7 +360,7 @@ class MLServerAdapter(HTTPServerAdapter):
     async def model_state(self, name: str) -> str | None:
         """As index() says for `name`, probing only that name's parked entry."""
         state = (await HTTPServerAdapter.index(self)).get(name)
-        if name in self._parking or await asyncio.to_thread(self._served_in, self.parked_dir / name) is not None:
+        if name in self._parks or await asyncio.to_thread(self._served_in, self.parked_dir / name) is not None:
             return "READY" if await self._ready(name) else state or "UNAVAILABLE"
         return state
 

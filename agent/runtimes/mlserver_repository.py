@@ -28,8 +28,10 @@ land on the heap. Once this repository is in use, every registry load and unload
 read buffers a load freed (5-7 ms a trim with 20 forests of ~30 MiB held). With the threshold
 at glibc's initial 128 KiB (the agent before) every block above it, joblib.load's transient
 arrays (each tree's arrays read from the file, which the tree then copies) as much as the model,
-was a fresh mmap faulted in page by page and unmapped at free: 26k faults and 91-158 ms per load
-of bench_peers' forests, against 17k and ~67 ms now (benchmarks/results/peers.notes.md).
+was a fresh mmap faulted in page by page and unmapped at free: 91-93 ms per load of bench_peers'
+forests and 3.38 M faults per 128 loads, against ~67 ms and 2.14 M with the 4 MiB threshold and a
+trim after each unload (benchmarks/results/load_malloc.md), plus ~5.5 ms for the trim after each
+load (benchmarks/results/peers.notes.md).
 
 This module runs INSIDE the MLServer process: it imports only mlserver and the standard library.
 """
@@ -57,7 +59,7 @@ class EntryRepository(SchemalessModelRepository):
         self._builtin = frozenset(builtin)
         self._cache: OrderedDict[bytes, ModelSettings] = OrderedDict()
         self._cache_size = int(cache_size)
-        _trim_after_unloads()
+        _trim_after_registry_calls()
 
     async def find(self, name: str) -> List[ModelSettings]:
         if self._abs_root and name and "/" not in name and not name.startswith("."):
@@ -114,7 +116,7 @@ def _malloc_trim() -> Callable[[], Any] | None:
     return functools.partial(fn, 0)
 
 
-def _trim_after_unloads() -> None:
+def _trim_after_registry_calls() -> None:
     """Make every registry load and unload end with malloc_trim(0) (once per process; see the
     module doc)."""
     trim = _malloc_trim()
