@@ -1105,8 +1105,8 @@ class Reconciler:
             finally:
                 self._unloads.discard(m.name)
                 before = self._leased(m)
-                self._release_memory(m.name)
-                self._signal_memory()  # a load waiting for unloads to end (_after_unloads), even if nothing was reserved
+                if not self._release_memory(m.name):
+                    self._signal_memory()  # a load waiting for unloads to end (_after_unloads), even if nothing was reserved
                 m.served = None
                 if reason != "replaced":
                     m.last_good = None
@@ -1275,10 +1275,13 @@ class Reconciler:
             m.served = None
         self._fail(m, reason)
 
-    def _release_memory(self, name: str) -> None:
-        if self.memory.release(name) is not None:
-            self._signal_memory()
-            self._wake_nofit()
+    def _release_memory(self, name: str) -> bool:
+        """Release `name`'s reservation; wake what waits for memory. False: it held none."""
+        if self.memory.release(name) is None:
+            return False
+        self._signal_memory()
+        self._wake_nofit()
+        return True
 
     def _signal_memory(self) -> None:
         """Wake the loads waiting for memory (see _make_room)."""
