@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 import zlib
@@ -464,14 +466,12 @@ def _is_transient(e: BaseException) -> bool:
         return True
     if isinstance(e, S3ResponseError):
         return e.code in _TRANSIENT or e.status >= 500 or e.status == 429
-    import http.client
-
     if isinstance(e, http.client.HTTPException):  # a body cut short (IncompleteRead) or garbled
         return True
-    if type(e).__name__ == "SSLCertVerificationError":
+    if isinstance(e, ssl.SSLCertVerificationError):
         return False
     # a reset, a read timeout, or a TLS record broken mid-body
-    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout)) or type(e).__name__ == "SSLError"
+    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout)) or type(e) is ssl.SSLError
 
 
 def _safe_path(rel: str, uri: str) -> str:
