@@ -258,8 +258,8 @@ class DigestRecorder:
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int, piece: int = 32 << 10,
                digest: FileDigest | None = None) -> None:
-    """Write all of `data` at `offset`, at most `piece` bytes per pwrite (32 KiB: see
-    puller.sources.s3._WRITE), feeding `digest` with what was written."""
+    """Write all of `data` at `offset`, at most `piece` bytes per pwrite (default 32 KiB;
+    why writes stay small: see puller.sources.s3._CHUNK), feeding `digest` with what was written."""
     view = memoryview(data)
     if digest is not None:
         digest.update(offset, view)

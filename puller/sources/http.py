@@ -15,19 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-# httpx's package imports its command-line tool (click, pygments, rich) whenever those are
-# installed (rich is, for the progress bar): about half of httpx's import time, for a `main` a
-# pull never calls. Marking the module absent makes httpx fall back to its stub; done only when
-# httpx is not loaded yet (in the agent it usually is: nothing changes there).
-if "httpx" not in sys.modules:
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
-import httpx  # noqa: E402
+import httpx  # (its command-line tool is kept out by agent/__init__, which every `modelshelf` command imports first)
 
 from puller.archive import archive_kind
 from puller.errors import AccessDenied, IntegrityError, NotFound, PullError, TransientError

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 import zlib
@@ -56,7 +58,6 @@ log = logging.getLogger("modelshelf.puller.sources.s3")
 # page-cache folios from the buddy allocator of a VM with free page reporting); 1 MiB reads and
 # writes still cost 0.8-1.0 s of system time in this run.
 _CHUNK = 64 << 10
-_WRITE = _CHUNK
 _REPORT_EVERY = 1 << 20  # progress.advance at most once per MiB per stream
 _tls = threading.local()
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"}
@@ -348,17 +349,16 @@ class S3Source(Source):
             resp = self._client.get_object(**kwargs)
             # the whole object in one response: check the store's checksum as the bytes stream by
             check = _StreamChecksum.of(resp.headers) if pos[0] == start and whole else None
-            fp = resp  # http.client's readinto: straight off the connection into our buffer
             unreported = 0
             done = False
             try:
                 while pos[0] <= end:
                     want = min(_CHUNK, end + 1 - pos[0])
-                    n = fp.readinto(buf[:want])
+                    n = resp.readinto(buf[:want])  # http.client's: straight off the connection
                     if not n:
                         break
                     data = buf[:n]
-                    pwrite_all(fd, data, pos[0], _WRITE, digest)
+                    pwrite_all(fd, data, pos[0], _CHUNK, digest)
                     if check is not None:
                         check.update(data)
                     pos[0] += n
@@ -372,7 +372,7 @@ class S3Source(Source):
             finally:
                 if unreported:
                     progress.advance(unreported)
-                if done and fp.isclosed():
+                if done and resp.isclosed():
                     resp.release_conn()  # the body was read to its end: the connection is reusable
                 else:
                     resp.close()  # a half-read body: the connection is dropped, not reused
@@ -466,14 +466,12 @@ def _is_transient(e: BaseException) -> bool:
         return True
     if isinstance(e, S3ResponseError):
         return e.code in _TRANSIENT or e.status >= 500 or e.status == 429
-    import http.client
-
     if isinstance(e, http.client.HTTPException):  # a body cut short (IncompleteRead) or garbled
         return True
-    if type(e).__name__ == "SSLCertVerificationError":
+    if isinstance(e, ssl.SSLCertVerificationError):
         return False
     # a reset, a read timeout, or a TLS record broken mid-body
-    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout)) or type(e).__name__ == "SSLError"
+    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout)) or type(e) is ssl.SSLError
 
 
 def _safe_path(rel: str, uri: str) -> str:

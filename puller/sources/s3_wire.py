@@ -37,6 +37,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import threading
 import urllib.parse
 from pathlib import Path
@@ -222,7 +223,7 @@ class S3WireClient:
         self._pool_size = pool
         self._timeouts = (connect_timeout, read_timeout)
         self._verify = settings.verify
-        self._ssl_context: Any = None  # made on the first https connection (ssl loaded only then)
+        self._ssl_context: Any = None  # made on the first https connection
         self._routes: dict[str, _Pool] = {}  # origin -> its connections
         self._lock = threading.Lock()
 
@@ -302,8 +303,6 @@ class S3WireClient:
     def _context(self) -> Any:
         """The TLS context of every https connection: the system's CAs, the CA bundle, or none
         checked (verify=False)."""
-        import ssl
-
         with self._lock:
             if self._ssl_context is None:
                 if self._verify is False:
@@ -390,7 +389,7 @@ class _Pool:
             r = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            cert = type(e).__name__ == "SSLCertVerificationError"
+            cert = isinstance(e, ssl.SSLCertVerificationError)
             raise S3ConnectionError(f"{what}: {type(e).__name__}: {e}", transient=not cert) from None
         return _Response(r, conn, self)
 
