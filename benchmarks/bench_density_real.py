@@ -318,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         "real_within_budget_5pct_beyond_one_interval": "met" if all(r["longest_over_budget_5pct_s"] <= INTERVAL_S for r in runs) else "missed",
         "p95_ratio_1.5_le_3x_ratio_1.0": ("met" if r15["p95_ms"] <= 3 * base["p95_ms"] else "missed") if base and r15 else "not run",
     }
+    figures = {  # the figure each verdict was judged on, beside it in the results file
+        "ledger_and_reality_agree_within_5pct_of_budget_mean_abs_drift_settled":
+            "settled drift " + "/".join(f"{(r['settled_drift_abs_mean'] or 0) / MI:.1f}" for r in runs)
+            + f" MiB, limit {drift_limit / MI:.0f}",
+        "real_within_budget_5pct_beyond_one_interval":
+            "longest over " + "/".join(f"{r['longest_over_budget_5pct_s']:g}" for r in runs) + f" s, limit {INTERVAL_S:g}",
+        "p95_ratio_1.5_le_3x_ratio_1.0": f"{r15['p95_ms'] / base['p95_ms']:.2f}x" if base and r15 and base["p95_ms"] else "",
+    }
     data = {"machine": machine(), "command": command_line(), "budget": budget, "runs": runs,
             "one_server_per_model_rss_by_size_mib": per_size, "allocator_slack": slack, "verdicts": verdicts}
     plot = _plot(runs, RESULTS / f"{args.out}.svg") if args.out else None
@@ -345,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
            f"loads/unloads of these models under {args.budget_mib - args.import_mib} MiB of payload): "
            + "; ".join(f"{k}: {v['slack'] / MI:.1f} MiB (import {v['import'] / MI:.0f} MiB)" if "slack" in v else f"{k}: {v}"
                        for k, v in slack.items())] if slack else []),
-        "", "## Verdicts", *[f"- {k}: **{v}**" for k, v in verdicts.items()],
+        "", "## Verdicts", *[f"- {k}: **{v}**" + (f" ({figures[k]})" if figures[k] else "") for k, v in verdicts.items()],
         "", f"![real vs budget]({plot})" if plot else "",
     ])
     if args.out:
