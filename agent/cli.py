@@ -153,6 +153,17 @@ def _headroom(value: str) -> float:
     return n
 
 
+def _half_life(value: str) -> float:
+    """A number of requests, above 0."""
+    try:
+        n = float(value)
+    except ValueError:
+        n = 0.0
+    if not 0 < n < float("inf"):
+        raise argparse.ArgumentTypeError(f"--eviction-half-life {value!r} is not a number of requests (above 0)")
+    return n
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", type=Path, default=None, help="directory with models.yaml/models.json (a mounted ConfigMap)")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache root: node-local disk or a shared RWX PVC")
@@ -197,6 +208,8 @@ def _add_cache(sub: "argparse._SubParsersAction") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agent.settings import EVICTION_POLICIES
+
     parser = argparse.ArgumentParser(prog="modelshelf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -238,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--drain-timeout", type=float, default=30.0, help="seconds an unload (config removal, update swap) waits for in-flight requests to finish")
     run.add_argument("--stream-body-bytes", default=str(2**20), help="request bodies with a Content-Length above this are forwarded to the server as they arrive, not buffered whole (--max-body-bytes still applies)")
     run.add_argument("--unload-overlap", type=float, default=0.05, help="a miss's load starts while its victims unload only if what the server holds by the ledger (the victims included) stays within the budget x (1 + this); else it waits for the unloads. Raise it (e.g. 0.3) where the container's limit has that much room above the budget: faster cold starts, real memory briefly above the budget (default 0.05)")
+    run.add_argument("--eviction", choices=EVICTION_POLICIES, default="lru", help="the order idle models are evicted in when room is needed: lru (least recently used first) or lfu-decay (the model asked for least often first, counting each request to it as 1 that halves every --eviction-half-life requests to the agent; ties least recently used). Only the order changes: no lease, pinned, --min-residency, loading and --headroom rules apply either way (benchmarks/results/peers_eviction.md)")
+    run.add_argument("--eviction-half-life", type=_half_life, default=100.0, help="lfu-decay: requests (to the whole agent) after which a model's request count has halved; ~5x the number of models that fit did best in benchmarks/bench_eviction_sim.py (default 100)")
     run.add_argument("--headroom", type=_headroom, default=8.0, help="while misses need room (from a miss that had to evict on its own path until 60 s after the last miss), keep room for this many loads of the median loaded model free: after each load, idle least-recently-used models are evicted in the background (never under a request, pinned or younger than --min-residency), so a miss on a full node loads at once instead of waiting for its victim's unload; never more than 10%% of a device's budget (whole loads). 0 turns it off (default 8: with a few misses in flight at once and each unload a round trip, fewer left most misses evicting on their path in benchmarks/results/coldstart.md)")
     run.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True, help="answer plain infer requests (POST /v2/models/M/infer, a loaded model, a body of at most 64 KiB) from the connection's callbacks, without an ASGI task: same answers, less CPU per request; --no-fast-path sends every request through the ASGI router")
     run.add_argument("--grpc-port", type=_grpc_port, default="8001", help="KServe V2 gRPC port (0 or 'off' disables it)")
@@ -330,6 +345,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.fast_path = args.fast_path
         s.unload_overlap = args.unload_overlap
         s.headroom = args.headroom
+        s.eviction, s.eviction_half_life = args.eviction, args.eviction_half_life
         s.grpc_port = args.grpc_port if isinstance(args.grpc_port, int) else _grpc_port(args.grpc_port)
         s.grpc_host, s.server_grpc_target = args.grpc_host, args.server_grpc_target
         s.server_pid_file = args.server_pid_file

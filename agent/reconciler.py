@@ -37,10 +37,16 @@ and Cache, with the scripted server of tests/support/scripted.py):
     model counts as gone, `held()` counts it until its unload ends). A load that will be
     measured, or whose victims hold GPU memory, waits for the unloads first. Each lazy load's
     time is split into phases in `modelshelf_cold_start_phase_seconds` (see ColdStart).
+  * Eviction order (`--eviction`): every eviction (a miss's, the headroom's, reality's relief)
+    takes eligible models lowest `Candidate.score` first, then least recently used. Under `lru`
+    every score is 0; under `lfu-decay` it is the model's request count, each lease adding 1
+    and the count halving every `--eviction-half-life` leases to the agent (`_lease`: one float
+    update, no allocation), kept while the model is unloaded. Only the order differs: the rules
+    on who may be evicted are the same.
   * Headroom (`--headroom` N, default 8; 0: off): under pressure (from a miss that had to
     evict on its own path until HEADROOM_PRESSURE_S after the last miss; a node whose models
     all fit gives up nothing), after each load commits, one background
-    task evicts idle LRU models until the budget has room for N loads of the median loaded
+    task evicts idle models (in eviction order) until the budget has room for N loads of the median loaded
     size (at most HEADROOM_MAX_FRACTION of a device's budget, in whole loads), so that a
     miss on a full node normally finds room and loads at once, with no unload on its path.
     Same rules as a miss's eviction (no lease, not pinned, past `min_residency_s`, committed
@@ -86,6 +92,7 @@ import contextlib
 import enum
 import random
 import time
+from math import exp2
 import zlib
 from dataclasses import dataclass, field
 from itertools import compress, filterfalse
@@ -94,7 +101,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from agent.config import ConfigError, ConfigParseError, ConfigResult, ModelSpec
 from agent.logging import get_logger, kv
-from agent.memory import Candidate, DoesNotFit, MemoryManager, reality_loop
+from agent.memory import Candidate, DoesNotFit, MemoryManager, decayed, reality_loop
 from agent.metrics import Metrics
 from agent.runtimes import RuntimeAdapter, RuntimeErrorBase, ServedModel
 from agent.runtimes.base import ServerUnavailable
@@ -217,6 +224,8 @@ class Model:
     waiters: int = 0
     last_used: float = 0.0
     loaded_at: float = 0.0
+    score: float = 0.0  # --eviction lfu-decay: its decayed request count as of `score_at` (see Reconciler._lease)
+    score_at: float = 0.0  # in requests to the agent (Reconciler._tick)
     failures: int = 0
     permanent: bool = False  # no retry until the config changes (does not fit even alone; quarantined)
     nofit: bool = False  # its last load did not fit in memory: retried when memory frees
@@ -245,7 +254,12 @@ class Model:
     def wants_loaded(self) -> bool:
         return self.spec.pinned or self.spec.preload
 
-    def status(self, memory: MemoryManager) -> dict[str, Any]:
+    def score_now(self, tick: float, half_life: float) -> float:
+        """Its request count decayed to `tick` (`--eviction lfu-decay`; the lowest is evicted first)."""
+        return decayed(self.score, self.score_at, tick, half_life)
+
+    def status(self, memory: MemoryManager, tick: float = 0.0, half_life: float = 0.0) -> dict[str, Any]:
+        """`half_life` > 0 (lfu-decay): with its eviction score as of request `tick`."""
         now = time.monotonic()
         doc: dict[str, Any] = {
             "name": self.name,
@@ -268,6 +282,7 @@ class Model:
             "load_seconds": self.load_seconds,
             "loaded_for_seconds": round(now - self.loaded_at, 3) if self.state == S.LOADED else None,
             "idle_seconds": round(now - self.last_used, 3) if self.last_used else None,
+            "eviction_score": round(self.score_now(tick, half_life), 3) if half_life else None,
             "retry_in_seconds": round(max(0.0, self.retry_at - now), 3) if self.retry_at else None,
             "changed_at": self.changed_at,
         }
@@ -339,6 +354,10 @@ class Reconciler:
         # a series removed from its metric must be dropped here too
         self._inflight_gauges: dict[str, Any] = {}
         self._hits = metrics.lookups.labels(result="hit")
+        # --eviction lfu-decay: each lease adds 1 to its model's request count, which halves every
+        # `eviction_half_life` leases to the agent (`_tick`); 0.0 under lru (no count kept)
+        self._half_life = settings.eviction_half_life if settings.eviction == "lfu-decay" else 0.0
+        self._tick = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -470,6 +489,10 @@ class Reconciler:
         m.idle.clear()
         self._inflight_gauge(m.name).inc()
         m.last_used = time.monotonic()
+        if self._half_life:  # lfu-decay: `decayed(...) + 1`, inlined (the data plane's hot path)
+            self._tick = tick = self._tick + 1.0
+            m.score = m.score * exp2((m.score_at - tick) / self._half_life) + 1.0 if m.score else 1.0
+            m.score_at = tick
 
     def _inflight_gauge(self, name: str) -> Any:
         gauge = self._inflight_gauges.get(name)
@@ -1012,9 +1035,9 @@ class Reconciler:
                 log.exception("headroom eviction failed")
 
     async def _keep_headroom(self) -> int:
-        """Keep room for `--headroom` loads of the median loaded size free, by evicting idle LRU
-        models ahead of need, so that a miss on a full node finds room and loads at once: no
-        victim's unload round trip on its path. Runs in one background task, woken after each
+        """Keep room for `--headroom` loads of the median loaded size free, by evicting idle
+        models (in `--eviction` order) ahead of need, so that a miss on a full node finds room
+        and loads at once: no victim's unload round trip on its path. Runs in one background task, woken after each
         load commits. Same rules as a miss's eviction (`memory.reclaim`: no lease, not pinned,
         past `--min-residency`; each eviction commits under the victim's lock, `_evict`); a
         victim's bytes count as free only once its eviction commits. Never while a measured
@@ -1037,7 +1060,11 @@ class Reconciler:
         return evicted
 
     def _relief_candidates(self) -> list[Candidate]:
-        return [Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight)
+        """Loaded models an eviction may pick, each with its score (`--eviction`: lfu-decay's
+        decayed request count, else 0: least recently used first)."""
+        tick, half_life = self._tick, self._half_life
+        return [Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight,
+                          score=o.score_now(tick, half_life) if half_life else 0.0)
                 for o in self.models.values() if o.state is S.LOADED and not o.lock.locked()]
 
     async def _evict_for_reality(self, name: str) -> bool:
@@ -1390,7 +1417,9 @@ class Reconciler:
     def status(self) -> dict[str, Any]:
         used, held = self.memory.used(), self.memory.held()
         return {
-            "models": {name: m.status(self.memory) for name, m in sorted(self.models.items())},
+            "models": {name: m.status(self.memory, self._tick, self._half_life) for name, m in sorted(self.models.items())},
+            "eviction": {"policy": self.settings.eviction,
+                         "half_life_requests": self._half_life or None},
             "config": {
                 "file": self.config.file if self.config else None,
                 "digest": self.config.digest if self.config else None,

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from puller import PullOptions
 
 
+EVICTION_POLICIES = ("lru", "lfu-decay")  # --eviction (agent.memory.planner.eviction_order)
+
+
 def default_holder() -> str:
     """Who holds cache leases: the pod name in Kubernetes, else the host name."""
     return os.environ.get("POD_NAME") or socket.gethostname()
@@ -71,6 +74,8 @@ class Settings:
     server_pid_file: Path | None = None  # sidecar: a file holding the server's pid (shared PID namespace) for memory
     memory_tolerance: float = 0.05  # reality may exceed the budget by this fraction before it is excess
     unload_overlap: float = 0.05  # a load may start while its victims unload only if held <= budget x (1 + this)
+    eviction: str = "lru"  # lru | lfu-decay: the order idle models are evicted in (agent.memory.planner.eviction_order)
+    eviction_half_life: float = 100.0  # lfu-decay: a model's request count halves every this many requests to the agent
     headroom: float = 8.0  # keep room for this many loads of the median loaded size free (0: off; see Reconciler._keep_headroom)
     memory_pressure: float = 0.90  # cgroup working set above this fraction of its limit is excess
     memory_cgroup: Path | None = None  # the cgroup dir whose memory.* files are read (default: the agent's own)

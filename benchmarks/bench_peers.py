@@ -32,6 +32,10 @@ then --rounds rounds, each sending one pass of --requests requests to every syst
 (the order rotates per round); every system gets the same sequence in a round. Figures are per
 pass; the table gives ranges over the rounds and verdicts use the median of the rounds.
 
+--alt-agent-arg adds a second modelshelf (its own agent, MLServer and cache, the same models and
+budget) with extra flags, driven in the same rounds: two agent configurations compared
+side by side (benchmarks/results/peers_eviction.md: --eviction lru vs lfu-decay).
+
 Per pass: client-side p50/p95/p99, req/s, non-200; CPU seconds of every process tree (agent
 alone, its MLServer, Ray's whole tree, the floor MLServer, this process as the client) and the
 CPU ms per request of each system's own trees; peak RSS of each tree (sampled every 0.5 s);
@@ -81,8 +85,11 @@ RAY_APP = Path(__file__).resolve().parent / "peers_ray_app.py"
 TINY_MEMORY = "10Mi"
 GOALS = {"small": "p95 <= 0.8x Ray's and p50 <= 0.5x Ray's", "big": "p50 and p95 <= Ray's",
          "hits": "throughput >= 3x Ray's"}
-SYSTEMS = ("modelshelf", "ray", "floor")
-LABELS = {"modelshelf": "modelshelf + MLServer", "ray": "Ray Serve @serve.multiplexed", "floor": "MLServer, all loaded (floor)"}
+SYSTEMS = ("modelshelf", "modelshelf-alt", "ray", "floor")  # modelshelf-alt: only with --alt-agent-arg
+LABELS = {"modelshelf": "modelshelf + MLServer", "modelshelf-alt": "modelshelf + MLServer, --alt-agent-arg",
+          "ray": "Ray Serve @serve.multiplexed", "floor": "MLServer, all loaded (floor)"}
+TREES = {"modelshelf": ("agent", "agent's MLServer"), "modelshelf-alt": ("alt agent", "alt agent's MLServer"),
+         "ray": ("ray",), "floor": ("floor MLServer",)}
 
 
 # ---------------------------------------------------------------------------------- models
@@ -325,10 +332,16 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
         agent = Agent(work / f"agent-{name}", entries, "--host-memory", str(budget), "--min-residency", f"{args.min_residency:g}",
                       "--resync-interval", "600", "--load-timeout", "60", *args.agent_arg)
         systems["modelshelf"] = agent
+        if args.alt_agent_arg:  # the same agent with other flags, driven in the same rounds
+            systems["modelshelf-alt"] = Agent(work / f"agent-alt-{name}", entries, "--host-memory", str(budget), "--min-residency",
+                                              f"{args.min_residency:g}", "--resync-interval", "600", "--load-timeout", "60",
+                                              *args.agent_arg, *args.alt_agent_arg)
         ray = RayServe(work / f"ray-{name}", store, fit)
         systems["ray"] = ray
-        agent.wait_ready(180)
-        agent.wait_models(lambda ms: len(ms) == len(entries) and all(m["state"] == "cached" for m in ms.values()), 300, "cached")
+        agents = {s: a for s, a in systems.items() if s.startswith("modelshelf")}
+        for a in agents.values():
+            a.wait_ready(180)
+            a.wait_models(lambda ms: len(ms) == len(entries) and all(m["state"] == "cached" for m in ms.values()), 300, "cached")
         ray.wait_ready()
         urls = {s: systems[s].url for s in systems}
         server_pid = agent.server_pid
@@ -336,7 +349,10 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
                  "client": (os.getpid(), False)}
         if "floor" in systems:
             trees["floor MLServer"] = (systems["floor"].proc.pid, True)
-        own = {"modelshelf": ("agent", "agent's MLServer"), "ray": ("ray",), "floor": ("floor MLServer",)}
+        if "modelshelf-alt" in systems:
+            alt = systems["modelshelf-alt"]
+            trees["alt agent"], trees["alt agent's MLServer"] = (alt.proc.pid, False), (alt.server_pid, True)
+        own = TREES
         warm_non_200 = {}
         for s in systems:  # warm-up: not measured
             w0 = time.monotonic()
@@ -349,7 +365,7 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
             seq = zipf_sequence(names, args.big_requests if name == "big" else args.requests, args.zipf_s, args.seed + 10 + r)
             for s in order[r % len(order):] + order[: r % len(order)]:
                 la = loadavg()
-                m0 = agent.metrics() if s == "modelshelf" else {}
+                m0 = agents[s].metrics() if s in agents else {}
                 st0 = ray.stats() if s == "ray" else {}
                 with TreeSampler(trees) as sampler:
                     w0 = time.monotonic()
@@ -358,8 +374,8 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
                 p = {"system": s, "round": r + 1, **latency_figures(res, wall), "loadavg_start": la, "loadavg_end": loadavg(),
                      "cpu_s": sampler.cpu_s, "others_cpu_s": sampler.others_cpu_s, "peak_rss": sampler.peak}
                 p["cpu_ms_per_request"] = round(1000 * sum(sampler.cpu_s[t] for t in own[s]) / max(1, len(res)), 3)
-                if s == "modelshelf":
-                    m1 = agent.metrics()
+                if s in agents:
+                    m1 = agents[s].metrics()
                     hits = _metric(m1, 'modelshelf_loaded_lookups_total{result="hit"}') - _metric(m0, 'modelshelf_loaded_lookups_total{result="hit"}')
                     misses = _metric(m1, 'modelshelf_loaded_lookups_total{result="miss"}') - _metric(m0, 'modelshelf_loaded_lookups_total{result="miss"}')
                     p["misses"] = int(misses)
@@ -367,7 +383,7 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
                     p["evictions"] = int(_metric(m1, "modelshelf_evictions_total") - _metric(m0, "modelshelf_evictions_total"))
                     p["breakdown"] = histogram_deltas(m0, m1)
                     p["cold_start_mean_ms"] = p["breakdown"].get("cold_start", {}).get("mean_ms")
-                    p["memory_at_end"] = memory_view(agent.status())
+                    p["memory_at_end"] = memory_view(agents[s].status())
                 elif s == "ray":
                     st1 = ray.stats()
                     loads, waits = (st1.get(k, 0) - st0.get(k, 0) for k in ("loads", "waits"))
@@ -407,8 +423,8 @@ def summarize(passes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def verdict(w: dict[str, Any]) -> dict[str, Any]:
-    ms, ray = w["summary"].get("modelshelf"), w["summary"].get("ray")
+def verdict(w: dict[str, Any], system: str = "modelshelf") -> dict[str, Any]:
+    ms, ray = w["summary"].get(system), w["summary"].get("ray")
     if not ms or not ray:
         return {"goal": GOALS[w["workload"]], "verdict": "not run"}
     med = lambda row, k: row[k]["median"]  # noqa: E731
@@ -416,7 +432,7 @@ def verdict(w: dict[str, Any]) -> dict[str, Any]:
     def per_round(check) -> list[bool]:
         out = []
         for r in sorted({p["round"] for p in w["passes"]}):
-            a = next((p for p in w["passes"] if p["round"] == r and p["system"] == "modelshelf"), None)
+            a = next((p for p in w["passes"] if p["round"] == r and p["system"] == system), None)
             b = next((p for p in w["passes"] if p["round"] == r and p["system"] == "ray"), None)
             if a and b:
                 out.append(check(lambda k: a[k], lambda k: b[k]))
@@ -486,9 +502,10 @@ def markdown(data: dict[str, Any]) -> str:
             row = w["summary"][s]
             mine = [p for p in w["passes"] if p["system"] == s]
             misses = [p["misses"] for p in mine if p.get("misses") is not None]
-            tree = {"modelshelf": ("agent", "agent's MLServer"), "ray": ("ray",), "floor": ("floor MLServer",)}[s]
+            tree = TREES[s]
             rss = max(sum(p["peak_rss"].get(t, 0) for t in tree) for p in mine)
-            lines.append(f"| {desc if i == 0 else ''} | {LABELS[s]} | {_rng(row['p50_ms'])} | {_rng(row['p95_ms'])} | "
+            label = LABELS[s] if s != "modelshelf-alt" else f"modelshelf + MLServer, {' '.join(data['settings']['alt_agent_arg'])}"
+            lines.append(f"| {desc if i == 0 else ''} | {label} | {_rng(row['p50_ms'])} | {_rng(row['p95_ms'])} | "
                          f"{_rng(row['p99_ms'])} | {_rng(row['rps'], 4)} | {_rng(row['cold_start_mean_ms'])} | "
                          f"{(f'{min(misses)}–{max(misses)}' if misses and min(misses) != max(misses) else (misses[0] if misses else '–'))} | "
                          f"{_rng(row['cpu_ms_per_request'])} | {rss / MI:.0f} |")
@@ -500,16 +517,18 @@ def markdown(data: dict[str, Any]) -> str:
                           "for the runtime import)" for w in data["workloads"]) + ". Ray holds `fit` models by count.", ""]
     lines += ["## Verdicts (medians over the rounds)", ""]
     for w in data["workloads"]:
-        v = w["verdict"]
-        ratios = ", ".join(f"{k} {x}" for k, x in (v.get("ratios") or {}).items())
-        lines.append(f"- {w['workload']}: goal {v['goal']}: {ratios} → **{v['verdict']}** "
-                     f"({v.get('rounds_meeting_goal', '–')} rounds meet it on their own)")
+        for alt, v in ((False, w["verdict"]), (True, w.get("verdict_alt"))):
+            if v is None:
+                continue
+            ratios = ", ".join(f"{k} {x}" for k, x in (v.get("ratios") or {}).items())
+            lines.append(f"- {w['workload']}{' (modelshelf-alt: ' + ' '.join(data['settings']['alt_agent_arg']) + ')' if alt else ''}: "
+                         f"goal {v['goal']}: {ratios} → **{v['verdict']}** ({v.get('rounds_meeting_goal', '–')} rounds meet it on their own)")
     lines += ["", "## Cold-start breakdown (per pass; modelshelf: every agent /metrics histogram that moved, count × mean ms)", ""]
     for w in data["workloads"]:
-        for p in (p for p in w["passes"] if p["system"] == "modelshelf"):
+        for p in (p for p in w["passes"] if p["system"].startswith("modelshelf")):
             parts = ", ".join(f"{k} {v['count']}×{v['mean_ms']}" for k, v in sorted(p.get("breakdown", {}).items()))
             ray = next((q for q in w["passes"] if q["system"] == "ray" and q["round"] == p["round"]), {})
-            lines.append(f"- {w['workload']} round {p['round']}: Ray: {ray.get('misses')} waits × {ray.get('cold_start_mean_ms')} ms, "
+            lines.append(f"- {w['workload']} round {p['round']}{' (alt)' if p['system'] == 'modelshelf-alt' else ''}: Ray: {ray.get('misses')} waits × {ray.get('cold_start_mean_ms')} ms, "
                          f"{ray.get('loads')} loads, joblib.load {ray.get('joblib_load_mean_ms')} ms; modelshelf: hit ratio {p.get('hit_ratio')}, evictions {p.get('evictions')}; "
                          f"{parts or 'no histogram moved'}" + _memory_note(p.get("memory_at_end")))
     lines += ["", "## CPU seconds per pass, every process tree", ""]
@@ -534,7 +553,7 @@ def plot_svg(data: dict[str, Any], path: Path) -> str:
 
     ws = [w for w in data["workloads"] if w["summary"]]
     pw, h, pad, top = 300, 320, 50, 40
-    colors = {"modelshelf": ("#1565c0", "#90caf9"), "ray": ("#ef6c00", "#ffcc80"), "floor": ("#2e7d32", "#a5d6a7")}
+    colors = {"modelshelf": ("#1565c0", "#90caf9"), "modelshelf-alt": ("#6a1b9a", "#ce93d8"), "ray": ("#ef6c00", "#ffcc80"), "floor": ("#2e7d32", "#a5d6a7")}
     vals = [row[k]["median"] for w in ws for row in w["summary"].values() for k in ("p50_ms", "p95_ms") if row.get(k)]
     lo, hi = math.log10(max(0.5, min(vals) / 2)), math.log10(max(vals) * 2)
     y = lambda v: h - pad - (h - pad - top) * (math.log10(max(v, 10 ** lo)) - lo) / (hi - lo)  # noqa: E731
@@ -575,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         small_models=1000, small_fit=100, big_models=100, big_fit=20, hits_models=100,
         min_residency=Flag(0.25, "agent --min-residency (s), as bench_density"),
         agent_arg=Flag([], "an extra `modelshelf run` argument (repeat; e.g. --agent-arg=--memory-tolerance=0.5)"),
+        alt_agent_arg=Flag([], "adds a second modelshelf system (modelshelf-alt), driven in the same rounds, with this extra "
+                               "`modelshelf run` argument on top of --agent-arg (repeat; e.g. --alt-agent-arg=--eviction=lfu-decay)"),
         no_floor=Flag(False, "skip the MLServer-with-everything-loaded floor"), seed=1,
         workdir=Flag(Path(tempfile.gettempdir()) / "modelshelf-bench-peers", "model files and caches, kept for the next run"),
         out=Flag("peers", "result name under benchmarks/results/ ('' = don't write)"))
@@ -604,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown workload {name!r}: one of {', '.join(GOALS)}")
         w = run_workload(name, args.workdir, args)
         w["verdict"] = verdict(w)
+        if args.alt_agent_arg:
+            w["verdict_alt"] = verdict(w, "modelshelf-alt")
         workloads.append(w)
     info["loadavg_at_end"] = loadavg()
     data = {"benchmark": "peers", "command": command_line(), "machine": info,

@@ -63,13 +63,14 @@ Accounting (``MemoryManager``): reservations per model per device. ``used()`` is
 counts (models loaded or loading + server overhead; never above the budget because of a swap),
 ``held()`` adds models whose unload has not finished; ``admit`` plans the eviction,
 reserves the cost and marks the victims as unloading in one step, so concurrent admissions never
-count the same free bytes twice. ``plan_eviction`` picks least-recently-used models with no lease,
-not pinned and (for lazy loads) older than ``min_residency_s`` until the need fits on every device
-involved, or raises ``LargerThanBudget`` (permanent) / ``Blocked`` (retry later, or permanent when
+count the same free bytes twice. ``plan_eviction`` picks models in ``eviction_order`` (lowest
+``Candidate.score`` first: a decayed request count under ``--eviction lfu-decay``, 0 under ``lru``;
+then least recently used) with no lease, not pinned and (for lazy loads) older than
+``min_residency_s`` until the need fits on every device involved, or raises ``LargerThanBudget`` (permanent) / ``Blocked`` (retry later, or permanent when
 only pinned models are in the way). ``headroom`` and ``reclaim`` serve the reconciler's eviction
 ahead of need: how many bytes to keep free per device (room for N loads of the median
-reservation, only where that is a small share of the budget) and which LRU models to unload for
-it, by the same rules, marking nothing until each unload commits.
+reservation, only where that is a small share of the budget) and which models to unload for it
+(the same order), by the same rules, marking nothing until each unload commits.
 
 One role per module: ``cost`` (Cost, formatting), ``budget`` (discovery), ``probes`` (process tree,
 NVML), ``store`` (where measurements are remembered), ``planner`` (eviction, pure), ``measure``
@@ -84,7 +85,7 @@ from .budget import (DEFAULT_GPU_PERCENT, DEFAULT_HOST_PERCENT, cgroup_memory_li
 from .cost import DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, METHODS, Cost, format_bytes
 from .ledger import MemoryManager
 from .measure import Measurement
-from .planner import Blocked, Candidate, DoesNotFit, LargerThanBudget, plan_eviction
+from .planner import Blocked, Candidate, DoesNotFit, LargerThanBudget, decayed, plan_eviction
 from .reality import CgroupMemory, ProcessTracker, RealityCheck, RealityReport, reality_loop
 from .probes import GpuProbe, GpuUsage, NvmlProbe, open_gpu_probe, process_tree, tree_rss
 from .store import InMemoryStore, MetaStore
@@ -93,6 +94,6 @@ __all__ = [
     "DEFAULT_GPU_PERCENT", "DEFAULT_HOST_PERCENT", "DEFAULT_MULTIPLIER", "DEFAULT_MULTIPLIERS", "HOST", "METHODS",
     "Blocked", "Candidate", "Cost", "DoesNotFit", "GpuProbe", "GpuUsage", "InMemoryStore", "LargerThanBudget",
     "Measurement", "MemoryManager", "MetaStore", "NvmlProbe", "cgroup_memory_limit", "discover_budget",
-    "format_bytes", "host_memory_total", "open_gpu_probe", "parse_budget", "plan_eviction", "process_tree",
+    "decayed", "format_bytes", "host_memory_total", "open_gpu_probe", "parse_budget", "plan_eviction", "process_tree",
     "tree_rss", "CgroupMemory", "ProcessTracker", "RealityCheck", "RealityReport", "reality_loop",
 ]

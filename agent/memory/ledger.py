@@ -5,6 +5,7 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -428,7 +429,7 @@ class MemoryManager:
 
     def reclaim(self, target: Mapping[str, int], candidates: Iterable[Candidate], *, now: float | None = None) -> list[str]:
         """Victims to unload so that ``target`` bytes are free per device (``plan_reclaim``:
-        LRU, no lease, not pinned, past ``min_residency_s``; best effort). Marks nothing: each
+        ``eviction_order``, no lease, not pinned, past ``min_residency_s``; best effort). Marks nothing: each
         victim's bytes count as free only once its unload commits (``begin_unload``), so no
         admission counts bytes a request may still keep by leasing the victim first."""
         with self._lock:
@@ -459,7 +460,7 @@ class MemoryManager:
             if cost is None:
                 continue
             seen.add(c.name)
-            out.append(c if c.cost is not None else Candidate(c.name, c.last_used, c.loaded_at, c.pinned, c.inflight, cost))
+            out.append(c if c.cost is not None else replace(c, cost=cost))
         loading: dict[str, int] = {}
         for n, cost in self._reserved.items():
             if n not in seen and n != model and n not in self._unloading:

@@ -12,7 +12,8 @@ from .cost import Cost, format_bytes
 @dataclass(frozen=True)
 class Candidate:
     """A loaded model the planner may evict. ``cost`` None: the manager's reservation for it.
-    Times are ``time.monotonic()`` seconds."""
+    Times are ``time.monotonic()`` seconds. ``score``: how often it is asked for, as of the
+    plan (``decayed``; the lowest goes first); 0 for every model under ``--eviction lru``."""
 
     name: str
     last_used: float
@@ -20,6 +21,16 @@ class Candidate:
     pinned: bool = False
     inflight: int = 0  # leases held by requests
     cost: Cost | None = None
+    score: float = 0.0
+
+
+def decayed(score: float, at: float, now: float, half_life_s: float) -> float:
+    """A request count that halves every ``half_life_s`` seconds (LRFU's combined
+    recency-frequency value with a base-2 decay: Lee et al., IEEE Trans. Computers 2001):
+    ``score`` as of ``now``, given its value at ``at``. Each request adds 1 to the decayed
+    value (the lease path inlines this), so a model asked for often ranks above one asked for
+    once, and one that stopped being asked for sinks back to 0 within a few half-lives."""
+    return score * math.exp2((at - now) / half_life_s) if score else 0.0
 
 
 class DoesNotFit(Exception):
@@ -57,9 +68,10 @@ class Blocked(DoesNotFit):
         self.permanent = permanent
 
 
-def lru_order(c: Candidate) -> tuple[float, float, str]:
-    """Eviction order: least recently used first (then loaded earliest, then by name: stable)."""
-    return (c.last_used, c.loaded_at, c.name)
+def eviction_order(c: Candidate) -> tuple[float, float, float, str]:
+    """Eviction order: lowest score first (``--eviction lfu-decay``; all 0 under ``lru``), then
+    least recently used, then loaded earliest, then by name (stable)."""
+    return (c.score, c.last_used, c.loaded_at, c.name)
 
 
 def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candidate], *,
@@ -67,8 +79,8 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
                   respect_residency: bool = False, min_residency_s: float = 0.0,
                   now: float | None = None, reserved_elsewhere: Mapping[str, int] | None = None,
                   overhead: Mapping[str, int] | None = None) -> list[str]:
-    """Names to evict, least recently used first, so that ``needed`` fits on every budgeted
-    device it touches. Devices without a budget are not checked. Eligible: not pinned, no lease,
+    """Names to evict in ``eviction_order`` (lowest score, then least recently used) so that
+    ``needed`` fits on every budgeted device it touches. Devices without a budget are not checked. Eligible: not pinned, no lease,
     and (``respect_residency``) loaded at least ``min_residency_s`` ago; a candidate that frees
     nothing on a device still short is skipped. ``reserved_elsewhere``: bytes per device held by
     models that are not candidates because they are loading, ``overhead``: server-level bytes
@@ -110,7 +122,7 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
         devs = c.cost.devices()
         for d in movable:
             movable[d] += devs.get(d, 0)
-    eligible.sort(key=lru_order)
+    eligible.sort(key=eviction_order)
     victims, remaining = take_lru(eligible, short)
     if not remaining:
         return victims
@@ -139,13 +151,13 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
 
 def plan_reclaim(short: Mapping[str, int], candidates: Iterable[Candidate], *, min_residency_s: float = 0.0,
                  now: float | None = None) -> list[str]:
-    """Victims that free ``short`` bytes per device ahead of need (headroom), least recently
-    used first, by the rules of ``plan_eviction`` for a lazy load: never pinned, never leased,
+    """Victims that free ``short`` bytes per device ahead of need (headroom), in
+    ``eviction_order``, by the rules of ``plan_eviction`` for a lazy load: never pinned, never leased,
     never loaded less than ``min_residency_s`` ago. Best effort: when the eligible models free
     less than ``short``, all of them (none raises)."""
     now = time.monotonic() if now is None else now
     eligible = sorted((c for c in candidates if not c.pinned and c.inflight == 0 and now - c.loaded_at >= min_residency_s),
-                      key=lru_order)
+                      key=eviction_order)
     return take_lru(eligible, short)[0]
 
 

@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
@@ -44,7 +44,7 @@ import psutil
 
 from .cost import HOST, format_bytes
 from .budget import own_cgroup_paths
-from .planner import Candidate, take_lru
+from .planner import Candidate, eviction_order, take_lru
 
 if TYPE_CHECKING:
     from .ledger import MemoryManager
@@ -427,15 +427,15 @@ class RealityCheck:
                         r.real.get(d), r.ledger.get(d, 0), r.budget.get(d, 0))
 
     def relief(self, excess: dict[str, int], candidates: Iterable[Candidate]) -> list[str]:
-        """Models to evict for ``excess``: least recently used first, never pinned nor under a
-        request (no residency rule: memory is short now), until their reservations cover the
-        excess on every device in excess. Returns what it can (maybe fewer than needed)."""
+        """Models to evict for ``excess``, in ``eviction_order`` (lowest score, then least
+        recently used), never pinned nor under a request (no residency rule: memory is short
+        now), until their reservations cover the excess on every device in excess. Returns what it can (maybe fewer than needed)."""
         reserved = self.ledger.reservations()
         eligible = []
-        for c in sorted(candidates, key=lambda c: (c.last_used, c.loaded_at, c.name)):
+        for c in sorted(candidates, key=eviction_order):
             cost = c.cost or reserved.get(c.name)
             if not c.pinned and c.inflight == 0 and cost is not None:
-                eligible.append(c if c.cost is not None else Candidate(c.name, c.last_used, c.loaded_at, cost=cost))
+                eligible.append(c if c.cost is not None else replace(c, cost=cost))
         victims, remaining = take_lru(eligible, {d: b for d, b in excess.items() if b > 0})
         if remaining:
             log.warning("memory relief_short %s: no more evictable models (pinned or in use)",
