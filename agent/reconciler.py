@@ -41,12 +41,12 @@ and Cache, with the scripted server of tests/support/scripted.py):
     takes eligible models lowest `Candidate.score` first, then least recently used. Under `lru`
     every score is 0; under `lfu-decay` it is the model's request count, each lease adding 1
     and the count halving every `--eviction-half-life` leases to the agent (`_lease`: one float
-    update, no allocation), kept while the model is unloaded. Only the order differs: the rules
+    update, no lock), kept while the model is unloaded. Only the order differs: the rules
     on who may be evicted are the same.
   * Headroom (`--headroom` N, default 8; 0: off): under pressure (from a miss that had to
     evict on its own path until HEADROOM_PRESSURE_S after the last miss; a node whose models
-    all fit gives up nothing), after each load commits, one background
-    task evicts idle models (in eviction order) until the budget has room for N loads of the median loaded
+    all fit gives up nothing), after each load commits, one background task evicts idle
+    models (in eviction order) until the budget has room for N loads of the median loaded
     size (at most HEADROOM_MAX_FRACTION of a device's budget, in whole loads), so that a
     miss on a full node normally finds room and loads at once, with no unload on its path.
     Same rules as a miss's eviction (no lease, not pinned, past `min_residency_s`, committed
@@ -92,7 +92,6 @@ import contextlib
 import enum
 import random
 import time
-from math import exp2
 import zlib
 from dataclasses import dataclass, field
 from itertools import compress, filterfalse
@@ -489,10 +488,9 @@ class Reconciler:
         m.idle.clear()
         self._inflight_gauge(m.name).inc()
         m.last_used = time.monotonic()
-        if self._half_life:  # lfu-decay: `decayed(...) + 1`, inlined (the data plane's hot path)
+        if self._half_life:  # lfu-decay: one more request, counted on the agent's request clock
             self._tick = tick = self._tick + 1.0
-            m.score = m.score * exp2((m.score_at - tick) / self._half_life) + 1.0 if m.score else 1.0
-            m.score_at = tick
+            m.score, m.score_at = decayed(m.score, m.score_at, tick, self._half_life) + 1.0, tick
 
     def _inflight_gauge(self, name: str) -> Any:
         gauge = self._inflight_gauges.get(name)

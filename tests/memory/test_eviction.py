@@ -1,11 +1,14 @@
-"""The eviction planner and the reservation ledger: LRU order, what may never be evicted
+"""The eviction planner and the reservation ledger: LRU order (and --eviction lfu-decay's
+decayed request counts: a frequently used model outlives one-shot models, a once-hot one is
+forgotten), what may never be evicted
 (pinned, leased, too young for a lazy load), several devices at once, and the two ways a model
 does not fit (larger than the whole budget: permanent; blocked: retry later)."""
 from __future__ import annotations
 
 import pytest
 
-from agent.memory import HOST, Blocked, Candidate, Cost, DoesNotFit, LargerThanBudget, MemoryManager, plan_eviction
+from agent.memory import HOST, Blocked, Candidate, Cost, DoesNotFit, LargerThanBudget, MemoryManager, decayed, plan_eviction
+from agent.memory.planner import plan_reclaim
 
 from .conftest import GiB, MiB
 
@@ -195,3 +198,67 @@ def test_reclaim_frees_the_target_lru_first_and_marks_nothing():
     assert mm.reclaim({HOST: 500}, cands) == ["old", "recent"]  # best effort: all it may take
     mm.release("old")
     assert mm.reclaim({HOST: 80}, cands) == []  # the target is free already
+
+
+# -- --eviction lfu-decay: the order by decayed request count (what Reconciler._lease keeps) --------
+def scored(requests: list[str], half_life: float, resident: list[str]) -> list[Candidate]:
+    """Candidates for `resident` after `requests` (one per tick, in order), each with the score
+    the agent gives it: every request adds 1 to its model's count, which halves every
+    `half_life` requests; half_life 0: lru (every score 0)."""
+    score: dict[str, float] = {}
+    at: dict[str, float] = {}
+    for tick, name in enumerate(requests, 1):
+        if half_life:
+            score[name] = decayed(score.get(name, 0.0), at.get(name, 0.0), tick, half_life) + 1.0
+            at[name] = tick
+    now = float(len(requests))
+    last = {name: tick for tick, name in enumerate(requests, 1)}
+    return [Candidate(n, last_used=last[n], loaded_at=0.0, cost=Cost(100, {}, "measured"),
+                      score=decayed(score[n], at[n], now, half_life) if half_life else 0.0) for n in resident]
+
+
+def test_lfu_decay_keeps_a_frequently_used_model_through_a_burst_of_one_shot_models():
+    one_shots = [f"once-{i}" for i in range(4)]
+    requests = ["hot"] * 20 + one_shots  # room for 5: hot and the four one-shots are loaded
+    resident = ["hot", *one_shots]
+    evict = lambda half_life: plan(Cost(100), scored(requests, half_life, resident), free={HOST: 0}, budget={HOST: 500})  # noqa: E731
+    assert evict(100) == ["once-0"]  # lfu-decay: the least asked-for (then least recent) goes
+    assert evict(0) == ["hot"]  # lru: the frequently used model is the least recently used one
+
+
+def test_lfu_decay_forgets_a_once_hot_model_after_its_half_lives():
+    # "old" was asked for 50 times, then (after 90 requests to others) "steady" 3 times, then "old"
+    # once more: LRU evicts "steady" (its last use is older), a count that never decays keeps "old"
+    # for ever; with a half-life of 10 requests, old's 50 requests ~10 half-lives ago weigh less
+    # than steady's 3 recent ones
+    requests = ["old"] * 50 + [f"other-{i % 30}" for i in range(90)] + ["steady", "a", "steady", "b", "steady"] + ["old"] + ["x"] * 10
+    resident = ["old", "steady"]
+    evict = lambda half_life: plan(Cost(100), scored(requests, half_life, resident), free={HOST: 0}, budget={HOST: 300})  # noqa: E731
+    assert evict(10) == ["old"]
+    assert evict(10_000) == ["steady"]  # within its half-life, old's 50 requests still protect it
+    assert evict(0) == ["steady"]  # lru
+
+
+def test_reclaim_for_the_headroom_follows_the_same_order():
+    cands = [Candidate("hot", last_used=1, loaded_at=0, cost=Cost(100, {}, "measured"), score=9.0),
+             Candidate("rare", last_used=5, loaded_at=0, cost=Cost(100, {}, "measured"), score=1.0)]
+    assert plan_reclaim({HOST: 100}, cands, now=NOW) == ["rare"]
+
+
+def test_the_eviction_flags_take_a_policy_and_a_half_life_and_say_what_is_wrong(capsys):
+    from agent.cli import build_parser, settings_from_args
+
+    def parse(*flags: str):
+        return settings_from_args(build_parser().parse_args(["run", "--config-dir", "/c", "--cache-dir", "/d", *flags]))
+
+    s = parse()
+    assert (s.eviction, s.eviction_half_life) == ("lru", 100.0)
+    s = parse("--eviction", "lfu-decay", "--eviction-half-life", "500")
+    assert (s.eviction, s.eviction_half_life) == ("lfu-decay", 500.0)
+    with pytest.raises(SystemExit):
+        parse("--eviction", "lfu")
+    assert "invalid choice: 'lfu'" in capsys.readouterr().err
+    for bad in ("0", "-5", "soon", "inf"):
+        with pytest.raises(SystemExit):
+            parse("--eviction-half-life", bad)
+        assert f"--eviction-half-life {bad!r} is not a number of requests" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The reconciler against a REAL MLServer (the session's, driven in sidecar mode from this
 test's loop): a model unloaded behind the agent's back is noticed and served again, by the
-periodic resync and at once through `report_missing` (what the router calls on a 404)."""
+periodic resync and at once through `report_missing` (what the router calls on a 404); under
+--eviction lfu-decay the model asked for most stays on the server where lru would unload it."""
 from __future__ import annotations
 
 import httpx
@@ -47,3 +48,37 @@ def test_a_model_unloaded_on_the_real_server_is_reloaded_by_the_resync(tmp_path,
 
 def test_report_missing_reloads_a_model_the_real_server_lost(tmp_path, http, mlserver):
     run(_scenario(tmp_path, http, mlserver, resync=3600.0, report=True), timeout=90)
+
+
+async def _eviction_scenario(tmp_path, http, mlserver, policy: str) -> dict[str, str]:
+    """Room for two of three real models; "hot" is asked for 5 times, then "rare" once, then
+    "new" needs room. Returns what the real server holds READY afterwards."""
+    adapter = MLServerAdapter(mlserver.repository, base_url=mlserver.base_url, sidecar_interval=None)
+    await adapter.start(timeout=10)
+    names = {n: f"{policy}-{n}" for n in ("hot", "rare", "new")}
+    try:
+        async with Harness(tmp_path, http, adapter=adapter, budget=250 * 2**20, load_timeout_s=60.0,
+                           eviction=policy, eviction_half_life=100.0) as h:
+            await h.apply(*(h.spec(m, _publish_sklearn(h, tmp_path, m), preload=False, memory=100 * 2**20) for m in names.values()))
+            for name in [names["hot"]] * 5 + [names["rare"], names["new"]]:
+                h.rec.release(await h.rec.acquire(name))
+            await h.settle()
+            status = h.rec.status()
+            assert status["eviction"]["policy"] == policy
+            scores = {n: status["models"][m]["eviction_score"] for n, m in names.items()}
+            if policy == "lru":
+                assert set(scores.values()) == {None}, scores
+            else:  # what /status shows: 5 requests (barely decayed) above 1
+                assert scores["hot"] > 4 and 0 < scores["rare"] < 1.1, scores
+            index = await adapter.index()
+            return {n: index.get(m, "absent") for n, m in names.items()}
+    finally:
+        await adapter.stop()
+
+
+def test_lfu_decay_keeps_the_model_asked_for_most_on_the_real_server(tmp_path, http, mlserver):
+    held = run(_eviction_scenario(tmp_path, http, mlserver, "lfu-decay"), timeout=120)
+    assert held["hot"] == "READY" and held["new"] == "READY" and held["rare"] != "READY", held
+    # lru evicts the model asked for most: its last request is older than rare's
+    held = run(_eviction_scenario(tmp_path / "lru", http, mlserver, "lru"), timeout=120)
+    assert held["rare"] == "READY" and held["new"] == "READY" and held["hot"] != "READY", held
