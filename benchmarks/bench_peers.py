@@ -523,6 +523,7 @@ def markdown(data: dict[str, Any]) -> str:
             ratios = ", ".join(f"{k} {x}" for k, x in (v.get("ratios") or {}).items())
             lines.append(f"- {w['workload']}{' (modelshelf-alt: ' + ' '.join(data['settings']['alt_agent_arg']) + ')' if alt else ''}: "
                          f"goal {v['goal']}: {ratios} → **{v['verdict']}** ({v.get('rounds_meeting_goal', '–')} rounds meet it on their own)")
+    lines += alt_comparison(data)
     lines += ["", "## Cold-start breakdown (per pass; modelshelf: every agent /metrics histogram that moved, count × mean ms)", ""]
     for w in data["workloads"]:
         for p in (p for p in w["passes"] if p["system"].startswith("modelshelf")):
@@ -545,6 +546,37 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [f"![p50/p95 per workload and system]({data['plot']})", ""]
     lines.append(f"Total time of the benchmark: {data['total_s']:.0f} s.")
     return "\n".join(lines)
+
+
+def alt_comparison(data: dict[str, Any]) -> list[str]:
+    """With --alt-agent-arg: modelshelf-alt against modelshelf round by round (the same request
+    sequence in a round), as ratios alt / base, with the CPU other processes took in each pass
+    (a pass that got less of the machine is not comparable); verdicts: fewer misses and a lower
+    p95 in every round."""
+    if not data["settings"].get("alt_agent_arg"):
+        return []
+    flags = " ".join(data["settings"]["alt_agent_arg"])
+    lines = ["", f"## modelshelf-alt ({flags}) vs modelshelf, round by round (same sequence; ratio alt / base)", "",
+             "| workload | round | misses base → alt | misses ratio | p50 ratio | p95 ratio | req/s ratio | other processes' CPU s, base / alt |",
+             "|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for w in data["workloads"]:
+        fewer = lower = n = 0
+        for r in sorted({p["round"] for p in w["passes"]}):
+            a = next((p for p in w["passes"] if p["round"] == r and p["system"] == "modelshelf"), None)
+            b = next((p for p in w["passes"] if p["round"] == r and p["system"] == "modelshelf-alt"), None)
+            if not a or not b:
+                continue
+            n += 1
+            fewer += b["misses"] < a["misses"]
+            lower += b["p95_ms"] < a["p95_ms"]
+            ratio = lambda k: f"{b[k] / a[k]:.3f}" if a.get(k) else "–"  # noqa: E731
+            lines.append(f"| {w['workload']} | {r} | {a['misses']} → {b['misses']} | {ratio('misses')} | {ratio('p50_ms')} | "
+                         f"{ratio('p95_ms')} | {ratio('rps')} | {a['others_cpu_s']} / {b['others_cpu_s']} |")
+        if n:
+            verdicts.append(f"- {w['workload']}: fewer misses in {fewer} of {n} rounds, lower p95 in {lower} of {n} rounds → "
+                            f"**{'better' if fewer == n and lower == n else 'not better in every round'}**")
+    return lines + ["", *verdicts]
 
 
 def plot_svg(data: dict[str, Any], path: Path) -> str:
