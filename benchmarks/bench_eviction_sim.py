@@ -6,7 +6,7 @@ The bench's models (100 forests spread evenly over 19-49 MiB, each reserved at s
 and the room the agent's ledger has for them (--room-mib, 716: bench_peers' 801 MiB budget less
 the 85 MiB sklearn import), with and without --headroom-loads medians kept free (the agent's
 --headroom under pressure); --models/--fit/--min-mib/--max-mib/--room-mib/--pass-requests
-describe bench_peers' small workload as well (see benchmarks/results/peers_eviction.md).
+describe bench_peers' small workload as well (see benchmarks/results/peers.notes.md).
 Time is counted in requests, as the agent's --eviction-half-life is.
 Traces, each over --seeds seeds, misses counted after the warm-up:
 - bench: what bench_peers sends one system: one request to each of the `fit` most popular, a

@@ -2,6 +2,8 @@
 
 - The verdicts apply issue 13's goals exactly (small: p95 <= 0.8x and p50 <= 0.5x Ray's; big:
   both <= Ray's; hits: throughput >= 3x Ray's), on the medians of the rounds.
+- With --alt-agent-arg, the second agent is compared with the first round by round (the same
+  sequence), and called better only when it is better in every round.
 - The cold-start breakdown reads every `modelshelf_*_seconds` histogram that moved, labelled
   ones included, so phases the agent adds later are reported without a change to the benchmark.
 - The Ray side does the same work as MLServer: for the same V2 request on the same model files
@@ -51,6 +53,20 @@ def test_verdict_uses_the_median_round_not_the_best():
     w["summary"] = bench_peers.summarize(w["passes"])
     v = bench_peers.verdict(w)
     assert (v["verdict"], v["ratios"]["throughput_ratio"], v["rounds_meeting_goal"]) == ("missed", 2.5, "1 of 3")
+
+
+def test_the_alt_agent_is_compared_round_by_round_and_better_only_if_better_in_every_round():
+    base = {"p50_ms": 100.0, "rps": 30.0, "others_cpu_s": 1.0}
+    passes = [{"system": "modelshelf", "round": r, "misses": 200, "p95_ms": 400.0, **base} for r in (1, 2, 3)]
+    passes += [{"system": "modelshelf-alt", "round": r, "misses": 180, "p95_ms": p95, **base}
+               for r, p95 in ((1, 300.0), (2, 390.0), (3, 401.0))]
+    data = {"settings": {"alt_agent_arg": ["--eviction=lfu-decay"]}, "workloads": [{"workload": "big", "passes": passes}]}
+    lines = bench_peers.alt_comparison(data)
+    assert "| big | 1 | 200 → 180 | 0.900 | 1.000 | 0.750 | 1.000 | 1.0 / 1.0 |" in lines
+    assert lines[-1] == "- big: fewer misses in 3 of 3 rounds, lower p95 in 2 of 3 rounds → **not better in every round**"
+    passes[-1]["p95_ms"] = 399.0
+    assert bench_peers.alt_comparison(data)[-1].endswith("lower p95 in 3 of 3 rounds → **better**")
+    assert bench_peers.alt_comparison({"settings": {"alt_agent_arg": []}, "workloads": []}) == []
 
 
 def test_breakdown_reads_every_histogram_that_moved_labels_included():
