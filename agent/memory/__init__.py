@@ -66,11 +66,12 @@ reserves the cost and marks the victims as unloading in one step, so concurrent 
 count the same free bytes twice. ``plan_eviction`` picks models in ``eviction_order`` (lowest
 ``Candidate.score`` first: a decayed request count under ``--eviction lfu-decay``, 0 under ``lru``;
 then least recently used) with no lease, not pinned and (for lazy loads) older than
-``min_residency_s`` until the need fits on every device involved, or raises ``LargerThanBudget`` (permanent) / ``Blocked`` (retry later, or permanent when
-only pinned models are in the way). ``headroom`` and ``reclaim`` serve the reconciler's eviction
-ahead of need: how many bytes to keep free per device (room for N loads of the median
-reservation, only where that is a small share of the budget) and which models to unload for it
-(the same order), by the same rules, marking nothing until each unload commits.
+``min_residency_s`` until the need fits on every device involved, or raises ``LargerThanBudget``
+(permanent) / ``Blocked`` (retry later, or permanent when only pinned models are in the way).
+``headroom`` and ``reclaim`` serve the reconciler's eviction ahead of need: how many bytes to keep
+free per device (room for N loads of the median reservation, only where that is a small share of the
+budget) and which models to unload for it (the same order), by the same rules, marking nothing until
+each unload commits.
 
 One role per module: ``cost`` (Cost, formatting), ``budget`` (discovery), ``probes`` (process tree,
 NVML), ``store`` (where measurements are remembered), ``planner`` (eviction, pure), ``measure``

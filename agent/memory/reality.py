@@ -429,7 +429,8 @@ class RealityCheck:
     def relief(self, excess: dict[str, int], candidates: Iterable[Candidate]) -> list[str]:
         """Models to evict for ``excess``, in ``eviction_order`` (lowest score, then least
         recently used), never pinned nor under a request (no residency rule: memory is short
-        now), until their reservations cover the excess on every device in excess. Returns what it can (maybe fewer than needed)."""
+        now), until their reservations cover the excess on every device in excess. Returns
+        what it can (maybe fewer than needed)."""
         reserved = self.ledger.reservations()
         eligible = []
         for c in sorted(candidates, key=eviction_order):
