@@ -24,13 +24,14 @@ class Candidate:
     score: float = 0.0
 
 
-def decayed(score: float, at: float, now: float, half_life_s: float) -> float:
-    """A request count that halves every ``half_life_s`` seconds (LRFU's combined
+def decayed(score: float, at: float, now: float, half_life: float) -> float:
+    """A request count that halves every ``half_life`` ticks of the clock ``at``/``now`` are
+    read on (the agent counts in requests: ``--eviction-half-life``) (LRFU's combined
     recency-frequency value with a base-2 decay: Lee et al., IEEE Trans. Computers 2001):
     ``score`` as of ``now``, given its value at ``at``. Each request adds 1 to the decayed
     value (the lease path inlines this), so a model asked for often ranks above one asked for
     once, and one that stopped being asked for sinks back to 0 within a few half-lives."""
-    return score * math.exp2((at - now) / half_life_s) if score else 0.0
+    return score * math.exp2((at - now) / half_life) if score else 0.0
 
 
 class DoesNotFit(Exception):
