@@ -17,12 +17,16 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-import tarfile
-import zipfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 
 from puller.errors import UnsafeArchive
+
+if TYPE_CHECKING:
+    import tarfile
+
+# tarfile and zipfile (with their compression modules) are imported by the extraction that needs
+# them: most pulls fetch plain files, and a CLI pull's start-up is on the clock (puller/cli.py).
 
 _CHUNK = 1024 * 1024
 _WRITE = 32 * 1024  # bytes per write(2)
@@ -185,6 +189,8 @@ class _Writer:
 
 
 def _extract_tar(archive: Path, w: _Writer) -> None:
+    import tarfile
+
     try:
         tf = tarfile.open(archive, mode="r:*")
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -224,6 +230,8 @@ def _tar_members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 
 def _extract_zip(archive: Path, w: _Writer) -> None:
+    import zipfile
+
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as e:

@@ -108,7 +108,6 @@ import socket
 import stat
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -482,7 +481,7 @@ class Cache:
     def _download(self, key: str, listed: list[tuple[str, Source, Listing]], options: PullOptions,
                   progress: Progress, label: str) -> Entry:
         t0 = time.monotonic()
-        tmp = self.root / "tmp" / f"{key}.{uuid.uuid4().hex[:12]}"
+        tmp = self.root / "tmp" / f"{key}.{os.urandom(6).hex()}"
         files_dir = tmp / "files"
         files_dir.mkdir(parents=True)
         _atomic_write(tmp / "owner.json", json.dumps({
@@ -995,7 +994,7 @@ class Cache:
             os.chmod(d, 0o755)
         except OSError:
             pass  # not ours to chmod: the rename says whether it may go
-        os.rename(d, self.root / "trash" / f"{key}.{uuid.uuid4().hex[:12]}")
+        os.rename(d, self.root / "trash" / f"{key}.{os.urandom(6).hex()}")
         self._note_removed(key)
 
     def _gc_quietly(self, budget: int, exclude: set[str]) -> None:
@@ -1250,7 +1249,7 @@ def _entry_from_manifest(key: str, d: Path, m: Mapping[str, Any], hit: bool) -> 
 
 
 def _atomic_write(path: Path, text: str, fsync: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
     try:
         with open(tmp, "w") as f:
             f.write(text)

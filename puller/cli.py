@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import configparser
 import errno
 import fcntl
 import gc
@@ -412,6 +411,8 @@ class _Scrubber(logging.Filter):
     def add_s3cfg(self, path: Path | None) -> None:
         if not path:
             return
+        import configparser
+
         cp = configparser.RawConfigParser()
         try:
             cp.read(path)

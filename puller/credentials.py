@@ -24,7 +24,6 @@ paths can scrub foreign messages.
 """
 from __future__ import annotations
 
-import configparser
 import json
 import logging
 import os
@@ -216,6 +215,8 @@ def _from_s3cfg(parsed: "ParsedURI", options: "PullOptions", env: Mapping[str, s
     if path is None:
         return None
     path = Path(path).expanduser()
+    import configparser  # only for an .s3cfg: not on every S3 pull's start-up
+
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as f:

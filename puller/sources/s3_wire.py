@@ -27,7 +27,6 @@ message: only the URL (no query) and S3's code and message.
 from __future__ import annotations
 
 import base64
-import configparser
 import datetime as _dt
 import hashlib
 import hmac
@@ -139,6 +138,10 @@ def config_file_region(profile: str | None, env: Any = None) -> str | None:
     """The region of `profile` (or the default) in the AWS config file, as botocore would read it."""
     env = os.environ if env is None else env
     path = Path(env.get("AWS_CONFIG_FILE") or Path.home() / ".aws" / "config").expanduser()
+    if not path.is_file():
+        return None  # what configparser would find there: nothing (and its import is not paid)
+    import configparser
+
     cp = configparser.RawConfigParser()
     try:
         cp.read(path)

@@ -190,7 +190,11 @@ def test_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(
 # of a scratch cache (xxhash), a progress bar with --no-progress (rich), servers' stacks
 _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer", "xxhash", "rich", "click", "pygments", "yaml",
                    "starlette", "uvicorn", "psutil", "grpc")
-_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3"), "http": ("urllib3", "xml")}
+# an S3 pull of plain files with static keys and no AWS config file also leaves these to the
+# pulls that need them: archive readers (an archive), configparser (an .s3cfg, an AWS config
+# file), uuid (never: temp names come from os.urandom)
+_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid"),
+                   "http": ("urllib3", "xml")}
 
 
 def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3: S3Server, tmp_path: Path) -> None:
