@@ -54,8 +54,11 @@ nginx:
 	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nginx >/dev/null 2>&1; }; }; } || \
 	  echo "nginx not installed: its test skips (apt-get install -y nginx)"
 
+# Two workers (pytest-xdist), each given whole modules (--dist loadscope: a module's servers start
+# once) in collection order (--no-loadscope-reorder: xdist's default order by test count would put slow
+# one-test modules such as fleet/test_agent_ready last); each worker starts its own session servers on free ports, in its own temp dirs.
 test: venv triton kserve nginx
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder
 
 bench: venv triton
 	$(VENV)/bin/pip install $(PIP_QUIET) -e '.[mlserver,test,bench]' $(PIP_FILTER)
