@@ -457,7 +457,7 @@ def test_long_poll_sees_a_change_within_moments_not_a_poll_interval(tmp_path):
         stand_ins[0].changed()
         started = time.monotonic()
         eventually(lambda: rest_destination(picker, "/v2/models/m0/infer") == names[1], timeout=10, what="drain seen")
-        assert time.monotonic() - started < 1.0  # neither the 30 s poll interval nor the 5 s wait
+        assert time.monotonic() - started < 3.0  # neither the 30 s poll interval nor the 5 s wait (loose: parallel workers)
     finally:
         picker.stop()
         for s in stand_ins:
