@@ -472,21 +472,26 @@ class Router:
         ASGI path answers it. Cheap: only the path and headers are read."""
         path = scope["path"]
         if scope["method"] != "POST" or scope["query_string"] or not path.startswith("/v2/models/") \
-                or not path.endswith("/infer") or not self.reconciler.applied_once.is_set():
+                or not path.endswith("/infer"):
             return None
         name = path[11:-6]
-        model = self.reconciler.models.get(name)  # configured names hold no "/"
-        if model is None or model.removed:
-            return None
         length = None
         for k, v in scope["headers"]:
             if k == b"content-length":
                 length = v
             elif k == b"transfer-encoding" or k == b"expect":
                 return None
-        if length is None or not length.isdigit() or int(length) > self._fast_body_bytes:
+        if length is None or not length.isdigit() or not self.fast_takes(name, int(length)):
             return None
         return name
+
+    def fast_takes(self, name: str, length: int) -> bool:
+        """Whether fast_forward() may take an infer request for `name` with a `length`-byte body:
+        a configured model (loaded or not: fast_forward checks), a body within FAST_BODY_BYTES
+        and the limits, the config applied."""
+        model = self.reconciler.models.get(name)  # configured names hold no "/"
+        return model is not None and not model.removed and length <= self._fast_body_bytes \
+            and self.reconciler.applied_once.is_set()
 
     def fast_forward(self, name: str, headers: list[tuple[bytes, bytes]], body: bytes,
                      reply: Callable[[_Parts], None], demote: Callable[[], None]) -> None:

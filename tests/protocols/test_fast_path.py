@@ -61,11 +61,22 @@ def fast_answers(agent: AgentProcess) -> int:
     return agent.status()["data_plane"]["fast_path_answers"]
 
 
-def exchange(port: int, raw: bytes, answers: int = 1, timeout: float = 30) -> tuple[list[tuple[int, dict, bytes]], bool]:
+def exchange(port: int, raw: bytes, answers: int = 1, timeout: float = 30, pieces: tuple[int, ...] = (),
+             first: tuple[int, ...] = ()) -> tuple[list[tuple[int, dict, bytes]], bool]:
     """Send `raw` bytes on one connection and read `answers` HTTP/1.1 answers (Content-Length
-    bodies); returns them as (status, headers, body) and whether the server closed the connection."""
+    bodies); returns them as (status, headers, body) and whether the server closed the connection.
+    With `pieces`: written in pieces, the `first` sizes then `pieces` cycled, each its own segment
+    (TCP_NODELAY and a pause)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(raw)
+        if not pieces:
+            s.sendall(raw)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        i = n = 0
+        while pieces and i < len(raw):
+            size = first[n] if n < len(first) else pieces[(n - len(first)) % len(pieces)]
+            s.sendall(raw[i:i + size])
+            i, n = i + size, n + 1
+            time.sleep(0.002)
         buf, out = b"", []
         closed = False
         while len(out) < answers or not closed:
@@ -129,6 +140,65 @@ def test_keep_alive_pipelining_and_http_1_0(agent):
     assert answers[0][0] == 200 and json.loads(answers[0][2])["id"] == "old"
     assert answers[0][1].get("connection") == "close" and closed
     assert fast_answers(agent) == before + 3
+
+
+def test_pipelined_requests_split_at_odd_byte_boundaries_are_answered_in_order(agent):
+    """Four pipelined requests (a slow one, then one only the ASGI path answers, with a query
+    string) arrive in pieces that cut heads, bodies and the gaps between requests anywhere:
+    each answer is its own request's, in order, and the slow one is not overtaken by the quick
+    ASGI answer behind it (whether the slow one came whole in one read or in pieces)."""
+    s1, s2 = post_line("iris", body("s1")), post_line("slow", body("s2", "slow", delay=0.3))
+    stream = s1 + s2 + post_line("iris", body("s3")).replace(b"/infer ", b"/infer?via=asgi ", 1) \
+        + post_line("iris", body("s4"))
+    for first, sizes in (((), (len(stream),)),  # all in one read
+                         ((len(s1) + len(s2) + 7,), (1, 2, 5, 11, 17, 64)),  # s1 and s2 whole, the rest in bits
+                         ((len(s1), len(s2)), (3, 40)),  # cut at the requests' boundaries, then in bits
+                         ((), (1, 2, 5, 11, 17, 64)),  # every head in bits
+                         ((), (150, 3))):
+        before = fast_answers(agent)
+        answers, _ = exchange(agent.port, stream, answers=4, pieces=sizes, first=first)
+        assert [(st, json.loads(b).get("id")) for st, _, b in answers] == [(200, "s1"), (200, "s2"), (200, "s3"), (200, "s4")]
+        assert fast_answers(agent) == before + 3  # s3 took the ASGI path
+
+
+@pytest.mark.parametrize("extra", [
+    b"content-length: 3\r\n",  # a second, different Content-Length
+    b"content-length: 5\r\n",  # placeholder: replaced by the same length below
+    b"transfer-encoding: chunked\r\n",  # Transfer-Encoding beside Content-Length
+    b"transfer-encoding: identity\r\n",
+    b"content-length : 3\r\n",  # a space before the colon
+    b"x-folded: a\r\n b\r\n",  # obs-fold
+    b"x-bare: a\nx-next: b\r\n",  # a bare LF
+], ids=["two-lengths", "same-length-twice", "te-chunked", "te-identity", "space-colon", "obs-fold", "bare-lf"])
+def test_a_request_with_ambiguous_framing_is_refused_and_nothing_behind_it_is_answered(agent, extra):
+    """Framing two parsers could read differently (two Content-Lengths, Transfer-Encoding with
+    Content-Length, malformed header lines) is never forwarded: a 400 and the connection
+    closed, and the request pipelined behind it gets no answer (it could be someone's smuggled
+    request)."""
+    before = fast_answers(agent)
+    first = post_line("iris", body("framed"))
+    if extra == b"content-length: 5\r\n":
+        extra = b"content-length: %d\r\n" % len(json.dumps(body("framed")).encode())
+    head, sep, rest = first.partition(b"\r\n\r\n")
+    raw = head + b"\r\n" + extra + b"\r\n" + rest + post_line("iris", body("behind"))
+    answers, closed = exchange(agent.port, raw)
+    assert [a[0] for a in answers] == [400] and closed, answers
+    assert fast_answers(agent) == before
+
+
+def test_a_body_shorter_than_announced_then_a_close_forwards_and_holds_nothing(agent):
+    before = fast_answers(agent)
+    data = json.dumps(body("short")).encode()
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as s:
+        s.sendall(b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(data) + 20, data))
+        time.sleep(0.2)
+    time.sleep(0.2)
+    assert fast_answers(agent) == before and agent.status()["models"]["iris"]["inflight"] == 0
+    # head and body written apart (as http.client does), the body in two pieces: answered
+    answers, _ = exchange(agent.port, post_line("iris", body("apart")), pieces=(120, 30, 1000))
+    assert answers[0][0] == 200 and json.loads(answers[0][2])["id"] == "apart"
+    assert fast_answers(agent) == before + 1
 
 
 def test_a_client_that_goes_away_releases_the_lease_when_the_answer_comes(agent):
