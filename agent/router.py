@@ -159,6 +159,7 @@ class Router:
         self.fast_fallbacks = 0
         self._upstream: Upstream | None = None
         self._counters: dict[tuple[str, str], Any] = {}  # (model, code) -> counter child
+        self._tally: dict[tuple[str, int | str], int] = {}  # (model, code) -> requests since the last scrape
         self._v1_worker: ProcessPoolExecutor | None = None
         hooks = getattr(metrics, "before_render", None)
         if hooks is not None:
@@ -191,16 +192,23 @@ class Router:
 
     # ------------------------------------------------------------------ metrics
     def _count(self, model: str, code: int | str) -> None:
-        """One request for `model` (a configured name, or "" for anything else) answered `code`."""
+        """One request for `model` (a configured name, or "" for anything else) answered `code`:
+        a plain integer here, added to the prometheus counter at the next scrape (prune_metrics),
+        not a locked update per request."""
         key = (model, code)
-        child = self._counters.get(key)
-        if child is None:
-            child = self._counters[key] = self.metrics.requests.labels(model=model, code=str(code))
-        child.inc()
+        tally = self._tally
+        tally[key] = tally.get(key, 0) + 1
 
     def prune_metrics(self, configured: Any = None) -> None:
-        """Drop the request series of models no longer configured. `configured`: the names
-        (default: the reconciler's models not removed). Runs at each /metrics scrape."""
+        """Fold the requests counted since the last scrape into their series, and drop the
+        request series of models no longer configured. `configured`: the names (default: the
+        reconciler's models not removed). Runs at each /metrics scrape."""
+        tally, self._tally = self._tally, {}
+        for key, n in tally.items():
+            child = self._counters.get(key)
+            if child is None:
+                child = self._counters[key] = self.metrics.requests.labels(model=key[0], code=str(key[1]))
+            child.inc(n)
         if configured is None:
             configured = {n for n, m in self.reconciler.models.items() if not m.removed}
         for key in [k for k in self._counters if k[0] and k[0] not in configured]:

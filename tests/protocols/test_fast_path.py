@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.agentproc import IRIS_ROW, AgentProcess, request
 from tests.support.configmap import ConfigMapDir
@@ -210,6 +211,38 @@ def test_a_client_that_goes_away_releases_the_lease_when_the_answer_comes(agent)
     agent.wait_for(lambda st: st["models"]["slow"]["inflight"] == 0, timeout=10, what="the lease released")
     assert fast_answers(agent) == before + 1
     assert agent.post("/v2/models/slow/infer", body("next", "slow"))[0] == 200  # and the model serves on
+
+
+def metric(agent: AgentProcess, name: str, **labels: str) -> float:
+    """The value of one series in the agent's /metrics (0 when absent)."""
+    text = request("GET", agent.management_url + "/metrics")[1].decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def test_fast_path_requests_show_in_the_metrics_at_each_scrape(agent):
+    """Answers by model and code, lookup hits and the in-flight gauge (counted as plain
+    integers, folded in at the scrape): what a dashboard shows after fast-path requests."""
+    ok = metric(agent, "modelshelf_requests_total", model="iris", code="200")
+    failed = metric(agent, "modelshelf_requests_total", model="iris", code="500")
+    hits = metric(agent, "modelshelf_loaded_lookups_total", result="hit")
+    before = fast_answers(agent)
+    for i in range(3):
+        assert agent.post("/v2/models/iris/infer", body(f"m{i}"))[0] == 200
+    assert agent.post("/v2/models/iris/infer", body("bad", row=[1.0]))[0] == 500
+    assert fast_answers(agent) == before + 4
+    assert metric(agent, "modelshelf_requests_total", model="iris", code="200") == ok + 3
+    assert metric(agent, "modelshelf_requests_total", model="iris", code="500") == failed + 1
+    assert metric(agent, "modelshelf_loaded_lookups_total", result="hit") >= hits + 4
+    t = threading.Thread(target=lambda: agent.post("/v2/models/slow/infer", body("gauge", "slow", delay=1.0)))
+    t.start()
+    agent.wait_for(lambda st: st["models"]["slow"]["inflight"] == 1, timeout=10, what="slow request in flight")
+    assert metric(agent, "modelshelf_inflight_requests", model="slow") == 1
+    t.join(30)
+    assert metric(agent, "modelshelf_inflight_requests", model="slow") == 0
 
 
 def test_an_answer_later_than_the_request_timeout_is_503_and_frees_the_lease(agent):
