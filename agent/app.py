@@ -306,8 +306,9 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
             return
         if self._body_wait:  # a plain infer request's head came whole, its body not yet
             data, self._held, self._body_wait = self._held + data, b"", False
-        if self.fast_router is not None and not self._partial and not self._in_body \
-                and (self.cycle is None or self.cycle.response_complete):
+        if self.fast_router is not None and not self._partial and not self._in_body and not self.flow.write_paused \
+                and (self.cycle is None or self.cycle.response_complete):  # (a client not reading its answers:
+            # uvicorn's cycles wait for the socket to drain, ours would not)
             data = self._take_own(data)
             if not data:
                 return
@@ -358,10 +359,12 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
-        """Graceful stop: a connection with our own request in flight closes after its answer."""
+        """Graceful stop: a connection with our own request in flight, or one whose body is on
+        its way, closes after its answer."""
+        self._stopping = True
         if self._own is not None:
             self._own[0] = False  # keep-alive off
-        else:
+        elif not self._body_wait:  # (a request whose body is on its way is answered, then closed)
             super().shutdown()
 
     def _arm_header_timer(self) -> None:
@@ -389,6 +392,7 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
     _held = b""  # bytes that came while it was in flight (pipelined requests), reading paused
     _body_wait = False  # _held is a plain infer request whose body is not all in yet
     _gone = False  # the client went away
+    _stopping = False  # graceful stop: the request in flight (or on its way) is the last
     _taking = False  # within fast_forward() called by _take_own
     _asgi_next = False  # the next request uvicorn parses was given back by the fast path: ASGI
     _idle_timer: asyncio.TimerHandle | None = None  # keep-alive deadline after our own answers
@@ -404,6 +408,7 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
             if request is None or not router.fast_takes(request[0], request[3]):
                 return data
             name, headers, keep_alive, length, head_end = request
+            keep_alive = keep_alive and not self._stopping
             end = head_end + length
             if len(data) < end:  # the rest of the body comes in later reads (a client that writes
                 self._held, self._body_wait = data, True  # head and body apart): wait for it
@@ -486,7 +491,9 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
         (no ASGI task, no app chain); every other request, and one the fast path gives back, runs
         the ASGI app. uvicorn's cycle still carries the request, so keep-alive, pipelining,
         disconnects and shutdown work as for any request."""
-        if self._asgi_next:
+        if self._stopping:  # a request given back by our own parse after the graceful stop began
+            cycle.keep_alive = False
+        if self._asgi_next or self.flow.write_paused:  # (the ASGI path waits for the socket to drain)
             self._asgi_next = False
             super()._start_asgi_task(cycle, app)
             return

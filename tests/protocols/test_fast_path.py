@@ -281,8 +281,9 @@ def test_a_fast_path_request_holds_its_lease_until_its_answer_is_sent(agent):
 
 
 def test_a_request_in_flight_when_the_agent_stops_is_answered_before_it_exits(agent):
-    """SIGTERM with a fast-path request in flight: its answer is sent, then the agent exits
-    (last: it stops the module's agent)."""
+    """SIGTERM with a fast-path request in flight, and another whose body is still on its way:
+    each is answered (the second once its body is in) and its connection closed, then the agent
+    exits (last: it stops the module's agent)."""
     assert agent.post("/v2/models/slow/infer", body("load-again", "slow"))[0] == 200  # evicted above: loads lazily
     assert agent.post("/v2/models/slow/infer", body("warm-again", "slow"))[0] == 200
     before = fast_answers(agent)
@@ -292,7 +293,28 @@ def test_a_request_in_flight_when_the_agent_stops_is_answered_before_it_exits(ag
     t.start()
     agent.wait_for(lambda s: s["models"]["slow"]["inflight"] == 1, timeout=10, what="slow request in flight")
     assert fast_answers(agent) == before  # counted when answered
+    raw = post_line("iris", body("body-on-its-way"))
+    half = socket.create_connection(("127.0.0.1", agent.port), timeout=30)
+    half.sendall(raw[:-10])  # the head and most of the body
+    stopping = threading.Event()
+
+    def finish_body() -> None:
+        stopping.wait(30)
+        time.sleep(0.5)  # the agent has its SIGTERM by now
+        half.sendall(raw[-10:])
+        answer = b""
+        while chunk := half.recv(65536):  # until the agent closes it
+            answer += chunk
+        result["half"] = answer
+
+    t2 = threading.Thread(target=finish_body)
+    t2.start()
+    stopping.set()
     code = agent.stop()
     t.join(30)
+    t2.join(30)
+    half.close()
     assert result["r"][0] == 200 and result["r"][1]["id"] == "last", result["r"]
+    assert result["half"].startswith(b"HTTP/1.1 200") and b"body-on-its-way" in result["half"], result["half"][:300]
+    assert b"connection: close" in result["half"].lower()
     assert code == 0
