@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -277,7 +278,19 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
       disarmed when the headers are complete; on expiry the connection is closed (with a 408
       if part of a request had arrived);
     - a size: bytes received while a head is incomplete are counted; past `max_head_bytes`
-      the client gets a 431 and the connection is closed."""
+      the client gets a 431 and the connection is closed.
+
+    On the public listener (fast_router set) a read that starts at a request boundary, with
+    nothing of uvicorn's in flight, is first offered to parse_plain_infer: a plain infer
+    request in the strictest form, head and Content-Length body, is handed to the router's
+    fast path from here (_take_own), with no scope, no RequestResponseCycle, no Event and no
+    per-header callback. Its answer is written in one write; requests that arrive meanwhile
+    wait in `_held` (reading paused) so answers keep their order; a request the fast path
+    gives back, and anything parse_plain_infer refuses, is fed to uvicorn's parser as it came.
+    After our own answers the keep-alive deadline is one lazy timer per idle period
+    (_idle_expired), not a timer armed and cancelled per request. A request uvicorn parses may
+    still take the fast path from its cycle (_start_asgi_task below): a head split over reads,
+    a header outside the strict form."""
 
     header_timeout: float = 10.0
     max_head_bytes: int = 64 * 1024
@@ -287,6 +300,25 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
     _head_bytes = 0
 
     def data_received(self, data: bytes) -> None:
+        if self._own is not None:  # our own request is in flight: what follows waits its turn
+            self._held += data
+            self.flow.pause_reading()
+            return
+        if self._body_wait:  # a plain infer request's head came whole, its body not yet
+            data, self._held, self._body_wait = self._held + data, b"", False
+        if self.fast_router is not None and not self._partial and not self._in_body and not self.flow.write_paused \
+                and (self.cycle is None or self.cycle.response_complete):  # (a client not reading its answers:
+            # uvicorn's cycles wait for the socket to drain, ours would not)
+            data = self._take_own(data)
+            if not data:
+                return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's own handling of `data` (httptools, a cycle per request), with the head's bounds."""
+        if self._idle_timer is not None:  # uvicorn's keep-alive timer takes over after its answer
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if not self._in_body:
             self._head_bytes += len(data)  # reset when a head completes (within the feed below)
         super().data_received(data)
@@ -320,7 +352,20 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._gone = True
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """Graceful stop: a connection with our own request in flight, or one whose body is on
+        its way, closes after its answer."""
+        self._stopping = True
+        if self._own is not None:
+            self._own[0] = False  # keep-alive off
+        elif not self._body_wait:  # (a request whose body is on its way is answered, then closed)
+            super().shutdown()
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout_expired)
@@ -343,11 +388,115 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
     fast_router: Callable[[], Router | None] | None = None
     _fast: tuple[Any, Any, Router, str] | None = None  # (cycle, app, router, model) waiting for its body
 
+    _own: list | None = None  # our own request in flight: [keep_alive, its bytes]
+    _held = b""  # bytes that came while it was in flight (pipelined requests), reading paused
+    _body_wait = False  # _held is a plain infer request whose body is not all in yet
+    _gone = False  # the client went away
+    _stopping = False  # graceful stop: the request in flight (or on its way) is the last
+    _taking = False  # within fast_forward() called by _take_own
+    _asgi_next = False  # the next request uvicorn parses was given back by the fast path: ASGI
+    _idle_timer: asyncio.TimerHandle | None = None  # keep-alive deadline after our own answers
+    _idle_since = 0.0
+
+    def _take_own(self, data: bytes) -> bytes:
+        """Answer the whole plain infer requests at the start of `data` ourselves (no scope, no
+        cycle, no per-header callbacks: see parse_plain_infer); returns the bytes left for
+        uvicorn (b"" when none, or when the rest waits behind our request in flight)."""
+        router = self.fast_router()
+        while data and router is not None:
+            request = parse_plain_infer(data, self.max_head_bytes)
+            if request is None or not router.fast_takes(request[0], request[3]):
+                return data
+            name, headers, keep_alive, length, head_end = request
+            keep_alive = keep_alive and not self._stopping
+            end = head_end + length
+            if len(data) < end:  # the rest of the body comes in later reads (a client that writes
+                self._held, self._body_wait = data, True  # head and body apart): wait for it
+                if self._header_timer is not None:
+                    self._disarm_header_timer()
+                return b""
+            if self.timeout_keep_alive_task is not None:  # uvicorn's, armed after its last answer
+                self.timeout_keep_alive_task.cancel()
+                self.timeout_keep_alive_task = None
+            if self._header_timer is not None:  # the connection's first head: it came whole
+                self._disarm_header_timer()
+            own = self._own = [keep_alive, data[:end]]
+            self._taking = True
+            try:
+                router.fast_forward(name, headers, data[head_end:end], lambda parts: self._own_reply(own, parts),
+                                    lambda: self._own_demote(own))
+            finally:
+                self._taking = False
+            if self._own is own:  # in flight: the rest waits for its answer
+                if len(data) > end:
+                    self._held += data[end:]
+                    self.flow.pause_reading()
+                return b""
+            if own[1] is None:  # given back at once: uvicorn parses it (and the rest), the app answers it
+                self._asgi_next = True
+                return data
+            if self.transport.is_closing():  # answered at once, and that closed the connection
+                return b""
+            data = data[end:]  # answered at once
+        return data
+
+    def _own_reply(self, own: list, parts: tuple[int, list[tuple[bytes, bytes]], bytes]) -> None:
+        if self._own is not own:
+            return
+        self._own = None
+        if self._gone or self.transport.is_closing():
+            return
+        keep_alive = own[0]
+        self.transport.write(_answer(self.server_state.default_headers, parts, keep_alive))
+        self.server_state.total_requests += 1
+        if not keep_alive:
+            self.transport.close()
+            return
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_at(self._idle_since + self.timeout_keep_alive, self._idle_expired)
+        if self._held:
+            held, self._held = self._held, b""
+            self.flow.resume_reading()
+            self.data_received(held)
+
+    def _own_demote(self, own: list) -> None:
+        """The fast path gave our request back: uvicorn parses it, the ASGI app answers it."""
+        if self._own is not own:
+            return
+        self._own = None
+        raw, own[1] = own[1], None
+        if self._taking or self._gone or self.transport.is_closing():
+            return  # at once: _take_own hands it to uvicorn
+        data, self._held = raw + self._held, b""  # later (a stale upstream connection): now
+        self._asgi_next = True
+        self.flow.resume_reading()
+        self._feed(data)
+
+    def _idle_expired(self) -> None:
+        """The keep-alive deadline after our own answers: one timer per idle period, not per
+        request (moved on by the answers that came meanwhile)."""
+        self._idle_timer = None
+        if self.transport.is_closing() or self._own is not None or self._body_wait or self._partial or self._in_body \
+                or (self.cycle is not None and not self.cycle.response_complete):
+            return  # busy: the next answer arms it again (or uvicorn's own timer does)
+        due = self._idle_since + self.timeout_keep_alive
+        if self.loop.time() >= due:
+            self.transport.close()
+        else:
+            self._idle_timer = self.loop.call_at(due, self._idle_expired)
+
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         """A plain infer request is answered from this connection's callbacks once its body is in
         (no ASGI task, no app chain); every other request, and one the fast path gives back, runs
         the ASGI app. uvicorn's cycle still carries the request, so keep-alive, pipelining,
         disconnects and shutdown work as for any request."""
+        if self._stopping:  # a request given back by our own parse after the graceful stop began
+            cycle.keep_alive = False
+        if self._asgi_next or self.flow.write_paused:  # (the ASGI path waits for the socket to drain)
+            self._asgi_next = False
+            super()._start_asgi_task(cycle, app)
+            return
         router = self.fast_router() if self.fast_router is not None and app is self.app else None
         name = router.fast_route(cycle.scope) if router is not None else None
         if name is None:
@@ -373,16 +522,7 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
         """Write a whole answer in one write, with the headers uvicorn adds, and end the cycle."""
         if cycle.response_complete or cycle.disconnected:
             return
-        status, headers, body = parts
-        if HEADER_VALUE_RE.search(b"".join([v for _, v in headers])):  # one search for all values
-            status, headers, body = error_parts(502, "the server's answer holds a header that cannot be passed on")
-        content = [STATUS_LINE[status]]
-        for k, v in (*cycle.default_headers, *headers):
-            content += (k, b": ", v, b"\r\n")
-        if not cycle.keep_alive:
-            content.append(b"connection: close\r\n")
-        content += (b"\r\n", body)
-        cycle.transport.write(b"".join(content))
+        cycle.transport.write(_answer(cycle.default_headers, parts, cycle.keep_alive))
         cycle.response_complete = True
         if not cycle.keep_alive:
             cycle.transport.close()
@@ -393,6 +533,62 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
         self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain\r\ncontent-length: "
                              + str(len(reason)).encode() + b"\r\nconnection: close\r\n\r\n" + reason)
         self.transport.close()
+
+
+def _answer(default_headers: Any, parts: tuple[int, list[tuple[bytes, bytes]], bytes], keep_alive: bool) -> bytes:
+    """A whole answer's bytes, with the headers uvicorn adds (date, server)."""
+    status, headers, body = parts
+    if HEADER_VALUE_RE.search(b"".join([v for _, v in headers])):  # one search for all values
+        status, headers, body = error_parts(502, "the server's answer holds a header that cannot be passed on")
+    content = [STATUS_LINE[status]]
+    for k, v in (*default_headers, *headers):
+        content += (k, b": ", v, b"\r\n")
+    if not keep_alive:
+        content.append(b"connection: close\r\n")
+    content += (b"\r\n", body)
+    return b"".join(content)
+
+
+# A plain infer request's head, all of it, in the strictest form: the request line exactly, then
+# header lines of token names and visible-ASCII values, each ended by CRLF (no bare CR or LF, no
+# obs-fold, no NUL or other control byte), then the empty line.
+_PLAIN_INFER = re.compile(rb"POST /v2/models/([A-Za-z0-9][A-Za-z0-9_.\-]*)/infer HTTP/1\.([01])\r\n"
+                          rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z\-]+:[ \t\x21-\x7e]*\r\n)*)\r\n")
+_FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*?)[ \t]*\r\n")
+# headers that send a request to uvicorn's parser instead (it knows what to do with them)
+_NOT_OURS = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"content-length", b"connection"))
+
+
+def parse_plain_infer(data: bytes, max_head: int
+                      ) -> tuple[str, list[tuple[bytes, bytes]], bool, int, int] | None:
+    """The head at the start of `data` when it is a plain infer request the public protocol may
+    answer itself: (model, headers with lower-cased names, keep-alive, Content-Length, head
+    length); its body may not all be in `data` yet. None for anything else (another request, a
+    head or body not all here yet, a Transfer-Encoding, Expect or Upgrade, no Content-Length or
+    more than one, a Connection other than one `close` or `keep-alive`, any byte outside the
+    strict form): uvicorn's parser takes those, so the message boundaries we find are never
+    ones it would find differently."""
+    m = _PLAIN_INFER.match(data, 0, max_head)
+    if m is None:
+        return None
+    keep_alive = m.group(2) == b"1"
+    length = -1
+    connection = False
+    headers = []
+    for k, v in _FIELD.findall(m.group(3)):
+        k = k.lower()
+        if k in _NOT_OURS:
+            if k == b"content-length" and length < 0 and v.isdigit() and len(v) <= 9:
+                length = int(v)
+            elif k == b"connection" and not connection and v.lower() in (b"close", b"keep-alive"):
+                connection = True  # HTTP/1.0 closes either way, as uvicorn's cycle does
+                keep_alive = keep_alive and v.lower() != b"close"
+            else:
+                return None
+        headers.append((k, v))
+    if length < 0:
+        return None
+    return m.group(1).decode(), headers, keep_alive, length, m.end()
 
 
 def management_listener(settings: Settings) -> tuple[str, int] | None:

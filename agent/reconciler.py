@@ -349,14 +349,21 @@ class Reconciler:
         # before the agent is ready (the first config, a server restart); see `restocking`
         self._restocking: dict[str, float] = {}
         self.last_restart: dict[str, Any] | None = None  # why the server last restarted (/status)
-        # the data plane's per-request metric children, looked up once (labels() costs ~1.5 µs);
-        # a series removed from its metric must be dropped here too
+        # the data plane's per-request metrics are plain integers (no locked prometheus update
+        # per request), folded into their series at each scrape (fold_request_metrics): the
+        # lookup hits, and the in-flight gauge of each name leased at least once (its leased
+        # Model objects: a replaced one may still hold requests)
         self._inflight_gauges: dict[str, Any] = {}
+        self._inflight_models: dict[str, list[Model]] = {}
         self._hits = metrics.lookups.labels(result="hit")
         # --eviction lfu-decay: each lease adds 1 to its model's request count, which halves every
         # `eviction_half_life` leases to the agent (`_tick`); 0.0 under lru (no count kept)
         self._half_life = settings.eviction_half_life if settings.eviction == "lfu-decay" else 0.0
         self._tick = 0.0
+        self._hit_count = 0
+        hooks = getattr(metrics, "before_render", None)
+        if hooks is not None:
+            hooks.append(self.fold_request_metrics)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -479,18 +486,30 @@ class Reconciler:
         if m is None or m.removed or m.state is not S.LOADED or m.draining:
             return None
         self._lease(m)
-        self._hits.inc()
+        self._hit_count += 1
         return m
 
     def _lease(self, m: Model) -> None:
         m.inflight += 1  # the lease comes first: from here on eviction skips this model
+        if not m.requests:  # its first lease: its in-flight requests count in the gauge from now on
+            self._inflight_models.setdefault(m.name, []).append(m)
         m.requests += 1  # /fleet/state's monotonic count
         m.idle.clear()
-        self._inflight_gauge(m.name).inc()
         m.last_used = time.monotonic()
         if self._half_life:  # lfu-decay: one more request, counted on the agent's request clock
             self._tick = tick = self._tick + 1.0
             m.score, m.score_at = decayed(m.score, m.score_at, tick, self._half_life) + 1.0, tick
+
+    def fold_request_metrics(self) -> None:
+        """The lookup hits since the last scrape and the requests in flight now, into their
+        series (runs at each /metrics scrape)."""
+        hits, self._hit_count = self._hit_count, 0
+        if hits:
+            self._hits.inc(hits)
+        for name, leased in self._inflight_models.items():
+            current = self.models.get(name)
+            leased[:] = [m for m in leased if m is current or m.inflight]
+            self._inflight_gauge(name).set(sum(m.inflight for m in leased))
 
     def _inflight_gauge(self, name: str) -> Any:
         gauge = self._inflight_gauges.get(name)
@@ -501,7 +520,6 @@ class Reconciler:
     def release(self, m: Model) -> None:
         m.inflight -= 1
         m.last_used = time.monotonic()
-        self._inflight_gauge(m.name).dec()
         if m.inflight == 0:
             m.idle.set()  # a drain waits for this
             self._signal_memory()  # a load waiting for memory may evict it now

@@ -159,6 +159,7 @@ class Router:
         self.fast_fallbacks = 0
         self._upstream: Upstream | None = None
         self._counters: dict[tuple[str, str], Any] = {}  # (model, code) -> counter child
+        self._tally: dict[tuple[str, int | str], int] = {}  # (model, code) -> requests since the last scrape
         self._v1_worker: ProcessPoolExecutor | None = None
         hooks = getattr(metrics, "before_render", None)
         if hooks is not None:
@@ -191,16 +192,23 @@ class Router:
 
     # ------------------------------------------------------------------ metrics
     def _count(self, model: str, code: int | str) -> None:
-        """One request for `model` (a configured name, or "" for anything else) answered `code`."""
+        """One request for `model` (a configured name, or "" for anything else) answered `code`:
+        a plain integer here, added to the prometheus counter at the next scrape (prune_metrics),
+        not a locked update per request."""
         key = (model, code)
-        child = self._counters.get(key)
-        if child is None:
-            child = self._counters[key] = self.metrics.requests.labels(model=model, code=str(code))
-        child.inc()
+        tally = self._tally
+        tally[key] = tally.get(key, 0) + 1
 
     def prune_metrics(self, configured: Any = None) -> None:
-        """Drop the request series of models no longer configured. `configured`: the names
-        (default: the reconciler's models not removed). Runs at each /metrics scrape."""
+        """Fold the requests counted since the last scrape into their series, and drop the
+        request series of models no longer configured. `configured`: the names (default: the
+        reconciler's models not removed). Runs at each /metrics scrape."""
+        tally, self._tally = self._tally, {}
+        for key, n in tally.items():
+            child = self._counters.get(key)
+            if child is None:
+                child = self._counters[key] = self.metrics.requests.labels(model=key[0], code=str(key[1]))
+            child.inc(n)
         if configured is None:
             configured = {n for n, m in self.reconciler.models.items() if not m.removed}
         for key in [k for k in self._counters if k[0] and k[0] not in configured]:
@@ -472,21 +480,26 @@ class Router:
         ASGI path answers it. Cheap: only the path and headers are read."""
         path = scope["path"]
         if scope["method"] != "POST" or scope["query_string"] or not path.startswith("/v2/models/") \
-                or not path.endswith("/infer") or not self.reconciler.applied_once.is_set():
+                or not path.endswith("/infer"):
             return None
         name = path[11:-6]
-        model = self.reconciler.models.get(name)  # configured names hold no "/"
-        if model is None or model.removed:
-            return None
         length = None
         for k, v in scope["headers"]:
             if k == b"content-length":
                 length = v
             elif k == b"transfer-encoding" or k == b"expect":
                 return None
-        if length is None or not length.isdigit() or int(length) > self._fast_body_bytes:
+        if length is None or not length.isdigit() or not self.fast_takes(name, int(length)):
             return None
         return name
+
+    def fast_takes(self, name: str, length: int) -> bool:
+        """Whether fast_forward() may take an infer request for `name` with a `length`-byte body:
+        a configured model (loaded or not: fast_forward checks), a body within FAST_BODY_BYTES
+        and the limits, the config applied."""
+        model = self.reconciler.models.get(name)  # configured names hold no "/"
+        return model is not None and not model.removed and length <= self._fast_body_bytes \
+            and self.reconciler.applied_once.is_set()
 
     def fast_forward(self, name: str, headers: list[tuple[bytes, bytes]], body: bytes,
                      reply: Callable[[_Parts], None], demote: Callable[[], None]) -> None:

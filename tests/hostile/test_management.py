@@ -25,6 +25,7 @@ from tests.support.configmap import ConfigMapDir
 from tests.support.net import free_port
 
 HEADER_TIMEOUT = 1.0
+KEEP_ALIVE_TIMEOUT = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def agent(tmp_path_factory):
     cm.write({"models.yaml": json.dumps({"models": [{"name": "iris", "uri": str(root / "store" / "iris"),
                                                      "runtime": "sklearn"}]})})
     proc = AgentProcess(cm.root, root / "cache", root / "agent.log", f"--management-port={free_port()}",
-                        f"--header-timeout={HEADER_TIMEOUT}")
+                        f"--header-timeout={HEADER_TIMEOUT}", f"--keep-alive-timeout={KEEP_ALIVE_TIMEOUT}")
     try:
         proc.wait_ready()
         proc.wait_state("iris", "loaded", timeout=60)
@@ -170,6 +171,28 @@ def test_idle_keep_alive_connection_outlives_the_header_timeout(agent):
         assert conn.sock is sock, "the same connection answered both requests"
     finally:
         conn.close()
+
+
+def test_a_keep_alive_connection_closes_once_idle_for_the_timeout_never_while_in_use(agent):
+    """Plain infer requests (answered by the public protocol itself) on one connection, each
+    sent whole, for longer than --keep-alive-timeout: all answered on that connection; then
+    quiet: the agent closes it, once the timeout has passed since the last answer."""
+    data = json.dumps(v2_infer_body([IRIS_ROW])).encode()
+    raw = (b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    with socket.create_connection(("127.0.0.1", int(agent.url.rsplit(":", 1)[1])), timeout=30) as s:
+        for _ in range(6):  # 6 x 0.8 s: past the timeout, with answers all along
+            s.sendall(raw)
+            answer = b""
+            while b'"outputs"' not in answer:
+                chunk = s.recv(65536)
+                assert chunk, "closed while in use"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            time.sleep(KEEP_ALIVE_TIMEOUT / 5)
+        quiet = time.monotonic()
+        assert s.recv(65536) == b""  # closed by the agent (a socket.timeout after 30 s otherwise)
+        assert time.monotonic() - quiet >= KEEP_ALIVE_TIMEOUT - KEEP_ALIVE_TIMEOUT / 5 - 0.1
 
 
 def test_a_slow_head_after_a_keep_alive_answer_gets_408(agent):

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.agentproc import IRIS_ROW, AgentProcess, request
 from tests.support.configmap import ConfigMapDir
@@ -61,11 +62,22 @@ def fast_answers(agent: AgentProcess) -> int:
     return agent.status()["data_plane"]["fast_path_answers"]
 
 
-def exchange(port: int, raw: bytes, answers: int = 1, timeout: float = 30) -> tuple[list[tuple[int, dict, bytes]], bool]:
+def exchange(port: int, raw: bytes, answers: int = 1, timeout: float = 30, pieces: tuple[int, ...] = (),
+             first: tuple[int, ...] = ()) -> tuple[list[tuple[int, dict, bytes]], bool]:
     """Send `raw` bytes on one connection and read `answers` HTTP/1.1 answers (Content-Length
-    bodies); returns them as (status, headers, body) and whether the server closed the connection."""
+    bodies); returns them as (status, headers, body) and whether the server closed the connection.
+    With `pieces`: written in pieces, the `first` sizes then `pieces` cycled, each its own segment
+    (TCP_NODELAY and a pause)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(raw)
+        if not pieces:
+            s.sendall(raw)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        i = n = 0
+        while pieces and i < len(raw):
+            size = first[n] if n < len(first) else pieces[(n - len(first)) % len(pieces)]
+            s.sendall(raw[i:i + size])
+            i, n = i + size, n + 1
+            time.sleep(0.002)
         buf, out = b"", []
         closed = False
         while len(out) < answers or not closed:
@@ -131,6 +143,65 @@ def test_keep_alive_pipelining_and_http_1_0(agent):
     assert fast_answers(agent) == before + 3
 
 
+def test_pipelined_requests_split_at_odd_byte_boundaries_are_answered_in_order(agent):
+    """Four pipelined requests (a slow one, then one only the ASGI path answers, with a query
+    string) arrive in pieces that cut heads, bodies and the gaps between requests anywhere:
+    each answer is its own request's, in order, and the slow one is not overtaken by the quick
+    ASGI answer behind it (whether the slow one came whole in one read or in pieces)."""
+    s1, s2 = post_line("iris", body("s1")), post_line("slow", body("s2", "slow", delay=0.3))
+    stream = s1 + s2 + post_line("iris", body("s3")).replace(b"/infer ", b"/infer?via=asgi ", 1) \
+        + post_line("iris", body("s4"))
+    for first, sizes in (((), (len(stream),)),  # all in one read
+                         ((len(s1) + len(s2) + 7,), (1, 2, 5, 11, 17, 64)),  # s1 and s2 whole, the rest in bits
+                         ((len(s1), len(s2)), (3, 40)),  # cut at the requests' boundaries, then in bits
+                         ((), (1, 2, 5, 11, 17, 64)),  # every head in bits
+                         ((), (150, 3))):
+        before = fast_answers(agent)
+        answers, _ = exchange(agent.port, stream, answers=4, pieces=sizes, first=first)
+        assert [(st, json.loads(b).get("id")) for st, _, b in answers] == [(200, "s1"), (200, "s2"), (200, "s3"), (200, "s4")]
+        assert fast_answers(agent) == before + 3  # s3 took the ASGI path
+
+
+@pytest.mark.parametrize("extra", [
+    b"content-length: 3\r\n",  # a second, different Content-Length
+    b"content-length: 5\r\n",  # placeholder: replaced by the same length below
+    b"transfer-encoding: chunked\r\n",  # Transfer-Encoding beside Content-Length
+    b"transfer-encoding: identity\r\n",
+    b"content-length : 3\r\n",  # a space before the colon
+    b"x-folded: a\r\n b\r\n",  # obs-fold
+    b"x-bare: a\nx-next: b\r\n",  # a bare LF
+], ids=["two-lengths", "same-length-twice", "te-chunked", "te-identity", "space-colon", "obs-fold", "bare-lf"])
+def test_a_request_with_ambiguous_framing_is_refused_and_nothing_behind_it_is_answered(agent, extra):
+    """Framing two parsers could read differently (two Content-Lengths, Transfer-Encoding with
+    Content-Length, malformed header lines) is never forwarded: a 400 and the connection
+    closed, and the request pipelined behind it gets no answer (it could be someone's smuggled
+    request)."""
+    before = fast_answers(agent)
+    first = post_line("iris", body("framed"))
+    if extra == b"content-length: 5\r\n":
+        extra = b"content-length: %d\r\n" % len(json.dumps(body("framed")).encode())
+    head, sep, rest = first.partition(b"\r\n\r\n")
+    raw = head + b"\r\n" + extra + b"\r\n" + rest + post_line("iris", body("behind"))
+    answers, closed = exchange(agent.port, raw)
+    assert [a[0] for a in answers] == [400] and closed, answers
+    assert fast_answers(agent) == before
+
+
+def test_a_body_shorter_than_announced_then_a_close_forwards_and_holds_nothing(agent):
+    before = fast_answers(agent)
+    data = json.dumps(body("short")).encode()
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as s:
+        s.sendall(b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(data) + 20, data))
+        time.sleep(0.2)
+    time.sleep(0.2)
+    assert fast_answers(agent) == before and agent.status()["models"]["iris"]["inflight"] == 0
+    # head and body written apart (as http.client does), the body in two pieces: answered
+    answers, _ = exchange(agent.port, post_line("iris", body("apart")), pieces=(120, 30, 1000))
+    assert answers[0][0] == 200 and json.loads(answers[0][2])["id"] == "apart"
+    assert fast_answers(agent) == before + 1
+
+
 def test_a_client_that_goes_away_releases_the_lease_when_the_answer_comes(agent):
     before = fast_answers(agent)
     with socket.create_connection(("127.0.0.1", agent.port), timeout=30) as s:
@@ -140,6 +211,38 @@ def test_a_client_that_goes_away_releases_the_lease_when_the_answer_comes(agent)
     agent.wait_for(lambda st: st["models"]["slow"]["inflight"] == 0, timeout=10, what="the lease released")
     assert fast_answers(agent) == before + 1
     assert agent.post("/v2/models/slow/infer", body("next", "slow"))[0] == 200  # and the model serves on
+
+
+def metric(agent: AgentProcess, name: str, **labels: str) -> float:
+    """The value of one series in the agent's /metrics (0 when absent)."""
+    text = request("GET", agent.management_url + "/metrics")[1].decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def test_fast_path_requests_show_in_the_metrics_at_each_scrape(agent):
+    """Answers by model and code, lookup hits and the in-flight gauge (counted as plain
+    integers, folded in at the scrape): what a dashboard shows after fast-path requests."""
+    ok = metric(agent, "modelshelf_requests_total", model="iris", code="200")
+    failed = metric(agent, "modelshelf_requests_total", model="iris", code="500")
+    hits = metric(agent, "modelshelf_loaded_lookups_total", result="hit")
+    before = fast_answers(agent)
+    for i in range(3):
+        assert agent.post("/v2/models/iris/infer", body(f"m{i}"))[0] == 200
+    assert agent.post("/v2/models/iris/infer", body("bad", row=[1.0]))[0] == 500
+    assert fast_answers(agent) == before + 4
+    assert metric(agent, "modelshelf_requests_total", model="iris", code="200") == ok + 3
+    assert metric(agent, "modelshelf_requests_total", model="iris", code="500") == failed + 1
+    assert metric(agent, "modelshelf_loaded_lookups_total", result="hit") >= hits + 4
+    t = threading.Thread(target=lambda: agent.post("/v2/models/slow/infer", body("gauge", "slow", delay=1.0)))
+    t.start()
+    agent.wait_for(lambda st: st["models"]["slow"]["inflight"] == 1, timeout=10, what="slow request in flight")
+    assert metric(agent, "modelshelf_inflight_requests", model="slow") == 1
+    t.join(30)
+    assert metric(agent, "modelshelf_inflight_requests", model="slow") == 0
 
 
 def test_an_answer_later_than_the_request_timeout_is_503_and_frees_the_lease(agent):
@@ -178,8 +281,9 @@ def test_a_fast_path_request_holds_its_lease_until_its_answer_is_sent(agent):
 
 
 def test_a_request_in_flight_when_the_agent_stops_is_answered_before_it_exits(agent):
-    """SIGTERM with a fast-path request in flight: its answer is sent, then the agent exits
-    (last: it stops the module's agent)."""
+    """SIGTERM with a fast-path request in flight, and another whose body is still on its way:
+    each is answered (the second once its body is in) and its connection closed, then the agent
+    exits (last: it stops the module's agent)."""
     assert agent.post("/v2/models/slow/infer", body("load-again", "slow"))[0] == 200  # evicted above: loads lazily
     assert agent.post("/v2/models/slow/infer", body("warm-again", "slow"))[0] == 200
     before = fast_answers(agent)
@@ -189,7 +293,28 @@ def test_a_request_in_flight_when_the_agent_stops_is_answered_before_it_exits(ag
     t.start()
     agent.wait_for(lambda s: s["models"]["slow"]["inflight"] == 1, timeout=10, what="slow request in flight")
     assert fast_answers(agent) == before  # counted when answered
+    raw = post_line("iris", body("body-on-its-way"))
+    half = socket.create_connection(("127.0.0.1", agent.port), timeout=30)
+    half.sendall(raw[:-10])  # the head and most of the body
+    stopping = threading.Event()
+
+    def finish_body() -> None:
+        stopping.wait(30)
+        time.sleep(0.5)  # the agent has its SIGTERM by now
+        half.sendall(raw[-10:])
+        answer = b""
+        while chunk := half.recv(65536):  # until the agent closes it
+            answer += chunk
+        result["half"] = answer
+
+    t2 = threading.Thread(target=finish_body)
+    t2.start()
+    stopping.set()
     code = agent.stop()
     t.join(30)
+    t2.join(30)
+    half.close()
     assert result["r"][0] == 200 and result["r"][1]["id"] == "last", result["r"]
+    assert result["half"].startswith(b"HTTP/1.1 200") and b"body-on-its-way" in result["half"], result["half"][:300]
+    assert b"connection: close" in result["half"].lower()
     assert code == 0
