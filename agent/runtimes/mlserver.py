@@ -102,13 +102,6 @@ IMPLEMENTATIONS = {
     "huggingface": "mlserver_huggingface.HuggingFaceRuntime",
 }
 
-# An embedded server's runtimes whose blocking load runs in a thread instead of on MLServer's
-# event loop (mlserver_repository.py); only for the runtime's default implementation: a user's own
-# `implementation` (configured or shipped in model-settings.json) and a sidecar server are untouched.
-THREADED_IMPLEMENTATIONS = {
-    "sklearn": "agent.runtimes.mlserver_repository.ThreadedSKLearnModel",
-}
-
 # The file names each runtime finds by itself in a dir; else the single file with a known suffix.
 _WELLKNOWN = {
     "sklearn": (("model.joblib", "model.pickle", "model.pkl"), (".joblib", ".pkl", ".pickle")),
@@ -143,12 +136,10 @@ def model_uri(model: ServedModel) -> str:
     return str(candidates[0]) if len(candidates) == 1 else str(path)
 
 
-def model_settings(model: ServedModel, threaded: bool = False) -> dict[str, Any]:
+def model_settings(model: ServedModel) -> dict[str, Any]:
     """The model-settings.json document for a model: the one shipped in its folder (MLServer's
     convention) as the base, under the agent's served name, with parameters.uri pointing into
-    the cache, the configured version, implementation and parameters over the shipped ones.
-    `threaded`: where neither the configuration nor the shipped file names an implementation,
-    the runtime's THREADED_IMPLEMENTATIONS one (embedded server only)."""
+    the cache, the configured version, implementation and parameters over the shipped ones."""
     doc, shipped_uri = shipped_settings(model)
     params: dict[str, Any] = dict(doc.get("parameters") or {})
     params["uri"] = shipped_uri or model_uri(model)
@@ -160,8 +151,6 @@ def model_settings(model: ServedModel, threaded: bool = False) -> dict[str, Any]
         params[key] = value
     implementation = doc.get("implementation") if not model.implementation and isinstance(
         doc.get("implementation"), str) else None
-    if threaded and not implementation and not model.implementation:
-        implementation = THREADED_IMPLEMENTATIONS.get(model.runtime)
     return {**doc, "name": model.name, "implementation": implementation or implementation_for(model),
             "parameters": params}
 
@@ -256,8 +245,7 @@ class MLServerAdapter(HTTPServerAdapter):
             # a load reads its own entry, parsed once per content, installed runtimes not
             # reloaded: no re-glob of the repository, no per-load import (mlserver_repository.py)
             "model_repository_implementation": REPOSITORY_IMPLEMENTATION,
-            "model_repository_implementation_args": {
-                "builtin": sorted({*IMPLEMENTATIONS.values(), *THREADED_IMPLEMENTATIONS.values()})},
+            "model_repository_implementation_args": {"builtin": sorted(IMPLEMENTATIONS.values())},
         }
         if "MLSERVER_LOGGING_SETTINGS" not in env:  # settings.json would override the user's choice
             settings["logging_settings"] = quiet_logging()
@@ -278,8 +266,7 @@ class MLServerAdapter(HTTPServerAdapter):
         return argv, child_env
 
     def _entry_content(self, model: ServedModel) -> tuple[str, dict[str, str]]:
-        # an embedded server imports this checkout's runtimes: loads off its event loop
-        text = json.dumps(model_settings(model, threaded=self.process is not None), indent=1, default=str)
+        text = json.dumps(model_settings(model), indent=1, default=str)
         links: dict[str, str] = {}
         if model.runtime == "mlserver" and Path(model.path).is_dir():
             # MLServer imports `implementation` with the entry's folder on sys.path
@@ -488,5 +475,5 @@ def _is_store(target: str, name: str) -> bool:
     return stem == f".{name}" and len(token) == 8 and all(c in "0123456789abcdef" for c in token)
 
 
-__all__ = ["MLServerAdapter", "IMPLEMENTATIONS", "PARKED_DIR", "THREADED_IMPLEMENTATIONS", "SETTINGS_FILE", "model_settings", "model_uri",
+__all__ = ["MLServerAdapter", "IMPLEMENTATIONS", "PARKED_DIR", "SETTINGS_FILE", "model_settings", "model_uri",
            "server_reason", "shipped_settings"]

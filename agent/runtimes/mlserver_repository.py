@@ -33,25 +33,10 @@ forests and 3.38 M faults per 128 loads, against ~67 ms and 2.14 M with the 4 Mi
 trim after each unload (benchmarks/results/load_malloc.md), plus ~5.5 ms for the trim after each
 load (benchmarks/results/peers.notes.md).
 
-Loads off the event loop: MLServer 1.7's SKLearnModel.load calls `joblib.load` inside its
-`async def load`, on the server's one event loop, so every inference queued behind a load (70-100
-ms for a 19-49 MiB forest) waits for all of it. `ThreadedSKLearnModel` (which the adapter names
-for `runtime: sklearn` in an embedded server, mlserver.THREADED_IMPLEMENTATIONS) runs that
-`joblib.load` in a thread: the loop keeps answering other models meanwhile. MLServer registers
-the model not ready before its load and marks it ready only when `load` returns, and the agent
-routes nothing to a model before its repository load answered. An unload that arrives during the
-load (the thread cannot be stopped) waits for the thread, and the load then answers not ready and
-drops what it read; a failing load raises its error from the thread as before. The GIL is shared:
-the load gets slower while inferences run beside it, and nothing runs in parallel
-(benchmarks/results/peers_tload.md). The class is built on first use (module `__getattr__`), so
-the repository's import does not import scikit-learn.
-
-This module runs INSIDE the MLServer process: it imports only mlserver and the standard library
-(and mlserver_sklearn, joblib when ThreadedSKLearnModel is first asked for).
+This module runs INSIDE the MLServer process: it imports only mlserver and the standard library.
 """
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import functools
@@ -153,50 +138,4 @@ def _trim_after_registry_calls() -> None:
     MultiModelRegistry._modelshelf_trims = True
 
 
-def _threaded_sklearn() -> type:
-    """SKLearnModel whose joblib.load runs in a thread (see the module doc)."""
-    import joblib
-    from mlserver.utils import get_model_uri
-    from mlserver_sklearn import SKLearnModel
-    from mlserver_sklearn.sklearn import WELLKNOWN_MODEL_FILENAMES
-
-    class ThreadedSKLearnModel(SKLearnModel):
-        _loading: asyncio.Future | None = None
-        _unloaded = False
-
-        async def load(self) -> bool:
-            uri = await get_model_uri(self._settings, wellknown_filenames=WELLKNOWN_MODEL_FILENAMES)
-            self._loading = asyncio.ensure_future(asyncio.to_thread(joblib.load, uri))
-            try:
-                model = await self._loading
-            finally:
-                self._loading = None
-            if self._unloaded:  # unloaded meanwhile: out of the registry already, never served
-                return False
-            self._model = model
-            return True
-
-        async def unload(self) -> bool:
-            self._unloaded = True
-            loading = self._loading
-            if loading is not None:  # a thread cannot be stopped: what it reads is freed when it ends
-                await asyncio.wait([loading])
-            self.__dict__.pop("_model", None)
-            return await super().unload()
-
-    ThreadedSKLearnModel.__module__ = __name__
-    ThreadedSKLearnModel.__qualname__ = ThreadedSKLearnModel.__name__
-    return ThreadedSKLearnModel
-
-
-_LAZY = {"ThreadedSKLearnModel": _threaded_sklearn}
-
-
-def __getattr__(name: str) -> Any:  # MLServer imports an implementation with getattr(module, name)
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    cls = globals()[name] = _LAZY[name]()
-    return cls
-
-
-__all__ = ["EntryRepository", "ThreadedSKLearnModel"]
+__all__ = ["EntryRepository"]
