@@ -13,7 +13,7 @@ predictions' latency during the loads, and the process's CPU.
 
 The forests come from `bench_peers.py --workloads big` (its workdir's store-big-100).
 """
-import io, tempfile, asyncio, ctypes, gc, os, resource, statistics, sys, time
+import io, tempfile, asyncio, ctypes, os, resource, statistics, sys, time
 import joblib, numpy as np
 STORE = os.environ.get("STORE") or os.path.join(tempfile.gettempdir(), "modelshelf-bench-peers", "store-big-100")
 mode = sys.argv[1]; sys.setswitchinterval(float(os.environ.get("SWI", "0.005"))); nloads = int(sys.argv[2]) if len(sys.argv) > 2 else 24
