@@ -23,7 +23,7 @@ flight at a kill; max/mean requests per agent <= 1.25; p95 no worse than nginx's
 throughput scales with its copies.
 
 Run (one command; results in benchmarks/results/cluster.{md,json}; ~4 min by default):
-    flock /tmp/modelshelf-bench.lock .venv/bin/python benchmarks/bench_cluster.py
+    .venv/bin/python benchmarks/bench_cluster.py
 nginx comes from Debian (`apt-get install -y nginx`); without it only the gateway runs, and the
 results say so.
 """
@@ -403,7 +403,7 @@ def report(a, res: dict, m: dict) -> str:
     lines = [
         "# bench_cluster: inference gateway (Envoy + picker) vs nginx path hash",
         "",
-        f"Command: `flock /tmp/modelshelf-bench.lock {command_line()}`",
+        f"Command: `{command_line()}`",
         "",
         machine_md(m),
         "- The machine is shared with other engineers' work (see the load average); every process here "

@@ -4,7 +4,7 @@ an LRU loop of 20 held models, in one fresh python (the project's venv, MLServer
 per variant, no server around it: what a load, an unload and the memory given back cost under
 each setting, without MLServer's loop, HTTP or the agent.
 
-    flock /tmp/modelshelf-bench.lock .venv/bin/python benchmarks/bench_load_malloc.py
+    .venv/bin/python benchmarks/bench_load_malloc.py
 
 Per variant: the mean and p50 of a joblib.load, the mean of malloc_trim(0) where the variant
 trims after each unload (as the embedded MLServer does, agent/runtimes/mlserver_repository.py),

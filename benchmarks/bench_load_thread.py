@@ -8,7 +8,7 @@ serving between loads. Modes: `inline` (joblib.load on the loop, as mlserver_skl
 memory, in a thread: one read syscall instead of ~3,300). Prints the load time, the
 predictions' latency during the loads, and the process's CPU.
 
-    MALLOC_MMAP_THRESHOLD_=4194304 flock /tmp/modelshelf-bench.lock .venv/bin/python benchmarks/bench_load_thread.py MODE
+    MALLOC_MMAP_THRESHOLD_=4194304 .venv/bin/python benchmarks/bench_load_thread.py MODE
     (SWI=0.0005 sets sys.setswitchinterval; STORE= the forests' dir, default: bench_peers' workdir)
 
 The forests come from `bench_peers.py --workloads big` (its workdir's store-big-100).

@@ -1,8 +1,8 @@
 """Peers: modelshelf beside Ray Serve model multiplexing and MLServer with every model loaded.
 
     make bench-peers                                              # the full run, under the bench lock
-    flock /tmp/modelshelf-bench.lock .venv/bin/python benchmarks/bench_peers.py           # the same
-    flock /tmp/modelshelf-bench.lock .venv/bin/python benchmarks/bench_peers.py --quick   # a short look
+    .venv/bin/python benchmarks/bench_peers.py           # the same
+    .venv/bin/python benchmarks/bench_peers.py --quick   # a short look
     .venv/bin/python benchmarks/bench_peers.py --workloads small --rounds 1 --requests 500 --out ''
 
 Needs Ray Serve in its own venv: `make ray` creates `.venv-ray` (`ray[serve]`, with .venv's
