@@ -351,10 +351,10 @@ class Reconciler:
         self.last_restart: dict[str, Any] | None = None  # why the server last restarted (/status)
         # the data plane's per-request metrics are plain integers (no locked prometheus update
         # per request), folded into their series at each scrape (fold_request_metrics): the
-        # lookup hits, and the in-flight gauge of each name leased at least once (its leased
-        # Model objects: a replaced one may still hold requests)
+        # lookup hits, and the requests in flight per name (every Model object of the name: a
+        # replaced or removed one may still hold requests)
         self._inflight_gauges: dict[str, Any] = {}
-        self._inflight_models: dict[str, list[Model]] = {}
+        self._inflight: dict[str, int] = {}
         self._hits = metrics.lookups.labels(result="hit")
         # --eviction lfu-decay: each lease adds 1 to its model's request count, which halves every
         # `eviction_half_life` leases to the agent (`_tick`); 0.0 under lru (no count kept)
@@ -491,8 +491,8 @@ class Reconciler:
 
     def _lease(self, m: Model) -> None:
         m.inflight += 1  # the lease comes first: from here on eviction skips this model
-        if not m.requests:  # its first lease: its in-flight requests count in the gauge from now on
-            self._inflight_models.setdefault(m.name, []).append(m)
+        inflight = self._inflight
+        inflight[m.name] = inflight.get(m.name, 0) + 1
         m.requests += 1  # /fleet/state's monotonic count
         m.idle.clear()
         m.last_used = time.monotonic()
@@ -506,10 +506,8 @@ class Reconciler:
         hits, self._hit_count = self._hit_count, 0
         if hits:
             self._hits.inc(hits)
-        for name, leased in self._inflight_models.items():
-            current = self.models.get(name)
-            leased[:] = [m for m in leased if m is current or m.inflight]
-            self._inflight_gauge(name).set(sum(m.inflight for m in leased))
+        for name, n in self._inflight.items():
+            self._inflight_gauge(name).set(n)
 
     def _inflight_gauge(self, name: str) -> Any:
         gauge = self._inflight_gauges.get(name)
@@ -519,6 +517,7 @@ class Reconciler:
 
     def release(self, m: Model) -> None:
         m.inflight -= 1
+        self._inflight[m.name] -= 1
         m.last_used = time.monotonic()
         if m.inflight == 0:
             m.idle.set()  # a drain waits for this

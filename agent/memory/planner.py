@@ -124,7 +124,7 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
         for d in movable:
             movable[d] += devs.get(d, 0)
     eligible.sort(key=eviction_order)
-    victims, remaining = take_lru(eligible, short)
+    victims, remaining = take_in_order(eligible, short)
     if not remaining:
         return victims
     # Not enough even with every eligible model gone: say what is in the way.
@@ -159,10 +159,10 @@ def plan_reclaim(short: Mapping[str, int], candidates: Iterable[Candidate], *, m
     now = time.monotonic() if now is None else now
     eligible = sorted((c for c in candidates if not c.pinned and c.inflight == 0 and now - c.loaded_at >= min_residency_s),
                       key=eviction_order)
-    return take_lru(eligible, short)[0]
+    return take_in_order(eligible, short)[0]
 
 
-def take_lru(eligible: Iterable[Candidate], short: Mapping[str, int]) -> tuple[list[str], dict[str, int]]:
+def take_in_order(eligible: Iterable[Candidate], short: Mapping[str, int]) -> tuple[list[str], dict[str, int]]:
     """Take candidates in order (each with a cost) until ``short`` bytes are covered on every
     device; one that frees nothing on a device still short is skipped. Returns (victims, what
     is still short)."""

@@ -44,7 +44,7 @@ import psutil
 
 from .cost import HOST, format_bytes
 from .budget import own_cgroup_paths
-from .planner import Candidate, eviction_order, take_lru
+from .planner import Candidate, eviction_order, take_in_order
 
 if TYPE_CHECKING:
     from .ledger import MemoryManager
@@ -437,7 +437,7 @@ class RealityCheck:
             cost = c.cost or reserved.get(c.name)
             if not c.pinned and c.inflight == 0 and cost is not None:
                 eligible.append(c if c.cost is not None else replace(c, cost=cost))
-        victims, remaining = take_lru(eligible, {d: b for d, b in excess.items() if b > 0})
+        victims, remaining = take_in_order(eligible, {d: b for d, b in excess.items() if b > 0})
         if remaining:
             log.warning("memory relief_short %s: no more evictable models (pinned or in use)",
                         " ".join(f"{d}={format_bytes(b)}" for d, b in remaining.items()))
