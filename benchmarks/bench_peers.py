@@ -34,7 +34,7 @@ pass; the table gives ranges over the rounds and verdicts use the median of the 
 
 --alt-agent-arg adds a second modelshelf (its own agent, MLServer and cache, the same models and
 budget) with extra flags, driven in the same rounds: two agent configurations compared
-side by side (benchmarks/results/peers_eviction.md: --eviction lru vs lfu-decay).
+side by side (benchmarks/results/peers.md was run with --alt-agent-arg=--eviction=lfu-decay).
 
 Per pass: client-side p50/p95/p99, req/s, non-200; CPU seconds of every process tree (agent
 alone, its MLServer, Ray's whole tree, the floor MLServer, this process as the client) and the
