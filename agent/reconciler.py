@@ -1077,9 +1077,8 @@ class Reconciler:
     def _relief_candidates(self) -> list[Candidate]:
         """Loaded models an eviction may pick, each with its score (`--eviction`: lfu-decay's
         decayed request count, else 0: least recently used first)."""
-        tick, half_life = self._tick, self._half_life
-        return [Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight,
-                          score=o.score_now(tick, half_life) if half_life else 0.0)
+        tick, half_life = self._tick, self._half_life  # (under lru no score is ever counted: all 0)
+        return [Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight, score=o.score_now(tick, half_life))
                 for o in self.models.values() if o.state is S.LOADED and not o.lock.locked()]
 
     async def _evict_for_reality(self, name: str) -> bool:
