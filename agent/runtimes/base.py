@@ -48,7 +48,9 @@ class ServedModel:
 
 class RuntimeAdapter(abc.ABC):
     """One co-located server. All methods are coroutines safe to call concurrently for
-    different models; the reconciler never calls two of them concurrently for one model."""
+    different models. The reconciler does not overlap two calls for one model; an adapter that
+    owns a repository dir (common.HTTPServerAdapter) still applies overlapping loads and unloads
+    of one name one at a time, in call order, so its dir and its server keep agreeing."""
 
     kind: str  # "mlserver" | "triton"
     grpc_target: str | None = None  # HOST:PORT of the server's gRPC data plane, when known

@@ -220,6 +220,82 @@ def test_a_reload_waits_for_the_park_of_the_previous_load(
     mlserver.call(ad.unload("again"))
 
 
+def _served(srv: RunningServer, name: str) -> bool:
+    return httpx.get(f"{srv.base_url}/v2/models/{name}/ready", timeout=10).status_code == 200
+
+
+def test_a_load_called_while_the_unload_of_the_name_is_in_flight_runs_after_it(
+        mlserver: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """unload(NAME), then load(NAME) while the unload's file work is still to run (the server has
+    already dropped the model): the calls take effect in call order, so the model ends served
+    with its entry parked once. (Applied as they came, the load reached the server between the
+    unload's answer and its file removal, which then deleted the new entry: served, no entry.)"""
+    ad = mlserver.adapter
+    d = write_sklearn_model(tmp_path / "turn")
+    served = ServedModel("turn", d, "sklearn")
+    mlserver.load(served)
+    entered, gate = threading.Event(), threading.Event()
+    real_remove = ad._remove_entry
+    monkeypatch.setattr(ad, "_remove_entry", lambda name: (entered.set(), gate.wait(30), real_remove(name)))
+
+    async def scenario() -> None:
+        unloading = asyncio.create_task(ad.unload("turn"))
+        assert await asyncio.to_thread(entered.wait, 10)  # the server dropped it; the file work is held
+        loading = asyncio.create_task(ad.load(served))
+        await asyncio.wait({loading}, timeout=0.5)  # room for the load to overtake the unload
+        gate.set()
+        await unloading
+        await loading
+        await ad.parked("turn")
+
+    try:
+        mlserver.call(scenario())
+    finally:
+        gate.set()
+    assert _served(mlserver, "turn") and ad.entry("turn") == served
+    assert ad.visible_entries() == set()
+    _assert_parked_once(mlserver.repository, "turn")
+    mlserver.call(ad.unload("turn"))
+    assert not _served(mlserver, "turn") and _parked_files(mlserver.repository, "turn") == []
+
+
+def test_an_unload_called_while_the_server_loads_the_name_runs_after_the_load(
+        mlserver: RunningServer, tmp_path: Path) -> None:
+    """load(NAME) held in the server (a custom model whose load waits for a file), then
+    unload(NAME): the load succeeds, the unload then drops it, and nothing of it is left on
+    disk; a later load of NAME serves. (Applied as they came, the unload dropped the model from
+    MLServer's registry mid-load, and the load failed with HTTP 404.)"""
+    ad = mlserver.adapter
+    go = tmp_path / "go"
+    served = ServedModel("held", write_slow_model(tmp_path / "held", delay=0.0, load_gate=go), "mlserver",
+                         implementation=SLOW_IMPLEMENTATION)
+
+    async def scenario() -> list[object]:
+        loading = asyncio.create_task(ad.load(served))
+        for _ in range(500):  # until the server has the model registered, loading
+            if await ad.model_state("held") == "LOADING":
+                break
+            await asyncio.sleep(0.02)
+        assert await ad.model_state("held") == "LOADING"
+        unloading = asyncio.create_task(ad.unload("held"))
+        await asyncio.wait({unloading}, timeout=0.5)  # room for the unload to overtake the load
+        go.touch()
+        done = await asyncio.gather(loading, unloading, return_exceptions=True)
+        await ad.parked()
+        return done
+
+    try:
+        loaded, unloaded = mlserver.call(scenario())
+    finally:
+        go.touch()
+    assert isinstance(loaded, float) and unloaded is None, (loaded, unloaded)
+    assert not _served(mlserver, "held") and mlserver.call(ad.index()) == {}
+    assert ad.repository_entries() == set() and _parked_files(mlserver.repository, "held") == []
+    mlserver.load(served)
+    assert _served(mlserver, "held") and ad.served_path("held") == served.path
+    mlserver.call(ad.unload("held"))
+
+
 def test_failed_reload_keeps_the_old_copy_serving(mlserver: RunningServer, tmp_path: Path) -> None:
     ad = mlserver.adapter
     good = write_sklearn_model(tmp_path / "good")

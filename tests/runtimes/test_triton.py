@@ -107,3 +107,37 @@ def test_python_backend_byproducts_stay_out_of_the_model_dir(triton: RunningServ
     assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
     assert (triton.repository / "pyc" / "1" / "model.py").resolve() == (src / "1" / "model.py").resolve()  # linked, not copied
     triton.call(ad.unload("pyc"))
+
+
+def test_a_load_called_while_the_unload_of_the_name_is_in_flight_runs_after_it(
+        triton: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """unload(NAME), then load(NAME) while the unload's entry removal is still to run (Triton has
+    already unloaded the model): the calls take effect in call order, so the model ends served
+    with its entry in place. (Applied as they came, the load reached Triton before the unload's
+    removal, which then deleted the entry of the model Triton had just loaded: served, no entry.)"""
+    import threading
+
+    ad = triton.adapter
+    served = ServedModel("turn", _model(tmp_path, "turn"), "triton")
+    triton.call(ad.load(served))
+    entered, gate = threading.Event(), threading.Event()
+    real_remove = ad._remove_entry
+    monkeypatch.setattr(ad, "_remove_entry", lambda name: (entered.set(), gate.wait(30), real_remove(name)))
+
+    async def scenario() -> None:
+        unloading = asyncio.create_task(ad.unload("turn"))
+        assert await asyncio.to_thread(entered.wait, 20)  # Triton unloaded it; the file work is held
+        loading = asyncio.create_task(ad.load(served))
+        await asyncio.wait({loading}, timeout=2.0)  # room for the load to overtake the unload
+        gate.set()
+        await unloading
+        await loading
+
+    try:
+        triton.call(scenario())
+    finally:
+        gate.set()
+    assert _infer(triton, "turn") == [v * 2 for v in VALUES]
+    assert ad.repository_entries() == {"turn"} and ad.entry("turn") == served
+    triton.call(ad.unload("turn"))
+    assert ad.repository_entries() == set()
