@@ -110,7 +110,7 @@ _SLOW_MODEL = '''"""A custom MLServer runtime for tests: echoes its input after 
 
 Settings: `probe.json` next to this file ({"delay": s, "load_delay": s, "load_log": path,
 "load_gate": path}); the model's parameters.extra (same keys) override it; a request parameter
-`delay` overrides both. A load takes `load_delay` seconds, then waits until the file `load_gate`
+`delay` overrides both; the answer's parameters say the `delay` applied. A load takes `load_delay` seconds, then waits until the file `load_gate`
 exists when set (a test holds the load in the server that way), and appends one line to
 `load_log` when set (to count loads).
 """
@@ -121,7 +121,7 @@ import time
 
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
-from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 
 
 class SlowModel(MLModel):
@@ -155,6 +155,7 @@ class SlowModel(MLModel):
         return InferenceResponse(
             model_name=self.name,
             model_version=self.version,
+            parameters=Parameters(delay=delay),  # the delay it applied (REST; gRPC drops floats)
             outputs=[NumpyCodec.encode_output("echo", data)],
         )
 '''
