@@ -16,7 +16,10 @@ pooled `httpx.AsyncClient`. The repository protocol:
   what each entry serves);
 - load: write the entry, POST load; on a refusal or an unreachable server put the previous
   entry back (or remove it); on a timeout keep it, since the server may still be loading it;
-- unload: POST unload, wait until the server no longer serves it, remove the entry;
+- unload: POST unload, wait until the server no longer serves it, remove the entry; after a
+  load of that name that timed out or was cancelled in flight, POST unload once more (that
+  request may have reached the server after the first unload's answer, found the entry
+  before its removal and loaded: with the entry gone, nothing later can);
 - a load and an unload of one name take turns (`_one_at_a_time`): one that overlaps another
   of that name starts once the other ended, so the entry on disk and the server agree.
 
@@ -196,6 +199,7 @@ class HTTPServerAdapter(RuntimeAdapter):
         self.request_timeout = request_timeout
         self._control = Upstream(self._server.base_url, max_connections=32, connect_timeout=2.0)
         self._turns: dict[str, list[Any]] = {}  # name -> [its lock, calls holding or awaiting it] (_one_at_a_time)
+        self._given_up: set[str] = set()  # names whose load request was left unanswered (see _unload)
 
     @classmethod
     def embedded(cls, repository: Path, **kwargs: Any) -> Self:
@@ -332,8 +336,11 @@ class HTTPServerAdapter(RuntimeAdapter):
         t0 = time.monotonic()
         try:
             r = await self._post(f"/v2/repository/models/{model.name}/load", model.name, timeout=self.load_timeout)
-        except _TimedOut:
-            raise  # the server may still be loading it: keep its entry (unload cleans up)
+        except (_TimedOut, asyncio.CancelledError):
+            # the server may still be loading it, or get the request later: keep its entry
+            # (unload cleans up, and looks again: see _unload)
+            self._given_up.add(model.name)
+            raise
         except ServerUnavailable:
             await asyncio.to_thread(self._restore_entry, entry, previous)
             raise
@@ -341,6 +348,7 @@ class HTTPServerAdapter(RuntimeAdapter):
         if r.status_code != 200:
             await asyncio.to_thread(self._restore_entry, entry, previous)
             raise LoadFailed(model.name, self._reason(r))
+        self._given_up.discard(model.name)
         self._log.info("event=model_loaded server=%s model=%s seconds=%.3f replaced=%s", self.kind, model.name, server_s, previous is not None)
         return server_s
 
@@ -352,6 +360,15 @@ class HTTPServerAdapter(RuntimeAdapter):
             raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
         await self._wait_unloaded(name)
         await asyncio.to_thread(self._remove_entry, name)
+        if name in self._given_up:
+            # a load of `name` given up in flight may have reached the server after the unload
+            # above answered and before the entry went: it found the entry and loads. With the
+            # entry gone no later copy of it can, so one more unload settles it.
+            self._given_up.discard(name)
+            r = await self._post(f"/v2/repository/models/{name}/unload", name)
+            if r.status_code not in (200, 404):
+                raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
+            await self._wait_unloaded(name)
         self._log.info("event=model_unloaded server=%s model=%s seconds=%.3f", self.kind, name, time.monotonic() - t0)
 
     def served_path(self, name: str) -> Path | None:

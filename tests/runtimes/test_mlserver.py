@@ -296,6 +296,60 @@ def test_an_unload_called_while_the_server_loads_the_name_runs_after_the_load(
     mlserver.call(ad.unload("held"))
 
 
+def test_an_unload_after_a_load_given_up_in_flight_leaves_nothing_served(
+        mlserver: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load the caller gave up (the reconciler's --load-timeout cancels it) may still reach
+    the server after the unload that follows it answered: between that answer and the entry's
+    removal it finds the entry and loads. The unload then drops it again: nothing served,
+    nothing on disk. Stand-in for the network: the load's request is sent when the test says,
+    whatever happened to the call that sent it (the rest is the real MLServer)."""
+    ad = mlserver.adapter
+    served = ServedModel("lost", write_sklearn_model(tmp_path / "lost"), "sklearn")
+    posted, release, late = asyncio.Event(), asyncio.Event(), []
+    real_post = ad._post
+
+    async def post(path: str, model: str | None, **kw: object) -> object:
+        if path.endswith("/lost/load") and not late:
+            async def on_the_wire() -> object:
+                await release.wait()
+                return await real_post(path, model, **kw)
+            late.append(asyncio.ensure_future(on_the_wire()))
+            posted.set()
+            return await asyncio.shield(late[0])
+        return await real_post(path, model, **kw)
+
+    monkeypatch.setattr(ad, "_post", post)
+    entered, gate = threading.Event(), threading.Event()
+    real_remove = ad._remove_entry
+    monkeypatch.setattr(ad, "_remove_entry", lambda name: (entered.set(), gate.wait(30), real_remove(name)))
+
+    async def scenario() -> int:
+        loading = asyncio.create_task(ad.load(served))
+        await asyncio.wait_for(posted.wait(), 10)
+        loading.cancel()  # given up: its request is on its way all the same
+        with pytest.raises(asyncio.CancelledError):
+            await loading
+        unloading = asyncio.create_task(ad.unload("lost"))
+        assert await asyncio.to_thread(entered.wait, 10)  # the server answered the unload (404)
+        release.set()
+        answer = await late[0]  # the late load reached the server: the entry was still there
+        gate.set()
+        await unloading
+        await ad.parked()
+        return answer.status_code
+
+    try:
+        assert mlserver.call(scenario()) == 200
+    finally:
+        gate.set()
+    assert not _served(mlserver, "lost") and mlserver.call(ad.index()) == {}
+    assert ad.repository_entries() == set() and _parked_files(mlserver.repository, "lost") == []
+    monkeypatch.undo()
+    mlserver.load(served)
+    assert _served(mlserver, "lost") and ad.served_path("lost") == served.path
+    mlserver.call(ad.unload("lost"))
+
+
 def test_failed_reload_keeps_the_old_copy_serving(mlserver: RunningServer, tmp_path: Path) -> None:
     ad = mlserver.adapter
     good = write_sklearn_model(tmp_path / "good")
