@@ -27,6 +27,7 @@ from tests.support.models import (
     write_sklearn_model,
     write_slow_model,
 )
+from tests.support.interleave import hold_entry_removal, unload_past_a_late_load
 from tests.support.servers import RunningServer, embedded_mlserver, poll_during
 
 ROWS = sample_rows(8, seed=3)
@@ -234,9 +235,7 @@ def test_a_load_called_while_the_unload_of_the_name_is_in_flight_runs_after_it(
     d = write_sklearn_model(tmp_path / "turn")
     served = ServedModel("turn", d, "sklearn")
     mlserver.load(served)
-    entered, gate = threading.Event(), threading.Event()
-    real_remove = ad._remove_entry
-    monkeypatch.setattr(ad, "_remove_entry", lambda name: (entered.set(), gate.wait(30), real_remove(name)))
+    entered, gate = hold_entry_removal(ad, monkeypatch)
 
     async def scenario() -> None:
         unloading = asyncio.create_task(ad.unload("turn"))
@@ -305,43 +304,8 @@ def test_an_unload_after_a_load_given_up_in_flight_leaves_nothing_served(
     whatever happened to the call that sent it (the rest is the real MLServer)."""
     ad = mlserver.adapter
     served = ServedModel("lost", write_sklearn_model(tmp_path / "lost"), "sklearn")
-    posted, release, late = asyncio.Event(), asyncio.Event(), []
-    real_post = ad._post
-
-    async def post(path: str, model: str | None, **kw: object) -> object:
-        if path.endswith("/lost/load") and not late:
-            async def on_the_wire() -> object:
-                await release.wait()
-                return await real_post(path, model, **kw)
-            late.append(asyncio.ensure_future(on_the_wire()))
-            posted.set()
-            return await asyncio.shield(late[0])
-        return await real_post(path, model, **kw)
-
-    monkeypatch.setattr(ad, "_post", post)
-    entered, gate = threading.Event(), threading.Event()
-    real_remove = ad._remove_entry
-    monkeypatch.setattr(ad, "_remove_entry", lambda name: (entered.set(), gate.wait(30), real_remove(name)))
-
-    async def scenario() -> int:
-        loading = asyncio.create_task(ad.load(served))
-        await asyncio.wait_for(posted.wait(), 10)
-        loading.cancel()  # given up: its request is on its way all the same
-        with pytest.raises(asyncio.CancelledError):
-            await loading
-        unloading = asyncio.create_task(ad.unload("lost"))
-        assert await asyncio.to_thread(entered.wait, 10)  # the server answered the unload (404)
-        release.set()
-        answer = await late[0]  # the late load reached the server: the entry was still there
-        gate.set()
-        await unloading
-        await ad.parked()
-        return answer.status_code
-
-    try:
-        assert mlserver.call(scenario()) == 200
-    finally:
-        gate.set()
+    assert mlserver.call(unload_past_a_late_load(ad, served, monkeypatch)) == 200
+    mlserver.call(ad.parked())
     assert not _served(mlserver, "lost") and mlserver.call(ad.index()) == {}
     assert ad.repository_entries() == set() and _parked_files(mlserver.repository, "lost") == []
     monkeypatch.undo()
