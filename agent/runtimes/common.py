@@ -355,21 +355,22 @@ class HTTPServerAdapter(RuntimeAdapter):
     async def _unload(self, name: str) -> None:
         """unload() in `name`'s turn."""
         t0 = time.monotonic()
-        r = await self._post(f"/v2/repository/models/{name}/unload", name)
-        if r.status_code not in (200, 404):  # 404: not loaded, which is what we want
-            raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
-        await self._wait_unloaded(name)
+        await self._server_unload(name)
         await asyncio.to_thread(self._remove_entry, name)
         if name in self._given_up:
             # a load of `name` given up in flight may have reached the server after the unload
             # above answered and before the entry went: it found the entry and loads. With the
             # entry gone no later copy of it can, so one more unload settles it.
             self._given_up.discard(name)
-            r = await self._post(f"/v2/repository/models/{name}/unload", name)
-            if r.status_code not in (200, 404):
-                raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
-            await self._wait_unloaded(name)
+            await self._server_unload(name)
         self._log.info("event=model_unloaded server=%s model=%s seconds=%.3f", self.kind, name, time.monotonic() - t0)
+
+    async def _server_unload(self, name: str) -> None:
+        """POST unload and wait until the server no longer serves `name`."""
+        r = await self._post(f"/v2/repository/models/{name}/unload", name)
+        if r.status_code not in (200, 404):  # 404: not loaded, which is what we want
+            raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
+        await self._wait_unloaded(name)
 
     def served_path(self, name: str) -> Path | None:
         """The model path the entry of `name` was written for (None: no entry of ours)."""
