@@ -536,17 +536,18 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
 
 
 def _answer(default_headers: Any, parts: tuple[int, list[tuple[bytes, bytes]], bytes], keep_alive: bool) -> bytes:
-    """A whole answer's bytes, with the headers uvicorn adds (date, server)."""
+    """A whole answer's bytes, with the headers uvicorn adds (date, server: their lines are
+    joined once per list uvicorn makes, i.e. once a second, not per answer)."""
     status, headers, body = parts
     if HEADER_VALUE_RE.search(b"".join([v for _, v in headers])):  # one search for all values
         status, headers, body = error_parts(502, "the server's answer holds a header that cannot be passed on")
-    content = [STATUS_LINE[status]]
-    for k, v in (*default_headers, *headers):
-        content += (k, b": ", v, b"\r\n")
-    if not keep_alive:
-        content.append(b"connection: close\r\n")
-    content += (b"\r\n", body)
-    return b"".join(content)
+    if _defaults[0] is not default_headers:
+        _defaults[:] = default_headers, b"".join([b"%s: %s\r\n" % h for h in default_headers])
+    return b"".join((STATUS_LINE[status], _defaults[1], *[b"%s: %s\r\n" % h for h in headers],
+                     b"\r\n" if keep_alive else b"connection: close\r\n\r\n", body))
+
+
+_defaults: list[Any] = [None, b""]  # uvicorn's default headers (a list, replaced each second) and their lines
 
 
 # A plain infer request's head, all of it, in the strictest form: the request line exactly, then
