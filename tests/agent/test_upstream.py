@@ -15,7 +15,7 @@ class Server:
     def __init__(self) -> None:
         self.connections = 0
         self.requests = 0
-        self.mode = "ok"  # ok | close-after | drop-second | double | double-later | half-answer | slow | chunked | split
+        self.mode = "ok"  # ok | close-after | drop-second | double | double-later | half-answer | slow | chunked | split | apart | conn-close | bare-lf
         self.targets: list[bytes] = []
         self.release = asyncio.Event()  # requests to a target with "/hang" wait for it
         self._writers: list[asyncio.StreamWriter] = []
@@ -71,6 +71,18 @@ class Server:
                         writer.write(part)
                         await writer.drain()
                         await asyncio.sleep(0.02)
+                elif self.mode == "apart":  # the head in one write, the body in two more (as MLServer writes)
+                    answer = b"echo:" + body
+                    for part in (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nce-id: 7\r\ncontent-length: %d\r\n\r\n"
+                                 % len(answer), answer[:3], answer[3:]):
+                        writer.write(part)
+                        await writer.drain()
+                        await asyncio.sleep(0.02)
+                elif self.mode == "conn-close":  # a head httptools reads, but not in the plain form
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nConnection: close\r\n"
+                                 b"content-length: 2\r\n\r\nok")
+                elif self.mode == "bare-lf":  # a head no reader here takes
+                    writer.write(b"HTTP/1.1 200 OK\ncontent-type: text/plain\ncontent-length: 2\n\nok")
                 elif self.mode == "chunked":
                     writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\r\n"
                                  b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
@@ -320,7 +332,8 @@ def test_send_now_times_out_at_its_own_deadline_on_a_reused_connection():
     assert idle_after == [] and answer[2] == b"echo:c" and connections == 2
 
 
-def test_send_now_reports_a_broken_answer_a_stale_connection_and_never_pools_a_desynced_one():
+@pytest.mark.parametrize("keep", [None, (b"content-type",)])
+def test_send_now_reports_a_broken_answer_a_stale_connection_and_never_pools_a_desynced_one(keep):
     async def main():
         async with Server() as srv:
             up = Upstream(srv.url)
@@ -329,7 +342,7 @@ def test_send_now_reports_a_broken_answer_a_stale_connection_and_never_pools_a_d
                 srv.mode = "ok"
                 await up.request("POST", "/warm", [], b"", timeout=5)
                 srv.mode = mode
-                out[mode] = (await _send_now(up, "/x", b"z"), list(up._idle))
+                out[mode] = (await _send_now(up, "/x", b"z", keep=keep), list(up._idle))
                 await up.close()
             return out
     out = run(main())
@@ -383,3 +396,31 @@ def test_send_now_refuses_a_header_that_could_split_before_taking_or_sending_any
             await up.close()
             return srv.targets, ok[0]
     assert run(main()) == ([b"/warm", b"/ok"], 200)  # nothing of the refused request reached the server
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("apart", (200, [(b"content-type", b"text/plain")], b"echo:q")),  # the body over two reads
+    ("chunked", (200, [(b"content-type", b"text/plain")], b"abcde")),
+    ("conn-close", (200, [(b"content-type", b"text/plain")], b"ok")),  # answered, the connection not reused
+    ("bare-lf", "unreadable answer"),  # refused, the connection dropped
+])
+def test_send_now_with_kept_headers_reads_each_answer_to_its_end(mode, expected):
+    """With `keep`, an answer still ends where httptools says (the head and body in separate
+    reads as MLServer writes them, chunked): the connection is reused for the next request,
+    never with bytes of this answer left; one that asks to close is not reused."""
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url)
+            await up.request("POST", "/warm", [], b"", timeout=5)
+            srv.mode = mode
+            got = [await _send_now(up, "/x", b"q", keep=(b"content-type",)) for _ in range(1 if mode in ("conn-close", "bare-lf") else 3)]
+            idle = list(up._idle)
+            await up.close()
+            return got, idle, srv.connections
+    got, idle, connections = run(main())
+    if mode == "bare-lf":
+        assert isinstance(got[0], UpstreamError) and expected in str(got[0]) and idle == []
+    elif mode == "conn-close":
+        assert got == [expected] and idle == []
+    else:
+        assert got == [expected] * 3 and connections == 1
