@@ -26,6 +26,7 @@ import signal
 import socket
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -423,8 +424,8 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
             own = self._own = [keep_alive, data[:end]]
             self._taking = True
             try:
-                router.fast_forward(name, headers, data[head_end:end], lambda parts: self._own_reply(own, parts),
-                                    lambda: self._own_demote(own))
+                router.fast_forward(name, headers, data[head_end:end], partial(self._own_reply, own),
+                                    partial(self._own_demote, own))  # (a partial calls on from C: no frame of its own)
             finally:
                 self._taking = False
             if self._own is own:  # in flight: the rest waits for its answer
@@ -555,7 +556,7 @@ _defaults: list[Any] = [None, b""]  # uvicorn's default headers (a list, replace
 # obs-fold, no NUL or other control byte), then the empty line.
 _PLAIN_INFER = re.compile(rb"POST /v2/models/([A-Za-z0-9][A-Za-z0-9_.\-]*)/infer HTTP/1\.([01])\r\n"
                           rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z\-]+:[ \t\x21-\x7e]*\r\n)*)\r\n")
-_FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*?)[ \t]*\r\n")
+_FIELD = re.compile(rb"([^:]+):[ \t]*((?:[^\r]*[^\r \t])?)[ \t]*\r\n")  # (greedy: a lazy value is ~1.7x slower)
 # headers that send a request to uvicorn's parser instead (it knows what to do with them)
 _NOT_OURS = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"content-length", b"connection"))
 

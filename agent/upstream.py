@@ -606,11 +606,29 @@ class Upstream:
 
     def _fast_end(self, conn: _Conn, outcome: int | BaseException, key: str, key_slots: _Slots,
                   done: Callable[[tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None], None]) -> None:
-        """send_now()'s request ended: slots back, the connection back to the pool or dropped, then `done`."""
-        self._slots.give()
-        self._give_key(key, key_slots)
+        """send_now()'s request ended: slots back, the connection back to the pool or dropped, then `done`.
+        (_Slots.give, _give_key and _finish written out: this runs once per fast-path request.)"""
+        slots = self._slots
+        if slots._waiters:
+            slots.give()
+        else:
+            slots.free += 1
+        if key_slots._waiters:
+            key_slots.give()
+        else:
+            key_slots.free += 1
+        if key_slots.free == key_slots.size and self._key_slots.get(key) is key_slots:
+            del self._key_slots[key]
         if isinstance(outcome, int):
-            done((outcome, *self._finish(conn)))
+            conn._waiter = None
+            body = conn._body
+            answer = (outcome, conn._headers, body[0] if len(body) == 1 else b"".join(body))
+            if conn.closed or conn.desynced or not conn.keep_alive:
+                self._drop(conn)
+            else:
+                conn.idle_since = time.monotonic()
+                self._idle.append(conn)
+            done(answer)
             return
         self._drop(conn)
         done(None if isinstance(outcome, _Stale) else outcome)

@@ -318,3 +318,19 @@ def test_a_request_in_flight_when_the_agent_stops_is_answered_before_it_exits(ag
     assert result["half"].startswith(b"HTTP/1.1 200") and b"body-on-its-way" in result["half"], result["half"][:300]
     assert b"connection: close" in result["half"].lower()
     assert code == 0
+
+
+def test_a_fast_path_answer_carries_the_date_uvicorn_has_now():
+    """The answer's date and server lines come from uvicorn's default headers, which uvicorn
+    replaces each second: joined once per list, never an older second's."""
+    from agent.app import _answer
+
+    parts = (200, [(b"content-type", b"application/json")], b"{}")
+    seen = []
+    for second in (b"Wed, 02 Dec 2026 20:00:00 GMT", b"Wed, 02 Dec 2026 20:00:01 GMT"):
+        defaults = [(b"date", second), (b"server", b"uvicorn")]
+        seen += [_answer(defaults, parts, True), _answer(defaults, parts, False)]
+    assert seen[0] == (b"HTTP/1.1 200 OK\r\ndate: Wed, 02 Dec 2026 20:00:00 GMT\r\nserver: uvicorn\r\n"
+                       b"content-type: application/json\r\n\r\n{}")
+    assert seen[1] == seen[0].replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
+    assert seen[2] == seen[0].replace(b"20:00:00", b"20:00:01") and seen[3] == seen[1].replace(b"20:00:00", b"20:00:01")
