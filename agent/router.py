@@ -509,6 +509,10 @@ class Router:
         answer _forward() gives; then release the lease. Otherwise `demote()`: the ASGI path
         takes the request whole (lazy load, waits for a slot, connects, retries a stale
         connection), with nothing held and nothing sent."""
+        upstream = self._current_upstream()
+        if not upstream.ready_now(name):  # first: a request handed on was never leased (nor counted as a hit)
+            self._fall_back(demote)
+            return
         model = self.reconciler.try_acquire(name)
         if model is None:  # not loaded now: the ASGI path loads it (single flight) and waits
             self._fall_back(demote)
@@ -538,10 +542,9 @@ class Router:
                     self.reconciler.release(model)
 
         sent = False
-        try:  # (no idle connection or slot free now: False, nothing sent)
-            sent = self._current_upstream().send_now("POST", f"/v2/models/{name}/infer",
-                                                     [(k, v) for k, v in headers if k in _PASS_REQUEST], body,
-                                                     self.request_timeout_s, name, answered, _PASS_RESPONSE)
+        try:
+            sent = upstream.send_now("POST", f"/v2/models/{name}/infer", [(k, v) for k, v in headers if k in _PASS_REQUEST],
+                                     body, self.request_timeout_s, name, answered, _PASS_RESPONSE)
         except UnsafeRequest:
             pass  # the ASGI path answers it (400)
         finally:
