@@ -5,7 +5,7 @@ list(): a HEAD decides between one object (``s3://b/models/model.tgz``) and a pr
 lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
 Identity per object: ETag (+ version id); sizes are part of the listing.
 
-Requests: puller.sources.s3_wire (SigV4 over http.client; botocore only for credentials that are
+Requests: puller.sources.s3_wire (SigV4 over plain HTTP/1.1; botocore only for credentials that are
 not static, see there).
 
 fetch(): one thread pool of ``options.max_concurrency`` workers over one shared client
@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import logging
 import os
 import socket
-import ssl
+import sys
 import threading
 import time
 import zlib
@@ -40,8 +39,8 @@ from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullEr
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
                                  pwrite_all, run_all)
-from puller.sources.s3_wire import (NoCredentials, S3ConnectionError, S3ResponseError, S3WireClient,
-                                    resolve_credentials)
+from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, S3ConnectionError, S3ResponseError,
+                                    S3WireClient, is_cert_error, resolve_credentials)
 from puller.uri import ParsedURI, redact
 
 log = logging.getLogger("modelshelf.puller.sources.s3")
@@ -354,7 +353,7 @@ class S3Source(Source):
             try:
                 while pos[0] <= end:
                     want = min(_CHUNK, end + 1 - pos[0])
-                    n = resp.readinto(buf[:want])  # http.client's: straight off the connection
+                    n = resp.readinto(buf[:want])  # straight off the connection
                     if not n:
                         break
                     data = buf[:n]
@@ -466,12 +465,13 @@ def _is_transient(e: BaseException) -> bool:
         return True
     if isinstance(e, S3ResponseError):
         return e.code in _TRANSIENT or e.status >= 500 or e.status == 429
-    if isinstance(e, http.client.HTTPException):  # a body cut short (IncompleteRead) or garbled
+    if isinstance(e, HTTPProtocolError):  # a body cut short (IncompleteRead) or garbled
         return True
-    if isinstance(e, ssl.SSLCertVerificationError):
+    if is_cert_error(e):
         return False
-    # a reset, a read timeout, or a TLS record broken mid-body
-    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout)) or type(e) is ssl.SSLError
+    # a reset, a read timeout, or a TLS record broken mid-body (ssl: imported by https only)
+    ssl = sys.modules.get("ssl")
+    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout)) or (ssl is not None and type(e) is ssl.SSLError)
 
 
 def _safe_path(rel: str, uri: str) -> str:

@@ -101,18 +101,23 @@ class _WrongRegionHandler(BaseHTTPRequestHandler):
     do_GET = do_HEAD
 
 
-def test_a_wrong_region_answer_is_signed_again_for_the_bucket_region_once(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    srv = _WrongRegion()
+def _pull_from(srv: ThreadingHTTPServer, uri: str, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pull `uri` from the scripted endpoint `srv` (static keys), then stop it."""
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.server_address[1]}")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREGIONTEST")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "region-test-secret")
-        monkeypatch.setenv("AWS_REGION", "us-east-1")
-        _pull("s3://bkt/m/model.bin", tmp_path)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASCRIPTED")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "scripted-secret")
+        _pull(uri, dest)
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_wrong_region_answer_is_signed_again_for_the_bucket_region_once(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = _WrongRegion()
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    _pull_from(srv, "s3://bkt/m/model.bin", tmp_path, monkeypatch)
     assert (tmp_path / "model.bin").read_bytes() == _WrongRegion.body
     # HEAD (us-east-1: 301), HEAD again for eu-west-2, then the GET straight to eu-west-2
     assert srv.scopes == ["us-east-1", "eu-west-2", "eu-west-2"]
@@ -192,15 +197,17 @@ _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer
                    "starlette", "uvicorn", "psutil", "grpc")
 # an S3 pull of plain files with static keys and no AWS config file also leaves these to the
 # pulls that need them: archive readers (an archive), configparser (an .s3cfg, an AWS config
-# file), uuid (never: temp names come from os.urandom)
-_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid"),
+# file), uuid (never: temp names come from os.urandom), http.client with email's parser (the wire
+# client speaks HTTP/1.1 itself) and ssl (an https endpoint only)
+_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid",
+                          "http", "email", "ssl"),
                    "http": ("urllib3", "xml")}
 
 
 def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3: S3Server, tmp_path: Path) -> None:
     """`modelshelf pull` is dispatched before anything of the agent is imported (agent.cli
-    only), records no digests in its throw-away cache, and loads one scheme's client: http.client
-    for s3:// (no urllib3), httpx (without its CLI) for http://. Interpreter start-up is most of a short pull."""
+    only), records no digests in its throw-away cache, and loads one scheme's client: the wire
+    client for s3:// (no urllib3, no http.client, no ssl for an http:// endpoint), httpx (without its CLI) for http://. Interpreter start-up is most of a short pull."""
     s3.put("models", "lean/w.bin", b"s3-bytes")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON", "MODELSHELF_"))}
     env.update(s3.env(), PYTHONPATH=str(ROOT), AWS_CONFIG_FILE=str(tmp_path / "none"),
@@ -318,3 +325,62 @@ def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_not_fa
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+class _Framings(BaseHTTPRequestHandler):
+    """S3 answers in every HTTP/1.1 framing the wire client must read: a 100 Continue before the
+    real answer, a chunked LIST body with a trailer, a GET cut short mid-body (the connection
+    closed after 400 of 1,000 promised bytes), and the ranged retry's body read to the close."""
+
+    protocol_version = "HTTP/1.1"
+    body = bytes(range(250)) * 4
+    seen: list[str] = []
+
+    def do_HEAD(self) -> None:  # the URI is a prefix: no such key
+        self.seen.append(f"HEAD {self.path}")
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        rng = self.headers.get("Range") or ""
+        self.seen.append(f"GET {self.path.split('?')[0]} {rng}".strip())
+        if "list-type=2" in self.path:
+            xml = (b'<?xml version="1.0"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                   b"<EncodingType>url</EncodingType><IsTruncated>false</IsTruncated><Contents><Key>m/w%20x.bin</Key>"
+                   b"<Size>1000</Size><ETag>&quot;e1&quot;</ETag></Contents></ListBucketResult>")
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in (xml[:50], xml[50:]):
+                self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\nx-trailer: 1\r\n\r\n")
+        elif not rng:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.send_header("ETag", '"e1"')
+            self.end_headers()
+            self.wfile.write(self.body[:400])
+            self.close_connection = True
+        else:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            self.wfile.write(b"HTTP/1.1 206 Partial Content\r\nConnection: close\r\nETag: \"e1\"\r\n\r\n")
+            self.wfile.write(self.body[start:])
+            self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_chunked_interim_cut_short_and_read_to_close_answers_are_read_as_http_1_1_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wire client speaks HTTP/1.1 itself (no http.client): interim 1xx answers are skipped,
+    chunked bodies decoded (extensions, trailer), a body cut short is an error that is retried
+    from the byte it stopped at, and a body without a length ends at the server's close."""
+    _Framings.seen = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Framings)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    _pull_from(srv, "s3://bkt/m", tmp_path, monkeypatch)
+    assert (tmp_path / "w x.bin").read_bytes() == _Framings.body
+    assert _Framings.seen == ["HEAD /bkt/m", "GET /bkt", "GET /bkt/m/w%20x.bin", "GET /bkt/m/w%20x.bin bytes=400-999"]
