@@ -21,7 +21,6 @@ checksum (not for GCS) and check crc32 / sha1 / sha256 ones as the bytes stream 
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import os
 import socket
@@ -31,14 +30,17 @@ import time
 import zlib
 from dataclasses import astuple
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from collections.abc import Callable
+TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
+if TYPE_CHECKING:
+    from typing import Any
 
 from puller.archive import archive_kind
 from puller.credentials import S3Settings, resolve_s3
 from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullError, TransientError
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
-                                 pwrite_all, run_all)
+                                 pwrite_all, run_all, sha256)
 from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, S3ConnectionError, S3ResponseError,
                                     S3WireClient, is_cert_error, resolve_credentials)
 from puller.uri import ParsedURI, redact
@@ -81,7 +83,12 @@ class _StreamChecksum:
 
     def __init__(self, algo: str, want: str):
         self.algo, self.want = algo, want
-        self._h = None if algo == "crc32" else hashlib.new(algo)
+        if algo == "crc32":
+            self._h = None
+        else:
+            import hashlib  # OpenSSL's, for the whole object: only when the store sent a checksum
+
+            self._h = hashlib.new(algo)
         self._crc = 0
 
     @classmethod
@@ -120,7 +127,7 @@ _CHAIN_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 
 
 def _chain_fingerprint() -> str:
-    h = hashlib.sha256()
+    h = sha256()
     for name in _CHAIN_ENV:
         h.update(f"{name}={os.environ.get(name, '')}\0".encode())
     return h.hexdigest()
@@ -508,6 +515,8 @@ def _verify_checksum(path: Path, checksum: str, uri: str, name: str) -> None:
     """Check a listed sha256/sha1/crc32 store checksum against the file (others: unchecked)."""
     algo, _, want = checksum.partition(":")
     if algo in ("sha256", "sha1"):
+        import hashlib
+
         h = hashlib.new(algo)
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(4 << 20), b""):

@@ -198,9 +198,11 @@ _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer
 # an S3 pull of plain files with static keys and no AWS config file also leaves these to the
 # pulls that need them: archive readers (an archive), configparser (an .s3cfg, an AWS config
 # file), uuid (never: temp names come from os.urandom), http.client with email's parser (the wire
-# client speaks HTTP/1.1 itself) and ssl (an https endpoint only)
+# client speaks HTTP/1.1 itself), ssl (an https endpoint only), OpenSSL's hashes (hashlib, hmac:
+# signatures and cache keys use the built-in sha256; a store checksum or file sha256 imports it)
+# and typing (annotations are strings; nothing on the path needs it at run time)
 _NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid",
-                          "http", "email", "ssl"),
+                          "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing"),
                    "http": ("urllib3", "xml")}
 
 
