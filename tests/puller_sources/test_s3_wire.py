@@ -255,15 +255,9 @@ class _TLSObjectHandler(BaseHTTPRequestHandler):
         pass
 
 
-def test_https_endpoints_verify_against_the_ca_bundle_and_a_failed_verification_is_not_retried(tmp_path: Path) -> None:
-    """TLS as botocore does it: the CA bundle given (verify=PATH) is trusted, the system's CAs
-    by default (a self-signed endpoint then fails at once, not retried as transient), verify=False
-    skips the check. Keep-alive connections are reused across requests."""
+def _tls_server(tmp_path: Path) -> tuple[ThreadingHTTPServer, Path]:
+    """The one-object server over TLS with a fresh self-signed certificate for 127.0.0.1 (started)."""
     import ssl
-
-    from puller.credentials import S3Settings
-    from puller.sources.s3 import _is_transient
-    from puller.sources.s3_wire import S3ConnectionError, S3WireClient, _Static
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
@@ -274,6 +268,18 @@ def test_https_endpoints_verify_against_the_ca_bundle_and_a_failed_verification_
     ctx.load_cert_chain(cert, key)
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, cert
+
+
+def test_https_endpoints_verify_against_the_ca_bundle_and_a_failed_verification_is_not_retried(tmp_path: Path) -> None:
+    """TLS as botocore does it: the CA bundle given (verify=PATH) is trusted, the system's CAs
+    by default (a self-signed endpoint then fails at once, not retried as transient), verify=False
+    skips the check. Keep-alive connections are reused across requests."""
+    from puller.credentials import S3Settings
+    from puller.sources.s3 import _is_transient
+    from puller.sources.s3_wire import S3ConnectionError, S3WireClient, _Static
+
+    srv, cert = _tls_server(tmp_path)
     url = f"https://127.0.0.1:{srv.server_address[1]}"
     creds = _Static("AKIDEXAMPLE", "secret-example", None)
 
@@ -386,3 +392,77 @@ def test_chunked_interim_cut_short_and_read_to_close_answers_are_read_as_http_1_
     _pull_from(srv, "s3://bkt/m", tmp_path, monkeypatch)
     assert (tmp_path / "w x.bin").read_bytes() == _Framings.body
     assert _Framings.seen == ["HEAD /bkt/m", "GET /bkt", "GET /bkt/m/w%20x.bin", "GET /bkt/m/w%20x.bin bytes=400-999"]
+
+
+class _ConnectProxy(threading.Thread):
+    """An http:// proxy that tunnels CONNECT (what an https endpoint behind HTTPS_PROXY needs),
+    recording each CONNECT line and its Proxy-Authorization."""
+
+    def __init__(self) -> None:
+        import socket
+
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[tuple[str, str]] = []
+
+    def run(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client) -> None:
+        import socket
+
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(4096)
+        lines = head.decode().split("\r\n")
+        auth = next((ln.split(":", 1)[1].strip() for ln in lines if ln.lower().startswith("proxy-authorization:")), "")
+        self.seen.append((lines[0], auth))
+        host, port = lines[0].split()[1].rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(a, b) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+                b.shutdown(socket.SHUT_WR)
+            except OSError:  # the other side closed first
+                pass
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+
+def test_an_https_endpoint_behind_https_proxy_is_reached_through_a_connect_tunnel(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPS_PROXY with an https endpoint: the wire client opens a CONNECT tunnel (the proxy's
+    user:password as Proxy-Authorization), then speaks TLS to the endpoint through it, verified
+    against the endpoint's certificate."""
+    import base64
+
+    from puller.credentials import S3Settings
+    from puller.sources.s3_wire import S3WireClient, _Static
+
+    srv, cert = _tls_server(tmp_path)
+    proxy = _ConnectProxy()
+    proxy.start()
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://tunnel-user:tunnel-pw@127.0.0.1:{proxy.port}")
+    try:
+        c = S3WireClient(S3Settings(source="test", endpoint_url=f"https://127.0.0.1:{srv.server_address[1]}",
+                                    addressing_style="path", verify=str(cert)),
+                         _Static("AKIDEXAMPLE", "secret-example", None), pool=2)
+        assert c.head_object(Bucket="bkt", Key="m/w.bin")["ETag"] == '"e1"'
+        assert c.get_object(Bucket="bkt", Key="m/w.bin").data == _TLSObjectHandler.body
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        proxy.sock.close()
+    basic = "Basic " + base64.b64encode(b"tunnel-user:tunnel-pw").decode()
+    assert proxy.seen == [(f"CONNECT 127.0.0.1:{srv.server_address[1]} HTTP/1.1", basic)], "one tunnel, kept alive"
