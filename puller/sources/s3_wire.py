@@ -34,6 +34,7 @@ import os
 import re
 import select
 import socket
+import struct
 import sys
 import threading
 import urllib.parse
@@ -372,19 +373,27 @@ class _Headers(dict):
         return isinstance(name, str) and dict.__contains__(self, name.lower())
 
 
+def _line(fp: Any, what: str) -> bytes:
+    """One whole CRLF (or LF) line of a response head or of a chunked body's framing. A line
+    cut short is an error: the server closed, or the kernel's read timeout (SO_RCVTIMEO, see
+    `_Conn.connect`) ended the read."""
+    line = fp.readline(_MAX_LINE + 1)
+    if len(line) > _MAX_LINE:
+        raise HTTPProtocolError(f"{what} too long")
+    if not line.endswith(b"\n"):
+        if line:
+            raise TimeoutError(f"the response stopped inside the {what} (closed or timed out)")
+        raise HTTPProtocolError(f"the server closed the connection before the {what}")
+    return line
+
+
 def _read_head(fp: Any) -> tuple[bytes, _Headers]:
     """The status line and the headers of one response (or of a proxy's CONNECT answer)."""
-    line = fp.readline(_MAX_LINE + 1)
-    if not line:
-        raise HTTPProtocolError("the server closed the connection without a response")
-    if len(line) > _MAX_LINE:
-        raise HTTPProtocolError("status line too long")
+    line = _line(fp, "status line")
     headers = _Headers()
     for _ in range(_MAX_HEADERS + 1):
-        h = fp.readline(_MAX_LINE + 1)
-        if len(h) > _MAX_LINE:
-            raise HTTPProtocolError("header line too long")
-        if h in (b"\r\n", b"\n", b""):
+        h = _line(fp, "header line")
+        if h in (b"\r\n", b"\n"):
             return line, headers
         name, sep, value = h.decode("iso-8859-1").partition(":")
         if not sep:
@@ -431,7 +440,17 @@ class _Conn:
                     raise OSError(f"Tunnel connection failed: {status.decode('latin-1').strip()}")
             if self._context is not None:
                 sock = self._context().wrap_socket(sock, server_hostname=server)
-            sock.settimeout(self._timeouts[1])
+                sock.settimeout(self._timeouts[1])
+            else:
+                # The read timeout in the kernel (SO_RCVTIMEO) rather than Python's: a socket with
+                # a Python timeout polls before every recv, one more syscall per read (~11,000 per
+                # 512 MiB). A timed-out read then ends short (`_line`, `_Body.readinto`). TLS keeps
+                # Python's timeout: its reads would fail as SSLWantReadError instead.
+                t = self._timeouts[1]
+                timeval = struct.pack("ll", int(t), int(t % 1 * 1e6))
+                sock.settimeout(None)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         except BaseException:
             sock.close()
             raise
@@ -506,6 +525,9 @@ class _Body:
             if len(buf) > self._length:
                 buf = memoryview(buf)[: self._length]
             n = fp.readinto(buf)
+            if n is None:  # the kernel's read timeout
+                self._fp = None
+                raise TimeoutError("the response body timed out")
             if not n and buf:
                 self._fp = None
                 raise HTTPProtocolError(f"IncompleteRead: {self._length} more bytes expected")
@@ -514,6 +536,9 @@ class _Body:
                 self._fp = None
             return n
         n = fp.readinto(buf)
+        if n is None:
+            self._fp = None
+            raise TimeoutError("the response body timed out")
         if not n:
             self._fp = None
         return n
@@ -521,26 +546,29 @@ class _Body:
     def _readinto_chunked(self, buf: Any) -> int:
         fp = self._fp
         if not self._chunk_left:
-            size_line = fp.readline(_MAX_LINE + 1)
+            size_line = _line(fp, "chunk size line")
             try:
                 self._chunk_left = int(size_line.split(b";", 1)[0], 16)
             except ValueError:
                 self._fp = None
                 raise HTTPProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
             if not self._chunk_left:  # the last chunk: trailers up to a blank line
-                while fp.readline(_MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
+                while _line(fp, "trailer line") not in (b"\r\n", b"\n"):
                     pass
                 self._fp = None
                 return 0
         if len(buf) > self._chunk_left:
             buf = memoryview(buf)[: self._chunk_left]
         n = fp.readinto(buf)
+        if n is None:
+            self._fp = None
+            raise TimeoutError("the response body timed out")
         if not n and buf:
             self._fp = None
             raise HTTPProtocolError("IncompleteRead: a chunk cut short")
         self._chunk_left -= n
         if not self._chunk_left:
-            fp.readline(_MAX_LINE + 1)  # the CRLF after the chunk's data
+            _line(fp, "chunk end")  # the CRLF after the chunk's data
         return n
 
     def read(self) -> bytes:

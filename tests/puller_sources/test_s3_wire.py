@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -466,3 +467,50 @@ def test_an_https_endpoint_behind_https_proxy_is_reached_through_a_connect_tunne
         proxy.sock.close()
     basic = "Basic " + base64.b64encode(b"tunnel-user:tunnel-pw").decode()
     assert proxy.seen == [(f"CONNECT 127.0.0.1:{srv.server_address[1]} HTTP/1.1", basic)], "one tunnel, kept alive"
+
+
+class _Stall(BaseHTTPRequestHandler):
+    """Answers that stop mid-way and hold the connection open: inside the body, or inside the head."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/head"):
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+        else:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 300)
+        self.wfile.flush()
+        time.sleep(3)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_response_that_stalls_times_out_as_a_transient_error(tmp_path: Path) -> None:
+    """The read timeout holds on every read (the kernel's SO_RCVTIMEO on plain connections): a body
+    or a head that stops arriving ends in a transient error after the timeout, not a hang and not
+    a short body taken for a whole one."""
+    from puller.credentials import S3Settings
+    from puller.sources.s3 import _is_transient
+    from puller.sources.s3_wire import S3ConnectionError, S3WireClient, _Static
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Stall)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        c = S3WireClient(S3Settings(source="test", endpoint_url=f"http://127.0.0.1:{srv.server_address[1]}",
+                                    addressing_style="path"), _Static("AKIDEXAMPLE", "secret-example", None),
+                         pool=2, read_timeout=0.3)
+        r = c.get_object(Bucket="bkt", Key="body")
+        buf, got = bytearray(2000), 0
+        with pytest.raises(TimeoutError) as body:
+            while n := r.readinto(memoryview(buf)[got:]):
+                got += n
+        r.close()
+        with pytest.raises(S3ConnectionError) as head:
+            c.get_object(Bucket="bkt", Key="head")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert got == 300 and _is_transient(body.value)
+    assert "timed out" in str(head.value) and _is_transient(head.value)
