@@ -11,8 +11,11 @@ not static, see there).
 fetch(): one thread pool of ``options.max_concurrency`` workers over one shared client
 (connection pool sized to match; a body read to its end hands its connection back for the next
 GET). Small objects are one GET each; objects larger than ``options.part_size`` are split into
-ranged GETs written in place with pwrite. A body is read straight off the connection into one
-reused 64 KiB buffer per worker, each read written in one pwrite (see _CHUNK for why). Each GET
+ranged GETs written in place. A plain-HTTP body that nothing needs to see on its way (no digest
+being recorded, no store checksum to check) is spliced socket -> pipe -> file at its offset
+(splice(2), see s3_wire.Pipe); any other body (TLS, chunked, digests or checksums wanted, a file
+system that refuses splice) is read straight off the connection into one reused 64 KiB buffer per
+worker, each read written in one pwrite (see _CHUNK for why). Each GET
 resumes where it stopped when a transient error (5xx, reset, timeout, short body) hits it,
 within ``options.retry_deadline_s``; GETs carry If-Match on the listed ETag, so an object that
 changes mid-pull fails instead of mixing versions. Whole-object GETs ask the store for its own
@@ -41,7 +44,7 @@ from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullEr
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
                                  pwrite_all, run_all, sha256)
-from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, S3ConnectionError, S3ResponseError,
+from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, Pipe, S3ConnectionError, S3ResponseError,
                                     S3WireClient, is_cert_error, resolve_credentials)
 from puller.uri import ParsedURI, redact
 
@@ -357,16 +360,25 @@ class S3Source(Source):
             check = _StreamChecksum.of(resp.headers) if pos[0] == start and whole else None
             unreported = 0
             done = False
+            # nothing to see of the bytes on their way (no digest, no store checksum): splice them
+            pipe = Pipe.open() if digest is None and check is None and resp.spliceable else None
             try:
                 while pos[0] <= end:
-                    want = min(_CHUNK, end + 1 - pos[0])
-                    n = resp.readinto(buf[:want])  # straight off the connection
-                    if not n:
+                    n = None if pipe is None else resp.splice_into(fd, pos[0], end + 1 - pos[0], pipe)
+                    if n is None:  # TLS, chunked, a refused splice, or the bytes are to be seen
+                        if pipe is not None:
+                            pipe.close()
+                            pipe = None
+                        want = min(_CHUNK, end + 1 - pos[0])
+                        n = resp.readinto(buf[:want])  # straight off the connection
+                        if not n:
+                            break
+                        data = buf[:n]
+                        pwrite_all(fd, data, pos[0], _CHUNK, digest)
+                        if check is not None:
+                            check.update(data)
+                    elif not n:
                         break
-                    data = buf[:n]
-                    pwrite_all(fd, data, pos[0], _CHUNK, digest)
-                    if check is not None:
-                        check.update(data)
                     pos[0] += n
                     unreported += n
                     if unreported >= _REPORT_EVERY:
@@ -376,6 +388,8 @@ class S3Source(Source):
                         raise Cancelled()
                 done = pos[0] > end
             finally:
+                if pipe is not None:
+                    pipe.close()
                 if unreported:
                     progress.advance(unreported)
                 if done and resp.isclosed():

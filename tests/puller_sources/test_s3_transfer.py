@@ -4,6 +4,7 @@ what it forwards, and an HTTP/1.1 keep-alive proxy that counts client connection
 server closes every connection after one response, so reuse is only visible through it)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -22,13 +23,14 @@ from tests.support.s3server import S3Server
 
 class _Proxy:
     """TCP proxy 127.0.0.1:port -> upstream. Counts accepted connections; optionally cuts the
-    first connection whose downstream bytes pass `cut_after`, and replaces `swap` in what it
-    forwards downstream (a (old, new) pair of equal length)."""
+    first connection whose downstream bytes pass `cut_after` (every one with `cut_every`), and
+    replaces `swap` in what it forwards downstream (a (old, new) pair of equal length)."""
 
-    def __init__(self, upstream: str, cut_after: int | None = None, swap: tuple[bytes, bytes] | None = None):
+    def __init__(self, upstream: str, cut_after: int | None = None, swap: tuple[bytes, bytes] | None = None,
+                 cut_every: bool = False):
         host, port = upstream.removeprefix("http://").split(":")
         self._up = (host, int(port))
-        self._cut_after, self._swap = cut_after, swap
+        self._cut_after, self._swap, self._cut_every = cut_after, swap, cut_every
         self._lock = threading.Lock()
         self.connections = 0
         self.cuts = 0
@@ -61,7 +63,7 @@ class _Proxy:
                     data = data.replace(*self._swap)
                 if down and self._cut_after is not None and sent + len(data) > self._cut_after:
                     with self._lock:
-                        cut = self.cuts == 0
+                        cut = self.cuts == 0 or self._cut_every
                         self.cuts += cut
                     if cut:  # forward part of it, then drop the connection mid-body
                         dst.sendall(data[: self._cut_after - sent])
@@ -160,7 +162,8 @@ def proxy_factory(s3: S3Server, monkeypatch: pytest.MonkeyPatch):
 
 
 def _pull(uri: str, dest: Path, progress=None, **opts):
-    src = open_source(uri, PullOptions(retry_deadline_s=5, **opts))
+    opts.setdefault("retry_deadline_s", 5)
+    src = open_source(uri, PullOptions(**opts))
     listing = src.list()
     src.fetch(listing, dest, progress or CountingProgress())
     return listing
@@ -202,6 +205,65 @@ def test_connection_cut_mid_body_resumes_byte_exact(s3: S3Server, proxy_factory,
     assert proxy.cuts == 1
     assert hashlib.sha256((tmp_path / "weights.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
     assert progress.bytes == len(data)  # resumed where it stopped: nothing counted twice
+
+
+@pytest.fixture
+def splices(monkeypatch: pytest.MonkeyPatch):
+    """Records the splice(2) calls the pull makes (real ones): (fd_out, count, offset_dst, moved);
+    `refuse` ("file" / "socket") makes that half fail with EINVAL, as some file systems do."""
+    real = os.splice
+    calls: list[tuple[int, int, int | None, int]] = []
+    refuse: list[str] = []
+
+    def spy(src: int, dst: int, count: int, offset_src=None, offset_dst=None, flags: int = 0) -> int:
+        to_file = offset_dst is not None
+        if ("file" if to_file else "socket") in refuse:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        n = real(src, dst, count, offset_src, offset_dst, flags)
+        calls.append((dst, count, offset_dst, n))
+        return n
+
+    monkeypatch.setattr(os, "splice", spy)
+    spy.calls, spy.refuse = calls, refuse
+    return spy
+
+
+def test_plain_http_bodies_are_spliced_to_each_parts_offset_byte_exact(s3: S3Server, tmp_path: Path,
+                                                                       splices) -> None:
+    data = os.urandom(5 * 2**20 + 12345)
+    s3.put("models", "big/weights.bin", data)
+    progress = CountingProgress()
+    _pull("s3://models/big/weights.bin", tmp_path, progress, part_size=2**20, max_concurrency=3)
+    assert hashlib.sha256((tmp_path / "weights.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert progress.bytes == len(data) and progress.files == ["weights.bin"]
+    to_file = [c for c in splices.calls if c[2] is not None]
+    # the bytes went socket -> pipe -> file (all but what the response heads' reads buffered)
+    assert sum(c[3] for c in to_file) > len(data) - 6 * 64 * 1024
+    assert {c[2] // 2**20 for c in to_file} == set(range(6))  # into every part, at its offsets
+
+
+def test_a_spliced_body_cut_short_every_time_is_an_error_not_a_short_file(s3: S3Server, proxy_factory,
+                                                                          tmp_path: Path, splices) -> None:
+    data = os.urandom(3 * 2**20)
+    s3.put("models", "big/weights.bin", data)
+    proxy_factory(cut_after=500_000, cut_every=True)
+    # no time to resume (each resume would get further): the first cut is the pull's error
+    with pytest.raises(PullError, match="IncompleteRead"):
+        _pull("s3://models/big/weights.bin", tmp_path, part_size=2**20, max_concurrency=1, retry_deadline_s=0)
+    assert splices.calls  # the spliced path saw the body end early
+
+
+@pytest.mark.parametrize("half", ["file", "socket"])
+def test_a_refused_splice_falls_back_to_reads_and_writes(s3: S3Server, tmp_path: Path, splices, half: str) -> None:
+    data = os.urandom(3 * 2**20 + 7)
+    s3.put("models", "big/weights.bin", data)
+    splices.refuse.append(half)
+    progress = CountingProgress()
+    _pull("s3://models/big/weights.bin", tmp_path, progress, part_size=2**20, max_concurrency=2)
+    assert hashlib.sha256((tmp_path / "weights.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert progress.bytes == len(data)
+    if half == "file":  # the bytes taken into the pipe before the refusal were written, not lost
+        assert splices.calls and all(c[2] is None for c in splices.calls)
 
 
 def test_store_checksum_is_verified_while_streaming(s3: S3Server, proxy_factory, tmp_path: Path) -> None:
