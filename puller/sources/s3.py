@@ -43,7 +43,7 @@ from puller.credentials import S3Settings, resolve_s3
 from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullError, TransientError
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
-                                 pwrite_all, run_all, sha256)
+                                 preallocate, pwrite_all, run_all, sha256)
 from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, Pipe, S3ConnectionError, S3ResponseError,
                                     S3WireClient, is_cert_error, resolve_credentials)
 from puller.uri import ParsedURI, redact
@@ -296,7 +296,7 @@ class S3Source(Source):
                     continue
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 open_fds.append(fd)
-                os.ftruncate(fd, obj.size)
+                preallocate(fd, obj.size)
                 parts = [(s, min(s + part, obj.size) - 1) for s in range(0, obj.size, part)]
                 tracker = _PartsLeft(len(parts), lambda p=obj.path: progress.file_done(p))
                 digest = self.digest_for(target, obj.size)

@@ -266,6 +266,38 @@ def test_a_refused_splice_falls_back_to_reads_and_writes(s3: S3Server, tmp_path:
         assert splices.calls and all(c[2] is None for c in splices.calls)
 
 
+def _refusing_fallocate(monkeypatch: pytest.MonkeyPatch, err: int) -> list[tuple[int, int]]:
+    """libc's fallocate as a file system answers when it refuses with `err` (calls recorded)."""
+    import puller.sources.base as base
+
+    calls: list[tuple[int, int]] = []
+
+    def fallocate(fd: int, mode: int, offset: int, size: int) -> int:
+        calls.append((offset, size))
+        return -1
+    monkeypatch.setattr(base, "_fallocate", (fallocate, lambda: err))
+    return calls
+
+
+def test_a_file_system_without_fallocate_gets_a_sparse_file_filled_byte_exact(
+        s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(3 * 2**20 + 5)
+    s3.put("models", "big/weights.bin", data)
+    calls = _refusing_fallocate(monkeypatch, errno.EOPNOTSUPP)
+    _pull("s3://models/big/weights.bin", tmp_path, part_size=2**20, max_concurrency=2)
+    assert calls == [(0, len(data))]
+    assert hashlib.sha256((tmp_path / "weights.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_no_space_for_a_large_object_fails_before_any_byte_is_fetched(
+        s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, splices) -> None:
+    s3.put("models", "big/weights.bin", os.urandom(3 * 2**20))
+    _refusing_fallocate(monkeypatch, errno.ENOSPC)
+    with pytest.raises(OSError, match="No space left"):
+        _pull("s3://models/big/weights.bin", tmp_path, part_size=2**20)
+    assert not splices.calls  # no GET body was read
+
+
 def test_store_checksum_is_verified_while_streaming(s3: S3Server, proxy_factory, tmp_path: Path) -> None:
     body = b"weights " * 500 + b"MARKER" + b" weights" * 500
     s3.client().put_object(Bucket="models", Key="ck/model.bin", Body=body, ChecksumAlgorithm="SHA256")
