@@ -188,7 +188,8 @@ class _Conn(asyncio.Protocol):
         self._body: list[bytes] = []
         self._got_bytes = False
         self._headers_done = False
-        self._length_known = False
+        self._length_known: bool | None = False
+        self._low_head = b""  # the kept-headers read's lower-cased head (see _length_is_known)
         self._complete = False
         self.keep_alive = False
         self.desynced = False
@@ -233,14 +234,14 @@ class _Conn(asyncio.Protocol):
         self.resume_writing()
         if self._streaming and self._headers_done and not self._complete:
             self._complete = True
-            self._push(None if not self._length_known else UpstreamError("the server closed the connection mid-answer"))
+            self._push(None if not self._length_is_known() else UpstreamError("the server closed the connection mid-answer"))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         waiter = self._waiter
         if (waiter is None or waiter.done()) and self._done is None:
             return
-        if self._headers_done and not self._length_known:  # body delimited by the close
+        if self._headers_done and not self._length_is_known():  # body delimited by the close
             outcome: int | BaseException = self.parser.get_status_code()
         elif self._got_bytes:
             outcome = UpstreamError("the server closed the connection mid-answer")
@@ -252,6 +253,13 @@ class _Conn(asyncio.Protocol):
             waiter.set_result(outcome)
         else:
             waiter.set_exception(outcome)
+
+    def _length_is_known(self) -> bool:
+        """Whether the answer's head gave its body's length (Content-Length or Transfer-Encoding)."""
+        if self._length_known is None:  # on_headers_complete's kept-headers read left it for here
+            low = self._low_head
+            self._length_known = b"\ncontent-length:" in low or b"\ntransfer-encoding:" in low
+        return self._length_known
 
     def data_received(self, data: bytes) -> None:
         if self._complete or (self._waiter is None and self._done is None):
@@ -293,18 +301,23 @@ class _Conn(asyncio.Protocol):
             # per name, not a Python step per header line: MLServer sends a dozen, the data
             # plane passes on two or three)
             raw = bytes(head[:end + 2])
-            if b"\n " not in raw and b"\n\t" not in raw:  # (no obsolete folded line)
+            low = raw.lower()
+            found = []
+            folded = False
+            for needle in self._keep:
+                i = low.find(needle)
+                while i >= 0:
+                    start = i + len(needle)
+                    stop = low.find(b"\n", start)
+                    found.append((i, needle[1:-1], raw[start:stop].strip(b" \t\r")))
+                    # an obsolete folded line continues a header: only one of ours matters (a
+                    # continuation starts with a space or tab, so it never matches a needle)
+                    folded = folded or raw[stop + 1:stop + 2] in (b" ", b"\t")
+                    i = low.find(needle, stop)
+            if not folded:
                 head.clear()
-                low = raw.lower()
-                self._length_known = b"\ncontent-length:" in low or b"\ntransfer-encoding:" in low
-                found = []
-                for needle in self._keep:
-                    i = low.find(needle)
-                    while i >= 0:
-                        start = i + len(needle)
-                        stop = low.find(b"\n", start)
-                        found.append((i, needle[1:-1], raw[start:stop].strip(b" \t\r")))
-                        i = low.find(needle, stop)
+                self._low_head = low  # whether the body's length is known: read only if the
+                self._length_known = None  # connection closes mid-answer (_length_is_known)
                 if len(found) > 1:
                     found.sort()
                     self._headers = [(name, value) for _, name, value in found]
