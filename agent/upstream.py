@@ -616,8 +616,8 @@ class Upstream:
         the loop since (the fast path checks it before leasing the model, and does not check it
         twice). `allow`: only the headers of those (lower-case) names are sent. Raises
         UnsafeRequest before anything is taken."""
-        message = (self._prefixes.get((method, target)) or self._prefix(method, target)) + self._fields(headers, allow) \
-            + b"content-length: %d\r\n\r\n" % len(body) + body
+        message = b"".join((self._prefixes.get((method, target)) or self._prefix(method, target), self._fields(headers, allow),
+                            b"content-length: %d\r\n\r\n" % len(body), body))
         key_slots = self._key_slots.get(key) or self._key_slot(key)
         key_slots.free -= 1  # ready_now: both are free and nobody waits
         self._slots.free -= 1
