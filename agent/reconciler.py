@@ -221,7 +221,7 @@ class Model:
     inflight: int = 0
     requests: int = 0  # requests that asked for it (monotonic; /fleet/state)
     waiters: int = 0
-    last_used: float = 0.0
+    last_used: float = 0.0  # time.monotonic() when its last request ended (release), or it loaded
     loaded_at: float = 0.0
     score: float = 0.0  # --eviction lfu-decay: its decayed request count as of `score_at` (see Reconciler._lease)
     score_at: float = 0.0  # in requests to the agent (Reconciler._tick)
