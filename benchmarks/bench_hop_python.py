@@ -16,9 +16,8 @@ release) over a temporary cache, with one model marked loaded (no server). Anoth
 the model stays in flight throughout, as at bench_proxy's concurrency 16 (`--alone`: none, as at
 concurrency 1, where each request takes the model's first lease and slot). Each source tree runs
 in its own interpreter; the figure is the minimum over repeats of the mean over a batch (the
-least disturbed batch). Code that ends the
-upstream request through a Future needs a loop turn per request, which is counted (it is part
-of that design's cost).
+least disturbed batch). Code that ends the upstream request through a Future needs a loop turn
+per request, which is counted (it is part of that design's cost).
 """
 from __future__ import annotations
 
