@@ -389,6 +389,7 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
     fast_router: Callable[[], Router | None] | None = None
     _fast: tuple[Any, Any, Router, str] | None = None  # (cycle, app, router, model) waiting for its body
 
+    _router: Router | None = None  # fast_router()'s answer, once it has one
     _own: list | None = None  # our own request in flight: [keep_alive, its bytes]
     _held = b""  # bytes that came while it was in flight (pipelined requests), reading paused
     _body_wait = False  # _held is a plain infer request whose body is not all in yet
@@ -403,7 +404,9 @@ class _HeaderTimeoutProtocol(HttpToolsProtocol):
         """Answer the whole plain infer requests at the start of `data` ourselves (no scope, no
         cycle, no per-header callbacks: see parse_plain_infer); returns the bytes left for
         uvicorn (b"" when none, or when the rest waits behind our request in flight)."""
-        router = self.fast_router()
+        router = self._router
+        if router is None:  # (the agent's router, made once at start: looked up once per connection)
+            router = self._router = self.fast_router()  # type: ignore[misc]
         while data and router is not None:
             request = parse_plain_infer(data, self.max_head_bytes)
             if request is None or not router.fast_takes(request[0], request[3]):
@@ -573,11 +576,12 @@ def parse_plain_infer(data: bytes, max_head: int
     m = _PLAIN_INFER.match(data, 0, max_head)
     if m is None:
         return None
-    keep_alive = m.group(2) == b"1"
+    name, minor, fields = m.groups()
+    keep_alive = minor == b"1"
     length = -1
     connection = False
     headers = []
-    for k, v in _FIELD.findall(m.group(3)):
+    for k, v in _FIELD.findall(fields):
         k = k.lower()
         if k in _NOT_OURS:
             if k == b"content-length" and length < 0 and v.isdigit() and len(v) <= 9:
@@ -590,7 +594,7 @@ def parse_plain_infer(data: bytes, max_head: int
         headers.append((k, v))
     if length < 0:
         return None
-    return m.group(1).decode(), headers, keep_alive, length, m.end()
+    return name.decode(), headers, keep_alive, length, m.end()
 
 
 def management_listener(settings: Settings) -> tuple[str, int] | None:

@@ -221,7 +221,7 @@ class Model:
     inflight: int = 0
     requests: int = 0  # requests that asked for it (monotonic; /fleet/state)
     waiters: int = 0
-    last_used: float = 0.0
+    last_used: float = 0.0  # time.monotonic() when its last request ended (release), or it loaded
     loaded_at: float = 0.0
     score: float = 0.0  # --eviction lfu-decay: its decayed request count as of `score_at` (see Reconciler._lease)
     score_at: float = 0.0  # in requests to the agent (Reconciler._tick)
@@ -351,10 +351,11 @@ class Reconciler:
         self.last_restart: dict[str, Any] | None = None  # why the server last restarted (/status)
         # the data plane's per-request metrics are plain integers (no locked prometheus update
         # per request), folded into their series at each scrape (fold_request_metrics): the
-        # lookup hits, and the requests in flight per name (every Model object of the name: a
-        # replaced or removed one may still hold requests)
+        # lookup hits, and the requests in flight per name, summed over the Model objects that
+        # hold a lease (`_busy`: a replaced or removed one may still hold requests; a model
+        # joins it on its first lease and leaves it on its last release, not per request)
         self._inflight_gauges: dict[str, Any] = {}
-        self._inflight: dict[str, int] = {}
+        self._busy: set[Model] = set()
         self._hits = metrics.lookups.labels(result="hit")
         # --eviction lfu-decay: each lease adds 1 to its model's request count, which halves every
         # `eviction_half_life` leases to the agent (`_tick`); 0.0 under lru (no count kept)
@@ -481,33 +482,49 @@ class Reconciler:
 
     def try_acquire(self, name: str) -> Model | None:
         """acquire() when it need not wait: the lease on `name` if it is loaded (and not
-        draining) now; else None, nothing held (await acquire()). The data plane's fast path."""
+        draining) now; else None, nothing held (await acquire()). The data plane's fast path:
+        a lease is integer bumps; the model's idle Event and the busy set change only on its
+        first lease and its last release (_lease written out: this runs once per request)."""
         m = self.models.get(name)
         if m is None or m.removed or m.state is not S.LOADED or m.draining:
             return None
-        self._lease(m)
+        if not m.inflight:  # its first lease: a drain now waits for the last release
+            m.idle.clear()
+            self._busy.add(m)
+        m.inflight += 1  # from here on eviction skips this model
+        m.requests += 1  # /fleet/state's monotonic count
         self._hit_count += 1
+        if self._half_life:  # lfu-decay: one more request, counted on the agent's request clock
+            self._tick = tick = self._tick + 1.0
+            m.score, m.score_at = decayed(m.score, m.score_at, tick, self._half_life) + 1.0, tick
         return m
 
     def _lease(self, m: Model) -> None:
-        m.inflight += 1  # the lease comes first: from here on eviction skips this model
-        inflight = self._inflight
-        inflight[m.name] = inflight.get(m.name, 0) + 1
-        m.requests += 1  # /fleet/state's monotonic count
-        m.idle.clear()
-        m.last_used = time.monotonic()
-        if self._half_life:  # lfu-decay: one more request, counted on the agent's request clock
+        """One lease on `m` (acquire's miss path; try_acquire does the same inline). `last_used`
+        is set when the lease ends (release): an eviction never picks a model in flight."""
+        if not m.inflight:
+            m.idle.clear()
+            self._busy.add(m)
+        m.inflight += 1
+        m.requests += 1
+        if self._half_life:
             self._tick = tick = self._tick + 1.0
             m.score, m.score_at = decayed(m.score, m.score_at, tick, self._half_life) + 1.0, tick
 
     def fold_request_metrics(self) -> None:
         """The lookup hits since the last scrape and the requests in flight now, into their
-        series (runs at each /metrics scrape)."""
+        series (runs at each /metrics scrape): every name seen in flight keeps its series (0 when
+        none is)."""
         hits, self._hit_count = self._hit_count, 0
         if hits:
             self._hits.inc(hits)
-        for name, n in self._inflight.items():
-            self._inflight_gauge(name).set(n)
+        inflight: dict[str, int] = {}
+        for m in self._busy:
+            inflight[m.name] = inflight.get(m.name, 0) + m.inflight
+        for name in inflight.keys() - self._inflight_gauges.keys():
+            self._inflight_gauge(name)
+        for name, gauge in self._inflight_gauges.items():
+            gauge.set(inflight.get(name, 0))
 
     def _inflight_gauge(self, name: str) -> Any:
         gauge = self._inflight_gauges.get(name)
@@ -517,9 +534,9 @@ class Reconciler:
 
     def release(self, m: Model) -> None:
         m.inflight -= 1
-        self._inflight[m.name] -= 1
         m.last_used = time.monotonic()
-        if m.inflight == 0:
+        if not m.inflight:  # its last lease ended
+            self._busy.discard(m)
             m.idle.set()  # a drain waits for this
             self._signal_memory()  # a load waiting for memory may evict it now
 

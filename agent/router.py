@@ -90,6 +90,7 @@ import re
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 from agent.logging import get_logger, kv
@@ -130,6 +131,7 @@ _UNSAFE_QUERY_BYTE = re.compile(rb"[^\x21-\x7e]")
 _PASS_RESPONSE = (b"content-type", b"inference-header-content-length", b"content-encoding")
 _PASS_REQUEST = (b"content-type", b"inference-header-content-length", b"accept", b"x-request-id", b"traceparent",
                  b"content-encoding", b"accept-encoding")
+_PASS_REQUEST_SET = frozenset(_PASS_REQUEST)
 _ERROR_BYTES = 64 * 1024  # of an error answer read (and decompressed) for its reason
 FAST_BODY_BYTES = 64 * 1024  # infer bodies up to this size may take the fast path (uvicorn buffers them unpaused)
 V1_WORKER_BYTES = 256 * 1024  # V1 bodies (and answers) above this are translated in the worker process
@@ -157,6 +159,7 @@ class Router:
         self._fast_body_bytes = min(FAST_BODY_BYTES, self.stream_body_bytes, self.max_body_bytes)
         self.fast_answers = 0  # requests answered on the fast path, and those it handed to the ASGI path
         self.fast_fallbacks = 0
+        self._applied = False  # the reconciler's first config is applied (fast_takes)
         self._upstream: Upstream | None = None
         self._counters: dict[tuple[str, str], Any] = {}  # (model, code) -> counter child
         self._tally: dict[tuple[str, int | str], int] = {}  # (model, code) -> requests since the last scrape
@@ -499,7 +502,11 @@ class Router:
         and the limits, the config applied."""
         model = self.reconciler.models.get(name)  # configured names hold no "/"
         return model is not None and not model.removed and length <= self._fast_body_bytes \
-            and self.reconciler.applied_once.is_set()
+            and (self._applied or self._applied_once())
+
+    def _applied_once(self) -> bool:
+        self._applied = self.reconciler.applied_once.is_set()  # (never cleared once set)
+        return self._applied
 
     def fast_forward(self, name: str, headers: list[tuple[bytes, bytes]], body: bytes,
                      reply: Callable[[_Parts], None], demote: Callable[[], None]) -> None:
@@ -517,34 +524,11 @@ class Router:
         if model is None:  # not loaded now: the ASGI path loads it (single flight) and waits
             self._fall_back(demote)
             return
-
-        def answered(result: tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None) -> None:
-            nonlocal model
-            try:
-                if result is None:  # a stale pooled connection: nothing was served, so the
-                    self.reconciler.release(model)  # ASGI path sends it again on a fresh one
-                    model = None
-                    self._fall_back(demote)
-                    return
-                self.fast_answers += 1
-                if isinstance(result, BaseException):
-                    status, reason = self._upstream_failure(name, result)
-                    self._count(name, status)
-                    reply(error_parts(status, reason, retry_after=1 if status == 503 else None))
-                    return
-                status, resp_headers, payload = result
-                reply(self._compose(model, None, status, payload, resp_headers, "/infer"))  # (only _PASS_RESPONSE's)
-            except Exception:
-                log.exception("fast path failed", extra=kv(model=name))
-                reply(error_parts(500, f"model {name!r}: internal error in the agent"))
-            finally:
-                if model is not None:
-                    self.reconciler.release(model)
-
         sent = False
         try:
-            sent = upstream.send_now("POST", f"/v2/models/{name}/infer", [(k, v) for k, v in headers if k in _PASS_REQUEST],
-                                     body, self.request_timeout_s, name, answered, _PASS_RESPONSE)
+            upstream.send_ready("POST", f"/v2/models/{name}/infer", headers, body, self.request_timeout_s, name,
+                                partial(self._fast_answered, model, name, reply, demote), _PASS_RESPONSE, _PASS_REQUEST_SET)
+            sent = True
         except UnsafeRequest:
             pass  # the ASGI path answers it (400)
         finally:
@@ -552,6 +536,34 @@ class Router:
                 self.reconciler.release(model)
         if not sent:
             self._fall_back(demote)
+
+    def _fast_answered(self, model: Any, name: str, reply: Callable[[_Parts], None], demote: Callable[[], None],
+                       result: tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None) -> None:
+        """fast_forward()'s request ended: the client's answer, then the lease's end."""
+        if result is None:  # a stale pooled connection: nothing was served, so the
+            self.reconciler.release(model)  # ASGI path sends it again on a fresh one
+            self._fall_back(demote)
+            return
+        try:
+            self.fast_answers += 1
+            if isinstance(result, BaseException):
+                status, reason = self._upstream_failure(name, result)
+                self._count(name, status)
+                reply(error_parts(status, reason, retry_after=1 if status == 503 else None))
+                return
+            status, resp_headers, payload = result
+            if status == 200:  # _compose's answer for a 200, written out (once per request)
+                tally, key = self._tally, (name, 200)
+                tally[key] = tally.get(key, 0) + 1
+                resp_headers.append((b"content-length", b"%d" % len(payload)))
+                reply((200, resp_headers, payload))
+            else:
+                reply(self._compose(model, None, status, payload, resp_headers, "/infer"))  # (only _PASS_RESPONSE's)
+        except Exception:
+            log.exception("fast path failed", extra=kv(model=name))
+            reply(error_parts(500, f"model {name!r}: internal error in the agent"))
+        finally:
+            self.reconciler.release(model)
 
     def _fall_back(self, demote: Callable[[], None]) -> None:
         self.fast_fallbacks += 1

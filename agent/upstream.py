@@ -188,7 +188,8 @@ class _Conn(asyncio.Protocol):
         self._body: list[bytes] = []
         self._got_bytes = False
         self._headers_done = False
-        self._length_known = False
+        self._length_known: bool | None = False
+        self._low_head = b""  # the kept-headers read's lower-cased head (see _length_is_known)
         self._complete = False
         self.keep_alive = False
         self.desynced = False
@@ -233,14 +234,14 @@ class _Conn(asyncio.Protocol):
         self.resume_writing()
         if self._streaming and self._headers_done and not self._complete:
             self._complete = True
-            self._push(None if not self._length_known else UpstreamError("the server closed the connection mid-answer"))
+            self._push(None if not self._length_is_known() else UpstreamError("the server closed the connection mid-answer"))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         waiter = self._waiter
         if (waiter is None or waiter.done()) and self._done is None:
             return
-        if self._headers_done and not self._length_known:  # body delimited by the close
+        if self._headers_done and not self._length_is_known():  # body delimited by the close
             outcome: int | BaseException = self.parser.get_status_code()
         elif self._got_bytes:
             outcome = UpstreamError("the server closed the connection mid-answer")
@@ -252,6 +253,13 @@ class _Conn(asyncio.Protocol):
             waiter.set_result(outcome)
         else:
             waiter.set_exception(outcome)
+
+    def _length_is_known(self) -> bool:
+        """Whether the answer's head gave its body's length (Content-Length or Transfer-Encoding)."""
+        if self._length_known is None:  # on_headers_complete's kept-headers read left it for here
+            low = self._low_head
+            self._length_known = b"\ncontent-length:" in low or b"\ntransfer-encoding:" in low
+        return self._length_known
 
     def data_received(self, data: bytes) -> None:
         if self._complete or (self._waiter is None and self._done is None):
@@ -268,8 +276,9 @@ class _Conn(asyncio.Protocol):
             if not self.desynced:  # (a desync stopped parsing at a second answer: ours is complete)
                 self._abort(UpstreamError(f"unreadable answer from the server: {e}"))
                 return
-        if self._complete and self._done is not None:
-            self._settle(self._status)  # last: the callback may start the next request on this connection
+        if self._complete and self._done is not None:  # last: the callback may start the next request on
+            done, self._done = self._done, None  # this connection (_settle written out: once per request)
+            self.pool._fast_end(self, self._status, self._key, self._key_slots, done)  # type: ignore[union-attr,arg-type]
 
     def _desync(self) -> None:
         self.desynced = self.closed = True
@@ -288,10 +297,32 @@ class _Conn(asyncio.Protocol):
         head = self._head
         end = head.find(b"\r\n\r\n")
         if self._keep is not None and end >= 0 and self.parser.get_status_code() >= 200:
+            # send_now(): only the headers the caller keeps, found by name in the head (a find
+            # per name, not a Python step per header line: MLServer sends a dozen, the data
+            # plane passes on two or three)
             raw = bytes(head[:end + 2])
-            if b"\n " not in raw and b"\n\t" not in raw:  # (no obsolete folded line)
+            low = raw.lower()
+            found = []
+            folded = False
+            for needle in self._keep:
+                i = low.find(needle)
+                while i >= 0:
+                    start = i + len(needle)
+                    stop = low.find(b"\n", start)
+                    found.append((i, needle[1:-1], raw[start:stop].strip(b" \t\r")))
+                    # an obsolete folded line continues a header: only one of ours matters (a
+                    # continuation starts with a space or tab, so it never matches a needle)
+                    folded = folded or raw[stop + 1:stop + 2] in (b" ", b"\t")
+                    i = low.find(needle, stop)
+            if not folded:
                 head.clear()
-                self._keep_only(raw)
+                self._low_head = low  # whether the body's length is known: read only if the
+                self._length_known = None  # connection closes mid-answer (_length_is_known)
+                if len(found) > 1:
+                    found.sort()
+                    self._headers = [(name, value) for _, name, value in found]
+                elif found:
+                    self._headers = [found[0][1:]]
                 return
         if end >= 0:
             cut = end + 4
@@ -318,24 +349,6 @@ class _Conn(asyncio.Protocol):
         if self._streaming and self.parser.get_status_code() >= 200:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(self.parser.get_status_code())
-
-    def _keep_only(self, raw: bytes) -> None:
-        """send_now(): only the headers the caller keeps, found by name in the head (a find per
-        name, not a Python step per header line: MLServer sends a dozen, the data plane passes
-        on two or three)."""
-        low = raw.lower()
-        self._length_known = b"\ncontent-length:" in low or b"\ntransfer-encoding:" in low
-        found = []
-        for needle in self._keep:
-            i = low.find(needle)
-            while i >= 0:
-                start = i + len(needle)
-                stop = low.find(b"\n", start)
-                found.append((i, needle[1:-1], raw[start:stop].strip(b" \t\r")))
-                i = low.find(needle, stop)
-        if len(found) > 1:
-            found.sort()
-        self._headers = [(name, value) for _, name, value in found]
 
     def on_body(self, body: bytes) -> None:
         if self._streaming:
@@ -591,18 +604,27 @@ class Upstream:
         back when httptools has read the whole answer, and one timer per connection watches
         the deadline.
         Raises UnsafeRequest before anything is taken."""
-        message = self._prefix(method, target) + self._fields(headers) + b"content-length: %d\r\n\r\n" % len(body)
         if not self.ready_now(key):
             return False
-        key_slots = self._key_slot(key)
+        self.send_ready(method, target, headers, body, timeout, key, done, keep)
+        return True
+
+    def send_ready(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, timeout: float,
+                   key: str, done: Callable[[tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None], None],
+                   keep: tuple[bytes, ...] | None = None, allow: frozenset[bytes] | None = None) -> None:
+        """send_now() for a caller that has just seen ready_now(key) true, with nothing run on
+        the loop since (the fast path checks it before leasing the model, and does not check it
+        twice). `allow`: only the headers of those (lower-case) names are sent. Raises
+        UnsafeRequest before anything is taken."""
+        message = b"".join((self._prefixes.get((method, target)) or self._prefix(method, target), self._fields(headers, allow),
+                            b"content-length: %d\r\n\r\n" % len(body), body))
+        key_slots = self._key_slots.get(key) or self._key_slot(key)
         key_slots.free -= 1  # ready_now: both are free and nobody waits
         self._slots.free -= 1
         conn = self._idle.pop()
-        loop = conn.loop
-        conn.start_now(done, key, key_slots, loop.time() + timeout,
-                       None if keep is None else self._needles(keep))
-        conn.transport.write(message + body)
-        return True
+        conn.start_now(done, key, key_slots, conn.loop.time() + timeout,
+                       None if keep is None else self._keeps.get(keep) or self._needles(keep))
+        conn.transport.write(message)
 
     def _fast_end(self, conn: _Conn, outcome: int | BaseException, key: str, key_slots: _Slots,
                   done: Callable[[tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None], None]) -> None:
@@ -651,14 +673,18 @@ class Upstream:
         return prefix
 
     @staticmethod
-    def _fields(headers: list[tuple[bytes, bytes]]) -> bytes:
-        """The header lines, checked as check_headers() does without a call per header: each
-        name and value joined by a NUL, which neither may hold, and the whole in the safe form
-        of _SAFE_FIELDS (so a CR or LF inside a name or value, which would start a line without
-        its NUL, or a ':' or space inside a name, fails it)."""
+    def _fields(headers: list[tuple[bytes, bytes]], allow: frozenset[bytes] | None = None) -> bytes:
+        """The header lines (only those named in `allow`, when given), checked as check_headers()
+        does without a call per header: each name and value joined by a NUL, which neither may
+        hold, and the whole in the safe form of _SAFE_FIELDS (so a CR or LF inside a name or
+        value, which would start a line without its NUL, or a ':' or space inside a name, fails
+        it)."""
         if not headers:
             return b""
-        block = b"".join([b"%s\0%s\r\n" % h for h in headers])
+        block = b"".join([b"%s\0%s\r\n" % h for h in headers] if allow is None else
+                         [b"%s\0%s\r\n" % h for h in headers if h[0] in allow])
+        if not block:
+            return b""
         if _SAFE_FIELDS.fullmatch(block) is None:
             raise UnsafeRequest("a header holds characters that cannot be forwarded")
         return block.replace(b"\0", b": ")

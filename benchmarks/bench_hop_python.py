@@ -11,11 +11,13 @@ bytes, the router (agent.router) leases the model and hands it to the upstream p
 (agent.upstream), whose connection reads MLServer's answer (its real bytes: the head and the
 body in two reads, as MLServer writes them) and the answer is written to the client. The
 transports are stand-ins that keep what is written (no syscalls: those are the same for any
-code, and bench_proxy counts them), and the reconciler is a stub doing the same lease steps as
-Reconciler.try_acquire/release. Each source tree runs in its own interpreter; the figure is the
-minimum over repeats of the mean over a batch (the least disturbed batch). Code that ends the
-upstream request through a Future needs a loop turn per request, which is counted (it is part
-of that design's cost).
+code, and bench_proxy counts them); the reconciler is the real one (its lease code: try_acquire,
+release) over a temporary cache, with one model marked loaded (no server). Another request of
+the model stays in flight throughout, as at bench_proxy's concurrency 16 (`--alone`: none, as at
+concurrency 1, where each request takes the model's first lease and slot). Each source tree runs
+in its own interpreter; the figure is the minimum over repeats of the mean over a batch (the
+least disturbed batch). Code that ends the upstream request through a Future needs a loop turn
+per request, which is counted (it is part of that design's cost).
 """
 from __future__ import annotations
 
@@ -40,13 +42,18 @@ REQUEST = (b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nCont
            b"Content-Length: %d\r\n\r\n%s" % (len(V2), V2))  # what wrk sends in bench_proxy
 
 _CHILD = r'''
-import asyncio, json, sys, time
+import asyncio, json, sys, tempfile, time
 sys.path.insert(0, SRC)
 from uvicorn.server import ServerState
 from agent import app as appmod, upstream as up
+from agent.config import ModelSpec
+from agent.memory import MemoryManager
 from agent.metrics import Metrics
+from agent.reconciler import S, Model, Reconciler
 from agent.router import Router
+from agent.runtimes import make_adapter
 from agent.settings import Settings
+from puller import Cache
 
 
 class Transport:
@@ -59,64 +66,33 @@ class Transport:
     def resume_reading(self): pass
 
 
-class Event:
-    def set(self): pass
-    def clear(self): pass
-    def is_set(self): return True
-
-
-class Spec:
-    name, version = "iris", None
-
-
-class Model:
-    def __init__(self):
-        self.removed = self.draining = False
-        self.state, self.inflight, self.requests, self.last_used = "loaded", 0, 0, 0.0
-        self.idle, self.spec = Event(), Spec()
-
-    @property
-    def name(self): return self.spec.name
-
-
-class Reconciler:  # the lease steps of agent.reconciler.Reconciler.try_acquire/_lease/release
-    def __init__(self, settings):
-        self.settings, self.models, self.applied_once = settings, {"iris": Model()}, Event()
-        self._inflight, self._hit_count = {}, 0
-
-    def try_acquire(self, name):
-        m = self.models.get(name)
-        if m is None or m.removed or m.state != "loaded" or m.draining:
-            return None
-        m.inflight += 1
-        self._inflight[m.name] = self._inflight.get(m.name, 0) + 1
-        m.requests += 1
-        m.idle.clear()
-        m.last_used = time.monotonic()
-        self._hit_count += 1
-        return m
-
-    def release(self, m):
-        m.inflight -= 1
-        self._inflight[m.name] -= 1
-        m.last_used = time.monotonic()
-        if m.inflight == 0:
-            m.idle.set()
-
-
 async def main():
     loop = asyncio.get_running_loop()
-    settings = Settings(config_dir="/nonexistent", cache_dir="/nonexistent")
-    router = Router(Reconciler(settings), lambda: "http://127.0.0.1:1", Metrics(), server_ready=lambda: True)
+    tmp = tempfile.mkdtemp(prefix="hop-python-")
+    settings = Settings(config_dir=tmp, cache_dir=tmp + "/cache", holder="bench")
+    metrics = Metrics()
+    cache = Cache(settings.cache_dir, holder="bench")
+    memory = MemoryManager.from_settings(settings, store=cache, server_pid=None, gpu_probe=None)
+    reconciler = Reconciler(settings, cache, make_adapter("mlserver", repository=tmp + "/repo"), memory, metrics)
+    model = Model(ModelSpec(name="iris", source=tmp + "/iris"), state=S.LOADED)  # leased by the real code
+    reconciler.models["iris"] = model
+    reconciler.applied_once.set()
+    router = Router(reconciler, lambda: "http://127.0.0.1:1", metrics, server_ready=lambda: True)
     await router.start()
     pool = router._upstream
-    conn = up._Conn()
-    conn.connection_made(Transport())
-    if hasattr(conn, "pool"):
-        conn.pool = pool
-    pool._all.add(conn)
-    conn.idle_since = time.monotonic()
-    pool._idle.append(conn)
+
+    def pooled():
+        conn = up._Conn()
+        conn.connection_made(Transport())
+        if hasattr(conn, "pool"):
+            conn.pool = pool
+        pool._all.add(conn)
+        conn.idle_since = time.monotonic()
+        pool._idle.append(conn)
+        return conn
+
+    conn = pooled()
+    other = pooled() if BUSY else None  # the pool is a stack: the other request takes this one
     config = appmod._server((lambda scope, receive, send: None), settings, lambda: router).config
     config.load()
     state = ServerState()
@@ -133,9 +109,26 @@ async def main():
         if future_based:
             await asyncio.sleep(0)  # the answer's done-callback runs on the next loop turn
 
+    if BUSY:  # another request of the model stays in flight (never answered): the lease count
+        # and the model's slots never drop to zero, as at bench_proxy's concurrency 16
+        busy = config.http_protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
+        busy.connection_made(Transport())
+        busy.data_received(REQUEST)
+        assert model.inflight == 1 and pool._idle == [conn]
     for _ in range(200):
         await one()
     assert client.out[-1].startswith(b"HTTP/1.1 200 OK") and client.out[-1].endswith(BODY), client.out[-1]
+    if CALLS:  # the call list of one request: cProfile over a batch, calls per request by function
+        import cProfile, pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(BATCH):
+            await one()
+        prof.disable()
+        calls = sorted(((n / BATCH, f"{fn[0].rsplit('/', 1)[-1]}:{fn[2]}") for fn, (_, n, *_) in
+                        pstats.Stats(prof).stats.items() if n >= BATCH // 2 and fn[2] != "one"), reverse=True)
+        print(json.dumps({"calls": calls}))
+        return
     best = float("inf")
     for _ in range(REPEATS):
         client.out.clear()
@@ -143,7 +136,8 @@ async def main():
         for _ in range(BATCH):
             await one()
         best = min(best, (time.perf_counter() - t0) / BATCH)
-    assert len(client.out) == BATCH and router.fast_answers == 200 + REPEATS * BATCH
+    assert len(client.out) == BATCH and router.fast_answers == 200 + REPEATS * BATCH, router.fast_answers
+    assert model.inflight == BUSY and model.requests == 200 + REPEATS * BATCH + BUSY
     print(json.dumps({"us_per_request": round(best * 1e6, 2), "future_based": future_based}))
 
 import uvloop
@@ -151,8 +145,9 @@ uvloop.run(main())
 '''
 
 
-def run_one(src: Path, repeats: int, batch: int) -> dict:
-    code = (f"SRC = {str(src)!r}\nREPEATS = {repeats}\nBATCH = {batch}\nREQUEST = {REQUEST!r}\n"
+def run_one(src: Path, repeats: int, batch: int, calls: bool = False, busy: bool = True) -> dict:
+    code = (f"SRC = {str(src)!r}\nREPEATS = {repeats}\nBATCH = {batch}\nCALLS = {calls}\nBUSY = {int(busy)}\n"
+            f"REQUEST = {REQUEST!r}\n"
             f"HEAD = {ANSWER_HEAD!r}\nBODY = {ANSWER_BODY!r}\n" + _CHILD)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(src))
     if out.returncode != 0:
@@ -166,12 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="interpreters per source tree, alternated")
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--calls", action="store_true", help="print each tree's call list per request (cProfile) instead")
+    p.add_argument("--alone", action="store_true",
+                   help="no other request in flight (each request takes the first lease and the first slot, as at c=1)")
     args = p.parse_args(argv)
     srcs = [s.resolve() for s in (args.src or [ROOT])]
+    if args.calls:
+        for i, s in enumerate(srcs):
+            listed = run_one(s, 0, args.batch, calls=True, busy=not args.alone)["calls"]
+            print(f"source {i + 1} ({s.name}): {sum(n for n, _ in listed):.1f} calls per fast-path request "
+                  "(Python functions and C functions called from Python; cProfile)")
+            for n, fn in listed:
+                print(f"  {n:5.2f}  {fn}")
+        return 0
     results: dict[str, list[float]] = {str(s): [] for s in srcs}
     for _ in range(args.runs):
         for s in srcs:
-            r = run_one(s, args.repeats, args.batch)
+            r = run_one(s, args.repeats, args.batch, busy=not args.alone)
             results[str(s)].append(r["us_per_request"])
     for i, s in enumerate(srcs):
         figures = results[str(s)]

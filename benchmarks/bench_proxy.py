@@ -17,6 +17,13 @@ request (one row, 4 features) against three targets that all end in the SAME MLS
               fast path in the same run. It is a second agent with its OWN MLServer (same code and
               model), so its server figures come from that process; its ratios are against the
               first server's direct runs (indicative); its agent CPU per request is the figure.
+  agent-base  (optional, with `--baseline-entry CMD`) a second agent run by CMD (e.g. another
+              source tree: `env -C OLD PYTHONPATH=OLD python -m agent.cli`), with its own
+              MLServer, as agent-asgi: the before/after of a change in the same run, interleaved,
+              its agent CPU per request paired by round with the agent's.
+  relay       (optional) benchmarks/relay_floor.py: a uvloop relay that only moves bytes between
+              each client connection and its own upstream connection (no parsing, no lease, no
+              pool): the floor of any Python data plane on uvloop, beside nginx's.
 
 Per target: latency p50/p99 at concurrency 1 (wrk -t1 -c1) and throughput at concurrency 16
 (wrk -t1 -c16), plus the CPU time each process spent per request during the concurrency-16 run.
@@ -129,6 +136,22 @@ class Nginx:
 
     def pids(self) -> list[int]:
         return [p.pid for p in process_tree(self.proc.pid)]
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+        self._log.close()
+
+
+class Relay:
+    """benchmarks/relay_floor.py in front of `upstream` (host:port): the Python/uvloop floor."""
+
+    def __init__(self, upstream: str, workdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        host, port = upstream.rsplit(":", 1)
+        self._log = open(workdir / "relay.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("relay_floor.py")), str(self.port), host, port],
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
         stop_group(self.proc)
@@ -278,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the targets; medians are reported")
     p.add_argument("--latency-concurrency", type=int, default=1)
     p.add_argument("--throughput-concurrency", type=int, default=16)
-    p.add_argument("--targets", default="direct,agent,nginx", help="comma-separated: direct, agent, nginx, agent-asgi")
+    p.add_argument("--targets", default="direct,agent,nginx",
+                   help="comma-separated: direct, agent, nginx, agent-asgi, agent-base, relay")
     p.add_argument("--profile", action="store_true", help="py-spy profile of the agent at the throughput concurrency")
     p.add_argument("--agent-entry", default=None, help="command that takes `run ...` args (default: python -m agent.cli)")
+    p.add_argument("--baseline-entry", default=None, help="the agent-base target's command (takes `run ...` args)")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where result files go")
     p.add_argument("--out", default="proxy", help="result name under benchmarks/results/ ('' = don't write)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, profile)")
@@ -290,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("wrk not found: apt-get install -y wrk")
     if "nginx" in targets and shutil.which("nginx") is None:
         raise SystemExit("nginx not found: apt-get install -y nginx (or --targets direct,agent)")
+    if ("agent-base" in targets) != bool(args.baseline_entry):
+        raise SystemExit("--targets agent-base and --baseline-entry CMD go together")
 
     info = machine(tools=[["wrk", "-v"], ["nginx", "-v"]])
     tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
@@ -299,27 +326,35 @@ def main(argv: list[str] | None = None) -> int:
     entry = shlex.split(args.agent_entry) if args.agent_entry else None
     models = [{"name": MODEL, "uri": str(tmp / "store" / MODEL), "runtime": "sklearn"}]
     agent = Agent(tmp / "agent", models, entry=entry)
-    asgi = Agent(tmp / "agent-asgi", models, "--no-fast-path", entry=entry) if "agent-asgi" in targets else None
+    extra = {t: a for t, a in (
+        ("agent-asgi", Agent(tmp / "agent-asgi", models, "--no-fast-path", entry=entry) if "agent-asgi" in targets else None),
+        ("agent-base", Agent(tmp / "agent-base", models, entry=shlex.split(args.baseline_entry)) if "agent-base" in targets else None),
+    ) if a is not None}  # second agents, each with its own MLServer
     nginx: Nginx | None = None
+    relay: Relay | None = None
     results: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
     profile = None
     try:
-        for a in filter(None, (agent, asgi)):
+        for a in (agent, *extra.values()):
             a.wait_ready()
             a.wait_models(lambda ms: ms.get(MODEL, {}).get("state") == "loaded", 60, f"{MODEL} loaded")
         server_url, server_pid = agent.server_url, agent.server_pid
         pids: dict[str, list[int]] = {"server": [q.pid for q in process_tree(server_pid)], "agent": [agent.proc.pid]}
         urls = {"direct": server_url, "agent": agent.url}
         target_pids = {t: pids for t in targets}
-        if asgi is not None:
-            urls["agent-asgi"] = asgi.url
-            target_pids["agent-asgi"] = {"server": [q.pid for q in process_tree(asgi.server_pid)],
-                                         "agent-asgi": [asgi.proc.pid]}
+        for t, a in extra.items():
+            urls[t] = a.url
+            target_pids[t] = {"server": [q.pid for q in process_tree(a.server_pid)], t: [a.proc.pid]}
         if "nginx" in targets:
             nginx = Nginx(server_url.split("//", 1)[1], tmp)
             wait_http(nginx.url + "/v2/health/ready", 20, "nginx")
             pids["nginx"] = nginx.pids()
             urls["nginx"] = nginx.url
+        if "relay" in targets:
+            relay = Relay(server_url.split("//", 1)[1], tmp)
+            wait_http(relay.url + "/v2/health/ready", 20, "relay")
+            pids["relay"] = [relay.proc.pid]
+            urls["relay"] = relay.url
         infer = f"/v2/models/{MODEL}/infer"
         for t in targets:  # every target answers the same request the same way
             status, body = http("POST", urls[t] + infer, V2_BODY, {"content-type": "application/json"})
@@ -341,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if nginx is not None:
             nginx.stop()
+        if relay is not None:
+            relay.stop()
         agent.stop()
-        if asgi is not None:
-            asgi.stop()
+        for a in extra.values():
+            a.stop()
     info["loadavg_at_end"] = loadavg()
     info["fast_path"] = fast_path
 
@@ -384,7 +421,7 @@ def _ratios(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -
     out: dict[str, Any] = {}
     if not d:
         return out
-    for t in ("agent", "nginx", "agent-asgi"):
+    for t in ("agent", "nginx", "agent-asgi", "agent-base", "relay"):
         s = summary.get(t)
         if not s:
             continue
@@ -398,12 +435,17 @@ def _ratios(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -
             "throughput_ratio_per_round": [round(b["rps"] / a["rps"], 3) for a, b in pairs],
             "added_p50_ms_per_round": [round(b["p50_ms"] - a["p50_ms"], 3) for a, b in pairs],
         }
-    for t in ("agent", "agent-asgi"):  # CPU per request against nginx's, paired by round
+    for t in ("agent", "agent-asgi", "agent-base", "relay"):  # CPU per request against nginx's, paired by round
         if t in out and "nginx" in results:
             pairs = list(zip(results["nginx"], results[t]))
             per_round = [round(b["cpu_us_per_req"][t] / a["cpu_us_per_req"]["nginx"], 2) for a, b in pairs]
             out[t]["cpu_vs_nginx"] = round(statistics.median(per_round), 2)
             out[t]["cpu_vs_nginx_per_round"] = per_round
+    if "agent" in out and "agent-base" in out:  # the change: the agent's CPU per request against the baseline's
+        per_round = [round(b["cpu_us_per_req"]["agent"] / a["cpu_us_per_req"]["agent-base"], 3)
+                     for a, b in zip(results["agent-base"], results["agent"])]
+        out["agent"]["cpu_vs_base"] = round(statistics.median(per_round), 3)
+        out["agent"]["cpu_vs_base_per_round"] = per_round
     if "agent" in out:
         a = out["agent"]
         a["goal_throughput_ratio"] = GOAL_RATIO
@@ -479,6 +521,23 @@ def _markdown(data: dict[str, Any]) -> str:
                   f"of CPU per request ({b.get('cpu_vs_nginx', '?')}× nginx), added {b['added_p50_ms']:.3f} ms at p50; with "
                   f"the fast path {s['agent']['cpu_us_per_req']['agent']:g} µs ({a.get('cpu_vs_nginx', '?') if a else '?'}× nginx), "
                   f"{a['added_p50_ms'] if a else '?'} ms.", ""]
+    b = r.get("agent-base")
+    if b and a:
+        lines += ["Before/after in this run (agent-base is a second agent run by `--baseline-entry`, with its own "
+                  "MLServer, interleaved with the others: its ratios to direct are indicative, its agent CPU per request "
+                  f"is the figure): agent-base {s['agent-base']['cpu_us_per_req']['agent-base']:g} µs of CPU per request "
+                  f"({b.get('cpu_vs_nginx', '?')}× nginx, per round {b.get('cpu_vs_nginx_per_round')}), agent "
+                  f"{s['agent']['cpu_us_per_req']['agent']:g} µs ({a.get('cpu_vs_nginx', '?')}× nginx); agent / agent-base "
+                  f"paired by round: {a.get('cpu_vs_base')}× (per round {a.get('cpu_vs_base_per_round')}).", ""]
+    f = r.get("relay")
+    if f:
+        lines += ["The floor of a Python data plane in this run (relay: benchmarks/relay_floor.py, a uvloop relay that only "
+                  "moves bytes between each client connection and its own upstream connection): "
+                  f"{s['relay']['cpu_us_per_req']['relay']:g} µs of CPU per request ({f.get('cpu_vs_nginx', '?')}× nginx, "
+                  f"per round {f.get('cpu_vs_nginx_per_round')})."
+                  + (f" The agent spent {s['agent']['cpu_us_per_req']['agent']:g} µs: "
+                     f"{s['agent']['cpu_us_per_req']['agent'] - s['relay']['cpu_us_per_req']['relay']:.1f} µs more than the "
+                     "relay for the HTTP framing, routing, lease, pool and answer." if a else ""), ""]
     lines += ["Per round (req/s at c=%d): " % thr_c + "; ".join(f"{t} {v['rps_all_rounds']}" for t, v in s.items()), ""]
     prof = data.get("profile")
     if prof:

@@ -125,3 +125,45 @@ def test_the_update_swap_waits_for_requests_in_flight(tmp_path, http):
             h.rec.release(m)
             await h.settle()
     run(scenario())
+
+
+def test_a_drain_waits_for_the_last_of_overlapping_requests(tmp_path, http):
+    """Leases overlap (the next request starts before the previous ends, as under load): the
+    removal's drain waits until the last one ends, not the first; the model serves again after."""
+    async def scenario():
+        async with Harness(tmp_path, http) as h:
+            await h.apply(h.spec("m"))
+            first = h.rec.try_acquire("m")
+            second = await h.rec.acquire("m")
+            h.rec.release(first)
+            third = h.rec.try_acquire("m")  # a request arriving between the two ends
+            h.rec.release(second)
+            await h.apply(settle=False)
+            await asyncio.sleep(0.05)  # give the removal every chance to (wrongly) unload
+            assert h.adapter.count("unload", "m") == 0, "unloaded under a request"
+            h.rec.release(third)
+            await h.settle()
+            assert h.adapter.count("unload", "m") == 1 and "m" not in h.rec.models
+    run(scenario())
+
+
+def test_the_in_flight_gauge_counts_a_removed_models_requests_until_they_end(tmp_path, http):
+    """The modelshelf_inflight_requests series at each scrape: two requests in flight show 2;
+    a request still held by a model removed from the config (its drain timed out) still shows
+    until it ends, then 0."""
+    def inflight(h):
+        h.rec.fold_request_metrics()  # what each /metrics scrape runs first
+        return h.metrics.inflight.labels(model="m")._value.get()
+
+    async def scenario():
+        async with Harness(tmp_path, http, drain_timeout_s=0.1) as h:
+            await h.apply(h.spec("m"))
+            a, b = h.rec.try_acquire("m"), h.rec.try_acquire("m")
+            assert inflight(h) == 2
+            h.rec.release(a)
+            assert inflight(h) == 1
+            await h.apply()  # removed: the drain times out, the model is gone from the reconciler
+            assert "m" not in h.rec.models and inflight(h) == 1
+            h.rec.release(b)
+            assert inflight(h) == 0
+    run(scenario())
