@@ -33,8 +33,12 @@ class MemoryManager:
                  server_pid: Callable[[], int | None] | int | None = None, min_residency_s: float = 30.0,
                  floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
                  profile: str = "default", clock: Callable[[], float] = time.monotonic,
-                 measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None):
+                 measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None,
+                 malloc_keep: int = 0):
         self._budget = {d: int(b) for d, b in budget.items()}
+        # host bytes the server's allocator may keep resident after models are freed (the
+        # embedded MLServer's --server-malloc-keep): a declared line, like a runtime import
+        self.malloc_keep = max(0, int(malloc_keep))
         self._store: MetaStore = store if store is not None else InMemoryStore()
         # key -> this profile's measured record (None: none), read from the store once per key:
         # a load asks for it twice on the event loop (its cost, whether to measure), and the
@@ -87,6 +91,8 @@ class MemoryManager:
                                               "cgroup_dir": cgroup_dir})
         kwargs.setdefault("min_residency_s", settings.min_residency_s)
         kwargs.setdefault("profile", getattr(settings, "server", "default"))
+        if getattr(settings, "server", None) == "mlserver" and not getattr(settings, "server_url", None):
+            kwargs.setdefault("malloc_keep", getattr(settings, "server_malloc_keep", 0))  # only the embedded one keeps it
         return cls(budget, store=store, multipliers=settings.memory_multipliers, gpu_probe=probe,
                    server_pid=server_pid, **kwargs)
 
@@ -101,8 +107,8 @@ class MemoryManager:
         return dict(self._budget)
 
     def used(self) -> dict[str, int]:
-        """Device -> reserved bytes: models loaded or loading plus the server's overhead, every
-        budgeted device. Models being unloaded are not counted (their bytes are promised to the
+        """Device -> reserved bytes: models loaded or loading plus the server's overhead (runtime
+        imports, the allocator's ``malloc_keep``), every budgeted device. Models being unloaded are not counted (their bytes are promised to the
         model admitted in their place), so a swap never reads above the budget: ``held()`` counts
         them until their unload finished."""
         with self._lock:
@@ -116,10 +122,17 @@ class MemoryManager:
 
     def _sum(self, names: Iterable[str]) -> dict[str, int]:
         out = {d: 0 for d in self._budget}
-        for cost in [*(self._reserved[n] for n in names), *self._overhead.values()]:
+        for cost in [*(self._reserved[n] for n in names), *self._server_lines()]:
             for d, b in cost.devices().items():
                 out[d] = out.get(d, 0) + b
         return out
+
+    def _server_lines(self) -> list[Cost]:
+        """The server's own lines: runtime imports and the allocator's kept bytes."""
+        lines = list(self._overhead.values())
+        if self.malloc_keep:
+            lines.append(Cost(self.malloc_keep, {}, "declared"))
+        return lines
 
     def free(self) -> dict[str, int]:
         """Device -> bytes available to a new model (budget - used). May be negative."""
@@ -199,12 +212,13 @@ class MemoryManager:
 
     def ledger_doc(self) -> dict[str, Any]:
         """The ledger for /status: per device budget, used (reserved, what admission counts),
-        held (used + models still unloading) and the server's overhead; per runtime the import
-        charged to the server and whether it is split from its first model yet."""
+        held (used + models still unloading) and the server's overhead (imports + ``malloc_keep``);
+        per runtime the import charged to the server and whether it is split from its first model
+        yet; the allocator's kept bytes (``malloc_keep``, 0 where the server trims after each call)."""
         with self._lock:
             used, held = self.used(), self.held()
             over: dict[str, int] = {}
-            for c in self._overhead.values():
+            for c in self._server_lines():
                 for d, b in c.devices().items():
                     over[d] = over.get(d, 0) + b
             devices = {d: {"budget": b, "used": used.get(d, 0), "held": held.get(d, 0), "overhead": over.get(d, 0)}
@@ -215,7 +229,8 @@ class MemoryManager:
                         for k, c in self._overhead.items()}
             corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
             models = {n: {**c.doc(), "unloading": n in self._unloading} for n, c in sorted(self._reserved.items())}
-            return {"devices": devices, "runtime_imports": runtimes, "under_declared": corrected, "models": models}
+            return {"devices": devices, "runtime_imports": runtimes, "malloc_keep": {"host": self.malloc_keep},
+                    "under_declared": corrected, "models": models}
 
     def server_baseline(self, pid: int | None) -> int | None:
         """The server process ``pid``'s tree RSS before its first model (None: not seen)."""
@@ -387,7 +402,7 @@ class MemoryManager:
         with self._lock:
             cands, loading = self._resolve_candidates(candidates, model)
             overhead: dict[str, int] = {}
-            for cost in self._overhead.values():
+            for cost in self._server_lines():
                 for d, b in cost.devices().items():
                     overhead[d] = overhead.get(d, 0) + b
             return plan_eviction(needed, cands, free=self._free_for(model), budget=self._budget, model=model,

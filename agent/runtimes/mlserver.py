@@ -86,12 +86,15 @@ from urllib.parse import quote
 import httpx
 
 from agent.runtimes.base import LoadFailed, ServedModel, ServerUnavailable
+from agent.quantity import parse_quantity
 from agent.runtimes.common import Answer, HTTPServerAdapter, Listen, check_name, write_json
+from agent.settings import DEFAULT_SERVER_MALLOC_KEEP
 
 SETTINGS_FILE = "model-settings.json"
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's largest; the agent bounds messages itself
 PARKED_DIR = ".loaded"  # loaded entries, out of sight of MLServer's re-glob (see the module doc)
 REPOSITORY_IMPLEMENTATION = "agent.runtimes.mlserver_repository.EntryRepository"
+MALLOC_KEEP_ENV = "MODELSHELF_SERVER_MALLOC_KEEP"  # the agent's --server-malloc-keep, in bytes
 _AGENT_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the `agent` package
 
 IMPLEMENTATIONS = {
@@ -232,6 +235,12 @@ class MLServerAdapter(HTTPServerAdapter):
     malloc_mmap_threshold = str(4 * 2**20)
 
     def _server_command(self, listen: Listen, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        if self.malloc_keep is None:  # the agent's --server-malloc-keep (agent.cli exports it), else the default
+            raw = env.get(MALLOC_KEEP_ENV)
+            try:
+                self.malloc_keep = DEFAULT_SERVER_MALLOC_KEEP if raw is None else parse_quantity(raw)
+            except ValueError as e:
+                raise ValueError(f"{MALLOC_KEEP_ENV}: {e}") from None
         settings = {
             "host": listen.host,
             "http_port": listen.http_port,
@@ -245,7 +254,8 @@ class MLServerAdapter(HTTPServerAdapter):
             # a load reads its own entry, parsed once per content, installed runtimes not
             # reloaded: no re-glob of the repository, no per-load import (mlserver_repository.py)
             "model_repository_implementation": REPOSITORY_IMPLEMENTATION,
-            "model_repository_implementation_args": {"builtin": sorted(IMPLEMENTATIONS.values())},
+            "model_repository_implementation_args": {"builtin": sorted(IMPLEMENTATIONS.values()),
+                                                     "malloc_keep": self.malloc_keep},
         }
         if "MLSERVER_LOGGING_SETTINGS" not in env:  # settings.json would override the user's choice
             settings["logging_settings"] = quiet_logging()
@@ -284,7 +294,11 @@ class MLServerAdapter(HTTPServerAdapter):
 
     index_concurrency = 16  # parked models probed at once by index()
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, malloc_keep: int | None = None, **kwargs: Any):
+        # freed heap bytes the embedded server keeps resident between loads (mlserver_repository.Reserve;
+        # 0: trimmed after every load and unload); None: $MODELSHELF_SERVER_MALLOC_KEEP, else the default.
+        # The agent's ledger counts the same figure (MemoryManager.malloc_keep). A sidecar: unused.
+        self.malloc_keep = None if malloc_keep is None else max(0, int(malloc_keep))
         super().__init__(*args, **kwargs)
         self._parks: dict[str, asyncio.Task] = {}  # name -> its park in flight (see load; one per name: a load waits for the last)
         self._dirty: set[str] = set()  # names whose park failed here: swept at their next park/unload

@@ -53,13 +53,13 @@ from mlserver.settings import ModelParameters, ModelSettings
 class EntryRepository(SchemalessModelRepository):
     """SchemalessModelRepository with a direct `find` (see the module doc)."""
 
-    def __init__(self, root: str, builtin: Iterable[str] = (), cache_size: int = 4096):
+    def __init__(self, root: str, builtin: Iterable[str] = (), cache_size: int = 4096, malloc_keep: int = 0):
         super().__init__(root)
         self._abs_root = os.path.abspath(root) if root else ""
         self._builtin = frozenset(builtin)
         self._cache: OrderedDict[bytes, ModelSettings] = OrderedDict()
         self._cache_size = int(cache_size)
-        _trim_after_registry_calls()
+        _trim_after_registry_calls(int(malloc_keep))
 
     async def find(self, name: str) -> List[ModelSettings]:
         if self._abs_root and name and "/" not in name and not name.startswith("."):
@@ -106,21 +106,78 @@ def _settings_from(path: str, raw: bytes) -> ModelSettings:
     return settings
 
 
-def _malloc_trim() -> Callable[[], Any] | None:
-    """glibc's malloc_trim(0) (None where the C library has none: musl, macOS)."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return functools.partial(fn, 0)
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _trim_after_registry_calls() -> None:
-    """Make every registry load and unload end with malloc_trim(0) (once per process; see the
-    module doc)."""
-    trim = _malloc_trim()
-    if trim is None or getattr(MultiModelRegistry, "_modelshelf_trims", False):
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int:
+    """This process's resident bytes (/proc/self/statm: one read, a few microseconds)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class Reserve:
+    """When to trim after a registry call (see the module doc). ``keep`` 0, or a C library
+    without malloc_trim/mallinfo2: trim after every call. Else trim only when the bytes resident
+    beyond what malloc hands out (RSS - in use - mmapped) have grown by more than ``keep`` since
+    the last trim (``unaccounted() - left``). That growth is, by construction, free heap pages
+    that are still resident plus whatever non-malloc memory grew (an import, Python's own
+    arenas): counting the latter only trims sooner. mallinfo2's ``fordblks`` alone is no
+    measure: it counts free chunks whose pages a trim already gave back."""
+
+    def __init__(self, keep: int = 0):
+        self.keep = max(0, int(keep))
+        self.trims = 0
+        self._trim: Callable[[], Any] | None = None
+        self._mallinfo: Callable[[], _Mallinfo2] | None = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            fn = libc.malloc_trim
+            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+            self._trim = functools.partial(fn, 0)
+            info = libc.mallinfo2  # glibc >= 2.33
+            info.argtypes, info.restype = [], _Mallinfo2
+            self._mallinfo = info
+        except (OSError, AttributeError):
+            pass
+        self._left = self.unaccounted() if self.bounded else 0
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    @property
+    def bounded(self) -> bool:
+        """Trims only past ``keep`` (else after every call)."""
+        return self.keep > 0 and self._trim is not None and self._mallinfo is not None
+
+    def unaccounted(self) -> int:
+        """RSS minus malloc's bytes in use (heap and mmapped)."""
+        m = self._mallinfo()
+        return _rss() - m.uordblks - m.hblkhd
+
+    def after_call(self) -> None:
+        if self._trim is None:
+            return
+        if self.bounded and self.unaccounted() - self._left <= self.keep:
+            return
+        self._trim()
+        self.trims += 1
+        if self.bounded:
+            self._left = self.unaccounted()  # what a trim cannot give back is not a reserve
+
+
+def _trim_after_registry_calls(keep: int) -> None:
+    """Make every registry load and unload end with `Reserve.after_call` (once per process;
+    see the module doc)."""
+    if getattr(MultiModelRegistry, "_modelshelf_trims", False):
+        return
+    reserve = Reserve(keep)
+    if not reserve.available:
         return
 
     def trimming(method):
@@ -129,13 +186,14 @@ def _trim_after_registry_calls() -> None:
             try:
                 return await method(*args, **kwargs)
             finally:  # an unloaded model's last references went with the registry's, a load's
-                trim()  # transient buffers with the load: their bytes are free
+                reserve.after_call()  # transient buffers with the load: their bytes are free
         return wrapper
 
     MultiModelRegistry.load = trimming(MultiModelRegistry.load)  # the load's transient buffers
     MultiModelRegistry.unload = trimming(MultiModelRegistry.unload)
     MultiModelRegistry.unload_version = trimming(MultiModelRegistry.unload_version)
     MultiModelRegistry._modelshelf_trims = True
+    MultiModelRegistry._modelshelf_reserve = reserve
 
 
 __all__ = ["EntryRepository"]
