@@ -229,9 +229,9 @@ class MLServerAdapter(HTTPServerAdapter):
 
     kind = "mlserver"
     entry_file = SETTINGS_FILE
-    # blocks under 4 MiB on the heap, whose free pages EntryRepository trims after each unload:
-    # joblib.load's transient buffers reuse warm heap pages instead of faulting in a fresh mmap
-    # each (91-93 -> 67 ms per load of a 19-49 MiB forest with the unload's trim: benchmarks/results/load_malloc.md)
+    # blocks under 4 MiB on the heap, whose free pages EntryRepository keeps up to `malloc_keep`
+    # and trims past it: joblib.load's transient buffers reuse warm heap pages instead of faulting
+    # in a fresh mmap each (benchmarks/results/load_malloc.md)
     malloc_mmap_threshold = str(4 * 2**20)
 
     def _server_command(self, listen: Listen, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:

@@ -19,19 +19,32 @@ request queued on that loop waits meanwhile. Here:
   writes it so): nothing is resolved relative to the file. A custom implementation (`runtime:
   mlserver`, its code linked into the entry) keeps the source, and MLServer's reload.
 
-Memory follows what the server holds: the embedded server runs with glibc's mmap threshold
-fixed at 4 MiB (`MLServerAdapter.malloc_mmap_threshold`), so a model's large arrays are
-mmapped and unmapped at free, and its smaller blocks (a forest's per-tree arrays, 0.5-1.5 MiB)
-land on the heap. Once this repository is in use, every registry load and unload
-(`MultiModelRegistry.load` / `unload` / `unload_version`: the repository API's calls) ends with
-`malloc_trim(0)`, which hands the heap's free pages back: an unloaded model's blocks, and the
-read buffers a load freed (5-7 ms a trim with 20 forests of ~30 MiB held). With the threshold
-at glibc's initial 128 KiB (the agent before) every block above it, joblib.load's transient
-arrays (each tree's arrays read from the file, which the tree then copies) as much as the model,
-was a fresh mmap faulted in page by page and unmapped at free: 91-93 ms per load of bench_peers'
-forests and 3.38 M faults per 128 loads, against ~67 ms and 2.14 M with the 4 MiB threshold and a
-trim after each unload (benchmarks/results/load_malloc.md), plus ~5.5 ms for the trim after each
-load (benchmarks/results/peers.notes.md).
+Memory follows what the server holds, within a bounded reserve: the embedded server runs with
+glibc's mmap threshold fixed at 4 MiB (`MLServerAdapter.malloc_mmap_threshold`), so a model's
+large arrays are mmapped and unmapped at free, and its smaller blocks (a forest's per-tree arrays,
+0.5-1.5 MiB) land on the heap. Once this repository is in use, every registry load and unload
+(`MultiModelRegistry.load` / `unload` / `unload_version`: the repository API's calls) ends with a
+look at the allocator (`Reserve`): when the heap's free pages that are still resident (an
+unloaded model's blocks, the read buffers a load freed) have grown by more than `malloc_keep`
+bytes since the last trim, `malloc_trim(0)` hands them back; below it they stay for the next
+load to reuse. `malloc_keep` is the agent's --server-malloc-keep (the adapter passes it in
+`model_repository_implementation_args`); the agent's ledger counts the same bytes as a line of
+its own, so real memory (the server's RSS over its bare baseline) stays within models + runtime
+imports + keep. "Resident free" is read as RSS - mallinfo2's bytes in use (`uordblks` heap +
+`hblkhd` mmapped) - what that was right after the last trim: one /proc/self/statm read and one
+mallinfo2 (which walks the free lists: ~0.26 ms with 20 forests held). mallinfo2's `fordblks` is
+no measure of it: it still counts free chunks whose pages a trim already released, so a bound on
+it trims after almost every call. With `malloc_keep` 0, or without mallinfo2 (glibc < 2.33), the
+server trims after every call, as before.
+
+Why not trim always: every page a trim gives back is faulted in again by the next load. On
+bench_peers' forests (19-49 MiB, 20 held, benchmarks/results/load_malloc.md) a load is p50
+~60-67 ms and 2.29 M faults per 128 loads trimmed after each load and unload, 33.6-36.8 ms and
+0.83 M with 100 MiB kept, 25.3-26.4 ms and 0.34 M with 200 MiB (no trim at all: 24.6-26.6 ms,
+0.25 M, but RSS then keeps what was freed: 617 MiB after freeing all against 160). With the
+threshold at glibc's initial 128 KiB (the agent before) every block above it, joblib.load's
+transient arrays as much as the model, was a fresh mmap faulted in page by page: 85-96 ms per
+load and 3.38 M faults.
 
 This module runs INSIDE the MLServer process: it imports only mlserver and the standard library.
 """

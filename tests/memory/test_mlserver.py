@@ -18,7 +18,8 @@ PAD = 40 * MiB  # each model carries 40 MiB of incompressible bytes
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with embedded_mlserver(tmp_path_factory.mktemp("mlserver-memory")) as srv:
+    """keep 0: the server trims after every load and unload (--server-malloc-keep 0)."""
+    with embedded_mlserver(tmp_path_factory.mktemp("mlserver-memory"), malloc_keep=0) as srv:
         yield srv
 
 
@@ -138,3 +139,51 @@ def test_a_forest_gives_its_memory_back_and_loads_without_faulting_its_bytes_thr
     server.call(server.adapter.unload("warm"))
     pages = size // 4096
     assert min(faults) <= 2.5 * pages, f"a load of a {size / MiB:.1f} MiB forest ({pages} pages) faulted {faults} pages"
+
+
+KEEP = 12 * MiB
+
+
+@pytest.mark.timeout(120)
+def test_a_kept_allocator_reserve_stays_within_its_ledger_line(tmp_path):
+    """With --server-malloc-keep K the server keeps up to K of freed heap resident (the next
+    load reuses those warm pages instead of faulting fresh ones) and gives it back past K; the
+    ledger counts K as a line of its own. So the server's real growth over its bare baseline
+    stays within what the ledger says (models + the runtime's import + K), while it really
+    holds freed pages between loads: four ~4 MiB forests loaded, then unloaded one by one."""
+    from agent.memory import Cost, ProcessTracker
+    from tests.support.models import write_noise_forest
+
+    with embedded_mlserver(tmp_path / "srv", malloc_keep=KEEP) as server:
+        tracker = ProcessTracker(server.adapter.process.pid)
+        mm = MemoryManager({HOST: 8 * GiB}, server_pid=server.adapter.process.pid, malloc_keep=KEEP)
+        rss0 = tracker.rss()
+
+        def load(name, d, cost, measure=False):
+            mm.reserve(name, cost)  # a forest holds about its file's size
+            m = mm.start_measure(name, runtime="sklearn") if measure else None
+            server.call(server.adapter.load(ServedModel(name=name, path=d, runtime="sklearn")))
+            if m is not None:
+                mm.finish_measure(m)
+
+        # the first load imports sklearn: its growth is charged to the server (runtime:sklearn)
+        load("warm", write_noise_forest(tmp_path / "warm", trees=1, rows=2000, seed=1), Cost(MiB, {}, "declared"), measure=True)
+        forests = [write_noise_forest(tmp_path / f"f{i}", trees=4, rows=20000, seed=2 + i) for i in range(4)]
+        sizes = [int(1.1 * (d / "model.joblib").stat().st_size) for d in forests]
+        kept = []  # real growth over the ledger without K: what the allocator keeps
+
+        def check(what):
+            real, ledger = tracker.rss() - rss0, mm.used()[HOST]
+            assert real <= ledger + 2 * MiB, f"{what}: real {real / MiB:.1f} MiB over the ledger's {ledger / MiB:.1f} MiB"
+            kept.append(real - (ledger - KEEP))
+
+        for cycle in range(2):
+            for i, d in enumerate(forests):
+                load(f"f{i}", d, Cost(sizes[i], {}, "declared"))
+                check(f"cycle {cycle}, f{i} loaded")
+            for i in range(len(forests)):
+                server.call(server.adapter.unload(f"f{i}"))
+                mm.release(f"f{i}")
+                check(f"cycle {cycle}, f{i} unloaded")
+        assert mm.ledger_doc()["malloc_keep"] == {"host": KEEP}
+        assert max(kept) >= 4 * MiB, f"the server kept at most {max(kept) / MiB:.1f} MiB of freed heap: it trims anyway"
