@@ -12,6 +12,10 @@ Budgets (``discover_budget``)
     and the agent's RSS are overhead no model gets: when the host budget is a percentage (or the
     default), the caller passes that overhead as ``host_overhead`` and it is subtracted; an absolute
     byte value is taken as the models' budget as written.
+  * The embedded MLServer's allocator reserve (``--server-malloc-keep``, ``MemoryManager.malloc_keep``:
+    freed heap it may keep resident between loads, agent/runtimes/mlserver_repository.py) is a
+    declared line of the ledger beside the runtime imports: counted in ``used()``, it takes its
+    room from models. Its default is bounded by the budget (``default_malloc_keep``).
   * GPU: ``--gpu-memory`` as bytes / quantity / ``"N%"`` of EACH device's total memory (NVML,
     nvidia-ml-py). Default 90% (the rest covers the CUDA context of the server and fragmentation).
     No NVML (no library, no driver, no device): GPU budgeting is off, one info line says so.
