@@ -157,7 +157,12 @@ class Reserve:
             self._mallinfo = info
         except (OSError, AttributeError):
             pass
-        self._left = self.unaccounted() if self.bounded else 0
+        self._left = 0
+        if self.bounded:
+            try:
+                self._left = self.unaccounted()
+            except (OSError, ValueError, IndexError):  # no /proc/self/statm: trim after every call
+                self._mallinfo = None
 
     @property
     def available(self) -> bool:
