@@ -19,7 +19,8 @@ figures and says how far off the ledger is and how many bytes must go:
   ``pressure`` (default 90%) of its limit: the kernel OOM-kills at 100%. The figure is the
   largest of the three gaps (reality over budget, ledger over budget, working set over
   ``pressure`` x limit), so evicting models whose reservations sum to it brings it back.
-* drift = ledger ``used()`` - reality, per device; logged when it exceeds the tolerance while the
+* drift = ledger ``used()`` - reality, per device (the embedded server's allocator reserve,
+  ``malloc_keep``, counted only as far as reality uses it: it is a bound, not a use); logged when it exceeds the tolerance while the
   ledger is ``settled`` (no load or unload in flight: mid-load the model is reserved before the
   server holds it, mid-unload it is still held but promised to its successor).
 * OOM kills: the cgroup's ``oom_kill`` counter (v2 ``memory.events``, v1 ``memory.oom_control``);
@@ -228,6 +229,15 @@ def _kv(path: Path) -> dict[str, int]:
     return out
 
 
+def _drift(ledger: int, real: int, keep: int) -> int:
+    """ledger - real, where the ledger's allocator reserve (``keep``, a bound the server may use
+    or not) counts only as far as real memory uses it: real anywhere between the ledger without
+    the reserve and the ledger with it is no drift."""
+    if real > ledger or not keep:
+        return ledger - real
+    return max(0, ledger - keep - real)
+
+
 @dataclass
 class RealityReport:
     """One check: per device the real bytes, the ledger's, drift (ledger - real), budget and the
@@ -340,7 +350,7 @@ class RealityCheck:
                 why, gap = max(gaps.items(), key=lambda kv: kv[1])
                 if gap > 0:
                     excess[d], reasons[d] = int(gap), why
-            drift = {d: ledger.get(d, 0) - r for d, r in real.items()}
+            drift = {d: _drift(ledger.get(d, 0), r, self.ledger.malloc_keep if d == HOST else 0) for d, r in real.items()}
             report = RealityReport(self._clock(), real, ledger, drift, budget, excess, reasons, self.source, rss,
                                    baseline, cg, self.oom_kills, self.last_oom_kill_at,
                                    settled=settled and self.ledger.settled())
