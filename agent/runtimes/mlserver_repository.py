@@ -35,7 +35,13 @@ imports + keep. "Resident free" is read as RSS - mallinfo2's bytes in use (`uord
 mallinfo2 (which walks the free lists: ~0.26 ms with 20 forests held). mallinfo2's `fordblks` is
 no measure of it: it still counts free chunks whose pages a trim already released, so a bound on
 it trims after almost every call. With `malloc_keep` 0, or without mallinfo2 (glibc < 2.33), the
-server trims after every call, as before.
+server trims after every call, as before. A limit of the reserve: the agent measures a load as
+the server's RSS growth, which now also holds whatever of the load's freed buffers stayed in the
+reserve (or less, where the load reused kept pages), so a single measurement may be off by up to
+the reserve; declarations stay floors and reality's check still bounds the whole server (one
+load of ~260 measured in benchmarks/results/peers_keep_r2 recorded 70.8 MiB for a forest
+declared at 35.8 MiB). The server could report its resident-free figure for the agent to
+subtract: not done yet.
 
 Why not trim always: every page a trim gives back is faulted in again by the next load. On
 bench_peers' forests (19-49 MiB, 20 held, benchmarks/results/load_malloc.md) a load is p50
