@@ -38,10 +38,10 @@ it trims after almost every call. With `malloc_keep` 0, or without mallinfo2 (gl
 server trims after every call, as before. A limit of the reserve: the agent measures a load as
 the server's RSS growth, which now also holds whatever of the load's freed buffers stayed in the
 reserve (or less, where the load reused kept pages), so a single measurement may be off by up to
-the reserve; declarations stay floors and reality's check still bounds the whole server (one
-load of ~260 measured in benchmarks/results/peers_keep_r2 recorded 70.8 MiB for a forest
-declared at 35.8 MiB). The server could report its resident-free figure for the agent to
-subtract: not done yet.
+the reserve; declarations stay floors and reality's check still bounds the whole server (in
+benchmarks/results/peers_keep_r2, ~1,300 loads with a 100 MiB reserve, one was logged above its
+declaration: 70.8 MiB for a forest declared at 35.8 MiB). The server could report its
+resident-free figure for the agent to subtract: not done yet.
 
 Why not trim always: every page a trim gives back is faulted in again by the next load. On
 bench_peers' forests (19-49 MiB, 20 held, benchmarks/results/load_malloc.md) a load is p50
