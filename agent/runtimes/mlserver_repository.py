@@ -39,7 +39,7 @@ server trims after every call, as before. A limit of the reserve: the agent meas
 the server's RSS growth, which now also holds whatever of the load's freed buffers stayed in the
 reserve (or less, where the load reused kept pages), so a single measurement may be off by up to
 the reserve; declarations stay floors and reality's check still bounds the whole server (in
-benchmarks/results/peers_keep_r2, ~1,300 loads with a 100 MiB reserve, one was logged above its
+benchmarks/results/peers_keep_r2, ~1,000 loads with a 100 MiB reserve, one was logged above its
 declaration: 70.8 MiB for a forest declared at 35.8 MiB). The server could report its
 resident-free figure for the agent to subtract: not done yet.
 
