@@ -1195,6 +1195,8 @@ class Reconciler:
 
         async def _cleanup() -> None:
             for name in orphans:
+                if name in self._desired:  # configured since: its converge adopts or loads it (an
+                    continue  # unload now would land after that load: served no more, LOADED here)
                 self._adoptable.pop(name, None)
                 try:
                     await self.adapter.unload(name)

@@ -510,14 +510,13 @@ class Router:
         takes the request whole (lazy load, waits for a slot, connects, retries a stale
         connection), with nothing held and nothing sent."""
         upstream = self._current_upstream()
-        if not upstream.ready_now(name):
+        if not upstream.ready_now(name):  # first: a request handed on was never leased (nor counted as a hit)
             self._fall_back(demote)
             return
         model = self.reconciler.try_acquire(name)
         if model is None:  # not loaded now: the ASGI path loads it (single flight) and waits
             self._fall_back(demote)
             return
-        forwarded = [(k, v) for k, v in headers if k in _PASS_REQUEST]
 
         def answered(result: tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None) -> None:
             nonlocal model
@@ -534,8 +533,7 @@ class Router:
                     reply(error_parts(status, reason, retry_after=1 if status == 503 else None))
                     return
                 status, resp_headers, payload = result
-                out_headers = [(k, v) for k, v in resp_headers if k in _PASS_RESPONSE]
-                reply(self._compose(model, None, status, payload, out_headers, "/infer"))
+                reply(self._compose(model, None, status, payload, resp_headers, "/infer"))  # (only _PASS_RESPONSE's)
             except Exception:
                 log.exception("fast path failed", extra=kv(model=name))
                 reply(error_parts(500, f"model {name!r}: internal error in the agent"))
@@ -545,8 +543,8 @@ class Router:
 
         sent = False
         try:
-            sent = upstream.send_now("POST", f"/v2/models/{name}/infer", forwarded, body, self.request_timeout_s,
-                                     name, answered)
+            sent = upstream.send_now("POST", f"/v2/models/{name}/infer", [(k, v) for k, v in headers if k in _PASS_REQUEST],
+                                     body, self.request_timeout_s, name, answered, _PASS_RESPONSE)
         except UnsafeRequest:
             pass  # the ASGI path answers it (400)
         finally:

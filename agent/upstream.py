@@ -28,7 +28,12 @@ Without a task: `ready_now(key)` says whether a request would get its slots and 
 connection without waiting, and `send_now(...)` sends it at once and calls back with the
 answer (the data plane's fast path, agent.router.Router.fast_forward); the bounds, the
 timeout and the desync rules above are the same ones, and a reused connection that the server
-closed before any byte of the answer is reported (None), never silently retried.
+closed before any byte of the answer is reported (None), never silently retried. Per request it
+costs no Future, no done-callback and no timer: the connection calls back when httptools has
+read the whole answer (or on the error), with the connection already back in the pool when
+clean, and one timer per connection watches the deadlines, moved on lazily when it fires early
+for a request that began after it was armed; only the answer's headers the caller names are
+read, by a find per name.
 
 Two streaming modes, both on a fresh connection (nothing is retried once a client's byte was
 forwarded) and both holding their slots until they end:
@@ -80,6 +85,8 @@ _UNSAFE_TARGET = re.compile(r"[^\x21-\x7e]")
 # header names: visible ASCII without ':'; values: visible ASCII, space and tab
 _UNSAFE_NAME = re.compile(rb"[^\x21-\x39\x3b-\x7e]")
 _UNSAFE_VALUE = re.compile(rb"[^\x20-\x7e\t]")
+# header lines as send_now() joins them (name NUL value CRLF), every name and value in the safe form above
+_SAFE_FIELDS = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+\0[\x20-\x7e\t]*\r\n)*")
 
 
 def check_target(target: str) -> None:
@@ -190,6 +197,16 @@ class _Conn(asyncio.Protocol):
         self._chunk_ready: asyncio.Future | None = None
         self._paused = False
         self._writable: asyncio.Future | None = None  # set while the socket's buffer is full
+        # send_now(): the request's end is a call, not a Future (see _settle)
+        self._keep: tuple[bytes, ...] | None = None  # b"\nname:" of the answer's headers it keeps
+        self.pool: Upstream | None = None
+        self._done: Callable[..., None] | None = None
+        self._key = ""
+        self._key_slots: _Slots | None = None
+        self._status = 0
+        self.deadline = 0.0  # send_now(): when the request in flight times out (loop time)
+        self._timer: asyncio.TimerHandle | None = None  # one per connection, re-armed lazily
+        self._timer_at = 0.0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -217,18 +234,27 @@ class _Conn(asyncio.Protocol):
         if self._streaming and self._headers_done and not self._complete:
             self._complete = True
             self._push(None if not self._length_known else UpstreamError("the server closed the connection mid-answer"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter = self._waiter
-        if waiter is None or waiter.done():
+        if (waiter is None or waiter.done()) and self._done is None:
             return
         if self._headers_done and not self._length_known:  # body delimited by the close
-            waiter.set_result(self.parser.get_status_code())
+            outcome: int | BaseException = self.parser.get_status_code()
         elif self._got_bytes:
-            waiter.set_exception(UpstreamError("the server closed the connection mid-answer"))
+            outcome = UpstreamError("the server closed the connection mid-answer")
         else:
-            waiter.set_exception(_Stale("the server closed an idle connection"))
+            outcome = _Stale("the server closed an idle connection")
+        if self._done is not None:
+            self._settle(outcome)
+        elif isinstance(outcome, int):
+            waiter.set_result(outcome)
+        else:
+            waiter.set_exception(outcome)
 
     def data_received(self, data: bytes) -> None:
-        if self._complete or self._waiter is None:
+        if self._complete or (self._waiter is None and self._done is None):
             # bytes on an idle connection, or after the answer completed: an answer to no
             # request of ours (a desynced server). Never read it, never reuse the connection.
             self._desync()
@@ -239,9 +265,11 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            if self.desynced:
-                return  # parsing stopped at the second answer; ours is complete and kept
-            self._abort(UpstreamError(f"unreadable answer from the server: {e}"))
+            if not self.desynced:  # (a desync stopped parsing at a second answer: ours is complete)
+                self._abort(UpstreamError(f"unreadable answer from the server: {e}"))
+                return
+        if self._complete and self._done is not None:
+            self._settle(self._status)  # last: the callback may start the next request on this connection
 
     def _desync(self) -> None:
         self.desynced = self.closed = True
@@ -259,6 +287,12 @@ class _Conn(asyncio.Protocol):
         self._headers_done = True
         head = self._head
         end = head.find(b"\r\n\r\n")
+        if self._keep is not None and end >= 0 and self.parser.get_status_code() >= 200:
+            raw = bytes(head[:end + 2])
+            if b"\n " not in raw and b"\n\t" not in raw:  # (no obsolete folded line)
+                head.clear()
+                self._keep_only(raw)
+                return
         if end >= 0:
             cut = end + 4
             lines = bytes(head[:end]).split(b"\r\n")
@@ -284,6 +318,24 @@ class _Conn(asyncio.Protocol):
         if self._streaming and self.parser.get_status_code() >= 200:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(self.parser.get_status_code())
+
+    def _keep_only(self, raw: bytes) -> None:
+        """send_now(): only the headers the caller keeps, found by name in the head (a find per
+        name, not a Python step per header line: MLServer sends a dozen, the data plane passes
+        on two or three)."""
+        low = raw.lower()
+        self._length_known = b"\ncontent-length:" in low or b"\ntransfer-encoding:" in low
+        found = []
+        for needle in self._keep:
+            i = low.find(needle)
+            while i >= 0:
+                start = i + len(needle)
+                stop = low.find(b"\n", start)
+                found.append((i, needle[1:-1], raw[start:stop].strip(b" \t\r")))
+                i = low.find(needle, stop)
+        if len(found) > 1:
+            found.sort()
+        self._headers = [(name, value) for _, name, value in found]
 
     def on_body(self, body: bytes) -> None:
         if self._streaming:
@@ -327,6 +379,7 @@ class _Conn(asyncio.Protocol):
             return
         self.keep_alive = self.parser.should_keep_alive()  # only valid inside this callback
         self._complete = True
+        self._status = status
         if self._streaming:
             self._push(None)
         if self._waiter is not None and not self._waiter.done():
@@ -335,6 +388,7 @@ class _Conn(asyncio.Protocol):
     # -- use
     def start(self, loop: asyncio.AbstractEventLoop, streaming: bool = False) -> asyncio.Future:
         self._streaming = streaming
+        self._keep = None
         self._chunks.clear()
         self._headers, self._body = [], []
         self._head.clear()
@@ -343,9 +397,48 @@ class _Conn(asyncio.Protocol):
         self._waiter = loop.create_future()
         return self._waiter
 
+    def start_now(self, done: Callable[..., None], key: str, key_slots: "_Slots", deadline: float,
+                  keep: tuple[bytes, ...] | None) -> None:
+        """send_now(): the answer (its status) or the error that ends the request goes to
+        Upstream._fast_end from the connection's own callbacks; `deadline` (loop time) is
+        watched by one timer per connection, re-armed lazily (_deadline)."""
+        self._streaming = False
+        self._headers, self._body = [], []
+        self._head.clear()
+        self._got_bytes = self._headers_done = self._length_known = self._complete = self.keep_alive = False
+        self._done, self._key, self._key_slots, self._keep = done, key, key_slots, keep
+        self.deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._deadline)
+
+    def _deadline(self) -> None:
+        """The connection's timer: the request in flight ends with a TimeoutError once its own
+        deadline passed; before that (the timer was armed for an earlier request) the timer
+        moves on to this request's deadline; idle, it stops."""
+        self._timer = None
+        if self._done is None:
+            return
+        if self.loop.time() >= self.deadline:
+            self._settle(asyncio.TimeoutError())
+        else:
+            self._timer_at = self.deadline
+            self._timer = self.loop.call_at(self.deadline, self._deadline)
+
+    def _settle(self, outcome: int | BaseException) -> None:
+        done = self._done
+        if done is None:
+            return
+        self._done = None
+        assert self.pool is not None and self._key_slots is not None
+        self.pool._fast_end(self, outcome, self._key, self._key_slots, done)
+
     def result(self) -> tuple[list[tuple[bytes, bytes]], bytes]:
         self._waiter = None
-        return self._headers, b"".join(self._body)
+        body = self._body
+        return self._headers, body[0] if len(body) == 1 else b"".join(body)
 
     def _abort(self, exc: Exception) -> None:
         self.closed = True
@@ -353,6 +446,7 @@ class _Conn(asyncio.Protocol):
             self._waiter.set_exception(exc)
         if self.transport is not None:
             self.transport.close()
+        self._settle(exc)
 
 
 class Upstream:
@@ -374,6 +468,8 @@ class Upstream:
         self._key_slots: dict[str, _Slots] = {}
         self._idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
+        self._prefixes: dict[tuple[str, str], bytes] = {}
+        self._keeps: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
 
     async def request(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes | BodySource,
                       timeout: float, key: str = "") -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -481,16 +577,21 @@ class Upstream:
         return False
 
     def send_now(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, timeout: float,
-                 key: str, done: Callable[[tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None], None]
-                 ) -> bool:
+                 key: str, done: Callable[[tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None], None],
+                 keep: tuple[bytes, ...] | None = None) -> bool:
         """Send one request on an idle connection now, if ready_now(key); False (nothing taken,
         nothing sent) otherwise. `done` is called once, from the loop, with (status, lower-cased
         headers, body), with the exception that ended the request (UpstreamError,
         asyncio.TimeoutError after `timeout` seconds), or with None when the reused connection
         had been closed by the server before any byte of the answer (nothing was served: the
-        caller may send the request again). The slots are given back before `done` runs.
+        caller may send the request again). With `keep` (lower-cased names), only the
+        answer's headers of those names are read, in the order they came. The slots are given back before `done` runs; the
+        connection is back in the pool (when clean) before `done` runs, so `done` may send the
+        next request at once. No Future, no task and no timer per request: the connection calls
+        back when httptools has read the whole answer, and one timer per connection watches
+        the deadline.
         Raises UnsafeRequest before anything is taken."""
-        message = self._head(method, target, headers, body)
+        message = self._prefix(method, target) + self._fields(headers) + b"content-length: %d\r\n\r\n" % len(body)
         if not self.ready_now(key):
             return False
         key_slots = self._key_slot(key)
@@ -498,24 +599,69 @@ class Upstream:
         self._slots.free -= 1
         conn = self._idle.pop()
         loop = conn.loop
-        waiter = conn.start(loop)
-        timer = loop.call_at(loop.time() + timeout, _expire, waiter)
-        assert conn.transport is not None
+        conn.start_now(done, key, key_slots, loop.time() + timeout,
+                       None if keep is None else self._needles(keep))
         conn.transport.write(message + body)
-
-        def answered(_: asyncio.Future) -> None:
-            timer.cancel()
-            self._slots.give()
-            self._give_key(key, key_slots)
-            if waiter.cancelled() or waiter.exception() is not None:
-                self._drop(conn)
-                error = asyncio.CancelledError() if waiter.cancelled() else waiter.exception()
-                done(None if isinstance(error, _Stale) else error)
-                return
-            done((waiter.result(), *self._finish(conn)))
-
-        waiter.add_done_callback(answered)
         return True
+
+    def _fast_end(self, conn: _Conn, outcome: int | BaseException, key: str, key_slots: _Slots,
+                  done: Callable[[tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None], None]) -> None:
+        """send_now()'s request ended: slots back, the connection back to the pool or dropped, then `done`.
+        (_Slots.give, _give_key and _finish written out: this runs once per fast-path request.)"""
+        slots = self._slots
+        if slots._waiters:
+            slots.give()
+        else:
+            slots.free += 1
+        if key_slots._waiters:
+            key_slots.give()
+        else:
+            key_slots.free += 1
+        if key_slots.free == key_slots.size and self._key_slots.get(key) is key_slots:
+            del self._key_slots[key]
+        if isinstance(outcome, int):
+            conn._waiter = None
+            body = conn._body
+            answer = (outcome, conn._headers, body[0] if len(body) == 1 else b"".join(body))
+            if conn.closed or conn.desynced or not conn.keep_alive:
+                self._drop(conn)
+            else:
+                conn.idle_since = time.monotonic()
+                self._idle.append(conn)
+            done(answer)
+            return
+        self._drop(conn)
+        done(None if isinstance(outcome, _Stale) else outcome)
+
+    def _needles(self, keep: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        needles = self._keeps.get(keep)
+        if needles is None:
+            needles = self._keeps[keep] = tuple(b"\n%s:" % name.lower() for name in keep)
+        return needles
+
+    def _prefix(self, method: str, target: str) -> bytes:
+        """The request line and host header (the target checked once per target, then cached)."""
+        prefix = self._prefixes.get((method, target))
+        if prefix is None:
+            check_target(target)
+            if len(self._prefixes) >= 4096:
+                self._prefixes.clear()
+            prefix = self._prefixes[(method, target)] = b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (
+                method.encode(), target.encode("ascii"), self._host_header)
+        return prefix
+
+    @staticmethod
+    def _fields(headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The header lines, checked as check_headers() does without a call per header: each
+        name and value joined by a NUL, which neither may hold, and the whole in the safe form
+        of _SAFE_FIELDS (so a CR or LF inside a name or value, which would start a line without
+        its NUL, or a ':' or space inside a name, fails it)."""
+        if not headers:
+            return b""
+        block = b"".join([b"%s\0%s\r\n" % h for h in headers])
+        if _SAFE_FIELDS.fullmatch(block) is None:
+            raise UnsafeRequest("a header holds characters that cannot be forwarded")
+        return block.replace(b"\0", b": ")
 
     async def close(self) -> None:
         for conn in list(self._all):
@@ -549,6 +695,7 @@ class Upstream:
             raise UpstreamError(f"cannot connect to {self.base_url}: TimeoutError") from None
         except OSError as e:
             raise UpstreamError(f"cannot connect to {self.base_url}: {type(e).__name__}") from None
+        conn.pool = self
         self._all.add(conn)
         return conn
 
@@ -630,6 +777,9 @@ class Upstream:
 
     def _drop(self, conn: _Conn) -> None:
         conn.closed = True
+        if conn._timer is not None:
+            conn._timer.cancel()
+            conn._timer = None
         self._all.discard(conn)
         if conn.transport is not None:
             conn.transport.close()

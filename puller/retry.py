@@ -9,12 +9,16 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 from puller.errors import TransientError
 
 log = logging.getLogger("modelshelf.puller.retry")
-T = TypeVar("T")
 
 
 def backoff_delays(base_s: float = 0.2, cap_s: float = 10.0, rng: random.Random | None = None):

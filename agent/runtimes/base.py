@@ -48,7 +48,10 @@ class ServedModel:
 
 class RuntimeAdapter(abc.ABC):
     """One co-located server. All methods are coroutines safe to call concurrently for
-    different models; the reconciler never calls two of them concurrently for one model."""
+    different models. The reconciler calls load/unload for one model under that model's lock
+    (one corner aside: the start-up orphan cleanup's unload of a name configured just after it
+    began); an adapter that owns a repository dir (common.HTTPServerAdapter) applies overlapping
+    loads and unloads of one name one at a time, in call order, so its dir and server agree."""
 
     kind: str  # "mlserver" | "triton"
     grpc_target: str | None = None  # HOST:PORT of the server's gRPC data plane, when known

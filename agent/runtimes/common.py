@@ -16,7 +16,12 @@ pooled `httpx.AsyncClient`. The repository protocol:
   what each entry serves);
 - load: write the entry, POST load; on a refusal or an unreachable server put the previous
   entry back (or remove it); on a timeout keep it, since the server may still be loading it;
-- unload: POST unload, wait until the server no longer serves it, remove the entry.
+- unload: POST unload, wait until the server no longer serves it, remove the entry; after a
+  load of that name that timed out or was cancelled in flight, POST unload once more (that
+  request may have reached the server after the first unload's answer, found the entry
+  before its removal and loaded: with the entry gone, nothing later can);
+- a load and an unload of one name take turns (`_one_at_a_time`): one that overlaps another
+  of that name starts once the other ended, so the entry on disk and the server agree.
 
 Repository file work (entry writes, restores, removals) runs in threads (`asyncio.to_thread`),
 never on the agent's event loop: a slow disk or a large entry does not stall the data plane.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -39,7 +45,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, AsyncIterator, Self
 
 import httpx
 
@@ -192,6 +198,8 @@ class HTTPServerAdapter(RuntimeAdapter):
         )
         self.request_timeout = request_timeout
         self._control = Upstream(self._server.base_url, max_connections=32, connect_timeout=2.0)
+        self._turns: dict[str, list[Any]] = {}  # name -> [its lock, calls holding or awaiting it] (_one_at_a_time)
+        self._given_up: set[str] = set()  # names whose load request was left unanswered (see _unload)
 
     @classmethod
     def embedded(cls, repository: Path, **kwargs: Any) -> Self:
@@ -295,13 +303,44 @@ class HTTPServerAdapter(RuntimeAdapter):
 
     async def load(self, model: ServedModel) -> float | None:
         check_name(model.name)
+        async with self._one_at_a_time(model.name):
+            return await self._load(model)
+
+    async def unload(self, name: str) -> None:
+        check_name(name)
+        async with self._one_at_a_time(name):
+            await self._unload(name)
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, name: str) -> AsyncIterator[None]:
+        """Hold `name`'s turn: its loads and unloads run one at a time, in call order. Two that
+        overlap otherwise interleave their file work and their server calls (an unload's entry
+        removal deleting the entry of a load the server took after the unload's answer: served
+        with no entry; an unload dropping a model mid-load: the load fails with a 404)."""
+        turn = self._turns.get(name)
+        if turn is None:
+            turn = self._turns[name] = [asyncio.Lock(), 0]
+        turn[1] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1] -= 1
+            if not turn[1]:
+                del self._turns[name]
+
+    async def _load(self, model: ServedModel) -> float | None:
+        """load() in `model.name`'s turn."""
         entry = self.repository / model.name
         previous = await asyncio.to_thread(self._prepare_entry, entry, model)  # file work: off the loop
         t0 = time.monotonic()
         try:
             r = await self._post(f"/v2/repository/models/{model.name}/load", model.name, timeout=self.load_timeout)
-        except _TimedOut:
-            raise  # the server may still be loading it: keep its entry (unload cleans up)
+        except (_TimedOut, asyncio.CancelledError):
+            # the server may still be loading it, or get the request later: keep its entry
+            # (unload cleans up, and looks again: see _unload)
+            self._given_up.add(model.name)
+            raise
         except ServerUnavailable:
             await asyncio.to_thread(self._restore_entry, entry, previous)
             raise
@@ -309,18 +348,29 @@ class HTTPServerAdapter(RuntimeAdapter):
         if r.status_code != 200:
             await asyncio.to_thread(self._restore_entry, entry, previous)
             raise LoadFailed(model.name, self._reason(r))
+        self._given_up.discard(model.name)
         self._log.info("event=model_loaded server=%s model=%s seconds=%.3f replaced=%s", self.kind, model.name, server_s, previous is not None)
         return server_s
 
-    async def unload(self, name: str) -> None:
-        check_name(name)
+    async def _unload(self, name: str) -> None:
+        """unload() in `name`'s turn."""
         t0 = time.monotonic()
+        await self._server_unload(name)
+        await asyncio.to_thread(self._remove_entry, name)
+        if name in self._given_up:
+            # a load of `name` given up in flight may have reached the server after the unload
+            # above answered and before the entry went: it found the entry and loads. With the
+            # entry gone no later copy of it can, so one more unload settles it.
+            self._given_up.discard(name)
+            await self._server_unload(name)
+        self._log.info("event=model_unloaded server=%s model=%s seconds=%.3f", self.kind, name, time.monotonic() - t0)
+
+    async def _server_unload(self, name: str) -> None:
+        """POST unload and wait until the server no longer serves `name`."""
         r = await self._post(f"/v2/repository/models/{name}/unload", name)
         if r.status_code not in (200, 404):  # 404: not loaded, which is what we want
             raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
         await self._wait_unloaded(name)
-        await asyncio.to_thread(self._remove_entry, name)
-        self._log.info("event=model_unloaded server=%s model=%s seconds=%.3f", self.kind, name, time.monotonic() - t0)
 
     def served_path(self, name: str) -> Path | None:
         """The model path the entry of `name` was written for (None: no entry of ours)."""

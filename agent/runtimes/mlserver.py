@@ -315,12 +315,12 @@ class MLServerAdapter(HTTPServerAdapter):
             await asyncio.to_thread(self._sweep_all)
         await super().start(timeout)
 
-    async def load(self, model: ServedModel) -> float | None:
+    async def _load(self, model: ServedModel) -> float | None:
         """Load, then park the entry in the background: the load answers as soon as the server
         has the model (the park is file work, off the caller's path). A later load or unload of
-        the same name, and close(), wait for that park first."""
+        the same name (each in its turn, after this one), and close(), wait for that park first."""
         await self.parked(model.name)  # a reload writes the visible entry the park moves
-        server_s = await super().load(model)
+        server_s = await super()._load(model)
         self._parks[model.name] = asyncio.create_task(self._park_now(model.name), name=f"park:{model.name}")
         return server_s
 
@@ -340,9 +340,9 @@ class MLServerAdapter(HTTPServerAdapter):
         if tasks:
             await asyncio.wait([asyncio.shield(t) for t in tasks])
 
-    async def unload(self, name: str) -> None:
+    async def _unload(self, name: str) -> None:
         await self.parked(name)  # the unload removes what the park moves
-        await super().unload(name)
+        await super()._unload(name)
 
     async def close(self) -> None:
         await self.parked()
@@ -403,8 +403,8 @@ class MLServerAdapter(HTTPServerAdapter):
     def _park(self, name: str) -> None:
         """Move the just-loaded visible entry of `name` under `.loaded/`, replacing an older
         parked copy: the link `.loaded/<name>` switches from the old dir to the new in one
-        os.replace. Runs in a thread: the reconciler never loads one name twice at once, and
-        index() probes the names whose park is in flight."""
+        os.replace. Runs in a thread: the next load or unload of the name waits for it (and
+        they take turns: `_one_at_a_time`), and index() probes the names whose park is in flight."""
         check_name(name)
         visible = self.repository / name
         self.parked_dir.mkdir(exist_ok=True)

@@ -24,10 +24,42 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    Protocol = object  # Progress below is a structural type for the type checker only
+
+try:  # the interpreter's built-in sha256 (3.12+: _sha2); hashlib loads OpenSSL's (libcrypto) first
+    from _sha2 import sha256 as _small_sha256
+except ImportError:
+    try:
+        from _sha256 import sha256 as _small_sha256
+    except ImportError:  # a build without the built-in hashes
+        from hashlib import sha256 as _small_sha256
 
 if TYPE_CHECKING:
     import xxhash
+
+
+def sha256(data: bytes = b"") -> Any:
+    """A sha256 for a few hundred bytes (cache keys, request signatures). The built-in one: importing
+    hashlib loads OpenSSL's libcrypto, ~2 ms of a CLI pull's ~80 ms start-up, which pays off only
+    on large data (file digests and store checksums import hashlib where they run)."""
+    return _small_sha256(data)
+
+
+_IPAD, _OPAD = bytes(b ^ 0x36 for b in range(256)), bytes(b ^ 0x5C for b in range(256))
+
+
+def hmac_sha256(key: bytes, msg: bytes) -> bytes:
+    """HMAC-SHA256 (RFC 2104) over `sha256` (the hmac module imports OpenSSL's too)."""
+    if len(key) > 64:
+        key = sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    inner = sha256(key.translate(_IPAD) + msg).digest()
+    return sha256(key.translate(_OPAD) + inner).digest()
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ list(): a HEAD decides between one object (``s3://b/models/model.tgz``) and a pr
 lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
 Identity per object: ETag (+ version id); sizes are part of the listing.
 
-Requests: puller.sources.s3_wire (SigV4 over http.client; botocore only for credentials that are
+Requests: puller.sources.s3_wire (SigV4 over plain HTTP/1.1; botocore only for credentials that are
 not static, see there).
 
 fetch(): one thread pool of ``options.max_concurrency`` workers over one shared client
@@ -21,27 +21,28 @@ checksum (not for GCS) and check crc32 / sha1 / sha256 ones as the bytes stream 
 from __future__ import annotations
 
 import base64
-import hashlib
-import http.client
 import logging
 import os
 import socket
-import ssl
+import sys
 import threading
 import time
 import zlib
 from dataclasses import astuple
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from collections.abc import Callable
+TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
+if TYPE_CHECKING:
+    from typing import Any
 
 from puller.archive import archive_kind
 from puller.credentials import S3Settings, resolve_s3
 from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullError, TransientError
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
-                                 pwrite_all, run_all)
-from puller.sources.s3_wire import (NoCredentials, S3ConnectionError, S3ResponseError, S3WireClient,
-                                    resolve_credentials)
+                                 pwrite_all, run_all, sha256)
+from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, S3ConnectionError, S3ResponseError,
+                                    S3WireClient, is_cert_error, resolve_credentials)
 from puller.uri import ParsedURI, redact
 
 log = logging.getLogger("modelshelf.puller.sources.s3")
@@ -82,7 +83,12 @@ class _StreamChecksum:
 
     def __init__(self, algo: str, want: str):
         self.algo, self.want = algo, want
-        self._h = None if algo == "crc32" else hashlib.new(algo)
+        if algo == "crc32":
+            self._h = None
+        else:
+            import hashlib  # OpenSSL's, for the whole object: only when the store sent a checksum
+
+            self._h = hashlib.new(algo)
         self._crc = 0
 
     @classmethod
@@ -121,7 +127,7 @@ _CHAIN_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 
 
 def _chain_fingerprint() -> str:
-    h = hashlib.sha256()
+    h = sha256()
     for name in _CHAIN_ENV:
         h.update(f"{name}={os.environ.get(name, '')}\0".encode())
     return h.hexdigest()
@@ -354,7 +360,7 @@ class S3Source(Source):
             try:
                 while pos[0] <= end:
                     want = min(_CHUNK, end + 1 - pos[0])
-                    n = resp.readinto(buf[:want])  # http.client's: straight off the connection
+                    n = resp.readinto(buf[:want])  # straight off the connection
                     if not n:
                         break
                     data = buf[:n]
@@ -466,12 +472,13 @@ def _is_transient(e: BaseException) -> bool:
         return True
     if isinstance(e, S3ResponseError):
         return e.code in _TRANSIENT or e.status >= 500 or e.status == 429
-    if isinstance(e, http.client.HTTPException):  # a body cut short (IncompleteRead) or garbled
+    if isinstance(e, HTTPProtocolError):  # a body cut short (IncompleteRead) or garbled
         return True
-    if isinstance(e, ssl.SSLCertVerificationError):
+    if is_cert_error(e):
         return False
-    # a reset, a read timeout, or a TLS record broken mid-body
-    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout)) or type(e) is ssl.SSLError
+    # a reset, a read timeout, or a TLS record broken mid-body (ssl: imported by https only)
+    ssl = sys.modules.get("ssl")
+    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout)) or (ssl is not None and type(e) is ssl.SSLError)
 
 
 def _safe_path(rel: str, uri: str) -> str:
@@ -508,6 +515,8 @@ def _verify_checksum(path: Path, checksum: str, uri: str, name: str) -> None:
     """Check a listed sha256/sha1/crc32 store checksum against the file (others: unchecked)."""
     algo, _, want = checksum.partition(":")
     if algo in ("sha256", "sha1"):
+        import hashlib
+
         h = hashlib.new(algo)
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(4 << 20), b""):

@@ -1,11 +1,12 @@
-"""The three S3 calls a pull makes (HEAD, LIST v2, GET), signed with SigV4 over http.client.
+"""The three S3 calls a pull makes (HEAD, LIST v2, GET), signed with SigV4 over plain HTTP/1.1.
 
 Why not botocore: a CLI pull of 200 x 1 MiB spent more CPU in botocore than in moving bytes:
 ~0.1 s importing it and loading its S3 model before the first request, and ~1 ms of its request
 pipeline (events, endpoint rules, parsing) per GET (py-spy, benchmarks/results/pull.md). A pull
 needs none of that: three fixed requests, their headers, one XML listing and S3's error codes.
 Nor urllib3: its import (~35 ms here, a third of a short pull's start-up) buys a pool and proxy
-plumbing that `_Pool` below does in ~100 lines over the standard library's http.client.
+plumbing that `_Pool` below does in ~100 lines. Nor http.client: ~17 ms of import (email's parser,
+ssl for every endpoint) for what `_Conn` does over a socket (see its docstring).
 
 What stays botocore's: credentials that are not static. Keys given in the settings (storage
 config, rclone, .s3cfg, GCS HMAC) or in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (botocore's
@@ -28,24 +29,25 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import hashlib
-import hmac
-import http.client
 import logging
 import os
 import re
 import select
 import socket
-import ssl
+import struct
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import Any
+TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
+if TYPE_CHECKING:
+    from typing import Any
 
 from puller.credentials import S3Settings
+from puller.sources.base import hmac_sha256, sha256
 
 log = logging.getLogger("modelshelf.puller.sources.s3_wire")
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of no bytes
 _UNRESERVED = "-_.~"
 _DNS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 _S3_NS = re.compile(r"^\{[^}]*\}")
@@ -173,7 +175,7 @@ class _Signer:
         if key is None:
             key = ("AWS4" + secret).encode()
             for part in (day, region, "s3", "aws4_request"):
-                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+                key = hmac_sha256(key, part.encode())
             with self._lock:
                 if len(self._keys) > 16:
                     self._keys.clear()
@@ -200,8 +202,8 @@ class _Signer:
         canonical = "\n".join((method, path, query, "".join(f"{n}:{signed[n]}\n" for n in names),
                                ";".join(names), _EMPTY_SHA256))
         scope = f"{day}/{region}/s3/aws4_request"
-        to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        sig = hmac.new(self._key(creds.secret_key, day, region), to_sign.encode(), hashlib.sha256).hexdigest()
+        to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{sha256(canonical.encode()).hexdigest()}"
+        sig = hmac_sha256(self._key(creds.secret_key, day, region), to_sign.encode()).hex()
         headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, "
                                     f"SignedHeaders={';'.join(names)}, Signature={sig}")
 
@@ -306,6 +308,8 @@ class S3WireClient:
     def _context(self) -> Any:
         """The TLS context of every https connection: the system's CAs, the CA bundle, or none
         checked (verify=False)."""
+        import ssl  # only an https endpoint pays for it (~5 ms of a pull's start-up)
+
         with self._lock:
             if self._ssl_context is None:
                 if self._verify is False:
@@ -323,7 +327,7 @@ class S3WireClient:
         origin, host, path = self._url(bucket, key, region)
         query = _canonical_query(params)
         headers = dict(headers)
-        headers["Host"] = host  # sent exactly as signed (http.client adds none of its own then)
+        headers["Host"] = host  # sent exactly as signed
         if self._creds is not None:
             self._signer.sign(self._creds.get(), region, method, host, path, query, headers)
         target = path + (f"?{query}" if query else "")
@@ -334,7 +338,7 @@ class S3WireClient:
             return r
         body = r.data if method != "HEAD" else b""
         r.release_conn()
-        code, message = _parse_error(body, r.status)
+        code, message = _parse_error(body, r.status, r.reason)
         log.debug("event=s3_error_response op=%s url=%s%s status=%d code=%s", op, origin, path, r.status, code)
         new_region = r.headers.get("x-amz-bucket-region")
         if not redirected and new_region and new_region != region and r.status in (301, 400):
@@ -346,6 +350,235 @@ class S3WireClient:
 def headers_without_auth(headers: dict[str, str]) -> dict[str, str]:
     drop = {"authorization", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"}
     return {k: v for k, v in headers.items() if k.lower() not in drop}
+
+
+class HTTPProtocolError(Exception):
+    """A response that breaks HTTP/1.1: a garbled status line or header, a body cut short (what
+    http.client calls HTTPException / IncompleteRead). Transient: the request is retried."""
+
+
+_MAX_LINE, _MAX_HEADERS = 65536, 100  # http.client's limits
+
+
+class _Headers(dict):
+    """Response headers, names matched without regard to case (the first of repeated ones)."""
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, name.lower())
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and dict.__contains__(self, name.lower())
+
+
+def _line(fp: Any, what: str) -> bytes:
+    """One whole CRLF (or LF) line of a response head or of a chunked body's framing. A line
+    cut short is an error: the server closed, or the kernel's read timeout (SO_RCVTIMEO, see
+    `_Conn.connect`) ended the read."""
+    line = fp.readline(_MAX_LINE + 1)
+    if len(line) > _MAX_LINE:
+        raise HTTPProtocolError(f"{what} too long")
+    if not line.endswith(b"\n"):
+        if line:
+            raise TimeoutError(f"the response stopped inside the {what} (closed or timed out)")
+        raise HTTPProtocolError(f"the server closed the connection before the {what}")
+    return line
+
+
+def _read_head(fp: Any) -> tuple[bytes, _Headers]:
+    """The status line and the headers of one response (or of a proxy's CONNECT answer)."""
+    line = _line(fp, "status line")
+    headers = _Headers()
+    for _ in range(_MAX_HEADERS + 1):
+        h = _line(fp, "header line")
+        if h in (b"\r\n", b"\n"):
+            return line, headers
+        name, sep, value = h.decode("iso-8859-1").partition(":")
+        if not sep:
+            raise HTTPProtocolError(f"malformed header line {h[:40]!r}")
+        headers.setdefault(name.strip().lower(), value.strip())
+    raise HTTPProtocolError(f"more than {_MAX_HEADERS} headers")
+
+
+class _Conn:
+    """One HTTP/1.1 client connection, requests without a body, over a plain socket.
+
+    Why not http.client: importing it costs a CLI pull ~17 ms of its ~100 ms start-up (it imports
+    email's parser for headers and ssl even for http:// endpoints; benchmarks/results/pull.notes.md).
+    This speaks what S3 answers need: Content-Length, chunked and read-to-close bodies, keep-alive,
+    1xx interim answers skipped, TLS (ssl imported for the first https connection only) and an
+    http:// proxy's CONNECT tunnel.
+    """
+
+    __slots__ = ("host", "port", "sock", "_fp", "_timeouts", "_context", "_tunnel")
+
+    def __init__(self, host: str, port: int, timeouts: tuple[float, float], context: Any = None,
+                 tunnel: tuple[str, int, dict[str, str]] | None = None):
+        self.host, self.port, self._timeouts = host, port, timeouts
+        self._context, self._tunnel = context, tunnel  # context: a callable giving the TLS context
+        self.sock: Any = None
+        self._fp: Any = None
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self._timeouts[0])
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            server = self.host
+            if self._tunnel is not None:
+                server, port, headers = self._tunnel
+                lines = [f"CONNECT {server}:{port} HTTP/1.1", f"Host: {server}:{port}"]
+                lines += [f"{k}: {v}" for k, v in headers.items()]
+                sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                fp = sock.makefile("rb")
+                status, _ = _read_head(fp)
+                fp.close()
+                parts = status.split(None, 2)
+                if len(parts) < 2 or parts[1] != b"200":
+                    raise OSError(f"Tunnel connection failed: {status.decode('latin-1').strip()}")
+            if self._context is not None:
+                sock = self._context().wrap_socket(sock, server_hostname=server)
+                sock.settimeout(self._timeouts[1])
+            else:
+                # The read timeout in the kernel (SO_RCVTIMEO) rather than Python's: a socket with
+                # a Python timeout polls before every recv, one more syscall per read (~11,000 per
+                # 512 MiB). A timed-out read then ends short (`_line`, `_Body.readinto`). TLS keeps
+                # Python's timeout: its reads would fail as SSLWantReadError instead.
+                t = self._timeouts[1]
+                timeval = struct.pack("ll", int(t), int(t % 1 * 1e6))
+                sock.settimeout(None)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self._fp = sock, sock.makefile("rb")
+
+    def request(self, method: str, target: str, headers: dict[str, str]) -> None:
+        lines = [f"{method} {target} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.items()]
+        if "Accept-Encoding" not in headers:
+            lines.append("Accept-Encoding: identity")  # as http.client asks: bodies as stored
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def getresponse(self, method: str) -> "_Body":
+        while True:
+            status_line, headers = _read_head(self._fp)
+            parts = status_line.split(None, 2)
+            try:
+                version, status = parts[0], int(parts[1])
+            except (IndexError, ValueError):
+                raise HTTPProtocolError(f"bad status line {status_line[:40]!r}") from None
+            if not version.startswith(b"HTTP/1."):
+                raise HTTPProtocolError(f"bad status line {status_line[:40]!r}")
+            if status >= 200 or status == 101:
+                break  # 100 Continue and other interim answers: the real one follows
+        reason = parts[2].decode("iso-8859-1").strip() if len(parts) > 2 else ""
+        return _Body(self._fp, method, status, reason, headers, version == b"HTTP/1.0")
+
+    def close(self) -> None:
+        sock, fp, self.sock, self._fp = self.sock, self._fp, None, None
+        if fp is not None:
+            fp.close()
+        if sock is not None:
+            sock.close()
+
+
+class _Body:
+    """One response's body as it streams: Content-Length, chunked, or up to the close."""
+
+    __slots__ = ("status", "reason", "headers", "will_close", "_fp", "_length", "_chunked", "_chunk_left")
+
+    def __init__(self, fp: Any, method: str, status: int, reason: str, headers: _Headers, http10: bool):
+        self.status, self.reason, self.headers, self._fp = status, reason, headers, fp
+        conn = headers.get("connection", "").lower()
+        self.will_close = "close" in conn or (http10 and "keep-alive" not in conn)
+        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        self._chunk_left = 0
+        self._length: int | None = None
+        if method == "HEAD" or status in (204, 304) or status < 200:
+            self._length = 0
+        elif not self._chunked and headers.get("content-length") is not None:
+            try:
+                self._length = int(headers["content-length"])
+            except ValueError:
+                raise HTTPProtocolError("bad Content-Length") from None
+            if self._length < 0:
+                raise HTTPProtocolError("bad Content-Length")
+        elif not self._chunked:
+            self.will_close = True  # a body that ends when the server closes
+        if self._length == 0:
+            self._fp = None
+
+    def isclosed(self) -> bool:
+        """Whether the body was read to its end."""
+        return self._fp is None
+
+    def readinto(self, buf: Any) -> int:
+        fp = self._fp
+        if fp is None:
+            return 0
+        if self._chunked:
+            return self._readinto_chunked(buf)
+        if self._length is not None:
+            if len(buf) > self._length:
+                buf = memoryview(buf)[: self._length]
+            n = fp.readinto(buf)
+            if n is None:  # the kernel's read timeout
+                self._fp = None
+                raise TimeoutError("the response body timed out")
+            if not n and buf:
+                self._fp = None
+                raise HTTPProtocolError(f"IncompleteRead: {self._length} more bytes expected")
+            self._length -= n
+            if not self._length:
+                self._fp = None
+            return n
+        n = fp.readinto(buf)
+        if n is None:
+            self._fp = None
+            raise TimeoutError("the response body timed out")
+        if not n:
+            self._fp = None
+        return n
+
+    def _readinto_chunked(self, buf: Any) -> int:
+        fp = self._fp
+        if not self._chunk_left:
+            size_line = _line(fp, "chunk size line")
+            try:
+                self._chunk_left = int(size_line.split(b";", 1)[0], 16)
+            except ValueError:
+                self._fp = None
+                raise HTTPProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
+            if not self._chunk_left:  # the last chunk: trailers up to a blank line
+                while _line(fp, "trailer line") not in (b"\r\n", b"\n"):
+                    pass
+                self._fp = None
+                return 0
+        if len(buf) > self._chunk_left:
+            buf = memoryview(buf)[: self._chunk_left]
+        n = fp.readinto(buf)
+        if n is None:
+            self._fp = None
+            raise TimeoutError("the response body timed out")
+        if not n and buf:
+            self._fp = None
+            raise HTTPProtocolError("IncompleteRead: a chunk cut short")
+        self._chunk_left -= n
+        if not self._chunk_left:
+            _line(fp, "chunk end")  # the CRLF after the chunk's data
+        return n
+
+    def read(self) -> bytes:
+        out = bytearray()
+        buf = bytearray(64 << 10)
+        while True:
+            n = self.readinto(buf)
+            if not n:
+                return bytes(out)
+            out += memoryview(buf)[:n]
 
 
 class _Pool:
@@ -360,9 +593,9 @@ class _Pool:
         parts = urllib.parse.urlsplit(origin)
         self._tls = parts.scheme == "https"
         self._host, self._port = parts.hostname or "", parts.port or (443 if self._tls else 80)
-        self._size, (self._connect_timeout, self._read_timeout) = size, timeouts
+        self._size, self._timeouts = size, timeouts
         self._context = context
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._proxy: tuple[str, int] | None = None
         self._proxy_headers: dict[str, str] = {}
@@ -386,17 +619,14 @@ class _Pool:
         try:
             if conn.sock is None:
                 conn.connect()
-                conn.sock.settimeout(self._read_timeout)
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            conn.request(method, target, headers=headers)
-            r = conn.getresponse()
-        except (OSError, http.client.HTTPException) as e:
+            conn.request(method, target, headers)
+            r = conn.getresponse(method)
+        except (OSError, HTTPProtocolError) as e:
             conn.close()
-            cert = isinstance(e, ssl.SSLCertVerificationError)
-            raise S3ConnectionError(f"{what}: {type(e).__name__}: {e}", transient=not cert) from None
+            raise S3ConnectionError(f"{what}: {type(e).__name__}: {e}", transient=not is_cert_error(e)) from None
         return _Response(r, conn, self)
 
-    def _take(self) -> http.client.HTTPConnection:
+    def _take(self) -> _Conn:
         while True:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
@@ -406,23 +636,23 @@ class _Pool:
                 return conn
             conn.close()
 
-    def _new(self) -> http.client.HTTPConnection:
+    def _new(self) -> _Conn:
         host, port = self._proxy or (self._host, self._port)
-        if self._tls:
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, port, timeout=self._connect_timeout, context=self._context())
-            if self._proxy:
-                conn.set_tunnel(self._host, self._port, headers=self._proxy_headers or None)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
-        return conn
+        tunnel = (self._host, self._port, self._proxy_headers) if self._tls and self._proxy else None
+        return _Conn(host, port, self._timeouts, self._context if self._tls else None, tunnel)
 
-    def give_back(self, conn: http.client.HTTPConnection) -> None:
+    def give_back(self, conn: _Conn) -> None:
         with self._lock:
             if len(self._idle) < self._size:
                 self._idle.append(conn)
                 return
         conn.close()
+
+
+def is_cert_error(e: BaseException) -> bool:
+    """A TLS certificate that failed verification (ssl is imported only by https connections)."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(e, ssl.SSLCertVerificationError)
 
 
 def _dropped(sock: Any) -> bool:
@@ -443,10 +673,10 @@ class _Response:
     `get`), `readinto`, `data`; `release_conn()` hands the connection back when the body was read
     to its end (else closes it), `close()` closes it."""
 
-    __slots__ = ("status", "headers", "_r", "_conn", "_pool", "_data")
+    __slots__ = ("status", "reason", "headers", "_r", "_conn", "_pool", "_data")
 
-    def __init__(self, r: http.client.HTTPResponse, conn: http.client.HTTPConnection, pool: _Pool):
-        self.status, self.headers = r.status, r.headers
+    def __init__(self, r: _Body, conn: _Conn, pool: _Pool):
+        self.status, self.reason, self.headers = r.status, r.reason, r.headers
         self._r, self._conn, self._pool = r, conn, pool
         self._data: bytes | None = None
 
@@ -461,7 +691,7 @@ class _Response:
         if self._data is None:
             try:
                 self._data = self._r.read()
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, HTTPProtocolError) as e:
                 self.close()
                 raise S3ConnectionError(f"reading a response: {type(e).__name__}: {e}") from None
             self.release_conn()
@@ -482,7 +712,6 @@ class _Response:
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        self._r.close()
         if conn is not None:
             conn.close()
 
@@ -503,8 +732,9 @@ def _strip(tag: str) -> str:
     return _S3_NS.sub("", tag)
 
 
-def _parse_error(body: bytes, status: int) -> tuple[str, str]:
-    """S3's <Error><Code>..</Code><Message>..</Message></Error>, else the status (as botocore)."""
+def _parse_error(body: bytes, status: int, reason: str = "") -> tuple[str, str]:
+    """S3's <Error><Code>..</Code><Message>..</Message></Error>, else the status and its phrase
+    (as botocore): the server's reason phrase, else the standard one."""
     from xml.etree import ElementTree
 
     if body:
@@ -515,6 +745,8 @@ def _parse_error(body: bytes, status: int) -> tuple[str, str]:
                 return fields["Code"], fields.get("Message", "")
         except ElementTree.ParseError:
             pass
+    if reason:
+        return str(status), reason
     from http import HTTPStatus
 
     try:

@@ -15,7 +15,7 @@ class Server:
     def __init__(self) -> None:
         self.connections = 0
         self.requests = 0
-        self.mode = "ok"  # ok | close-after | drop-second | double | double-later | half-answer | slow | chunked | split
+        self.mode = "ok"  # ok | close-after | drop-second | double | double-later | half-answer | slow | chunked | split | apart | conn-close | bare-lf
         self.targets: list[bytes] = []
         self.release = asyncio.Event()  # requests to a target with "/hang" wait for it
         self._writers: list[asyncio.StreamWriter] = []
@@ -71,6 +71,18 @@ class Server:
                         writer.write(part)
                         await writer.drain()
                         await asyncio.sleep(0.02)
+                elif self.mode == "apart":  # the head in one write, the body in two more (as MLServer writes)
+                    answer = b"echo:" + body
+                    for part in (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nce-id: 7\r\ncontent-length: %d\r\n\r\n"
+                                 % len(answer), answer[:3], answer[3:]):
+                        writer.write(part)
+                        await writer.drain()
+                        await asyncio.sleep(0.02)
+                elif self.mode == "conn-close":  # a head httptools reads, but not in the plain form
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nConnection: close\r\n"
+                                 b"content-length: 2\r\n\r\nok")
+                elif self.mode == "bare-lf":  # a head no reader here takes
+                    writer.write(b"HTTP/1.1 200 OK\ncontent-type: text/plain\ncontent-length: 2\n\nok")
                 elif self.mode == "chunked":
                     writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\r\n"
                                  b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
@@ -283,3 +295,132 @@ def test_a_cancelled_waiter_never_loses_a_slot():
             await up.close()
             return results
     assert run(main()) == [200, 200, 200]
+
+
+# -- send_now(): the data plane's fast path (no task, no Future, one timer per connection)
+async def _send_now(up, target, body=b"", timeout=5.0, keep=None, headers=()):
+    """send_now() on the pool's idle connection; what its `done` got."""
+    got = asyncio.get_running_loop().create_future()
+    assert up.send_now("POST", target, list(headers), body, timeout, "m", got.set_result, keep)
+    return await asyncio.wait_for(got, 10)
+
+
+def test_send_now_times_out_at_its_own_deadline_on_a_reused_connection():
+    """An answer that never comes ends with a TimeoutError at the request's own deadline, though
+    the connection's one timer was armed for the earlier request (it moves on to this one's):
+    never before the deadline, never never. The connection is dropped, not pooled, and the late
+    answer reaches nobody."""
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url)
+            await up.request("POST", "/warm", [], b"", timeout=5)
+            assert await _send_now(up, "/x", b"a", timeout=0.5) == (200, [(b"content-type", b"text/plain"),
+                                                                          (b"content-length", b"6")], b"echo:a")
+            await asyncio.sleep(0.2)  # the next deadline is well after the timer's first one
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            error = await _send_now(up, "/hang", b"b", timeout=0.5)
+            elapsed = loop.time() - started
+            idle_after = list(up._idle)
+            srv.release.set()
+            answer = await up.request("POST", "/y", [], b"c", timeout=5)
+            await up.close()
+            return error, elapsed, idle_after, answer, srv.connections
+    error, elapsed, idle_after, answer, connections = run(main())
+    assert isinstance(error, asyncio.TimeoutError)
+    assert elapsed >= 0.49  # its own timeout, not what was left of the first request's
+    assert idle_after == [] and answer[2] == b"echo:c" and connections == 2
+
+
+@pytest.mark.parametrize("keep", [None, (b"content-type",)])
+def test_send_now_reports_a_broken_answer_a_stale_connection_and_never_pools_a_desynced_one(keep):
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url)
+            out = {}
+            for mode in ("half-answer", "drop-second", "double"):
+                srv.mode = "ok"
+                await up.request("POST", "/warm", [], b"", timeout=5)
+                srv.mode = mode
+                out[mode] = (await _send_now(up, "/x", b"z", keep=keep), list(up._idle))
+                await up.close()
+            return out
+    out = run(main())
+    broken, idle = out["half-answer"]
+    assert isinstance(broken, UpstreamError) and "mid-answer" in str(broken) and idle == []
+    assert out["drop-second"] == (None, [])  # closed before any byte: nothing served, the caller may resend
+    (status, _, body), idle = out["double"]
+    assert (status, body, idle) == (200, b"echo:z", [])  # ours is answered; the connection with the extra one is dropped
+
+
+def test_send_now_keeps_the_named_headers_in_order_and_done_may_send_the_next_request_at_once():
+    """`keep`: only the answer's headers of those names, in the order they came, repeated names
+    kept, through an interim answer and a head cut across reads. `done` runs with the connection back in the pool: it sends the next request on it."""
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url)
+            await up.request("POST", "/warm", [], b"", timeout=5)
+            got: list = []
+            finished = asyncio.get_running_loop().create_future()
+            keep = (b"x-a", b"content-type")
+
+            def done(result):
+                got.append(result)
+                if len(got) < 3:
+                    assert up.send_now("POST", "/x", [], b"%d" % len(got), 5, "m", done, keep)
+                else:
+                    finished.set_result(None)
+            srv.mode = "split"
+            assert up.send_now("POST", "/x", [], b"0", 5, "m", done, keep)
+            await asyncio.wait_for(finished, 10)
+            await up.close()
+            return got, srv.connections
+    got, connections = run(main())
+    assert got == [(200, [(b"content-type", b"text/plain"), (b"x-a", b"1"), (b"x-a", b"2")], b"echo:%d" % i)
+                   for i in range(3)]
+    assert connections == 1
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"x-request-id", b"a\r\nx-evil: 1")], [(b"x-bad name", b"v")], [(b"x-a: b", b"c")], [(b"x", b"\xe9")],
+    [(b"", b"v")], [(b"x", b"a\nb")],
+])
+def test_send_now_refuses_a_header_that_could_split_before_taking_or_sending_anything(headers):
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url)
+            await up.request("POST", "/warm", [], b"", timeout=5)
+            with pytest.raises(UnsafeRequest):
+                up.send_now("POST", "/x", headers, b"", 5, "m", lambda _: None)
+            ok = await _send_now(up, "/ok", headers=[(b"x-request-id", b"a b\tc")])
+            await up.close()
+            return srv.targets, ok[0]
+    assert run(main()) == ([b"/warm", b"/ok"], 200)  # nothing of the refused request reached the server
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("apart", (200, [(b"content-type", b"text/plain")], b"echo:q")),  # the body over two reads
+    ("chunked", (200, [(b"content-type", b"text/plain")], b"abcde")),
+    ("conn-close", (200, [(b"content-type", b"text/plain")], b"ok")),  # answered, the connection not reused
+    ("bare-lf", "unreadable answer"),  # refused, the connection dropped
+])
+def test_send_now_with_kept_headers_reads_each_answer_to_its_end(mode, expected):
+    """With `keep`, an answer still ends where httptools says (the head and body in separate
+    reads as MLServer writes them, chunked): the connection is reused for the next request,
+    never with bytes of this answer left; one that asks to close is not reused."""
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url)
+            await up.request("POST", "/warm", [], b"", timeout=5)
+            srv.mode = mode
+            got = [await _send_now(up, "/x", b"q", keep=(b"content-type",)) for _ in range(1 if mode in ("conn-close", "bare-lf") else 3)]
+            idle = list(up._idle)
+            await up.close()
+            return got, idle, srv.connections
+    got, idle, connections = run(main())
+    if mode == "bare-lf":
+        assert isinstance(got[0], UpstreamError) and expected in str(got[0]) and idle == []
+    elif mode == "conn-close":
+        assert got == [expected] and idle == []
+    else:
+        assert got == [expected] * 3 and connections == 1

@@ -320,3 +320,55 @@ def test_a_request_in_flight_when_the_agent_stops_is_answered_before_it_exits(ag
     assert result["half"].startswith(b"HTTP/1.1 200") and b"body-on-its-way" in result["half"], result["half"][:300]
     assert b"connection: close" in result["half"].lower()
     assert code == 0
+
+
+def test_a_fast_path_answer_carries_the_date_uvicorn_has_now():
+    """The answer's date and server lines come from uvicorn's default headers, which uvicorn
+    replaces each second: joined once per list, never an older second's."""
+    from agent.app import _answer
+
+    parts = (200, [(b"content-type", b"application/json")], b"{}")
+    seen = []
+    for second in (b"Wed, 02 Dec 2026 20:00:00 GMT", b"Wed, 02 Dec 2026 20:00:01 GMT"):
+        defaults = [(b"date", second), (b"server", b"uvicorn")]
+        seen += [_answer(defaults, parts, True), _answer(defaults, parts, False)]
+    assert seen[0] == (b"HTTP/1.1 200 OK\r\ndate: Wed, 02 Dec 2026 20:00:00 GMT\r\nserver: uvicorn\r\n"
+                       b"content-type: application/json\r\n\r\n{}")
+    assert seen[1] == seen[0].replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
+    assert seen[2] == seen[0].replace(b"20:00:00", b"20:00:01") and seen[3] == seen[1].replace(b"20:00:00", b"20:00:01")
+
+
+def test_a_request_the_fast_path_hands_on_for_want_of_a_connection_is_never_leased_there():
+    """No idle upstream connection now (a burst's first requests): the request goes to the ASGI
+    path before any lease is taken, so the lease, the lookup hit and the model's request count
+    are the ASGI path's alone (counted once). The router's real upstream pool, empty; the
+    reconciler a stand-in that counts leases (the interleaving a real agent gives only by chance)."""
+    import asyncio
+
+    from agent.metrics import Metrics
+    from agent.router import Router
+    from agent.settings import Settings
+
+    class Reconciler:
+        settings = Settings(config_dir="/nonexistent", cache_dir="/nonexistent")
+
+        def __init__(self):
+            self.leases = []
+
+        def try_acquire(self, name):
+            self.leases.append(name)
+            return object()
+
+        def release(self, model):
+            pass
+
+    async def main():
+        reconciler = Reconciler()
+        router = Router(reconciler, lambda: "http://127.0.0.1:1", Metrics(), server_ready=lambda: True)
+        await router.start()
+        handed_on = []
+        router.fast_forward("iris", [(b"content-type", b"application/json")], b"{}", lambda parts: None,
+                            lambda: handed_on.append(True))
+        await router.close()
+        return handed_on, reconciler.leases, router.fast_fallbacks
+    assert asyncio.run(main()) == ([True], [], 1)

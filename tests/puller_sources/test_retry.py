@@ -1,8 +1,6 @@
 """Backoff with full jitter within a deadline; only transient errors are retried."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from puller.errors import TransientError
@@ -39,15 +37,45 @@ def test_permanent_errors_fail_at_once() -> None:
     assert len(calls) == 1
 
 
-def test_deadline_bounds_total_time_and_names_the_operation() -> None:
+class FakeClock:
+    """`time.monotonic` and `sleep` for call_with_retry: a sleep moves the clock, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert len(self.sleeps) < 10_000, "still retrying long past the deadline"
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_deadline_bounds_total_time_and_names_the_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the retry loop's own clock (a fake one: no wall-clock bound to flake): the retries
+    stop before the deadline, no sleep ends past it, and the error names the operation, the
+    attempts and the last cause."""
+    clock = FakeClock()
+    monkeypatch.setattr("puller.retry.time", clock)  # the module's time.monotonic()
+    attempts: list[float] = []
+
     def fn() -> None:
+        attempts.append(clock.now)
+        clock.now += 0.01  # each attempt takes a little time
         raise Flaky("still down")
 
-    t0 = time.monotonic()
     with pytest.raises(TransientError) as exc:
-        call_with_retry(fn, is_transient=lambda e: True, deadline_s=0.3, what="GET s3://b/k", base_s=0.05, cap_s=0.1)
-    assert time.monotonic() - t0 < 0.6
+        call_with_retry(fn, is_transient=lambda e: True, deadline_s=3.0, what="GET s3://b/k", base_s=0.05,
+                        cap_s=0.4, sleep=clock.sleep)
+    deadline = attempts[0] + 0.01 + 3.0  # counted from the first failure
+    assert len(attempts) > 3 and len(clock.sleeps) == len(attempts) - 1  # it retried, sleeping between attempts
+    assert attempts[-1] <= deadline + 1e-9  # no sleep took it past the deadline
+    # and it gave up only once the next delay (at most cap_s) would have crossed it
+    assert deadline - 0.4 < clock.now - 0.01 <= deadline + 1e-9
     assert "GET s3://b/k" in str(exc.value) and "still down" in str(exc.value)
+    assert f"after {len(attempts)} attempts" in str(exc.value)
     assert exc.value.exit_code == 6
 
 

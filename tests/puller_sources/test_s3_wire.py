@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -101,18 +102,23 @@ class _WrongRegionHandler(BaseHTTPRequestHandler):
     do_GET = do_HEAD
 
 
-def test_a_wrong_region_answer_is_signed_again_for_the_bucket_region_once(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    srv = _WrongRegion()
+def _pull_from(srv: ThreadingHTTPServer, uri: str, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pull `uri` from the scripted endpoint `srv` (static keys), then stop it."""
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.server_address[1]}")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREGIONTEST")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "region-test-secret")
-        monkeypatch.setenv("AWS_REGION", "us-east-1")
-        _pull("s3://bkt/m/model.bin", tmp_path)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASCRIPTED")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "scripted-secret")
+        _pull(uri, dest)
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_wrong_region_answer_is_signed_again_for_the_bucket_region_once(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = _WrongRegion()
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    _pull_from(srv, "s3://bkt/m/model.bin", tmp_path, monkeypatch)
     assert (tmp_path / "model.bin").read_bytes() == _WrongRegion.body
     # HEAD (us-east-1: 301), HEAD again for eu-west-2, then the GET straight to eu-west-2
     assert srv.scopes == ["us-east-1", "eu-west-2", "eu-west-2"]
@@ -192,15 +198,19 @@ _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer
                    "starlette", "uvicorn", "psutil", "grpc")
 # an S3 pull of plain files with static keys and no AWS config file also leaves these to the
 # pulls that need them: archive readers (an archive), configparser (an .s3cfg, an AWS config
-# file), uuid (never: temp names come from os.urandom)
-_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid"),
+# file), uuid (never: temp names come from os.urandom), http.client with email's parser (the wire
+# client speaks HTTP/1.1 itself), ssl (an https endpoint only), OpenSSL's hashes (hashlib, hmac:
+# signatures and cache keys use the built-in sha256; a store checksum or file sha256 imports it)
+# and typing (annotations are strings; nothing on the path needs it at run time)
+_NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid",
+                          "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing"),
                    "http": ("urllib3", "xml")}
 
 
 def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3: S3Server, tmp_path: Path) -> None:
     """`modelshelf pull` is dispatched before anything of the agent is imported (agent.cli
-    only), records no digests in its throw-away cache, and loads one scheme's client: http.client
-    for s3:// (no urllib3), httpx (without its CLI) for http://. Interpreter start-up is most of a short pull."""
+    only), records no digests in its throw-away cache, and loads one scheme's client: the wire
+    client for s3:// (no urllib3, no http.client, no ssl for an http:// endpoint), httpx (without its CLI) for http://. Interpreter start-up is most of a short pull."""
     s3.put("models", "lean/w.bin", b"s3-bytes")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON", "MODELSHELF_"))}
     env.update(s3.env(), PYTHONPATH=str(ROOT), AWS_CONFIG_FILE=str(tmp_path / "none"),
@@ -246,15 +256,9 @@ class _TLSObjectHandler(BaseHTTPRequestHandler):
         pass
 
 
-def test_https_endpoints_verify_against_the_ca_bundle_and_a_failed_verification_is_not_retried(tmp_path: Path) -> None:
-    """TLS as botocore does it: the CA bundle given (verify=PATH) is trusted, the system's CAs
-    by default (a self-signed endpoint then fails at once, not retried as transient), verify=False
-    skips the check. Keep-alive connections are reused across requests."""
+def _tls_server(tmp_path: Path) -> tuple[ThreadingHTTPServer, Path]:
+    """The one-object server over TLS with a fresh self-signed certificate for 127.0.0.1 (started)."""
     import ssl
-
-    from puller.credentials import S3Settings
-    from puller.sources.s3 import _is_transient
-    from puller.sources.s3_wire import S3ConnectionError, S3WireClient, _Static
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
@@ -265,6 +269,18 @@ def test_https_endpoints_verify_against_the_ca_bundle_and_a_failed_verification_
     ctx.load_cert_chain(cert, key)
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, cert
+
+
+def test_https_endpoints_verify_against_the_ca_bundle_and_a_failed_verification_is_not_retried(tmp_path: Path) -> None:
+    """TLS as botocore does it: the CA bundle given (verify=PATH) is trusted, the system's CAs
+    by default (a self-signed endpoint then fails at once, not retried as transient), verify=False
+    skips the check. Keep-alive connections are reused across requests."""
+    from puller.credentials import S3Settings
+    from puller.sources.s3 import _is_transient
+    from puller.sources.s3_wire import S3ConnectionError, S3WireClient, _Static
+
+    srv, cert = _tls_server(tmp_path)
     url = f"https://127.0.0.1:{srv.server_address[1]}"
     creds = _Static("AKIDEXAMPLE", "secret-example", None)
 
@@ -318,3 +334,183 @@ def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_not_fa
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+class _Framings(BaseHTTPRequestHandler):
+    """S3 answers in every HTTP/1.1 framing the wire client must read: a 100 Continue before the
+    real answer, a chunked LIST body with a trailer, a GET cut short mid-body (the connection
+    closed after 400 of 1,000 promised bytes), and the ranged retry's body read to the close."""
+
+    protocol_version = "HTTP/1.1"
+    body = bytes(range(250)) * 4
+    seen: list[str] = []
+
+    def do_HEAD(self) -> None:  # the URI is a prefix: no such key
+        self.seen.append(f"HEAD {self.path}")
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        rng = self.headers.get("Range") or ""
+        self.seen.append(f"GET {self.path.split('?')[0]} {rng}".strip())
+        if "list-type=2" in self.path:
+            xml = (b'<?xml version="1.0"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                   b"<EncodingType>url</EncodingType><IsTruncated>false</IsTruncated><Contents><Key>m/w%20x.bin</Key>"
+                   b"<Size>1000</Size><ETag>&quot;e1&quot;</ETag></Contents></ListBucketResult>")
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in (xml[:50], xml[50:]):
+                self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\nx-trailer: 1\r\n\r\n")
+        elif not rng:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.send_header("ETag", '"e1"')
+            self.end_headers()
+            self.wfile.write(self.body[:400])
+            self.close_connection = True
+        else:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            self.wfile.write(b"HTTP/1.1 206 Partial Content\r\nConnection: close\r\nETag: \"e1\"\r\n\r\n")
+            self.wfile.write(self.body[start:])
+            self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_chunked_interim_cut_short_and_read_to_close_answers_are_read_as_http_1_1_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wire client speaks HTTP/1.1 itself (no http.client): interim 1xx answers are skipped,
+    chunked bodies decoded (extensions, trailer), a body cut short is an error that is retried
+    from the byte it stopped at, and a body without a length ends at the server's close."""
+    _Framings.seen = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Framings)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    _pull_from(srv, "s3://bkt/m", tmp_path, monkeypatch)
+    assert (tmp_path / "w x.bin").read_bytes() == _Framings.body
+    assert _Framings.seen == ["HEAD /bkt/m", "GET /bkt", "GET /bkt/m/w%20x.bin", "GET /bkt/m/w%20x.bin bytes=400-999"]
+
+
+class _ConnectProxy(threading.Thread):
+    """An http:// proxy that tunnels CONNECT (what an https endpoint behind HTTPS_PROXY needs),
+    recording each CONNECT line and its Proxy-Authorization."""
+
+    def __init__(self) -> None:
+        import socket
+
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[tuple[str, str]] = []
+
+    def run(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client) -> None:
+        import socket
+
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(4096)
+        lines = head.decode().split("\r\n")
+        auth = next((ln.split(":", 1)[1].strip() for ln in lines if ln.lower().startswith("proxy-authorization:")), "")
+        self.seen.append((lines[0], auth))
+        host, port = lines[0].split()[1].rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(a, b) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+                b.shutdown(socket.SHUT_WR)
+            except OSError:  # the other side closed first
+                pass
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+
+def test_an_https_endpoint_behind_https_proxy_is_reached_through_a_connect_tunnel(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPS_PROXY with an https endpoint: the wire client opens a CONNECT tunnel (the proxy's
+    user:password as Proxy-Authorization), then speaks TLS to the endpoint through it, verified
+    against the endpoint's certificate."""
+    import base64
+
+    from puller.credentials import S3Settings
+    from puller.sources.s3_wire import S3WireClient, _Static
+
+    srv, cert = _tls_server(tmp_path)
+    proxy = _ConnectProxy()
+    proxy.start()
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://tunnel-user:tunnel-pw@127.0.0.1:{proxy.port}")
+    try:
+        c = S3WireClient(S3Settings(source="test", endpoint_url=f"https://127.0.0.1:{srv.server_address[1]}",
+                                    addressing_style="path", verify=str(cert)),
+                         _Static("AKIDEXAMPLE", "secret-example", None), pool=2)
+        assert c.head_object(Bucket="bkt", Key="m/w.bin")["ETag"] == '"e1"'
+        assert c.get_object(Bucket="bkt", Key="m/w.bin").data == _TLSObjectHandler.body
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        proxy.sock.close()
+    basic = "Basic " + base64.b64encode(b"tunnel-user:tunnel-pw").decode()
+    assert proxy.seen == [(f"CONNECT 127.0.0.1:{srv.server_address[1]} HTTP/1.1", basic)], "one tunnel, kept alive"
+
+
+class _Stall(BaseHTTPRequestHandler):
+    """Answers that stop mid-way and hold the connection open: inside the body, or inside the head."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/head"):
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+        else:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 300)
+        self.wfile.flush()
+        time.sleep(3)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_response_that_stalls_times_out_as_a_transient_error(tmp_path: Path) -> None:
+    """The read timeout holds on every read (the kernel's SO_RCVTIMEO on plain connections): a body
+    or a head that stops arriving ends in a transient error after the timeout, not a hang and not
+    a short body taken for a whole one."""
+    from puller.credentials import S3Settings
+    from puller.sources.s3 import _is_transient
+    from puller.sources.s3_wire import S3ConnectionError, S3WireClient, _Static
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Stall)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        c = S3WireClient(S3Settings(source="test", endpoint_url=f"http://127.0.0.1:{srv.server_address[1]}",
+                                    addressing_style="path"), _Static("AKIDEXAMPLE", "secret-example", None),
+                         pool=2, read_timeout=0.3)
+        r = c.get_object(Bucket="bkt", Key="body")
+        buf, got = bytearray(2000), 0
+        with pytest.raises(TimeoutError) as body:
+            while n := r.readinto(memoryview(buf)[got:]):
+                got += n
+        r.close()
+        with pytest.raises(S3ConnectionError) as head:
+            c.get_object(Bucket="bkt", Key="head")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert got == 300 and _is_transient(body.value)
+    assert "timed out" in str(head.value) and _is_transient(head.value)

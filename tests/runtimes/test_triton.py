@@ -12,6 +12,7 @@ import pytest
 
 from agent.runtimes import LoadFailed, ServedModel
 from tests.support.models import triton_v2_request, write_triton_broken_model, write_triton_model
+from tests.support.interleave import hold_entry_removal, unload_past_a_late_load
 from tests.support.servers import RunningServer, poll_during, triton_site_packages
 
 pytestmark = pytest.mark.triton
@@ -107,3 +108,45 @@ def test_python_backend_byproducts_stay_out_of_the_model_dir(triton: RunningServ
     assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
     assert (triton.repository / "pyc" / "1" / "model.py").resolve() == (src / "1" / "model.py").resolve()  # linked, not copied
     triton.call(ad.unload("pyc"))
+
+
+def test_a_load_called_while_the_unload_of_the_name_is_in_flight_runs_after_it(
+        triton: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """unload(NAME), then load(NAME) while the unload's entry removal is still to run (Triton has
+    already unloaded the model): the calls take effect in call order, so the model ends served
+    with its entry in place. (Applied as they came, the load reached Triton before the unload's
+    removal, which then deleted the entry of the model Triton had just loaded: served, no entry.)"""
+    ad = triton.adapter
+    served = ServedModel("turn", _model(tmp_path, "turn"), "triton")
+    triton.call(ad.load(served))
+    entered, gate = hold_entry_removal(ad, monkeypatch)
+
+    async def scenario() -> None:
+        unloading = asyncio.create_task(ad.unload("turn"))
+        assert await asyncio.to_thread(entered.wait, 20)  # Triton unloaded it; the file work is held
+        loading = asyncio.create_task(ad.load(served))
+        await asyncio.wait({loading}, timeout=2.0)  # room for the load to overtake the unload
+        gate.set()
+        await unloading
+        await loading
+
+    try:
+        triton.call(scenario())
+    finally:
+        gate.set()
+    assert _infer(triton, "turn") == [v * 2 for v in VALUES]
+    assert ad.repository_entries() == {"turn"} and ad.entry("turn") == served
+    triton.call(ad.unload("turn"))
+    assert ad.repository_entries() == set()
+
+
+def test_an_unload_after_a_load_given_up_in_flight_leaves_nothing_served(
+        triton: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for MLServer: a load the caller gave up reaches Triton after the unload's answer and
+    before its entry removal; the unload drops it again. Stand-in for the network only (the
+    load's request is sent when the test says)."""
+    ad = triton.adapter
+    served = ServedModel("lost", _model(tmp_path, "lost"), "triton")
+    assert triton.call(unload_past_a_late_load(ad, served, monkeypatch)) == 200
+    assert httpx.get(f"{triton.base_url}/v2/models/lost/ready").status_code != 200
+    assert ad.repository_entries() == set()
