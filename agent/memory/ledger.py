@@ -34,11 +34,14 @@ class MemoryManager:
                  floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
                  profile: str = "default", clock: Callable[[], float] = time.monotonic,
                  measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None,
-                 malloc_keep: int = 0):
+                 malloc_keep: int = 0, allocator_reserve: Callable[[], int | None] | None = None):
         self._budget = {d: int(b) for d, b in budget.items()}
         # host bytes the server's allocator may keep resident after models are freed (the
         # embedded MLServer's --server-malloc-keep): a declared line, like a runtime import
         self.malloc_keep = max(0, int(malloc_keep))
+        # what of that reserve the server holds now, as it reports it (RuntimeAdapter.allocator_reserve):
+        # a load's measured growth is the server's RSS growth minus this figure's growth
+        self._allocator_reserve = allocator_reserve
         self._store: MetaStore = store if store is not None else InMemoryStore()
         # key -> this profile's measured record (None: none), read from the store once per key:
         # a load asks for it twice on the event loop (its cost, whether to measure), and the
@@ -248,6 +251,18 @@ class MemoryManager:
                 self._reality = RealityCheck(self, tracker=ProcessTracker(self._server_pid), gpu_probe=self._gpu,
                                              cgroup=CgroupMemory.at(where) if where else CgroupMemory.discover(), **options)
             return self._reality
+
+    def allocator_reserve(self) -> int | None:
+        """The server's allocator reserve as it last reported it (freed host bytes it keeps
+        resident, at most ``malloc_keep``); None when it reports none. Reads a small file:
+        call from a worker thread."""
+        if self._allocator_reserve is None:
+            return None
+        try:
+            return self._allocator_reserve()
+        except Exception as e:  # a figure missing must not fail a load or a check: treated as unknown
+            log.warning("memory reserve_read_failed error=%r", f"{type(e).__name__}: {e}")
+            return None
 
     def server_rss(self) -> int | None:
         """Current RSS of the server's process tree, or None when its pid is unknown."""
@@ -621,6 +636,12 @@ class MemoryManager:
         if after is None or m.before.host is None or after.host is None or m.before.pid != after.pid:
             return reserved  # not measured, nothing to measure, or the server restarted in between
         raw_host = after.host - m.before.host
+        if m.before.reserve is not None and after.reserve is not None and after.reserve != m.before.reserve:
+            # the allocator's reserve grew by the load's freed buffers it kept, or shrank by the
+            # kept pages the load reused: neither is the model's
+            log.info("memory reserve_moved model=%s rss_growth=%d reserve_before=%d reserve_after=%d",
+                     m.name, raw_host, m.before.reserve, after.reserve)
+            raw_host -= after.reserve - m.before.reserve
         raw_gpu = gpu_delta(m.before.gpu, after.gpu)
         if m.first_of_runtime:
             with self._lock:
@@ -729,6 +750,7 @@ class MemoryManager:
         if pid is None:
             return Snapshot(None, None, {})
         pids = tracker.pids()
+        reserve = self.allocator_reserve()
         host = tracker.rss(pids)
         gpu: dict[str, GpuUsage] = {}
         if self._gpu is not None and pids:
@@ -736,7 +758,7 @@ class MemoryManager:
                 gpu = self._gpu.usage(pids)
             except Exception as e:  # a GPU probe failing mid-run must not fail a load
                 log.warning("memory gpu_probe_failed error=%r", f"{type(e).__name__}: {e}")
-        return Snapshot(pid, host, gpu)
+        return Snapshot(pid, host, gpu, reserve)
 
     def _touch_windows(self, name: str, reason: str) -> None:
         for m in self._windows.values():

@@ -94,6 +94,7 @@ SETTINGS_FILE = "model-settings.json"
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's largest; the agent bounds messages itself
 PARKED_DIR = ".loaded"  # loaded entries, out of sight of MLServer's re-glob (see the module doc)
 REPOSITORY_IMPLEMENTATION = "agent.runtimes.mlserver_repository.EntryRepository"
+RESERVE_FILE = ".malloc-reserve"  # the embedded server's allocator reserve, in bytes (see allocator_reserve)
 MALLOC_KEEP_ENV = "MODELSHELF_SERVER_MALLOC_KEEP"  # the agent's --server-malloc-keep, in bytes
 _AGENT_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the `agent` package
 
@@ -255,8 +256,10 @@ class MLServerAdapter(HTTPServerAdapter):
             # reloaded: no re-glob of the repository, no per-load import (mlserver_repository.py)
             "model_repository_implementation": REPOSITORY_IMPLEMENTATION,
             "model_repository_implementation_args": {"builtin": sorted(IMPLEMENTATIONS.values()),
-                                                     "malloc_keep": self.malloc_keep},
+                                                     "malloc_keep": self.malloc_keep,
+                                                     "reserve_file": str(self.reserve_file)},
         }
+        self.reserve_file.unlink(missing_ok=True)  # a figure a former server (kept more) left
         if "MLSERVER_LOGGING_SETTINGS" not in env:  # settings.json would override the user's choice
             settings["logging_settings"] = quiet_logging()
         write_json(self.repository / "settings.json", settings)
@@ -302,6 +305,25 @@ class MLServerAdapter(HTTPServerAdapter):
         super().__init__(*args, **kwargs)
         self._parks: dict[str, asyncio.Task] = {}  # name -> its park in flight (see load; one per name: a load waits for the last)
         self._dirty: set[str] = set()  # names whose park failed here: swept at their next park/unload
+
+    @property
+    def reserve_file(self) -> Path:
+        """`<repo>/.malloc-reserve`: where the embedded server publishes its allocator reserve."""
+        return self.repository / RESERVE_FILE
+
+    def allocator_reserve(self) -> int | None:
+        """The embedded server's allocator reserve now: freed heap bytes it keeps resident, as
+        its repository class wrote them after its last load or unload (mlserver_repository.Reserve;
+        one small file read). None for a sidecar, or when the server keeps none (trims after
+        every call) or has not written it yet."""
+        if self.process is None or not self.malloc_keep:
+            return None
+        try:
+            with open(self.reserve_file, "rb") as f:
+                raw = f.read(8)
+        except OSError:
+            return None
+        return int.from_bytes(raw, "little") if len(raw) == 8 else None
 
     @property
     def parked_dir(self) -> Path:

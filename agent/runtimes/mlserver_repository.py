@@ -35,13 +35,20 @@ imports + keep. "Resident free" is read as RSS - mallinfo2's bytes in use (`uord
 mallinfo2 (which walks the free lists: ~0.26 ms with 20 forests held). mallinfo2's `fordblks` is
 no measure of it: it still counts free chunks whose pages a trim already released, so a bound on
 it trims after almost every call. With `malloc_keep` 0, or without mallinfo2 (glibc < 2.33), the
-server trims after every call, as before. A limit of the reserve: the agent measures a load as
-the server's RSS growth, which now also holds whatever of the load's freed buffers stayed in the
-reserve (or less, where the load reused kept pages), so a single measurement may be off by up to
-the reserve; declarations stay floors and reality's check still bounds the whole server (in
-benchmarks/results/peers_keep_r2, ~1,000 loads with a 100 MiB reserve, one was logged above its
-declaration: 70.8 MiB for a forest declared at 35.8 MiB). The server could report its
-resident-free figure for the agent to subtract: not done yet.
+server trims after every call, as before.
+
+The reserve is published: after every registry call `Reserve` writes its current figure (the
+resident free bytes above, 8 bytes little-endian) with one pwrite to the file named by
+`reserve_file` (the adapter passes `<repository>/.malloc-reserve`; MLServerAdapter.allocator_reserve
+reads it). The agent measures a load as the server's RSS growth minus the figure's growth over
+the same window: without that, a load's freed read buffers that stayed in the reserve counted as
+the model (a forest measured ~2x: 70.8 MiB for one declared at 35.8 in
+benchmarks/results/peers_keep_r2), and kept pages a load reused did not (measured near 0). Its
+limits: the figure is what the last registry call saw (frees between calls, an inference's, show
+up at the next one), and it counts every resident byte malloc does not hand out, so memory a load
+takes outside malloc (Python's small-object arenas, a library's pages) counts as reserve until
+the next trim folds it into `_left`. The big one of those, a runtime's import, is folded at
+once: a call that imported modules (len(sys.modules) grew) ends with a trim.
 
 Why not trim always: every page a trim gives back is faulted in again by the next load. On
 bench_peers' forests (19-49 MiB, 20 held, benchmarks/results/load_malloc.md) a load is p50
@@ -61,6 +68,7 @@ import ctypes.util
 import functools
 import json
 import os
+import sys
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, List
 
@@ -72,13 +80,14 @@ from mlserver.settings import ModelParameters, ModelSettings
 class EntryRepository(SchemalessModelRepository):
     """SchemalessModelRepository with a direct `find` (see the module doc)."""
 
-    def __init__(self, root: str, builtin: Iterable[str] = (), cache_size: int = 4096, malloc_keep: int = 0):
+    def __init__(self, root: str, builtin: Iterable[str] = (), cache_size: int = 4096, malloc_keep: int = 0,
+                 reserve_file: str | None = None):
         super().__init__(root)
         self._abs_root = os.path.abspath(root) if root else ""
         self._builtin = frozenset(builtin)
         self._cache: OrderedDict[bytes, ModelSettings] = OrderedDict()
         self._cache_size = int(cache_size)
-        _trim_after_registry_calls(int(malloc_keep))
+        _trim_after_registry_calls(int(malloc_keep), reserve_file)
 
     async def find(self, name: str) -> List[ModelSettings]:
         if self._abs_root and name and "/" not in name and not name.startswith("."):
@@ -148,9 +157,11 @@ class Reserve:
     arenas): counting the latter only trims sooner. mallinfo2's ``fordblks`` alone is no
     measure: it counts free chunks whose pages a trim already gave back."""
 
-    def __init__(self, keep: int = 0):
+    def __init__(self, keep: int = 0, publish: str | None = None):
         self.keep = max(0, int(keep))
         self.trims = 0
+        self._fd: int | None = None
+        self._modules = len(sys.modules)
         self._trim: Callable[[], Any] | None = None
         self._mallinfo: Callable[[], _Mallinfo2] | None = None
         try:
@@ -169,6 +180,9 @@ class Reserve:
                 self._left = self.unaccounted()
             except (OSError, ValueError, IndexError):  # no /proc/self/statm: trim after every call
                 self._mallinfo = None
+        if publish and self.bounded:  # trimmed after every call: nothing kept, nothing to publish
+            self._fd = os.open(publish, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._publish(0)
 
     @property
     def available(self) -> bool:
@@ -187,20 +201,35 @@ class Reserve:
     def after_call(self) -> None:
         if self._trim is None:
             return
-        if self.bounded and self.unaccounted() - self._left <= self.keep:
-            return
+        if self.bounded:
+            kept = self.unaccounted() - self._left
+            # a call that imported modules (a runtime's first load) grew the process by code and
+            # objects no trim gives back: trim now, so that they count into `_left`, not into
+            # the reserve the agent subtracts from a load's growth
+            imported, self._modules = len(sys.modules) != self._modules, len(sys.modules)
+            if kept <= self.keep and not imported:
+                self._publish(kept)
+                return
         self._trim()
         self.trims += 1
         if self.bounded:
             self._left = self.unaccounted()  # what a trim cannot give back is not a reserve
+            self._publish(0)
+
+    def _publish(self, kept: int) -> None:
+        """Write the reserve's resident free bytes now (8 bytes, little-endian, at offset 0)
+        to the file the agent reads (MLServerAdapter.allocator_reserve): no fsync, a page-cache
+        write of a few microseconds."""
+        if self._fd is not None:
+            os.pwrite(self._fd, max(0, int(kept)).to_bytes(8, "little"), 0)
 
 
-def _trim_after_registry_calls(keep: int) -> None:
-    """Make every registry load and unload end with `Reserve.after_call` (once per process;
-    see the module doc)."""
+def _trim_after_registry_calls(keep: int, publish: str | None = None) -> None:
+    """Make every registry load and unload end with `Reserve.after_call`, which publishes the
+    reserve's figure to the file `publish` (once per process; see the module doc)."""
     if getattr(MultiModelRegistry, "_modelshelf_trims", False):
         return
-    reserve = Reserve(keep)
+    reserve = Reserve(keep, publish)
     if not reserve.available:
         return
 

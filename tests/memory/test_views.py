@@ -43,9 +43,10 @@ def test_status_and_metrics_show_ledger_and_reality(tmp_path):
         assert set(ledger["models"]) == {"m0", "m1"}
         real = reality["devices"]["host"]
         assert real["real"] >= 30 * MiB, reality  # the 30 MiB payload, over the bare server's baseline
-        # drift = ledger - real, the reserve counted only as far as the server uses it
-        assert real["drift"] == (real["ledger"] - real["real"] if real["real"] > real["ledger"]
-                                 else max(0, real["ledger"] - 24 * MiB - real["real"])) and real["excess"] == 0
+        # drift = ledger - real, the reserve counted only as far as the server says it keeps it
+        kept = reality["allocator_reserve"]
+        assert kept is not None and 0 <= kept <= 24 * MiB, reality
+        assert real["drift"] == real["ledger"] - 24 * MiB + kept - real["real"] and real["excess"] == 0
         assert reality["server_rss"] > real["real"]
         text = agent.get("/metrics")[1].decode()
         value = re.search(r'^modelshelf_memory_real_bytes\{device="host"\} ([0-9.e+]+)$', text, re.M)
