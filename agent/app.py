@@ -81,7 +81,8 @@ class Agent:
         # a % budget is of what is left to models: the server's and the agent's own RSS is not
         pid = self._server_pid()
         overhead = tree_rss(os.getpid()) if pid is None else tree_rss(pid) + psutil.Process().memory_info().rss
-        self.memory = MemoryManager.from_settings(s, store=self.cache, server_pid=self._server_pid, host_overhead=overhead)
+        self.memory = MemoryManager.from_settings(s, store=self.cache, server_pid=self._server_pid, host_overhead=overhead,
+                                                  allocator_reserve=self.adapter.allocator_reserve)
         self.reconciler = Reconciler(s, self.cache, self.adapter, self.memory, self.metrics)
         self.reconciler.on_change = self.fleet.bump
         self.router = Router(self.reconciler, lambda: self.adapter.base_url, self.metrics, server_ready=self.ready)

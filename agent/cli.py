@@ -153,6 +153,16 @@ def _headroom(value: str) -> float:
     return n
 
 
+def _malloc_keep(value: str) -> int:
+    """Bytes, a quantity (0: none kept)."""
+    from agent.quantity import parse_quantity
+
+    try:
+        return parse_quantity(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _half_life(value: str) -> float:
     """A number of requests, above 0."""
     try:
@@ -208,7 +218,7 @@ def _add_cache(sub: "argparse._SubParsersAction") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agent.settings import EVICTION_POLICIES
+    from agent.settings import DEFAULT_SERVER_MALLOC_KEEP, EVICTION_POLICIES
 
     parser = argparse.ArgumentParser(prog="modelshelf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server-repository", type=Path, default=None, help="repository dir the agent writes model entries into (shared with a sidecar server)")
     run.add_argument("--server-port", type=int, default=None, help="embedded server's HTTP port (default: a free one)")
     run.add_argument("--triton-bin", type=Path, default=None, help="tritonserver binary (default: found in .venv-triton)")
+    run.add_argument("--server-malloc-keep", type=_malloc_keep, default=None, help="embedded MLServer: freed heap memory its allocator may keep resident between loads (bytes or quantity, e.g. 128Mi), so the next load reuses warm pages instead of faulting fresh ones; past it the server gives the free pages back (malloc_trim). Counted in the memory budget as a line of its own (/status: malloc_keep). 0: give them back after every load and unload (default %dMi, but at most 1/8 of the host budget)" % (DEFAULT_SERVER_MALLOC_KEEP // 2**20))
     run.add_argument("--server-pid-file", type=Path, default=None, help="sidecar mode: file holding the server's pid (needs a shared PID namespace), so its real memory (RSS, NVML per process) is measured")
     run.add_argument("--memory-tolerance", type=float, default=0.05, help="fraction by which real memory may exceed the budget before the agent evicts (default 0.05)")
     run.add_argument("--memory-pressure", type=float, default=0.90, help="fraction of the container's cgroup limit above which the agent evicts (default 0.90)")
@@ -304,7 +315,7 @@ def build_light_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings for `run` and `prefetch`. Raises SystemExit(2) with a message on bad values."""
     from agent.quantity import parse_quantity
-    from agent.settings import Settings, default_holder
+    from agent.settings import DEFAULT_SERVER_MALLOC_KEEP, Settings, default_holder
 
     if args.config_dir is None or args.cache_dir is None:
         raise SystemExit(f"modelshelf {args.command}: --config-dir and --cache-dir are required (or MODELSHELF_CONFIG_DIR / MODELSHELF_CACHE_DIR)")
@@ -324,6 +335,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.server_port = int(args.server_port) if args.server_port else None
         s.triton_bin = args.triton_bin
         s.host_memory, s.gpu_memory = args.host_memory, args.gpu_memory
+        if args.server_malloc_keep is None:  # the default: bounded by the budget (agent.memory.budget)
+            from agent.memory.budget import default_malloc_keep
+
+            s.server_malloc_keep = default_malloc_keep(s.host_memory, DEFAULT_SERVER_MALLOC_KEEP)
+        else:
+            s.server_malloc_keep = args.server_malloc_keep
         s.memory_multipliers = _multipliers(args.memory_multiplier)
         s.min_residency_s = args.min_residency
         s.load_timeout_s, s.request_timeout_s = args.load_timeout, args.request_timeout
@@ -406,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         return prefetch(settings)
     from agent.app import run
 
+    # the embedded MLServer's adapter finds the keep in the environment it starts the server with
+    # (MLServerAdapter.malloc_keep), normalized to bytes
+    os.environ[env_name("--server-malloc-keep")] = str(settings.server_malloc_keep)
     return run(settings)
 
 

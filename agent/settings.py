@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     from puller import PullOptions
 
 
-EVICTION_POLICIES = ("lru", "lfu-decay")  # --eviction (agent.memory.planner.eviction_order)
+EVICTION_POLICIES = ("lru", "lfu-decay")
+# --server-malloc-keep: free heap bytes the embedded MLServer's allocator keeps resident between
+# loads (agent/runtimes/mlserver_repository.py), a declared line of the ledger
+DEFAULT_SERVER_MALLOC_KEEP = 128 * 2**20  # --eviction (agent.memory.planner.eviction_order)
 
 
 def default_holder() -> str:
@@ -32,6 +35,7 @@ class Settings:
     server_repository: Path | None = None  # repository dir the adapter owns (default: <cache>/.repository/<holder>)
     server_port: int | None = None  # embedded server's HTTP port (None: a free one)
     triton_bin: Path | None = None  # tritonserver binary (default: discovered in .venv-triton)
+    server_malloc_keep: int = DEFAULT_SERVER_MALLOC_KEEP  # embedded MLServer: freed heap bytes kept resident (0: trim after every load/unload)
     max_cache_bytes: int | None = None
     host_memory: str | None = None  # bytes, quantity or "N%" of the cgroup limit / RAM
     gpu_memory: str | None = None  # bytes, quantity or "N%" of each GPU

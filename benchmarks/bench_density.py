@@ -208,10 +208,12 @@ def _metric(m: dict[str, float], key: str) -> float:
 
 # ---------------------------------------------------------------------------------- one run
 def calibrate_overhead(work: Path, dirs: list[Path], args: argparse.Namespace) -> int:
-    """Bytes the agent charges to the server on the first sklearn load (see module doc)."""
+    """Bytes the agent charges to the server on the first sklearn load (see module doc): the
+    runtime's import alone (no allocator reserve, --server-malloc-keep 0: a reserve takes its
+    bytes from the models' share of the budget, as it would for a user)."""
     mem = int(args.model_memory_bytes)
     agent = Agent(work / "calibrate", model_entries(dirs, 1, args.model_memory), "--host-memory", "4Gi",
-                  "--min-residency", "0", "--resync-interval", "600", entry=args.entry)
+                  "--min-residency", "0", "--resync-interval", "600", "--server-malloc-keep", "0", entry=args.entry)
     try:
         agent.wait_ready()
         agent.wait_models(lambda ms: all(m["state"] == "cached" for m in ms.values()), 60, "cached")

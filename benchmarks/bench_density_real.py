@@ -228,12 +228,14 @@ with embedded_mlserver(Path(os.environ["SLACK_WORKDIR"])) as srv:
                       "slack": rss - base - imp - payload, "loaded": len(loaded), "loads": steps + 1}))
 """
 
-# the embedded MLServer runs with MALLOC_MMAP_THRESHOLD_=4194304 (MLServerAdapter) and trims its
-# heap after every unload (agent/runtimes/mlserver_repository.py), in every variant; "" removes
-# the threshold (glibc's dynamic default)
-SLACK_VARIANTS = {"glibc default (dynamic mmap threshold), trim after unload": {"MALLOC_MMAP_THRESHOLD_": ""},
-                  "MALLOC_MMAP_THRESHOLD_=131072 (the agent's default before), trim after unload": {"MALLOC_MMAP_THRESHOLD_": "131072"},
-                  "MALLOC_MMAP_THRESHOLD_=4194304, trim after unload (the agent's default)": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
+# the embedded MLServer runs with MALLOC_MMAP_THRESHOLD_=4194304 (MLServerAdapter) and, with no
+# allocator reserve (MODELSHELF_SERVER_MALLOC_KEEP=0, --server-malloc-keep 0), trims its heap after
+# every load and unload (agent/runtimes/mlserver_repository.py), in every variant: the slack is
+# what the allocator keeps by itself; "" removes the threshold (glibc's dynamic default)
+_NO_RESERVE = {"MODELSHELF_SERVER_MALLOC_KEEP": "0"}
+SLACK_VARIANTS = {"glibc default (dynamic mmap threshold), trim after unload": {"MALLOC_MMAP_THRESHOLD_": "", **_NO_RESERVE},
+                  "MALLOC_MMAP_THRESHOLD_=131072 (the agent's default before), trim after unload": {"MALLOC_MMAP_THRESHOLD_": "131072", **_NO_RESERVE},
+                  "MALLOC_MMAP_THRESHOLD_=4194304, trim after unload (the agent's default)": {"MALLOC_MMAP_THRESHOLD_": "4194304", **_NO_RESERVE}}
 
 
 def allocator_slack(work: Path, models: list[dict[str, Any]], budget_mib: int) -> dict[str, Any]:

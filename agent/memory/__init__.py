@@ -12,6 +12,10 @@ Budgets (``discover_budget``)
     and the agent's RSS are overhead no model gets: when the host budget is a percentage (or the
     default), the caller passes that overhead as ``host_overhead`` and it is subtracted; an absolute
     byte value is taken as the models' budget as written.
+  * The embedded MLServer's allocator reserve (``--server-malloc-keep``, ``MemoryManager.malloc_keep``:
+    freed heap it may keep resident between loads, agent/runtimes/mlserver_repository.py) is a
+    declared line of the ledger beside the runtime imports: counted in ``used()``, it takes its
+    room from models. Its default is bounded by the budget (``default_malloc_keep``).
   * GPU: ``--gpu-memory`` as bytes / quantity / ``"N%"`` of EACH device's total memory (NVML,
     nvidia-ml-py). Default 90% (the rest covers the CUDA context of the server and fragmentation).
     No NVML (no library, no driver, no device): GPU budgeting is off, one info line says so.
@@ -30,7 +34,10 @@ Cost of a model (``MemoryManager.cost_for``), per device, in this order:
 Measurement after load (``start_measure`` / ``finish_measure``): host = RSS delta of the server's
 process tree (psutil, children recursive), GPU = NVML per-process used memory summed over the
 tree's pids (falling back to the device's used memory when none of our pids is visible, as in a
-container without the host PID namespace). Honest about noise:
+container without the host PID namespace). Where the server reports an allocator reserve (freed
+bytes it keeps resident for later loads: the embedded MLServer's --server-malloc-keep,
+``allocator_reserve``), host = the RSS delta minus the reserve's change over the same window:
+freed buffers the reserve kept are not the model's, kept pages the load reused are. Honest about noise:
   * RSS deltas can be tiny or negative (the allocator reuses what an evicted model freed; Python
     rarely returns memory to the OS, and PyTorch's caching allocator keeps GPU blocks). A recorded
     measurement is never below ``floor_fraction`` x the estimate nor ``min_model_bytes``, and a new

@@ -102,6 +102,22 @@ def host_memory_total(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = P
     return ram, "ram"
 
 
+MALLOC_KEEP_SHARE = 8  # the default --server-malloc-keep takes at most 1/8 of the host budget
+
+
+def default_malloc_keep(host_memory: str | int | None, cap: int) -> int:
+    """The embedded server's allocator reserve when --server-malloc-keep is not given: ``cap``,
+    but never more than 1/``MALLOC_KEEP_SHARE`` of the host budget (a percentage read before the
+    server's and agent's own RSS is subtracted), so a small budget keeps its room for models.
+    0 when --host-memory does not parse (the agent refuses it at start, naming it)."""
+    try:
+        whole, _ = host_memory_total()
+        host, _ = parse_budget(host_memory, whole, default_percent=DEFAULT_HOST_PERCENT, what="--host-memory")
+    except ValueError:
+        return 0
+    return max(0, min(int(cap), host // MALLOC_KEEP_SHARE))
+
+
 def discover_budget(host_memory: str | int | None = None, gpu_memory: str | int | None = None, *,
                     gpu_probe: "GpuProbe | None" = None, host_overhead: int = 0,
                     cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup"),

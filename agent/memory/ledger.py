@@ -33,8 +33,15 @@ class MemoryManager:
                  server_pid: Callable[[], int | None] | int | None = None, min_residency_s: float = 30.0,
                  floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
                  profile: str = "default", clock: Callable[[], float] = time.monotonic,
-                 measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None):
+                 measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None,
+                 malloc_keep: int = 0, allocator_reserve: Callable[[], int | None] | None = None):
         self._budget = {d: int(b) for d, b in budget.items()}
+        # host bytes the server's allocator may keep resident after models are freed (the
+        # embedded MLServer's --server-malloc-keep): a declared line, like a runtime import
+        self.malloc_keep = max(0, int(malloc_keep))
+        # what of that reserve the server holds now, as it reports it (RuntimeAdapter.allocator_reserve):
+        # a load's measured growth is the server's RSS growth minus this figure's growth
+        self._allocator_reserve = allocator_reserve
         self._store: MetaStore = store if store is not None else InMemoryStore()
         # key -> this profile's measured record (None: none), read from the store once per key:
         # a load asks for it twice on the event loop (its cost, whether to measure), and the
@@ -87,6 +94,8 @@ class MemoryManager:
                                               "cgroup_dir": cgroup_dir})
         kwargs.setdefault("min_residency_s", settings.min_residency_s)
         kwargs.setdefault("profile", getattr(settings, "server", "default"))
+        if getattr(settings, "server", None) == "mlserver" and not getattr(settings, "server_url", None):
+            kwargs.setdefault("malloc_keep", getattr(settings, "server_malloc_keep", 0))  # only the embedded one keeps it
         return cls(budget, store=store, multipliers=settings.memory_multipliers, gpu_probe=probe,
                    server_pid=server_pid, **kwargs)
 
@@ -101,8 +110,8 @@ class MemoryManager:
         return dict(self._budget)
 
     def used(self) -> dict[str, int]:
-        """Device -> reserved bytes: models loaded or loading plus the server's overhead, every
-        budgeted device. Models being unloaded are not counted (their bytes are promised to the
+        """Device -> reserved bytes: models loaded or loading plus the server's overhead (runtime
+        imports, the allocator's ``malloc_keep``), every budgeted device. Models being unloaded are not counted (their bytes are promised to the
         model admitted in their place), so a swap never reads above the budget: ``held()`` counts
         them until their unload finished."""
         with self._lock:
@@ -116,10 +125,17 @@ class MemoryManager:
 
     def _sum(self, names: Iterable[str]) -> dict[str, int]:
         out = {d: 0 for d in self._budget}
-        for cost in [*(self._reserved[n] for n in names), *self._overhead.values()]:
+        for cost in [*(self._reserved[n] for n in names), *self._server_lines()]:
             for d, b in cost.devices().items():
                 out[d] = out.get(d, 0) + b
         return out
+
+    def _server_lines(self) -> list[Cost]:
+        """The server's own lines: runtime imports and the allocator's kept bytes."""
+        lines = list(self._overhead.values())
+        if self.malloc_keep:
+            lines.append(Cost(self.malloc_keep, {}, "declared"))
+        return lines
 
     def free(self) -> dict[str, int]:
         """Device -> bytes available to a new model (budget - used). May be negative."""
@@ -199,12 +215,13 @@ class MemoryManager:
 
     def ledger_doc(self) -> dict[str, Any]:
         """The ledger for /status: per device budget, used (reserved, what admission counts),
-        held (used + models still unloading) and the server's overhead; per runtime the import
-        charged to the server and whether it is split from its first model yet."""
+        held (used + models still unloading) and the server's overhead (imports + ``malloc_keep``);
+        per runtime the import charged to the server and whether it is split from its first model
+        yet; the allocator's kept bytes (``malloc_keep``, 0 where the server trims after each call)."""
         with self._lock:
             used, held = self.used(), self.held()
             over: dict[str, int] = {}
-            for c in self._overhead.values():
+            for c in self._server_lines():
                 for d, b in c.devices().items():
                     over[d] = over.get(d, 0) + b
             devices = {d: {"budget": b, "used": used.get(d, 0), "held": held.get(d, 0), "overhead": over.get(d, 0)}
@@ -215,7 +232,8 @@ class MemoryManager:
                         for k, c in self._overhead.items()}
             corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
             models = {n: {**c.doc(), "unloading": n in self._unloading} for n, c in sorted(self._reserved.items())}
-            return {"devices": devices, "runtime_imports": runtimes, "under_declared": corrected, "models": models}
+            return {"devices": devices, "runtime_imports": runtimes, "malloc_keep": {"host": self.malloc_keep},
+                    "under_declared": corrected, "models": models}
 
     def server_baseline(self, pid: int | None) -> int | None:
         """The server process ``pid``'s tree RSS before its first model (None: not seen)."""
@@ -233,6 +251,18 @@ class MemoryManager:
                 self._reality = RealityCheck(self, tracker=ProcessTracker(self._server_pid), gpu_probe=self._gpu,
                                              cgroup=CgroupMemory.at(where) if where else CgroupMemory.discover(), **options)
             return self._reality
+
+    def allocator_reserve(self) -> int | None:
+        """The server's allocator reserve as it last reported it (freed host bytes it keeps
+        resident, at most ``malloc_keep``); None when it reports none. Reads a small file:
+        call from a worker thread."""
+        if self._allocator_reserve is None:
+            return None
+        try:
+            return self._allocator_reserve()
+        except Exception as e:  # a figure missing must not fail a load or a check: treated as unknown
+            log.warning("memory reserve_read_failed error=%r", f"{type(e).__name__}: {e}")
+            return None
 
     def server_rss(self) -> int | None:
         """Current RSS of the server's process tree, or None when its pid is unknown."""
@@ -387,7 +417,7 @@ class MemoryManager:
         with self._lock:
             cands, loading = self._resolve_candidates(candidates, model)
             overhead: dict[str, int] = {}
-            for cost in self._overhead.values():
+            for cost in self._server_lines():
                 for d, b in cost.devices().items():
                     overhead[d] = overhead.get(d, 0) + b
             return plan_eviction(needed, cands, free=self._free_for(model), budget=self._budget, model=model,
@@ -606,6 +636,12 @@ class MemoryManager:
         if after is None or m.before.host is None or after.host is None or m.before.pid != after.pid:
             return reserved  # not measured, nothing to measure, or the server restarted in between
         raw_host = after.host - m.before.host
+        if m.before.reserve is not None and after.reserve is not None and after.reserve != m.before.reserve:
+            # the allocator's reserve grew by the load's freed buffers it kept, or shrank by the
+            # kept pages the load reused: neither is the model's
+            log.info("memory reserve_moved model=%s rss_growth=%d reserve_before=%d reserve_after=%d",
+                     m.name, raw_host, m.before.reserve, after.reserve)
+            raw_host -= after.reserve - m.before.reserve
         raw_gpu = gpu_delta(m.before.gpu, after.gpu)
         if m.first_of_runtime:
             with self._lock:
@@ -714,6 +750,7 @@ class MemoryManager:
         if pid is None:
             return Snapshot(None, None, {})
         pids = tracker.pids()
+        reserve = self.allocator_reserve()
         host = tracker.rss(pids)
         gpu: dict[str, GpuUsage] = {}
         if self._gpu is not None and pids:
@@ -721,7 +758,7 @@ class MemoryManager:
                 gpu = self._gpu.usage(pids)
             except Exception as e:  # a GPU probe failing mid-run must not fail a load
                 log.warning("memory gpu_probe_failed error=%r", f"{type(e).__name__}: {e}")
-        return Snapshot(pid, host, gpu)
+        return Snapshot(pid, host, gpu, reserve)
 
     def _touch_windows(self, name: str, reason: str) -> None:
         for m in self._windows.values():

@@ -12,6 +12,7 @@ class Snapshot:
     pid: int | None
     host: int | None
     gpu: dict[str, GpuUsage]
+    reserve: int | None = None  # the server's allocator reserve (freed bytes it keeps resident), when it reports one
 
 
 @dataclass

@@ -19,7 +19,10 @@ figures and says how far off the ledger is and how many bytes must go:
   ``pressure`` (default 90%) of its limit: the kernel OOM-kills at 100%. The figure is the
   largest of the three gaps (reality over budget, ledger over budget, working set over
   ``pressure`` x limit), so evicting models whose reservations sum to it brings it back.
-* drift = ledger ``used()`` - reality, per device; logged when it exceeds the tolerance while the
+* drift = ledger ``used()`` - reality, per device (the embedded server's allocator reserve,
+  ``malloc_keep``, counted only as far as reality uses it: it is a bound, not a use; where the
+  server reports what it keeps now, ``MemoryManager.allocator_reserve``, exactly that much of
+  it); logged when it exceeds the tolerance while the
   ledger is ``settled`` (no load or unload in flight: mid-load the model is reserved before the
   server holds it, mid-unload it is still held but promised to its successor).
 * OOM kills: the cgroup's ``oom_kill`` counter (v2 ``memory.events``, v1 ``memory.oom_control``);
@@ -228,6 +231,20 @@ def _kv(path: Path) -> dict[str, int]:
     return out
 
 
+def _drift(ledger: int, real: int, keep: int, kept: int | None = None) -> int:
+    """ledger - real, where the ledger's allocator reserve (``keep``, a bound the server may use
+    or not) counts only as far as real memory uses it: with the server's own figure of what it
+    keeps now (``kept``) exactly that much of it; without one, real anywhere between the ledger
+    without the reserve and the ledger with it is no drift."""
+    if not keep:
+        return ledger - real
+    if kept is not None:
+        return ledger - keep + min(max(0, kept), keep) - real
+    if real > ledger:
+        return ledger - real
+    return max(0, ledger - keep - real)
+
+
 @dataclass
 class RealityReport:
     """One check: per device the real bytes, the ledger's, drift (ledger - real), budget and the
@@ -250,6 +267,8 @@ class RealityReport:
     # (during a load the model is reserved before the server holds it; during an unload it is
     # still held but its bytes are promised to its successor), so drift is judged only here
     settled: bool = True
+    # the server's allocator reserve as it reported it (freed bytes it keeps; None: not reported)
+    allocator_reserve: int | None = None
 
     def doc(self) -> dict[str, Any]:
         cg = self.cgroup
@@ -261,6 +280,7 @@ class RealityReport:
             "cgroup": None if cg is None else {"current": cg.current, "working_set": cg.working_set, "limit": cg.limit,
                                                "oom_kills": cg.oom_kills, "high_events": cg.high_events},
             "oom_kills": self.oom_kills, "last_oom_kill_at": self.last_oom_kill_at, "settled": self.settled,
+            "allocator_reserve": self.allocator_reserve,
             "reason": (f"{self.oom_kills} process(es) of this container OOM-killed by the kernel (last at "
                        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.last_oom_kill_at or 0))})"
                        if self.oom_kills else None),
@@ -340,10 +360,13 @@ class RealityCheck:
                 why, gap = max(gaps.items(), key=lambda kv: kv[1])
                 if gap > 0:
                     excess[d], reasons[d] = int(gap), why
-            drift = {d: ledger.get(d, 0) - r for d, r in real.items()}
+            keep = self.ledger.malloc_keep
+            kept = self.ledger.allocator_reserve() if keep else None
+            drift = {d: _drift(ledger.get(d, 0), r, keep if d == HOST else 0, kept if d == HOST else None)
+                     for d, r in real.items()}
             report = RealityReport(self._clock(), real, ledger, drift, budget, excess, reasons, self.source, rss,
                                    baseline, cg, self.oom_kills, self.last_oom_kill_at,
-                                   settled=settled and self.ledger.settled())
+                                   settled=settled and self.ledger.settled(), allocator_reserve=kept)
             self._last = report
         self._log(report)
         return report

@@ -95,6 +95,13 @@ class RuntimeAdapter(abc.ABC):
         """Names that have an entry in the repository dir the adapter owns."""
         return set()
 
+    def allocator_reserve(self) -> int | None:
+        """Freed bytes the server's allocator keeps resident for later loads, as the server
+        last reported them (the embedded MLServer's --server-malloc-keep reserve); None when the
+        server reports none. The ledger subtracts its change from a load's measured growth.
+        Reads a small file: call off the event loop."""
+        return None
+
     def served_path(self, name: str) -> Path | None:
         """The cache path the repository entry of `name` points at, if the adapter can tell.
         Restart recovery adopts a READY model without reloading only when this matches the

@@ -86,12 +86,16 @@ from urllib.parse import quote
 import httpx
 
 from agent.runtimes.base import LoadFailed, ServedModel, ServerUnavailable
+from agent.quantity import parse_quantity
 from agent.runtimes.common import Answer, HTTPServerAdapter, Listen, check_name, write_json
+from agent.settings import DEFAULT_SERVER_MALLOC_KEEP
 
 SETTINGS_FILE = "model-settings.json"
 _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's largest; the agent bounds messages itself
 PARKED_DIR = ".loaded"  # loaded entries, out of sight of MLServer's re-glob (see the module doc)
 REPOSITORY_IMPLEMENTATION = "agent.runtimes.mlserver_repository.EntryRepository"
+RESERVE_FILE = ".malloc-reserve"  # the embedded server's allocator reserve, in bytes (see allocator_reserve)
+MALLOC_KEEP_ENV = "MODELSHELF_SERVER_MALLOC_KEEP"  # the agent's --server-malloc-keep, in bytes
 _AGENT_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the `agent` package
 
 IMPLEMENTATIONS = {
@@ -226,12 +230,18 @@ class MLServerAdapter(HTTPServerAdapter):
 
     kind = "mlserver"
     entry_file = SETTINGS_FILE
-    # blocks under 4 MiB on the heap, whose free pages EntryRepository trims after each unload:
-    # joblib.load's transient buffers reuse warm heap pages instead of faulting in a fresh mmap
-    # each (91-93 -> 67 ms per load of a 19-49 MiB forest with the unload's trim: benchmarks/results/load_malloc.md)
+    # blocks under 4 MiB on the heap, whose free pages EntryRepository keeps up to `malloc_keep`
+    # and trims past it: joblib.load's transient buffers reuse warm heap pages instead of faulting
+    # in a fresh mmap each (benchmarks/results/load_malloc.md)
     malloc_mmap_threshold = str(4 * 2**20)
 
     def _server_command(self, listen: Listen, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        if self.malloc_keep is None:  # the agent's --server-malloc-keep (agent.cli exports it), else the default
+            raw = env.get(MALLOC_KEEP_ENV)
+            try:
+                self.malloc_keep = DEFAULT_SERVER_MALLOC_KEEP if raw is None else parse_quantity(raw)
+            except ValueError as e:
+                raise ValueError(f"{MALLOC_KEEP_ENV}: {e}") from None
         settings = {
             "host": listen.host,
             "http_port": listen.http_port,
@@ -245,8 +255,11 @@ class MLServerAdapter(HTTPServerAdapter):
             # a load reads its own entry, parsed once per content, installed runtimes not
             # reloaded: no re-glob of the repository, no per-load import (mlserver_repository.py)
             "model_repository_implementation": REPOSITORY_IMPLEMENTATION,
-            "model_repository_implementation_args": {"builtin": sorted(IMPLEMENTATIONS.values())},
+            "model_repository_implementation_args": {"builtin": sorted(IMPLEMENTATIONS.values()),
+                                                     "malloc_keep": self.malloc_keep,
+                                                     "reserve_file": str(self.reserve_file)},
         }
+        self.reserve_file.unlink(missing_ok=True)  # a figure a former server (kept more) left
         if "MLSERVER_LOGGING_SETTINGS" not in env:  # settings.json would override the user's choice
             settings["logging_settings"] = quiet_logging()
         write_json(self.repository / "settings.json", settings)
@@ -284,10 +297,33 @@ class MLServerAdapter(HTTPServerAdapter):
 
     index_concurrency = 16  # parked models probed at once by index()
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, malloc_keep: int | None = None, **kwargs: Any):
+        # freed heap bytes the embedded server keeps resident between loads (mlserver_repository.Reserve;
+        # 0: trimmed after every load and unload); None: $MODELSHELF_SERVER_MALLOC_KEEP, else the default.
+        # The agent's ledger counts the same figure (MemoryManager.malloc_keep). A sidecar: unused.
+        self.malloc_keep = None if malloc_keep is None else max(0, int(malloc_keep))
         super().__init__(*args, **kwargs)
         self._parks: dict[str, asyncio.Task] = {}  # name -> its park in flight (see load; one per name: a load waits for the last)
         self._dirty: set[str] = set()  # names whose park failed here: swept at their next park/unload
+
+    @property
+    def reserve_file(self) -> Path:
+        """`<repo>/.malloc-reserve`: where the embedded server publishes its allocator reserve."""
+        return self.repository / RESERVE_FILE
+
+    def allocator_reserve(self) -> int | None:
+        """The embedded server's allocator reserve now: freed heap bytes it keeps resident, as
+        its repository class wrote them after its last load or unload (mlserver_repository.Reserve;
+        one small file read). None for a sidecar, or when the server keeps none (trims after
+        every call) or has not written it yet."""
+        if self.process is None or not self.malloc_keep:
+            return None
+        try:
+            with open(self.reserve_file, "rb") as f:
+                raw = f.read(8)
+        except OSError:
+            return None
+        return int.from_bytes(raw, "little") if len(raw) == 8 else None
 
     @property
     def parked_dir(self) -> Path:

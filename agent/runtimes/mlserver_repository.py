@@ -19,19 +19,45 @@ request queued on that loop waits meanwhile. Here:
   writes it so): nothing is resolved relative to the file. A custom implementation (`runtime:
   mlserver`, its code linked into the entry) keeps the source, and MLServer's reload.
 
-Memory follows what the server holds: the embedded server runs with glibc's mmap threshold
-fixed at 4 MiB (`MLServerAdapter.malloc_mmap_threshold`), so a model's large arrays are
-mmapped and unmapped at free, and its smaller blocks (a forest's per-tree arrays, 0.5-1.5 MiB)
-land on the heap. Once this repository is in use, every registry load and unload
-(`MultiModelRegistry.load` / `unload` / `unload_version`: the repository API's calls) ends with
-`malloc_trim(0)`, which hands the heap's free pages back: an unloaded model's blocks, and the
-read buffers a load freed (5-7 ms a trim with 20 forests of ~30 MiB held). With the threshold
-at glibc's initial 128 KiB (the agent before) every block above it, joblib.load's transient
-arrays (each tree's arrays read from the file, which the tree then copies) as much as the model,
-was a fresh mmap faulted in page by page and unmapped at free: 91-93 ms per load of bench_peers'
-forests and 3.38 M faults per 128 loads, against ~67 ms and 2.14 M with the 4 MiB threshold and a
-trim after each unload (benchmarks/results/load_malloc.md), plus ~5.5 ms for the trim after each
-load (benchmarks/results/peers.notes.md).
+Memory follows what the server holds, within a bounded reserve: the embedded server runs with
+glibc's mmap threshold fixed at 4 MiB (`MLServerAdapter.malloc_mmap_threshold`), so a model's
+large arrays are mmapped and unmapped at free, and its smaller blocks (a forest's per-tree arrays,
+0.5-1.5 MiB) land on the heap. Once this repository is in use, every registry load and unload
+(`MultiModelRegistry.load` / `unload` / `unload_version`: the repository API's calls) ends with a
+look at the allocator (`Reserve`): when the heap's free pages that are still resident (an
+unloaded model's blocks, the read buffers a load freed) have grown by more than `malloc_keep`
+bytes since the last trim, `malloc_trim(0)` hands them back; below it they stay for the next
+load to reuse. `malloc_keep` is the agent's --server-malloc-keep (the adapter passes it in
+`model_repository_implementation_args`); the agent's ledger counts the same bytes as a line of
+its own, so real memory (the server's RSS over its bare baseline) stays within models + runtime
+imports + keep. "Resident free" is read as RSS - mallinfo2's bytes in use (`uordblks` heap +
+`hblkhd` mmapped) - what that was right after the last trim: one /proc/self/statm read and one
+mallinfo2 (which walks the free lists: ~0.26 ms with 20 forests held). mallinfo2's `fordblks` is
+no measure of it: it still counts free chunks whose pages a trim already released, so a bound on
+it trims after almost every call. With `malloc_keep` 0, or without mallinfo2 (glibc < 2.33), the
+server trims after every call, as before.
+
+The reserve is published: after every registry call `Reserve` writes its current figure (the
+resident free bytes above, 8 bytes little-endian) with one pwrite to the file named by
+`reserve_file` (the adapter passes `<repository>/.malloc-reserve`; MLServerAdapter.allocator_reserve
+reads it). The agent measures a load as the server's RSS growth minus the figure's growth over
+the same window: without that, a load's freed read buffers that stayed in the reserve counted as
+the model (a forest measured ~2x: 70.8 MiB for one declared at 35.8 in
+benchmarks/results/peers_keep_r2), and kept pages a load reused did not (measured near 0). Its
+limits: the figure is what the last registry call saw (frees between calls, an inference's, show
+up at the next one), and it counts every resident byte malloc does not hand out, so memory a load
+takes outside malloc (Python's small-object arenas, a library's pages) counts as reserve until
+the next trim folds it into `_left`. The big one of those, a runtime's import, is folded at
+once: a call that imported modules (len(sys.modules) grew) ends with a trim.
+
+Why not trim always: every page a trim gives back is faulted in again by the next load. On
+bench_peers' forests (19-49 MiB, 20 held, benchmarks/results/load_malloc.md) a load is p50
+~60-67 ms and 2.29 M faults per 128 loads trimmed after each load and unload, 33.6-36.8 ms and
+0.83 M with 100 MiB kept, 25.3-26.4 ms and 0.34 M with 200 MiB (no trim at all: 24.6-26.6 ms,
+0.25 M, but RSS then keeps what was freed: 617 MiB after freeing all against 160). With the
+threshold at glibc's initial 128 KiB (the agent before) every block above it, joblib.load's
+transient arrays as much as the model, was a fresh mmap faulted in page by page: 85-96 ms per
+load and 3.38 M faults.
 
 This module runs INSIDE the MLServer process: it imports only mlserver and the standard library.
 """
@@ -42,6 +68,7 @@ import ctypes.util
 import functools
 import json
 import os
+import sys
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, List
 
@@ -53,13 +80,14 @@ from mlserver.settings import ModelParameters, ModelSettings
 class EntryRepository(SchemalessModelRepository):
     """SchemalessModelRepository with a direct `find` (see the module doc)."""
 
-    def __init__(self, root: str, builtin: Iterable[str] = (), cache_size: int = 4096):
+    def __init__(self, root: str, builtin: Iterable[str] = (), cache_size: int = 4096, malloc_keep: int = 0,
+                 reserve_file: str | None = None):
         super().__init__(root)
         self._abs_root = os.path.abspath(root) if root else ""
         self._builtin = frozenset(builtin)
         self._cache: OrderedDict[bytes, ModelSettings] = OrderedDict()
         self._cache_size = int(cache_size)
-        _trim_after_registry_calls()
+        _trim_after_registry_calls(int(malloc_keep), reserve_file)
 
     async def find(self, name: str) -> List[ModelSettings]:
         if self._abs_root and name and "/" not in name and not name.startswith("."):
@@ -106,21 +134,103 @@ def _settings_from(path: str, raw: bytes) -> ModelSettings:
     return settings
 
 
-def _malloc_trim() -> Callable[[], Any] | None:
-    """glibc's malloc_trim(0) (None where the C library has none: musl, macOS)."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return functools.partial(fn, 0)
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _trim_after_registry_calls() -> None:
-    """Make every registry load and unload end with malloc_trim(0) (once per process; see the
-    module doc)."""
-    trim = _malloc_trim()
-    if trim is None or getattr(MultiModelRegistry, "_modelshelf_trims", False):
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int:
+    """This process's resident bytes (/proc/self/statm: one read, a few microseconds)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class Reserve:
+    """When to trim after a registry call (see the module doc). ``keep`` 0, or a C library
+    without malloc_trim/mallinfo2: trim after every call. Else trim only when the bytes resident
+    beyond what malloc hands out (RSS - in use - mmapped) have grown by more than ``keep`` since
+    the last trim (``unaccounted() - left``). That growth is, by construction, free heap pages
+    that are still resident plus whatever non-malloc memory grew (an import, Python's own
+    arenas): counting the latter only trims sooner. mallinfo2's ``fordblks`` alone is no
+    measure: it counts free chunks whose pages a trim already gave back."""
+
+    def __init__(self, keep: int = 0, publish: str | None = None):
+        self.keep = max(0, int(keep))
+        self.trims = 0
+        self._fd: int | None = None
+        self._modules = len(sys.modules)
+        self._trim: Callable[[], Any] | None = None
+        self._mallinfo: Callable[[], _Mallinfo2] | None = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            fn = libc.malloc_trim
+            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+            self._trim = functools.partial(fn, 0)
+            info = libc.mallinfo2  # glibc >= 2.33
+            info.argtypes, info.restype = [], _Mallinfo2
+            self._mallinfo = info
+        except (OSError, AttributeError):
+            pass
+        self._left = 0
+        if self.bounded:
+            try:
+                self._left = self.unaccounted()
+            except (OSError, ValueError, IndexError):  # no /proc/self/statm: trim after every call
+                self._mallinfo = None
+        if publish and self.bounded:  # trimmed after every call: nothing kept, nothing to publish
+            self._fd = os.open(publish, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._publish(0)
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    @property
+    def bounded(self) -> bool:
+        """Trims only past ``keep`` (else after every call)."""
+        return self.keep > 0 and self._trim is not None and self._mallinfo is not None
+
+    def unaccounted(self) -> int:
+        """RSS minus malloc's bytes in use (heap and mmapped)."""
+        m = self._mallinfo()
+        return _rss() - m.uordblks - m.hblkhd
+
+    def after_call(self) -> None:
+        if self._trim is None:
+            return
+        if self.bounded:
+            kept = self.unaccounted() - self._left
+            # a call that imported modules (a runtime's first load) grew the process by code and
+            # objects no trim gives back: trim now, so that they count into `_left`, not into
+            # the reserve the agent subtracts from a load's growth
+            imported, self._modules = len(sys.modules) != self._modules, len(sys.modules)
+            if kept <= self.keep and not imported:
+                self._publish(kept)
+                return
+        self._trim()
+        self.trims += 1
+        if self.bounded:
+            self._left = self.unaccounted()  # what a trim cannot give back is not a reserve
+            self._publish(0)
+
+    def _publish(self, kept: int) -> None:
+        """Write the reserve's resident free bytes now (8 bytes, little-endian, at offset 0)
+        to the file the agent reads (MLServerAdapter.allocator_reserve): no fsync, a page-cache
+        write of a few microseconds."""
+        if self._fd is not None:
+            os.pwrite(self._fd, max(0, int(kept)).to_bytes(8, "little"), 0)
+
+
+def _trim_after_registry_calls(keep: int, publish: str | None = None) -> None:
+    """Make every registry load and unload end with `Reserve.after_call`, which publishes the
+    reserve's figure to the file `publish` (once per process; see the module doc)."""
+    if getattr(MultiModelRegistry, "_modelshelf_trims", False):
+        return
+    reserve = Reserve(keep, publish)
+    if not reserve.available:
         return
 
     def trimming(method):
@@ -129,13 +239,14 @@ def _trim_after_registry_calls() -> None:
             try:
                 return await method(*args, **kwargs)
             finally:  # an unloaded model's last references went with the registry's, a load's
-                trim()  # transient buffers with the load: their bytes are free
+                reserve.after_call()  # transient buffers with the load: their bytes are free
         return wrapper
 
     MultiModelRegistry.load = trimming(MultiModelRegistry.load)  # the load's transient buffers
     MultiModelRegistry.unload = trimming(MultiModelRegistry.unload)
     MultiModelRegistry.unload_version = trimming(MultiModelRegistry.unload_version)
     MultiModelRegistry._modelshelf_trims = True
+    MultiModelRegistry._modelshelf_reserve = reserve
 
 
 __all__ = ["EntryRepository"]

@@ -140,3 +140,14 @@ def test_nvml_absent_gpu_budgeting_off_said_once(caplog):
     cost = mm.cost_for(key=None, runtime="pytorch", entry_bytes=10 * MiB, declared_gpu=4 * GiB)
     assert cost.gpu == {} and mm.fits(cost)
     assert memory.open_gpu_probe() is None
+
+
+def test_the_default_allocator_keep_is_bounded_by_the_budget():
+    """--server-malloc-keep not given: its default, but never more than 1/8 of the host budget
+    (a small budget keeps its room for models); a budget that does not parse keeps nothing
+    (the agent refuses it at start, naming --host-memory)."""
+    from agent.memory.budget import default_malloc_keep
+
+    assert default_malloc_keep("400Mi", 128 * MiB) == 50 * MiB
+    assert default_malloc_keep("2Gi", 128 * MiB) == 128 * MiB
+    assert default_malloc_keep("lots", 128 * MiB) == 0

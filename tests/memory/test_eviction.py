@@ -262,3 +262,27 @@ def test_the_eviction_flags_take_a_policy_and_a_half_life_and_say_what_is_wrong(
         with pytest.raises(SystemExit):
             parse("--eviction-half-life", bad)
         assert f"--eviction-half-life {bad!r} is not a number of requests" in capsys.readouterr().err
+
+
+def test_the_allocator_keep_is_a_ledger_line_of_its_own():
+    """--server-malloc-keep: bytes the embedded server's allocator may keep resident after
+    models are freed are counted as used (beside the runtime imports), so they take room from
+    models, and /status's ledger shows them; a sidecar or Triton keeps none."""
+    from agent.settings import Settings
+
+    mm = MemoryManager({HOST: 1000}, malloc_keep=300, min_residency_s=0)
+    assert mm.used()[HOST] == 300 and mm.free()[HOST] == 700
+    mm.reserve("a", Cost(600))
+    assert not mm.fits(Cost(200))
+    assert mm.plan_eviction(Cost(200), [Candidate("a", last_used=1, loaded_at=0)], now=NOW) == ["a"]
+    doc = mm.ledger_doc()
+    assert doc["malloc_keep"] == {"host": 300} and doc["devices"][HOST]["overhead"] == 300
+    with pytest.raises(Blocked) as ei:  # fits the budget, never beside the keep: said so, for good
+        mm.plan_eviction(Cost(800), [Candidate("a", last_used=1, loaded_at=0)], now=NOW)
+    assert ei.value.permanent and "server 300B" in str(ei.value)
+
+    s = Settings(config_dir=".", cache_dir=".", host_memory="1000", server_malloc_keep=300)
+    assert MemoryManager.from_settings(s, gpu_probe=None).malloc_keep == 300
+    for other in ({"server_url": "http://127.0.0.1:1"}, {"server": "triton"}):
+        s = Settings(config_dir=".", cache_dir=".", host_memory="1000", server_malloc_keep=300, **other)
+        assert MemoryManager.from_settings(s, gpu_probe=None).malloc_keep == 0

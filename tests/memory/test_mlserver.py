@@ -18,7 +18,8 @@ PAD = 40 * MiB  # each model carries 40 MiB of incompressible bytes
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with embedded_mlserver(tmp_path_factory.mktemp("mlserver-memory")) as srv:
+    """keep 0: the server trims after every load and unload (--server-malloc-keep 0)."""
+    with embedded_mlserver(tmp_path_factory.mktemp("mlserver-memory"), malloc_keep=0) as srv:
         yield srv
 
 
@@ -138,3 +139,103 @@ def test_a_forest_gives_its_memory_back_and_loads_without_faulting_its_bytes_thr
     server.call(server.adapter.unload("warm"))
     pages = size // 4096
     assert min(faults) <= 2.5 * pages, f"a load of a {size / MiB:.1f} MiB forest ({pages} pages) faulted {faults} pages"
+
+
+KEEP = 12 * MiB
+
+
+@pytest.mark.timeout(120)
+def test_a_kept_allocator_reserve_stays_within_its_ledger_line(tmp_path):
+    """With --server-malloc-keep K the server keeps up to K of freed heap resident (the next
+    load reuses those warm pages instead of faulting fresh ones) and gives it back past K; the
+    ledger counts K as a line of its own. So the server's real growth over its bare baseline
+    stays within what the ledger says (models + the runtime's import + K), while it really
+    holds freed pages between loads: four ~4 MiB forests loaded, then unloaded one by one."""
+    from agent.memory import Cost, ProcessTracker
+    from tests.support.models import write_noise_forest
+
+    with embedded_mlserver(tmp_path / "srv", malloc_keep=KEEP) as server:
+        tracker = ProcessTracker(server.adapter.process.pid)
+        mm = MemoryManager({HOST: 8 * GiB}, server_pid=server.adapter.process.pid, malloc_keep=KEEP)
+        rss0 = tracker.rss()
+
+        def load(name, d, cost, measure=False):
+            mm.reserve(name, cost)  # a forest holds about its file's size
+            m = mm.start_measure(name, runtime="sklearn") if measure else None
+            server.call(server.adapter.load(ServedModel(name=name, path=d, runtime="sklearn")))
+            if m is not None:
+                mm.finish_measure(m)
+
+        # the first load imports sklearn: its growth is charged to the server (runtime:sklearn)
+        load("warm", write_noise_forest(tmp_path / "warm", trees=1, rows=2000, seed=1), Cost(MiB, {}, "declared"), measure=True)
+        forests = [write_noise_forest(tmp_path / f"f{i}", trees=4, rows=20000, seed=2 + i) for i in range(4)]
+        sizes = [int(1.1 * (d / "model.joblib").stat().st_size) for d in forests]
+        kept = []  # real growth over the ledger without K: what the allocator keeps
+
+        def check(what):
+            real, ledger = tracker.rss() - rss0, mm.used()[HOST]
+            assert real <= ledger + 2 * MiB, f"{what}: real {real / MiB:.1f} MiB over the ledger's {ledger / MiB:.1f} MiB"
+            kept.append(real - (ledger - KEEP))
+
+        for cycle in range(2):
+            for i, d in enumerate(forests):
+                load(f"f{i}", d, Cost(sizes[i], {}, "declared"))
+                check(f"cycle {cycle}, f{i} loaded")
+            for i in range(len(forests)):
+                server.call(server.adapter.unload(f"f{i}"))
+                mm.release(f"f{i}")
+                check(f"cycle {cycle}, f{i} unloaded")
+        assert mm.ledger_doc()["malloc_keep"] == {"host": KEEP}
+        assert max(kept) >= 4 * MiB, f"the server kept at most {max(kept) / MiB:.1f} MiB of freed heap: it trims anyway"
+
+
+@pytest.mark.timeout(180)
+def test_a_load_is_measured_apart_from_the_allocator_reserve(server, tmp_path):
+    """A load is measured as the server's RSS growth; with a reserve (--server-malloc-keep) that
+    growth also holds the load's freed read buffers the allocator kept (a forest measured ~2x),
+    or misses the kept pages the load reused (measured near 0). The server publishes its reserve
+    after every load and unload (mlserver_repository.Reserve -> MLServerAdapter.allocator_reserve)
+    and the ledger subtracts its change: each forest measures as it does in a server that keeps
+    nothing. And the runtime's import, the first load's growth, is still charged to the server."""
+    from agent.memory import Cost
+    from tests.support.models import write_noise_forest
+
+    warm = write_noise_forest(tmp_path / "warm", trees=1, rows=2000, seed=1)
+    # a ~8 MiB forest, then a ~4 MiB one that fits in the hole it leaves (with its read buffers)
+    forests = {n: write_noise_forest(tmp_path / n, trees=4, rows=r, seed=s) for n, r, s in (("a", 40000, 21), ("c", 20000, 22))}
+    above = write_sklearn_model(tmp_path / "above", pad_bytes=2 * MiB, pad_chunk=MiB)
+
+    def measured(srv, mm, name, d):
+        mm.reserve(name, Cost(MiB, {}, "declared"))
+        before = srv.adapter.allocator_reserve()
+        m = mm.start_measure(name, runtime="sklearn")
+        srv.call(srv.adapter.load(ServedModel(name=name, path=d, runtime="sklearn")))
+        cost = mm.finish_measure(m)
+        return cost.measured_host, before, srv.adapter.allocator_reserve()
+
+    # the same forests where nothing is kept (keep 0: the server trims after every call)
+    assert server.adapter.allocator_reserve() is None
+    ref_mm = MemoryManager({HOST: 8 * GiB}, server_pid=server.adapter.process.pid)
+    measured(server, ref_mm, "ref-warm", warm)
+    ref = {n: measured(server, ref_mm, f"ref-{n}", d)[0] for n, d in forests.items()}
+    for n in ("ref-warm", *(f"ref-{n}" for n in forests)):
+        server.call(server.adapter.unload(n))
+    assert all(r >= 3 * MiB for r in ref.values()), ref
+
+    with embedded_mlserver(tmp_path / "srv", malloc_keep=128 * MiB) as srv:
+        mm = MemoryManager({HOST: 8 * GiB}, server_pid=srv.adapter.process.pid, malloc_keep=128 * MiB,
+                           allocator_reserve=srv.adapter.allocator_reserve)
+        measured(srv, mm, "warm", warm)
+        assert mm.overhead()["runtime:sklearn"].host >= 48 * MiB, mm.overhead()  # ~85 MiB; 24 counted as reserve
+        # (b) the reserve nearly empty: the load's freed read buffers stay in it
+        got, before, after = measured(srv, mm, "a", forests["a"])
+        assert after - before >= MiB, (before, after)  # the case happened: the reserve kept them
+        assert 0.8 * ref["a"] <= got <= 1.25 * ref["a"], f"measured {got / MiB:.1f} MiB, {ref['a'] / MiB:.1f} where nothing is kept"
+        # (a) the reserve full of an unloaded forest (a hole under another model: glibc gives
+        # a freed top of the heap back by itself): the next load reuses its pages
+        srv.call(srv.adapter.load(ServedModel(name="above", path=above, runtime="sklearn")))
+        srv.call(srv.adapter.unload("a"))
+        mm.release("a")
+        got, before, after = measured(srv, mm, "c", forests["c"])
+        assert before - after >= 2 * MiB, (before, after)  # the case happened: the load took kept pages
+        assert 0.8 * ref["c"] <= got <= 1.25 * ref["c"], f"measured {got / MiB:.1f} MiB, {ref['c'] / MiB:.1f} where nothing is kept"

@@ -19,7 +19,7 @@ from agent.runtimes.base import ServedModel
 from tests.support.models import write_sklearn_model
 from tests.support.servers import embedded_mlserver
 
-from .conftest import MiB, drive_reality_loop
+from .conftest import GiB, MiB, drive_reality_loop
 
 
 @pytest.mark.timeout(120)
@@ -197,3 +197,38 @@ def test_another_tenant_of_a_shared_gpu_is_not_counted_as_the_server(fake_gpu):
     fake_gpu.others["gpu:0"] = 17 * 2**30 + 100 * MiB  # our model, invisible by pid, on the same device
     r = check.check()
     assert r.real["gpu:0"] == 2 * 2**30 + 100 * MiB and r.drift["gpu:0"] == -100 * MiB and r.excess == {}, r
+
+
+def test_an_allocator_reserve_is_drift_only_beyond_its_bound(tree):
+    """The ledger counts the embedded server's allocator reserve (--server-malloc-keep) whole; the
+    server keeps anywhere from none of it to all of it. Real memory between the ledger without
+    the reserve and the ledger with it is no drift; beyond the ledger it is, as always."""
+    mm = MemoryManager({HOST: GiB}, server_pid=tree.pid, malloc_keep=40 * MiB)
+    mm.reality.check()  # baseline: the bare 'server'
+    mm.reserve("m", Cost(20 * MiB))
+    tree.send(f"alloc {20 * MiB}")
+    tree.send(f"alloc {30 * MiB}")  # the model, and 30 MiB the allocator kept of freed memory
+    report = mm.reality.check()
+    assert report.ledger[HOST] == 60 * MiB and 45 * MiB <= report.real[HOST] <= 58 * MiB, report
+    assert report.drift[HOST] == 0
+    tree.send(f"alloc {30 * MiB}")  # past the reserve
+    report = mm.reality.check()
+    assert report.drift[HOST] == report.ledger[HOST] - report.real[HOST] <= -15 * MiB, report
+
+
+def test_the_reserve_the_server_reports_is_the_part_of_its_bound_that_is_no_drift(tree):
+    """Where the server reports what its allocator keeps now (MLServerAdapter.allocator_reserve),
+    drift counts exactly that much of the reserve's line: real memory the reserve does not
+    explain is drift, even within the ledger with the whole reserve."""
+    kept = {"now": 30 * MiB}
+    mm = MemoryManager({HOST: GiB}, server_pid=tree.pid, malloc_keep=40 * MiB, allocator_reserve=lambda: kept["now"])
+    mm.reality.check()  # baseline: the bare 'server'
+    mm.reserve("m", Cost(20 * MiB))
+    tree.send(f"alloc {20 * MiB}")
+    tree.send(f"alloc {30 * MiB}")  # the model, and 30 MiB the allocator says it kept
+    report = mm.reality.check()
+    assert report.ledger[HOST] == 60 * MiB and 45 * MiB <= report.real[HOST] <= 58 * MiB, report
+    assert report.drift[HOST] == report.ledger[HOST] - 10 * MiB - report.real[HOST], report  # 10 MiB of the bound unused
+    kept["now"] = 5 * MiB  # the same 50 MiB, of which the reserve explains only 5: 25 MiB nobody counts
+    report = mm.reality.check()
+    assert report.drift[HOST] == report.ledger[HOST] - 35 * MiB - report.real[HOST] <= -15 * MiB, report

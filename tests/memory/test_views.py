@@ -5,7 +5,10 @@ shows both."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -24,7 +27,8 @@ def test_status_and_metrics_show_ledger_and_reality(tmp_path):
         models.append({"name": f"m{i}", "uri": str(d), "runtime": "sklearn"})
     cm = ConfigMapDir(tmp_path / "config")
     cm.write({"models.yaml": json.dumps({"models": models})})
-    agent = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--host-memory", "1Gi")
+    agent = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--host-memory", "1Gi",
+                         "--server-malloc-keep", "24Mi", "--server-repository", str(tmp_path / "repository"))
     try:
         agent.wait_ready()
         status = agent.wait_for(lambda s: all(m["state"] == "loaded" for m in s["models"].values()), what="both loaded")
@@ -32,10 +36,17 @@ def test_status_and_metrics_show_ledger_and_reality(tmp_path):
         ledger, reality = status["ledger"], status["reality"]
         host = ledger["devices"]["host"]
         assert host["budget"] == 1024 * MiB and host["used"] <= host["budget"] and host["held"] >= host["used"]
+        # the allocator's reserve: one line of the ledger, the very figure the embedded server was given
+        assert ledger["malloc_keep"] == {"host": 24 * MiB} and host["overhead"] >= 24 * MiB
+        server_settings = json.loads((tmp_path / "repository" / "settings.json").read_text())
+        assert server_settings["model_repository_implementation_args"]["malloc_keep"] == 24 * MiB
         assert set(ledger["models"]) == {"m0", "m1"}
         real = reality["devices"]["host"]
         assert real["real"] >= 30 * MiB, reality  # the 30 MiB payload, over the bare server's baseline
-        assert real["drift"] == real["ledger"] - real["real"] and real["excess"] == 0
+        # drift = ledger - real, the reserve counted only as far as the server says it keeps it
+        kept = reality["allocator_reserve"]
+        assert kept is not None and 0 <= kept <= 24 * MiB, reality
+        assert real["drift"] == real["ledger"] - 24 * MiB + kept - real["real"] and real["excess"] == 0
         assert reality["server_rss"] > real["real"]
         text = agent.get("/metrics")[1].decode()
         value = re.search(r'^modelshelf_memory_real_bytes\{device="host"\} ([0-9.e+]+)$', text, re.M)
@@ -47,6 +58,16 @@ def test_status_and_metrics_show_ledger_and_reality(tmp_path):
         assert "Ledger vs reality" in page and "drift" in page
     finally:
         agent.stop()
+
+
+def test_a_bad_malloc_keep_is_refused_naming_the_flag(tmp_path):
+    for args, env in ((["--server-malloc-keep", "lots"], {}), ([], {"MODELSHELF_SERVER_MALLOC_KEEP": "-1Mi"})):
+        out = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config-dir", str(tmp_path), "--cache-dir",
+                              str(tmp_path / "cache"), *args], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, **env})
+        assert out.returncode == 2, out.stderr
+        assert "--server-malloc-keep" in out.stderr and "not a quantity" in out.stderr, out.stderr
+        assert all(f"{k}=" in out.stderr for k in env), out.stderr
 
 
 @pytest.mark.timeout(180)

@@ -25,7 +25,9 @@ REQUEST_TIMEOUT = 3.0
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
     """`iris` (sklearn, 10Mi), `slow` (echoes after the request's `delay` parameter, 300Mi) and
-    `other` (300Mi, lazy): within the 400Mi budget `other` can only load by evicting `slow`."""
+    `other` (300Mi, lazy): within the 400Mi budget `other` can only load by evicting `slow` (no
+    allocator reserve, --server-malloc-keep 0: its default, 1/8 of the budget, would leave no room
+    for `slow` beside `iris` and the runtime imports)."""
     root = tmp_path_factory.mktemp("fast-path")
     store = root / "store"
     write_sklearn_model(store / "iris", "iris-logreg", 0)
@@ -40,7 +42,7 @@ def agent(tmp_path_factory):
     cm = ConfigMapDir(root / "config")
     cm.write({"models.json": json.dumps({"models": models})})
     proc = AgentProcess(cm.root, root / "cache", root / "agent.log", "--min-residency", "0", "--host-memory", "400Mi",
-                        "--request-timeout", str(REQUEST_TIMEOUT)).wait_ready()
+                        "--server-malloc-keep", "0", "--request-timeout", str(REQUEST_TIMEOUT)).wait_ready()
     try:
         proc.wait_for(lambda s: all(s["models"][n]["state"] == "loaded" for n in ("iris", "slow")), timeout=60,
                       what="iris and slow loaded")
