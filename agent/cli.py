@@ -142,6 +142,17 @@ def _grpc_port(value: str) -> int:
     return port
 
 
+def _server_processes(value: str) -> int:
+    """A count of embedded server processes, 1 or more."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--server-processes {value!r} is not a count of server processes (1 or more)")
+    return n
+
+
 def _headroom(value: str) -> float:
     """A number of loads, 0 or more (0: no headroom)."""
     try:
@@ -221,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server-url", default=None, help="sidecar mode: URL of an external server; embedded when absent")
     run.add_argument("--server-repository", type=Path, default=None, help="repository dir the agent writes model entries into (shared with a sidecar server)")
     run.add_argument("--server-port", type=int, default=None, help="embedded server's HTTP port (default: a free one)")
+    run.add_argument("--server-processes", type=_server_processes, default="1", help="embedded MLServer only: run this many server processes and place each model in exactly one of them (its own cores for loads and inference; memory: one interpreter and runtime import per process, each model once). Default 1")
     run.add_argument("--triton-bin", type=Path, default=None, help="tritonserver binary (default: found in .venv-triton)")
     run.add_argument("--server-pid-file", type=Path, default=None, help="sidecar mode: file holding the server's pid (needs a shared PID namespace), so its real memory (RSS, NVML per process) is measured")
     run.add_argument("--memory-tolerance", type=float, default=0.05, help="fraction by which real memory may exceed the budget before the agent evicts (default 0.05)")
@@ -354,6 +366,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
         s.drain_timeout_s = args.drain_timeout
+        s.server_processes = args.server_processes if isinstance(args.server_processes, int) else _server_processes(args.server_processes)
+        if s.server_processes > 1 and (s.server_url or s.server != "mlserver"):
+            which = "--server-url (a sidecar server)" if s.server_url else f"--server {s.server}"
+            raise SystemExit(f"modelshelf run: --server-processes {s.server_processes} needs the embedded MLServer; "
+                             f"it cannot be combined with {which}")
     return s
 
 

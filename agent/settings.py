@@ -31,6 +31,7 @@ class Settings:
     server_url: str | None = None  # sidecar mode: an external server; None -> embedded
     server_repository: Path | None = None  # repository dir the adapter owns (default: <cache>/.repository/<holder>)
     server_port: int | None = None  # embedded server's HTTP port (None: a free one)
+    server_processes: int = 1  # embedded MLServer: this many processes, models partitioned (agent/runtimes/shards.py)
     triton_bin: Path | None = None  # tritonserver binary (default: discovered in .venv-triton)
     max_cache_bytes: int | None = None
     host_memory: str | None = None  # bytes, quantity or "N%" of the cgroup limit / RAM
