@@ -79,6 +79,11 @@ def test_kill_9_of_one_server_process_reloads_only_its_models(two_shards):
     victim = server["processes"][placement["a"]]["pid"]
     other = server["processes"][placement["b"]]["pid"]
     os.kill(victim, signal.SIGKILL)
+    # while it is down (MLServer takes seconds to start again) the agent is not ready, and the
+    # other process's model keeps serving
+    agent.wait_for(lambda s: agent.get("/readyz")[0] == 503, 10, "not ready while one process is down")
+    code, doc = agent.post("/v2/models/b/infer", v2_request(ROWS))
+    assert code == 200 and doc["model_name"] == "b", (code, doc)
 
     def back(s: dict) -> bool:  # the restarted process came back empty and a was loaded again
         return [name for name, _ in _loads(log)].count("a") == 2 and s["models"]["a"]["state"] == "loaded"
