@@ -165,13 +165,23 @@ class MemoryManager:
         size is known (split from a first load): the models that served are reloaded into the
         new process, which pays the same imports, so those stay charged from now on. Else the
         loads admitted before the first reload is measured would count the import as free, and
-        a restart after an OOM kill would load more than fits."""
+        a restart after an OOM kill would load more than fits. One of several server processes
+        (--server-processes N) restarted while others kept running: their imports stay, and
+        so does the charge (it counts every process)."""
+        pid = self._pid()
         with self._lock:
-            self._overhead = self._expected_imports()
-            self._warm = self._warm_still_up(self._pid())
-            self._overhead_pid = None
+            if self._some_survive(pid):
+                self._overhead_pid = pid
+            else:
+                self._overhead = self._expected_imports()
+                self._overhead_pid = None
+            self._warm = self._warm_still_up(pid)
             self._attr.server_restarted()
         self._note_baseline()  # called when the new process is up and before anything reloads
+
+    def _some_survive(self, pid: Any) -> bool:
+        """Several server processes (a tuple of pids), some of them seen loading before."""
+        return isinstance(pid, tuple) and any(p in self._warm for p in pid)
 
     def _warm_still_up(self, pid: Any) -> dict[int, set[str]]:
         """Of several server processes (a tuple), the runtimes loaded by those still up: one
@@ -586,7 +596,8 @@ class MemoryManager:
             self._overhead[key] = Cost(DEFAULT_IMPORTS[self.profile][runtime], {}, "estimated")
 
     def _new_server_process(self, pid: Any) -> None:
-        self._overhead = self._expected_imports()
+        if not self._some_survive(pid):  # else only one of several restarted (see reset_server)
+            self._overhead = self._expected_imports()
         self._warm = self._warm_still_up(pid)
         self._attr.server_restarted()
         self._overhead_pid = pid

@@ -14,15 +14,23 @@ own free ports, its own process (restarted on its own by its `ServerProcess`).
 
 Placement: a name stays on the shard it was loaded on until it is unloaded (an update in place
 goes to the same server, which swaps the copies without a gap); a new load goes to the shard
-with the fewest loads in flight, then the least memory reserved (`reserved(name)`, the
-ledger's host reservation, wired by the agent), then the lowest index.
+with the fewest loads in flight, then the least memory reserved (`reserved()`, the ledger's
+host reservations, wired by the agent), then the lowest index; except that while one shard
+imports a runtime (its first model of it), that runtime's other new loads go to shards that
+have imported it or to that one, never start a second import at once: the memory ledger
+learns a runtime's import from a process's first load, and two at once would each see both.
+The reconciler places a model (`server_pid_for(..., place=True)`) right before its load, so
+the ledger measures the process the load goes to.
 
 Upstreams: the data plane asks `base_url_for(name)` / `grpc_target_for(name)` per request; a
-name not placed (not loaded) gets shard 0, whose answer (404) the router handles as for one server.
+name not placed (not loaded) gets shard 0, whose answer (404) the router handles as for one
+server. A gRPC ModelStreamInfer goes to the shard of its first message's model.
 
 Restart of one shard: only its models are lost. Its `on_restart` hook gets the names that were
 placed on it (`on_shard_restart(names, exit)`), and they are forgotten here (their next load
-places them again); the other shards' models keep serving untouched.
+places them again); the other shards' models keep serving untouched. Readiness: `is_ready()`
+and `ready_now()` are true only when every shard is (the agent is not ready while one is
+down: its models cannot be served, and the agent alone knows which they are).
 """
 from __future__ import annotations
 
@@ -40,7 +48,9 @@ OnShardRestart = Callable[[set[str], dict | None], Awaitable[None]]
 
 
 class ShardedAdapter(RuntimeAdapter):
-    """`n` embedded MLServers (`n >= 2`); the methods of one adapter, routed per model name."""
+    """`n` embedded MLServers; the methods of one adapter, routed per model name. The agent
+    uses it for n >= 2 (`--server-processes`); n == 1 works but is one MLServerAdapter with a
+    detour."""
 
     kind = "mlserver"
 
