@@ -86,6 +86,7 @@ class ShardedAdapter(RuntimeAdapter):
         i = self._home.get(name)
         if i is None:
             i = self._home[name] = self._choose(runtime)
+            log.debug("event=placed model=%s shard=%d loading=%s importing=%s", name, i, self._loading, self._importing)
             if runtime is not None and runtime not in self._warm[i] and runtime not in self._importing:
                 self._importing[runtime] = (i, name)  # this load imports the runtime in that process
         return i

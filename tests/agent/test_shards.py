@@ -163,3 +163,27 @@ def test_grpc_calls_go_to_the_process_holding_the_model(two_shards):
             assert client.get_model_metadata(name).name == name
     finally:
         client.close()
+
+
+def test_two_first_loads_at_once_import_the_runtime_in_one_process(tmp_path: Path):
+    """Two sklearn models' first requests at once on a fresh agent (lazy loads, which never wait
+    for each other's memory windows): the second load goes to the process already importing
+    sklearn for the first, instead of importing it in the other process at the same time; so
+    the ledger's import figure is one import, not two seen at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = tmp_path / "store"
+    models = []
+    for i, name in enumerate(("m0", "m1")):
+        write_sklearn_model(store / name, kind="tree", seed=i, pad_bytes=8 * 2**20)
+        models.append({"name": name, "uri": str(store / name), "memory": "9Mi", "preload": False})
+    agent = _start(tmp_path, models, "--server-processes", "2", "--host-memory", "800Mi", "--load-concurrency", "2")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            codes = list(pool.map(lambda n: agent.post(f"/v2/models/{n}/infer", v2_request(ROWS))[0], ("m0", "m1")))
+        assert codes == [200, 200], codes
+        assert len(set(_placement(agent).values())) == 1, agent.status()["server"]
+        imported = agent.status()["ledger"]["runtime_imports"]["sklearn"]["host"]
+        assert 10 * 2**20 < imported < 130 * 2**20, imported  # one import (~85 MiB here), not two
+    finally:
+        agent.stop()
