@@ -660,7 +660,7 @@ class MemoryManager:
                 imp_h = min(max(0, raw_host), known[0])
                 imp_g = {d: min(max(0, raw_gpu.get(d, 0)), b) for d, b in known[1].items() if raw_gpu.get(d, 0) > 0}
                 if self._overhead_pid == after.pid:
-                    self._overhead[f"runtime:{m.runtime}"] = Cost(imp_h, imp_g, "measured")
+                    self._charge_import(m.runtime, Cost(imp_h, imp_g, "measured"))
             log.info("memory runtime_import runtime=%s model=%s raw_host=%d import_host=%d source=known",
                      m.runtime, m.name, raw_host, imp_h)
             raw_host -= imp_h
@@ -680,12 +680,24 @@ class MemoryManager:
         over_h = max(0, raw_host - reserved.host)
         over_g = {d: b - reserved.gpu.get(d, 0) for d, b in raw_gpu.items() if b - reserved.gpu.get(d, 0) > 0}
         if self._overhead_pid == pid:
-            self._overhead[f"runtime:{m.runtime}"] = Cost(over_h, over_g, "measured")
+            self._charge_import(m.runtime, Cost(over_h, over_g, "measured"))
         if m.runtime is not None and not m.contaminated:
             self._attr.pending[m.runtime] = FirstLoad(m.name, key, reserved.entry_bytes, raw_host, dict(raw_gpu))
         log.info("memory runtime_overhead runtime=%s model=%s raw_host=%d host=%d gpu=%s provisional=%s", m.runtime, m.name,
                  raw_host, over_h, ",".join(f"{d}:{b}" for d, b in over_g.items()) or "0", not m.contaminated)
         return reserved
+
+    def _charge_import(self, runtime: str | None, cost: Cost) -> None:
+        """Charge ``runtime``'s import as measured by a process's first load of it. With several
+        server processes the figure is one per runtime (every process imports the same), and a
+        later process's first load measures it beside the others' loads and unloads (which
+        can make its growth read low, even 0): it never lowers a figure another process's
+        first load measured (only a split, ``_apply_split``, corrects it)."""
+        key = f"runtime:{runtime}"
+        old = self._overhead.get(key)
+        if self.server_processes > 1 and old is not None and old.method == "measured" and old.host >= cost.host:
+            return
+        self._overhead[key] = cost
 
     def _apply_split(self, runtime: str, split: Split, pid: int | None) -> None:
         """A first load's growth is split: charge the import to the server, correct the first
