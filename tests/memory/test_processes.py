@@ -44,3 +44,31 @@ def test_a_later_process_first_load_beside_another_process_unload_keeps_the_impo
     mm.finish_measure(w, key="key-b")
     assert mm.overhead()["runtime:sklearn"].host == imported
     assert mm.used()[HOST] >= 2 * imported + 20 * MiB  # the import once per process, and both models
+
+
+def test_one_process_restarting_keeps_the_others_import_and_baseline(two_trees):
+    """Process 2 of 2 restarts (a new pid, bare): process 1 still holds its import and models,
+    so the import stays charged (once per process: the reloads into the new one pay it again),
+    and the server's baseline is process 1's, kept, plus the new process's bare RSS."""
+    t1, t2 = two_trees
+    pids = [t1.pid, t2.pid]
+    mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: tuple(pids), server_processes=2,
+                       min_residency_s=0.0)
+    base1 = mm.server_baseline(t1.pid)
+    assert base1, "each process's bare baseline is noted when the ledger is built"
+    mm.reserve("a", Cost(10 * MiB, {}, "declared"))
+    w = mm.start_measure("a", runtime="sklearn", server_pid=t1.pid)
+    t1.send(f"alloc {90 * MiB}")
+    mm.finish_measure(w, key="key-a")
+    imported = mm.overhead()["runtime:sklearn"].host
+    assert imported > 50 * MiB, imported
+
+    t3 = ProcessTree()  # process 2 restarted: a new, bare process
+    try:
+        pids[1] = t3.pid
+        mm.reset_server()
+        assert mm.overhead()["runtime:sklearn"].host == imported
+        assert mm.used()[HOST] >= 2 * imported + 10 * MiB
+        assert mm.server_baseline(tuple(pids)) == base1 + mm.server_baseline(t3.pid)  # not process 1's RSS now
+    finally:
+        t3.close()
