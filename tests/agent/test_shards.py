@@ -44,8 +44,7 @@ def _placement(agent: AgentProcess) -> dict[str, int]:
     return {m: i for i, p in enumerate(agent.status()["server"]["processes"]) for m in p["models"]}
 
 
-@pytest.fixture
-def two_shards(tmp_path: Path):
+def _two_shards(tmp_path: Path):
     log = tmp_path / "loads.log"
     agent = _start(tmp_path, [_slow(tmp_path, n, log) for n in ("a", "b")], "--server-processes", "2")
     try:
@@ -55,8 +54,20 @@ def two_shards(tmp_path: Path):
         agent.stop()
 
 
-def test_two_server_processes_each_hold_and_answer_their_own_models(two_shards):
-    agent, log = two_shards
+@pytest.fixture(scope="module")
+def shared_two_shards(tmp_path_factory: pytest.TempPathFactory):
+    """An agent with a and b on two server processes, for the tests that only send requests."""
+    yield from _two_shards(tmp_path_factory.mktemp("two-shards"))
+
+
+@pytest.fixture
+def two_shards(tmp_path: Path):
+    """The same, of its own (the test kills a process)."""
+    yield from _two_shards(tmp_path)
+
+
+def test_two_server_processes_each_hold_and_answer_their_own_models(shared_two_shards):
+    agent, log = shared_two_shards
     server = agent.status()["server"]
     pids = server["pids"]
     assert len(pids) == 2 and len(set(pids)) == 2, server
@@ -152,10 +163,10 @@ def _grpc_input(rows: list[list[float]]):
     return [inp]
 
 
-def test_grpc_calls_go_to_the_process_holding_the_model(two_shards):
+def test_grpc_calls_go_to_the_process_holding_the_model(shared_two_shards):
     import tritonclient.grpc as tg
 
-    agent, _ = two_shards
+    agent, _ = shared_two_shards
     client = tg.InferenceServerClient(agent.grpc_target)
     try:
         for name in "ab":  # one on each process: the other would answer NOT_FOUND (the agent: UNAVAILABLE)
