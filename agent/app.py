@@ -44,6 +44,7 @@ from agent.metrics import Metrics
 from agent.reconciler import Reconciler
 from agent.router import Router, error_parts, liveness, send_error
 from agent.runtimes import RuntimeAdapter, make_adapter
+from agent.runtimes.shards import ShardedAdapter
 from agent.settings import Settings
 from agent.watcher import ConfigWatcher
 from puller import Cache
@@ -83,9 +84,14 @@ class Agent:
         overhead = tree_rss(os.getpid()) if pid is None else tree_rss(pid) + psutil.Process().memory_info().rss
         self.memory = MemoryManager.from_settings(s, store=self.cache, server_pid=self._server_pid, host_overhead=overhead,
                                                   allocator_reserve=self.adapter.allocator_reserve)
+        if isinstance(self.adapter, ShardedAdapter):  # placement weighs each shard's reserved memory
+            memory = self.memory
+            self.adapter.reserved = lambda: {n: c.host for n, c in memory.reservations().items()}
         self.reconciler = Reconciler(s, self.cache, self.adapter, self.memory, self.metrics)
         self.reconciler.on_change = self.fleet.bump
-        self.router = Router(self.reconciler, lambda: self.adapter.base_url, self.metrics, server_ready=self.ready)
+        url_for = getattr(self.adapter, "base_url_for", None)
+        self.router = Router(self.reconciler, lambda: self.adapter.base_url, self.metrics, server_ready=self.ready,
+                             server_url_for=url_for)
         await self.router.start()
         await self.reconciler.start()
         self.watcher = ConfigWatcher(
@@ -120,7 +126,11 @@ class Agent:
                 repository = Path(self._tmp.name) / "repository"
             if s.server == "triton" and s.triton_bin:
                 kwargs["triton_bin"] = s.triton_bin
-            adapter = make_adapter(s.server, repository=repository, http_port=s.server_port, **kwargs)
+            if s.server_processes > 1:  # models partitioned between N embedded MLServers
+                kwargs["on_restart"] = self._on_shard_restart
+                adapter = ShardedAdapter(repository, s.server_processes, http_port=s.server_port, **kwargs)
+            else:
+                adapter = make_adapter(s.server, repository=repository, http_port=s.server_port, **kwargs)
             await adapter.start()
         self._server_ready = True
         return adapter
@@ -129,13 +139,22 @@ class Agent:
         address = management_listener(self.settings)
         return "same port" if address is None else f"{address[0]}:{address[1]}"
 
-    def _server_pid(self) -> int | None:
+    def _server_pid(self) -> int | tuple[int, ...] | None:
+        """The embedded server's pid; with --server-processes N, the tuple of every shard's
+        pid that is up (the memory ledger tracks all their trees), None when none is."""
+        if isinstance(self.adapter, ShardedAdapter):
+            return tuple(self.adapter.server_pids()) or None
         process = getattr(self.adapter, "process", None)
         return process.pid if process is not None else None
 
     async def _on_server_restart(self) -> None:
         if self.reconciler is not None:
             await self.reconciler.server_restarted()
+
+    async def _on_shard_restart(self, lost: set[str], exit_: dict | None) -> None:
+        """One of N server processes came back empty: only the models it held are lost."""
+        if self.reconciler is not None:
+            await self.reconciler.server_restarted(lost, exit_)
 
     async def _health_loop(self) -> None:
         """Probe the server for /readyz. Three failed probes in a row mark it not ready (MLServer
@@ -191,7 +210,10 @@ class Agent:
         gRPC ServerReady and /fleet/state all answer from this."""
         reasons = []
         process = getattr(self.adapter, "process", None)  # the embedded server: known at once when it died
-        if not self._server_ready or (process is not None and not process.ready):
+        if isinstance(self.adapter, ShardedAdapter):
+            if not self._server_ready or not self.adapter.ready_now():
+                reasons.append("server not ready")
+        elif not self._server_ready or (process is not None and not process.ready):
             reasons.append("server not ready")
         if self.reconciler is None or not self.reconciler.applied_once.is_set():
             reasons.append("config not applied yet")
@@ -211,7 +233,10 @@ class Agent:
             "url": self.adapter.base_url if self.adapter else None,
             "ready": self._server_ready,
             "embedded": self.settings.server_url is None,
-            "pid": self._server_pid(),
+            "pid": self.adapter.process.pid if isinstance(self.adapter, ShardedAdapter) else self._server_pid(),
+            # --server-processes N: every server process, and the models each holds
+            **({"pids": self.adapter.server_pids(), "processes": self.adapter.shard_docs()}
+               if isinstance(self.adapter, ShardedAdapter) else {}),
         }
         doc["cache"] = self._cache_stats()
         doc["data_plane"] = {"fast_path": self.settings.fast_path,  # agent.router.Router.fast_forward

@@ -142,6 +142,17 @@ def _grpc_port(value: str) -> int:
     return port
 
 
+def _server_processes(value: str) -> int:
+    """A count of embedded server processes, 1 or more."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--server-processes {value!r} is not a count of server processes (1 or more)")
+    return n
+
+
 def _headroom(value: str) -> float:
     """A number of loads, 0 or more (0: no headroom)."""
     try:
@@ -231,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server-url", default=None, help="sidecar mode: URL of an external server; embedded when absent")
     run.add_argument("--server-repository", type=Path, default=None, help="repository dir the agent writes model entries into (shared with a sidecar server)")
     run.add_argument("--server-port", type=int, default=None, help="embedded server's HTTP port (default: a free one)")
+    run.add_argument("--server-processes", type=_server_processes, default="1", help="embedded MLServer only: run this many server processes and place each model in exactly one of them (its own cores for loads and inference; memory: one interpreter and runtime import per process, each model once). Default 1")
     run.add_argument("--triton-bin", type=Path, default=None, help="tritonserver binary (default: found in .venv-triton)")
-    run.add_argument("--server-malloc-keep", type=_malloc_keep, default=None, help="embedded MLServer: freed heap memory its allocator may keep resident between loads (bytes or quantity, e.g. 128Mi), so the next load reuses warm pages instead of faulting fresh ones; past it the server gives the free pages back (malloc_trim). Counted in the memory budget as a line of its own (/status: malloc_keep). 0: give them back after every load and unload (default %dMi, but at most 1/8 of the host budget)" % (DEFAULT_SERVER_MALLOC_KEEP // 2**20))
+    run.add_argument("--server-malloc-keep", type=_malloc_keep, default=None, help="embedded MLServer: freed heap memory its allocator may keep resident between loads (bytes or quantity, e.g. 128Mi), so the next load reuses warm pages instead of faulting fresh ones; past it the server gives the free pages back (malloc_trim). Counted in the memory budget as a line of its own (/status: malloc_keep). With --server-processes N each process keeps its own. 0: give them back after every load and unload (default %dMi per process, but all processes together at most 1/8 of the host budget)" % (DEFAULT_SERVER_MALLOC_KEEP // 2**20))
     run.add_argument("--server-pid-file", type=Path, default=None, help="sidecar mode: file holding the server's pid (needs a shared PID namespace), so its real memory (RSS, NVML per process) is measured")
     run.add_argument("--memory-tolerance", type=float, default=0.05, help="fraction by which real memory may exceed the budget before the agent evicts (default 0.05)")
     run.add_argument("--memory-pressure", type=float, default=0.90, help="fraction of the container's cgroup limit above which the agent evicts (default 0.90)")
@@ -335,12 +347,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.server_port = int(args.server_port) if args.server_port else None
         s.triton_bin = args.triton_bin
         s.host_memory, s.gpu_memory = args.host_memory, args.gpu_memory
-        if args.server_malloc_keep is None:  # the default: bounded by the budget (agent.memory.budget)
-            from agent.memory.budget import default_malloc_keep
-
-            s.server_malloc_keep = default_malloc_keep(s.host_memory, DEFAULT_SERVER_MALLOC_KEEP)
-        else:
-            s.server_malloc_keep = args.server_malloc_keep
         s.memory_multipliers = _multipliers(args.memory_multiplier)
         s.min_residency_s = args.min_residency
         s.load_timeout_s, s.request_timeout_s = args.load_timeout, args.request_timeout
@@ -371,6 +377,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if not 0 <= s.shard_index < s.shards:
             raise SystemExit(f"modelshelf run: --shard-index {s.shard_index} is outside 0..{s.shards - 1}")
         s.drain_timeout_s = args.drain_timeout
+        s.server_processes = args.server_processes if isinstance(args.server_processes, int) else _server_processes(args.server_processes)
+        if s.server_processes > 1 and (s.server_url or s.server != "mlserver"):
+            which = "--server-url (a sidecar server)" if s.server_url else f"--server {s.server}"
+            raise SystemExit(f"modelshelf run: --server-processes {s.server_processes} needs the embedded MLServer; "
+                             f"it cannot be combined with {which}")
+        if args.server_malloc_keep is None:  # the default: bounded by the budget (agent.memory.budget)
+            from agent.memory.budget import default_malloc_keep
+
+            # each server process keeps its own reserve: together at most the default's share of the budget
+            n = s.server_processes
+            s.server_malloc_keep = default_malloc_keep(s.host_memory, DEFAULT_SERVER_MALLOC_KEEP * n) // n
+        else:
+            s.server_malloc_keep = args.server_malloc_keep
     return s
 
 

@@ -79,9 +79,10 @@ class _Refused(Exception):
 
 class GrpcDataPlane:
     """The gRPC data plane of one agent. `reconciler()` is None until the agent has started;
-    `target()` is the server's gRPC HOST:PORT (None when unknown)."""
+    `target(model)` is the gRPC HOST:PORT of the server holding `model` ("": server-wide
+    calls), None when unknown."""
 
-    def __init__(self, reconciler: Callable[[], Reconciler | None], target: Callable[[], str | None],
+    def __init__(self, reconciler: Callable[[], Reconciler | None], target: Callable[[str], str | None],
                  metrics: Metrics, *, max_message_bytes: int, request_timeout_s: float,
                  server_ready: Callable[[], bool]):
         self._reconciler = reconciler
@@ -93,6 +94,7 @@ class GrpcDataPlane:
         self._channel: grpc.aio.Channel | None = None
         self._channel_target: str | None = None
         self._methods: dict[str, Any] = {}
+        self._shard_channels: dict[str, tuple[grpc.aio.Channel, dict[str, Any]]] = {}  # --server-processes N
         self._closing: set[asyncio.Task] = set()
         self._server: grpc.aio.Server | None = None
         self._counted: dict[tuple[str, str], Any] = {}  # (model, code) -> counter child
@@ -149,13 +151,29 @@ class GrpcDataPlane:
             await self._server.stop(grace)
         if self._channel is not None:
             await self._channel.close()
+        for channel, _ in self._shard_channels.values():
+            await channel.close()
 
     # ------------------------------------------------------------------ the server side
-    def _method(self, name: str, kind: str = "unary") -> Any:
-        """The server's `name` RPC as a bytes-in/bytes-out callable on one shared channel."""
-        target = self._target()
+    def _method(self, name: str, kind: str = "unary", model: str = "") -> Any:
+        """The server's `name` RPC as a bytes-in/bytes-out callable on one shared channel (per
+        server, with --server-processes N: the one holding `model`)."""
+        target = self._target(model)
         if target is None:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server's gRPC address is unknown (sidecar: --server-grpc-target)", 5)
+        if model and target != self._target(""):  # a model on another server than the first
+            channel, methods = self._shard_channels.get(target) or (None, {})
+            if channel is None:
+                channel = grpc.aio.insecure_channel(target, options=[
+                    ("grpc.max_receive_message_length", _UNLIMITED),
+                    ("grpc.max_send_message_length", _UNLIMITED),
+                ])
+                self._shard_channels[target] = (channel, methods)
+            method = methods.get(name)
+            if method is None:
+                path = f"/{SERVICE}/{name}"
+                method = methods[name] = channel.stream_stream(path) if kind == "stream" else channel.unary_unary(path)
+            return method
         if target != self._channel_target:
             if self._channel is not None:  # calls in flight on the old one finish there
                 closing = asyncio.get_running_loop().create_task(self._channel.close(grace=self.request_timeout_s))
@@ -243,7 +261,7 @@ class GrpcDataPlane:
 
     async def _forward(self, method: str, name: str, request: bytes, context: grpc.aio.ServicerContext,
                        *, model: Model | None = None) -> bytes:
-        call = self._method(method)
+        call = self._method(method, model=name)
         try:
             return await call(request, metadata=_forwarded(context), timeout=self.request_timeout_s)
         except grpc.aio.AioRpcError as e:
@@ -272,13 +290,27 @@ class GrpcDataPlane:
         leases: dict[str, Model] = {}
         failed: list[_Refused] = []
         reconciler: Reconciler | None = None
+        incoming = requests.__aiter__()
+        first: list[bytes] = []
+        stream_target: str | None = None
+
+        async def lease(name: str) -> None:
+            if name not in leases:
+                leases[name] = await self._acquire(reconciler, name)
+                # several server processes (--server-processes N): a stream goes to one, the
+                # one holding its first model; a model held by another cannot join it
+                if stream_target is not None and self._target(name) != stream_target:
+                    raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"model {name!r} is served by another server process than this stream's first model "
+                                   f"(--server-processes): open one stream per model")
 
         async def upstream_requests() -> AsyncIterator[bytes]:
             try:
-                async for raw in requests:
+                for raw in first:
+                    yield raw
+                async for raw in incoming:
                     raw, name = _routed(raw, context)
-                    if name not in leases:
-                        leases[name] = await self._acquire(reconciler, name)
+                    await lease(name)
                     yield raw
             except _Refused as e:
                 failed.append(e)
@@ -286,7 +318,14 @@ class GrpcDataPlane:
 
         try:
             reconciler = self._started()
-            call = self._method("ModelStreamInfer", "stream")(upstream_requests(), metadata=_forwarded(context))
+            try:  # the first message says which model, hence which server, the stream goes to
+                raw, name = _routed(await incoming.__anext__(), context)
+            except StopAsyncIteration:
+                return
+            await lease(name)  # loads it if need be: then it has its server
+            first.append(raw)
+            stream_target = self._target(name)
+            call = self._method("ModelStreamInfer", "stream", model=name)(upstream_requests(), metadata=_forwarded(context))
             try:
                 async for response in call:
                     yield response
@@ -350,7 +389,7 @@ async def start_grpc(settings: Any, agent: Any) -> GrpcDataPlane | None:
     if not settings.grpc_port:
         return None
     plane = GrpcDataPlane(
-        lambda: agent.reconciler, lambda: server_grpc_target(settings, agent.adapter), agent.metrics,
+        lambda: agent.reconciler, lambda model: server_grpc_target(settings, agent.adapter, model), agent.metrics,
         max_message_bytes=settings.max_body_bytes, request_timeout_s=settings.request_timeout_s,
         server_ready=agent.ready,
     )
@@ -358,10 +397,14 @@ async def start_grpc(settings: Any, agent: Any) -> GrpcDataPlane | None:
     return plane
 
 
-def server_grpc_target(settings: Any, adapter: Any) -> str | None:
+def server_grpc_target(settings: Any, adapter: Any, model: str = "") -> str | None:
     """The co-located server's gRPC HOST:PORT: --server-grpc-target, else the port the embedded
-    server listens on. A sidecar's is never guessed (in a pod its default port may be the
-    agent's own): without the flag, model calls answer UNAVAILABLE saying so."""
+    server listens on (--server-processes N: the one holding `model`). A sidecar's is never
+    guessed (in a pod its default port may be the agent's own): without the flag, model calls
+    answer UNAVAILABLE saying so."""
     if settings.server_grpc_target:
         return settings.server_grpc_target
-    return adapter.grpc_target if adapter is not None else None
+    if adapter is None:
+        return None
+    target_for = getattr(adapter, "grpc_target_for", None)
+    return target_for(model) if model and target_for is not None else adapter.grpc_target

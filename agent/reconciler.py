@@ -805,7 +805,7 @@ class Reconciler:
         # a load that will be measured waits for its victims' unloads (its window must not see
         # them); any other load starts while they unload (see _make_room)
         measure = not replacing and not (lazy and self._window_spoilt(copy.spec.runtime)) \
-            and self.memory.needs_measure(copy.entry.key, copy.spec.runtime)
+            and self.memory.needs_measure(copy.entry.key, copy.spec.runtime, server_pid=self._server_pid_for(m.name, copy.spec.runtime))
         try:
             await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=measure, phases=phases)
         except DoesNotFit as e:
@@ -839,10 +839,12 @@ class Reconciler:
                 # a preload while others are measured, may wait for open windows: in a thread. A
                 # request's load never waits: opened on the loop, an overlap only marks the
                 # measured windows contaminated (they are measured again on a later load)
+                server_pid = self._server_pid_for(m.name, copy.spec.runtime, place=True)  # several server processes: its own
                 if measure or (not lazy and self.memory.measuring()):
-                    window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime, measure=measure)
+                    window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime, measure=measure,
+                                                     server_pid=server_pid)
                 else:
-                    window = self.memory.start_measure(m.name, copy.spec.runtime, measure=False)
+                    window = self.memory.start_measure(m.name, copy.spec.runtime, measure=False, server_pid=server_pid)
                 self._loading[m.name] = started
                 server_mark = time.monotonic()
                 try:
@@ -1224,18 +1226,28 @@ class Reconciler:
         if orphans:
             self._spawn(_cleanup(), "orphans")
 
+    def _server_pid_for(self, name: str, runtime: str, *, place: bool = False) -> int | None:
+        """With several server processes (agent/runtimes/shards.py): the pid of the one that
+        holds `name` or would get it now (`place`: put it there now, its load follows), so the
+        ledger tells each process's first load of a runtime apart. None with one server."""
+        pid_for = getattr(self.adapter, "server_pid_for", None)
+        return pid_for(name, runtime=runtime, place=place) if pid_for is not None else None
+
     # ------------------------------------------------------------------ the server's real state
-    async def server_restarted(self) -> None:
+    async def server_restarted(self, names: set[str] | None = None, exit_: dict | None = None) -> None:
         """The server came back empty. Blame the loads in flight when it died (twice in a row:
         quarantine), then mark every served model lost; each model's own task reloads it. The
         reason ("oom_killed" when the cgroup's OOM-kill counter grew, see agent/memory/reality.py)
-        is counted by reason and shown in /status (after the reloads are scheduled)."""
+        is counted by reason and shown in /status (after the reloads are scheduled).
+        `names`: one of several server processes restarted (--server-processes N) and these are
+        the models it held or was loading: only they are lost; `exit_` is how it exited."""
         self.memory.reset_server()
         now = time.monotonic()
         cut = self._down_since or now
         self._down_since = None
         retry = []
-        for m in self.models.values():
+        held = list(self.models.values()) if names is None else [m for m in self.models.values() if m.name in names]
+        for m in held:
             if m.name in self._loading or (m.died_loading is not None and m.died_loading <= cut):
                 m.crashes += 1
                 log.warning("server died while this model was loading", extra=kv(model=m.name, times=m.crashes))
@@ -1245,13 +1257,14 @@ class Reconciler:
                 m.retry_at = None
                 retry.append(m)
             m.died_loading = None
-        lost = [m for m in self.models.values() if m.served is not None or m.crashes >= 2] + retry
+        lost = [m for m in held if m.served is not None or m.crashes >= 2] + retry
         log.warning("server restarted; reloading what it served", extra=kv(models=len(lost)))
         for m in lost:
             m.lost_since = now
             self._schedule(m)
         self._restock(m.name for m in lost)
-        exit_ = getattr(getattr(self.adapter, "process", None), "last_exit", None)
+        if names is None:
+            exit_ = getattr(getattr(self.adapter, "process", None), "last_exit", None)
         try:
             why = await asyncio.to_thread(self.memory.restart_reason, exit_)
         except Exception as e:  # reading the cgroup must not hold up anything

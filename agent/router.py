@@ -144,10 +144,13 @@ class _TooLarge(Exception):
 
 class Router:
     def __init__(self, reconciler: Reconciler, server_url: Callable[[], str], metrics: Metrics,
-                 *, server_ready: Callable[[], bool]):
+                 *, server_ready: Callable[[], bool], server_url_for: Callable[[str], str] | None = None):
         s = reconciler.settings  # every data-plane limit is a flag (agent.settings)
         self.reconciler = reconciler
         self._server_url = server_url
+        # --server-processes N: the server holding a model (agent/runtimes/shards.py); one pool each
+        self._server_url_for = server_url_for
+        self._shard_upstreams: dict[str, Upstream] = {}
         self.metrics = metrics
         self.max_body_bytes = s.max_body_bytes
         self.max_v1_body_bytes = s.max_v1_body_bytes
@@ -168,8 +171,8 @@ class Router:
         if hooks is not None:
             hooks.append(self.prune_metrics)
 
-    def _new_upstream(self) -> Upstream:
-        return Upstream(self._server_url(), max_connections=self.upstream_connections,
+    def _new_upstream(self, url: str | None = None) -> Upstream:
+        return Upstream(url or self._server_url(), max_connections=self.upstream_connections,
                         max_per_key=self.max_upstream_per_model)
 
     async def start(self) -> None:
@@ -178,6 +181,8 @@ class Router:
     async def close(self) -> None:
         if self._upstream is not None:
             await self._upstream.close()
+        for upstream in self._shard_upstreams.values():
+            await upstream.close()
         if self._v1_worker is not None:
             self._v1_worker.shutdown(wait=False, cancel_futures=True)
 
@@ -411,7 +416,7 @@ class Router:
         query = scope.get("query_string")
         if query:
             target = target + "?" + _safe_query(query)
-        upstream = self._current_upstream()
+        upstream = self._current_upstream(name)
         started = False
         try:
             async with upstream.stream(method, target, headers, body or b"", self.request_timeout_s, key=name) as answer:
@@ -516,7 +521,7 @@ class Router:
         answer _forward() gives; then release the lease. Otherwise `demote()`: the ASGI path
         takes the request whole (lazy load, waits for a slot, connects, retries a stale
         connection), with nothing held and nothing sent."""
-        upstream = self._current_upstream()
+        upstream = self._current_upstream(name)
         if not upstream.ready_now(name):  # first: a request handed on was never leased (nor counted as a hit)
             self._fall_back(demote)
             return
@@ -601,7 +606,14 @@ class Router:
         out_headers.append((b"content-length", b"%d" % len(payload)))
         return status, out_headers, payload
 
-    def _current_upstream(self) -> Upstream:
+    def _current_upstream(self, name: str = "") -> Upstream:
+        """The pool to the server holding model `name` ("": server-wide calls, the first server)."""
+        if name and self._server_url_for is not None:
+            url = self._server_url_for(name)
+            upstream = self._shard_upstreams.get(url)
+            if upstream is None:
+                upstream = self._shard_upstreams[url] = self._new_upstream(url)
+            return upstream
         upstream = self._upstream
         if upstream is None or upstream.base_url != self._server_url():
             upstream = self._upstream = self._new_upstream()
@@ -609,7 +621,7 @@ class Router:
 
     async def _send(self, method: str, target: str, body: bytes | BodySource | None,
                     headers: list[tuple[bytes, bytes]], key: str = "") -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        status, resp_headers, payload = await self._current_upstream().request(
+        status, resp_headers, payload = await self._current_upstream(key).request(
             method, target, headers, body or b"", self.request_timeout_s, key)
         return status, payload, [(k, v) for k, v in resp_headers if k in _PASS_RESPONSE]
 

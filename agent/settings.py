@@ -34,6 +34,7 @@ class Settings:
     server_url: str | None = None  # sidecar mode: an external server; None -> embedded
     server_repository: Path | None = None  # repository dir the adapter owns (default: <cache>/.repository/<holder>)
     server_port: int | None = None  # embedded server's HTTP port (None: a free one)
+    server_processes: int = 1  # embedded MLServer: this many processes, models partitioned (agent/runtimes/shards.py)
     triton_bin: Path | None = None  # tritonserver binary (default: discovered in .venv-triton)
     server_malloc_keep: int = DEFAULT_SERVER_MALLOC_KEEP  # embedded MLServer: freed heap bytes kept resident (0: trim after every load/unload)
     max_cache_bytes: int | None = None

@@ -35,6 +35,8 @@ pass; the table gives ranges over the rounds and verdicts use the median of the 
 --alt-agent-arg adds a second modelshelf (its own agent, MLServer and cache, the same models and
 budget) with extra flags, driven in the same rounds: two agent configurations compared
 side by side (benchmarks/results/peers.md was run with --alt-agent-arg=--eviction=lfu-decay).
+With --alt-agent-arg=--server-processes=N its budget is the base budget plus (N-1) x the
+calibrated overhead: the same room for models, each server process paying its runtime import.
 
 Per pass: client-side p50/p95/p99, req/s, non-200; CPU seconds of every process tree (agent
 alone, its MLServer, Ray's whole tree, the floor MLServer, this process as the client) and the
@@ -201,11 +203,23 @@ def start_floor(workdir: Path, dirs: list[Path], attempts: int = 3, timeout: flo
     raise RuntimeError(f"floor MLServer did not start in {attempts} attempts; see {workdir / 'mlserver.log'}")
 
 
+def server_processes(agent_args: list[str]) -> int:
+    """The --server-processes N among `modelshelf run` arguments (1 when absent)."""
+    n = 1
+    for i, a in enumerate(agent_args):
+        if a.startswith("--server-processes="):
+            n = int(a.split("=", 1)[1])
+        elif a == "--server-processes" and i + 1 < len(agent_args):
+            n = int(agent_args[i + 1])
+    return n
+
+
 class TreeSampler:
     """CPU seconds (delta between start and stop) and peak RSS of named process trees; a tree
-    is (root pid, include descendants). Processes that exit during the pass lose their CPU."""
+    is (root pid, include descendants); a tuple of roots is several trees counted as one (an
+    agent's --server-processes N servers). Processes that exit during the pass lose their CPU."""
 
-    def __init__(self, trees: dict[str, tuple[int, bool]], interval: float = 0.5):
+    def __init__(self, trees: dict[str, tuple[int | tuple[int, ...], bool]], interval: float = 0.5):
         self.trees, self.interval = trees, interval
         self.peak = {name: 0 for name in trees}
         self._stop = threading.Event()
@@ -213,6 +227,8 @@ class TreeSampler:
 
     def _procs(self, name: str) -> list[psutil.Process]:
         pid, tree = self.trees[name]
+        if isinstance(pid, tuple):
+            return [p for root in pid for p in (process_tree(root) if tree else process_tree(root)[:1])]
         return process_tree(pid) if tree else process_tree(pid)[:1]
 
     def _cpu(self) -> dict[str, dict[int, float]]:
@@ -333,7 +349,10 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
                       "--resync-interval", "600", "--load-timeout", "60", *args.agent_arg)
         systems["modelshelf"] = agent
         if args.alt_agent_arg:  # the same agent with other flags, driven in the same rounds
-            systems["modelshelf-alt"] = Agent(work / f"agent-alt-{name}", entries, "--host-memory", str(budget), "--min-residency",
+            # --server-processes N: the same room for models; each server process pays its own
+            # runtime import (the calibrated overhead), as each of Ray's replicas does
+            alt_budget = budget + (server_processes(args.alt_agent_arg) - 1) * int(overhead)
+            systems["modelshelf-alt"] = Agent(work / f"agent-alt-{name}", entries, "--host-memory", str(alt_budget), "--min-residency",
                                               f"{args.min_residency:g}", "--resync-interval", "600", "--load-timeout", "60",
                                               *args.agent_arg, *args.alt_agent_arg)
         ray = RayServe(work / f"ray-{name}", store, fit)
@@ -344,14 +363,14 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
             a.wait_models(lambda ms: len(ms) == len(entries) and all(m["state"] == "cached" for m in ms.values()), 300, "cached")
         ray.wait_ready()
         urls = {s: systems[s].url for s in systems}
-        server_pid = agent.server_pid
+        server_pid = agent.server_pids
         trees = {"agent": (agent.proc.pid, False), "agent's MLServer": (server_pid, True), "ray": (ray.proc.pid, True),
                  "client": (os.getpid(), False)}
         if "floor" in systems:
             trees["floor MLServer"] = (systems["floor"].proc.pid, True)
         if "modelshelf-alt" in systems:
             alt = systems["modelshelf-alt"]
-            trees["alt agent"], trees["alt agent's MLServer"] = (alt.proc.pid, False), (alt.server_pid, True)
+            trees["alt agent"], trees["alt agent's MLServer"] = (alt.proc.pid, False), (alt.server_pids, True)
         own = TREES
         warm_non_200 = {}
         for s in systems:  # warm-up: not measured

@@ -305,6 +305,12 @@ class Agent:
         return int(self.status()["server"]["pid"])
 
     @property
+    def server_pids(self) -> tuple[int, ...]:
+        """Every server process's pid (several with --server-processes N)."""
+        server = self.status()["server"]
+        return tuple(server.get("pids") or [server["pid"]])
+
+    @property
     def server_url(self) -> str:
         return str(self.status()["server"]["url"]).rstrip("/")
 

@@ -34,7 +34,8 @@ class MemoryManager:
                  floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
                  profile: str = "default", clock: Callable[[], float] = time.monotonic,
                  measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None,
-                 malloc_keep: int = 0, allocator_reserve: Callable[[], int | None] | None = None):
+                 malloc_keep: int = 0, allocator_reserve: Callable[[], int | None] | None = None,
+                 server_processes: int = 1):
         self._budget = {d: int(b) for d, b in budget.items()}
         # host bytes the server's allocator may keep resident after models are freed (the
         # embedded MLServer's --server-malloc-keep): a declared line, like a runtime import
@@ -51,6 +52,9 @@ class MemoryManager:
         self._multipliers = {**DEFAULT_MULTIPLIERS, **(multipliers or {})}
         self._gpu = gpu_probe
         self._server_pid = server_pid
+        # --server-processes N: N server processes, each imports a runtime's libraries once it
+        # loads a model of that runtime; the import is charged N times (see ``overhead``)
+        self.server_processes = max(1, int(server_processes))
         self.min_residency_s = float(min_residency_s)
         self.floor_fraction = float(floor_fraction)
         self.min_model_bytes = int(min_model_bytes)
@@ -62,11 +66,11 @@ class MemoryManager:
         self._unloading: set[str] = set()
         self._admitted: set[str] = set()  # admitted, their load not finished (see ``settled``)
         self._windows: dict[int, Measurement] = {}
-        self._warm: dict[int, set[str]] = {}  # server pid -> runtimes it has loaded once
+        self._warm: dict[int, set[str]] = {}  # server pid (each of several) -> runtimes it has loaded once
         self._overhead: dict[str, Cost] = {}  # "runtime:<name>" -> server-level bytes (imports, CUDA context)
         self._overhead_pid: int | None = None
         self._attr = ImportAttribution(self.min_model_bytes)
-        self._baselines: dict[int, int] = {}  # server pid -> its tree RSS with no model loaded
+        self._baselines: dict[Any, int] = {}  # server pid (each of several) -> its tree RSS with no model loaded
         self._reality: RealityCheck | None = None
         self._note_baseline()  # the agent builds its ledger when the server has just started, bare
         self._window_closed = threading.Condition(self._lock)
@@ -96,6 +100,7 @@ class MemoryManager:
         kwargs.setdefault("profile", getattr(settings, "server", "default"))
         if getattr(settings, "server", None) == "mlserver" and not getattr(settings, "server_url", None):
             kwargs.setdefault("malloc_keep", getattr(settings, "server_malloc_keep", 0))  # only the embedded one keeps it
+        kwargs.setdefault("server_processes", getattr(settings, "server_processes", 1))
         return cls(budget, store=store, multipliers=settings.memory_multipliers, gpu_probe=probe,
                    server_pid=server_pid, **kwargs)
 
@@ -125,9 +130,11 @@ class MemoryManager:
 
     def _sum(self, names: Iterable[str]) -> dict[str, int]:
         out = {d: 0 for d in self._budget}
-        for cost in [*(self._reserved[n] for n in names), *self._server_lines()]:
+        for cost in (self._reserved[n] for n in names):
             for d, b in cost.devices().items():
                 out[d] = out.get(d, 0) + b
+        for d, b in self._server_bytes().items():
+            out[d] = out.get(d, 0) + b
         return out
 
     def _server_lines(self) -> list[Cost]:
@@ -136,6 +143,15 @@ class MemoryManager:
         if self.malloc_keep:
             lines.append(Cost(self.malloc_keep, {}, "declared"))
         return lines
+
+    def _server_bytes(self) -> dict[str, int]:
+        """Device -> the server's own bytes: its lines (``_server_lines``) once per server
+        process (--server-processes N: each imports its runtimes and keeps its own reserve)."""
+        out: dict[str, int] = {}
+        for cost in self._server_lines():
+            for d, b in cost.devices().items():
+                out[d] = out.get(d, 0) + b * self.server_processes
+        return out
 
     def free(self) -> dict[str, int]:
         """Device -> bytes available to a new model (budget - used). May be negative."""
@@ -161,8 +177,10 @@ class MemoryManager:
     def overhead(self) -> dict[str, Cost]:
         """Server-level bytes no model owns and no eviction frees, learnt from the first load of
         each runtime in the current server process ("runtime:sklearn" -> the sklearn import,
-        "runtime:pytorch" -> torch + the CUDA context). Counted in ``used()``; cleared when the
-        server's pid changes or by ``reset_server()``."""
+        "runtime:pytorch" -> torch + the CUDA context). Counted in ``used()``, once per server
+        process (``server_processes``: with N, from the runtime's first load on, as every
+        process imports it once models are placed on it); cleared when the server's pid changes
+        or by ``reset_server()``."""
         with self._lock:
             return dict(self._overhead)
 
@@ -171,13 +189,28 @@ class MemoryManager:
         size is known (split from a first load): the models that served are reloaded into the
         new process, which pays the same imports, so those stay charged from now on. Else the
         loads admitted before the first reload is measured would count the import as free, and
-        a restart after an OOM kill would load more than fits."""
+        a restart after an OOM kill would load more than fits. One of several server processes
+        (--server-processes N) restarted while others kept running: their imports stay, and
+        so does the charge (it counts every process)."""
+        pid = self._pid()
         with self._lock:
-            self._overhead = self._expected_imports()
-            self._warm = {}
-            self._overhead_pid = None
+            if self._some_survive(pid):
+                self._overhead_pid = pid
+            else:
+                self._overhead = self._expected_imports()
+                self._overhead_pid = None
+            self._warm = self._warm_still_up(pid)
             self._attr.server_restarted()
         self._note_baseline()  # called when the new process is up and before anything reloads
+
+    def _some_survive(self, pid: Any) -> bool:
+        """Several server processes (a tuple of pids), some of them seen loading before."""
+        return isinstance(pid, tuple) and any(p in self._warm for p in pid)
+
+    def _warm_still_up(self, pid: Any) -> dict[int, set[str]]:
+        """Of several server processes (a tuple), the runtimes loaded by those still up: one
+        that restarted has a new pid and imports again; a single server's are all gone."""
+        return {p: w for p, w in self._warm.items() if isinstance(pid, tuple) and p in pid}
 
     def _expected_imports(self) -> dict[str, Cost]:
         """The runtime imports charged now whose size is known (see ``reset_server``)."""
@@ -194,9 +227,20 @@ class MemoryManager:
         return self.reality.restart_reason(exit)
 
     def _note_baseline(self) -> None:
-        """Remember the server's tree RSS now as its bare baseline (nothing loaded yet)."""
+        """Remember the server's tree RSS now as its bare baseline (nothing loaded yet). With
+        several server processes (the pid is a tuple, --server-processes N) each has its own:
+        a process seen before keeps its baseline (it may hold models now: one of them
+        restarted), a new one (bare: just started) is noted now; the server's is their sum."""
         try:
             pid = self._pid()
+            if isinstance(pid, tuple):
+                with self._lock:
+                    known = dict(self._baselines)
+                rss = {p: known[p] if p in known else tree_rss(p) for p in pid}
+                if all(rss.values()):
+                    with self._lock:
+                        self._baselines = rss
+                return
             rss = tree_rss(pid) if pid is not None else 0
         except Exception:  # an adapter not started yet: the first window will note it
             return
@@ -220,10 +264,7 @@ class MemoryManager:
         yet; the allocator's kept bytes (``malloc_keep``, 0 where the server trims after each call)."""
         with self._lock:
             used, held = self.used(), self.held()
-            over: dict[str, int] = {}
-            for c in self._server_lines():
-                for d, b in c.devices().items():
-                    over[d] = over.get(d, 0) + b
+            over = self._server_bytes()
             devices = {d: {"budget": b, "used": used.get(d, 0), "held": held.get(d, 0), "overhead": over.get(d, 0)}
                        for d, b in self._budget.items()}
             runtimes = {k.split(":", 1)[1]: {"host": c.host, "gpu": dict(c.gpu),
@@ -232,12 +273,15 @@ class MemoryManager:
                         for k, c in self._overhead.items()}
             corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
             models = {n: {**c.doc(), "unloading": n in self._unloading} for n, c in sorted(self._reserved.items())}
-            return {"devices": devices, "runtime_imports": runtimes, "malloc_keep": {"host": self.malloc_keep},
+            return {"devices": devices, "runtime_imports": runtimes, "malloc_keep": {"host": self.malloc_keep * self.server_processes, "per_process": self.malloc_keep},
                     "under_declared": corrected, "models": models}
 
     def server_baseline(self, pid: int | None) -> int | None:
         """The server process ``pid``'s tree RSS before its first model (None: not seen)."""
         with self._lock:
+            if isinstance(pid, tuple):  # several server processes: the sum of theirs
+                each = [self._baselines.get(p) for p in pid]
+                return sum(each) if each and None not in each else self._baselines.get(pid)
             return self._baselines.get(pid) if pid is not None else None
 
     @property
@@ -416,10 +460,7 @@ class MemoryManager:
         use their reservation; unloading or unreserved ones are ignored. Reads state only."""
         with self._lock:
             cands, loading = self._resolve_candidates(candidates, model)
-            overhead: dict[str, int] = {}
-            for cost in self._server_lines():
-                for d, b in cost.devices().items():
-                    overhead[d] = overhead.get(d, 0) + b
+            overhead = self._server_bytes()
             return plan_eviction(needed, cands, free=self._free_for(model), budget=self._budget, model=model,
                                  respect_residency=lazy, min_residency_s=self.min_residency_s,
                                  now=self._clock() if now is None else now, reserved_elsewhere=loading,
@@ -500,23 +541,25 @@ class MemoryManager:
 
     # -- measurement ----------------------------------------------------------------------------
 
-    def needs_measure(self, key: str | None, runtime: str | None) -> bool:
+    def needs_measure(self, key: str | None, runtime: str | None, *, server_pid: int | None = None) -> bool:
         """Whether a load of entry `key` should be measured: no measurement is remembered for
         it yet, or the server process has not loaded this runtime yet (its import must be
         charged). A remembered entry is not measured again: snapshotting the server's process
         tree twice costs a few ms on every cold start."""
         pid = self._pid()
         with self._lock:
-            warm = pid is not None and self._overhead_pid == pid and runtime in self._warm.get(pid, set())
+            warm = pid is not None and self._overhead_pid == pid and runtime in self._warm.get(server_pid or pid, set())
         return not warm or self._load_record(key) is None
 
-    def start_measure(self, name: str, runtime: str | None = None, *, measure: bool = True) -> Measurement:
+    def start_measure(self, name: str, runtime: str | None = None, *, measure: bool = True,
+                      server_pid: int | None = None) -> Measurement:
         """Open ``name``'s load window right before the server's load call (after its victims
         are unloaded and released); ``finish_measure`` (or ``abort_measure``) closes it. EVERY
         load opens one: ``measure=False`` for a load whose cost is remembered (or an update in
         place), which takes no snapshot but still grows the server, so it must not land in
         another model's measurement. ``runtime``: lets the first load of each runtime in a
-        server process be told apart (see ``overhead``).
+        server process be told apart (see ``overhead``); ``server_pid``: the process the load
+        goes to when there are several (--server-processes N), each importing on its own.
 
         Windows are serialized: called from a worker thread (``asyncio.to_thread``), a measured
         window waits for every open window to close, and an unmeasured load waits for the open
@@ -553,7 +596,7 @@ class MemoryManager:
             if pid is not None:
                 if self._overhead_pid != pid:  # a new server process: old imports are gone
                     self._new_server_process(pid)
-                warm = self._warm.setdefault(pid, set())
+                warm = self._warm.setdefault(server_pid or pid, set())
                 if runtime is not None and runtime not in warm:
                     m.first_of_runtime = True
                     warm.add(runtime)
@@ -563,7 +606,10 @@ class MemoryManager:
         snap = self._snapshot(refresh=False)
         with self._lock:
             m.before = snap
-            if snap.pid is not None and snap.host is not None and bare and snap.pid not in self._baselines:
+            if isinstance(snap.pid, tuple):  # several server processes: a baseline each
+                if bare and snap.host is not None and not all(p in self._baselines for p in snap.pid):
+                    self._baselines = {p: tree_rss(p) for p in snap.pid}
+            elif snap.pid is not None and snap.host is not None and bare and snap.pid not in self._baselines:
                 self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
             return m
 
@@ -581,9 +627,10 @@ class MemoryManager:
         elif DEFAULT_IMPORTS.get(self.profile, {}).get(runtime):
             self._overhead[key] = Cost(DEFAULT_IMPORTS[self.profile][runtime], {}, "estimated")
 
-    def _new_server_process(self, pid: int) -> None:
-        self._overhead = self._expected_imports()
-        self._warm = {}
+    def _new_server_process(self, pid: Any) -> None:
+        if not self._some_survive(pid):  # else only one of several restarted (see reset_server)
+            self._overhead = self._expected_imports()
+        self._warm = self._warm_still_up(pid)
         self._attr.server_restarted()
         self._overhead_pid = pid
 
@@ -651,7 +698,7 @@ class MemoryManager:
                 imp_h = min(max(0, raw_host), known[0])
                 imp_g = {d: min(max(0, raw_gpu.get(d, 0)), b) for d, b in known[1].items() if raw_gpu.get(d, 0) > 0}
                 if self._overhead_pid == after.pid:
-                    self._overhead[f"runtime:{m.runtime}"] = Cost(imp_h, imp_g, "measured")
+                    self._charge_import(m.runtime, Cost(imp_h, imp_g, "measured"))
             log.info("memory runtime_import runtime=%s model=%s raw_host=%d import_host=%d source=known",
                      m.runtime, m.name, raw_host, imp_h)
             raw_host -= imp_h
@@ -671,12 +718,24 @@ class MemoryManager:
         over_h = max(0, raw_host - reserved.host)
         over_g = {d: b - reserved.gpu.get(d, 0) for d, b in raw_gpu.items() if b - reserved.gpu.get(d, 0) > 0}
         if self._overhead_pid == pid:
-            self._overhead[f"runtime:{m.runtime}"] = Cost(over_h, over_g, "measured")
+            self._charge_import(m.runtime, Cost(over_h, over_g, "measured"))
         if m.runtime is not None and not m.contaminated:
             self._attr.pending[m.runtime] = FirstLoad(m.name, key, reserved.entry_bytes, raw_host, dict(raw_gpu))
         log.info("memory runtime_overhead runtime=%s model=%s raw_host=%d host=%d gpu=%s provisional=%s", m.runtime, m.name,
                  raw_host, over_h, ",".join(f"{d}:{b}" for d, b in over_g.items()) or "0", not m.contaminated)
         return reserved
+
+    def _charge_import(self, runtime: str | None, cost: Cost) -> None:
+        """Charge ``runtime``'s import as measured by a process's first load of it. With several
+        server processes the figure is one per runtime (every process imports the same), and a
+        later process's first load measures it beside the others' loads and unloads (which
+        can make its growth read low, even 0): it never lowers a figure another process's
+        first load measured (only a split, ``_apply_split``, corrects it)."""
+        key = f"runtime:{runtime}"
+        old = self._overhead.get(key)
+        if self.server_processes > 1 and old is not None and old.method == "measured" and old.host >= cost.host:
+            return
+        self._overhead[key] = cost
 
     def _apply_split(self, runtime: str, split: Split, pid: int | None) -> None:
         """A first load's growth is split: charge the import to the server, correct the first

@@ -110,11 +110,12 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def tree_rss(pid: int) -> int:
-    """Sum of RSS over a process tree (bytes); processes vanishing meanwhile count 0. Shared
-    pages of forked workers are counted in each: an over-estimate, never an under-estimate."""
+def tree_rss(pid: int | tuple[int, ...]) -> int:
+    """Sum of RSS over a process tree (bytes), or over several (a tuple of roots: the server
+    processes of --server-processes N); processes vanishing meanwhile count 0. Shared pages of
+    forked workers are counted in each: an over-estimate, never an under-estimate."""
     total = 0
-    for p in process_tree(pid):
+    for p in (q for root in (pid if isinstance(pid, tuple) else (pid,)) for q in process_tree(root)):
         try:
             total += p.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -67,7 +67,7 @@ class ProcessTracker:
     every process on the machine (psutil's ``children()`` reads all of /proc: only where the
     kernel has no ``children`` files)."""
 
-    def __init__(self, root: Callable[[], int | None] | int | None, *, rescan_s: float = 60.0,
+    def __init__(self, root: Callable[[], int | tuple[int, ...] | None] | int | tuple[int, ...] | None, *, rescan_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
         self._root = root
         self._rescan_s = rescan_s
@@ -79,7 +79,7 @@ class ProcessTracker:
         self._stale = True
         self.scans = 0
 
-    def root(self) -> int | None:
+    def root(self) -> int | tuple[int, ...] | None:
         r = self._root
         return r() if callable(r) else r
 
@@ -95,7 +95,8 @@ class ProcessTracker:
                 return set()
             now = self._clock()
             if self._stale or root != self._for or now - self._scanned >= self._rescan_s:
-                self._pids = _descendants(root)
+                # several roots (a tuple): the server processes of --server-processes N
+                self._pids = set().union(*map(_descendants, root)) if isinstance(root, tuple) else _descendants(root)
                 self._for, self._scanned, self._stale = root, now, False
                 self.scans += 1
             else:
@@ -360,7 +361,7 @@ class RealityCheck:
                 why, gap = max(gaps.items(), key=lambda kv: kv[1])
                 if gap > 0:
                     excess[d], reasons[d] = int(gap), why
-            keep = self.ledger.malloc_keep
+            keep = self.ledger.malloc_keep * self.ledger.server_processes  # one reserve per server process
             kept = self.ledger.allocator_reserve() if keep else None
             drift = {d: _drift(ledger.get(d, 0), r, keep if d == HOST else 0, kept if d == HOST else None)
                      for d, r in real.items()}

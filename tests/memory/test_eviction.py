@@ -276,7 +276,7 @@ def test_the_allocator_keep_is_a_ledger_line_of_its_own():
     assert not mm.fits(Cost(200))
     assert mm.plan_eviction(Cost(200), [Candidate("a", last_used=1, loaded_at=0)], now=NOW) == ["a"]
     doc = mm.ledger_doc()
-    assert doc["malloc_keep"] == {"host": 300} and doc["devices"][HOST]["overhead"] == 300
+    assert doc["malloc_keep"]["host"] == 300 and doc["devices"][HOST]["overhead"] == 300
     with pytest.raises(Blocked) as ei:  # fits the budget, never beside the keep: said so, for good
         mm.plan_eviction(Cost(800), [Candidate("a", last_used=1, loaded_at=0)], now=NOW)
     assert ei.value.permanent and "server 300B" in str(ei.value)
@@ -286,3 +286,46 @@ def test_the_allocator_keep_is_a_ledger_line_of_its_own():
     for other in ({"server_url": "http://127.0.0.1:1"}, {"server": "triton"}):
         s = Settings(config_dir=".", cache_dir=".", host_memory="1000", server_malloc_keep=300, **other)
         assert MemoryManager.from_settings(s, gpu_probe=None).malloc_keep == 0
+
+
+def test_each_server_process_keeps_its_own_allocator_reserve_line():
+    """--server-processes N with --server-malloc-keep K: every process keeps its own reserve,
+    so the ledger counts N x K beside the models (and N imports), /status says so, a model that
+    only fits beside one reserve is refused for good, and the default K is split so that all
+    processes together keep at most the default's share of the budget."""
+    from agent.cli import build_parser, settings_from_args
+
+    mm = MemoryManager({HOST: 1000}, malloc_keep=200, server_processes=2, min_residency_s=0)
+    assert mm.used()[HOST] == 400 and mm.free()[HOST] == 600
+    doc = mm.ledger_doc()
+    assert doc["malloc_keep"] == {"host": 400, "per_process": 200} and doc["devices"][HOST]["overhead"] == 400
+    with pytest.raises(Blocked) as ei:  # 700 fits beside one reserve (800), never beside two
+        mm.plan_eviction(Cost(700), [], now=NOW)
+    assert ei.value.permanent
+
+    def keep(*argv: str) -> int:
+        return settings_from_args(build_parser().parse_args(
+            ["run", "--config-dir=/c", "--cache-dir=/d", "--host-memory=800Mi", *argv])).server_malloc_keep
+
+    assert keep() == 100 * 2**20  # 1/8 of 800Mi
+    assert keep("--server-processes=2") == 50 * 2**20  # two reserves, the same share together
+    assert keep("--server-processes=2", "--server-malloc-keep=30Mi") == 30 * 2**20  # given: per process
+
+
+def test_several_server_processes_report_their_reserves_summed(tmp_path):
+    """The ledger snapshots every process's tree at once, so a load's measurement subtracts the
+    growth of all the processes' reserves together (ShardedAdapter.allocator_reserve)."""
+    from agent.runtimes.shards import ShardedAdapter
+
+    adapter = ShardedAdapter(tmp_path, 2, malloc_keep=64 * 2**20)
+    figures = [5, None]
+    for shard, figure in zip(adapter.shards, figures):
+        shard.allocator_reserve = (lambda f=figure: f)
+    assert adapter.allocator_reserve() == 5
+    figures_2 = [5, 7]
+    for shard, figure in zip(adapter.shards, figures_2):
+        shard.allocator_reserve = (lambda f=figure: f)
+    assert adapter.allocator_reserve() == 12
+    for shard in adapter.shards:
+        shard.allocator_reserve = lambda: None
+    assert adapter.allocator_reserve() is None

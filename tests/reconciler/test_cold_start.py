@@ -23,7 +23,7 @@ ONE_MODEL = 200 * KB  # a 64 KiB sklearn entry is reserved at 128 KiB: one fits,
 
 
 def _measured_already(h: Harness) -> None:
-    h.memory.needs_measure = lambda key, runtime: False  # type: ignore[method-assign]
+    h.memory.needs_measure = lambda key, runtime, **_: False  # type: ignore[method-assign]
 
 
 async def _a_loaded_then_b_misses(h: Harness):
@@ -175,10 +175,10 @@ def test_a_lazy_load_beside_another_load_takes_no_window_that_would_be_discarded
         h.rec.memory = h.memory
         windows: list[str] = []
         start = h.memory.start_measure
-        def measured_windows(name, runtime=None, *, measure=True):  # every load opens one; which take snapshots
+        def measured_windows(name, runtime=None, *, measure=True, server_pid=None):  # every load opens one; which take snapshots
             if measure:
                 windows.append(name)
-            return start(name, runtime, measure=measure)
+            return start(name, runtime, measure=measure, server_pid=server_pid)
         h.memory.start_measure = measured_windows  # type: ignore[method-assign]
         async with h:
             await h.apply(*(h.spec(n, preload=False) for n in ("a", "b", "c")))

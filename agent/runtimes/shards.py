@@ -1,0 +1,270 @@
+"""N embedded MLServer processes behind one RuntimeAdapter, models partitioned between them
+(`--server-processes N`).
+
+Why: one MLServer runs every load, unload and inference of its models on ONE event loop, so
+one server process caps a node at one core (issue 13: under cold-start traffic with 19-49 MiB
+forests the embedded server sat at ~100% of a core while a miss queued ~50 ms behind other
+loads). A load in a thread of the same process does not help (the GIL), and MLServer's own
+`parallel_workers` loads every model in every worker (memory x N) and crashes with uvloop>=0.22.
+Here each model lives in exactly ONE of N servers (memory x1, plus one interpreter and runtime
+import per server), so loads and inference of different models run on N cores.
+
+Each shard is a whole `MLServerAdapter`: its own repository subfolder (`<repo>/shard-<i>`), its
+own free ports, its own process (restarted on its own by its `ServerProcess`).
+
+Placement: a name stays on the shard it was loaded on until it is unloaded (an update in place
+goes to the same server, which swaps the copies without a gap); a new load goes to the shard
+with the fewest loads in flight, then the least memory reserved (`reserved()`, the ledger's
+host reservations, wired by the agent), then the lowest index; except that while one shard
+imports a runtime (its first model of it), that runtime's other new loads go to shards that
+have imported it or to that one, never start a second import at once: the memory ledger
+learns a runtime's import from a process's first load, and two at once would each see both.
+The reconciler places a model (`server_pid_for(..., place=True)`) right before its load, so
+the ledger measures the process the load goes to.
+
+Upstreams: the data plane asks `base_url_for(name)` / `grpc_target_for(name)` per request; a
+name not placed (not loaded) gets shard 0, whose answer (404) the router handles as for one
+server. A gRPC ModelStreamInfer goes to the shard of its first message's model.
+
+Restart of one shard: only its models are lost. Its `on_restart` hook gets the names that were
+placed on it (`on_shard_restart(names, exit)`), and they are forgotten here (their next load
+places them again); the other shards' models keep serving untouched. Readiness: `is_ready()`
+and `ready_now()` are true only when every shard is (the agent is not ready while one is
+down: its models cannot be served, and the agent alone knows which they are).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping
+
+from agent.runtimes.base import LoadFailed, RuntimeAdapter, ServedModel
+from agent.runtimes.mlserver import MLServerAdapter
+
+log = logging.getLogger("modelshelf.runtimes.shards")
+
+OnShardRestart = Callable[[set[str], dict | None], Awaitable[None]]
+
+
+class ShardedAdapter(RuntimeAdapter):
+    """`n` embedded MLServers; the methods of one adapter, routed per model name. The agent
+    uses it for n >= 2 (`--server-processes`); n == 1 works but is one MLServerAdapter with a
+    detour."""
+
+    kind = "mlserver"
+
+    def __init__(self, repository: Path, n: int, *, http_port: int | None = None,
+                 on_restart: OnShardRestart | None = None, **kwargs: Any):
+        if n < 1:
+            raise ValueError(f"server processes must be >= 1, got {n}")
+        self.repository = Path(repository).resolve()
+        self.on_shard_restart = on_restart
+        self.reserved: Callable[[], Mapping[str, int]] = dict  # name -> host bytes reserved (the agent wires the ledger)
+        self.shards: list[MLServerAdapter] = []
+        for i in range(n):
+            shard = MLServerAdapter.embedded(self.repository / f"shard-{i}", http_port=http_port if i == 0 else None,
+                                             on_restart=self._restart_hook(i), **kwargs)
+            self.shards.append(shard)
+        self._home: dict[str, int] = {}  # name -> the shard it is placed on (loading or loaded)
+        self._loading = [0] * n  # loads in flight per shard
+        # runtimes each shard has loaded a model of (imported), and per runtime the one load
+        # importing it now: while it runs, the runtime's other loads go to shards that have it
+        # or to that one, never to a second process importing it at the same time: the memory
+        # ledger measures a runtime's import from a process's first load, and two imports at
+        # once spoil both measurements (each window sees both)
+        self._warm: list[set[str]] = [set() for _ in range(n)]
+        self._importing: dict[str, tuple[int, str]] = {}
+
+    # -- placement ----------------------------------------------------------------------
+
+    def shard_of(self, name: str) -> int | None:
+        """The index of the shard `name` is placed on (None: not placed)."""
+        return self._home.get(name)
+
+    def _place(self, name: str, runtime: str | None) -> int:
+        i = self._home.get(name)
+        if i is None:
+            i = self._home[name] = self._choose(runtime)
+            log.debug("event=placed model=%s shard=%d loading=%s importing=%s", name, i, self._loading, self._importing)
+            if runtime is not None and runtime not in self._warm[i] and runtime not in self._importing:
+                self._importing[runtime] = (i, name)  # this load imports the runtime in that process
+        return i
+
+    def _choose(self, runtime: str | None) -> int:
+        """Fewest loads in flight, then least memory reserved, then lowest index; never a
+        second process importing a runtime while another one is (see `_importing`)."""
+        candidates = range(len(self.shards))
+        if runtime is not None and runtime in self._importing:
+            importer = self._importing[runtime][0]
+            candidates = [j for j in candidates if j == importer or runtime in self._warm[j]]
+        held = [0] * len(self.shards)
+        reserved = self.reserved()
+        for other, j in self._home.items():
+            held[j] += reserved.get(other, 0)
+        return min(candidates, key=lambda j: (self._loading[j], held[j], j))
+
+    def server_pid_for(self, name: str, *, runtime: str | None = None, place: bool = False) -> int | None:
+        """The pid of the server process `name` is on, or would be placed on now; `place`:
+        place it there now (its load follows; the memory ledger measures that process)."""
+        i = self._place(name, runtime) if place else self._home.get(name)
+        if i is None:
+            i = self._choose(runtime)
+        process = self.shards[i].process
+        return process.pid if process is not None else None
+
+    def _end_import(self, name: str, runtime: str | None, i: int, ok: bool) -> None:
+        if ok and runtime is not None:
+            self._warm[i].add(runtime)
+        if runtime is not None and self._importing.get(runtime) == (i, name):
+            del self._importing[runtime]
+
+    def _shard_for(self, name: str) -> MLServerAdapter:
+        return self.shards[self._home.get(name, 0)]
+
+    def allocator_reserve(self) -> int | None:
+        """The processes' allocator reserves together (each as it last reported it; None when
+        none reports one): the memory ledger snapshots all the processes' trees at once, so a
+        load's measurement subtracts the growth of this sum."""
+        figures = [f for f in (shard.allocator_reserve() for shard in self.shards) if f is not None]
+        return sum(figures) if figures else None
+
+    def base_url_for(self, name: str) -> str:
+        """HTTP base URL of the server holding `name` (shard 0's when it is not placed)."""
+        return self._shard_for(name).base_url
+
+    def grpc_target_for(self, name: str) -> str | None:
+        return self._shard_for(name).grpc_target
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _restart_hook(self, i: int) -> Callable[[], Awaitable[None]]:
+        async def restarted() -> None:
+            lost = {name for name, j in self._home.items() if j == i}
+            for name in lost:
+                del self._home[name]
+            self._warm[i] = set()  # a new process: it imports again
+            self._importing = {r: v for r, v in self._importing.items() if v[0] != i}
+            process = self.shards[i].process
+            log.warning("event=shard_restarted shard=%d models=%d", i, len(lost))
+            if self.on_shard_restart is not None:
+                await self.on_shard_restart(lost, process.last_exit if process is not None else None)
+        return restarted
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start every shard at once (each is an interpreter importing MLServer: seconds)."""
+        results = await asyncio.gather(*(s.start(timeout) for s in self.shards), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.stop()
+            raise errors[0]
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self.shards), return_exceptions=True)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.shards))
+
+    @property
+    def processes(self) -> list[Any]:
+        """Each shard's ServerProcess."""
+        return [s.process for s in self.shards]
+
+    @property
+    def process(self) -> Any:
+        """Shard 0's process (what single-server callers read); see `processes`."""
+        return self.shards[0].process
+
+    def server_pids(self) -> list[int]:
+        """The root pid of every shard that is up (memory accounting tracks each tree)."""
+        return [p.pid for p in self.processes if p is not None and p.pid is not None]
+
+    def pids(self) -> list[int]:
+        return [pid for s in self.shards for pid in s.pids()]
+
+    def shard_docs(self) -> list[dict[str, Any]]:
+        """Per server process, for /status: its URL, pid, restarts and the models placed on it."""
+        placed: list[list[str]] = [[] for _ in self.shards]
+        for name, i in self._home.items():
+            placed[i].append(name)
+        return [{"url": s.base_url, "pid": s.process.pid if s.process is not None else None,
+                 "restarts": s.restarts, "loads_in_flight": self._loading[i], "models": sorted(placed[i])}
+                for i, s in enumerate(self.shards)]
+
+    @property
+    def restarts(self) -> int:
+        return sum(s.restarts for s in self.shards)
+
+    # -- RuntimeAdapter -----------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return self.shards[0].base_url
+
+    @property
+    def grpc_target(self) -> str | None:  # type: ignore[override]
+        return self.shards[0].grpc_target
+
+    async def wait_ready(self, timeout: float) -> None:
+        await asyncio.gather(*(s.wait_ready(timeout) for s in self.shards))
+
+    async def is_ready(self) -> bool:
+        """Ready only when every shard is: a model placed on a shard that is down cannot be
+        served, and which models those are is known only to this adapter (see README)."""
+        return all(await asyncio.gather(*(s.is_ready() for s in self.shards)))
+
+    def ready_now(self) -> bool:
+        """Every shard's process is up and was seen ready (no I/O)."""
+        return all(p is None or p.ready for p in self.processes)
+
+    async def index(self) -> dict[str, str]:
+        """Every shard's index merged; a name's state is the one its own shard reports."""
+        indexes = await asyncio.gather(*(s.index() for s in self.shards))
+        merged: dict[str, str] = {}
+        for i, states in enumerate(indexes):
+            for name, state in states.items():
+                if self._home.get(name, i) == i or name not in merged:
+                    merged[name] = state
+        return merged
+
+    async def load(self, model: ServedModel) -> float | None:
+        i = self._place(model.name, model.runtime)
+        self._loading[i] += 1
+        ok = False
+        try:
+            server_s = await self.shards[i].load(model)
+            ok = True
+            return server_s
+        except LoadFailed:
+            if self.shards[i].served_path(model.name) is None and self._home.get(model.name) == i:
+                del self._home[model.name]  # nothing of it there: its next load is placed afresh
+            raise
+        finally:
+            # a load that found its shard down keeps the name placed there: that shard's
+            # restart reports it among its lost models
+            self._loading[i] -= 1
+            self._end_import(model.name, model.runtime, i, ok)
+
+    async def unload(self, name: str) -> None:
+        i = self._home.get(name)
+        if i is None:  # not placed here (an orphan from before a restart): wherever it has an entry
+            await asyncio.gather(*(s.unload(name) for s in self.shards if name in s.repository_entries()))
+            return
+        await self.shards[i].unload(name)
+        if self._home.get(name) == i:
+            del self._home[name]
+        for runtime, (j, importer) in list(self._importing.items()):
+            if importer == name and j == i:  # placed for a load that never came
+                del self._importing[runtime]
+
+    def repository_entries(self) -> set[str]:
+        return set().union(*(s.repository_entries() for s in self.shards))
+
+    def served_path(self, name: str) -> Path | None:
+        i = self._home.get(name)
+        if i is not None:
+            return self.shards[i].served_path(name)
+        return None
+
+
+__all__ = ["ShardedAdapter"]

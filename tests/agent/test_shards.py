@@ -1,0 +1,200 @@
+"""--server-processes N: N embedded MLServers, each model in exactly one (agent/runtimes/shards.py).
+Real agents and real MLServer processes; which process loaded a model is read from the model's
+own load log (slow test models write their pid at each load)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from agent.cli import build_parser, settings_from_args
+from agent.memory import tree_rss
+from tests.support.agentproc import AgentProcess
+from tests.support.configmap import ConfigMapDir
+from tests.support.models import SLOW_IMPLEMENTATION, v2_request, write_sklearn_model, write_slow_model
+
+ROWS = [[1.0, 2.0, 3.0, 4.0]]
+
+
+def _loads(log: Path) -> list[tuple[str, int]]:
+    """(model, server pid) per load recorded in `log`."""
+    if not log.exists():
+        return []
+    return [(ln.split()[0], int(ln.split()[1])) for ln in log.read_text().splitlines() if ln.strip()]
+
+
+def _start(tmp_path: Path, models: list[dict], *args: str) -> AgentProcess:
+    cm = ConfigMapDir(tmp_path / "config")
+    cm.write({"models.yaml": json.dumps({"models": models})})
+    agent = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--min-residency", "0",
+                         "--load-concurrency", "1", *args)
+    return agent.wait_ready(120)
+
+
+def _slow(tmp_path: Path, name: str, log: Path) -> dict:
+    write_slow_model(tmp_path / "store" / name, delay=0.0, load_log=log)
+    return {"name": name, "uri": str(tmp_path / "store" / name), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION}
+
+
+def _placement(agent: AgentProcess) -> dict[str, int]:
+    """model -> index of the server process holding it, from /status."""
+    return {m: i for i, p in enumerate(agent.status()["server"]["processes"]) for m in p["models"]}
+
+
+def _two_shards(tmp_path: Path):
+    log = tmp_path / "loads.log"
+    agent = _start(tmp_path, [_slow(tmp_path, n, log) for n in ("a", "b")], "--server-processes", "2")
+    try:
+        agent.wait_for(lambda s: all(s["models"][n]["state"] == "loaded" for n in "ab"), 60, "a and b loaded")
+        yield agent, log
+    finally:
+        agent.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_two_shards(tmp_path_factory: pytest.TempPathFactory):
+    """An agent with a and b on two server processes, for the tests that only send requests."""
+    yield from _two_shards(tmp_path_factory.mktemp("two-shards"))
+
+
+@pytest.fixture
+def two_shards(tmp_path: Path):
+    """The same, of its own (the test kills a process)."""
+    yield from _two_shards(tmp_path)
+
+
+def test_two_server_processes_each_hold_and_answer_their_own_models(shared_two_shards):
+    agent, log = shared_two_shards
+    server = agent.status()["server"]
+    pids = server["pids"]
+    assert len(pids) == 2 and len(set(pids)) == 2, server
+    placement = _placement(agent)
+    assert sorted(placement.values()) == [0, 1], placement  # one model in each process
+    loaded_in = dict(_loads(log))
+    assert len(_loads(log)) == 2, _loads(log)  # each model loaded once, in one process only
+    for name in "ab":
+        assert loaded_in[name] == server["processes"][placement[name]]["pid"], (name, loaded_in, server)
+        # the agent sends each request to the process holding the model (the other has no such
+        # model: a request sent there would be answered 404, and the agent 503)
+        code, doc = agent.post(f"/v2/models/{name}/infer", v2_request(ROWS))
+        assert code == 200 and doc["model_name"] == name, (code, doc)
+
+
+def test_kill_9_of_one_server_process_reloads_only_its_models(two_shards):
+    agent, log = two_shards
+    server = agent.status()["server"]
+    placement = _placement(agent)
+    victim = server["processes"][placement["a"]]["pid"]
+    other = server["processes"][placement["b"]]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    # while it is down (MLServer takes seconds to start again) the agent is not ready, and the
+    # other process's model keeps serving
+    agent.wait_for(lambda s: agent.get("/readyz")[0] == 503, 10, "not ready while one process is down")
+    code, doc = agent.post("/v2/models/b/infer", v2_request(ROWS))
+    assert code == 200 and doc["model_name"] == "b", (code, doc)
+
+    def back(s: dict) -> bool:  # the restarted process came back empty and a was loaded again
+        return [name for name, _ in _loads(log)].count("a") == 2 and s["models"]["a"]["state"] == "loaded"
+
+    agent.wait_for(back, 60, "the killed process restarted and a reloaded")
+    code, doc = agent.post("/v2/models/a/infer", v2_request(ROWS))
+    assert code == 200 and doc["model_name"] == "a", (code, doc)
+    code, doc = agent.post("/v2/models/b/infer", v2_request(ROWS))
+    assert code == 200 and doc["model_name"] == "b", (code, doc)
+    loads = _loads(log)
+    # a was loaded again (in the new process); b never was: its process kept serving it
+    assert [pid for name, pid in loads if name == "b"] == [other], loads
+    assert [pid for name, pid in loads if name == "a"][0] == victim and len([1 for name, _ in loads if name == "a"]) == 2, loads
+    assert agent.status()["server"]["processes"][placement["b"]]["pid"] == other
+
+
+def test_memory_counts_every_server_process(tmp_path: Path):
+    """The ledger charges the runtime import once per process; reality reads both trees."""
+    store = tmp_path / "store"
+    models = []
+    for i, name in enumerate(("m0", "m1")):
+        write_sklearn_model(store / name, kind="tree", seed=i, pad_bytes=8 * 2**20)
+        models.append({"name": name, "uri": str(store / name), "memory": "9Mi"})
+    agent = _start(tmp_path, models, "--server-processes", "2", "--host-memory", "800Mi")
+    try:
+        agent.wait_for(lambda s: all(s["models"][n]["state"] == "loaded" for n in ("m0", "m1")), 60, "loaded")
+        status = agent.status()
+        assert sorted(_placement(agent).values()) == [0, 1], status["server"]
+        ledger = agent.wait_for(lambda s: "sklearn" in s["ledger"]["runtime_imports"], 30, "import charged")["ledger"]
+        imported = ledger["runtime_imports"]["sklearn"]["host"]
+        assert imported > 10 * 2**20, ledger  # an import, not a rounding error
+        assert ledger["devices"]["host"]["overhead"] == 2 * imported, ledger  # once per process
+        pids = status["server"]["pids"]
+        both = sum(tree_rss(p) for p in pids)
+        rss = agent.status()["reality"]["server_rss"]
+        assert rss > max(tree_rss(p) for p in pids) * 1.5, (rss, [tree_rss(p) for p in pids])  # both trees, not one
+        assert abs(rss - both) < 0.2 * both, (rss, both)
+    finally:
+        agent.stop()
+
+
+def _settings(*argv: str):
+    return settings_from_args(build_parser().parse_args(["run", "--config-dir=/c", "--cache-dir=/d", *argv]))
+
+
+def test_server_processes_flag(capsys):
+    assert _settings().server_processes == 1
+    assert _settings("--server-processes", "3").server_processes == 3
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            _settings("--server-processes", bad)
+        assert "--server-processes" in capsys.readouterr().err
+    for other in (("--server-url", "http://127.0.0.1:9"), ("--server", "triton")):
+        with pytest.raises(SystemExit) as e:
+            _settings("--server-processes", "2", *other)
+        assert "--server-processes" in str(e.value) and other[0] in str(e.value), str(e.value)
+
+
+def _grpc_input(rows: list[list[float]]):
+    import numpy as np
+    import tritonclient.grpc as tg
+
+    data = np.asarray(rows, dtype=np.float64)
+    inp = tg.InferInput("x", list(data.shape), "FP64")
+    inp.set_data_from_numpy(data)
+    return [inp]
+
+
+def test_grpc_calls_go_to_the_process_holding_the_model(shared_two_shards):
+    import tritonclient.grpc as tg
+
+    agent, _ = shared_two_shards
+    client = tg.InferenceServerClient(agent.grpc_target)
+    try:
+        for name in "ab":  # one on each process: the other would answer NOT_FOUND (the agent: UNAVAILABLE)
+            assert client.infer(name, _grpc_input(ROWS)).get_response().model_name == name
+            assert client.get_model_metadata(name).name == name
+    finally:
+        client.close()
+
+
+def test_two_first_loads_at_once_import_the_runtime_in_one_process(tmp_path: Path):
+    """Two sklearn models' first requests at once on a fresh agent (lazy loads, which never wait
+    for each other's memory windows): the second load goes to the process already importing
+    sklearn for the first, instead of importing it in the other process at the same time; so
+    the ledger's import figure is one import, not two seen at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = tmp_path / "store"
+    models = []
+    for i, name in enumerate(("m0", "m1")):
+        write_sklearn_model(store / name, kind="tree", seed=i, pad_bytes=8 * 2**20)
+        models.append({"name": name, "uri": str(store / name), "memory": "9Mi", "preload": False})
+    agent = _start(tmp_path, models, "--server-processes", "2", "--host-memory", "800Mi", "--load-concurrency", "2")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            codes = list(pool.map(lambda n: agent.post(f"/v2/models/{n}/infer", v2_request(ROWS))[0], ("m0", "m1")))
+        assert codes == [200, 200], codes
+        assert len(set(_placement(agent).values())) == 1, agent.status()["server"]
+        imported = agent.status()["ledger"]["runtime_imports"]["sklearn"]["host"]
+        assert 10 * 2**20 < imported < 130 * 2**20, imported  # one import (~85 MiB here), not two
+    finally:
+        agent.stop()
