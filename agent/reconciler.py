@@ -484,30 +484,23 @@ class Reconciler:
         """acquire() when it need not wait: the lease on `name` if it is loaded (and not
         draining) now; else None, nothing held (await acquire()). The data plane's fast path:
         a lease is integer bumps; the model's idle Event and the busy set change only on its
-        first lease and its last release (_lease written out: this runs once per request)."""
+        first lease and its last release (see _lease)."""
         m = self.models.get(name)
         if m is None or m.removed or m.state is not S.LOADED or m.draining:
             return None
+        self._lease(m)
+        self._hit_count += 1
+        return m
+
+    def _lease(self, m: Model) -> None:
+        """One lease on `m` (acquire and try_acquire). `last_used` is set when the lease ends
+        (release): an eviction never picks a model in flight."""
         if not m.inflight:  # its first lease: a drain now waits for the last release
             m.idle.clear()
             self._busy.add(m)
         m.inflight += 1  # from here on eviction skips this model
         m.requests += 1  # /fleet/state's monotonic count
-        self._hit_count += 1
         if self._half_life:  # lfu-decay: one more request, counted on the agent's request clock
-            self._tick = tick = self._tick + 1.0
-            m.score, m.score_at = decayed(m.score, m.score_at, tick, self._half_life) + 1.0, tick
-        return m
-
-    def _lease(self, m: Model) -> None:
-        """One lease on `m` (acquire's miss path; try_acquire does the same inline). `last_used`
-        is set when the lease ends (release): an eviction never picks a model in flight."""
-        if not m.inflight:
-            m.idle.clear()
-            self._busy.add(m)
-        m.inflight += 1
-        m.requests += 1
-        if self._half_life:
             self._tick = tick = self._tick + 1.0
             m.score, m.score_at = decayed(m.score, m.score_at, tick, self._half_life) + 1.0, tick
 

@@ -557,13 +557,7 @@ class Router:
                 reply(error_parts(status, reason, retry_after=1 if status == 503 else None))
                 return
             status, resp_headers, payload = result
-            if status == 200:  # _compose's answer for a 200, written out (once per request)
-                tally, key = self._tally, (name, 200)
-                tally[key] = tally.get(key, 0) + 1
-                resp_headers.append((b"content-length", b"%d" % len(payload)))
-                reply((200, resp_headers, payload))
-            else:
-                reply(self._compose(model, None, status, payload, resp_headers, "/infer"))  # (only _PASS_RESPONSE's)
+            reply(self._compose(model, None, status, payload, resp_headers, "/infer"))  # (only _PASS_RESPONSE's)
         except Exception:
             log.exception("fast path failed", extra=kv(model=name))
             reply(error_parts(500, f"model {name!r}: internal error in the agent"))
