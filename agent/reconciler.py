@@ -72,9 +72,10 @@ and Cache, with the scripted server of tests/support/scripted.py):
   * The server's index is compared with what the agent holds every `resync_interval_s`, and
     at once for a model `report_missing` names; a model it lost is loaded again (the copy that
     served, not a failed update). A model whose load was in flight when the server died twice
-    in a row is quarantined (FAILED, no retry) until its config changes. (An update whose new
-    copy kills the server is not quarantined: the old copy is restored and the update retried
-    with growing backoff.)
+    in a row is quarantined (FAILED, no retry) until its config changes; after the first death
+    it loads alone (`_load_gate`), so the second names the culprit only, and a load that reached
+    the server after it died is not blamed. (An update whose new copy kills the server is not
+    quarantined: the old copy is restored and the update retried with growing backoff.)
   * Pull slots (`agent/slots.py`) go to a pull a request waits for first (a queued preload or
     prefetch is promoted as soon as a request waits for its model), then preloads/prefetches,
     then source checks; the last slot is kept for requests. A source check never holds the
@@ -232,7 +233,7 @@ class Model:
     retry_at: float | None = None
     lost_since: float | None = None  # the server did not list it at that time (resync/restart)
     crashes: int = 0  # server deaths in a row while this model's load was in flight
-    died_loading: float | None = None  # start of its last load that found the server gone
+    died_loading: float | None = None  # when its last load that found the server gone was sent to it
     pull_seconds: float | None = None
     load_seconds: float | None = None
     loads: int = 0
@@ -335,6 +336,11 @@ class Reconciler:
         self._background: list[asyncio.Task] = []
         self._closing = False
         self._loading: dict[str, float] = {}  # server load calls in flight: name -> start
+        # a suspect's load (the server died during one of its loads) runs alone: see _load_gate
+        self._gate_moved = asyncio.Event()  # replaced each time the gate's counts change
+        self._gate_in = 0  # loads past the gate
+        self._solo_waiting = 0  # suspects waiting to load alone
+        self._solo_in = False
         self._unloads: set[str] = set()  # server unload calls in flight
         self._down_since: float | None = None  # first load that found the server gone
         self._memory_changed = asyncio.Event()  # replaced each time memory frees (see _signal_memory)
@@ -822,10 +828,11 @@ class Reconciler:
                              implementation=copy.spec.implementation, version=copy.spec.version,
                              parameters=dict(copy.spec.parameters))
         started = time.monotonic()
+        sent: float | None = None  # when the load call went to the server (after any queueing)
         window = None
         error: BaseException | None = None
         try:
-            async with self._load_slot(lazy, phases):
+            async with self._load_slot(lazy, phases), self._load_gate(solo=m.crashes > 0):
                 mark = time.monotonic()
                 # every load opens a window (a remembered one takes no snapshot) so that it never
                 # lands in another model's measurement (agent/memory/ledger.py). A measured one, or
@@ -838,8 +845,8 @@ class Reconciler:
                                                      server_pid=server_pid)
                 else:
                     window = self.memory.start_measure(m.name, copy.spec.runtime, measure=False, server_pid=server_pid)
-                self._loading[m.name] = started
-                server_mark = time.monotonic()
+                server_mark = sent = time.monotonic()
+                self._loading[m.name] = sent
                 try:
                     server_s = await asyncio.wait_for(self.adapter.load(served), timeout=self.settings.load_timeout_s)
                 finally:
@@ -865,7 +872,7 @@ class Reconciler:
             m.updating = False
             if error is not None:
                 self._release_memory(slot)
-                self._load_failed(m, error, replacing=replacing, started=started)
+                self._load_failed(m, error, replacing=replacing, sent=sent)
         if error is not None:
             if isinstance(error, asyncio.TimeoutError) and not replacing:
                 await self._forget_on_server(m.name)
@@ -935,7 +942,43 @@ class Reconciler:
             async with self._background_sem, self._load_sem:
                 yield
 
-    def _load_failed(self, m: Model, error: BaseException, *, replacing: bool, started: float) -> None:
+    @contextlib.asynccontextmanager
+    async def _load_gate(self, *, solo: bool) -> AsyncIterator[None]:
+        """A suspect (the server died while one of its loads was in flight, `crashes` > 0) loads
+        alone: it waits for the loads in flight to end and no other load starts beside it, so
+        the next death names the culprit alone and an innocent model that happened to load
+        beside it is never quarantined; its strike is forgotten once it loads. Suspects go
+        first: loads arriving meanwhile wait. Other loads pass as before."""
+        if solo:
+            self._solo_waiting += 1
+            try:
+                await self._gate_wait(lambda: self._gate_in == 0)
+            finally:
+                self._solo_waiting -= 1
+                self._gate_move()
+            self._solo_in = True
+        else:
+            await self._gate_wait(lambda: not self._solo_in and not self._solo_waiting)
+        self._gate_in += 1
+        try:
+            yield
+        finally:  # no await here: a cancelled load never leaves the gate shut
+            self._gate_in -= 1
+            if solo:
+                self._solo_in = False
+            self._gate_move()
+
+    async def _gate_wait(self, open_: Callable[[], bool]) -> None:
+        while not open_():
+            await self._gate_moved.wait()
+
+    def _gate_move(self) -> None:
+        moved, self._gate_moved = self._gate_moved, asyncio.Event()
+        moved.set()
+
+    def _load_failed(self, m: Model, error: BaseException, *, replacing: bool, sent: float | None) -> None:
+        """`sent`: when the load call went to the server (None: it never did). A load that only
+        reached the server after it died is not blamed for the death (see server_restarted)."""
         if isinstance(error, asyncio.TimeoutError):
             reason = f"load: no answer within --load-timeout {self.settings.load_timeout_s:g}s"
         elif isinstance(error, RuntimeErrorBase):
@@ -943,8 +986,8 @@ class Reconciler:
             if isinstance(error, ServerUnavailable):
                 # keep the earliest: a retry that finds the server still down must not move it
                 # past the moment the server died (it would no longer be blamed)
-                if m.died_loading is None:
-                    m.died_loading = started
+                if m.died_loading is None and sent is not None:
+                    m.died_loading = sent
                 self._down_since = min(self._down_since or time.monotonic(), time.monotonic())
         elif isinstance(error, asyncio.CancelledError):
             reason = "load: cancelled (agent stopping)"

@@ -8,7 +8,9 @@ import asyncio
 import pytest
 
 from agent.reconciler import ModelUnavailable, State
+from agent.runtimes.base import LoadFailed, ServerUnavailable
 from tests.reconciler.conftest import Harness, run
+from tests.support.scripted import Gate
 
 QUARANTINE = "server died twice while loading this model; quarantined until its config changes"
 
@@ -55,6 +57,87 @@ def test_a_model_whose_load_kills_the_server_twice_is_quarantined_and_the_rest_s
             assert e.value.reason == QUARANTINE and e.value.retry_after is None
             await h.apply(h.spec("good"), h.spec("bad", h.publish("bad", version="v2")))  # a config change frees it
             await h.wait_for(lambda: h.state("bad") is State.LOADED, what="bad loaded after its config changed")
+    run(scenario())
+
+
+def test_a_model_that_loaded_beside_the_culprit_is_not_quarantined(tmp_path, http):
+    """The server dies while `innocent` and `bad` load side by side, `bad`'s load being the
+    cause: each gets one strike. From then on each of them loads alone until it loads (the
+    strike is forgotten) or kills the server again (quarantined), so the second death names
+    `bad` alone and `innocent` serves. (Loading them side by side again quarantined both: a
+    fresh-clone CI run caught tests/faults' innocent model so.)"""
+    async def scenario():
+        async with Harness(tmp_path, http, load_concurrency=3, retry_base_s=60.0) as h:
+            h.memory.measure_wait_s = 0  # no load waits for another's measurement: they overlap
+            held: dict[str, Gate] = {}
+
+            def hold_next_loads(names: set[str]) -> None:
+                held.update({n: h.adapter.hold("load", n) for n in names})
+
+            async def die(running: set[str]) -> None:
+                """bad's load ends the server: each load in flight sees its connection reset,
+                one that starts while it is down is refused, then it comes back empty (the
+                order a real server's death takes)."""
+                for n in running:
+                    held.pop(n).fail(ServerUnavailable(n, "connection reset: the server died"))
+                await asyncio.sleep(0.1)
+                while True:
+                    for n in [n for n, g in held.items() if g.entered.is_set()]:  # started after the death
+                        held.pop(n).fail(ServerUnavailable(n, "connection refused: the server is down"))
+                        hold_next_loads({n})
+                    if not h.rec._loading:
+                        break
+                    await asyncio.sleep(0.005)
+                await h.adapter.restart()
+
+            hold_next_loads({"innocent", "bad"})
+            await h.apply(h.spec("innocent"), h.spec("bad"), settle=False)
+            await h.wait_for(lambda: all(g.entered.is_set() for g in held.values()), what="both first loads in flight")
+            await die({"innocent", "bad"})
+            assert h.model("bad").crashes == 1 and h.model("innocent").crashes == 1
+            hold_next_loads({"innocent", "bad"})
+            for n in held:  # forced: both backoffs run out at the same moment
+                h.model(n).retry_at = None
+                h.rec._schedule(h.model(n))
+            side_by_side = []
+            while held:  # their next loads, ended as the server would end them
+                await h.wait_for(lambda: any(g.entered.is_set() for g in held.values()), what=f"a next load {side_by_side} {h.rec._gate_in} {h.rec._solo_in} {h.rec._solo_waiting} {[(n, m.state, m.retry_at, m.crashes, m.reason) for n, m in h.rec.models.items()]} {[(c.name, c.outcome) for c in h.adapter.calls if c.op == 'load']}")
+                await asyncio.sleep(0.2)  # time for the other to start beside it, if it may
+                running = {n for n, g in held.items() if g.entered.is_set()}
+                side_by_side.append(running)
+                if "bad" in running:
+                    await die(running)
+                else:
+                    held.pop("innocent").release()
+            await h.wait_for(lambda: h.model("bad").reason == QUARANTINE, what="bad quarantined")
+            await h.wait_for(lambda: h.state("innocent") is State.LOADED and "innocent" in h.adapter.ready,
+                             what=f"innocent loaded (its reason: {h.model('innocent').reason})")
+            assert all(len(r) == 1 for r in side_by_side), f"suspects loaded side by side: {side_by_side}"
+            assert h.model("innocent").crashes == 0 and h.adapter.restarts == 2
+    run(scenario())
+
+
+def test_a_load_that_reached_the_server_only_after_it_died_is_not_blamed(tmp_path, http):
+    """`queued` waits for the one background load slot behind `bad`'s load when `bad` kills the
+    server; it then reaches the dead server and is refused. Only `bad` gets the strike: `queued`
+    is loaded as soon as the server is back, with no strike and no backoff."""
+    async def scenario():
+        async with Harness(tmp_path, http, load_concurrency=2, retry_base_s=60.0) as h:
+            gate = h.adapter.hold("load", "bad")
+            await h.apply(h.spec("bad"), settle=False)
+            await gate.entered.wait()
+            await h.apply(h.spec("bad"), h.spec("queued"), settle=False)
+            await h.wait_for(lambda: h.state("queued") is State.LOADING, what="queued's load waiting for the slot")
+            assert h.adapter.count("load", "queued") == 0, "queued was to wait for bad's slot"
+            h.adapter.up = False  # bad's load ends the server
+            gate.fail(ServerUnavailable("bad", "connection reset: the server died"))
+            await h.wait_for(lambda: h.adapter.count("load", "queued") == 1 and not h.rec._loading,
+                             what="queued refused by the dead server")
+            h.adapter.up = True
+            h.adapter.fail_next("load", "bad", LoadFailed("bad", "kept out of the way"))
+            await h.adapter.restart()
+            await h.wait_for(lambda: h.state("queued") is State.LOADED, what="queued loaded once the server is back")
+            assert h.model("queued").crashes == 0 and h.model("bad").crashes == 1
     run(scenario())
 
 
