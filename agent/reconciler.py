@@ -1319,9 +1319,11 @@ class Reconciler:
         except RuntimeErrorBase as e:
             log.warning("server index unavailable; resync skipped", extra=kv(reason=e.reason))
             return
+        # a model that finished loading after the index was asked for may be missing from it
+        # only because the server listed its models first: not lost (as _notice_loss says)
         missing = [m for m in self.models.values()
                    if (names is None or m.name in names) and m.state is S.LOADED and not m.removed
-                   and index.get(m.name, "").upper() != "READY"]
+                   and m.loaded_at <= taken and index.get(m.name, "").upper() != "READY"]
         if missing:
             log.warning("server lost models; reloading", extra=kv(models=",".join(m.name for m in missing)))
         for m in missing:

@@ -25,6 +25,29 @@ def test_a_model_unloaded_behind_the_agent_is_reloaded_by_the_periodic_resync(tm
     run(scenario())
 
 
+def test_a_model_loaded_while_the_index_was_read_is_not_taken_for_lost(tmp_path, http, caplog):
+    """The server lists its models while `m`'s load is still running, and the answer arrives
+    after the load ended: `m` is missing from it only because it was read too early. The resync
+    neither reloads it nor says the server lost it (under load the agent logged "server lost
+    models; reloading" for models it had just loaded)."""
+    async def scenario():
+        async with Harness(tmp_path, http) as h:
+            load = h.adapter.hold("load", "m")
+            await h.apply(h.spec("m"), settle=False)
+            await load.entered.wait()
+            listing = h.adapter.hold("index")
+            resync = asyncio.ensure_future(h.rec.resync_server(restock=True))
+            await listing.entered.wait()  # the server's list is taken: m not in it yet
+            load.release()
+            await h.wait_for(lambda: h.state("m") is State.LOADED, what="m loaded")
+            listing.release()
+            await resync
+            await h.settle()
+            assert h.adapter.count("load", "m") == 1, "m was loaded again"
+            assert not [r for r in caplog.records if "lost" in r.getMessage()], "a false loss was logged"
+    run(scenario())
+
+
 def test_report_missing_rechecks_the_server_and_reloads_at_once(tmp_path, http):
     async def scenario():
         async with Harness(tmp_path, http) as h:  # resync every hour: only the report helps

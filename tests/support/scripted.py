@@ -130,9 +130,10 @@ class ScriptedAdapter(RuntimeAdapter):
 
     async def index(self) -> dict[str, str]:
         call = self._record("index", None)
+        states = {name: "READY" for name in self.ready}  # as the server saw it when the call arrived
         await self._script(call)
         call.outcome = "ok"
-        return {name: "READY" for name in self.ready}
+        return states
 
     async def load(self, model: ServedModel) -> None:
         call = self._record("load", model.name, model.path)
