@@ -189,7 +189,8 @@ class _Conn(asyncio.Protocol):
         self._got_bytes = False
         self._headers_done = False
         self._length_known: bool | None = False
-        self._low_head = b""  # the kept-headers read's lower-cased head (see _length_is_known)
+        self._low_head = b""  # the kept-headers read's lower-cased read, its head up to _head_end (see _length_is_known)
+        self._head_end = 0
         self._complete = False
         self.keep_alive = False
         self.desynced = False
@@ -199,7 +200,7 @@ class _Conn(asyncio.Protocol):
         self._paused = False
         self._writable: asyncio.Future | None = None  # set while the socket's buffer is full
         # send_now(): the request's end is a call, not a Future (see _settle)
-        self._keep: tuple[bytes, ...] | None = None  # b"\nname:" of the answer's headers it keeps
+        self._keep: tuple[tuple[bytes, bytes, int], ...] | None = None  # (b"\nname:", name, its length) of the answer's headers it keeps
         self.pool: Upstream | None = None
         self._done: Callable[..., None] | None = None
         self._key = ""
@@ -257,8 +258,8 @@ class _Conn(asyncio.Protocol):
     def _length_is_known(self) -> bool:
         """Whether the answer's head gave its body's length (Content-Length or Transfer-Encoding)."""
         if self._length_known is None:  # on_headers_complete's kept-headers read left it for here
-            low = self._low_head
-            self._length_known = b"\ncontent-length:" in low or b"\ntransfer-encoding:" in low
+            low, end = self._low_head, self._head_end
+            self._length_known = low.find(b"\ncontent-length:", 0, end) >= 0 or low.find(b"\ntransfer-encoding:", 0, end) >= 0
         return self._length_known
 
     def data_received(self, data: bytes) -> None:
@@ -295,35 +296,37 @@ class _Conn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._headers_done = True
         head = self._head
-        end = head.find(b"\r\n\r\n")
-        if self._keep is not None and end >= 0 and self.parser.get_status_code() >= 200:
+        if self._keep is not None and self.parser.get_status_code() >= 200:
             # send_now(): only the headers the caller keeps, found by name in the head (a find
             # per name, not a Python step per header line: MLServer sends a dozen, the data
-            # plane passes on two or three)
-            raw = bytes(head[:end + 2])
-            low = raw.lower()
-            found = []
-            folded = False
-            for needle in self._keep:
-                i = low.find(needle)
-                while i >= 0:
-                    start = i + len(needle)
-                    stop = low.find(b"\n", start)
-                    found.append((i, needle[1:-1], raw[start:stop].strip(b" \t\r")))
-                    # an obsolete folded line continues a header: only one of ours matters (a
-                    # continuation starts with a space or tab, so it never matches a needle)
-                    folded = folded or raw[stop + 1:stop + 2] in (b" ", b"\t")
-                    i = low.find(needle, stop)
-            if not folded:
-                head.clear()
-                self._low_head = low  # whether the body's length is known: read only if the
-                self._length_known = None  # connection closes mid-answer (_length_is_known)
-                if len(found) > 1:
-                    found.sort()
-                    self._headers = [(name, value) for _, name, value in found]
-                elif found:
-                    self._headers = [found[0][1:]]
-                return
+            # plane passes on two or three); one copy of the read, body bytes and all: every
+            # find stops at the head's end
+            raw = bytes(head)
+            end = raw.find(b"\r\n\r\n") + 2
+            if end >= 2:
+                low = raw.lower()
+                found = []
+                folded = False
+                for needle, name, size in self._keep:
+                    i = low.find(needle, 0, end)
+                    while i >= 0:
+                        stop = low.find(b"\n", i + size)
+                        found.append((i, name, raw[i + size:stop].strip(b" \t\r")))
+                        # an obsolete folded line continues a header: only one of ours matters (a
+                        # continuation starts with a space or tab, so it never matches a needle)
+                        folded = folded or raw[stop + 1:stop + 2] in (b" ", b"\t")
+                        i = low.find(needle, stop, end)
+                if not folded:
+                    head.clear()
+                    self._low_head, self._head_end = low, end  # whether the body's length is known: read
+                    self._length_known = None  # only if the connection closes mid-answer (_length_is_known)
+                    if len(found) > 1:
+                        found.sort()
+                        self._headers = [(name, value) for _, name, value in found]
+                    elif found:
+                        self._headers = [found[0][1:]]
+                    return
+        end = head.find(b"\r\n\r\n")
         if end >= 0:
             cut = end + 4
             lines = bytes(head[:end]).split(b"\r\n")
@@ -411,7 +414,7 @@ class _Conn(asyncio.Protocol):
         return self._waiter
 
     def start_now(self, done: Callable[..., None], key: str, key_slots: "_Slots", deadline: float,
-                  keep: tuple[bytes, ...] | None) -> None:
+                  keep: tuple[tuple[bytes, bytes, int], ...] | None) -> None:
         """send_now(): the answer (its status) or the error that ends the request goes to
         Upstream._fast_end from the connection's own callbacks; `deadline` (loop time) is
         watched by one timer per connection, re-armed lazily (_deadline)."""
@@ -482,7 +485,8 @@ class Upstream:
         self._idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
         self._prefixes: dict[tuple[str, str], bytes] = {}
-        self._keeps: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+        self._keeps: dict[tuple[bytes, ...], tuple[tuple[bytes, bytes, int], ...]] = {}
+        self._heads: dict[tuple[str, str, tuple[tuple[bytes, bytes], ...], frozenset[bytes] | None], bytes] = {}
 
     async def request(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes | BodySource,
                       timeout: float, key: str = "") -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -609,15 +613,19 @@ class Upstream:
         self.send_ready(method, target, headers, body, timeout, key, done, keep)
         return True
 
-    def send_ready(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, timeout: float,
+    def send_ready(self, method: str, target: str, headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...],
+                   body: bytes, timeout: float,
                    key: str, done: Callable[[tuple[int, list[tuple[bytes, bytes]], bytes] | BaseException | None], None],
                    keep: tuple[bytes, ...] | None = None, allow: frozenset[bytes] | None = None) -> None:
         """send_now() for a caller that has just seen ready_now(key) true, with nothing run on
         the loop since (the fast path checks it before leasing the model, and does not check it
         twice). `allow`: only the headers of those (lower-case) names are sent. Raises
         UnsafeRequest before anything is taken."""
-        message = b"".join((self._prefixes.get((method, target)) or self._prefix(method, target), self._fields(headers, allow),
-                            b"content-length: %d\r\n\r\n" % len(body), body))
+        if type(headers) is tuple:  # a head the caller has seen before (agent.app's parse): its lines were made once
+            head = self._heads.get((method, target, headers, allow)) or self._head_of(method, target, headers, allow)
+        else:
+            head = (self._prefixes.get((method, target)) or self._prefix(method, target)) + self._fields(headers, allow)
+        message = b"".join((head, b"content-length: %d\r\n\r\n" % len(body), body))
         key_slots = self._key_slots.get(key) or self._key_slot(key)
         key_slots.free -= 1  # ready_now: both are free and nobody waits
         self._slots.free -= 1
@@ -655,11 +663,21 @@ class Upstream:
         self._drop(conn)
         done(None if isinstance(outcome, _Stale) else outcome)
 
-    def _needles(self, keep: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    def _needles(self, keep: tuple[bytes, ...]) -> tuple[tuple[bytes, bytes, int], ...]:
         needles = self._keeps.get(keep)
         if needles is None:
-            needles = self._keeps[keep] = tuple(b"\n%s:" % name.lower() for name in keep)
+            needles = self._keeps[keep] = tuple((b"\n%s:" % name.lower(), name.lower(), len(name) + 2) for name in keep)
         return needles
+
+    def _head_of(self, method: str, target: str, headers: tuple[tuple[bytes, bytes], ...],
+                 allow: frozenset[bytes] | None) -> bytes:
+        """send_ready()'s request line, host and header lines for a tuple of headers, checked and
+        made once, then cached (bounded, as the prefixes are)."""
+        head = self._prefix(method, target) + self._fields(headers, allow)  # (raises UnsafeRequest: not cached)
+        if len(self._heads) >= 256:
+            self._heads.clear()
+        self._heads[(method, target, headers, allow)] = head
+        return head
 
     def _prefix(self, method: str, target: str) -> bytes:
         """The request line and host header (the target checked once per target, then cached)."""

@@ -15,8 +15,9 @@ class Server:
     def __init__(self) -> None:
         self.connections = 0
         self.requests = 0
-        self.mode = "ok"  # ok | close-after | drop-second | double | double-later | half-answer | slow | chunked | split | apart | conn-close | bare-lf
+        self.mode = "ok"  # ok | close-after | drop-second | double | double-later | half-answer | slow | chunked | split | apart | conn-close | bare-lf | body-like-head
         self.targets: list[bytes] = []
+        self.heads: list[bytes] = []
         self.release = asyncio.Event()  # requests to a target with "/hang" wait for it
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -43,6 +44,7 @@ class Server:
                 body = await reader.readexactly(length)
                 self.requests += 1
                 self.targets.append(head.split(b" ")[1])
+                self.heads.append(head)
                 served_here += 1
                 if self.mode == "drop-second" and served_here == 2:
                     writer.close()  # like a keep-alive timer firing as the request arrives
@@ -83,6 +85,10 @@ class Server:
                                  b"content-length: 2\r\n\r\nok")
                 elif self.mode == "bare-lf":  # a head no reader here takes
                     writer.write(b"HTTP/1.1 200 OK\ncontent-type: text/plain\ncontent-length: 2\n\nok")
+                elif self.mode == "body-like-head":  # a body whose bytes read like header lines, in the head's read
+                    answer = b"echo:" + body + b"\r\nX-A: from-the-body\r\ncontent-encoding: gzip\r\n"
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (len(answer), answer))
                 elif self.mode == "chunked":
                     writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\r\n"
                                  b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
@@ -424,3 +430,50 @@ def test_send_now_with_kept_headers_reads_each_answer_to_its_end(mode, expected)
         assert got == [expected] and idle == []
     else:
         assert got == [expected] * 3 and connections == 1
+
+
+def test_send_now_keeps_only_headers_of_the_head_never_lines_of_the_body():
+    """The kept headers are found in the answer's head only: a body (in the same read) whose
+    bytes look like header lines gives none of them."""
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url)
+            await up.request("POST", "/warm", [], b"", timeout=5)
+            srv.mode = "body-like-head"
+            got = await _send_now(up, "/x", b"q", keep=(b"x-a", b"content-encoding", b"content-type"))
+            await up.close()
+            return got
+    status, headers, body = run(main())
+    assert (status, headers) == (200, [(b"content-type", b"text/plain")])
+    assert body == b"echo:q\r\nX-A: from-the-body\r\ncontent-encoding: gzip\r\n"
+
+
+def test_send_ready_with_a_tuple_of_headers_makes_its_lines_once_and_refuses_an_unsafe_one_every_time():
+    """A head the caller has seen before (a tuple: agent.app's parse cache) is checked and joined
+    once, then reused for every request with it; a tuple refused as unsafe is refused again, never
+    kept, and nothing of it is sent."""
+    async def main():
+        async with Server() as srv:
+            up = Upstream(srv.url)
+            await up.request("POST", "/warm", [], b"", timeout=5)
+            allow = frozenset((b"x-request-id", b"content-type"))
+            bad = ((b"x-request-id", b"a\r\nx-evil: 1"),)
+            for _ in range(2):
+                assert up.ready_now("m")
+                with pytest.raises(UnsafeRequest):
+                    up.send_ready("POST", "/x", bad, b"", 5, "m", lambda _: None, None, allow)
+            good = ((b"host", b"client"), (b"content-type", b"text/plain"), (b"x-request-id", b"r1"))
+            answers = []
+            for body in (b"1", b"22"):
+                got = asyncio.get_running_loop().create_future()
+                assert up.ready_now("m")
+                up.send_ready("POST", "/x", good, body, 5, "m", got.set_result, None, allow)
+                answers.append(await asyncio.wait_for(got, 10))
+            await up.close()
+            return answers, srv.heads, len(up._heads)
+    answers, heads, cached = run(main())
+    assert [a[2] for a in answers] == [b"echo:1", b"echo:22"]
+    assert heads[1:] == [b"POST /x HTTP/1.1\r\nhost: %s\r\ncontent-type: text/plain\r\nx-request-id: r1\r\n"
+                         b"content-length: %d\r\n\r\n" % (heads[1].split(b"host: ")[1].split(b"\r\n")[0], n)
+                         for n in (1, 2)]  # the refused head never reached the server; the client's host is not sent
+    assert cached == 1
