@@ -201,9 +201,10 @@ _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer
 # file), uuid (never: temp names come from os.urandom), http.client with email's parser (the wire
 # client speaks HTTP/1.1 itself), ssl (an https endpoint only), OpenSSL's hashes (hashlib, hmac:
 # signatures and cache keys use the built-in sha256; a store checksum or file sha256 imports it)
-# and typing (annotations are strings; nothing on the path needs it at run time)
+# and typing (annotations are strings; nothing on the path needs it at run time), the idna codec
+# (an ASCII endpoint host goes to getaddrinfo as bytes; encodings.idna is a module of encodings)
 _NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid",
-                          "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing"),
+                          "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing", "stringprep"),
                    "http": ("urllib3", "xml")}
 
 
@@ -221,10 +222,61 @@ def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3
             out = _cli_modules(args, env)
             assert out["code"] == 0, scheme
             agent = [m for m in out["modules"] if m.split(".")[0] == "agent" and m not in ("agent", "agent.cli")]
-            unwanted = [m for m in out["modules"] if m.split(".")[0] in _NEVER_FOR_PULL + _NOT_FOR_SCHEME[scheme]]
+            unwanted = [m for m in out["modules"] if m.split(".")[0] in _NEVER_FOR_PULL + _NOT_FOR_SCHEME[scheme]
+                        or (scheme == "s3" and m == "encodings.idna")]
             assert (agent, unwanted) == ([], []), scheme
     assert (tmp_path / "s3" / "w.bin").read_bytes() == b"s3-bytes"
     assert (tmp_path / "http" / "w.bin").read_bytes() == b"http-bytes"
+
+
+_ORDER_PROBE = """
+import json, socket, sys, threading
+order, connected = [], threading.Event()
+connect = socket.socket.connect
+
+
+def first_connect(self, address):
+    if not connected.is_set():
+        order.append("connect")
+        connected.set()
+    return connect(self, address)
+
+
+class HoldTheCache:  # the cache's import waits (at most 5 s) for the first connection
+    def find_spec(self, name, path=None, target=None):
+        if name == "puller.cache":
+            connected.wait(5)
+            order.append("import puller.cache")
+        return None
+
+
+socket.socket.connect = first_connect
+sys.meta_path.insert(0, HoldTheCache())
+from agent.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "order": order}))
+"""
+
+
+def test_the_drop_in_lists_while_it_imports_the_cache(s3: S3Server, tmp_path: Path) -> None:
+    """`pull URI DEST` sends its listing request (HEAD, then LIST: round trips the store spends
+    time on) before it imports the cache code and makes its scratch root, which then overlap
+    that wait; the pull still completes and leaves only DEST. The probe holds the cache's import
+    (and with it the interpreter's import lock) until the first connection is made, 5 s at most:
+    a listing that waited for the cache, or imported anything before connecting, shows the
+    import first."""
+    s3.put("models", "early/w.bin", b"early")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON", "MODELSHELF_"))}
+    env.update(s3.env(), PYTHONPATH=str(ROOT), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    dest = tmp_path / "out" / "model"
+    r = subprocess.run([sys.executable, "-c", _ORDER_PROBE, "pull", "s3://models/early", str(dest), "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"code": 0, "order": ["connect", "import puller.cache"]}
+    assert tree(dest) == {"w.bin": b"early"}
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model"]
 
 
 class _TLSObjectHandler(BaseHTTPRequestHandler):
