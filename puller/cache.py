@@ -394,19 +394,6 @@ class Cache:
                 except Exception:  # noqa: BLE001 - closing must not hide the real outcome
                     pass
 
-    def ensure_listed(self, src: Source, listing: Listing, options: PullOptions | None = None,
-                      progress: Progress | None = None) -> Entry:
-        """`ensure` for one source the caller has opened and listed already (`modelshelf pull`
-        lists while it sets the rest up); closes `src`."""
-        try:
-            return self._ensure_listed([("", src, listing)], options or PullOptions(), progress or NullProgress(),
-                                       False, _safe_holder(self.holder))
-        finally:
-            try:
-                src.close()
-            except Exception:  # noqa: BLE001 - closing must not hide the real outcome
-                pass
-
     def _ensure_listed(self, listed: list[tuple[str, Source, Listing]], options: PullOptions,
                        progress: Progress, lease: bool, holder: str) -> Entry:
         single = len(listed) == 1 and listed[0][0] == ""

@@ -9,8 +9,7 @@ entry; `--link` (read-only hard links) is an explicit opt-in for consumers that 
 root. Without --cache-dir the files are downloaded through a throw-away (scratch) cache next to
 DEST, which records no digests and leaves them writable, and moved in: the whole tree in one
 rename when DEST does not exist yet, else file by file (an existing DEST keeps its inode and
-mode); its listing (S3: HEAD, LIST) goes out on a thread before the cache code is imported and the
-scratch root made, so that wait and that set-up overlap. Exit codes: 0 ok, 2 usage / bad URI, 3 not found,
+mode). Exit codes: 0 ok, 2 usage / bad URI, 3 not found,
 4 access denied, 5 integrity failure or unsafe archive, 6 transient failure outlasting retries,
 1 anything else; the one-line error on stderr names the URI with credentials redacted. Known
 secrets (credential env vars, header values, storage-config / .s3cfg keys) are masked in every
@@ -34,17 +33,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Iterable
-import threading
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
 if TYPE_CHECKING:
     from typing import Any
 
-    from puller.cache import Entry
-    from puller.sources.base import Listing, Source
-
-# puller.cache and puller.progress are imported where used: the drop-in (`pull URI DEST`) imports
-# them while its listing request is on the wire (_pull_uncached)
+from puller.cache import Cache, Entry, make_tree_writable
 from puller.errors import BadURI, PullError
+from puller.progress import make_progress
 from puller.sources.base import PullOptions
 from puller.uri import redact
 
@@ -103,19 +98,17 @@ def _pull(args: argparse.Namespace, scrubber: "_Scrubber") -> int:
     t0 = time.monotonic()
     try:
         options = _options(args, scrubber)
+        progress = make_progress(enabled=not args.no_progress)
         dest = Path(args.dest)
         if args.cache_dir:
-            from puller.cache import Cache
-            from puller.progress import make_progress
-
-            entry = Cache(args.cache_dir).ensure(args.uri, options, make_progress(enabled=not args.no_progress))
+            entry = Cache(args.cache_dir).ensure(args.uri, options, progress)
             mode = "link" if getattr(args, "link", False) and not entry.in_place else "copy"
             if mode == "link" and os.geteuid() == 0:
                 log.warning("event=pull_link_as_root dest=%s risk=a_root_process_writing_DEST_rewrites_the_cache_entry",
                             dest)
             _place(entry, dest, mode)
         else:
-            entry = _pull_uncached(args.uri, dest, options, not args.no_progress)
+            entry = _pull_uncached(args.uri, dest, options, progress)
         log.info("event=pull_done uri=%s dest=%s files=%d bytes=%d cache=%s seconds=%.3f", entry.uri, dest,
                  len(entry.files), entry.size, "in_place" if entry.in_place else ("hit" if entry.hit else "miss"),
                  time.monotonic() - t0)
@@ -156,74 +149,24 @@ def _options(args: argparse.Namespace, scrubber: "_Scrubber") -> PullOptions:
     return options
 
 
-def _pull_uncached(uri: str, dest: Path, options: PullOptions, show_progress: bool) -> Entry:
+def _pull_uncached(uri: str, dest: Path, options: PullOptions, progress: Any) -> Entry:
     """Download through a throw-away (scratch) cache next to DEST (same file system: files are
-    moved; when DEST does not exist yet, the whole tree in one rename).
-
-    The source is opened and listed (HEAD / LIST: a round trip the store spends time on) on a
-    thread from the first moment, while this thread imports the cache and progress code and makes
-    the scratch root: the wait for the listing and that set-up overlap. A listing error is raised
-    here as it would be by Cache.ensure; the scratch root is removed whatever happens.
-    """
-    from puller.sources.base import open_source
-
-    src = open_source(uri, options)
-    listing = _Listing(src)
-    handed = False
+    moved; when DEST does not exist yet, the whole tree in one rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        from puller.cache import Cache, make_tree_writable
-        from puller.progress import make_progress
-
-        progress = make_progress(enabled=show_progress)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp_root = Path(tempfile.mkdtemp(prefix=".modelshelf-pull-", dir=dest.parent))
-        except OSError:
-            tmp_root = Path(tempfile.mkdtemp(prefix="modelshelf-pull-"))
-        try:
-            cache = Cache(tmp_root, scratch=True)
-            listed = listing.result()
-            handed = True  # ensure_listed closes the source
-            entry = cache.ensure_listed(src, listed, options, progress)
-            if entry.in_place:
-                _place(entry, dest, "copy")
-            elif not _rename_tree(Path(entry.path), dest):
-                _place(entry, dest, "move")
-            return entry
-        finally:
-            make_tree_writable(tmp_root)
-            shutil.rmtree(tmp_root, ignore_errors=True)
+        tmp_root = Path(tempfile.mkdtemp(prefix=".modelshelf-pull-", dir=dest.parent))
+    except OSError:
+        tmp_root = Path(tempfile.mkdtemp(prefix="modelshelf-pull-"))
+    try:
+        entry = Cache(tmp_root, scratch=True).ensure(uri, options, progress)
+        if entry.in_place:
+            _place(entry, dest, "copy")
+        elif not _rename_tree(Path(entry.path), dest):
+            _place(entry, dest, "move")
+        return entry
     finally:
-        if not handed:
-            listing.wait()  # the source is not closed under a request still in flight
-            src.close()
-
-
-class _Listing:
-    """`src.list()` on a daemon thread (an interrupted pull does not wait for it at exit)."""
-
-    def __init__(self, src: Source):
-        self._src = src
-        self._value: Listing | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="pull-list", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._src.list()
-        except BaseException as e:  # noqa: BLE001 - raised again by result()
-            self._error = e
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> Listing:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
+        make_tree_writable(tmp_root)
+        shutil.rmtree(tmp_root, ignore_errors=True)
 
 
 def _rename_tree(src: Path, dest: Path) -> bool:
@@ -345,8 +288,6 @@ def _replace_with_symlink(target: str, out: Path) -> None:
 # -- cache ls | gc | verify ----------------------------------------------------------------------
 
 def _cache(args: argparse.Namespace, scrubber: "_Scrubber") -> int:
-    from puller.cache import Cache
-
     try:
         cache = Cache(args.cache_dir)
         if args.cache_command == "ls":

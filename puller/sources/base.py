@@ -22,6 +22,7 @@ import abc
 import errno
 import os
 import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Mapping
@@ -364,8 +365,6 @@ def run_all(tasks: list[Callable[[], None]], workers: int, cancel: threading.Eve
     real error is raised, never a sibling's Cancelled."""
     if not tasks:
         return
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait  # after the listing (puller.cli)
-
     with ThreadPoolExecutor(max_workers=min(workers, len(tasks)), thread_name_prefix=name) as pool:
         futures = [pool.submit(t) for t in tasks]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)

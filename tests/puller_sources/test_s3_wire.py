@@ -229,56 +229,6 @@ def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3
     assert (tmp_path / "http" / "w.bin").read_bytes() == b"http-bytes"
 
 
-_ORDER_PROBE = """
-import json, socket, sys, threading
-order, connected = [], threading.Event()
-connect = socket.socket.connect
-
-
-def first_connect(self, address):
-    if not connected.is_set():
-        order.append("connect")
-        connected.set()
-    return connect(self, address)
-
-
-class HoldTheCache:  # the cache's import waits (at most 5 s) for the first connection
-    def find_spec(self, name, path=None, target=None):
-        if name == "puller.cache":
-            connected.wait(5)
-            order.append("import puller.cache")
-        return None
-
-
-socket.socket.connect = first_connect
-sys.meta_path.insert(0, HoldTheCache())
-from agent.cli import main
-code = main(sys.argv[1:])
-print(json.dumps({"code": code, "order": order}))
-"""
-
-
-def test_the_drop_in_lists_while_it_imports_the_cache(s3: S3Server, tmp_path: Path) -> None:
-    """`pull URI DEST` sends its listing request (HEAD, then LIST: round trips the store spends
-    time on) before it imports the cache code and makes its scratch root, which then overlap
-    that wait; the pull still completes and leaves only DEST. The probe holds the cache's import
-    (and with it the interpreter's import lock) until the first connection is made, 5 s at most:
-    a listing that waited for the cache, or imported anything before connecting, shows the
-    import first."""
-    s3.put("models", "early/w.bin", b"early")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON", "MODELSHELF_"))}
-    env.update(s3.env(), PYTHONPATH=str(ROOT), AWS_CONFIG_FILE=str(tmp_path / "none"),
-               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
-    dest = tmp_path / "out" / "model"
-    r = subprocess.run([sys.executable, "-c", _ORDER_PROBE, "pull", "s3://models/early", str(dest), "--no-progress"],
-                       env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out == {"code": 0, "order": ["connect", "import puller.cache"]}
-    assert tree(dest) == {"w.bin": b"early"}
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model"]
-
-
 class _TLSObjectHandler(BaseHTTPRequestHandler):
     """One object over HTTPS, as S3 answers HEAD and GET for it (moto's server here speaks no TLS)."""
 
