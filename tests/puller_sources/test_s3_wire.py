@@ -201,9 +201,10 @@ _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer
 # file), uuid (never: temp names come from os.urandom), http.client with email's parser (the wire
 # client speaks HTTP/1.1 itself), ssl (an https endpoint only), OpenSSL's hashes (hashlib, hmac:
 # signatures and cache keys use the built-in sha256; a store checksum or file sha256 imports it)
-# and typing (annotations are strings; nothing on the path needs it at run time)
+# and typing (annotations are strings; nothing on the path needs it at run time), the idna codec
+# (an ASCII endpoint host goes to getaddrinfo as bytes; encodings.idna is a module of encodings)
 _NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid",
-                          "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing"),
+                          "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing", "stringprep"),
                    "http": ("urllib3", "xml")}
 
 
@@ -221,7 +222,8 @@ def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3
             out = _cli_modules(args, env)
             assert out["code"] == 0, scheme
             agent = [m for m in out["modules"] if m.split(".")[0] == "agent" and m not in ("agent", "agent.cli")]
-            unwanted = [m for m in out["modules"] if m.split(".")[0] in _NEVER_FOR_PULL + _NOT_FOR_SCHEME[scheme]]
+            unwanted = [m for m in out["modules"] if m.split(".")[0] in _NEVER_FOR_PULL + _NOT_FOR_SCHEME[scheme]
+                        or (scheme == "s3" and m == "encodings.idna")]
             assert (agent, unwanted) == ([], []), scheme
     assert (tmp_path / "s3" / "w.bin").read_bytes() == b"s3-bytes"
     assert (tmp_path / "http" / "w.bin").read_bytes() == b"http-bytes"
