@@ -86,6 +86,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import json
 import os
 import sys
@@ -195,10 +196,13 @@ def load_mapped(path: str) -> Any:
     _mapping.on = True
     try:
         model = joblib.load(path, mmap_mode="c")
+    except Exception:  # a file system that cannot map, a file joblib cannot map: the plain load decides
+        model = None
     finally:
         _mapping.on = False
-    if _still_mapped(path):
-        del model
+    if model is None or _still_mapped(path):
+        model = None
+        gc.collect()  # a mapped array held in a reference cycle: unmapped now, not at some later collection
         model = joblib.load(path)
     return model
 
