@@ -19,7 +19,8 @@ Three workloads (issue 13), each on its own set of model files:
   in-memory size (the forests' node arrays: the file size, which is what a loaded model holds
   once the loader's transient buffers are freed; an RSS check after malloc_trim agreed within
   1%), --big-fit (20) fit. modelshelf: each model declares its size, the budget is
-  fit x the mean size + the calibrated overhead + half a model; Ray holds 20 per replica.
+  fit x the mean size + half a model + the calibrated overhead + the allocator reserve (below);
+  Ray holds 20 per replica.
   No floor (100 forests in one server is 3.4 GiB of a shared machine).
 - hits: --hits-models (100) tiny models, all fit (budget and Ray hold them all); floor: MLServer
   with the same 100 loaded, queried directly. Measures the steady-state data plane.
@@ -35,8 +36,17 @@ pass; the table gives ranges over the rounds and verdicts use the median of the 
 --alt-agent-arg adds a second modelshelf (its own agent, MLServer and cache, the same models and
 budget) with extra flags, driven in the same rounds: two agent configurations compared
 side by side (benchmarks/results/peers.md was run with --alt-agent-arg=--eviction=lfu-decay).
-With --alt-agent-arg=--server-processes=N its budget is the base budget plus (N-1) x the
-calibrated overhead: the same room for models, each server process paying its runtime import.
+Every agent gets the same room for models (fit x the mean declared size + half a model) plus
+what that agent takes from its budget before any model (agent_budget): one calibrated runtime
+import per server process (--server-processes N pays N, as each of Ray's replicas pays its
+own) and the embedded server's allocator reserve (--server-malloc-keep x N, or the agent's
+default: 128 MiB per process, all together at most 1/8 of the budget). The reserve is memory
+the server keeps resident so that the next load reuses warm pages; the agent counts it as a
+line of its own, so without it in the budget it comes out of the models' room (an 801 MiB
+budget held 14-16 forests, not 20: peers_shards_keep). Adding it is the same room for models,
+not a gift: Ray's replica keeps all the memory its models freed (glibc's defaults, no trim) and
+no budget counts it; the peak-RSS column, side by side, shows what each system really uses.
+--no-reserve-room gives the budget without it (runs before task bigload3).
 
 Per pass: client-side p50/p95/p99, req/s, non-200; CPU seconds of every process tree (agent
 alone, its MLServer, Ray's whole tree, the floor MLServer, this process as the client) and the
@@ -60,6 +70,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -214,6 +225,42 @@ def server_processes(agent_args: list[str]) -> int:
     return n
 
 
+def malloc_reserve(agent_args: list[str], room: int) -> int:
+    """The allocator reserve (bytes, all server processes together) a `modelshelf run` with
+    these arguments keeps beside a budget of ``room`` + that reserve: --server-malloc-keep x N
+    where given, else the agent's default (agent.cli: DEFAULT_SERVER_MALLOC_KEEP per process,
+    all together at most 1/MALLOC_KEEP_SHARE of the budget), solved so that what is left for
+    models and runtime imports is ``room``. 0 with --server other than MLServer or a sidecar."""
+    from agent.memory.budget import MALLOC_KEEP_SHARE, default_malloc_keep
+    from agent.quantity import parse_quantity
+    from agent.settings import DEFAULT_SERVER_MALLOC_KEEP
+
+    keep = None
+    for i, a in enumerate(agent_args):
+        if a.startswith(("--server-url", "--server=triton")) or a == "--server" and agent_args[i + 1:i + 2] == ["triton"]:
+            return 0
+        if a.startswith("--server-malloc-keep="):
+            keep = parse_quantity(a.split("=", 1)[1])
+        elif a == "--server-malloc-keep" and i + 1 < len(agent_args):
+            keep = parse_quantity(agent_args[i + 1])
+    n = server_processes(agent_args)
+    if keep is not None:
+        return keep * n
+    cap = DEFAULT_SERVER_MALLOC_KEEP * n  # budget B = room + min(cap, B / SHARE)
+    budget = room + min(cap, room // (MALLOC_KEEP_SHARE - 1))
+    return default_malloc_keep(budget, cap) // n * n
+
+
+def agent_budget(agent_args: list[str], overhead: int, models_room: int, reserve: bool) -> tuple[int, int]:
+    """(--host-memory, the reserve it includes) for an agent with these arguments: the same room
+    for models whatever its flags: ``models_room`` + one calibrated runtime import per server
+    process (each pays its own, as each of Ray's replicas does) + with ``reserve`` the allocator
+    reserve the agent takes out of its budget (malloc_reserve)."""
+    room = models_room + server_processes(agent_args) * int(overhead)
+    kept = malloc_reserve(agent_args, room) if reserve else 0
+    return room + kept, kept
+
+
 class TreeSampler:
     """CPU seconds (delta between start and stop) and peak RSS of named process trees; a tree
     is (root pid, include descendants); a tuple of roots is several trees counted as one (an
@@ -336,22 +383,28 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
     overhead = calibrate_overhead(work / f"calibrate-{name}", dirs, cal)
     declared = [parse_quantity(e["memory"]) for e in entries]
     mean_model = statistics.fmean(declared)
-    budget = int(overhead + fit * mean_model + mean_model / 2)
-    print(f"[{name}] calibrated overhead {overhead / MI:.1f}Mi -> --host-memory {budget / MI:.1f}Mi", flush=True)
+    models_room = int(fit * mean_model + mean_model / 2)
+    budget, reserve = agent_budget(args.agent_arg, overhead, models_room, not args.no_reserve_room)
+    print(f"[{name}] calibrated overhead {overhead / MI:.1f}Mi, allocator reserve {reserve / MI:.1f}Mi "
+          f"-> --host-memory {budget / MI:.1f}Mi", flush=True)
 
     systems: dict[str, Any] = {}
+    alt_budget = alt_reserve = None
     ranked = popular(names, args.seed)
     warm = ranked[:fit] + zipf_sequence(names, args.warmup, args.zipf_s, args.seed + 1)
     try:
         if name != "big" and not args.no_floor:  # first: loading every model at start is the longest start
             systems["floor"] = start_floor(work / f"floor-{name}", dirs)
         agent = Agent(work / f"agent-{name}", entries, "--host-memory", str(budget), "--min-residency", f"{args.min_residency:g}",
-                      "--resync-interval", "600", "--load-timeout", "60", *args.agent_arg)
+                      "--resync-interval", "600", "--load-timeout", "60", *args.agent_arg,
+                      entry=shlex.split(args.agent_entry) if args.agent_entry else None)
         systems["modelshelf"] = agent
         if args.alt_agent_arg:  # the same agent with other flags, driven in the same rounds
-            # --server-processes N: the same room for models; each server process pays its own
-            # runtime import (the calibrated overhead), as each of Ray's replicas does
-            alt_budget = budget + (server_processes(args.alt_agent_arg) - 1) * int(overhead)
+            # the same room for models (agent_budget): --server-processes N pays N runtime
+            # imports, --server-malloc-keep its own reserve
+            alt_budget, alt_reserve = agent_budget([*args.agent_arg, *args.alt_agent_arg], overhead, models_room,
+                                                   not args.no_reserve_room)
+            print(f"[{name}] alt: allocator reserve {alt_reserve / MI:.1f}Mi -> --host-memory {alt_budget / MI:.1f}Mi", flush=True)
             systems["modelshelf-alt"] = Agent(work / f"agent-alt-{name}", entries, "--host-memory", str(alt_budget), "--min-residency",
                                               f"{args.min_residency:g}", "--resync-interval", "600", "--load-timeout", "60",
                                               *args.agent_arg, *args.alt_agent_arg)
@@ -420,6 +473,7 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
         for s in systems.values():
             s.stop()
     return {"workload": name, "models": len(dirs), "fit": fit, "host_budget_bytes": budget, "calibrated_overhead_bytes": overhead,
+            "malloc_reserve_bytes": reserve, "alt_host_budget_bytes": alt_budget, "alt_malloc_reserve_bytes": alt_reserve,
             "model_bytes_min": min(declared), "model_bytes_max": max(declared), "warmup_requests": len(warm),
             "warmup_non_200": warm_non_200, "passes": passes,
             "loaded_at_end": len(loaded), "reserved_mean_bytes": int(statistics.fmean(loaded)) if loaded else None,
@@ -524,6 +578,10 @@ def markdown(data: dict[str, Any]) -> str:
             tree = TREES[s]
             rss = max(sum(p["peak_rss"].get(t, 0) for t in tree) for p in mine)
             label = LABELS[s] if s != "modelshelf-alt" else f"modelshelf + MLServer, {' '.join(data['settings']['alt_agent_arg'])}"
+            if s == "modelshelf" and data["settings"].get("agent_arg"):
+                label += ", " + " ".join(data["settings"]["agent_arg"])
+            if s == "modelshelf" and data["settings"].get("agent_entry"):
+                label += " (the --agent-entry code)"
             lines.append(f"| {desc if i == 0 else ''} | {label} | {_rng(row['p50_ms'])} | {_rng(row['p95_ms'])} | "
                          f"{_rng(row['p99_ms'])} | {_rng(row['rps'], 4)} | {_rng(row['cold_start_mean_ms'])} | "
                          f"{(f'{min(misses)}–{max(misses)}' if misses and min(misses) != max(misses) else (misses[0] if misses else '–'))} | "
@@ -533,7 +591,15 @@ def markdown(data: dict[str, Any]) -> str:
                           f"{(w['reserved_mean_bytes'] or 0) / MI:.1f} MiB each on average (declared, size + 1 MiB for big: "
                           f"{w['model_bytes_min'] / MI:.0f}–{w['model_bytes_max'] / MI:.0f} MiB; budget "
                           f"{w['host_budget_bytes'] / MI:.0f} MiB incl. {w['calibrated_overhead_bytes'] / MI:.0f} MiB "
-                          "for the runtime import)" for w in data["workloads"]) + ". Ray holds `fit` models by count.", ""]
+                          f"for the runtime import per server process and {(w.get('malloc_reserve_bytes') or 0) / MI:.0f} MiB "
+                          "for the allocator reserve"
+                          + (f"; alt: budget {w['alt_host_budget_bytes'] / MI:.0f} MiB incl. a reserve of "
+                             f"{(w.get('alt_malloc_reserve_bytes') or 0) / MI:.0f} MiB" if w.get("alt_host_budget_bytes") else "")
+                          + ")" for w in data["workloads"]) + ". Ray holds `fit` models by count. The budgets are the same "
+              "room for models (fit x the mean size + half a model) plus what each agent takes from its budget before "
+              "any model: its runtime imports and its allocator reserve (memory a server keeps resident for the next "
+              "load; Ray's replica keeps all its freed memory, unbudgeted): the peak RSS column shows what each system "
+              "really used.", ""]
     lines += ["## Verdicts (medians over the rounds)", ""]
     for w in data["workloads"]:
         for alt, v in ((False, w["verdict"]), (True, w.get("verdict_alt"))):
@@ -605,7 +671,8 @@ def plot_svg(data: dict[str, Any], path: Path) -> str:
     ws = [w for w in data["workloads"] if w["summary"]]
     pw, h, pad, top = 300, 320, 50, 40
     colors = {"modelshelf": ("#1565c0", "#90caf9"), "modelshelf-alt": ("#6a1b9a", "#ce93d8"), "ray": ("#ef6c00", "#ffcc80"), "floor": ("#2e7d32", "#a5d6a7")}
-    vals = [row[k]["median"] for w in ws for row in w["summary"].values() for k in ("p50_ms", "p95_ms") if row.get(k)]
+    vals = [row[k]["median"] for w in ws for row in w["summary"].values() for k in ("p50_ms", "p95_ms")
+            if row.get(k) and math.isfinite(row[k]["median"])]  # a system that answered nothing has no percentiles
     lo, hi = math.log10(max(0.5, min(vals) / 2)), math.log10(max(vals) * 2)
     y = lambda v: h - pad - (h - pad - top) * (math.log10(max(v, 10 ** lo)) - lo) / (hi - lo)  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{pw * len(ws) + 20}" height="{h + 20}" font-family="sans-serif" font-size="11">',
@@ -624,6 +691,8 @@ def plot_svg(data: dict[str, Any], path: Path) -> str:
             for k, key in enumerate(("p50_ms", "p95_ms")):
                 v = row[key]["median"]
                 bx = x0 + pad + 5 + j * 3 * bw + k * bw
+                if not math.isfinite(v):
+                    continue
                 parts.append(f'<rect x="{bx:.1f}" y="{y(v):.1f}" width="{bw - 2:.1f}" height="{h - pad - y(v):.1f}" fill="{colors[s][k]}"/>'
                              f'<text x="{bx + bw / 2:.1f}" y="{y(v) - 3:.1f}" text-anchor="middle" font-size="9">{v:.3g}</text>')
             parts.append(f'<text x="{x0 + pad + 5 + j * 3 * bw + bw:.1f}" y="{h - pad + 14}" text-anchor="middle">{s}</text>'
@@ -647,7 +716,11 @@ def main(argv: list[str] | None = None) -> int:
         agent_arg=Flag([], "an extra `modelshelf run` argument (repeat; e.g. --agent-arg=--memory-tolerance=0.5)"),
         alt_agent_arg=Flag([], "adds a second modelshelf system (modelshelf-alt), driven in the same rounds, with this extra "
                                "`modelshelf run` argument on top of --agent-arg (repeat; e.g. --alt-agent-arg=--eviction=lfu-decay)"),
-        no_floor=Flag(False, "skip the MLServer-with-everything-loaded floor"), seed=1,
+        no_floor=Flag(False, "skip the MLServer-with-everything-loaded floor"),
+        agent_entry=Flag("", "the command that runs the base agent (`... run ARGS` follows), e.g. another checkout's "
+                         "`env -C DIR .venv/bin/python -m agent.cli`: an A/B of two versions of the code in one run"),
+        no_reserve_room=Flag(False, "budget without the agent's allocator reserve (as before task bigload3): the reserve "
+                             "then takes its bytes from the models' room"), seed=1,
         workdir=Flag(Path(tempfile.gettempdir()) / "modelshelf-bench-peers", "model files and caches, kept for the next run"),
         out=Flag("peers", "result name under benchmarks/results/ ('' = don't write)"))
     args = p.parse_args(argv)

@@ -19,7 +19,9 @@ An embedded MLServer goes further: its `model_repository_implementation` is
 `mlserver_repository.EntryRepository` (imported from this checkout of the agent: the child's
 PYTHONPATH starts with it), whose load reads only `<repo>/<name>/model-settings.json`, parses
 each entry's content once and imports installed runtimes without MLServer's per-load
-`importlib.reload`. Parking still keeps MLServer's index (which globs) cheap, and a sidecar
+`importlib.reload`, and loads a sklearn model's big arrays through a copy-on-write mapping of
+its file instead of fresh copies (`load_mapped`; a model that would keep a mapped array is loaded
+again the plain way). Parking still keeps MLServer's index (which globs) cheap, and a sidecar
 MLServer, which cannot import the agent, relies on it for its loads too.
 
 The visible part of the repository therefore holds only the entries being loaded (and, after

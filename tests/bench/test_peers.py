@@ -6,6 +6,9 @@
   sequence), and called better only when it is better in every round.
 - The cold-start breakdown reads every `modelshelf_*_seconds` histogram that moved, labelled
   ones included, so phases the agent adds later are reported without a change to the benchmark.
+- Every agent gets the same room for models: its budget adds one runtime import per server
+  process and the allocator reserve the agent itself takes out of that budget (its default, or
+  --server-malloc-keep x N), so what the agent leaves for models is the room asked for.
 - The Ray side does the same work as MLServer: for the same V2 request on the same model files
   it answers the same predictions, holds at most `--max-models` (the LRU one is loaded again),
   and counts a request that waited for a load as a cold start. Needs `.venv-ray` (`make ray`):
@@ -126,3 +129,24 @@ def test_ray_app_does_the_work_mlserver_does(three_models, tmp_path):
         assert out["data"] == expected[name] == reference[name]["data"]
         assert (out["name"], out["datatype"], out["shape"]) == (reference[name]["name"], reference[name]["datatype"], reference[name]["shape"])
     assert (stats["loads"], stats["waits"]) == (4, 4), stats
+
+
+@pytest.mark.parametrize("args", [[], ["--server-processes=2"], ["--server-processes", "3", "--server-malloc-keep=64Mi"],
+                                  ["--server-malloc-keep", "0"]])
+@pytest.mark.parametrize("room_mib", [300, 2000])  # under and over the default reserve's cap
+def test_each_agent_budget_leaves_the_same_room_for_models_after_imports_and_its_reserve(args, room_mib):
+    from agent.memory.budget import default_malloc_keep
+    from agent.quantity import parse_quantity
+    from agent.settings import DEFAULT_SERVER_MALLOC_KEEP
+
+    overhead, room = 85 * 2**20, room_mib * 2**20
+    budget, reserve = bench_peers.agent_budget(args, overhead, room, reserve=True)
+    n = bench_peers.server_processes(args)
+    keep = [a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args) if a.startswith("--server-malloc-keep")]
+    # what `modelshelf run` computes from that budget (agent.cli)
+    agent_reserve = (parse_quantity(keep[0]) * n if keep
+                     else default_malloc_keep(budget, DEFAULT_SERVER_MALLOC_KEEP * n) // n * n)
+    assert reserve == agent_reserve
+    assert abs((budget - agent_reserve - n * overhead) - room) <= n * 8  # rounding of the split only
+    assert bench_peers.agent_budget(args, overhead, room, reserve=False) == (room + n * overhead, 0)
+    assert reserve > 0 or keep == ["0"]

@@ -201,8 +201,12 @@ def test_a_load_is_measured_apart_from_the_allocator_reserve(server, tmp_path):
     from tests.support.models import write_noise_forest
 
     warm = write_noise_forest(tmp_path / "warm", trees=1, rows=2000, seed=1)
-    # a ~8 MiB forest, then a ~4 MiB one that fits in the hole it leaves (with its read buffers)
-    forests = {n: write_noise_forest(tmp_path / n, trees=4, rows=r, seed=s) for n, r, s in (("a", 40000, 21), ("c", 20000, 22))}
+    # ~8 MiB forests, then a ~4 MiB one that fits in the hole they leave. "a" compressed: the
+    # server cannot map it, so its load reads every array into buffers freed at once (case b; an
+    # uncompressed forest's big arrays are mapped, load_mapped, and leave under 1 MiB of them)
+    forests = {n: write_noise_forest(tmp_path / n, trees=4, rows=r, seed=s, compress=z)
+               for n, r, s, z in (("a", 40000, 21, 1), ("c", 20000, 22, 0))}
+    b = write_noise_forest(tmp_path / "b", trees=4, rows=40000, seed=23)
     above = write_sklearn_model(tmp_path / "above", pad_bytes=2 * MiB, pad_chunk=MiB)
 
     def measured(srv, mm, name, d):
@@ -233,9 +237,9 @@ def test_a_load_is_measured_apart_from_the_allocator_reserve(server, tmp_path):
         assert 0.8 * ref["a"] <= got <= 1.25 * ref["a"], f"measured {got / MiB:.1f} MiB, {ref['a'] / MiB:.1f} where nothing is kept"
         # (a) the reserve full of an unloaded forest (a hole under another model: glibc gives
         # a freed top of the heap back by itself): the next load reuses its pages
+        srv.call(srv.adapter.load(ServedModel(name="b", path=b, runtime="sklearn")))
         srv.call(srv.adapter.load(ServedModel(name="above", path=above, runtime="sklearn")))
-        srv.call(srv.adapter.unload("a"))
-        mm.release("a")
+        srv.call(srv.adapter.unload("b"))
         got, before, after = measured(srv, mm, "c", forests["c"])
         assert before - after >= 2 * MiB, (before, after)  # the case happened: the load took kept pages
         assert 0.8 * ref["c"] <= got <= 1.25 * ref["c"], f"measured {got / MiB:.1f} MiB, {ref['c'] / MiB:.1f} where nothing is kept"

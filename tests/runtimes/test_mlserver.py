@@ -766,3 +766,30 @@ def test_a_users_mlserver_logging_settings_are_kept(tmp_path: Path) -> None:
     assert json.loads((quiet.repository / "settings.json").read_text())["logging_settings"]["loggers"]["uvicorn.access"]["level"] == "WARNING"
     assert "logging_settings" not in json.loads((own.repository / "settings.json").read_text())
     assert own.process.env["MLSERVER_LOGGING_SETTINGS"] == str(tmp_path / "logging.json")
+
+
+def test_a_model_file_rewritten_in_place_after_its_load_does_not_change_what_the_server_serves(
+        mlserver: RunningServer, tmp_path: Path) -> None:
+    """The embedded MLServer reads a sklearn model's big arrays through a copy-on-write mapping
+    of its file (mlserver_repository.load_mapped: no fresh copy to fault in per array), and a
+    model that keeps such an array as it was read (here a nearest-neighbours model's training
+    rows) is loaded again the plain way: the server never serves from the file's pages, so a
+    file rewritten in place afterwards changes nothing it answers (and a truncated one cannot
+    crash it)."""
+    import joblib
+    import numpy as np
+    from sklearn.neighbors import KNeighborsClassifier
+
+    x = np.asarray(sample_rows(20_000, seed=9))  # 625 KiB of rows, kept by the model as read
+    model = KNeighborsClassifier(n_neighbors=3, algorithm="brute").fit(x, (x[:, 0] > 0).astype(int))
+    d = tmp_path / "knn"
+    d.mkdir()
+    joblib.dump(model, d / "model.joblib")
+    expected = sklearn_predictions(d, ROWS)
+    assert len(set(expected)) == 2  # rows of both classes: a changed model would show
+    mlserver.load(ServedModel("knn", d, "sklearn"))
+    assert _infer(mlserver, "knn") == expected
+    size = (d / "model.joblib").stat().st_size
+    with open(d / "model.joblib", "r+b") as f:  # in place: same inode, every byte zero
+        f.write(bytes(size))
+    assert _infer(mlserver, "knn") == expected

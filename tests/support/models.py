@@ -70,10 +70,12 @@ def write_sklearn_model(directory: Path, kind: str = "iris-logreg", seed: int = 
     return directory
 
 
-def write_noise_forest(directory: Path, trees: int = 4, rows: int = 20000, seed: int = 0) -> Path:
+def write_noise_forest(directory: Path, trees: int = 4, rows: int = 20000, seed: int = 0, compress: int = 0) -> Path:
     """A RandomForest fully grown on noise (`rows` x 4 features, 3 classes: ~0.5 MiB of tree
     arrays per 10,000 rows and tree) saved as `<directory>/model.joblib`, as the big models of
-    benchmarks/bench_peers.py; return the directory."""
+    benchmarks/bench_peers.py; return the directory. `compress` (joblib's level): a file the
+    embedded MLServer cannot map, so its load reads every array into fresh buffers
+    (agent/runtimes/mlserver_repository.py `load_mapped`)."""
     import joblib
     from sklearn.ensemble import RandomForestClassifier
 
@@ -82,7 +84,7 @@ def write_noise_forest(directory: Path, trees: int = 4, rows: int = 20000, seed:
     est = RandomForestClassifier(n_estimators=trees, random_state=seed).fit(x, y)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    joblib.dump(est, directory / "model.joblib")
+    joblib.dump(est, directory / "model.joblib", compress=compress)
     return directory
 
 
