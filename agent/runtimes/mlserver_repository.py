@@ -72,8 +72,11 @@ p50 19.2-19.5 ms against 51.7-52.1 with a 57 MiB reserve (trims 17-18 against 84
 0.50 M against 1.71 M, CPU 3.7 s against 7.5), 15.0-15.9 against 26.6-26.8 with 128 MiB, 31.0-34.0
 against 56.1-63.0 trimming after every call. Smaller arrays are read as joblib reads them: a
 forest keeps ~20 tiny ones (classes, counts) as they were read, and each would keep a mapping.
-The model then keeps no mapping of its file, and that is checked (`/proc/self/maps`, by inode
-and real path): a model that does hold a mapped array (a nearest-neighbours model's training
+The model then keeps no mapping of its file, and that is checked: each mapping the load made is
+watched by a weak reference to its mmap object (alive: the model still holds it; a mapping not
+found that way falls back to reading `/proc/self/maps`, by inode and real path, ~3 ms in a
+server with ~1,400 mappings, which is why it is not the usual check: a tiny model's whole load
+is ~0.3 ms, and a load that mapped nothing is not checked at all). A model that does hold a mapped array (a nearest-neighbours model's training
 rows, a linear model's coefficients) is loaded again the plain way, so a cache file rewritten or
 truncated in place never changes or breaks what the server holds (at the cost of a second load
 for such models). A sidecar MLServer loads as MLServer does.
@@ -88,9 +91,11 @@ import ctypes.util
 import functools
 import gc
 import json
+import mmap
 import os
 import sys
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, List
 
@@ -193,14 +198,15 @@ def load_mapped(path: str) -> Any:
     from joblib import numpy_pickle
 
     _patch_array_reads(numpy_pickle)
-    _mapping.on = True
+    _mapping.on, _mapping.maps = True, []
     try:
         model = joblib.load(path, mmap_mode="c")
     except Exception:  # a file system that cannot map, a file joblib cannot map: the plain load decides
         model = None
     finally:
         _mapping.on = False
-    if model is None or _still_mapped(path):
+        maps, _mapping.maps = _mapping.maps, []
+    if model is None or (maps and _maps_kept(maps, path)):
         model = None
         gc.collect()  # a mapped array held in a reference cycle: unmapped now, not at some later collection
         model = joblib.load(path)
@@ -224,7 +230,9 @@ def _patch_array_reads(numpy_pickle: Any) -> None:
         for n in self.shape:
             count *= int(n)
         if count * self.dtype.itemsize >= MAP_MIN_BYTES:
-            return read(self, unpickler, *args, **kwargs)
+            array = read(self, unpickler, *args, **kwargs)
+            _mapping.maps.append(_mmap_of(array))
+            return array
         unpickler.mmap_mode = None
         try:
             return read(self, unpickler, *args, **kwargs)
@@ -233,6 +241,23 @@ def _patch_array_reads(numpy_pickle: Any) -> None:
 
     wrapper.read = read_small_plainly
     wrapper._modelshelf_small_read = True
+
+
+def _mmap_of(array: Any) -> "weakref.ref[mmap.mmap] | None":
+    """A weak reference to the mmap object under `array` (the end of its base chain), or None
+    when there is none to be found (an array read another way: the caller checks the process's
+    mappings instead)."""
+    base = array
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    return weakref.ref(base) if isinstance(base, mmap.mmap) else None
+
+
+def _maps_kept(maps: list, path: str) -> bool:
+    """Whether any mapping made by the load outlived it (the model holds a mapped array)."""
+    if any(ref is None for ref in maps):
+        return _still_mapped(path)
+    return any(ref() is not None for ref in maps)
 
 
 def _still_mapped(path: str) -> bool:
