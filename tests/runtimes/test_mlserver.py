@@ -796,38 +796,45 @@ def test_a_model_file_rewritten_in_place_after_its_load_does_not_change_what_the
 
 
 def test_a_mapped_load_keeps_no_mapping_of_the_model_file(tmp_path: Path) -> None:
-    """mlserver_repository.load_mapped, in process (as the embedded MLServer runs it): the
-    mappings a load made are watched by weak references to their mmap objects. A forest (whose
-    trees copy their arrays) keeps none and is not loaded twice; a nearest-neighbours model
-    (which keeps its training rows as read) is loaded again the plain way. Either way the process
-    maps nothing of the file afterwards (/proc/self/maps) and the model predicts as the original."""
+    """mlserver_repository.load_mapped, in a process of its own as the embedded MLServer runs it
+    (importing mlserver here would clash with the client protos other tests load): the mappings
+    a load made are watched by weak references to their mmap objects. A forest (whose trees copy
+    their arrays) keeps none and is not loaded twice; a nearest-neighbours model (which keeps its
+    training rows as read) is loaded again the plain way. Either way the process maps nothing of
+    the file afterwards (/proc/self/maps) and the model predicts as the original."""
     import joblib
     import numpy as np
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.neighbors import KNeighborsClassifier
 
-    from agent.runtimes import mlserver_repository
-
     x = np.asarray(sample_rows(20_000, seed=3))
     y = (x[:, 0] > 0).astype(int)
-    models = {"forest": RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y),
-              "knn": KNeighborsClassifier(n_neighbors=3, algorithm="brute").fit(x, y)}
-    plain_loads = []
-    real_load = joblib.load
-
-    def counting_load(path, mmap_mode=None):
-        if mmap_mode is None:
-            plain_loads.append(Path(path).stem)
-        return real_load(path, mmap_mode=mmap_mode)
-
-    for name, model in models.items():
-        path = tmp_path / f"{name}.joblib"
-        joblib.dump(model, path)
-        joblib.load = counting_load
-        try:
-            loaded = mlserver_repository.load_mapped(str(path))
-        finally:
-            joblib.load = real_load
-        assert not mlserver_repository._still_mapped(str(path)), f"{name} still maps its file"
-        assert (loaded.predict(x[:200]) == model.predict(x[:200])).all()
-    assert plain_loads == ["knn"], plain_loads
+    for name, model in {"forest": RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y),
+                        "knn": KNeighborsClassifier(n_neighbors=3, algorithm="brute").fit(x, y)}.items():
+        joblib.dump(model, tmp_path / f"{name}.joblib")
+        np.save(tmp_path / f"{name}.expected.npy", model.predict(x[:200]))
+    np.save(tmp_path / "rows.npy", x[:200])
+    script = """
+import sys
+from pathlib import Path
+import joblib, numpy as np
+from agent.runtimes import mlserver_repository
+d = Path(sys.argv[1])
+plain = []
+real_load = joblib.load
+def counting_load(path, mmap_mode=None):
+    if mmap_mode is None:
+        plain.append(Path(path).stem)
+    return real_load(path, mmap_mode=mmap_mode)
+joblib.load = counting_load
+rows = np.load(d / "rows.npy")
+for name in ("forest", "knn"):
+    model = mlserver_repository.load_mapped(str(d / f"{name}.joblib"))
+    assert not mlserver_repository._still_mapped(str(d / f"{name}.joblib")), f"{name} still maps its file"
+    assert (model.predict(rows) == np.load(d / f"{name}.expected.npy")).all(), f"{name} predicts otherwise"
+assert plain == ["knn"], plain
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(__file__).resolve().parents[2]),
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode == 0, done.stderr[-2000:]
