@@ -44,6 +44,7 @@ from agent.metrics import Metrics
 from agent.reconciler import Reconciler
 from agent.router import Router, error_parts, liveness, send_error
 from agent.runtimes import RuntimeAdapter, make_adapter
+from agent.runtimes.base import ServerUnavailable
 from agent.runtimes.shards import ShardedAdapter
 from agent.settings import Settings
 from agent.watcher import ConfigWatcher
@@ -128,10 +129,13 @@ class Agent:
                 kwargs["triton_bin"] = s.triton_bin
             if s.server_processes > 1:  # models partitioned between N embedded MLServers
                 kwargs["on_restart"] = self._on_shard_restart
-                adapter = ShardedAdapter(repository, s.server_processes, http_port=s.server_port, **kwargs)
+
+                def build() -> RuntimeAdapter:
+                    return ShardedAdapter(repository, s.server_processes, http_port=s.server_port, **kwargs)
             else:
-                adapter = make_adapter(s.server, repository=repository, http_port=s.server_port, **kwargs)
-            await adapter.start()
+                def build() -> RuntimeAdapter:
+                    return make_adapter(s.server, repository=repository, http_port=s.server_port, **kwargs)
+            adapter = await start_embedded(build)
         self._server_ready = True
         return adapter
 
@@ -657,6 +661,43 @@ def _parse_head(head: bytes) -> tuple[str, tuple[tuple[bytes, bytes], ...], bool
     if length < 0:
         return None
     return name.decode(), tuple(headers), keep_alive, length, len(head)
+
+
+PORT_ATTEMPTS = 3
+
+
+async def start_embedded(build: Callable[[], RuntimeAdapter], attempts: int = PORT_ATTEMPTS) -> RuntimeAdapter:
+    """Start an embedded server built by `build()`. Its free ports are picked a moment before
+    the server binds them, and another process may take one meanwhile: a server that exits
+    because a port was taken is built again on other free ports (up to `attempts` in all);
+    any other failure, or the last one, ends the start with its error."""
+    for attempt in range(1, attempts + 1):
+        adapter = build()
+        try:
+            await adapter.start()
+            return adapter
+        except ServerUnavailable as e:
+            await (getattr(adapter, "stop", None) or adapter.close)()
+            if attempt == attempts or not _a_port_taken(adapter):
+                raise
+            log.warning("the embedded server's port was taken before it bound it; starting it on other ports",
+                        extra=kv(attempt=attempt, reason=e.reason[-300:]))
+    raise AssertionError("unreachable")
+
+
+def _a_port_taken(adapter: RuntimeAdapter) -> bool:
+    """Whether another process holds one of the ports the (now stopped) embedded server was
+    to listen on: what its failure was, whatever words the server used for it."""
+    listens = adapter.listens() if isinstance(adapter, ShardedAdapter) else [getattr(adapter, "listen", None)]
+    for listen in filter(None, listens):
+        for port in (listen.http_port, listen.grpc_port, listen.metrics_port):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is not a taker
+                try:
+                    probe.bind((listen.host, port))
+                except OSError:
+                    return True
+    return False
 
 
 def management_listener(settings: Settings) -> tuple[str, int] | None:

@@ -166,8 +166,9 @@ class HTTPServerAdapter(RuntimeAdapter):
         self._log = logging.getLogger(f"modelshelf.runtimes.{self.kind}")
         self._own_workdir: Path | None = None
         process = None
+        self.listen: Listen | None = None  # embedded: where its server listens
         if base_url is None:
-            listen = Listen(host, http_port or free_port(host), grpc_port or free_port(host), metrics_port or free_port(host))
+            self.listen = listen = Listen(host, http_port or free_port(host), grpc_port or free_port(host), metrics_port or free_port(host))
             if workdir is None:  # a private cwd: servers write state files there
                 workdir = self._own_workdir = Path(tempfile.mkdtemp(prefix=f"modelshelf-{self.kind}-"))
             base_env = dict(os.environ if env is None else env)

@@ -838,3 +838,39 @@ assert plain == ["knn"], plain
                           cwd=str(Path(__file__).resolve().parents[2]),
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_embedded_server_whose_port_was_taken_starts_on_other_ports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent picks its embedded server's free ports a moment before the server binds them;
+    another process can take one meanwhile (a CI run lost an agent so). The server that exits
+    on the taken port is started again on other free ports, and the start says why in the log."""
+    import socket
+
+    from agent.app import start_embedded
+    from agent.runtimes import common
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    picks = iter([taken])
+    real = common.free_port
+    monkeypatch.setattr(common, "free_port", lambda host="127.0.0.1": next(picks, None) or real(host))
+    built: list[MLServerAdapter] = []
+
+    def build() -> MLServerAdapter:
+        built.append(MLServerAdapter.embedded(tmp_path / f"repo{len(built)}"))
+        return built[-1]
+
+    async def scenario() -> tuple[str, bool]:
+        adapter = await start_embedded(build)
+        try:
+            return adapter.base_url, await adapter.is_ready()
+        finally:
+            await adapter.stop()
+    try:
+        url, ready = asyncio.run(scenario())
+    finally:
+        holder.close()
+    assert len(built) == 2 and built[0].base_url.endswith(f":{taken}")
+    assert ready and not url.endswith(f":{taken}")
