@@ -671,33 +671,21 @@ async def start_embedded(build: Callable[[], RuntimeAdapter], attempts: int = PO
     the server binds them, and another process may take one meanwhile: a server that exits
     because a port was taken is built again on other free ports (up to `attempts` in all);
     any other failure, or the last one, ends the start with its error."""
-    for attempt in range(1, attempts + 1):
+    attempt = 1
+    while True:
         adapter = build()
         try:
             await adapter.start()
             return adapter
         except ServerUnavailable as e:
-            await (getattr(adapter, "stop", None) or adapter.close)()
-            if attempt == attempts or not _a_port_taken(adapter):
+            await adapter.stop()  # (embedded adapters stop their server)
+            # a port still held once the server stopped was taken by another process: that was
+            # the failure, whatever words the server used for it
+            if attempt == attempts or not adapter.ports_taken():
                 raise
             log.warning("the embedded server's port was taken before it bound it; starting it on other ports",
                         extra=kv(attempt=attempt, reason=e.reason[-300:]))
-    raise AssertionError("unreachable")
-
-
-def _a_port_taken(adapter: RuntimeAdapter) -> bool:
-    """Whether another process holds one of the ports the (now stopped) embedded server was
-    to listen on: what its failure was, whatever words the server used for it."""
-    listens = adapter.listens() if isinstance(adapter, ShardedAdapter) else [getattr(adapter, "listen", None)]
-    for listen in filter(None, listens):
-        for port in (listen.http_port, listen.grpc_port, listen.metrics_port):
-            with socket.socket() as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is not a taker
-                try:
-                    probe.bind((listen.host, port))
-                except OSError:
-                    return True
-    return False
+            attempt += 1
 
 
 def management_listener(settings: Settings) -> tuple[str, int] | None:

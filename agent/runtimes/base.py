@@ -91,6 +91,12 @@ class RuntimeAdapter(abc.ABC):
     async def close(self) -> None:
         """Release client connections (does not stop the server)."""
 
+    def ports_taken(self) -> bool:
+        """Whether another process now holds a port this adapter's embedded server was to
+        listen on (a failed start's cause: agent.app.start_embedded); False for a server the
+        agent did not start."""
+        return False
+
     def repository_entries(self) -> set[str]:
         """Names that have an entry in the repository dir the adapter owns."""
         return set()

@@ -50,7 +50,7 @@ from typing import Any, AsyncIterator, Self
 import httpx
 
 from agent.runtimes.base import LoadFailed, RuntimeAdapter, RuntimeErrorBase, ServedModel, ServerUnavailable
-from agent.runtimes.process import OnRestart, ServerHandle, ServerProcess, free_port
+from agent.runtimes.process import OnRestart, ServerHandle, ServerProcess, free_port, port_taken
 from agent.upstream import Upstream, UpstreamError
 
 _JSON_HEADERS = [(b"content-type", b"application/json"), (b"accept", b"application/json")]
@@ -234,6 +234,10 @@ class HTTPServerAdapter(RuntimeAdapter):
         (here at once: the unload's answer means it is done)."""
 
     # -- lifecycle ------------------------------------------------------------------------
+
+    def ports_taken(self) -> bool:
+        listen = self.listen
+        return listen is not None and any(port_taken(listen.host, port) for port in (listen.http_port, listen.grpc_port, listen.metrics_port))
 
     async def start(self, timeout: float = 60.0) -> None:
         """Embedded: spawn the server and wait for it. Sidecar: wait for it and watch it."""

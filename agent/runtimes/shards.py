@@ -159,9 +159,8 @@ class ShardedAdapter(RuntimeAdapter):
             await self.stop()
             raise errors[0]
 
-    def listens(self) -> list[Any]:
-        """Where each server process listens (agent.app.start_embedded checks the ports)."""
-        return [shard.listen for shard in self.shards]
+    def ports_taken(self) -> bool:
+        return any(shard.ports_taken() for shard in self.shards)
 
     async def stop(self) -> None:
         await asyncio.gather(*(s.stop() for s in self.shards), return_exceptions=True)
