@@ -91,6 +91,7 @@ import ctypes.util
 import functools
 import gc
 import json
+import math
 import mmap
 import os
 import sys
@@ -184,7 +185,7 @@ def _map_sklearn_loads() -> None:
     runtime.SKLearnModel._modelshelf_mapped = True
 
 
-_mapping = threading.local()
+_mapping = threading.local()  # .maps: the mappings of the load_mapped call running in this thread (None: none runs)
 
 
 def load_mapped(path: str) -> Any:
@@ -198,14 +199,13 @@ def load_mapped(path: str) -> Any:
     from joblib import numpy_pickle
 
     _patch_array_reads(numpy_pickle)
-    _mapping.on, _mapping.maps = True, []
+    _mapping.maps = maps = []
     try:
         model = joblib.load(path, mmap_mode="c")
     except Exception:  # a file system that cannot map, a file joblib cannot map: the plain load decides
         model = None
     finally:
-        _mapping.on = False
-        maps, _mapping.maps = _mapping.maps, []
+        _mapping.maps = None
     if model is None or (maps and _maps_kept(maps, path)):
         model = None
         gc.collect()  # a mapped array held in a reference cycle: unmapped now, not at some later collection
@@ -223,15 +223,12 @@ def _patch_array_reads(numpy_pickle: Any) -> None:
 
     @functools.wraps(read)
     def read_small_plainly(self, unpickler, *args, **kwargs):
-        mode = unpickler.mmap_mode
-        if mode is None or not getattr(_mapping, "on", False):
+        mode, maps = unpickler.mmap_mode, getattr(_mapping, "maps", None)
+        if mode is None or maps is None:
             return read(self, unpickler, *args, **kwargs)
-        count = 1
-        for n in self.shape:
-            count *= int(n)
-        if count * self.dtype.itemsize >= MAP_MIN_BYTES:
+        if math.prod(self.shape) * self.dtype.itemsize >= MAP_MIN_BYTES:
             array = read(self, unpickler, *args, **kwargs)
-            _mapping.maps.append(_mmap_of(array))
+            maps.append(_mmap_of(array))
             return array
         unpickler.mmap_mode = None
         try:
