@@ -214,15 +214,18 @@ def start_floor(workdir: Path, dirs: list[Path], attempts: int = 3, timeout: flo
     raise RuntimeError(f"floor MLServer did not start in {attempts} attempts; see {workdir / 'mlserver.log'}")
 
 
+def run_settings(agent_args: list[str]) -> tuple[argparse.Namespace, Any]:
+    """`modelshelf run` arguments as the agent reads them: its parser's namespace and its
+    Settings (agent.cli.build_parser, settings_from_args)."""
+    from agent.cli import build_parser, settings_from_args
+
+    options = build_parser().parse_args(["run", "--config-dir", ".", "--cache-dir", ".", *agent_args])
+    return options, settings_from_args(options)
+
+
 def server_processes(agent_args: list[str]) -> int:
     """The --server-processes N among `modelshelf run` arguments (1 when absent)."""
-    n = 1
-    for i, a in enumerate(agent_args):
-        if a.startswith("--server-processes="):
-            n = int(a.split("=", 1)[1])
-        elif a == "--server-processes" and i + 1 < len(agent_args):
-            n = int(agent_args[i + 1])
-    return n
+    return run_settings(agent_args)[1].server_processes
 
 
 def malloc_reserve(agent_args: list[str], room: int) -> int:
@@ -232,20 +235,14 @@ def malloc_reserve(agent_args: list[str], room: int) -> int:
     all together at most 1/MALLOC_KEEP_SHARE of the budget), solved so that what is left for
     models and runtime imports is ``room``. 0 with --server other than MLServer or a sidecar."""
     from agent.memory.budget import MALLOC_KEEP_SHARE, default_malloc_keep
-    from agent.quantity import parse_quantity
     from agent.settings import DEFAULT_SERVER_MALLOC_KEEP
 
-    keep = None
-    for i, a in enumerate(agent_args):
-        if a.startswith(("--server-url", "--server=triton")) or a == "--server" and agent_args[i + 1:i + 2] == ["triton"]:
-            return 0
-        if a.startswith("--server-malloc-keep="):
-            keep = parse_quantity(a.split("=", 1)[1])
-        elif a == "--server-malloc-keep" and i + 1 < len(agent_args):
-            keep = parse_quantity(agent_args[i + 1])
-    n = server_processes(agent_args)
-    if keep is not None:
-        return keep * n
+    options, settings = run_settings(agent_args)
+    if settings.server != "mlserver" or settings.server_url:
+        return 0
+    n = settings.server_processes
+    if options.server_malloc_keep is not None:  # given (the agent's default is computed from the budget)
+        return options.server_malloc_keep * n
     cap = DEFAULT_SERVER_MALLOC_KEEP * n  # budget B = room + min(cap, B / SHARE)
     budget = room + min(cap, room // (MALLOC_KEEP_SHARE - 1))
     return default_malloc_keep(budget, cap) // n * n
