@@ -66,7 +66,8 @@ then copy that into their own node storage (Tree.__setstate__): three fresh allo
 array, two of them freed at once, each page of them faulted in unless the allocator kept warm
 pages (the reserve above). With joblib's mmap_mode="c" an array of MAP_MIN_BYTES or more is
 a private, copy-on-write mapping of the file (the page cache: no zeroing, fault-around), so a
-forest's load allocates only the trees' own copy. Measured (bench_load_malloc's loop, 109 loads
+forest's load allocates only the trees' own copy. Measured (exploratory: bench_load_malloc's LOOP
+run by hand with a mapped variant, which the script itself does not have; 109 loads
 of bench_peers' forests, 15 held, MALLOC_MMAP_THRESHOLD_ 4 MiB, load average 2.0-2.9): a load's
 p50 19.2-19.5 ms against 51.7-52.1 with a 57 MiB reserve (trims 17-18 against 84, minor faults
 0.50 M against 1.71 M, CPU 3.7 s against 7.5), 15.0-15.9 against 26.6-26.8 with 128 MiB, 31.0-34.0
