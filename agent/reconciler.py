@@ -343,6 +343,9 @@ class Reconciler:
         self._solo_waiting = 0  # suspects waiting to load alone
         self._solo_in = False
         self._unloads: set[str] = set()  # server unload calls in flight
+        # server process (None: the one server) -> set when the load importing a runtime in it
+        # ends (see _after_import)
+        self._imports: dict[int | None, asyncio.Event] = {}
         self._down_since: float | None = None  # first load that found the server gone
         self._memory_changed = asyncio.Event()  # replaced each time memory frees (see _signal_memory)
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
@@ -831,6 +834,7 @@ class Reconciler:
         started = time.monotonic()
         sent: float | None = None  # when the load call went to the server (after any queueing)
         window = None
+        importing: asyncio.Event | None = None
         error: BaseException | None = None
         try:
             async with self._load_slot(lazy, phases), self._load_gate(solo=m.crashes > 0):
@@ -841,11 +845,14 @@ class Reconciler:
                 # request's load never waits: opened on the loop, an overlap only marks the
                 # measured windows contaminated (they are measured again on a later load)
                 server_pid = self._server_pid_for(m.name, copy.spec.runtime, place=True)  # several server processes: its own
+                await self._after_import(server_pid, phases)
                 if measure or (not lazy and self.memory.measuring()):
                     window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime, measure=measure,
                                                      server_pid=server_pid)
                 else:
                     window = self.memory.start_measure(m.name, copy.spec.runtime, measure=False, server_pid=server_pid)
+                if window.first_of_runtime:  # this load imports the runtime: the next loads there wait for it
+                    importing = self._imports[server_pid] = asyncio.Event()
                 server_mark = sent = time.monotonic()
                 self._loading[m.name] = sent
                 try:
@@ -870,6 +877,10 @@ class Reconciler:
         finally:
             if window is not None:
                 self.memory.abort_measure(window)
+            if importing is not None:
+                importing.set()
+                if self._imports.get(server_pid) is importing:
+                    del self._imports[server_pid]
             m.updating = False
             if error is not None:
                 self._release_memory(slot)
@@ -890,6 +901,20 @@ class Reconciler:
         if phases is not None:
             phases.loaded = True
         log.info("model loaded", extra=kv(model=m.name, seconds=m.load_seconds, lazy=lazy, replaced=replacing, key=copy.entry.key))
+
+    async def _after_import(self, server_pid: int | None, phases: ColdStart | None) -> None:
+        """Wait while a runtime's first load in the server process `server_pid` runs (its
+        import: seconds): its window measures the import, charged to the server for good, and
+        a load beside it, opened on the loop as a request's load is, would land in that
+        figure (agent/memory/ledger.py start_measure, which makes loads opened in a thread wait
+        the same way). The wait costs the load little: the process is busy importing, and its
+        own load would wait for the same import there. Bounded by the importing load's own
+        load timeout (it always ends, and sets the event)."""
+        waited = time.monotonic()
+        while (importing := self._imports.get(server_pid)) is not None:
+            await importing.wait()
+        if phases is not None:
+            phases.queue += time.monotonic() - waited
 
     def _window_spoilt(self, runtime: str) -> bool:
         """A measurement window opened now would not be recorded (another load or an unload is

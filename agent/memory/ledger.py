@@ -34,8 +34,8 @@ class MemoryManager:
                  floor_fraction: float = 0.5, min_model_bytes: int = 256 * 2**10, reuse_ratio: float = 0.5,
                  profile: str = "default", clock: Callable[[], float] = time.monotonic,
                  measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None,
-                 malloc_keep: int = 0, allocator_reserve: Callable[[], int | None] | None = None,
-                 server_processes: int = 1):
+                 malloc_keep: int = 0, allocator_reserve: Callable[..., int | None] | None = None,
+                 server_processes: int = 1, import_wait_s: float = 120.0):
         self._budget = {d: int(b) for d, b in budget.items()}
         # host bytes the server's allocator may keep resident after models are freed (the
         # embedded MLServer's --server-malloc-keep): a declared line, like a runtime import
@@ -76,6 +76,8 @@ class MemoryManager:
         self._window_closed = threading.Condition(self._lock)
         self.reality_options = dict(reality_options or {})  # RealityCheck keywords (tolerance, pressure, source)
         self.measure_wait_s = float(measure_wait_s)  # how long a window waits for the open one (see start_measure)
+        self.import_wait_s = float(import_wait_s)  # ... for a runtime's first load in its process (see start_measure)
+        self._process: dict[str, int] = {}  # model -> the server process its load went to (several processes)
 
     @classmethod
     def from_settings(cls, settings: Any, *, store: MetaStore | None = None,
@@ -101,6 +103,7 @@ class MemoryManager:
         if getattr(settings, "server", None) == "mlserver" and not getattr(settings, "server_url", None):
             kwargs.setdefault("malloc_keep", getattr(settings, "server_malloc_keep", 0))  # only the embedded one keeps it
         kwargs.setdefault("server_processes", getattr(settings, "server_processes", 1))
+        kwargs.setdefault("import_wait_s", getattr(settings, "load_timeout_s", 120.0))
         return cls(budget, store=store, multipliers=settings.memory_multipliers, gpu_probe=probe,
                    server_pid=server_pid, **kwargs)
 
@@ -296,14 +299,15 @@ class MemoryManager:
                                              cgroup=CgroupMemory.at(where) if where else CgroupMemory.discover(), **options)
             return self._reality
 
-    def allocator_reserve(self) -> int | None:
+    def allocator_reserve(self, process: int | None = None) -> int | None:
         """The server's allocator reserve as it last reported it (freed host bytes it keeps
-        resident, at most ``malloc_keep``); None when it reports none. Reads a small file:
+        resident, at most ``malloc_keep``); None when it reports none. ``process``: one of
+        several server processes' own (None: all of them together). Reads a small file:
         call from a worker thread."""
         if self._allocator_reserve is None:
             return None
         try:
-            return self._allocator_reserve()
+            return self._allocator_reserve() if process is None else self._allocator_reserve(process)
         except Exception as e:  # a figure missing must not fail a load or a check: treated as unknown
             log.warning("memory reserve_read_failed error=%r", f"{type(e).__name__}: {e}")
             return None
@@ -431,6 +435,7 @@ class MemoryManager:
             cost = self._reserved.pop(name, None)
             if cost is not None:
                 self._touch_windows(name, "release")
+            self._process.pop(name, None)
             return cost
 
     def begin_unload(self, name: str) -> None:
@@ -561,14 +566,25 @@ class MemoryManager:
         server process be told apart (see ``overhead``); ``server_pid``: the process the load
         goes to when there are several (--server-processes N), each importing on its own.
 
-        Windows are serialized: called from a worker thread (``asyncio.to_thread``), a measured
-        window waits for every open window to close, and an unmeasured load waits for the open
-        measured windows, but never past ``measure_wait_s`` (1 s) after the oldest of them
-        opened, so loads started together (the preloads at start-up) are measured one after
-        another when they are quick, and a load never waits long behind one that is slow or
-        hangs (their windows then overlap: the measured ones are marked contaminated and not
-        recorded; the entry is measured on its next load). Called on an event loop's thread it
-        never blocks.
+        Per process: with several server processes a window snapshots only the process its
+        load goes to (``server_pid``), and only windows, loads and unloads in that same process
+        spoil it or make it wait: the processes load side by side, and a load or an unload in
+        one never moves another's RSS. (A window with no ``server_pid`` shares every process.)
+
+        Windows are serialized per process: called from a worker thread (``asyncio.to_thread``),
+        a measured window waits for every open window to close, and an unmeasured load waits
+        for the open measured windows, but never past ``measure_wait_s`` (1 s) after the oldest
+        of them opened, so loads started together (the preloads at start-up) are measured one
+        after another when they are quick, and a load never waits long behind one that is slow
+        or hangs (their windows then overlap: the measured ones are marked contaminated and not
+        recorded; the entry is measured on its next load). Except behind a runtime's first load
+        in a process (its import, seconds long): every other load into that process waits for
+        it to end, up to ``import_wait_s`` (the load timeout) after it opened, because no later
+        load would see that import again: a load beside it would be charged to the import for
+        good (two at once charged a 2-process server's sklearn import 121 MiB per process
+        instead of 89). Waiting costs such a load little: the process it goes to is busy
+        importing, and its own load would wait for the same import. Called on an event loop's
+        thread it never blocks.
 
         Snapshots are taken only when they can be kept: never for ``measure=False``, nor for a
         window already contaminated when it opens (unless it is the runtime's first load,
@@ -576,14 +592,11 @@ class MemoryManager:
         (``ProcessTracker``: ``/proc/<pid>/statm``), never a scan of every process."""
         with self._lock:
             if self._windows and self.measure_wait_s > 0 and not _on_event_loop():
-                def blocking() -> list[Measurement]:
-                    return [w for w in self._windows.values() if measure or w.measured]
-
-                if blocking():  # bounded by the open windows' age: never wait behind a hung load
-                    oldest = min(w.started for w in blocking())
-                    self._window_closed.wait_for(lambda: not blocking(),
-                                                 timeout=max(0.0, oldest + self.measure_wait_s - self._clock()))
-            m = Measurement(name, Snapshot(None, None, {}), self._clock(), runtime=runtime, measured=measure)
+                self._wait_for_windows(measure, server_pid)
+            m = Measurement(name, Snapshot(None, None, {}), self._clock(), runtime=runtime, measured=measure,
+                            process=server_pid)
+            if server_pid is not None:
+                self._process[name] = server_pid
             self._mark_overlaps(m)
             self._windows[id(m)] = m  # registered before the snapshot: the next window waits for it
             if not measure:
@@ -603,7 +616,7 @@ class MemoryManager:
                     self._expect_import(runtime)
             if m.contaminated and not m.first_of_runtime:
                 return m  # its delta will not be recorded: no snapshot
-        snap = self._snapshot(refresh=False)
+        snap = self._snapshot(refresh=False, process=m.process)
         with self._lock:
             m.before = snap
             if isinstance(snap.pid, tuple):  # several server processes: a baseline each
@@ -634,16 +647,35 @@ class MemoryManager:
         self._attr.server_restarted()
         self._overhead_pid = pid
 
+    def _wait_for_windows(self, measure: bool, process: int | None) -> None:
+        """Wait (holding nothing: the condition releases the lock) until the windows that would
+        spoil a new one into ``process``, or that it would spoil, are closed: at most
+        ``measure_wait_s`` after the oldest opened, or ``import_wait_s`` after a runtime's first
+        load in that process opened (see ``start_measure``)."""
+        while True:
+            blocking = [w for w in self._windows.values()
+                        if _shares_process(w.process, process) and (measure or w.measured)]
+            if not blocking:
+                return
+            deadline = min(w.started for w in blocking) + self.measure_wait_s
+            imports = [w.started + self.import_wait_s for w in blocking if w.first_of_runtime]
+            deadline = max([deadline, *imports])
+            now = self._clock()
+            if now >= deadline:
+                return
+            self._window_closed.wait(timeout=deadline - now)
+
     def _mark_overlaps(self, m: Measurement) -> None:
-        """``m`` opens while other loads are in flight: the measured windows among them all
-        (``m`` included) hold bytes of more than one model."""
-        others = list(self._windows.values())
+        """``m`` opens while other loads are in flight in its process: the measured windows
+        among them all (``m`` included) hold bytes of more than one model; so does ``m`` when
+        a model of its process is unloading."""
+        others = [o for o in self._windows.values() if _shares_process(o.process, m.process)]
         if (m.measured and others) or any(o.measured for o in others):
             for w in [m, *others]:
                 if w.measured:
                     w.contaminated = True
                     w.reasons.add("concurrent_load" if all(o.measured for o in [m, *others]) else "unmeasured_load")
-        if self._unloading and m.measured:
+        if m.measured and any(_shares_process(self._process.get(n), m.process) for n in self._unloading):
             m.contaminated = True
             m.reasons.add("unload")
 
@@ -670,7 +702,7 @@ class MemoryManager:
         the rest is charged to the server provisionally, and both are corrected as soon as a
         later load of that runtime (or this model's entry reloaded) tells the model's share."""
         keep = m.measured and m.before.host is not None and (m.first_of_runtime or not m.contaminated)
-        after = self._snapshot(refresh=True) if keep else None  # the load may have started workers
+        after = self._snapshot(refresh=True, process=m.process) if keep else None  # the load may have started workers
         with self._lock:
             self._close(m)
             reserved = self._reserved.get(m.name)
@@ -698,7 +730,7 @@ class MemoryManager:
                 imp_h = min(max(0, raw_host), known[0])
                 imp_g = {d: min(max(0, raw_gpu.get(d, 0)), b) for d, b in known[1].items() if raw_gpu.get(d, 0) > 0}
                 if self._overhead_pid == after.pid:
-                    self._charge_import(m.runtime, Cost(imp_h, imp_g, "measured"))
+                    self._charge_import(m.runtime, Cost(imp_h, imp_g, "measured"), alone=_alone(m))
             log.info("memory runtime_import runtime=%s model=%s raw_host=%d import_host=%d source=known",
                      m.runtime, m.name, raw_host, imp_h)
             raw_host -= imp_h
@@ -718,22 +750,26 @@ class MemoryManager:
         over_h = max(0, raw_host - reserved.host)
         over_g = {d: b - reserved.gpu.get(d, 0) for d, b in raw_gpu.items() if b - reserved.gpu.get(d, 0) > 0}
         if self._overhead_pid == pid:
-            self._charge_import(m.runtime, Cost(over_h, over_g, "measured"))
+            self._charge_import(m.runtime, Cost(over_h, over_g, "measured"), alone=_alone(m))
         if m.runtime is not None and not m.contaminated:
             self._attr.pending[m.runtime] = FirstLoad(m.name, key, reserved.entry_bytes, raw_host, dict(raw_gpu))
         log.info("memory runtime_overhead runtime=%s model=%s raw_host=%d host=%d gpu=%s provisional=%s", m.runtime, m.name,
                  raw_host, over_h, ",".join(f"{d}:{b}" for d, b in over_g.items()) or "0", not m.contaminated)
         return reserved
 
-    def _charge_import(self, runtime: str | None, cost: Cost) -> None:
+    def _charge_import(self, runtime: str | None, cost: Cost, *, alone: bool = False) -> None:
         """Charge ``runtime``'s import as measured by a process's first load of it. With several
-        server processes the figure is one per runtime (every process imports the same), and a
-        later process's first load measures it beside the others' loads and unloads (which
-        can make its growth read low, even 0): it never lowers a figure another process's
-        first load measured (only a split, ``_apply_split``, corrects it)."""
+        server processes the figure is one per runtime (every process imports the same). A
+        figure measured ``alone`` (that process's own tree, no other load or unload in it:
+        see ``start_measure``) replaces the last one, so a high figure is corrected by the next
+        process's first load. One measured over every process (no ``server_pid`` given) may
+        have seen the others' loads and unloads, which can make its growth read low, even 0:
+        it never lowers a figure another process's first load measured (only a split,
+        ``_apply_split``, corrects it)."""
         key = f"runtime:{runtime}"
         old = self._overhead.get(key)
-        if self.server_processes > 1 and old is not None and old.method == "measured" and old.host >= cost.host:
+        if (self.server_processes > 1 and not alone and old is not None and old.method == "measured"
+                and old.host >= cost.host):
             return
         self._overhead[key] = cost
 
@@ -799,17 +835,23 @@ class MemoryManager:
         src = self._server_pid
         return src() if callable(src) else src
 
-    def _snapshot(self, *, refresh: bool) -> Snapshot:
+    def _snapshot(self, *, refresh: bool, process: int | None = None) -> Snapshot:
         """The server's tree RSS (and GPU use) over the tracked pids; ``refresh``: find the
-        tree's processes again first (after a load, which may have started workers)."""
+        tree's processes again first (after a load, which may have started workers).
+        ``process``: one of several server processes: its own tree and allocator reserve only
+        (``pid`` stays the server's, all processes: a restart of any is told by it)."""
         tracker = self.reality.tracker
         if refresh:
             tracker.refresh()
         pid = tracker.root()
         if pid is None:
             return Snapshot(None, None, {})
-        pids = tracker.pids()
-        reserve = self.allocator_reserve()
+        if process is not None and isinstance(pid, tuple) and process in pid:
+            pids = tracker.pids_of(process)
+            reserve = self.allocator_reserve(process)
+        else:
+            pids = tracker.pids()
+            reserve = self.allocator_reserve()
         host = tracker.rss(pids)
         gpu: dict[str, GpuUsage] = {}
         if self._gpu is not None and pids:
@@ -820,12 +862,25 @@ class MemoryManager:
         return Snapshot(pid, host, gpu, reserve)
 
     def _touch_windows(self, name: str, reason: str) -> None:
+        """``name``'s bytes leave its server process: the other windows open in it are spoilt."""
+        process = self._process.get(name)
         for m in self._windows.values():
-            if m.name != name and m.measured:
+            if m.name != name and m.measured and _shares_process(m.process, process):
                 m.contaminated = True
                 m.reasons.add(reason)
 
 
+
+
+def _alone(m: Measurement) -> bool:
+    """A window that saw its own load only: its process's tree alone, nothing else in it."""
+    return m.process is not None and not m.contaminated
+
+
+def _shares_process(a: int | None, b: int | None) -> bool:
+    """Whether what happens in server process ``a`` moves what is measured in ``b`` (None:
+    not known, or one server: every process)."""
+    return a is None or b is None or a == b
 
 
 def _on_event_loop() -> bool:

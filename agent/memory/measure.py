@@ -26,6 +26,7 @@ class Measurement:
     runtime: str | None = None
     first_of_runtime: bool = False  # the server imports the runtime's libraries during this load
     measured: bool = True  # False: a load whose cost is remembered; no snapshot, but it grows the server
+    process: int | None = None  # the server process the load goes to (several: --server-processes N)
     contaminated: bool = False
     reasons: set[str] = field(default_factory=set)
 

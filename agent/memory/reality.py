@@ -103,6 +103,12 @@ class ProcessTracker:
                 self._pids = {p for p in self._pids if os.path.exists(f"/proc/{p}")}
             return set(self._pids)
 
+    @staticmethod
+    def pids_of(process: int) -> set[int]:
+        """One server process's tree, found now (a few reads: one of several processes'
+        load windows measure it alone, see MemoryManager.start_measure)."""
+        return _descendants(process)
+
     def rss(self, pids: set[int] | None = None) -> int | None:
         """Sum of RSS over the tracked pids (``/proc/<pid>/statm``); None without a server."""
         pids = self.pids() if pids is None else pids

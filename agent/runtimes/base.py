@@ -101,10 +101,11 @@ class RuntimeAdapter(abc.ABC):
         """Names that have an entry in the repository dir the adapter owns."""
         return set()
 
-    def allocator_reserve(self) -> int | None:
+    def allocator_reserve(self, process: int | None = None) -> int | None:
         """Freed bytes the server's allocator keeps resident for later loads, as the server
         last reported them (the embedded MLServer's --server-malloc-keep reserve); None when the
         server reports none. The ledger subtracts its change from a load's measured growth.
+        ``process``: with several server processes, that one's (None: all together).
         Reads a small file: call off the event loop."""
         return None
 

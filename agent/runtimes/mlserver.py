@@ -313,11 +313,11 @@ class MLServerAdapter(HTTPServerAdapter):
         """`<repo>/.malloc-reserve`: where the embedded server publishes its allocator reserve."""
         return self.repository / RESERVE_FILE
 
-    def allocator_reserve(self) -> int | None:
+    def allocator_reserve(self, process: int | None = None) -> int | None:
         """The embedded server's allocator reserve now: freed heap bytes it keeps resident, as
         its repository class wrote them after its last load or unload (mlserver_repository.Reserve;
         one small file read). None for a sidecar, or when the server keeps none (trims after
-        every call) or has not written it yet."""
+        every call) or has not written it yet. (One process: ``process`` changes nothing.)"""
         if self.process is None or not self.malloc_keep:
             return None
         try:

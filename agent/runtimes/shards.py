@@ -122,11 +122,12 @@ class ShardedAdapter(RuntimeAdapter):
     def _shard_for(self, name: str) -> MLServerAdapter:
         return self.shards[self._home.get(name, 0)]
 
-    def allocator_reserve(self) -> int | None:
-        """The processes' allocator reserves together (each as it last reported it; None when
-        none reports one): the memory ledger snapshots all the processes' trees at once, so a
-        load's measurement subtracts the growth of this sum."""
-        figures = [f for f in (shard.allocator_reserve() for shard in self.shards) if f is not None]
+    def allocator_reserve(self, process: int | None = None) -> int | None:
+        """The allocator reserve of the server process ``process`` (a load's window measures
+        that process alone), or with None the processes' reserves together (each as it last
+        reported it; None when none reports one)."""
+        shards = [s for s in self.shards if process is None or (s.process is not None and s.process.pid == process)]
+        figures = [f for f in (shard.allocator_reserve() for shard in shards) if f is not None]
         return sum(figures) if figures else None
 
     def base_url_for(self, name: str) -> str:

@@ -4,6 +4,8 @@ import is charged once per process. Two real process trees stand in for two serv
 conftest's ProcessTree: a child that holds the bytes it is told to)."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from agent.memory import HOST, InMemoryStore, MemoryManager
@@ -24,8 +26,9 @@ def two_trees():
 
 def test_a_later_process_first_load_beside_another_process_unload_keeps_the_import_charged(two_trees):
     """Process 1's first sklearn load measures the import (~80 MiB here); process 2's first
-    sklearn load happens while process 1 frees as much (an unload beside it): its growth reads
-    ~0, which must not become the import's figure, charged for both processes."""
+    sklearn load happens while process 1 frees as much (an unload beside it): process 2's
+    window measures process 2 alone, so its figure is the import again, never ~0, charged for
+    both processes."""
     t1, t2 = two_trees
     mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
                        min_residency_s=0.0)
@@ -72,3 +75,58 @@ def test_one_process_restarting_keeps_the_others_import_and_baseline(two_trees):
         assert mm.server_baseline(tuple(pids)) == base1 + mm.server_baseline(t3.pid)  # not process 1's RSS now
     finally:
         t3.close()
+
+
+def test_a_first_load_beside_another_process_load_is_charged_its_own_import_only(two_trees):
+    """Both processes' first sklearn loads run at once (as --server-processes 2 starts its
+    first two models side by side): each window measures its own process, so the import is
+    charged ~80 MiB per process, not the two loads' growth together (~170 MiB, twice over:
+    a whole forest of room lost per process, for good, in benchmarks/results/peers.notes.md)."""
+    t1, t2 = two_trees
+    mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
+                       min_residency_s=0.0)
+    mm.reserve("a", Cost(10 * MiB, {}, "declared"))
+    mm.reserve("b", Cost(10 * MiB, {}, "declared"))
+    wa = mm.start_measure("a", runtime="sklearn", server_pid=t1.pid)
+    wb = mm.start_measure("b", runtime="sklearn", server_pid=t2.pid)
+    assert wa.first_of_runtime and wb.first_of_runtime
+    t1.send(f"alloc {90 * MiB}")  # process 1: the import + model a
+    t2.send(f"alloc {90 * MiB}")  # process 2, meanwhile: its import + model b
+    mm.finish_measure(wa, key="key-a")
+    mm.finish_measure(wb, key="key-b")
+    imported = mm.overhead()["runtime:sklearn"].host
+    assert 70 * MiB < imported < 100 * MiB, imported / MiB
+    assert mm.used()[HOST] < 2 * 100 * MiB + 20 * MiB
+
+
+def test_a_load_into_a_process_importing_its_runtime_waits_for_the_import_to_end(two_trees):
+    """A runtime's first load in a process measures its import; a second load into the same
+    process waits for that window to close (past measure_wait_s), so its model is not charged
+    to the import for good. Loads into the other process do not wait."""
+    t1, t2 = two_trees
+    mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
+                       min_residency_s=0.0, measure_wait_s=0.2, import_wait_s=30.0)
+    for name in ("a", "b", "c"):
+        mm.reserve(name, Cost(10 * MiB, {}, "declared"))
+    wa = mm.start_measure("a", runtime="sklearn", server_pid=t1.pid)
+    opened = threading.Event()
+
+    def second_load():  # model b's load into process 1: its model grows process 1 once its window opens
+        wb = mm.start_measure("b", runtime="sklearn", server_pid=t1.pid)
+        opened.set()
+        t1.send(f"alloc {40 * MiB}")
+        mm.finish_measure(wb, key="key-b")
+
+    th = threading.Thread(target=second_load)
+    th.start()
+    try:
+        wc = mm.start_measure("c", runtime="sklearn", server_pid=t2.pid)  # the other process: at once
+        mm.abort_measure(wc)
+        assert not opened.wait(0.6), "a load into the importing process opened its window beside the import"
+        t1.send(f"alloc {90 * MiB}")  # the import + model a
+        mm.finish_measure(wa, key="key-a")
+        assert opened.wait(10)
+    finally:
+        th.join(20)
+    imported = mm.overhead()["runtime:sklearn"].host
+    assert 70 * MiB < imported < 100 * MiB, imported / MiB

@@ -194,6 +194,37 @@ def test_a_lazy_load_beside_another_load_takes_no_window_that_would_be_discarded
     run(scenario())
 
 
+
+def test_a_lazy_load_waits_for_the_runtime_import_in_flight_so_the_import_is_measured_alone(tmp_path, http):
+    """The runtime's first load in the server imports it (seconds) and is measured: that window
+    charges the import to the server for good. A request's load arriving meanwhile (a window
+    opened on the loop) is not sent to the server until the import's load ends, so its model
+    never lands in the import's figure; once it ends, the load goes on and serves."""
+    async def scenario():
+        h = Harness(tmp_path, http)  # MLServer's profile: the sklearn import is charged (estimated) from its start
+        h.memory = MemoryManager({"host": 200 * 2**20}, store=h.cache, server_pid=os.getpid(), min_residency_s=0.0,
+                                 min_model_bytes=1, profile="mlserver")
+        h.rec.memory = h.memory
+        spoilt: dict[str, bool] = {}
+        finish = h.memory.finish_measure
+        def recorded(m, *, key=None):
+            spoilt[m.name] = m.contaminated
+            return finish(m, key=key)
+        h.memory.finish_measure = recorded  # type: ignore[method-assign]
+        async with h:
+            await h.apply(*(h.spec(n, preload=False) for n in ("a", "b")))
+            gate = h.adapter.hold("load", "a")  # a's load imports the runtime: held open
+            a = asyncio.create_task(h.rec.acquire("a"))
+            await gate.entered.wait()
+            b = asyncio.create_task(h.rec.acquire("b"))
+            await asyncio.sleep(0.3)
+            assert not [c for c in h.adapter.calls if c.op == "load" and c.name == "b"], "b's load went beside the import"
+            gate.release()
+            h.rec.release(await a)
+            h.rec.release(await asyncio.wait_for(b, 5.0))
+            assert spoilt == {"a": False, "b": False}, spoilt  # each window saw its own load alone: both recorded
+    run(scenario())
+
 # -- headroom: a free margin kept by evicting ahead of need, off any request's path ---------------
 
 SLOT = 128 * KB  # what one 64 KiB sklearn entry reserves
