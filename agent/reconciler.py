@@ -343,9 +343,9 @@ class Reconciler:
         self._solo_waiting = 0  # suspects waiting to load alone
         self._solo_in = False
         self._unloads: set[str] = set()  # server unload calls in flight
-        # server process (None: the one server) -> set when the load importing a runtime in it
-        # ends (see _after_import)
-        self._imports: dict[int | None, asyncio.Event] = {}
+        # server process (None: the one server) -> (set when the load importing a runtime in it
+        # ends, when that load began; see _after_import)
+        self._imports: dict[int | None, tuple[asyncio.Event, float]] = {}
         self._down_since: float | None = None  # first load that found the server gone
         self._memory_changed = asyncio.Event()  # replaced each time memory frees (see _signal_memory)
         self._missing: set[str] = set()  # reported by the router, not rechecked yet
@@ -852,7 +852,8 @@ class Reconciler:
                 else:
                     window = self.memory.start_measure(m.name, copy.spec.runtime, measure=False, server_pid=server_pid)
                 if window.first_of_runtime:  # this load imports the runtime: the next loads there wait for it
-                    importing = self._imports[server_pid] = asyncio.Event()
+                    importing = asyncio.Event()
+                    self._imports[server_pid] = (importing, time.monotonic())
                 server_mark = sent = time.monotonic()
                 self._loading[m.name] = sent
                 try:
@@ -879,7 +880,7 @@ class Reconciler:
                 self.memory.abort_measure(window)
             if importing is not None:
                 importing.set()
-                if self._imports.get(server_pid) is importing:
+                if self._imports.get(server_pid, (None,))[0] is importing:
                     del self._imports[server_pid]
             m.updating = False
             if error is not None:
@@ -908,11 +909,16 @@ class Reconciler:
         a load beside it, opened on the loop as a request's load is, would land in that
         figure (agent/memory/ledger.py start_measure, which makes loads opened in a thread wait
         the same way). The wait costs the load little: the process is busy importing, and its
-        own load would wait for the same import there. Bounded by the importing load's own
-        load timeout (it always ends, and sets the event)."""
+        own load would wait for the same import there. At most `memory.import_wait_s` (5 s)
+        after the import's load began: one that hangs holds the others back no longer."""
         waited = time.monotonic()
-        while (importing := self._imports.get(server_pid)) is not None:
-            await importing.wait()
+        while (entry := self._imports.get(server_pid)) is not None:
+            importing, began = entry
+            remaining = began + self.memory.import_wait_s - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(importing.wait(), remaining)
         if phases is not None:
             phases.queue += time.monotonic() - waited
 

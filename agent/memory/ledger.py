@@ -22,6 +22,11 @@ log = logging.getLogger("modelshelf.memory")
 
 
 _RECORDS_KEPT = 100_000  # remembered measurement records (per key); more: start over
+# how long the other loads into a server process wait for a runtime's first load there (its
+# import: ~2.7 s for sklearn in MLServer on 2 loaded cores) before they go beside it anyway: a
+# first load that hangs holds them back no longer (its import figure is then contaminated and
+# charged provisionally, an over-charge, see ``_charge_first_load``)
+IMPORT_WAIT_S = 5.0
 
 class MemoryManager:
     """Budgets, reservations and costs for one node. Thread-safe; every method is cheap (a dict
@@ -35,7 +40,7 @@ class MemoryManager:
                  profile: str = "default", clock: Callable[[], float] = time.monotonic,
                  measure_wait_s: float = 1.0, reality_options: Mapping[str, Any] | None = None,
                  malloc_keep: int = 0, allocator_reserve: Callable[..., int | None] | None = None,
-                 server_processes: int = 1, import_wait_s: float = 120.0):
+                 server_processes: int = 1, import_wait_s: float = IMPORT_WAIT_S):
         self._budget = {d: int(b) for d, b in budget.items()}
         # host bytes the server's allocator may keep resident after models are freed (the
         # embedded MLServer's --server-malloc-keep): a declared line, like a runtime import
@@ -103,7 +108,6 @@ class MemoryManager:
         if getattr(settings, "server", None) == "mlserver" and not getattr(settings, "server_url", None):
             kwargs.setdefault("malloc_keep", getattr(settings, "server_malloc_keep", 0))  # only the embedded one keeps it
         kwargs.setdefault("server_processes", getattr(settings, "server_processes", 1))
-        kwargs.setdefault("import_wait_s", getattr(settings, "load_timeout_s", 120.0))
         return cls(budget, store=store, multipliers=settings.memory_multipliers, gpu_probe=probe,
                    server_pid=server_pid, **kwargs)
 
@@ -579,7 +583,7 @@ class MemoryManager:
         or hangs (their windows then overlap: the measured ones are marked contaminated and not
         recorded; the entry is measured on its next load). Except behind a runtime's first load
         in a process (its import, seconds long): every other load into that process waits for
-        it to end, up to ``import_wait_s`` (the load timeout) after it opened, because no later
+        it to end, up to ``import_wait_s`` (IMPORT_WAIT_S, 5 s) after it opened, because no later
         load would see that import again: a load beside it would be charged to the import for
         good (two at once charged a 2-process server's sklearn import 121 MiB per process
         instead of 89). Waiting costs such a load little: the process it goes to is busy

@@ -225,6 +225,25 @@ def test_a_lazy_load_waits_for_the_runtime_import_in_flight_so_the_import_is_mea
             assert spoilt == {"a": False, "b": False}, spoilt  # each window saw its own load alone: both recorded
     run(scenario())
 
+
+def test_a_runtime_import_that_hangs_holds_a_lazy_load_back_no_longer_than_the_import_wait(tmp_path, http):
+    """The runtime's first load hangs: a request's load waits for it at most `import_wait_s`,
+    then goes to the server beside it and serves."""
+    async def scenario():
+        h = Harness(tmp_path, http)
+        h.memory = MemoryManager({"host": 200 * 2**20}, store=h.cache, server_pid=os.getpid(), min_residency_s=0.0,
+                                 min_model_bytes=1, profile="mlserver", import_wait_s=0.3)
+        h.rec.memory = h.memory
+        async with h:
+            await h.apply(*(h.spec(n, preload=False) for n in ("a", "b")))
+            gate = h.adapter.hold("load", "a")  # a's load imports the runtime, and hangs
+            a = asyncio.create_task(h.rec.acquire("a"))
+            await gate.entered.wait()
+            h.rec.release(await asyncio.wait_for(h.rec.acquire("b"), 5.0))  # while a's is still held
+            gate.release()
+            h.rec.release(await a)
+    run(scenario())
+
 # -- headroom: a free margin kept by evicting ahead of need, off any request's path ---------------
 
 SLOT = 128 * KB  # what one 64 KiB sklearn entry reserves
