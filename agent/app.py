@@ -45,7 +45,7 @@ from agent.reconciler import Reconciler
 from agent.router import Router, error_parts, liveness, send_error
 from agent.runtimes import RuntimeAdapter, make_adapter
 from agent.runtimes.base import ServerUnavailable
-from agent.runtimes.shards import ShardedAdapter
+from agent.runtimes.shards import ShardedAdapter  # built here only: its quirks stay in the adapter
 from agent.settings import Settings
 from agent.watcher import ConfigWatcher
 from puller import Cache
@@ -85,9 +85,8 @@ class Agent:
         overhead = tree_rss(os.getpid()) if pid is None else tree_rss(pid) + psutil.Process().memory_info().rss
         self.memory = MemoryManager.from_settings(s, store=self.cache, server_pid=self._server_pid, host_overhead=overhead,
                                                   allocator_reserve=self.adapter.allocator_reserve)
-        if isinstance(self.adapter, ShardedAdapter):  # placement weighs each shard's reserved memory
-            memory = self.memory
-            self.adapter.reserved = lambda: {n: c.host for n, c in memory.reservations().items()}
+        memory = self.memory  # placement between several server processes weighs their reserved memory
+        self.adapter.reserved = lambda: {n: c.host for n, c in memory.reservations().items()}
         self.reconciler = Reconciler(s, self.cache, self.adapter, self.memory, self.metrics)
         self.reconciler.on_change = self.fleet.bump
         url_for = getattr(self.adapter, "base_url_for", None)
@@ -146,10 +145,7 @@ class Agent:
     def _server_pid(self) -> int | tuple[int, ...] | None:
         """The embedded server's pid; with --server-processes N, the tuple of every shard's
         pid that is up (the memory ledger tracks all their trees), None when none is."""
-        if isinstance(self.adapter, ShardedAdapter):
-            return tuple(self.adapter.server_pids()) or None
-        process = getattr(self.adapter, "process", None)
-        return process.pid if process is not None else None
+        return self.adapter.server_pid() if self.adapter is not None else None
 
     async def _on_server_restart(self) -> None:
         if self.reconciler is not None:
@@ -213,11 +209,8 @@ class Agent:
         """Why the agent should take no traffic now ([] when ready): /readyz, /v2/health/ready,
         gRPC ServerReady and /fleet/state all answer from this."""
         reasons = []
-        process = getattr(self.adapter, "process", None)  # the embedded server: known at once when it died
-        if isinstance(self.adapter, ShardedAdapter):
-            if not self._server_ready or not self.adapter.ready_now():
-                reasons.append("server not ready")
-        elif not self._server_ready or (process is not None and not process.ready):
+        # the embedded server's process (each of several): known at once when it died
+        if not self._server_ready or (self.adapter is not None and not self.adapter.ready_now()):
             reasons.append("server not ready")
         if self.reconciler is None or not self.reconciler.applied_once.is_set():
             reasons.append("config not applied yet")
@@ -237,10 +230,8 @@ class Agent:
             "url": self.adapter.base_url if self.adapter else None,
             "ready": self._server_ready,
             "embedded": self.settings.server_url is None,
-            "pid": self.adapter.process.pid if isinstance(self.adapter, ShardedAdapter) else self._server_pid(),
-            # --server-processes N: every server process, and the models each holds
-            **({"pids": self.adapter.server_pids(), "processes": self.adapter.shard_docs()}
-               if isinstance(self.adapter, ShardedAdapter) else {}),
+            "pid": process.pid if (process := getattr(self.adapter, "process", None)) is not None else None,
+            **(self.adapter.status_doc() if self.adapter is not None else {}),  # e.g. each of several processes
         }
         doc["cache"] = self._cache_stats()
         doc["data_plane"] = {"fast_path": self.settings.fast_path,  # agent.router.Router.fast_forward

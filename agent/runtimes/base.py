@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 
 class RuntimeErrorBase(Exception):
@@ -55,6 +55,9 @@ class RuntimeAdapter(abc.ABC):
 
     kind: str  # "mlserver" | "triton"
     grpc_target: str | None = None  # HOST:PORT of the server's gRPC data plane, when known
+    # name -> host bytes the memory ledger reserves for it (the agent wires it); placement
+    # between several server processes weighs it (agent/runtimes/shards.py), others ignore it
+    reserved: Callable[[], Mapping[str, int]] = dict
 
     @property
     @abc.abstractmethod
@@ -90,6 +93,22 @@ class RuntimeAdapter(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release client connections (does not stop the server)."""
+
+    def server_pid(self) -> int | tuple[int, ...] | None:
+        """What the memory ledger tracks: the embedded server's pid (None: not up, or a sidecar,
+        whose pid comes from --server-pid-file); several server processes: a tuple of those up."""
+        process = getattr(self, "process", None)
+        return process.pid if process is not None else None
+
+    def ready_now(self) -> bool:
+        """The embedded server's process is up and was seen ready (no I/O; True for a server
+        the agent did not start: its readiness is probed, `is_ready`)."""
+        process = getattr(self, "process", None)
+        return process is None or process.ready
+
+    def status_doc(self) -> dict[str, Any]:
+        """Fields the adapter adds to /status `server` ({}: none)."""
+        return {}
 
     def ports_taken(self) -> bool:
         """Whether another process now holds a port this adapter's embedded server was to

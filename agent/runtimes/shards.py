@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable
 
 from agent.runtimes.base import LoadFailed, RuntimeAdapter, ServedModel
 from agent.runtimes.mlserver import MLServerAdapter
@@ -60,7 +60,6 @@ class ShardedAdapter(RuntimeAdapter):
             raise ValueError(f"server processes must be >= 1, got {n}")
         self.repository = Path(repository).resolve()
         self.on_shard_restart = on_restart
-        self.reserved: Callable[[], Mapping[str, int]] = dict  # name -> host bytes reserved (the agent wires the ledger)
         self.shards: list[MLServerAdapter] = []
         for i in range(n):
             shard = MLServerAdapter.embedded(self.repository / f"shard-{i}", http_port=http_port if i == 0 else None,
@@ -182,6 +181,14 @@ class ShardedAdapter(RuntimeAdapter):
     def server_pids(self) -> list[int]:
         """The root pid of every shard that is up (memory accounting tracks each tree)."""
         return [p.pid for p in self.processes if p is not None and p.pid is not None]
+
+    def server_pid(self) -> tuple[int, ...] | None:
+        """Every shard's pid that is up (the memory ledger tracks all their trees), None when none is."""
+        return tuple(self.server_pids()) or None
+
+    def status_doc(self) -> dict[str, Any]:
+        """/status `server`: every server process, and the models each holds."""
+        return {"pids": self.server_pids(), "processes": self.shard_docs()}
 
     def pids(self) -> list[int]:
         return [pid for s in self.shards for pid in s.pids()]
