@@ -441,10 +441,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return prefetch(settings)
     from agent.app import run
+    from agent.runtimes.mlserver import MALLOC_KEEP_ENV
 
     # the embedded MLServer's adapter finds the keep in the environment it starts the server with
-    # (MLServerAdapter.malloc_keep), normalized to bytes
-    os.environ[env_name("--server-malloc-keep")] = str(settings.server_malloc_keep)
+    # (MLServerAdapter.malloc_keep), normalized to bytes; the variable is the flag's own
+    os.environ[MALLOC_KEEP_ENV] = str(settings.server_malloc_keep)
     return run(settings)
 
 

@@ -97,7 +97,9 @@ _GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's largest; the agent bounds messages itsel
 PARKED_DIR = ".loaded"  # loaded entries, out of sight of MLServer's re-glob (see the module doc)
 REPOSITORY_IMPLEMENTATION = "agent.runtimes.mlserver_repository.EntryRepository"
 RESERVE_FILE = ".malloc-reserve"  # the embedded server's allocator reserve, in bytes (see allocator_reserve)
-MALLOC_KEEP_ENV = "MODELSHELF_SERVER_MALLOC_KEEP"  # the agent's --server-malloc-keep, in bytes
+# the agent's --server-malloc-keep, in bytes: its flag's own variable (agent.cli.env_name), so a
+# keep given in the environment and the one `modelshelf run` exports are the same setting
+MALLOC_KEEP_ENV = "MODELSHELF_SERVER_MALLOC_KEEP"
 _AGENT_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the `agent` package
 
 IMPLEMENTATIONS = {

@@ -70,6 +70,15 @@ def test_a_bad_malloc_keep_is_refused_naming_the_flag(tmp_path):
         assert all(f"{k}=" in out.stderr for k in env), out.stderr
 
 
+def test_the_variable_the_adapter_reads_is_the_flags_own():
+    """`modelshelf run` exports --server-malloc-keep to the embedded MLServer's adapter under the
+    flag's own environment variable: a keep set in the environment is the same setting."""
+    from agent.cli import env_name
+    from agent.runtimes.mlserver import MALLOC_KEEP_ENV
+
+    assert MALLOC_KEEP_ENV == env_name("--server-malloc-keep")
+
+
 @pytest.mark.timeout(180)
 def test_the_agent_evicts_when_real_memory_exceeds_the_budget(tmp_path):
     """Models that declare 2Mi but really hold 40 MiB each: admission by the ledger lets them
