@@ -846,14 +846,17 @@ class Reconciler:
                 # measured windows contaminated (they are measured again on a later load)
                 server_pid = self._server_pid_for(m.name, copy.spec.runtime, place=True)  # several server processes: its own
                 await self._after_import(server_pid, phases)
+                if self.memory.imports(copy.spec.runtime, server_pid=server_pid):
+                    # this load imports the runtime there: the next loads into that process wait for
+                    # it (registered before its window opens in a thread, with no await between the
+                    # check above and here, so no load slips in beside it meanwhile)
+                    importing = asyncio.Event()
+                    self._imports[server_pid] = (importing, time.monotonic())
                 if measure or (not lazy and self.memory.measuring()):
                     window = await asyncio.to_thread(self.memory.start_measure, m.name, copy.spec.runtime, measure=measure,
                                                      server_pid=server_pid)
                 else:
                     window = self.memory.start_measure(m.name, copy.spec.runtime, measure=False, server_pid=server_pid)
-                if window.first_of_runtime:  # this load imports the runtime: the next loads there wait for it
-                    importing = asyncio.Event()
-                    self._imports[server_pid] = (importing, time.monotonic())
                 server_mark = sent = time.monotonic()
                 self._loading[m.name] = sent
                 try:

@@ -550,6 +550,17 @@ class MemoryManager:
 
     # -- measurement ----------------------------------------------------------------------------
 
+    def imports(self, runtime: str | None, *, server_pid: int | None = None) -> bool:
+        """Whether a load of ``runtime`` into the server process ``server_pid`` (None: the server)
+        would be that process's first of it, its import (``start_measure`` then marks its window
+        ``first_of_runtime``). False when the server's pid is unknown (nothing is measured)."""
+        pid = self._pid()
+        if pid is None or runtime is None:
+            return False
+        with self._lock:
+            warm = self._warm if self._overhead_pid == pid else self._warm_still_up(pid)
+            return runtime not in warm.get(server_pid or pid, set())
+
     def needs_measure(self, key: str | None, runtime: str | None, *, server_pid: int | None = None) -> bool:
         """Whether a load of entry `key` should be measured: no measurement is remembered for
         it yet, or the server process has not loaded this runtime yet (its import must be
@@ -604,9 +615,18 @@ class MemoryManager:
             self._mark_overlaps(m)
             self._windows[id(m)] = m  # registered before the snapshot: the next window waits for it
             if not measure:
+                if server_pid is not None and runtime is not None:
+                    # an unmeasured load may import its runtime in its process (a request's load
+                    # beside another): that process has it now, and no later load of it is
+                    # mistaken for the import (it would read ~0); the figure stays the one an
+                    # earlier process measured, charged once per process (or the estimate)
+                    self._warm.setdefault(server_pid, set()).add(runtime)
+                    self._expect_import(runtime)
                 return m
-        pid = self._pid()
-        with self._lock:
+            # whether it imports its runtime is known from the moment it is registered (under the
+            # same hold of the lock): a load that begins waiting now must see it as an import's
+            # window, not as a plain one it would stop waiting for after measure_wait_s
+            pid = self._pid()
             # the bare server (nothing reserved but this model, no import charged): its RSS now
             # is the baseline reality is measured over
             bare = not [n for n in self._reserved if n != name] and (not self._overhead or self._overhead_pid != pid)
@@ -733,7 +753,7 @@ class MemoryManager:
                 imp_h = min(max(0, raw_host), known[0])
                 imp_g = {d: min(max(0, raw_gpu.get(d, 0)), b) for d, b in known[1].items() if raw_gpu.get(d, 0) > 0}
                 if self._overhead_pid == after.pid:
-                    self._charge_import(m.runtime, Cost(imp_h, imp_g, "measured"), alone=_alone(m))
+                    self._charge_import(m.runtime, Cost(imp_h, imp_g, "measured"))
             log.info("memory runtime_import runtime=%s model=%s raw_host=%d import_host=%d source=known",
                      m.runtime, m.name, raw_host, imp_h)
             raw_host -= imp_h
@@ -753,26 +773,23 @@ class MemoryManager:
         over_h = max(0, raw_host - reserved.host)
         over_g = {d: b - reserved.gpu.get(d, 0) for d, b in raw_gpu.items() if b - reserved.gpu.get(d, 0) > 0}
         if self._overhead_pid == pid:
-            self._charge_import(m.runtime, Cost(over_h, over_g, "measured"), alone=_alone(m))
+            self._charge_import(m.runtime, Cost(over_h, over_g, "measured"))
         if m.runtime is not None and not m.contaminated:
             self._attr.pending[m.runtime] = FirstLoad(m.name, key, reserved.entry_bytes, raw_host, dict(raw_gpu))
         log.info("memory runtime_overhead runtime=%s model=%s raw_host=%d host=%d gpu=%s provisional=%s", m.runtime, m.name,
                  raw_host, over_h, ",".join(f"{d}:{b}" for d, b in over_g.items()) or "0", not m.contaminated)
         return reserved
 
-    def _charge_import(self, runtime: str | None, cost: Cost, *, alone: bool = False) -> None:
+    def _charge_import(self, runtime: str | None, cost: Cost) -> None:
         """Charge ``runtime``'s import as measured by a process's first load of it. With several
-        server processes the figure is one per runtime (every process imports the same). A
-        figure measured ``alone`` (that process's own tree, no other load or unload in it:
-        see ``start_measure``) replaces the last one, so a high figure is corrected by the next
-        process's first load. One measured over every process (no ``server_pid`` given) may
-        have seen the others' loads and unloads, which can make its growth read low, even 0:
-        it never lowers a figure another process's first load measured (only a split,
-        ``_apply_split``, corrects it)."""
+        server processes the figure is one per runtime (every process imports the same), and a
+        later process's figure can read low (even 0: a process that imported it in a load not
+        measured, a request's load beside another, see ``start_measure``): it never lowers a
+        figure another process's first load measured (only a split, ``_apply_split``, corrects
+        it). Each first load is measured alone, in its own process, so the first figure is clean."""
         key = f"runtime:{runtime}"
         old = self._overhead.get(key)
-        if (self.server_processes > 1 and not alone and old is not None and old.method == "measured"
-                and old.host >= cost.host):
+        if self.server_processes > 1 and old is not None and old.method == "measured" and old.host >= cost.host:
             return
         self._overhead[key] = cost
 
@@ -873,11 +890,6 @@ class MemoryManager:
                 m.reasons.add(reason)
 
 
-
-
-def _alone(m: Measurement) -> bool:
-    """A window that saw its own load only: its process's tree alone, nothing else in it."""
-    return m.process is not None and not m.contaminated
 
 
 def _shares_process(a: int | None, b: int | None) -> bool:

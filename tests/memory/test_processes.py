@@ -130,3 +130,30 @@ def test_a_load_into_a_process_importing_its_runtime_waits_for_the_import_to_end
         th.join(20)
     imported = mm.overhead()["runtime:sklearn"].host
     assert 70 * MiB < imported < 100 * MiB, imported / MiB
+
+
+def test_a_process_that_imported_its_runtime_in_an_unmeasured_load_is_not_measured_as_importing_again(two_trees):
+    """Process 2's first sklearn load goes unmeasured (a request's load beside others: no
+    snapshot) and imports sklearn there. Its next, measured, load must not be taken for the
+    import: that one's growth is its model alone, and would read the import as ~0."""
+    t1, t2 = two_trees
+    mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
+                       min_residency_s=0.0)
+    for name in ("a", "b", "c"):
+        mm.reserve(name, Cost(10 * MiB, {}, "declared"))
+    w = mm.start_measure("a", runtime="sklearn", server_pid=t1.pid)
+    t1.send(f"alloc {90 * MiB}")
+    mm.finish_measure(w, key="key-a")
+    imported = mm.overhead()["runtime:sklearn"].host
+
+    assert mm.imports("sklearn", server_pid=t2.pid)
+    w = mm.start_measure("b", runtime="sklearn", measure=False, server_pid=t2.pid)
+    t2.send(f"alloc {90 * MiB}")  # process 2 imports sklearn, unmeasured
+    mm.abort_measure(w)
+    assert not mm.imports("sklearn", server_pid=t2.pid)
+    w = mm.start_measure("c", runtime="sklearn", server_pid=t2.pid)
+    assert not w.first_of_runtime
+    t2.send(f"alloc {10 * MiB}")  # model c alone
+    mm.finish_measure(w, key="key-c")
+    assert mm.overhead()["runtime:sklearn"].host == imported
+    assert 9 * MiB < mm.reservations()["c"].host < 14 * MiB, mm.reservations()["c"].host / MiB
