@@ -102,13 +102,11 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
@@ -528,12 +526,17 @@ class Cache:
                     sub.mkdir(parents=True, exist_ok=True)
                     _archive.extract(arch, sub, listing.archive, max_bytes=options.archive_max_bytes,
                                      label=listing.uri)
+                    import shutil  # (after the transfer: not on the way to a pull's first GET)
+
                     shutil.rmtree(dl)
                 else:
                     sub.mkdir(parents=True, exist_ok=True)
                     src.fetch(listing, sub, progress)
                     _check_sizes(sub, listing)
-            shutil.rmtree(tmp / "download", ignore_errors=True)
+            if os.path.lexists(tmp / "download"):
+                import shutil
+
+                shutil.rmtree(tmp / "download", ignore_errors=True)
             # sha256 only where something can be checked against it (the user's sha256, a
             # store's sha256 checksum): hashing every byte again would double a big pull's time
             need: set[str] = set()
@@ -569,7 +572,7 @@ class Cache:
                 "key": key,
                 "uri": label,
                 "sources": sources_meta,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": _utc_now_iso(),
                 "created_ts": time.time(),
                 "created_by": {"host": socket.gethostname(), "pid": os.getpid(), "holder": self.holder},
                 "total_bytes": size,
@@ -1324,6 +1327,13 @@ def make_tree_writable(root: Path) -> None:
                 pass
 
 
+def _utc_now_iso() -> str:
+    """Now in UTC, ISO 8601 to the second (datetime is imported after the transfer, not before)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def _rmtree(path: Path) -> None:
     def onerror(func: Any, p: str, exc: Any) -> None:
         err = exc[1] if isinstance(exc, tuple) else exc
@@ -1337,5 +1347,7 @@ def _rmtree(path: Path) -> None:
             except OSError:
                 pass
         log.warning("event=cache_rmtree_failed path=%s error=%s", p, type(err).__name__)
+    import shutil  # (with bz2 and lzma: not on the way to a pull's first GET)
+
     make_tree_writable(path)
     shutil.rmtree(path, onerror=onerror)

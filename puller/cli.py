@@ -172,15 +172,14 @@ def _opened(uri: str, options: PullOptions) -> Source:
 def _pull_uncached(src: Source, dest: Path, options: PullOptions, progress: Any) -> Entry:
     """Download through a throw-away (scratch) cache next to DEST (same file system: files are
     moved; when DEST does not exist yet, the whole tree in one rename)."""
-    import shutil
-    import tempfile
-
     from puller.cache import Cache, make_tree_writable
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp_root = Path(tempfile.mkdtemp(prefix=".modelshelf-pull-", dir=dest.parent))
+        tmp_root = _private_dir(dest.parent, ".modelshelf-pull-")
     except OSError:
+        import tempfile
+
         tmp_root = Path(tempfile.mkdtemp(prefix="modelshelf-pull-"))
     try:
         entry = Cache(tmp_root, scratch=True).ensure_source(src, options, progress)
@@ -190,8 +189,24 @@ def _pull_uncached(src: Source, dest: Path, options: PullOptions, progress: Any)
             _place(entry, dest, "move")
         return entry
     finally:
+        import shutil
+
         make_tree_writable(tmp_root)
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _private_dir(parent: Path, prefix: str) -> Path:
+    """A new directory only this user can enter (0700) under `parent`, named `prefix` + 12 random
+    hex digits: tempfile.mkdtemp's promise without importing tempfile (with shutil, bz2, lzma and
+    random: ~4 ms on the way to a pull's first GET)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{os.urandom(6).hex()}"
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no unused name for a directory {prefix}* in {parent}")
 
 
 def _rename_tree(src: Path, dest: Path) -> bool:

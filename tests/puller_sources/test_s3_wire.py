@@ -194,19 +194,21 @@ def test_the_head_and_the_first_list_page_go_out_together(tmp_path: Path, monkey
 
 _PROBE = """
 import socket, sys
-first_request = []  # the modules imported when the first request leaves (socket.sendall)
+first_request, first_get = [], []  # the modules imported when the first request / GET of an object leaves
 send = socket.socket.sendall
-def sendall(self, *args, **kwargs):
-    if not first_request:
-        first_request.append(sorted(m for m, module in sys.modules.items() if module is not None))
-    return send(self, *args, **kwargs)
+def sendall(self, data, *args, **kwargs):
+    for seen, starts in ((first_request, True), (first_get, data.startswith(b"GET ") and b"list-type=" not in data)):
+        if starts and not seen:
+            seen.append(sorted(m for m, module in sys.modules.items() if module is not None))
+    return send(self, data, *args, **kwargs)
 socket.socket.sendall = sendall
 from agent.cli import main
 code = main(sys.argv[1:])
 imported = [m for m, module in sys.modules.items() if module is not None]  # None: an import blocked, not made
 import json
 print(json.dumps({"code": code, "heavy": sorted(m for m in imported if m.split(".")[0] in ("botocore", "boto3", "s3transfer")),
-                  "modules": sorted(imported), "before_first_request": (first_request or [None])[0]}))
+                  "modules": sorted(imported), "before_first_request": (first_request or [None])[0],
+                  "before_first_get": (first_get or [None])[0]}))
 """
 
 
@@ -280,6 +282,9 @@ _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer
 # formatter imports it for every argument; agent.cli's does not)
 _AFTER_FIRST_REQUEST = ("puller.cache", "puller.progress", "tempfile", "concurrent", "xml", "datetime", "random", "json",
                         "base64", "zlib", "shutil", "bz2", "lzma")
+# and what waits until the transfer is under way: the scratch root is made without tempfile, the
+# cache imports shutil (rmtree) and datetime (the manifest's date) where it uses them
+_AFTER_FIRST_GET = ("tempfile", "random", "shutil", "bz2", "lzma", "datetime")
 # an S3 pull of plain files with static keys and no AWS config file also leaves these to the
 # pulls that need them: archive readers (an archive), configparser (an .s3cfg, an AWS config
 # file), uuid (never: temp names come from os.urandom), http.client with email's parser (the wire
@@ -316,6 +321,7 @@ def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3
             if scheme == "s3":
                 early = [m for m in out["before_first_request"] if m in _AFTER_FIRST_REQUEST
                          or m.split(".")[0] in _AFTER_FIRST_REQUEST]
+                early += [m for m in out["before_first_get"] if m.split(".")[0] in _AFTER_FIRST_GET]
                 assert early == []
     assert (tmp_path / "s3" / "w.bin").read_bytes() == b"s3-bytes"
     assert (tmp_path / "http" / "w.bin").read_bytes() == b"http-bytes"
