@@ -1,8 +1,9 @@
 """S3-compatible source: s3://, gs:// (GCS's XML API) and rclone s3 remotes.
 
 list(): a HEAD decides between one object (``s3://b/models/model.tgz``) and a prefix
-(``s3://b/models/iris`` lists ``models/iris/``); a URI ending in '/' or naming a bucket always
-lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
+(``s3://b/models/iris`` lists ``models/iris/``); the HEAD and the prefix's first LIST page are
+sent together (``begin_list``: one round trip; an object's LIST answer is dropped unread). A URI
+ending in '/' or naming a bucket always lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
 Identity per object: ETag (+ version id); sizes are part of the listing.
 
 Requests: puller.sources.s3_wire (SigV4 over plain HTTP/1.1; botocore only for credentials that are
