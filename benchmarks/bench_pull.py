@@ -26,6 +26,13 @@ Local sections (no endpoint; results in benchmarks/results/pull_local[_LABEL].js
     .venv/bin/python benchmarks/bench_pull.py --cache-cost [--code-root /path/to/other/checkout --label main]
         stats() and a budgeted cache hit with 10,000 entries (run once per checkout: before/after)
 
+Time to the first requests (the endpoint and its data set as above; results in
+benchmarks/results/pull_first_request[_LABEL].md/.json):
+    PATH=<s5cmd's bin>:$PATH .venv/bin/python benchmarks/bench_pull.py --first-request --repeat 8 [--before-root MAIN]
+        ms from exec to the first request, the LIST and the first object GET of `modelshelf pull`
+        (this checkout, and --before-root's) and of s5cmd, under strace (-f --seccomp-bpf -e
+        trace=execve,sendto,write), rounds interleaved; strace slows every process alike, a little
+
 Tools run round robin, --repeat times (best run reported, every run kept in the JSON with the
 1-minute load average before it): on a shared machine a burst of load then hits one run of
 several tools rather than every run of one. Only the last modelshelf cache is kept (for the
@@ -314,7 +321,9 @@ def inprocess_hit(cache: Path, set_name: str) -> float:
 # -- main --------------------------------------------------------------------------------------
 
 # what every `modelshelf pull` of s3:// pays before its first request (the CLI's import path)
-STARTUP = [sys.executable, "-c", "import agent.cli, puller.cli, puller.sources.s3"]
+# the whole S3 drop-in path: since pull7 the cache and the progress sinks are imported after the
+# listing's requests are sent, no longer by puller.cli itself (pull7.md's row lacks them)
+STARTUP = [sys.executable, "-c", "import agent.cli, puller.cli, puller.sources.s3, puller.cache, puller.progress"]
 
 
 def _load() -> list[float]:
@@ -483,6 +492,105 @@ def local_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_requests(trace: Path) -> dict[str, float | None]:
+    """ms from the first execve to the first request, the first LIST and the first object GET
+    sent (strace -ttt of sendto/write: s5cmd writes its requests, Python sends them)."""
+    t0 = None
+    out: dict[str, float | None] = {"first_request_ms": None, "list_ms": None, "first_get_ms": None}
+    for line in trace.read_text(errors="replace").splitlines():
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            continue
+        t, call = float(parts[1]), parts[2]
+        if t0 is None and call.startswith("execve("):
+            t0 = t
+        if t0 is None or not call.startswith(("sendto(", "write(")) or not any(
+                m in call for m in ('"HEAD /', '"GET /')):
+            continue
+        ms = round((t - t0) * 1e3, 1)
+        out["first_request_ms"] = out["first_request_ms"] or ms
+        key = "list_ms" if "list-type=2" in call else "first_get_ms" if '"GET /' in call else None
+        if key and out[key] is None:
+            out[key] = ms
+    return out
+
+
+def first_request_main(args: argparse.Namespace) -> int:
+    """`--first-request`: see the module docstring."""
+    import statistics
+
+    if not shutil.which("strace"):
+        raise SystemExit("--first-request needs strace")
+    work = Path(tempfile.mkdtemp(prefix="bench-pull-first-", dir=args.work_dir))
+    endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work, args.s3rver)
+    results: dict = {"machine": _machine(), "endpoint": endpoint_name, "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rounds": max(1, args.repeat)}
+    try:
+        upload(endpoint, args.large_mib, args.small_count, args.small_kib, work)
+        env = _env(endpoint, work)
+        os.environ.update(env)  # s5cmd's --endpoint-url
+        roots = {"modelshelf (this checkout)": ROOT}
+        if args.before_root:
+            roots["modelshelf (--before-root)"] = Path(args.before_root).resolve()
+        tools: dict[str, tuple[list[str], Path | None, dict[str, str]]] = {}
+        for label, root in roots.items():
+            renv = dict(env, PYTHONPATH=str(root))
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "agent"), str(root / "puller")],
+                           env=renv, check=True, stdout=subprocess.DEVNULL)
+            tools[label] = ([sys.executable, "-m", "agent.cli", "pull"], root, renv)
+        s5 = _bin("s5cmd")
+        if s5:
+            tools["s5cmd"] = ([s5, "--endpoint-url", endpoint, "cp"], None, env)
+        rows: dict[str, dict[str, list]] = {}
+        results["loadavg_start"] = _load()
+        for r in range(results["rounds"]):
+            order = list(tools.items()) if r % 2 == 0 else list(reversed(tools.items()))
+            for set_name in ("large", "small"):
+                for label, (cmd, cwd, tenv) in order:
+                    dest = work / "dest-first"
+                    shutil.rmtree(dest, ignore_errors=True)
+                    uri = f"s3://{BUCKET}/{set_name}"
+                    argv = cmd + ([uri, str(dest), "--no-progress"] if cwd else [f"{uri}/*", f"{dest}/"])
+                    trace = work / "first.trace"
+                    subprocess.run(["strace", "-f", "--seccomp-bpf", "-ttt", "-s", "80", "-e", "trace=execve,sendto,write",
+                                    "-o", str(trace), *argv], env=tenv, cwd=cwd, check=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=args.timeout)
+                    one = _first_requests(trace)
+                    row = rows.setdefault(f"{set_name}: {label}", {})
+                    for k, v in one.items():
+                        row.setdefault(k, []).append(v)
+                    print(f"first-request round={r} set={set_name} tool={label!r} {one}", flush=True)
+        results["loadavg_end"] = _load()
+        summary = {}
+        for row_name, row in rows.items():
+            summary[row_name] = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
+                             for k, v in row.items() if all(x is not None for x in v)}
+        results["first_requests"] = summary
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+    _scrub_paths(results)
+    name = "pull_first_request" + (f"_{args.label}" if args.label else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    lines = ["# Pull: time from exec to the first requests", "",
+             f"Machine: {m['cpus']} CPUs, {m['ram_gib']} GiB, Python {m['python']}; endpoint {results['endpoint']}; "
+             f"1-minute load {results['loadavg_start'][0]} at start, {results['loadavg_end'][0]} at end; "
+             f"{results['rounds']} interleaved rounds under strace (-f --seccomp-bpf -e trace=execve,sendto,write).", "",
+             "ms from exec: median (min-max). s5cmd's first request is its LIST (a wildcard); modelshelf's is the HEAD, "
+             "sent with the LIST where both go out together.", "",
+             "| set: tool | first request | LIST | first object GET |", "| --- | ---: | ---: | ---: |"]
+    for row_name, row in summary.items():
+        cells = [f"{row[k]['median']:.1f} ({row[k]['min']:.1f}-{row[k]['max']:.1f})" if k in row else "-"
+                 for k in ("first_request_ms", "list_ms", "first_get_ms")]
+        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large-mib", type=int, default=512)
@@ -506,11 +614,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default="", help="suffix of the result file (pull_LABEL.md, pull_local_LABEL.json)")
     ap.add_argument("--before-root", default=None,
                     help="another checkout (e.g. main before this change) for the start-up-per-scheme table")
+    ap.add_argument("--first-request", action="store_true",
+                    help="only the time from exec to the first requests (strace), --repeat rounds")
     args = ap.parse_args(argv)
     if args.code_root:
         sys.path.insert(0, str(Path(args.code_root).resolve()))
     if args.dest_strategies or args.cache_cost:
         return local_main(args)
+    if args.first_request:
+        return first_request_main(args)
 
     work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.work_dir))
     endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work, args.s3rver)

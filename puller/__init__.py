@@ -11,7 +11,19 @@ Public API (the agent uses only this):
 `puller` never imports `agent`.
 """
 from puller.errors import PullError
-from puller.sources.base import PullOptions
-from puller.cache import Cache, Entry, model_holder
 
 __all__ = ["Cache", "Entry", "PullOptions", "PullError", "model_holder"]
+
+
+def __getattr__(name: str):
+    """Cache, Entry, model_holder and PullOptions on first use: `modelshelf pull` imports this
+    package first and puller.cache only once its listing's requests are on the wire (puller.cli)."""
+    if name in ("Cache", "Entry", "model_holder"):
+        from puller import cache
+
+        return getattr(cache, name)
+    if name == "PullOptions":
+        from puller.sources.base import PullOptions
+
+        return PullOptions
+    raise AttributeError(f"module 'puller' has no attribute {name!r}")

@@ -102,22 +102,20 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
 if TYPE_CHECKING:
     from typing import Any
 
 from puller import archive as _archive
 from puller.errors import BadURI, IntegrityError, NotFound, PullError
+from puller.record import Factory, Record
 from puller.sources.base import (DIGEST_ALGO, DigestRecorder, Listing, NullProgress, Progress, PullOptions, Source,
                                  file_digest, open_source, sha256)
 
@@ -133,8 +131,7 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 # -- public data ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(Record):
     """One model's files, ready to use. Treat `path` as read-only."""
 
     key: str
@@ -146,16 +143,14 @@ class Entry:
     hit: bool = False  # True when nothing was downloaded by this call
 
 
-@dataclass(frozen=True)
-class Lease:
+class Lease(Record):
     key: str
     holder: str
     refreshed: float  # epoch seconds (file system clock) of the last heartbeat
     age_s: float
 
 
-@dataclass(frozen=True)
-class EntryInfo:
+class EntryInfo(Record):
     key: str
     path: Path
     uri: str
@@ -166,13 +161,12 @@ class EntryInfo:
     leases: tuple[str, ...]  # holders with a live lease
 
 
-@dataclass
-class GCReport:
+class GCReport(Record, frozen=False):
     budget: int
     bytes_before: int = 0
     bytes_after: int = 0
-    removed: list[EntryInfo] = field(default_factory=list)
-    in_use: list[str] = field(default_factory=list)  # keys skipped: live lease, locked, or just used
+    removed: list[EntryInfo] = Factory(list)
+    in_use: list[str] = Factory(list)  # keys skipped: live lease, locked, or just used
 
     @property
     def freed(self) -> int:
@@ -183,17 +177,15 @@ class GCReport:
         return self.bytes_after <= self.budget
 
 
-@dataclass(frozen=True)
-class Mismatch:
+class Mismatch(Record):
     key: str
     path: str
     problem: str
 
 
-@dataclass
-class VerifyReport:
-    checked: list[str] = field(default_factory=list)
-    mismatches: list[Mismatch] = field(default_factory=list)
+class VerifyReport(Record, frozen=False):
+    checked: list[str] = Factory(list)
+    mismatches: list[Mismatch] = Factory(list)
 
     @property
     def ok(self) -> bool:
@@ -377,13 +369,21 @@ class Cache:
         on one entry hold two leases and removing one never releases the other. Raises puller.errors.PullError subclasses (BadURI, NotFound, ...).
         """
         options = options or PullOptions()
-        progress = progress or NullProgress()
-        subs = _sub_models(source)
+        opens = [(name, lambda uri=uri: open_source(uri, options)) for name, uri in _sub_models(source)]
+        return self._ensure_opened(opens, options, progress or NullProgress(), lease, holder)
+
+    def ensure_source(self, src: Source, options: PullOptions | None = None, progress: Progress | None = None) -> Entry:
+        """`ensure` for one source the caller opened itself, e.g. to `begin_list()` it before this
+        cache's code was even imported (`modelshelf pull`); lists it, then as `ensure`. Closes `src`."""
+        return self._ensure_opened([("", lambda: src)], options or PullOptions(), progress or NullProgress(), False, None)
+
+    def _ensure_opened(self, opens: list[tuple[str, Callable[[], Source]]], options: PullOptions, progress: Progress,
+                       lease: bool, holder: str | None) -> Entry:
         sources: list[Source] = []
         try:
             listed: list[tuple[str, Source, Listing]] = []
-            for name, uri in subs:
-                src = open_source(uri, options)
+            for name, open_one in opens:
+                src = open_one()
                 sources.append(src)
                 listed.append((name, src, src.list()))
             return self._ensure_listed(listed, options, progress, lease, _safe_holder(holder or self.holder))
@@ -526,12 +526,17 @@ class Cache:
                     sub.mkdir(parents=True, exist_ok=True)
                     _archive.extract(arch, sub, listing.archive, max_bytes=options.archive_max_bytes,
                                      label=listing.uri)
+                    import shutil  # (after the transfer: not on the way to a pull's first GET)
+
                     shutil.rmtree(dl)
                 else:
                     sub.mkdir(parents=True, exist_ok=True)
                     src.fetch(listing, sub, progress)
                     _check_sizes(sub, listing)
-            shutil.rmtree(tmp / "download", ignore_errors=True)
+            if os.path.lexists(tmp / "download"):
+                import shutil
+
+                shutil.rmtree(tmp / "download", ignore_errors=True)
             # sha256 only where something can be checked against it (the user's sha256, a
             # store's sha256 checksum): hashing every byte again would double a big pull's time
             need: set[str] = set()
@@ -567,7 +572,7 @@ class Cache:
                 "key": key,
                 "uri": label,
                 "sources": sources_meta,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": _utc_now_iso(),
                 "created_ts": time.time(),
                 "created_by": {"host": socket.gethostname(), "pid": os.getpid(), "holder": self.holder},
                 "total_bytes": size,
@@ -1322,6 +1327,13 @@ def make_tree_writable(root: Path) -> None:
                 pass
 
 
+def _utc_now_iso() -> str:
+    """Now in UTC, ISO 8601 to the second (datetime is imported after the transfer, not before)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def _rmtree(path: Path) -> None:
     def onerror(func: Any, p: str, exc: Any) -> None:
         err = exc[1] if isinstance(exc, tuple) else exc
@@ -1335,5 +1347,7 @@ def _rmtree(path: Path) -> None:
             except OSError:
                 pass
         log.warning("event=cache_rmtree_failed path=%s error=%s", p, type(err).__name__)
+    import shutil  # (with bz2 and lzma: not on the way to a pull's first GET)
+
     make_tree_writable(path)
     shutil.rmtree(path, onerror=onerror)

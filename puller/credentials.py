@@ -24,11 +24,9 @@ paths can scrub foreign messages.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections.abc import Mapping
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
@@ -36,6 +34,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from puller.errors import AccessDenied, BadURI
+from puller.record import Record, replace
 
 if TYPE_CHECKING:
     from puller.sources.base import PullOptions
@@ -49,16 +48,15 @@ _FALSE = {"0", "false", "no", "off", "n", "f"}
 _SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
 
 
-@dataclass(frozen=True)
-class S3Settings:
+class S3Settings(Record):
     """Connection settings for one S3-compatible endpoint. repr/str never show secrets."""
 
     source: str  # where they came from, e.g. "storage-config:minio", "rclone:remote", "aws-default-chain"
     endpoint_url: str | None = None  # None: AWS's own endpoint for the region
     region: str | None = None
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
+    access_key_id: str | None = None  # (repr masks it, and the two secrets below)
+    secret_access_key: str | None = None
+    session_token: str | None = None
     anonymous: bool = False
     addressing_style: str = "auto"  # "path" | "virtual" | "auto"
     verify: bool | str = True  # False: no TLS verification; str: CA bundle path
@@ -68,13 +66,13 @@ class S3Settings:
 
     def __repr__(self) -> str:
         shown = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "access_key_id":
+        for name in self._fields:
+            value = getattr(self, name)
+            if name == "access_key_id":
                 value = _mask(value)
-            elif f.name in _SECRET_FIELDS:
+            elif name in _SECRET_FIELDS:
                 value = "***" if value else None
-            shown.append(f"{f.name}={value!r}")
+            shown.append(f"{name}={value!r}")
         return f"S3Settings({', '.join(shown)})"
 
     __str__ = __repr__
@@ -139,6 +137,8 @@ def _from_storage_config(parsed: "ParsedURI", options: "PullOptions") -> S3Setti
     if path is None:
         raise BadURI(f"storage key {key!r} not found in {root} (looked for {key} and {key}.json)",
                      uri=parsed.redacted)
+    import json  # a storage config only: not on a pull's path to its first request
+
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -312,8 +312,6 @@ def _apply_global(s: S3Settings, env: Mapping[str, str]) -> S3Settings:
         changes["addressing_style"] = "path"  # MinIO, Ceph, moto, ... rarely have wildcard DNS
     if not changes:
         return s
-    from dataclasses import replace
-
     return replace(s, **changes)
 
 

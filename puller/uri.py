@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
 if TYPE_CHECKING:
@@ -19,6 +18,7 @@ if TYPE_CHECKING:
 from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from puller.errors import BadURI
+from puller.record import Record
 
 if TYPE_CHECKING:
     from puller.sources.base import PullOptions
@@ -45,8 +45,7 @@ _RCLONE = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.\-+@ ]*):(.*)$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.S)
 
 
-@dataclass(frozen=True)
-class ParsedURI:
+class ParsedURI(Record):
     """One parsed storage URI. `original` may hold secrets: log `redacted`/`normalized` only."""
 
     scheme: str  # one of SCHEMES

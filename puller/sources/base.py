@@ -22,8 +22,6 @@ import abc
 import errno
 import os
 import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Mapping
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
@@ -31,6 +29,8 @@ if TYPE_CHECKING:
     from typing import Any, Protocol
 else:
     Protocol = object  # Progress below is a structural type for the type checker only
+
+from puller.record import Factory, Record
 
 try:  # the interpreter's built-in sha256 (3.12+: _sha2); hashlib loads OpenSSL's (libcrypto) first
     from _sha2 import sha256 as _small_sha256
@@ -63,8 +63,7 @@ def hmac_sha256(key: bytes, msg: bytes) -> bytes:
     return sha256(key.translate(_OPAD) + inner).digest()
 
 
-@dataclass(frozen=True)
-class RemoteObject:
+class RemoteObject(Record):
     """One file of a source. `path` is relative, POSIX, never empty, never contains '..'."""
 
     path: str
@@ -73,8 +72,7 @@ class RemoteObject:
     checksum: str | None = None  # "sha256:<hex>" / "crc32:<b64>" ... when the store provides one
 
 
-@dataclass(frozen=True)
-class Listing:
+class Listing(Record):
     uri: str  # normalized and redacted: safe to log and to hash
     objects: tuple[RemoteObject, ...]
     local_path: Path | None = None  # set => use in place, no copy
@@ -119,16 +117,15 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
-@dataclass
-class PullOptions:
+class PullOptions(Record, frozen=False):
     """How to reach and check one model's storage. Defaults come from the environment."""
 
     sha256: str | None = None  # expected digest of the single file / archive
     storage_key: str | None = None  # picks <storage_config_dir>/<key>(.json)
-    storage_config_dir: Path | None = field(default_factory=lambda: _env_path("MODELSHELF_STORAGE_CONFIG_DIR"))
-    s3cfg: Path | None = field(default_factory=lambda: _env_path("S3CFG"))
-    headers: Mapping[str, str] = field(default_factory=dict)  # HTTP(S) only, e.g. Authorization
-    pvc_root: Path = field(default_factory=lambda: _env_path("MODELSHELF_PVC_ROOT") or Path("/mnt/pvc"))
+    storage_config_dir: Path | None = Factory(lambda: _env_path("MODELSHELF_STORAGE_CONFIG_DIR"))
+    s3cfg: Path | None = Factory(lambda: _env_path("S3CFG"))
+    headers: Mapping[str, str] = Factory(dict)  # HTTP(S) only, e.g. Authorization
+    pvc_root: Path = Factory(lambda: _env_path("MODELSHELF_PVC_ROOT") or Path("/mnt/pvc"))
     max_concurrency: int = 16  # files and ranged parts in flight
     part_size: int = 16 * 2**20  # ranged-GET part size for large objects
     retry_deadline_s: float = 120.0  # total time transient errors may be retried
@@ -343,6 +340,10 @@ class Source(abc.ABC):
         """Where to report the bytes written to `target` (None: nobody asked)."""
         return self.digests.file(target, size) if self.digests is not None else None
 
+    def begin_list(self) -> None:
+        """Send what `list()` will wait for, without waiting (a source over a network may; the
+        default sends nothing). `list()` reads the answers; `close()` drops unread ones."""
+
     @abc.abstractmethod
     def list(self) -> Listing:
         """Metadata only. Raises NotFound / AccessDenied / BadURI / TransientError."""
@@ -365,6 +366,8 @@ def run_all(tasks: list[Callable[[], None]], workers: int, cancel: threading.Eve
     real error is raised, never a sibling's Cancelled."""
     if not tasks:
         return
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait  # after the listing's requests (puller.cli)
+
     with ThreadPoolExecutor(max_workers=min(workers, len(tasks)), thread_name_prefix=name) as pool:
         futures = [pool.submit(t) for t in tasks]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)

@@ -1,8 +1,9 @@
 """S3-compatible source: s3://, gs:// (GCS's XML API) and rclone s3 remotes.
 
 list(): a HEAD decides between one object (``s3://b/models/model.tgz``) and a prefix
-(``s3://b/models/iris`` lists ``models/iris/``); a URI ending in '/' or naming a bucket always
-lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
+(``s3://b/models/iris`` lists ``models/iris/``); the HEAD and the prefix's first LIST page are
+sent together (``begin_list``: one round trip; an object's LIST answer is dropped unread). A URI
+ending in '/' or naming a bucket always lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
 Identity per object: ETag (+ version id); sizes are part of the listing.
 
 Requests: puller.sources.s3_wire (SigV4 over plain HTTP/1.1; botocore only for credentials that are
@@ -23,15 +24,12 @@ checksum (not for GCS) and check crc32 / sha1 / sha256 ones as the bytes stream 
 """
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import socket
 import sys
 import threading
 import time
-import zlib
-from dataclasses import astuple
 from pathlib import Path, PurePosixPath
 from collections.abc import Callable
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
@@ -41,6 +39,7 @@ if TYPE_CHECKING:
 from puller.archive import archive_kind
 from puller.credentials import S3Settings, resolve_s3
 from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullError, TransientError
+from puller.record import astuple
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
                                  preallocate, pwrite_all, run_all, sha256)
@@ -70,6 +69,35 @@ _DENIED = {"AccessDenied", "403", "401", "InvalidAccessKeyId", "SignatureDoesNot
            "InvalidClientTokenId", "Forbidden", "Unauthorized"}
 _TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
               "ThrottlingException", "RequestTimeTooSkewed", "OperationAborted", "503", "500", "502", "504"}
+def _send_ahead(begin: Callable[[], Any]) -> Any:
+    """A request begun now (a Pending), or the error that stopped it, raised when it is read."""
+    try:
+        return begin()
+    except Exception as e:  # noqa: BLE001 - raised by the first attempt, inside the retry loop
+        return e
+
+
+def _first_then(sent: Any, again: Callable[[], Any]) -> Callable[[], Any]:
+    """An attempt for call_with_retry: the first reads the answer to the request `sent` ahead
+    (or raises the error that stopped it); any retry sends the request again."""
+    first = [sent]
+
+    def attempt() -> Any:
+        if first:
+            ahead = first.pop()
+            if isinstance(ahead, BaseException):
+                raise ahead
+            return ahead.result()
+        return again()
+    return attempt
+
+
+def _drop(sent: Any) -> None:
+    """An answer sent for and not wanted: its connection closed unread."""
+    if sent is not None and not isinstance(sent, BaseException):
+        sent.drop()
+
+
 class _ShortRead(Exception):
     """The body ended before the range did (treated as transient: resume)."""
 
@@ -82,12 +110,15 @@ class _StreamChecksum:
     """The store's full-object checksum from a GET's headers (crc32, sha1, sha256: what can be
     computed without awscrt, as botocore does without it), checked over the streamed bytes."""
 
-    __slots__ = ("algo", "want", "_h", "_crc")
+    __slots__ = ("algo", "want", "_h", "_crc", "_crc32")
 
     def __init__(self, algo: str, want: str):
         self.algo, self.want = algo, want
         if algo == "crc32":
+            import zlib  # (base64 and zlib only where a store sends checksums: not on the path to the first request)
+
             self._h = None
+            self._crc32 = zlib.crc32
         else:
             import hashlib  # OpenSSL's, for the whole object: only when the store sent a checksum
 
@@ -106,11 +137,13 @@ class _StreamChecksum:
 
     def update(self, data: memoryview) -> None:
         if self._h is None:
-            self._crc = zlib.crc32(data, self._crc)
+            self._crc = self._crc32(data, self._crc)
         else:
             self._h.update(data)
 
     def verify(self) -> None:
+        import base64
+
         raw = self._crc.to_bytes(4, "big") if self._h is None else self._h.digest()
         got = base64.b64encode(raw).decode()
         if got != self.want:
@@ -197,6 +230,28 @@ class S3Source(Source):
         self._client, self._anonymous = _client(self._settings, self._workers + 4)
         self._keys: dict[str, tuple[str, str]] = {}  # path -> (key, etag)
         self._cancel = threading.Event()
+        self._ahead: tuple[Any, Any] | None = None  # (HEAD, first LIST page) sent by begin_list
+
+    def begin_list(self) -> None:
+        """Send the listing's first requests now; `list()` reads their answers. The HEAD that tells
+        an object from a prefix and the prefix's first LIST page go out together, on two
+        connections: a prefix costs one round trip, not two, and the store answers both while
+        the caller does something else (`modelshelf pull` imports the cache meanwhile). For an
+        object the LIST answer is dropped unread (one more request to the store: the price)."""
+        if self._ahead is not None:
+            return
+        p = self._parsed
+        head = None if (p.is_prefix or not p.key) else _send_ahead(
+            lambda: self._client.begin_head_object(**self._head_args(p.key)))
+        first_page = _send_ahead(lambda: self._client.begin_list_objects_v2(
+            Bucket=p.bucket, Prefix=f"{p.key}/" if p.key else "", MaxKeys=self.list_page_size))
+        self._ahead = (head, first_page)
+        import xml.etree.ElementTree  # noqa: F401 - the answers' parser (~3 ms), imported while the store works
+
+    def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        for sent in ahead or ():
+            _drop(sent)
 
     # -- listing ---------------------------------------------------------------------------
     def list(self) -> Listing:
@@ -205,8 +260,15 @@ class S3Source(Source):
         objects: list[RemoteObject] = []
         archive = None
         keys: dict[str, tuple[str, str]] = {}
-        head = None if (p.is_prefix or not p.key) else self._head(p.key)
+        self.begin_list()
+        (head_sent, page_sent), self._ahead = self._ahead, None  # type: ignore[misc]
+        try:
+            head = None if head_sent is None else self._head(p.key, head_sent)
+        except BaseException:
+            _drop(page_sent)
+            raise
         if head is not None:
+            _drop(page_sent)
             name = PurePosixPath(p.key).name
             etag = head.get("ETag", "")
             identity = etag + (f"@{head['VersionId']}" if head.get("VersionId") not in (None, "null") else "")
@@ -217,7 +279,7 @@ class S3Source(Source):
                 archive = archive_kind(name)
         else:
             prefix = f"{p.key}/" if p.key else ""
-            for obj in self._list_prefix(prefix):
+            for obj in self._list_prefix(prefix, page_sent):
                 rel = obj["Key"][len(prefix):]
                 if obj["Key"].endswith("/") or not rel:
                     continue  # directory marker
@@ -238,13 +300,18 @@ class S3Source(Source):
                  listing.total_bytes, head is not None, time.monotonic() - t0)
         return listing
 
-    def _head(self, key: str) -> dict | None:
-        """HEAD `key`: its metadata, or None when there is no such object (then: list it as a prefix)."""
+    def _head_args(self, key: str) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Key": key}
         if not self._settings.is_gcs:
             kwargs["ChecksumMode"] = "ENABLED"
+        return kwargs
+
+    def _head(self, key: str, sent: Any) -> dict | None:
+        """HEAD `key` (its first attempt `sent` by begin_list): its metadata, or None when there is
+        no such object (then: list it as a prefix)."""
+        kwargs = self._head_args(key)
         try:
-            return self._retry(lambda: self._client.head_object(**kwargs), f"HEAD {self._uri}")
+            return self._retry(_first_then(sent, lambda: self._client.head_object(**kwargs)), f"HEAD {self._uri}")
         except PullError:
             raise
         except Exception as e:  # noqa: BLE001 - classified below
@@ -256,14 +323,17 @@ class S3Source(Source):
                 return None
             raise self._map(e, "HEAD") from None
 
-    def _list_prefix(self, prefix: str):
+    def _list_prefix(self, prefix: str, first_sent: Any):
+        """The objects under `prefix`, page by page (the first page's first attempt `first_sent`
+        by begin_list)."""
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Prefix": prefix, "MaxKeys": self.list_page_size}
             if token:
                 kwargs["ContinuationToken"] = token
+            again = lambda: self._client.list_objects_v2(**kwargs)  # noqa: E731
             try:
-                page = self._retry(lambda: self._client.list_objects_v2(**kwargs), f"LIST {self._uri}")
+                page = self._retry(_first_then(first_sent, again) if token is None else again, f"LIST {self._uri}")
             except PullError:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -520,6 +590,8 @@ def _checksum(head: dict) -> str | None:
         value = head.get(field)
         if value and "-" not in value:
             if algo in ("sha256", "sha1"):
+                import base64
+
                 return f"{algo}:{base64.b64decode(value).hex()}"
             return f"{algo}:{value}"
     return None
@@ -537,6 +609,9 @@ def _verify_checksum(path: Path, checksum: str, uri: str, name: str) -> None:
                 h.update(block)
         got = h.hexdigest()
     elif algo == "crc32":
+        import base64
+        import zlib
+
         crc = 0
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(4 << 20), b""):

@@ -27,8 +27,6 @@ message: only the URL (no query) and S3's code and message.
 """
 from __future__ import annotations
 
-import base64
-import datetime as _dt
 import errno
 import logging
 import os
@@ -38,10 +36,12 @@ import socket
 import struct
 import sys
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
 if TYPE_CHECKING:
+    import datetime as _dt
     from typing import Any
 
 from puller.credentials import S3Settings
@@ -187,8 +187,8 @@ class _Signer:
              headers: dict[str, str], now: _dt.datetime | None = None) -> None:
         """Add x-amz-date, x-amz-content-sha256, the token and Authorization to `headers`.
         `path` and `query` are already URI-encoded as they will be sent."""
-        now = now or _dt.datetime.now(_dt.timezone.utc)
-        stamp = now.strftime("%Y%m%dT%H%M%SZ")
+        # time's UTC clock, not datetime's (~1 ms of import before a pull's first request)
+        stamp = now.strftime("%Y%m%dT%H%M%SZ") if now is not None else time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         day = stamp[:8]
         headers["x-amz-date"] = stamp
         headers["x-amz-content-sha256"] = _EMPTY_SHA256
@@ -235,8 +235,10 @@ class S3WireClient:
 
     # -- the three calls (botocore's names and keyword arguments, for S3Source) ----------------
     def head_object(self, Bucket: str, Key: str, ChecksumMode: str | None = None) -> dict:
-        headers = {"x-amz-checksum-mode": ChecksumMode} if ChecksumMode else {}
-        r = self._request("HeadObject", "HEAD", Bucket, Key, {}, headers)
+        return self.begin_head_object(Bucket, Key, ChecksumMode).result()
+
+    @staticmethod
+    def _head_result(r: "_Response") -> dict:
         h = r.headers
         out: dict[str, Any] = {"ETag": h.get("ETag", ""), "ContentLength": int(h.get("Content-Length") or 0)}
         if h.get("x-amz-version-id"):
@@ -251,11 +253,7 @@ class S3WireClient:
 
     def list_objects_v2(self, Bucket: str, Prefix: str = "", MaxKeys: int = 1000,
                         ContinuationToken: str | None = None) -> dict:
-        params = {"list-type": "2", "prefix": Prefix, "max-keys": str(MaxKeys), "encoding-type": "url"}
-        if ContinuationToken:
-            params["continuation-token"] = ContinuationToken
-        r = self._request("ListObjectsV2", "GET", Bucket, "", params, {})
-        return _parse_listing(r.data)
+        return self.begin_list_objects_v2(Bucket, Prefix, MaxKeys, ContinuationToken).result()
 
     def get_object(self, Bucket: str, Key: str, Range: str | None = None, IfMatch: str | None = None,
                    ChecksumMode: str | None = None) -> "_Response":
@@ -267,7 +265,7 @@ class S3WireClient:
             headers["If-Match"] = IfMatch
         if ChecksumMode:
             headers["x-amz-checksum-mode"] = ChecksumMode
-        return self._request("GetObject", "GET", Bucket, Key, {}, headers, stream=True)
+        return self._begin("GetObject", "GET", Bucket, Key, {}, headers, stream=True).result()
 
     # -- plumbing ---------------------------------------------------------------------------
     def _url(self, bucket: str, key: str, region: str) -> tuple[str, str, str]:
@@ -322,8 +320,23 @@ class S3WireClient:
                 self._ssl_context = ctx
             return self._ssl_context
 
-    def _request(self, op: str, method: str, bucket: str, key: str, params: dict[str, str],
-                 headers: dict[str, str], stream: bool = False, redirected: bool = False) -> Any:
+    def begin_head_object(self, Bucket: str, Key: str, ChecksumMode: str | None = None) -> "Pending":
+        """`head_object` sent now, on a connection of its own; `.result()` reads its answer."""
+        headers = {"x-amz-checksum-mode": ChecksumMode} if ChecksumMode else {}
+        return self._begin("HeadObject", "HEAD", Bucket, Key, {}, headers, shape=self._head_result)
+
+    def begin_list_objects_v2(self, Bucket: str, Prefix: str = "", MaxKeys: int = 1000,
+                              ContinuationToken: str | None = None) -> "Pending":
+        """`list_objects_v2` sent now, on a connection of its own; `.result()` reads its answer."""
+        params = {"list-type": "2", "prefix": Prefix, "max-keys": str(MaxKeys), "encoding-type": "url"}
+        if ContinuationToken:
+            params["continuation-token"] = ContinuationToken
+        return self._begin("ListObjectsV2", "GET", Bucket, "", params, {}, shape=lambda r: _parse_listing(r.data))
+
+    def _begin(self, op: str, method: str, bucket: str, key: str, params: dict[str, str],
+               headers: dict[str, str], stream: bool = False, redirected: bool = False,
+               shape: Any = None) -> "Pending":
+        """Sign and send one request; the answer is read by the returned Pending's `result()`."""
         region = self._regions.get(bucket, self.region)
         origin, host, path = self._url(bucket, key, region)
         query = _canonical_query(params)
@@ -332,20 +345,42 @@ class S3WireClient:
         if self._creds is not None:
             self._signer.sign(self._creds.get(), region, method, host, path, query, headers)
         target = path + (f"?{query}" if query else "")
-        r = self._route(origin).send(method, target, headers, f"{method} {origin}{path}")
+        sent = self._route(origin).begin(method, target, headers, f"{method} {origin}{path}")
+        return Pending(self, sent, (op, method, bucket, key, params, headers, stream, redirected), region, shape)
+
+
+class Pending:
+    """A request on the wire, its answer not read yet (S3Source sends a listing's HEAD and its LIST
+    together). `result()` returns or raises what the blocking call does: the response (or its
+    `shape`d value), S3ResponseError for an error status (a wrong-region answer re-signed and sent
+    again once), S3ConnectionError; `drop()` closes the connection unread when the answer is not
+    wanted."""
+
+    __slots__ = ("_client", "_sent", "_request", "_region", "_shape")
+
+    def __init__(self, client: S3WireClient, sent: "_Sent", request: tuple, region: str, shape: Any):
+        self._client, self._sent, self._request, self._region, self._shape = client, sent, request, region, shape
+
+    def result(self) -> Any:
+        op, method, bucket, key, params, headers, stream, redirected = self._request
+        r = self._sent.response()
         if not stream:
             r.preload()
         if r.status < 300:
-            return r
+            return r if self._shape is None else self._shape(r)
         body = r.data if method != "HEAD" else b""
         r.release_conn()
         code, message = _parse_error(body, r.status, r.reason)
-        log.debug("event=s3_error_response op=%s url=%s%s status=%d code=%s", op, origin, path, r.status, code)
+        log.debug("event=s3_error_response op=%s what=%s status=%d code=%s", op, self._sent.what, r.status, code)
         new_region = r.headers.get("x-amz-bucket-region")
-        if not redirected and new_region and new_region != region and r.status in (301, 400):
-            self._regions[bucket] = new_region  # botocore's S3RegionRedirector: re-sign there, once
-            return self._request(op, method, bucket, key, params, headers_without_auth(headers), stream, True)
+        if not redirected and new_region and new_region != self._region and r.status in (301, 400):
+            self._client._regions[bucket] = new_region  # botocore's S3RegionRedirector: re-sign there, once
+            return self._client._begin(op, method, bucket, key, params, headers_without_auth(headers), stream, True,
+                                       self._shape).result()
         raise S3ResponseError(op, r.status, code, message, r.headers)
+
+    def drop(self) -> None:
+        self._sent.drop()
 
 
 def headers_without_auth(headers: dict[str, str]) -> dict[str, str]:
@@ -721,11 +756,19 @@ class _Pool:
                                         transient=False)
             self._proxy = (p.hostname or "", p.port or 80)
             if p.username is not None:
+                import base64
+
                 user = urllib.parse.unquote(p.username) + ":" + urllib.parse.unquote(p.password or "")
                 self._proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
 
     def send(self, method: str, target: str, headers: dict[str, str], what: str) -> "_Response":
         """Send one request without a body; returns the response with its headers read."""
+        return self.begin(method, target, headers, what).response()
+
+    def begin(self, method: str, target: str, headers: dict[str, str], what: str) -> "_Sent":
+        """Send one request without a body on a connection of its own and return without waiting
+        for the answer: requests begun one after the other are answered in parallel. A failure to
+        connect or send is raised by `_Sent.response()`, as a failure to read would be."""
         if self._proxy and not self._tls:  # a forward proxy takes the absolute URI
             target = self.origin + target
             headers = {**headers, **self._proxy_headers}
@@ -734,11 +777,10 @@ class _Pool:
             if conn.sock is None:
                 conn.connect()
             conn.request(method, target, headers)
-            r = conn.getresponse(method)
         except (OSError, HTTPProtocolError) as e:
             conn.close()
-            raise S3ConnectionError(f"{what}: {type(e).__name__}: {e}", transient=not is_cert_error(e)) from None
-        return _Response(r, conn, self)
+            return _Sent(self, None, method, what, e)
+        return _Sent(self, conn, method, what)
 
     def _take(self) -> _Conn:
         while True:
@@ -780,6 +822,36 @@ def _dropped(sock: Any) -> bool:
         return bool(p.poll(0))
     except (OSError, ValueError):
         return True
+
+
+class _Sent:
+    """A request on the wire whose answer is not read yet (see `_Pool.begin`)."""
+
+    __slots__ = ("_pool", "_conn", "_method", "what", "_error")
+
+    def __init__(self, pool: _Pool, conn: _Conn | None, method: str, what: str, error: BaseException | None = None):
+        self._pool, self._conn, self._method, self.what, self._error = pool, conn, method, what, error
+
+    def response(self) -> "_Response":
+        """The answer with its headers read (once); S3ConnectionError when the request could not
+        be sent or its answer not read."""
+        conn, self._conn = self._conn, None
+        e = self._error
+        if conn is not None:
+            try:
+                return _Response(conn.getresponse(self._method), conn, self._pool)
+            except (OSError, HTTPProtocolError) as err:
+                conn.close()
+                e = err
+        if e is None:
+            raise RuntimeError(f"{self.what}: the answer was read or dropped already")
+        raise S3ConnectionError(f"{self.what}: {type(e).__name__}: {e}", transient=not is_cert_error(e)) from None
+
+    def drop(self) -> None:
+        """The answer is not wanted: its connection is closed unread (not handed back)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
 
 class _Response:

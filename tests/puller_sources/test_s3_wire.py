@@ -63,29 +63,41 @@ def test_a_listed_prefix_checks_each_store_checksum_as_it_streams(algo: str, s3:
         _pull("s3://models/ckp/a", tmp_path / "bad")
 
 
-class _WrongRegion(ThreadingHTTPServer):
-    """Answers 301 + x-amz-bucket-region: eu-west-2 to any request not signed for eu-west-2
-    (as S3 does), else serves one object; records each request's signing scope."""
+class _Scripted(ThreadingHTTPServer):
+    """A scripted endpoint on 127.0.0.1, serving from its own thread once made."""
 
     daemon_threads = True
-    body = b"served from eu-west-2"
 
-    def __init__(self) -> None:
-        self.scopes: list[str] = []
-        super().__init__(("127.0.0.1", 0), _WrongRegionHandler)
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
 
-class _WrongRegionHandler(BaseHTTPRequestHandler):
+class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: _WrongRegion
 
     def log_message(self, format: str, *args: object) -> None:
         pass
 
+
+class _WrongRegion(_Scripted):
+    """Answers 301 + x-amz-bucket-region: eu-west-2 to any request not signed for eu-west-2
+    (as S3 does), else serves one object; records each request's signing scope by request."""
+
+    body = b"served from eu-west-2"
+
+    def __init__(self) -> None:
+        self.scopes: dict[str, list[str]] = {}  # "HEAD" / "LIST" / "GET" -> regions signed for
+        super().__init__(_WrongRegionHandler)
+
+
+class _WrongRegionHandler(_Handler):
+    server: _WrongRegion
+
     def do_HEAD(self) -> None:
         scope = self.headers.get("Authorization", "").split("Credential=")[-1].split(",")[0]
-        self.server.scopes.append(scope.split("/")[2] if scope.count("/") >= 2 else scope)  # KEY/DAY/REGION/s3/...
+        what = "LIST" if "list-type=" in self.path else self.command
+        self.server.scopes.setdefault(what, []).append(scope.split("/")[2] if scope.count("/") >= 2 else scope)  # KEY/DAY/REGION/s3/...
         if "/eu-west-2/s3/" not in scope:
             self.send_response(301)
             self.send_header("x-amz-bucket-region", "eu-west-2")
@@ -120,17 +132,83 @@ def test_a_wrong_region_answer_is_signed_again_for_the_bucket_region_once(tmp_pa
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     _pull_from(srv, "s3://bkt/m/model.bin", tmp_path, monkeypatch)
     assert (tmp_path / "model.bin").read_bytes() == _WrongRegion.body
-    # HEAD (us-east-1: 301), HEAD again for eu-west-2, then the GET straight to eu-west-2
-    assert srv.scopes == ["us-east-1", "eu-west-2", "eu-west-2"]
+    # HEAD (us-east-1: 301), HEAD again for eu-west-2, then the GET straight to eu-west-2; the LIST
+    # sent with the first HEAD (in case the key is a prefix) is dropped unread, never sent again
+    # (the server may not have read it before the client closed that connection)
+    assert srv.scopes.pop("LIST", []) in ([], ["us-east-1"])
+    assert srv.scopes == {"HEAD": ["us-east-1", "eu-west-2"], "GET": ["eu-west-2"]}
+
+
+class _HeadWaitsForList(_Scripted):
+    """A store that answers a HEAD only once a LIST has reached it (or after 5 s): a client that
+    sends the LIST only after the HEAD's answer finds the HEAD answered late and `list_first`
+    False. The key is a prefix (HEAD: 404) holding one object. A stand-in: no real server can be
+    made to hold one request's answer until another request arrives."""
+
+    body = b"under the prefix"
+
+    def __init__(self) -> None:
+        self.listed = threading.Event()
+        self.list_first: bool | None = None  # whether the LIST arrived before the HEAD was answered
+        self.requests: list[str] = []
+        super().__init__(_HeadWaitsForListHandler)
+
+
+class _HeadWaitsForListHandler(_Handler):
+    server: _HeadWaitsForList
+
+    def _send(self, status: int, body: bytes = b"", head_only: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("ETag", '"e1"')
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head_only:
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.server.requests.append("HEAD")
+        self.server.list_first = self.server.listed.wait(5)
+        self._send(404, head_only=True)
+
+    def do_GET(self) -> None:
+        if "list-type=2" in self.path:
+            self.server.requests.append("LIST")
+            self.server.listed.set()
+            size = len(self.server.body)
+            self._send(200, (f'<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>m/w.bin</Key>'
+                             f'<Size>{size}</Size><ETag>"e1"</ETag></Contents></ListBucketResult>').encode())
+        else:
+            self.server.requests.append("GET " + self.path)
+            self._send(200, self.server.body)
+
+
+def test_the_head_and_the_first_list_page_go_out_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key that may be an object or a prefix costs one round trip before the listing is known:
+    the LIST is sent with the HEAD, not after its answer."""
+    srv = _HeadWaitsForList()
+    _pull_from(srv, "s3://bkt/m", tmp_path, monkeypatch)
+    assert (tmp_path / "w.bin").read_bytes() == _HeadWaitsForList.body
+    assert srv.list_first is True
+    assert sorted(srv.requests) == ["GET /bkt/m/w.bin", "HEAD", "LIST"]
 
 
 _PROBE = """
-import json, sys
+import socket, sys
+first_request, first_get = [], []  # the modules imported when the first request / GET of an object leaves
+send = socket.socket.sendall
+def sendall(self, data, *args, **kwargs):
+    for seen, starts in ((first_request, True), (first_get, data.startswith(b"GET ") and b"list-type=" not in data)):
+        if starts and not seen:
+            seen.append(sorted(m for m, module in sys.modules.items() if module is not None))
+    return send(self, data, *args, **kwargs)
+socket.socket.sendall = sendall
 from agent.cli import main
 code = main(sys.argv[1:])
 imported = [m for m, module in sys.modules.items() if module is not None]  # None: an import blocked, not made
+import json
 print(json.dumps({"code": code, "heavy": sorted(m for m in imported if m.split(".")[0] in ("botocore", "boto3", "s3transfer")),
-                  "modules": sorted(imported)}))
+                  "modules": sorted(imported), "before_first_request": (first_request or [None])[0],
+                  "before_first_get": (first_get or [None])[0]}))
 """
 
 
@@ -196,22 +274,37 @@ def test_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(
 # of a scratch cache (xxhash), a progress bar with --no-progress (rich), servers' stacks
 _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer", "xxhash", "rich", "click", "pygments", "yaml",
                    "starlette", "uvicorn", "psutil", "grpc")
+# what an S3 pull imports only once its listing's HEAD and LIST are on the wire (the store answers
+# them meanwhile): the cache and what only it uses, the progress sinks, the transfer's thread
+# pool, the listing's XML parser; and never before it, unless a request needs it: datetime (the
+# signature's date comes from time), random (a retry's backoff), json (a storage config),
+# base64 / zlib (a store's checksum, a proxy's password), shutil with bz2 and lzma (argparse's help
+# formatter imports it for every argument; agent.cli's does not)
+_AFTER_FIRST_REQUEST = ("puller.cache", "puller.progress", "tempfile", "concurrent", "xml", "datetime", "random", "json",
+                        "base64", "zlib", "shutil", "bz2", "lzma")
+# and what waits until the transfer is under way: the scratch root is made without tempfile, the
+# cache imports shutil (rmtree) and datetime (the manifest's date) where it uses them
+_AFTER_FIRST_GET = ("tempfile", "random", "shutil", "bz2", "lzma", "datetime")
 # an S3 pull of plain files with static keys and no AWS config file also leaves these to the
 # pulls that need them: archive readers (an archive), configparser (an .s3cfg, an AWS config
 # file), uuid (never: temp names come from os.urandom), http.client with email's parser (the wire
 # client speaks HTTP/1.1 itself), ssl (an https endpoint only), OpenSSL's hashes (hashlib, hmac:
 # signatures and cache keys use the built-in sha256; a store checksum or file sha256 imports it)
 # and typing (annotations are strings; nothing on the path needs it at run time), the idna codec
-# (an ASCII endpoint host goes to getaddrinfo as bytes; encodings.idna is a module of encodings)
+# (an ASCII endpoint host goes to getaddrinfo as bytes; encodings.idna is a module of encodings),
+# dataclasses with inspect, ast and dis (puller.record makes the puller's value classes; httpx's
+# dependencies import dataclasses for an http:// pull)
 _NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid",
-                          "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing", "stringprep"),
+                          "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing", "stringprep",
+                          "dataclasses", "inspect", "ast", "dis"),
                    "http": ("urllib3", "xml")}
 
 
 def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3: S3Server, tmp_path: Path) -> None:
     """`modelshelf pull` is dispatched before anything of the agent is imported (agent.cli
     only), records no digests in its throw-away cache, and loads one scheme's client: the wire
-    client for s3:// (no urllib3, no http.client, no ssl for an http:// endpoint), httpx (without its CLI) for http://. Interpreter start-up is most of a short pull."""
+    client for s3:// (no urllib3, no http.client, no ssl for an http:// endpoint), httpx (without its CLI) for http://. Interpreter start-up is most of a short pull,
+    and an S3 pull's first request leaves before the cache code is imported (_AFTER_FIRST_REQUEST)."""
     s3.put("models", "lean/w.bin", b"s3-bytes")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PYTHON", "MODELSHELF_"))}
     env.update(s3.env(), PYTHONPATH=str(ROOT), AWS_CONFIG_FILE=str(tmp_path / "none"),
@@ -225,6 +318,11 @@ def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3
             unwanted = [m for m in out["modules"] if m.split(".")[0] in _NEVER_FOR_PULL + _NOT_FOR_SCHEME[scheme]
                         or (scheme == "s3" and m == "encodings.idna")]
             assert (agent, unwanted) == ([], []), scheme
+            if scheme == "s3":
+                early = [m for m in out["before_first_request"] if m in _AFTER_FIRST_REQUEST
+                         or m.split(".")[0] in _AFTER_FIRST_REQUEST]
+                early += [m for m in out["before_first_get"] if m.split(".")[0] in _AFTER_FIRST_GET]
+                assert early == []
     assert (tmp_path / "s3" / "w.bin").read_bytes() == b"s3-bytes"
     assert (tmp_path / "http" / "w.bin").read_bytes() == b"http-bytes"
 
