@@ -5,6 +5,7 @@ conftest's ProcessTree: a child that holds the bytes it is told to)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -157,3 +158,46 @@ def test_a_process_that_imported_its_runtime_in_an_unmeasured_load_is_not_measur
     mm.finish_measure(w, key="key-c")
     assert mm.overhead()["runtime:sklearn"].host == imported
     assert 9 * MiB < mm.reservations()["c"].host < 14 * MiB, mm.reservations()["c"].host / MiB
+
+
+def test_a_load_that_starts_waiting_while_the_import_window_opens_waits_for_the_import(two_trees):
+    """The import's window is known as the import from the moment it is registered: a load that
+    begins waiting while that window is still opening (here: the server's pid is slow to read)
+    waits for the import to end, not only measure_wait_s, and never opens beside it."""
+    t1, t2 = two_trees
+    slow = threading.Event()
+
+    def pid():
+        if slow.is_set():
+            slow.clear()
+            time.sleep(0.5)  # the import's window opening, slowly
+        return (t1.pid, t2.pid)
+
+    mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=pid, server_processes=2,
+                       min_residency_s=0.0, measure_wait_s=0.2, import_wait_s=30.0)
+    for name in ("a", "b"):
+        mm.reserve(name, Cost(10 * MiB, {}, "declared"))
+    windows: dict[str, object] = {}
+    opened = {n: threading.Event() for n in ("a", "b")}
+
+    def start(name):
+        windows[name] = mm.start_measure(name, runtime="sklearn", server_pid=t1.pid)
+        opened[name].set()
+
+    slow.set()
+    importing = threading.Thread(target=start, args=("a",))
+    importing.start()
+    time.sleep(0.1)  # a's window is registered; its pid read is still running
+    second = threading.Thread(target=start, args=("b",))
+    second.start()
+    try:
+        assert opened["a"].wait(5)
+        assert windows["a"].first_of_runtime
+        assert not opened["b"].wait(0.6), "b's window opened beside the import's"
+        t1.send(f"alloc {90 * MiB}")
+        mm.finish_measure(windows["a"], key="key-a")
+        assert opened["b"].wait(5)
+    finally:
+        importing.join(10)
+        second.join(10)
+    assert not windows["b"].first_of_runtime
