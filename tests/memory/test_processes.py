@@ -165,11 +165,12 @@ def test_a_load_that_starts_waiting_while_the_import_window_opens_waits_for_the_
     begins waiting while that window is still opening (here: the server's pid is slow to read)
     waits for the import to end, not only measure_wait_s, and never opens beside it."""
     t1, t2 = two_trees
-    slow = threading.Event()
+    slow, reading = threading.Event(), threading.Event()
 
     def pid():
         if slow.is_set():
             slow.clear()
+            reading.set()  # a's window is registered and reads the pid
             time.sleep(0.5)  # the import's window opening, slowly
         return (t1.pid, t2.pid)
 
@@ -187,7 +188,7 @@ def test_a_load_that_starts_waiting_while_the_import_window_opens_waits_for_the_
     slow.set()
     importing = threading.Thread(target=start, args=("a",))
     importing.start()
-    time.sleep(0.1)  # a's window is registered; its pid read is still running
+    assert reading.wait(10)  # a's window is registered; its pid read is still running
     second = threading.Thread(target=start, args=("b",))
     second.start()
     try:
