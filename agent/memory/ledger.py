@@ -553,23 +553,31 @@ class MemoryManager:
     def imports(self, runtime: str | None, *, server_pid: int | None = None) -> bool:
         """Whether a load of ``runtime`` into the server process ``server_pid`` (None: the server)
         would be that process's first of it, its import (``start_measure`` then marks its window
-        ``first_of_runtime``). False when the server's pid is unknown (nothing is measured)."""
-        pid = self._pid()
-        if pid is None or runtime is None:
+        ``first_of_runtime``). False when nothing tells the server's pid (nothing is measured).
+        Asked on the event loop, it reads no pid (a sidecar's is a file, --server-pid-file): the
+        server is the one the last window saw (`_known_pid`)."""
+        if runtime is None or self._server_pid is None:
             return False
         with self._lock:
-            warm = self._warm if self._overhead_pid == pid else self._warm_still_up(pid)
-            return runtime not in warm.get(server_pid or pid, set())
+            key = server_pid or self._known_pid()
+            return key is None or runtime not in self._warm.get(key, set())
 
     def needs_measure(self, key: str | None, runtime: str | None, *, server_pid: int | None = None) -> bool:
         """Whether a load of entry `key` should be measured: no measurement is remembered for
         it yet, or the server process has not loaded this runtime yet (its import must be
         charged). A remembered entry is not measured again: snapshotting the server's process
-        tree twice costs a few ms on every cold start."""
-        pid = self._pid()
+        tree twice costs a few ms on every cold start. Asked on the event loop: reads no pid
+        (see ``imports``)."""
         with self._lock:
-            warm = pid is not None and self._overhead_pid == pid and runtime in self._warm.get(server_pid or pid, set())
+            pid = self._known_pid()
+            warm = pid is not None and runtime in self._warm.get(server_pid or pid, set())
         return not warm or self._load_record(key) is None
+
+    def _known_pid(self) -> Any:
+        """The server's pid as the last load window saw it (None before the first, and after a
+        restart until the next: ``reset_server`` forgets it, so its first load is measured and
+        known as the import). What the event loop's questions use instead of reading it."""
+        return self._overhead_pid
 
     def start_measure(self, name: str, runtime: str | None = None, *, measure: bool = True,
                       server_pid: int | None = None) -> Measurement:

@@ -202,3 +202,25 @@ def test_a_load_that_starts_waiting_while_the_import_window_opens_waits_for_the_
         importing.join(10)
         second.join(10)
     assert not windows["b"].first_of_runtime
+
+
+def test_what_a_load_asks_on_the_event_loop_reads_no_pid():
+    """A sidecar's pid comes from a file (--server-pid-file): the ledger's answers a load asks
+    for on the event loop (needs_measure, imports) must not read it there, every load."""
+    import asyncio
+    import os
+
+    reads: list[int] = []
+
+    def pid():
+        reads.append(1)
+        return os.getpid()
+
+    mm = MemoryManager({HOST: GiB}, store=InMemoryStore(), server_pid=pid)
+    reads.clear()
+
+    async def ask():
+        return mm.needs_measure("key-a", "sklearn"), mm.imports("sklearn")
+
+    assert asyncio.run(ask()) == (True, True)  # nothing loaded yet: measured, and the import
+    assert reads == []
