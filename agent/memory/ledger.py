@@ -555,12 +555,8 @@ class MemoryManager:
         would be that process's first of it, its import (``start_measure`` then marks its window
         ``first_of_runtime``). False when nothing tells the server's pid (nothing is measured).
         Asked on the event loop, it reads no pid (a sidecar's is a file, --server-pid-file): the
-        server is the one the last window saw (`_known_pid`)."""
-        if runtime is None or self._server_pid is None:
-            return False
-        with self._lock:
-            key = server_pid or self._known_pid()
-            return key is None or runtime not in self._warm.get(key, set())
+        server is the one the last window saw (``_has_runtime``)."""
+        return runtime is not None and self._server_pid is not None and not self._has_runtime(runtime, server_pid)
 
     def needs_measure(self, key: str | None, runtime: str | None, *, server_pid: int | None = None) -> bool:
         """Whether a load of entry `key` should be measured: no measurement is remembered for
@@ -568,16 +564,16 @@ class MemoryManager:
         charged). A remembered entry is not measured again: snapshotting the server's process
         tree twice costs a few ms on every cold start. Asked on the event loop: reads no pid
         (see ``imports``)."""
-        with self._lock:
-            pid = self._known_pid()
-            warm = pid is not None and runtime in self._warm.get(server_pid or pid, set())
-        return not warm or self._load_record(key) is None
+        return not self._has_runtime(runtime, server_pid) or self._load_record(key) is None
 
-    def _known_pid(self) -> Any:
-        """The server's pid as the last load window saw it (None before the first, and after a
-        restart until the next: ``reset_server`` forgets it, so its first load is measured and
-        known as the import). What the event loop's questions use instead of reading it."""
-        return self._overhead_pid
+    def _has_runtime(self, runtime: str | None, server_pid: int | None) -> bool:
+        """Whether server process ``server_pid`` (None: the server) has loaded ``runtime`` once.
+        Reads no pid: the server is the one the last load window saw (``_overhead_pid``: None
+        before the first, and after a restart until the next, as ``reset_server`` forgets it,
+        so the first load after a restart is measured and known as the import)."""
+        with self._lock:
+            key = server_pid or self._overhead_pid
+            return key is not None and runtime in self._warm.get(key, set())
 
     def start_measure(self, name: str, runtime: str | None = None, *, measure: bool = True,
                       server_pid: int | None = None) -> Measurement:
