@@ -338,11 +338,14 @@ def histogram_deltas(m0: dict[str, float], m1: dict[str, float]) -> dict[str, di
 
 
 def memory_view(status: dict[str, Any]) -> dict[str, Any]:
-    """The agent's two views of host memory and how many models it holds (from /status)."""
+    """The agent's two views of host memory, how many models it holds and the runtime imports
+    it charges (host bytes per server process, as measured from each runtime's first load; from /status)."""
     real = ((status.get("reality") or {}).get("devices") or {}).get("host") or {}
     ledger = ((status.get("ledger") or {}).get("devices") or {}).get("host") or {}
+    imports = {rt: c.get("host") for rt, c in ((status.get("ledger") or {}).get("runtime_imports") or {}).items()}
     return {"loaded": sum(1 for m in status["models"].values() if m["state"] == "loaded"), "ledger_used": ledger.get("used"),
-            "real": real.get("real"), "excess": real.get("excess"), "budget": status["memory"]["host"]["budget"]}
+            "real": real.get("real"), "excess": real.get("excess"), "budget": status["memory"]["host"]["budget"],
+            "runtime_imports": imports}
 
 
 def latency_figures(res: list[tuple[float, int, str]], wall: float) -> dict[str, Any]:
@@ -536,8 +539,10 @@ def _rng(cell: dict[str, Any] | None, digits: int = 3) -> str:
 def _memory_note(mem: dict[str, Any] | None) -> str:
     if not mem:
         return ""
+    imports = "".join(f", {rt} import {(b or 0) / MI:.1f} MiB per server process" for rt, b in (mem.get("runtime_imports") or {}).items())
     return (f"; at the pass's end {mem['loaded']} loaded, ledger {(mem['ledger_used'] or 0) / MI:.0f} MiB, real "
-            f"{(mem['real'] or 0) / MI:.0f} MiB, excess {(mem['excess'] or 0) / MI:.0f} MiB, budget {mem['budget'] / MI:.0f} MiB")
+            f"{(mem['real'] or 0) / MI:.0f} MiB, excess {(mem['excess'] or 0) / MI:.0f} MiB, budget {mem['budget'] / MI:.0f} MiB"
+            + imports)
 
 
 def markdown(data: dict[str, Any]) -> str:

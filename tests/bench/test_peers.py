@@ -150,3 +150,16 @@ def test_each_agent_budget_leaves_the_same_room_for_models_after_imports_and_its
     assert abs((budget - agent_reserve - n * overhead) - room) <= n * 8  # rounding of the split only
     assert bench_peers.agent_budget(args, overhead, room, reserve=False) == (room + n * overhead, 0)
     assert reserve > 0 or keep == ["0"]
+
+
+def test_the_memory_at_a_pass_end_shows_the_runtime_import_charged_per_process():
+    """The results say what the agent charges for each runtime's import (a wrong figure costs
+    every server process its room: peers.notes.md, 2026-12-03), beside its ledger and reality."""
+    from benchmarks.bench_peers import _memory_note, memory_view
+
+    status = {"models": {"a": {"state": "loaded"}, "b": {"state": "cached"}}, "memory": {"host": {"budget": 100 * 2**20}},
+              "ledger": {"devices": {"host": {"used": 80 * 2**20}}, "runtime_imports": {"sklearn": {"host": 89 * 2**20}}},
+              "reality": {"devices": {"host": {"real": 70 * 2**20, "excess": 0}}}}
+    mem = memory_view(status)
+    assert mem["loaded"] == 1 and mem["runtime_imports"] == {"sklearn": 89 * 2**20}
+    assert "sklearn import 89.0 MiB per server process" in _memory_note(mem)
