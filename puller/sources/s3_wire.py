@@ -761,10 +761,6 @@ class _Pool:
                 user = urllib.parse.unquote(p.username) + ":" + urllib.parse.unquote(p.password or "")
                 self._proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
 
-    def send(self, method: str, target: str, headers: dict[str, str], what: str) -> "_Response":
-        """Send one request without a body; returns the response with its headers read."""
-        return self.begin(method, target, headers, what).response()
-
     def begin(self, method: str, target: str, headers: dict[str, str], what: str) -> "_Sent":
         """Send one request without a body on a connection of its own and return without waiting
         for the answer: requests begun one after the other are answered in parallel. A failure to
