@@ -1008,8 +1008,7 @@ class Reconciler:
             await self._gate_moved.wait()
 
     def _gate_move(self) -> None:
-        moved, self._gate_moved = self._gate_moved, asyncio.Event()
-        moved.set()
+        self._gate_moved = _pulsed(self._gate_moved)
 
     def _load_failed(self, m: Model, error: BaseException, *, replacing: bool, sent: float | None) -> None:
         """`sent`: when the load call went to the server (None: it never did). A load that only
@@ -1431,8 +1430,7 @@ class Reconciler:
 
     def _signal_memory(self) -> None:
         """Wake the loads waiting for memory (see _make_room)."""
-        self._memory_changed.set()
-        self._memory_changed = asyncio.Event()
+        self._memory_changed = _pulsed(self._memory_changed)
 
     def _wake_nofit(self) -> None:
         """Memory freed: preloads that did not fit try again now (not only on their timer)."""
@@ -1551,3 +1549,9 @@ class Reconciler:
             "server_restart": self.last_restart,
         }
 
+
+def _pulsed(event: asyncio.Event) -> asyncio.Event:
+    """Wake whoever waits on `event` now and return a fresh one for the next waiters: a waiter
+    that took the old event is woken once; one that comes later waits for the next pulse."""
+    event.set()
+    return asyncio.Event()
