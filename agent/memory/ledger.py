@@ -600,8 +600,7 @@ class MemoryManager:
         in a process (its import, seconds long): every other load into that process waits for
         it to end, up to ``import_wait_s`` (IMPORT_WAIT_S, 5 s) after it opened, because no later
         load would see that import again: a load beside it would be charged to the import for
-        good (two at once charged a 2-process server's sklearn import 121 MiB per process
-        instead of 89). Waiting costs such a load little: the process it goes to is busy
+        good (benchmarks/results/peers.notes.md, 2026-12-03). Waiting costs such a load little: the process it goes to is busy
         importing, and its own load would wait for the same import. Called on an event loop's
         thread it never blocks.
 
