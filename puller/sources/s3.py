@@ -24,7 +24,6 @@ checksum (not for GCS) and check crc32 / sha1 / sha256 ones as the bytes stream 
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
 from puller.archive import archive_kind
 from puller.credentials import S3Settings, resolve_s3
 from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullError, TransientError
+from puller.logs import get_logger
 from puller.record import astuple
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
@@ -47,7 +47,7 @@ from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, Pipe, S3Co
                                     S3WireClient, is_cert_error, resolve_credentials)
 from puller.uri import ParsedURI, redact
 
-log = logging.getLogger("modelshelf.puller.sources.s3")
+log = get_logger("modelshelf.puller.sources.s3")  # logging imported on first use (puller.logs)
 
 # Reads go into one reused 64 KiB buffer per worker; each read goes out in one pwrite. Both sizes
 # are measured (in-process fetch of one 512 MiB object from s3rver on 127.0.0.1, 16 workers x 16

@@ -279,9 +279,11 @@ _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer
 # pool, the listing's XML parser; and never before it, unless a request needs it: datetime (the
 # signature's date comes from time), random (a retry's backoff), json (a storage config),
 # base64 / zlib (a store's checksum, a proxy's password), shutil with bz2 and lzma (argparse's help
-# formatter imports it for every argument; agent.cli's does not)
+# formatter imports it for every argument; agent.cli's does not), logging with traceback, tokenize,
+# textwrap and string (the modules on the way log through puller.logs' loggers, made on first use)
 _AFTER_FIRST_REQUEST = ("puller.cache", "puller.progress", "tempfile", "concurrent", "xml", "datetime", "random", "json",
-                        "base64", "zlib", "shutil", "bz2", "lzma")
+                        "base64", "zlib", "shutil", "bz2", "lzma",
+                        "logging", "traceback", "linecache", "tokenize", "textwrap", "string")
 # and what waits until the transfer is under way: the scratch root is made without tempfile, the
 # cache imports shutil (rmtree) and datetime (the manifest's date) where it uses them
 _AFTER_FIRST_GET = ("tempfile", "random", "shutil", "bz2", "lzma", "datetime")
