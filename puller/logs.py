@@ -10,11 +10,14 @@ logging directly.
 A program that configures logging for these loggers (the CLI's handler, which masks secrets)
 registers it with `configure_first`: it runs once, before the first record of a lazy logger
 is made, or when `configure_now` is called (the CLI calls it before importing anything that
-logs through logging itself), or at once when logging is imported already.
+logs through logging itself), or at once when logging is imported already. A thread that first
+uses a lazy logger while another runs the setups waits for them: no record is made before the
+program's handler is in place (logging's last resort would drop INFO and mask no secret).
 """
 from __future__ import annotations
 
 import sys
+import threading
 
 TYPE_CHECKING = False  # not typing's: see puller.cli
 if TYPE_CHECKING:
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
     from logging import Logger
 
 _pending: list[Callable[[], None]] = []
+_configuring = threading.RLock()  # held while the setups run (re-entrant: a setup may log)
 
 
 class LazyLogger:
@@ -58,14 +62,17 @@ def configure_first(setup: Callable[[], None]) -> None:
 
 def forget(setup: Callable[[], None]) -> None:
     """Drop `setup` if it has not run (its program is done: nothing logged)."""
-    if setup in _pending:
-        _pending.remove(setup)
+    with _configuring:
+        if setup in _pending:
+            _pending.remove(setup)
 
 
 def configure_now() -> None:
-    """Run the setups `configure_first` holds (each once)."""
-    while _pending:
-        _pending.pop(0)()
+    """Run the setups `configure_first` holds (each once); returns when they have run, also when
+    another thread is running them."""
+    with _configuring:
+        while _pending:
+            _pending.pop(0)()
 
 
 __all__ = ["LazyLogger", "configure_first", "configure_now", "forget", "get_logger"]
