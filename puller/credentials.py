@@ -24,7 +24,6 @@ paths can scrub foreign messages.
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 from pathlib import Path
@@ -34,13 +33,14 @@ if TYPE_CHECKING:
     from typing import Any
 
 from puller.errors import AccessDenied, BadURI
+from puller.logs import get_logger
 from puller.record import Record, replace
 
 if TYPE_CHECKING:
     from puller.sources.base import PullOptions
     from puller.uri import ParsedURI
 
-log = logging.getLogger("modelshelf.puller.credentials")
+log = get_logger("modelshelf.puller.credentials")  # logging imported on first use (puller.logs)
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 _TRUE = {"1", "true", "yes", "on", "y", "t"}

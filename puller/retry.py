@@ -6,7 +6,6 @@ deadline would be passed, the last transient error is raised as puller.errors.Tr
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 TYPE_CHECKING = False  # not typing's: importing typing is ~2 ms of a CLI pull's start-up
@@ -17,8 +16,9 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 from puller.errors import TransientError
+from puller.logs import get_logger
 
-log = logging.getLogger("modelshelf.puller.retry")
+log = get_logger("modelshelf.puller.retry")  # logging imported on first use (puller.logs)
 
 
 def backoff_delays(base_s: float = 0.2, cap_s: float = 10.0, rng: random.Random | None = None):

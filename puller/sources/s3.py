@@ -1,8 +1,11 @@
 """S3-compatible source: s3://, gs:// (GCS's XML API) and rclone s3 remotes.
 
 list(): a HEAD decides between one object (``s3://b/models/model.tgz``) and a prefix
-(``s3://b/models/iris`` lists ``models/iris/``); the HEAD and the prefix's first LIST page are
-sent together (``begin_list``: one round trip; an object's LIST answer is dropped unread). A URI
+(``s3://b/models/iris`` lists ``models/iris/``), and the prefix is listed only when the HEAD
+finds no object. ``begin_list`` (what `modelshelf pull` calls at start-up) sends the HEAD and the
+prefix's first LIST page together instead: one round trip, at the price of a LIST whose answer is
+dropped unread when the key is an object; a listing not begun (the agent's pulls) never sends
+that LIST (a key that may not be listed leaves no AccessDenied in the store's audit log). A URI
 ending in '/' or naming a bucket always lists. Keys ending in '/' are directory markers and skipped; zero-byte objects are kept.
 Identity per object: ETag (+ version id); sizes are part of the listing.
 
@@ -24,7 +27,6 @@ checksum (not for GCS) and check crc32 / sha1 / sha256 ones as the bytes stream 
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 from puller.archive import archive_kind
 from puller.credentials import S3Settings, resolve_s3
 from puller.errors import AccessDenied, BadURI, IntegrityError, NotFound, PullError, TransientError
+from puller.logs import get_logger
 from puller.record import astuple
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
@@ -47,7 +50,7 @@ from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, Pipe, S3Co
                                     S3WireClient, is_cert_error, resolve_credentials)
 from puller.uri import ParsedURI, redact
 
-log = logging.getLogger("modelshelf.puller.sources.s3")
+log = get_logger("modelshelf.puller.sources.s3")  # logging imported on first use (puller.logs)
 
 # Reads go into one reused 64 KiB buffer per worker; each read goes out in one pwrite. Both sizes
 # are measured (in-process fetch of one 512 MiB object from s3rver on 127.0.0.1, 16 workers x 16
@@ -79,8 +82,9 @@ def _send_ahead(begin: Callable[[], Any]) -> Any:
 
 def _first_then(sent: Any, again: Callable[[], Any]) -> Callable[[], Any]:
     """An attempt for call_with_retry: the first reads the answer to the request `sent` ahead
-    (or raises the error that stopped it); any retry sends the request again."""
-    first = [sent]
+    (or raises the error that stopped it); any retry, or every attempt when nothing was sent
+    ahead (None), sends the request again."""
+    first = [] if sent is None else [sent]
 
     def attempt() -> Any:
         if first:
@@ -260,10 +264,11 @@ class S3Source(Source):
         objects: list[RemoteObject] = []
         archive = None
         keys: dict[str, tuple[str, str]] = {}
-        self.begin_list()
-        (head_sent, page_sent), self._ahead = self._ahead, None  # type: ignore[misc]
+        # begun (begin_list): both answers read here; else the HEAD alone, and a LIST only for a prefix
+        ahead, self._ahead = self._ahead, None
+        head_sent, page_sent = ahead if ahead is not None else (None, None)
         try:
-            head = None if head_sent is None else self._head(p.key, head_sent)
+            head = None if (p.is_prefix or not p.key) else self._head(p.key, head_sent)
         except BaseException:
             _drop(page_sent)
             raise
@@ -307,8 +312,8 @@ class S3Source(Source):
         return kwargs
 
     def _head(self, key: str, sent: Any) -> dict | None:
-        """HEAD `key` (its first attempt `sent` by begin_list): its metadata, or None when there is
-        no such object (then: list it as a prefix)."""
+        """HEAD `key` (its first attempt `sent` by begin_list, or None): its metadata, or None when
+        there is no such object (then: list it as a prefix)."""
         try:  # (a retry's arguments: made only when one is needed)
             return self._retry(_first_then(sent, lambda: self._client.head_object(**self._head_args(key))), f"HEAD {self._uri}")
         except PullError:
@@ -324,7 +329,7 @@ class S3Source(Source):
 
     def _list_prefix(self, prefix: str, first_sent: Any):
         """The objects under `prefix`, page by page (the first page's first attempt `first_sent`
-        by begin_list)."""
+        by begin_list, or None: sent now)."""
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Prefix": prefix, "MaxKeys": self.list_page_size}

@@ -28,7 +28,6 @@ message: only the URL (no query) and S3's code and message.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import re
 import select
@@ -45,9 +44,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 from puller.credentials import S3Settings
+from puller.logs import get_logger
 from puller.sources.base import hmac_sha256, pwrite_all, sha256
 
-log = logging.getLogger("modelshelf.puller.sources.s3_wire")
+log = get_logger("modelshelf.puller.sources.s3_wire")  # logging imported on first use (puller.logs)
 _EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of no bytes
 _UNRESERVED = "-_.~"
 _DNS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")

@@ -117,6 +117,21 @@ def test_secrets_never_printed_s3(tmp_path: Path, s3_server: S3Server) -> None:
         assert secret not in r.stdout + r.stderr
 
 
+def test_a_record_logged_before_the_first_request_goes_through_the_clis_handler(tmp_path: Path,
+                                                                              s3_server: S3Server) -> None:
+    """Logging is imported on first use (puller.logs): a record made before the pull's first
+    request (an anonymous pull says so while its client is made) still sets up the CLI's handler,
+    the one that masks secrets, first; without it logging's last resort drops INFO records."""
+    s3_server.create_bucket("public", public=True)
+    s3_server.put("public", "m/w.bin", b"anonymous bytes")
+    env = {k: v for k, v in s3_server.env().items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    r = run_cli("pull", "s3://public/m", str(tmp_path / "dest"), "--no-progress", env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "dest" / "w.bin").read_bytes() == b"anonymous bytes"
+    assert " INFO modelshelf.puller.sources.s3 event=s3_anonymous reason=no_credentials_found " in r.stderr, r.stderr
+
+
 def test_cache_ls_gc_verify(tmp_path: Path, http_server: HTTPFileServer) -> None:
     cache = tmp_path / "cache"
     for name in ("a.bin", "b.bin"):

@@ -26,8 +26,12 @@ from tests.support.s3server import S3Server
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _pull(uri: str, dest: Path) -> None:
+def _pull(uri: str, dest: Path, begin: bool = False) -> None:
+    """A source's list + fetch, as the agent's cache does; `begin`: its listing begun first, as
+    `modelshelf pull` does (the HEAD and the first LIST page sent together)."""
     src = open_source(uri, PullOptions(retry_deadline_s=2))
+    if begin:
+        src.begin_list()
     src.fetch(src.list(), dest, NullProgress())
 
 
@@ -114,13 +118,14 @@ class _WrongRegionHandler(_Handler):
     do_GET = do_HEAD
 
 
-def _pull_from(srv: ThreadingHTTPServer, uri: str, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _pull_from(srv: ThreadingHTTPServer, uri: str, dest: Path, monkeypatch: pytest.MonkeyPatch,
+               begin: bool = False) -> None:
     """Pull `uri` from the scripted endpoint `srv` (static keys), then stop it."""
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.server_address[1]}")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASCRIPTED")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "scripted-secret")
-        _pull(uri, dest)
+        _pull(uri, dest, begin)
     finally:
         srv.shutdown()
         srv.server_close()
@@ -130,7 +135,7 @@ def test_a_wrong_region_answer_is_signed_again_for_the_bucket_region_once(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     srv = _WrongRegion()
     monkeypatch.setenv("AWS_REGION", "us-east-1")
-    _pull_from(srv, "s3://bkt/m/model.bin", tmp_path, monkeypatch)
+    _pull_from(srv, "s3://bkt/m/model.bin", tmp_path, monkeypatch, begin=True)
     assert (tmp_path / "model.bin").read_bytes() == _WrongRegion.body
     # HEAD (us-east-1: 301), HEAD again for eu-west-2, then the GET straight to eu-west-2; the LIST
     # sent with the first HEAD (in case the key is a prefix) is dropped unread, never sent again
@@ -186,10 +191,36 @@ def test_the_head_and_the_first_list_page_go_out_together(tmp_path: Path, monkey
     """A key that may be an object or a prefix costs one round trip before the listing is known:
     the LIST is sent with the HEAD, not after its answer."""
     srv = _HeadWaitsForList()
-    _pull_from(srv, "s3://bkt/m", tmp_path, monkeypatch)
+    _pull_from(srv, "s3://bkt/m", tmp_path, monkeypatch, begin=True)
     assert (tmp_path / "w.bin").read_bytes() == _HeadWaitsForList.body
     assert srv.list_first is True
     assert sorted(srv.requests) == ["GET /bkt/m/w.bin", "HEAD", "LIST"]
+
+
+def test_the_agents_pull_of_one_object_sends_the_head_alone(s3: S3Server, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HEAD and LIST sent together are `modelshelf pull`'s start-up only: the agent's pulls
+    (Cache.ensure, whose listing nobody began) send no LIST for a key that is one object (one
+    request fewer per model, and no AccessDenied in the store's audit log where the key may not
+    list). The requests are read off this process's sockets, on their way to moto."""
+    import socket
+
+    s3.put("models", "one/model.bin", b"one object")
+    port = s3.endpoint_url.rsplit(":", 1)[1].encode()
+    sent: list[str] = []
+    sendall = socket.socket.sendall
+
+    def recording(self, data, *args, **kwargs):
+        if b"Host: 127.0.0.1:" + port in bytes(data):
+            sent.append(bytes(data).split(b" ", 2)[0].decode() + (" LIST" if b"list-type=" in bytes(data) else ""))
+        return sendall(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "sendall", recording)
+    from puller.cache import Cache
+
+    entry = Cache(tmp_path / "cache").ensure("s3://models/one/model.bin", PullOptions(retry_deadline_s=2))
+    assert (Path(entry.path) / "model.bin").read_bytes() == b"one object"
+    assert sent == ["HEAD", "GET"]
 
 
 _PROBE = """
@@ -279,9 +310,11 @@ _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer
 # pool, the listing's XML parser; and never before it, unless a request needs it: datetime (the
 # signature's date comes from time), random (a retry's backoff), json (a storage config),
 # base64 / zlib (a store's checksum, a proxy's password), shutil with bz2 and lzma (argparse's help
-# formatter imports it for every argument; agent.cli's does not)
+# formatter imports it for every argument; agent.cli's does not), logging with traceback, tokenize,
+# textwrap and string (the modules on the way log through puller.logs' loggers, made on first use)
 _AFTER_FIRST_REQUEST = ("puller.cache", "puller.progress", "tempfile", "concurrent", "xml", "datetime", "random", "json",
-                        "base64", "zlib", "shutil", "bz2", "lzma")
+                        "base64", "zlib", "shutil", "bz2", "lzma",
+                        "logging", "traceback", "linecache", "tokenize", "textwrap", "string")
 # and what waits until the transfer is under way: the scratch root is made without tempfile, the
 # cache imports shutil (rmtree) and datetime (the manifest's date) where it uses them
 _AFTER_FIRST_GET = ("tempfile", "random", "shutil", "bz2", "lzma", "datetime")
