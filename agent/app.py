@@ -24,7 +24,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import tempfile
 import time
 from functools import partial
@@ -752,15 +751,8 @@ async def serve(settings: Settings) -> None:
         log.info("agent stopped", extra=kv(seconds=round(time.monotonic() - started, 3)))
 
 
-# the GIL's switch interval in the agent process (CPython's default: 5 ms). A thread's file work
-# (a miss's repository entry, a park, an unpark) gives up the GIL at each system call and, while
-# the event loop is busy serving hits, waits up to this long to get it back each time
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
 def run(settings: Settings) -> int:
     setup_logging(settings.log_format, settings.log_level)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         import uvloop  # a faster event loop; installed with uvicorn's and MLServer's extras
     except ImportError:
