@@ -37,13 +37,10 @@ and Cache, with the scripted server of tests/support/scripted.py):
     model counts as gone, `held()` counts it until its unload ends). A load that will be
     measured, or whose victims hold GPU memory, waits for the unloads first. Each lazy load's
     time is split into phases in `modelshelf_cold_start_phase_seconds` (see ColdStart).
-  * A request's lazy load has the adapter write its repository entry (`adapter.prepare`: file
-    work in a thread) once its room is reserved and before it waits for a load slot, so the
-    write overlaps the wait and a slot is held for the server's call alone; a load that never
-    reaches the server's call (cancelled, or failed before it) has the entry put back
-    (`adapter.unprepare`). Requests waiting for a lazy load wake on an event the load sets as
-    it ends, and the adapter's load runs in the load's own task (`asyncio.timeout`): each task
-    hop is a turn of a loop busy serving hits.
+    Requests waiting for a lazy load wake on an event the load sets as it ends, and the
+    adapter's load runs in the load's own task (`asyncio.timeout`): on a loop busy serving hits
+    each task hop is a turn of callbacks. A miss that fits in the free room walks no candidate
+    (`_relief_candidates` is lazy; the ledger reads it only when the load is short).
   * Eviction order (`--eviction`): every eviction (a miss's, the headroom's, reality's relief)
     takes eligible models lowest `Candidate.score` first, then least recently used. Under `lru`
     every score is 0; under `lfu-decay` it is the model's request count, each lease adding 1
@@ -849,12 +846,6 @@ class Reconciler:
         served = ServedModel(name=m.name, path=copy.entry.path, runtime=copy.spec.runtime,
                              implementation=copy.spec.implementation, version=copy.spec.version,
                              parameters=dict(copy.spec.parameters))
-        # a request's load has the adapter write its repository entry while it waits for a load
-        # slot (the gate, an import in flight): that thread hop is off its path, and the slot is
-        # held for the server's call alone. Put back unless the load call takes it over.
-        prepared = lazy and not replacing
-        if prepared:
-            self.adapter.prepare(served)
         started = time.monotonic()
         sent: float | None = None  # when the load call went to the server (after any queueing)
         window = None
@@ -884,7 +875,6 @@ class Reconciler:
                 server_mark = sent = time.monotonic()
                 self._loading[m.name] = sent
                 try:
-                    prepared = False  # the adapter's load takes over the entry written ahead
                     async with asyncio.timeout(self.settings.load_timeout_s):  # in this task: no task to start and join
                         server_s = await self.adapter.load(served)
                 finally:
@@ -915,8 +905,6 @@ class Reconciler:
             if error is not None:
                 self._release_memory(slot)
                 self._load_failed(m, error, replacing=replacing, sent=sent)
-            if prepared:  # no load call followed (cancelled, or failed before it): the entry as it was
-                await self.adapter.unprepare(m.name)
         if error is not None:
             if isinstance(error, asyncio.TimeoutError) and not replacing:
                 await self._forget_on_server(m.name)

@@ -85,16 +85,6 @@ class RuntimeAdapter(abc.ABC):
         the server's own load call took (the rest of the call is the adapter's file work: the
         agent's cold-start breakdown tells them apart), or None when the adapter cannot tell."""
 
-    def prepare(self, model: ServedModel) -> None:
-        """Start the load's own file work for `model` (its repository entry) in the background,
-        ahead of `load(model)`, while the caller still waits for its turn to load (a load slot):
-        the load then finds it done, and a thread hop less is on its path. A caller that ends up
-        not loading calls `unprepare`. Default: nothing (load does all its work itself)."""
-
-    async def unprepare(self, name: str) -> None:
-        """Undo a `prepare` of `name` that no load followed: the entry holds what it held
-        before. Default: nothing."""
-
     @abc.abstractmethod
     async def unload(self, name: str) -> None:
         """Unload and wait until the server no longer serves it, then remove the repository

@@ -21,11 +21,7 @@ pooled `httpx.AsyncClient`. The repository protocol:
   request may have reached the server after the first unload's answer, found the entry
   before its removal and loaded: with the entry gone, nothing later can);
 - a load and an unload of one name take turns (`_one_at_a_time`): one that overlaps another
-  of that name starts once the other ended, so the entry on disk and the server agree;
-- `prepare(model)` writes the entry ahead of the load, in the name's turn, in the background
-  (the caller waits for a load slot meanwhile): the load, the unload of that name and
-  `unprepare` each wait for that write first (outside the turn, which it takes itself); the
-  load then writes nothing more, `unprepare` puts back what the entry held before.
+  of that name starts once the other ended, so the entry on disk and the server agree.
 
 Repository file work (entry writes, restores, removals) runs in threads (`asyncio.to_thread`),
 never on the agent's event loop: a slow disk or a large entry does not stall the data plane.
@@ -205,8 +201,6 @@ class HTTPServerAdapter(RuntimeAdapter):
         self._control = Upstream(self._server.base_url, max_connections=32, connect_timeout=2.0)
         self._turns: dict[str, list[Any]] = {}  # name -> [its lock, calls holding or awaiting it] (_one_at_a_time)
         self._given_up: set[str] = set()  # names whose load request was left unanswered (see _unload)
-        # name -> (the model, the task writing its entry ahead of its load: `prepare`)
-        self._ahead: dict[str, tuple[ServedModel, asyncio.Task]] = {}
 
     @classmethod
     def embedded(cls, repository: Path, **kwargs: Any) -> Self:
@@ -312,49 +306,13 @@ class HTTPServerAdapter(RuntimeAdapter):
             return False
         return r.status_code == 200
 
-    def prepare(self, model: ServedModel) -> None:
-        """Write `model`'s repository entry now, in a thread, in the name's turn: load(model)
-        waits for it and writes nothing more; unprepare() or an unload of the name undoes it.
-        A second prepare of a name before its load is ignored (the load rewrites the entry if
-        it was written for another copy)."""
-        check_name(model.name)
-        if model.name not in self._ahead:
-            task = asyncio.create_task(self._write_ahead(model), name=f"entry-ahead:{model.name}")
-            self._ahead[model.name] = (model, task)
-
-    async def _write_ahead(self, model: ServedModel) -> _EntryState | None:
-        async with self._one_at_a_time(model.name):
-            await self._entry_settled(model.name)
-            return await asyncio.to_thread(self._prepare_entry, self.repository / model.name, model)
-
-    async def _take_ahead(self, name: str) -> tuple[ServedModel, _EntryState | None] | None:
-        """(Outside the name's turn: the write ahead takes it.) The entry written ahead for
-        `name` (the model, what the entry held before), once written; LoadFailed when the
-        model's files were not found (nothing written)."""
-        ahead = self._ahead.pop(name, None)
-        if ahead is None:
-            return None
-        return ahead[0], await ahead[1]
-
-    async def unprepare(self, name: str) -> None:
-        try:
-            ahead = await self._take_ahead(name)
-        except (RuntimeErrorBase, OSError):
-            return  # nothing was written (or the write itself failed, as a load's would)
-        if ahead is not None:
-            async with self._one_at_a_time(name):
-                await asyncio.to_thread(self._restore_entry, self.repository / name, ahead[1])
-
     async def load(self, model: ServedModel) -> float | None:
         check_name(model.name)
-        ahead = await self._take_ahead(model.name)
         async with self._one_at_a_time(model.name):
-            return await self._load(model, ahead)
+            return await self._load(model)
 
     async def unload(self, name: str) -> None:
         check_name(name)
-        with contextlib.suppress(RuntimeErrorBase):
-            await self._take_ahead(name)  # a write ahead ends first: the unload removes what it wrote
         async with self._one_at_a_time(name):
             await self._unload(name)
 
@@ -376,21 +334,10 @@ class HTTPServerAdapter(RuntimeAdapter):
             if not turn[1]:
                 del self._turns[name]
 
-    async def _entry_settled(self, name: str) -> None:
-        """Wait for `name`'s file work still running in the background before its entry is
-        written again (MLServer: the park of its last load)."""
-
-    async def _load(self, model: ServedModel, ahead: tuple[ServedModel, _EntryState | None] | None = None) -> float | None:
-        """load() in `model.name`'s turn. `ahead`: its entry was written ahead (prepare) for
-        that model, and what the entry held before (put back if the load fails)."""
+    async def _load(self, model: ServedModel) -> float | None:
+        """load() in `model.name`'s turn."""
         entry = self.repository / model.name
-        if ahead is not None and ahead[0] == model:
-            previous = ahead[1]
-        else:
-            await self._entry_settled(model.name)
-            previous = await asyncio.to_thread(self._prepare_entry, entry, model)  # file work: off the loop
-            if ahead is not None:  # written ahead for another copy: what it held before that
-                previous = ahead[1]
+        previous = await asyncio.to_thread(self._prepare_entry, entry, model)  # file work: off the loop
         t0 = time.monotonic()
         try:
             r = await self._post(f"/v2/repository/models/{model.name}/load", model.name, timeout=self.load_timeout)

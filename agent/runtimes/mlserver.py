@@ -24,9 +24,8 @@ its file instead of fresh copies (`load_mapped`; a model that would keep a mappe
 again the plain way). Parking still keeps MLServer's index (which globs) cheap, and a sidecar
 MLServer, which cannot import the agent, relies on it for its loads too.
 
-The visible part of the repository therefore holds only the entries being loaded or written
-ahead of their load (`prepare`: a request's load waiting for a load slot) and, after a crash
-between a load and its park, at worst the entry just loaded. The parked part:
+The visible part of the repository therefore holds only the entries being loaded (and, after
+a crash between a load and its park, at worst the entry just loaded). The parked part:
 
 - `.loaded/<name>` is a relative symlink to `.loaded/.<name>.<8 hex>`, the moved entry dir. A
   park renames the visible entry to a fresh `.<name>.<hex>` dir, then swaps the link with one
@@ -342,15 +341,12 @@ class MLServerAdapter(HTTPServerAdapter):
             await asyncio.to_thread(self._sweep_all)
         await super().start(timeout)
 
-    async def _entry_settled(self, name: str) -> None:
-        await self.parked(name)  # a reload writes the visible entry the park moves
-
-    async def _load(self, model: ServedModel, ahead: Any = None) -> float | None:
+    async def _load(self, model: ServedModel) -> float | None:
         """Load, then park the entry in the background: the load answers as soon as the server
         has the model (the park is file work, off the caller's path). A later load or unload of
-        the same name (each in its turn, after this one), a write of its entry ahead, and
-        close(), wait for that park first."""
-        server_s = await super()._load(model, ahead)
+        the same name (each in its turn, after this one), and close(), wait for that park first."""
+        await self.parked(model.name)  # a reload writes the visible entry the park moves
+        server_s = await super()._load(model)
         self._parks[model.name] = asyncio.create_task(self._park_now(model.name), name=f"park:{model.name}")
         return server_s
 

@@ -164,37 +164,6 @@ def test_each_lazy_load_is_broken_down_into_phases_in_the_metrics(tmp_path, http
     run(scenario())
 
 
-def test_a_request_s_load_has_its_entry_written_while_it_waits_for_a_load_slot(tmp_path, http):
-    """The adapter's entry write (file work, a thread hop) starts before a lazy load waits for
-    its load slot, so it overlaps the wait and the slot is held for the server's call alone; a
-    load that never reaches the server (its wait ended by the agent stopping) has it undone."""
-    async def scenario():
-        h = Harness(tmp_path, http, load_concurrency=1)
-        async with h:
-            _measured_already(h)
-            await h.apply(*(h.spec(n, preload=False) for n in ("a", "b", "c", "d")))
-            gate = h.adapter.hold("load", "a")
-            a = asyncio.create_task(h.rec.acquire("a"))
-            await gate.entered.wait()
-            b = asyncio.create_task(h.rec.acquire("b"))
-            await asyncio.sleep(0.05)
-            assert h.adapter.count("prepare", "b") == 1 and h.adapter.count("load", "b") == 0  # queued behind a
-            gate.release()
-            h.rec.release(await asyncio.wait_for(a, 2.0))
-            h.rec.release(await asyncio.wait_for(b, 2.0))
-            assert h.adapter.count("unprepare") == 0  # each load took its entry over
-            gate = h.adapter.hold("load", "d")
-            waiting = [asyncio.create_task(h.rec.acquire("d"))]
-            await gate.entered.wait()
-            waiting.append(asyncio.create_task(h.rec.acquire("c")))
-            await asyncio.sleep(0.05)
-            assert h.adapter.count("prepare", "c") == 1 and h.adapter.count("load", "c") == 0
-        # the agent stopped (close cancels every task) while c waited for its slot
-        assert h.adapter.count("unprepare", "c") == 1 and h.adapter.count("load", "c") == 0
-        await asyncio.gather(*waiting, return_exceptions=True)
-    run(scenario())
-
-
 def test_a_lazy_load_beside_another_load_takes_no_window_that_would_be_discarded(tmp_path, http):
     """With another load in flight a measurement window is contaminated from its start and
     never recorded: the lazy load skips it (no process-tree snapshots, no wait for the open

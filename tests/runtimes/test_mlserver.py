@@ -192,38 +192,6 @@ def test_a_load_answers_before_its_entry_is_parked_and_an_unload_waits_for_the_p
     assert mlserver.call(ad.index()) == {}
 
 
-def test_an_entry_written_ahead_of_its_load_is_what_the_load_serves_and_unprepare_leaves_nothing(
-        mlserver: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """prepare() writes the entry in the background (the reconciler calls it before a request's
-    load waits for a load slot): it is on disk before load() is called, and load() serves it
-    without writing it again (one thread hop less on its path); unprepare() of an entry that no
-    load followed leaves the repository as it was."""
-    ad = mlserver.adapter
-    writes: list[str] = []
-    real_prepare = ad._prepare_entry
-    monkeypatch.setattr(ad, "_prepare_entry", lambda entry, model: (writes.append(model.name), real_prepare(entry, model))[1])
-    d = write_sklearn_model(tmp_path / "ahead")
-    served = ServedModel("ahead", d, "sklearn")
-
-    async def scenario() -> None:
-        ad.prepare(served)
-        for _ in range(500):  # written in a thread; no load called yet
-            if ad.visible_entries() == {"ahead"}:
-                break
-            await asyncio.sleep(0.01)
-        assert ad.visible_entries() == {"ahead"} and writes == ["ahead"]
-        await asyncio.wait_for(ad.load(served), 10)
-        await ad.parked("ahead")
-        assert writes == ["ahead"]  # the load wrote nothing more
-        ad.prepare(ServedModel("unused", d, "sklearn"))
-        await ad.unprepare("unused")
-
-    mlserver.call(scenario())
-    assert _infer(mlserver, "ahead") == sklearn_predictions(d, ROWS)
-    assert ad.repository_entries() == ad.parked_entries() == {"ahead"}  # "unused" left nothing
-    assert not (mlserver.repository / "unused").exists() and ad.visible_entries() == set()
-
-
 def test_a_reload_waits_for_the_park_of_the_previous_load(
         mlserver: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reload of a name whose park is still in flight writes its visible entry only after that

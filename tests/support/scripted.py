@@ -30,7 +30,7 @@ BROKEN_MARKER = "BROKEN"
 
 @dataclass
 class Call:
-    """One recorded adapter call: op ("load" | "unload" | "index" | "prepare" | "unprepare"), model name, served path,
+    """One recorded adapter call: op ("load" | "unload" | "index"), model name, served path,
     and the outcome ("ok", "error: ..." or None while it is still in flight)."""
 
     op: str
@@ -150,12 +150,6 @@ class ScriptedAdapter(RuntimeAdapter):
             raise LoadFailed(model.name, "the model's files do not load (scripted: BROKEN)")
         self.ready[model.name] = model  # in place: the old copy served until now
         call.outcome = "ok"
-
-    def prepare(self, model: ServedModel) -> None:
-        self._record("prepare", model.name, model.path).outcome = "ok"  # nothing to write ahead here
-
-    async def unprepare(self, name: str) -> None:
-        self._record("unprepare", name).outcome = "ok"
 
     async def unload(self, name: str) -> None:
         call = self._record("unload", name)
