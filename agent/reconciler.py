@@ -37,6 +37,10 @@ and Cache, with the scripted server of tests/support/scripted.py):
     model counts as gone, `held()` counts it until its unload ends). A load that will be
     measured, or whose victims hold GPU memory, waits for the unloads first. Each lazy load's
     time is split into phases in `modelshelf_cold_start_phase_seconds` (see ColdStart).
+    Requests waiting for a lazy load wake on an event the load sets as it ends, and the
+    adapter's load runs in the load's own task (`asyncio.timeout`): on a loop busy serving hits
+    each task hop is a turn of callbacks. A miss that fits in the free room walks no candidate
+    (`_relief_candidates` is lazy; the ledger reads it only when the load is short).
   * Eviction order (`--eviction`): every eviction (a miss's, the headroom's, reality's relief)
     takes eligible models lowest `Candidate.score` first, then least recently used. Under `lru`
     every score is 0; under `lfu-decay` it is the model's request count, each lease adding 1
@@ -97,7 +101,7 @@ import zlib
 from dataclasses import dataclass, field
 from itertools import compress, filterfalse
 from operator import is_not
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 from agent.config import ConfigError, ConfigParseError, ConfigResult, ModelSpec
 from agent.logging import get_logger, kv
@@ -243,6 +247,7 @@ class Model:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while inflight == 0
     load_task: asyncio.Task | None = None
+    load_done: asyncio.Event | None = None  # set when load_task's lazy load ended: wakes its waiters
     changed_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -568,12 +573,19 @@ class Reconciler:
         if m.waiters >= self.settings.max_queue:
             raise ModelUnavailable(m.name, f"{m.waiters} requests already wait for it to load", retry_after=1)
         if m.load_task is None or m.load_task.done():
-            m.load_task = self._spawn(self._lazy_load(m), f"lazy-load:{m.name}")
+            m.load_done = asyncio.Event()
+            m.load_task = self._spawn(self._lazy_load(m, m.load_done), f"lazy-load:{m.name}")
+        done = m.load_done
+        assert done is not None  # set with load_task
         m.waiters += 1
         started = time.monotonic()
         try:
-            await asyncio.wait_for(asyncio.shield(m.load_task), timeout=self.settings.load_timeout_s)
-        except asyncio.TimeoutError:
+            # the load task sets `done` as it ends: its waiters run on the next loop turn (a
+            # wait_for on a shield of the task takes three turns of callbacks, each behind every
+            # request the loop is serving), and a waiter that gives up cancels only its own wait
+            async with asyncio.timeout(self.settings.load_timeout_s):
+                await done.wait()
+        except TimeoutError:
             raise ModelUnavailable(m.name, f"not loaded within {self.settings.load_timeout_s:g}s", retry_after=5) from None
         finally:
             m.waiters -= 1
@@ -586,13 +598,16 @@ class Reconciler:
             retry = m.retry_hint if m.state is S.CACHED and m.retry_hint else self._retry_after(m)
             raise ModelUnavailable(m.name, m.reason or f"not loaded ({m.state.value})", retry_after=retry)
 
-    async def _lazy_load(self, m: Model) -> None:
+    async def _lazy_load(self, m: Model, done: asyncio.Event) -> None:
         phases = ColdStart(time.monotonic())
-        async with m.lock:
-            phases.queue += time.monotonic() - phases.started
-            await self._guarded(m, self._lazy_step(m, phases))
-        if phases.loaded:
-            phases.observe(self.metrics)
+        try:
+            async with m.lock:
+                phases.queue += time.monotonic() - phases.started
+                await self._guarded(m, self._lazy_step(m, phases))
+            if phases.loaded:
+                phases.observe(self.metrics)
+        finally:
+            done.set()
 
     async def _lazy_step(self, m: Model, phases: ColdStart) -> None:
         if m.removed or (m.state is S.LOADED and not m.draining):
@@ -860,7 +875,8 @@ class Reconciler:
                 server_mark = sent = time.monotonic()
                 self._loading[m.name] = sent
                 try:
-                    server_s = await asyncio.wait_for(self.adapter.load(served), timeout=self.settings.load_timeout_s)
+                    async with asyncio.timeout(self.settings.load_timeout_s):  # in this task: no task to start and join
+                        server_s = await self.adapter.load(served)
                 finally:
                     self._loading.pop(m.name, None)
                 loaded_mark = time.monotonic()
@@ -1163,12 +1179,14 @@ class Reconciler:
                 break
         return evicted
 
-    def _relief_candidates(self) -> list[Candidate]:
+    def _relief_candidates(self) -> Iterator[Candidate]:
         """Loaded models an eviction may pick, each with its score (`--eviction`: lfu-decay's
-        decayed request count, else 0: least recently used first)."""
+        decayed request count, else 0: least recently used first). Lazy: the ledger walks the
+        models only when a load does not fit in the free room (with the headroom kept, most
+        misses fit and cost no pass over every configured model)."""
         tick, half_life = self._tick, self._half_life  # (under lru no score is ever counted: all 0)
-        return [Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight, score=o.score_now(tick, half_life))
-                for o in self.models.values() if o.state is S.LOADED and not o.lock.locked()]
+        return (Candidate(o.name, o.last_used, o.loaded_at, o.spec.pinned, o.inflight, score=o.score_now(tick, half_life))
+                for o in self.models.values() if o.state is S.LOADED and not o.lock.locked())
 
     async def _evict_for_reality(self, name: str) -> bool:
         m = self.models.get(name)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .budget import discover_budget
 from .cost import DEFAULT_IMPORTS, DEFAULT_MULTIPLIER, DEFAULT_MULTIPLIERS, HOST, Cost, combine, dev_index
 from .measure import FirstLoad, ImportAttribution, Measurement, Snapshot, Split, gpu_delta
-from .planner import Candidate, plan_eviction, plan_reclaim
+from .planner import Candidate, plan_eviction, plan_reclaim, shortfall
 from .reality import CgroupMemory, ProcessTracker, RealityCheck
 from .probes import GpuProbe, GpuUsage, open_gpu_probe, tree_rss
 from .store import InMemoryStore, MetaStore
@@ -466,11 +466,15 @@ class MemoryManager:
                       lazy: bool = False, now: float | None = None) -> list[str]:
         """Victims for ``needed`` given the current reservations (see ``plan_eviction`` above).
         ``lazy``: a load for a request, so ``min_residency_s`` applies. Candidates with no cost
-        use their reservation; unloading or unreserved ones are ignored. Reads state only."""
+        use their reservation; unloading or unreserved ones are ignored. Reads state only. When
+        ``needed`` fits in the free room the candidates are not read (they may be a lazy iterable)."""
         with self._lock:
+            free = self._free_for(model)
+            if not shortfall(needed, free, self._budget):
+                return []
             cands, loading = self._resolve_candidates(candidates, model)
             overhead = self._server_bytes()
-            return plan_eviction(needed, cands, free=self._free_for(model), budget=self._budget, model=model,
+            return plan_eviction(needed, cands, free=free, budget=self._budget, model=model,
                                  respect_residency=lazy, min_residency_s=self.min_residency_s,
                                  now=self._clock() if now is None else now, reserved_elsewhere=loading,
                                  overhead=overhead)

@@ -98,7 +98,7 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
             + ("; if the estimate is too high, declare its memory or lower --memory-multiplier"
                if method == "estimated" else ""),
             devices=too_big, method=method)
-    short = {d: b - free.get(d, 0) for d, b in need.items() if b > free.get(d, 0)}
+    short = shortfall(need, free, budget)
     if not short:
         return []
     now = time.monotonic() if now is None else now
@@ -148,6 +148,13 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
         f"{_fmt_devs(remaining, remaining)} short; in the way: {what}"
         + ("; pinned models leave too little room" if permanent else ""),
         devices=list(short), retry_after_s=retry, blocked_by=blocked, permanent=permanent, method=method)
+
+
+def shortfall(needed: Cost | Mapping[str, int], free: Mapping[str, int], budget: Mapping[str, int]) -> dict[str, int]:
+    """Device -> bytes ``needed`` lacks beyond ``free`` on the budgeted devices it touches; empty
+    when it fits (``plan_eviction`` then evicts nothing, whatever the candidates)."""
+    need = needed.devices() if isinstance(needed, Cost) else needed
+    return {d: b - free.get(d, 0) for d, b in need.items() if b > 0 and d in budget and b > free.get(d, 0)}
 
 
 def plan_reclaim(short: Mapping[str, int], candidates: Iterable[Candidate], *, min_residency_s: float = 0.0,

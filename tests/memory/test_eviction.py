@@ -154,6 +154,22 @@ def test_admit_reserves_and_never_counts_the_same_victim_twice():
     assert mm.used()[HOST] == 300 + 400 + 250 and mm.free()[HOST] == 50
 
 
+def test_an_admission_that_fits_reads_no_candidate_and_one_that_does_not_reads_them():
+    """A miss on a node with free room (the headroom kept) costs no pass over the loaded models:
+    the reconciler hands the candidates over lazily and the ledger reads them only when short."""
+    mm = MemoryManager({HOST: 1000}, min_residency_s=0)
+    mm.reserve("old", Cost(600, {}, "measured"))
+    read: list[str] = []
+
+    def cands():
+        read.append("old")
+        yield Candidate("old", last_used=1, loaded_at=0)
+
+    assert mm.admit("fits", Cost(300), cands(), now=NOW) == [] and read == []
+    assert "fits" in mm.reservations()
+    assert mm.admit("short", Cost(300), cands(), now=NOW) == ["old"] and read == ["old"]
+
+
 def test_admit_failure_reserves_nothing_and_names_loading_models():
     mm = MemoryManager({HOST: 1000})
     mm.reserve("loading", Cost(700))  # no candidate for it: it is still loading
