@@ -573,8 +573,12 @@ class Reconciler:
         if m.waiters >= self.settings.max_queue:
             raise ModelUnavailable(m.name, f"{m.waiters} requests already wait for it to load", retry_after=1)
         if m.load_task is None or m.load_task.done():
-            m.load_done = asyncio.Event()
-            m.load_task = self._spawn(self._lazy_load(m, m.load_done), f"lazy-load:{m.name}")
+            m.load_done = done = asyncio.Event()
+            m.load_task = self._spawn(self._lazy_load(m, done), f"lazy-load:{m.name}")
+            # the load sets it as it ends; a task cancelled before its first step (close()
+            # right after the request came) never runs that, and its waiters would sit out the
+            # whole load timeout
+            m.load_task.add_done_callback(lambda _task, done=done: done.set())
         done = m.load_done
         assert done is not None  # set with load_task
         m.waiters += 1

@@ -74,6 +74,23 @@ def test_max_queue_bounds_the_requests_waiting_for_one_load(tmp_path, http):
     run(scenario())
 
 
+def test_a_request_whose_lazy_load_was_cancelled_before_it_ran_is_answered_at_once(tmp_path, http):
+    """Requests wait on an event their lazy load sets as it ends; a load task cancelled before its
+    first step (close() or a config removal right after the request came) must still wake them,
+    not leave them to the load timeout."""
+    async def scenario():
+        async with Harness(tmp_path, http, load_timeout_s=30.0) as h:
+            await h.apply(h.spec("m", preload=False))
+            request = asyncio.create_task(h.rec.acquire("m"))
+            while h.model("m").load_task is None:  # this task's next turn is queued before the load's first
+                await asyncio.sleep(0)
+            h.model("m").load_task.cancel()
+            with pytest.raises(ModelUnavailable):
+                await asyncio.wait_for(request, 2.0)
+            assert h.model("m").waiters == 0
+    run(scenario())
+
+
 def test_load_timeout_bounds_a_request_s_wait(tmp_path, http):
     async def scenario():
         async with Harness(tmp_path, http, load_timeout_s=0.2, retry_base_s=60.0) as h:
