@@ -106,9 +106,9 @@ def test_build_stage_wheel_provides_the_entrypoint(tmp_path):
     """Do what the `wheel` stage does, in a copy of exactly what it COPYs: build the wheel, then
     check it installs the `modelshelf` console script the ENTRYPOINT runs, both packages, and the
     `mlserver` extra the embedded stage asks for. (Without build isolation: no network here;
-    so the test venv needs `wheel`, or setuptools >= 70.1 which has bdist_wheel built in.)"""
+    so the test venv needs setuptools >= 77: bdist_wheel built in, and the SPDX `license` string.)"""
     if not _can_build_wheels():
-        pytest.skip("no bdist_wheel in this venv: add `wheel` (or setuptools>=70.1) to the test extra")
+        pytest.skip("no bdist_wheel in this venv: the test extra installs setuptools>=77")
     ctx = tmp_path / "src"
     ctx.mkdir()
     stage = DF.stage("wheel")
