@@ -232,6 +232,7 @@ class Model:
     score: float = 0.0  # --eviction lfu-decay: its decayed request count as of `score_at` (see Reconciler._lease)
     score_at: float = 0.0  # in requests to the agent (Reconciler._tick)
     failures: int = 0
+    last_failure: str | None = None  # the last load failure's reason, kept while it is retried (`failures` > 0)
     permanent: bool = False  # no retry until the config changes (does not fit even alone; quarantined)
     nofit: bool = False  # its last load did not fit in memory: retried when memory frees
     retry_hint: float | None = None  # seconds until a load that did not fit may (retry-after)
@@ -284,6 +285,7 @@ class Model:
             "inflight": self.inflight,
             "loads": self.loads,
             "failures": self.failures,
+            "last_failure": self.last_failure if self.failures else None,
             "pull_seconds": self.pull_seconds,
             "load_seconds": self.load_seconds,
             "loaded_for_seconds": round(now - self.loaded_at, 3) if self.state == S.LOADED else None,
@@ -1419,6 +1421,7 @@ class Reconciler:
         if m.state is not S.FAILED:
             self._set(m, S.FAILED, reason=reason)
         m.reason = reason
+        m.last_failure = reason
         log.warning("model failed", extra=kv(model=m.name, reason=reason, failures=m.failures, retry_in=round(m.retry_at - time.monotonic(), 1)))
 
     def _update_failed(self, m: Model, reason: str) -> None:

@@ -30,6 +30,25 @@ def test_a_failed_lazy_model_is_not_loaded_again_within_its_backoff(tmp_path, ht
     run(scenario())
 
 
+def test_a_failed_model_being_retried_still_says_why_its_last_load_failed(tmp_path, http):
+    """While a failed preload is retried its state is `loading` and its reason is cleared; the
+    last failure stays in /status (`last_failure`), which the data plane's 503 quotes."""
+    async def scenario():
+        async with Harness(tmp_path, http, retry_base_s=1.0) as h:
+            h.adapter.fail_next("load", "m", LoadFailed("m", "weights file truncated"))
+            await h.apply(h.spec("m"))
+            await h.wait_for(lambda: h.state("m") is State.FAILED, what="m failed")
+            gate = h.adapter.hold("load", "m")  # its retry, due in 0.5-1.5 s
+            await gate.entered.wait()
+            doc = h.rec.status()["models"]["m"]
+            assert doc["state"] == "loading" and doc["failures"] >= 1, doc
+            assert "weights file truncated" in (doc["last_failure"] or ""), doc
+            gate.release()
+            await h.wait_for(lambda: h.state("m") is State.LOADED, what="m loaded on retry")
+            assert h.rec.status()["models"]["m"]["last_failure"] is None
+    run(scenario())
+
+
 def test_a_failed_update_is_retried_with_backoff(tmp_path, http):
     async def scenario():
         async with Harness(tmp_path, http) as h:
