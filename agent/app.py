@@ -38,6 +38,7 @@ from agent.api import build_api, build_probes
 from agent.config import load_config_dir
 from agent.fleet import FleetState
 from agent.grpc_server import start_grpc
+from agent.health import ServerHealth
 from agent.logging import get_logger, kv, setup_logging
 from agent.memory import MemoryManager, tree_rss
 from agent.metrics import Metrics
@@ -67,6 +68,7 @@ class Agent:
         self.memory: MemoryManager | None = None
         self._server_ready = False
         self._health_task: asyncio.Task | None = None
+        self.health = ServerHealth()  # the health loop's probe counts, per server process
         self._idle_task: asyncio.Task | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.fleet = FleetState(self)  # /fleet/state and /fleet/drain (agent/fleet.py)
@@ -157,24 +159,22 @@ class Agent:
             await self.reconciler.server_restarted(lost, exit_)
 
     async def _health_loop(self) -> None:
-        """Probe the server for /readyz. Three failed probes in a row mark it not ready (MLServer
-        blocks its loop for a second or two while it imports a runtime). When it is back, the
-        server's index is compared with what we think is loaded (restarts themselves are
-        handled by the adapter's on_restart)."""
-        failures = 0
+        """Probe each server process every 2 s for /readyz: three failed probes in a row of one
+        mark the server not ready, except those of a server busy with a load in flight
+        (agent/health.py says which count). When it is back, the server's index is compared
+        with what we think is loaded (restarts themselves are handled by the adapter's
+        on_restart)."""
         while True:
             await asyncio.sleep(2.0)
-            if await self.adapter.is_ready():
-                failures = 0
+            if self.health.observe(await self.adapter.probe()):
                 if not self._server_ready:
                     log.info("server is ready again")
                     self._server_ready = True
                     self.fleet.bump()
                     await self.reconciler.resync_server(restock=True)
                 continue
-            failures += 1
-            if failures >= 3 and self._server_ready:
-                log.warning("server is not ready", extra=kv(failed_probes=failures))
+            if self._server_ready:
+                log.warning("server is not ready", extra=kv(failed_probes=self.health.failed_probes))
                 self._server_ready = False
                 self.fleet.bump()
 
@@ -229,6 +229,7 @@ class Agent:
             "kind": self.settings.server,
             "url": self.adapter.base_url if self.adapter else None,
             "ready": self._server_ready,
+            "busy": self.health.busy_doc(),  # loading with its probes unanswered: not counted (agent/health.py)
             "embedded": self.settings.server_url is None,
             "pid": process.pid if (process := getattr(self.adapter, "process", None)) is not None else None,
             **(self.adapter.status_doc() if self.adapter is not None else {}),  # e.g. each of several processes

@@ -2,6 +2,7 @@
 from agent.runtimes.base import (
     LoadFailed,
     ModelNotFound,
+    Probe,
     RuntimeAdapter,
     RuntimeErrorBase,
     ServedModel,
@@ -11,6 +12,7 @@ from agent.runtimes.base import (
 __all__ = [
     "LoadFailed",
     "ModelNotFound",
+    "Probe",
     "RuntimeAdapter",
     "RuntimeErrorBase",
     "ServedModel",

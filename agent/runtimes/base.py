@@ -46,6 +46,22 @@ class ServedModel:
     parameters: dict[str, Any] = field(default_factory=dict)  # passed to the server as is
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One readiness probe of one server process (`RuntimeAdapter.probe`)."""
+
+    state: str  # "up" (ready), "busy" (alive but not ready: answered otherwise, or not in time), "down" (nothing listens)
+    # a "busy" this server may well answer while these loads/unloads are in flight on it (its
+    # quirk, said by its adapter: MLServer loads on its event loop): names, oldest first
+    busy_with: tuple[str, ...] = ()
+    busy_for: float = 0.0  # seconds the oldest of them has been in flight
+
+    @property
+    def excused(self) -> bool:
+        """Busy because of a load or unload in flight: not counted toward "not ready" (agent/health.py)."""
+        return self.state == "busy" and bool(self.busy_with)
+
+
 class RuntimeAdapter(abc.ABC):
     """One co-located server. All methods are coroutines safe to call concurrently for
     different models. The reconciler calls load/unload for one model under that model's lock
@@ -99,6 +115,11 @@ class RuntimeAdapter(abc.ABC):
         whose pid comes from --server-pid-file); several server processes: a tuple of those up."""
         process = getattr(self, "process", None)
         return process.pid if process is not None else None
+
+    async def probe(self) -> list[Probe]:
+        """One readiness probe of each server process (one for one server); never raises. This
+        default knows no busy server: anything but ready is "down"."""
+        return [Probe("up" if await self.is_ready() else "down")]
 
     def ready_now(self) -> bool:
         """The embedded server's process is up and was seen ready (no I/O; True for a server

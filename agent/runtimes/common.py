@@ -45,11 +45,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Self
+from typing import Any, AsyncIterator, Iterator, Self
 
 import httpx
 
-from agent.runtimes.base import LoadFailed, RuntimeAdapter, RuntimeErrorBase, ServedModel, ServerUnavailable
+from agent.runtimes.base import LoadFailed, Probe, RuntimeAdapter, RuntimeErrorBase, ServedModel, ServerUnavailable
 from agent.runtimes.process import OnRestart, ServerHandle, ServerProcess, free_port, port_taken
 from agent.upstream import Upstream, UpstreamError
 
@@ -139,6 +139,9 @@ class HTTPServerAdapter(RuntimeAdapter):
     `stop()` at the end."""
 
     entry_file: str  # the file in `<repo>/<name>/` that makes the dir an entry the server sees
+    # whether the server may leave a readiness probe unanswered (or answer not ready) while a
+    # load or unload runs on it: then such a probe says "busy loading", not "not ready" (`probe`)
+    busy_while_loading = False
     # glibc's mmap threshold in an embedded server (MALLOC_MMAP_THRESHOLD_): its initial 128 KiB,
     # fixed, unless the server gives the heap's free pages back itself (MLServerAdapter)
     malloc_mmap_threshold = "131072"
@@ -201,6 +204,11 @@ class HTTPServerAdapter(RuntimeAdapter):
         self._control = Upstream(self._server.base_url, max_connections=32, connect_timeout=2.0)
         self._turns: dict[str, list[Any]] = {}  # name -> [its lock, calls holding or awaiting it] (_one_at_a_time)
         self._given_up: set[str] = set()  # names whose load request was left unanswered (see _unload)
+        # load/unload calls in flight on the server: name -> when sent (one at a time per name);
+        # `probe` reads it. Kept here, not in the reconciler: only the adapter knows every call
+        # it sends (unloads and orphan clean-ups too) and, with several server processes, which
+        # process gets it (agent/runtimes/shards.py holds one adapter per process)
+        self._calls: dict[str, float] = {}
 
     @classmethod
     def embedded(cls, repository: Path, **kwargs: Any) -> Self:
@@ -284,6 +292,28 @@ class HTTPServerAdapter(RuntimeAdapter):
     async def is_ready(self) -> bool:
         return await self._server.is_ready()
 
+    async def probe(self) -> list[Probe]:
+        """One readiness probe; a "busy" one names the loads/unloads in flight on the server
+        when it was sent or answered, if this server is `busy_while_loading`."""
+        before = dict(self._calls)
+        state = await self._server.probe_state()
+        if state != "busy" or not self.busy_while_loading:
+            return [Probe(state)]
+        calls = {**self._calls, **before}
+        if not calls:
+            return [Probe(state)]
+        names = sorted(calls, key=calls.__getitem__)
+        return [Probe(state, tuple(names), round(time.monotonic() - calls[names[0]], 1))]
+
+    @contextlib.contextmanager
+    def _in_flight(self, name: str) -> Iterator[None]:
+        """Mark a load/unload call of `name` as in flight on the server while it runs."""
+        self._calls[name] = time.monotonic()
+        try:
+            yield
+        finally:
+            self._calls.pop(name, None)
+
     async def close(self) -> None:
         await self._http.aclose()
         await self._control.close()
@@ -340,7 +370,8 @@ class HTTPServerAdapter(RuntimeAdapter):
         previous = await asyncio.to_thread(self._prepare_entry, entry, model)  # file work: off the loop
         t0 = time.monotonic()
         try:
-            r = await self._post(f"/v2/repository/models/{model.name}/load", model.name, timeout=self.load_timeout)
+            with self._in_flight(model.name):
+                r = await self._post(f"/v2/repository/models/{model.name}/load", model.name, timeout=self.load_timeout)
         except (_TimedOut, asyncio.CancelledError):
             # the server may still be loading it, or get the request later: keep its entry
             # (unload cleans up, and looks again: see _unload)
@@ -372,10 +403,11 @@ class HTTPServerAdapter(RuntimeAdapter):
 
     async def _server_unload(self, name: str) -> None:
         """POST unload and wait until the server no longer serves `name`."""
-        r = await self._post(f"/v2/repository/models/{name}/unload", name)
-        if r.status_code not in (200, 404):  # 404: not loaded, which is what we want
-            raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
-        await self._wait_unloaded(name)
+        with self._in_flight(name):
+            r = await self._post(f"/v2/repository/models/{name}/unload", name)
+            if r.status_code not in (200, 404):  # 404: not loaded, which is what we want
+                raise RuntimeErrorBase(name, f"unload failed: {self._reason(r)}")
+            await self._wait_unloaded(name)
 
     def served_path(self, name: str) -> Path | None:
         """The model path the entry of `name` was written for (None: no entry of ours)."""

@@ -67,9 +67,10 @@ of the error's reason. A user's MLSERVER_LOGGING_SETTINGS in the agent's environ
 
 Other server quirks handled here: the index wants a JSON body (`{}`; none -> 422); a model that
 is not on disk -> 404, a bad URI -> 422 and a broken model -> 500 with a plain-text traceback
-(trimmed to its last line); the index says UNKNOWN for a model registered but not ready yet;
-unload is synchronous; loading a loaded name loads the new copy before unloading the old one
-(MLServer's registry guarantees it).
+(trimmed to its last line); the index says UNKNOWN for a model registered but not ready yet
+(and /v2/health/ready answers 400 meanwhile, or nothing while the load blocks its event loop:
+`busy_while_loading`); unload is synchronous; loading a loaded name loads the new copy before
+unloading the old one (MLServer's registry guarantees it).
 """
 from __future__ import annotations
 
@@ -234,6 +235,11 @@ class MLServerAdapter(HTTPServerAdapter):
 
     kind = "mlserver"
     entry_file = SETTINGS_FILE
+    # MLServer runs a model's load on its one event loop (sklearn/xgboost: a synchronous
+    # joblib.load inside `async def load`), so a probe waits until the load ends and times out;
+    # and /v2/health/ready answers 400 while any model is registered but still loading. Neither
+    # means the server is down: the agent stays ready through such a load (agent/health.py)
+    busy_while_loading = True
     # blocks under 4 MiB on the heap, whose free pages EntryRepository keeps up to `malloc_keep`
     # and trims past it: joblib.load's transient buffers reuse warm heap pages instead of faulting
     # in a fresh mmap each (benchmarks/results/load_malloc.md)

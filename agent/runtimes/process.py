@@ -412,6 +412,10 @@ class ServerHandle:
     async def is_ready(self) -> bool:
         return await probe_ready(self._client, self._ready_url)
 
+    async def probe_state(self) -> str:
+        """One probe: "up", "busy" or "down" (see `probe_state`)."""
+        return await probe_state(self._client, self._ready_url)
+
     async def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not await self.is_ready():  # embedded and down: the watcher is restarting it

@@ -30,7 +30,8 @@ Restart of one shard: only its models are lost. Its `on_restart` hook gets the n
 placed on it (`on_shard_restart(names, exit)`), and they are forgotten here (their next load
 places them again); the other shards' models keep serving untouched. Readiness: `is_ready()`
 and `ready_now()` are true only when every shard is (the agent is not ready while one is
-down: its models cannot be served, and the agent alone knows which they are).
+down: its models cannot be served, and the agent alone knows which they are); `probe()` probes
+each process, and the agent counts each one's failed probes on its own (agent/health.py).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import logging
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from agent.runtimes.base import LoadFailed, RuntimeAdapter, ServedModel
+from agent.runtimes.base import LoadFailed, Probe, RuntimeAdapter, ServedModel
 from agent.runtimes.mlserver import MLServerAdapter
 
 log = logging.getLogger("modelshelf.runtimes.shards")
@@ -223,6 +224,11 @@ class ShardedAdapter(RuntimeAdapter):
         """Ready only when every shard is: a model placed on a shard that is down cannot be
         served, and which models those are is known only to this adapter (see README)."""
         return all(await asyncio.gather(*(s.is_ready() for s in self.shards)))
+
+    async def probe(self) -> list[Probe]:
+        """One probe of each shard's process, in shard order: a shard busy with its own load is
+        excused, never one whose neighbour loads (agent/health.py counts them per process)."""
+        return [p for probes in await asyncio.gather(*(s.probe() for s in self.shards)) for p in probes]
 
     def ready_now(self) -> bool:
         """Every shard's process is up and was seen ready (no I/O)."""

@@ -200,3 +200,41 @@ def test_two_first_loads_at_once_import_the_runtime_in_one_process(tmp_path: Pat
         assert 10 * 2**20 < imported < 130 * 2**20, imported  # one import (~85 MiB here), not two
     finally:
         agent.stop()
+
+
+def test_a_blocking_load_excuses_the_probes_of_its_own_server_process_only(tmp_path: Path) -> None:
+    """MLServer runs a load on its event loop: while one blocks it (time.sleep, as a big
+    joblib.load does) a probe of that process goes unanswered, and the adapter names the load
+    it is busy with (the agent then does not count it: agent/health.py). The other process's
+    probe is never excused by it: frozen (SIGSTOP) with nothing in flight, it is plain busy."""
+    import asyncio
+
+    from agent.runtimes.base import ServedModel
+    from agent.runtimes.shards import ShardedAdapter
+    from tests.support.servers import start_server
+
+    write_slow_model(tmp_path / "store" / "big", delay=0.0, load_block=5.0)
+    big = ServedModel("big", tmp_path / "store" / "big", "mlserver", implementation=SLOW_IMPLEMENTATION)
+    srv = start_server(lambda: ShardedAdapter(tmp_path / "repository", 2), tmp_path / "repository")
+
+    async def scenario() -> tuple[int, list, list]:
+        adapter = srv.adapter
+        load = asyncio.create_task(adapter.load(big))
+        await asyncio.sleep(1.0)  # sent, and its process is blocked in it
+        i = adapter.shard_of("big")
+        other = adapter.shards[1 - i].process.pid
+        os.kill(other, signal.SIGSTOP)
+        try:
+            during = await adapter.probe()  # 2 s timeout each, both at once
+        finally:
+            os.kill(other, signal.SIGCONT)
+        await load
+        return i, during, await adapter.probe()
+
+    try:
+        i, during, after = srv.call(scenario(), timeout=60)
+    finally:
+        srv.stop()
+    assert during[i].state == "busy" and during[i].excused and during[i].busy_with == ("big",), during
+    assert during[1 - i].state == "busy" and not during[1 - i].excused, during
+    assert [p.state for p in after] == ["up", "up"] and not any(p.excused for p in after), after

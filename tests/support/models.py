@@ -110,11 +110,13 @@ def v2_request(rows: list[list[float]], name: str = "input-0", datatype: str = "
 
 _SLOW_MODEL = '''"""A custom MLServer runtime for tests: echoes its input after sleeping.
 
-Settings: `probe.json` next to this file ({"delay": s, "load_delay": s, "load_log": path,
-"load_gate": path}); the model's parameters.extra (same keys) override it; a request parameter
-`delay` overrides both; the answer's parameters say the `delay` applied. A load takes `load_delay` seconds, then waits until the file `load_gate`
-exists when set (a test holds the load in the server that way), and appends one line to
-`load_log` when set (to count loads).
+Settings: `probe.json` next to this file ({"delay": s, "load_delay": s, "load_block": s,
+"load_log": path, "load_gate": path}); the model's parameters.extra (same keys) override it; a
+request parameter `delay` overrides both; the answer's parameters say the `delay` applied. A load
+first blocks the server's event loop for `load_block` seconds (time.sleep: as a big joblib.load
+in MLServer's sklearn runtime does), then takes `load_delay` seconds, then waits until the file
+`load_gate` exists when set (a test holds the load in the server that way), and appends one line
+to `load_log` when set (to count loads).
 """
 import asyncio
 import json
@@ -136,8 +138,9 @@ class SlowModel(MLModel):
                 with open(probe) as f:
                     conf.update(json.load(f))
         extra = (self.settings.parameters.extra if self.settings.parameters else None) or {}
-        conf.update({k: v for k, v in extra.items() if k in ("delay", "load_delay", "load_log", "load_gate")})
+        conf.update({k: v for k, v in extra.items() if k in ("delay", "load_delay", "load_block", "load_log", "load_gate")})
         self.delay = float(conf.get("delay", 1.0))
+        time.sleep(float(conf.get("load_block", 0.0)))
         await asyncio.sleep(float(conf.get("load_delay", 0.0)))
         gate = conf.get("load_gate")
         while gate and not os.path.exists(gate):
@@ -166,15 +169,16 @@ SLOW_IMPLEMENTATION = "slow_model.SlowModel"
 
 
 def write_slow_model(directory: Path, delay: float = 1.0, load_log: Path | None = None, load_delay: float = 0.0,
-                     load_gate: Path | None = None) -> Path:
+                     load_gate: Path | None = None, load_block: float = 0.0) -> Path:
     """A custom MLServer model dir (`runtime: mlserver`, implementation SLOW_IMPLEMENTATION)
-    whose requests take `delay` seconds and whose load takes `load_delay` seconds and, with
-    `load_gate`, lasts until that file exists (the test creates it to let the load finish);
-    each load appends a line to `load_log` if given (count them with `count_loads`)."""
+    whose requests take `delay` seconds and whose load blocks the server's event loop for
+    `load_block` seconds, then takes `load_delay` seconds and, with `load_gate`, lasts until that
+    file exists (the test creates it to let the load finish); each load appends a line to
+    `load_log` if given (count them with `count_loads`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "slow_model.py").write_text(_SLOW_MODEL)
-    probe: dict[str, Any] = {"delay": delay, "load_delay": load_delay}
+    probe: dict[str, Any] = {"delay": delay, "load_delay": load_delay, "load_block": load_block}
     if load_log is not None:
         probe["load_log"] = str(load_log)
     if load_gate is not None:
