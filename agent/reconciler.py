@@ -251,6 +251,11 @@ class Model:
     load_done: asyncio.Event | None = None  # set when load_task's lazy load ended: wakes its waiters
     changed_at: float = field(default_factory=time.time)
 
+    def failure_now(self) -> str | None:
+        """The last load failure's reason while it counts (`failures` > 0: the model is retried);
+        None once a load succeeded or its config changed."""
+        return self.last_failure if self.failures else None
+
     def __post_init__(self) -> None:
         self.idle.set()
 
@@ -285,7 +290,7 @@ class Model:
             "inflight": self.inflight,
             "loads": self.loads,
             "failures": self.failures,
-            "last_failure": self.last_failure if self.failures else None,
+            "last_failure": self.failure_now(),
             "pull_seconds": self.pull_seconds,
             "load_seconds": self.load_seconds,
             "loaded_for_seconds": round(now - self.loaded_at, 3) if self.state == S.LOADED else None,

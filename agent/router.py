@@ -673,9 +673,9 @@ class Router:
                 await _json(send, 200, {"name": name, "ready": True})
             else:  # KServe answers 503 for a model that is not ready (its SDK reads it as False)
                 reason = getattr(model, "reason", None)
-                if not reason and getattr(model, "failures", 0) and getattr(model, "last_failure", None):
+                if not reason and (failure := model.failure_now()):
                     # a failed model being retried: its state says loading, the client still learns why
-                    reason = f"retrying after {model.failures} failed load(s), the last: {model.last_failure}"
+                    reason = f"retrying after {model.failures} failed load(s), the last: {failure}"
                 await send_error(send, 503, f"model {name!r} is not ready (state: {model.state.value}"
                                             + (f": {_clean(str(reason))}" if reason else "") + ")")
             return

@@ -48,11 +48,7 @@ async def _notify_restart(on_restart: OnRestart | None, name: str) -> None:
 
 async def probe_ready(client: httpx.AsyncClient, url: str) -> bool:
     """One GET of a readiness URL; True on 200, False on anything else (never raises)."""
-    try:
-        r = await client.get(url)
-        return r.status_code == 200
-    except (httpx.HTTPError, OSError):
-        return False
+    return await probe_state(client, url) == "up"
 
 
 async def probe_state(client: httpx.AsyncClient, url: str) -> str:
