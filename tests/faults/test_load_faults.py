@@ -23,7 +23,7 @@ def test_a_failing_and_a_hanging_load_leave_the_rest_serving(start_agent, store,
     agent = start_agent([store.entry("a"), fault_entry("fails", fails), fault_entry("hangs", hangs)],
                         "--load-timeout", "8", wait=False)
     try:
-        wait_http(agent.url + "/healthz", 60)  # not ready until its first loads ended, one by hanging
+        agent.wait_up(60)  # not ready until its first loads ended, one by hanging
         agent.wait_state("a", "loaded", timeout=60)
         with Traffic(agent.url, {"a": store.expected["a"]}) as traffic:
             status = agent.wait_for(lambda s: s["models"]["fails"]["state"] == "failed" and s["models"]["hangs"]["state"] == "failed",
@@ -47,7 +47,7 @@ def test_hanging_preloads_do_not_starve_a_lazy_load(start_agent, store, tmp_path
     agent = start_agent([fault_entry("h1", hangs), fault_entry("h2", hangs), store.entry("a", preload=False)],
                         "--load-timeout", "30", "--load-concurrency", "2", wait=False)
     try:
-        wait_http(agent.url + "/healthz", 60)
+        agent.wait_up(60)
         agent.wait_for(lambda s: all(s["models"].get(n, {}).get("state") == "loading" for n in ("h1", "h2")), timeout=60,
                        what="both hanging loads in flight")
         code, doc = agent.get("/readyz")
@@ -69,7 +69,7 @@ def test_a_load_that_kills_the_server_is_quarantined(start_agent, store, tmp_pat
     crash = write_fault_model(tmp_path / "crash", "exit", token=token, load_log=load_log)
     agent = start_agent([store.entry("a"), store.entry("b"), fault_entry("crash", crash)],
                         "--resync-interval", "1", env={FAULT_TOKEN_ENV: token}, wait=False)
-    wait_http(agent.url + "/healthz", 60)  # up; ready only once its server stopped crashing
+    agent.wait_up(60)  # up; ready only once its server stopped crashing
     agent.wait_for(lambda s: "crash" in s["models"], timeout=30, what="the config applied")
     with Traffic(agent.url, {n: store.expected[n] for n in "ab"}, per_model=1) as traffic:
         status = agent.wait_for(lambda s: s["models"]["crash"]["state"] == "failed"

@@ -11,7 +11,7 @@ from tritonclient.grpc import service_pb2 as pb
 from agent.cli import build_parser, settings_from_args
 from tests.support.agentproc import AgentProcess
 from tests.support.configmap import ConfigMapDir
-from tests.support.net import free_port, wait_http
+from tests.support.net import free_port
 
 
 def settings(*argv: str):
@@ -40,7 +40,7 @@ def test_while_starting_live_not_ready_and_calls_unavailable(tmp_path):
     agent = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--server-url", nothing,
                          "--server-repository", str(tmp_path / "repo"))
     try:
-        wait_http(agent.url + "/healthz", timeout=60)
+        agent.wait_up(60)
         with tg.InferenceServerClient(agent.grpc_target) as c:
             assert c.is_server_live() and not c.is_server_ready()
         with grpc.insecure_channel(agent.grpc_target) as channel:
@@ -60,7 +60,7 @@ def test_grpc_off_listens_on_nothing(tmp_path):
     agent = AgentProcess(cm.root, tmp_path / "cache", tmp_path / "agent.log", "--server-url", f"http://127.0.0.1:{free_port()}",
                          "--server-repository", str(tmp_path / "repo"), "--grpc-port", "off")
     try:
-        wait_http(agent.url + "/healthz", timeout=60)
+        agent.wait_up(60)
         with tg.InferenceServerClient(agent.grpc_target) as c:
             with pytest.raises(Exception):
                 c.is_server_live(client_timeout=5)

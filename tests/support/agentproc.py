@@ -35,11 +35,27 @@ class AgentProcess:
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 60) -> "AgentProcess":
-        try:
-            wait_http(self.url + "/readyz", timeout=timeout)
-        except TimeoutError:
-            raise TimeoutError(f"agent not ready; log:\n{self.log()[-4000:]}") from None
-        return self
+        """Wait for /readyz: the agent listens, its server is up and its preloads are loaded."""
+        return self._wait("/readyz", timeout, "agent not ready")
+
+    def wait_up(self, timeout: float = 60) -> "AgentProcess":
+        """Wait for /healthz: the agent listens (its server may still be starting or loading)."""
+        return self._wait("/healthz", timeout, "agent not up")
+
+    def _wait(self, path: str, timeout: float, what: str) -> "AgentProcess":
+        """Poll `path` until it answers 200. Fails at once when the agent process exited (with its
+        exit code), else after `timeout`; either way the error carries the agent's log tail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                wait_http(self.url + path, timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+                return self
+            except TimeoutError as e:
+                if self.proc.poll() is not None:
+                    raise TimeoutError(f"{what}: the agent exited with code {self.proc.returncode}; "
+                                       f"log:\n{self.log()[-4000:]}") from None
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{what} within {timeout}s ({e}); log:\n{self.log()[-4000:]}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
