@@ -1331,10 +1331,9 @@ def make_tree_writable(root: Path) -> None:
 
 
 def _utc_now_iso() -> str:
-    """Now in UTC, ISO 8601 to the second (datetime is imported after the transfer, not before)."""
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    """Now in UTC, ISO 8601 to the second, as datetime.now(timezone.utc).isoformat(timespec=
+    "seconds") writes it (without importing datetime: ~1.5 ms of a pull's finish)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
 
 
 def _rmtree(path: Path) -> None:

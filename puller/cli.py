@@ -212,7 +212,7 @@ def _pull_uncached(src: Source, listing: Listing | None, dest: Path, options: Pu
     """Download through a throw-away (scratch) cache next to DEST (same file system: files are
     moved; when DEST does not exist yet, the whole tree in one rename). `listing`: src's, when
     known already (_fetch_ahead)."""
-    from puller.cache import Cache, make_tree_writable
+    from puller.cache import Cache
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -229,10 +229,29 @@ def _pull_uncached(src: Source, listing: Listing | None, dest: Path, options: Pu
             _place(entry, dest, "move")
         return entry
     finally:
+        _remove_tree(tmp_root)
+
+
+def _remove_tree(root: Path) -> None:
+    """Remove the scratch root, bottom up, without importing shutil (with bz2 and lzma: ~2.5 ms
+    of a pull's finish); anything else than plain writable directories, files and links (a
+    read-only directory from an archive, a file that will not go) is left to shutil.rmtree,
+    as before, after the directories are made writable again."""
+    try:
+        for dirpath, dirs, names in os.walk(root, topdown=False):
+            for name in names:
+                os.unlink(os.path.join(dirpath, name))
+            for name in dirs:  # (links to directories are listed here, not followed)
+                path = os.path.join(dirpath, name)
+                os.unlink(path) if os.path.islink(path) else os.rmdir(path)
+        os.rmdir(root)
+    except OSError:
         import shutil
 
-        make_tree_writable(tmp_root)
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        from puller.cache import make_tree_writable
+
+        make_tree_writable(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _private_dir(parent: Path, prefix: str) -> Path:

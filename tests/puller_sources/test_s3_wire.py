@@ -332,10 +332,12 @@ _AFTER_FIRST_GET = ("tempfile", "random", "shutil", "bz2", "lzma", "datetime", "
 # and typing (annotations are strings; nothing on the path needs it at run time), the idna codec
 # (an ASCII endpoint host goes to getaddrinfo as bytes; encodings.idna is a module of encodings),
 # dataclasses with inspect, ast and dis (puller.record makes the puller's value classes; httpx's
-# dependencies import dataclasses for an http:// pull)
+# dependencies import dataclasses for an http:// pull), shutil with bz2 and lzma (the scratch root
+# is removed with os.walk; shutil only where that fails) and datetime (the manifest's date comes
+# from time)
 _NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid",
                           "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing", "stringprep",
-                          "dataclasses", "inspect", "ast", "dis"),
+                          "dataclasses", "inspect", "ast", "dis", "shutil", "bz2", "lzma", "datetime"),
                    "http": ("urllib3", "xml")}
 
 
