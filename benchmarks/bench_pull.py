@@ -690,6 +690,9 @@ def ab_main(args: argparse.Namespace) -> int:
         tools: dict[str, list[str]] = {"modelshelf (this checkout)": install_cli(ROOT, work / "venv-0", env)["cli"]}
         if args.before_root:
             tools["modelshelf (--before-root)"] = install_cli(Path(args.before_root).resolve(), work / "venv-1", env)["cli"]
+        for n, spec in enumerate(args.ab_root):  # LABEL=PATH: a variant checkout (e.g. one change taken out)
+            label, _, root = spec.partition("=")
+            tools[f"modelshelf ({label})"] = install_cli(Path(root).resolve(), work / f"venv-{n + 2}", env)["cli"]
         tools["s5cmd"] = []
         runs: dict[str, dict[str, list[dict[str, float]]]] = {}
         results["loadavg_start"] = _load()
@@ -773,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the time from exec to the first requests (strace), --repeat rounds")
     ap.add_argument("--ab", action="store_true",
                     help="only paired rounds: this checkout's CLI, --before-root's and s5cmd in turn, --repeat rounds")
+    ap.add_argument("--ab-root", action="append", default=[], metavar="LABEL=PATH",
+                    help="--ab: another checkout's CLI in the rounds too (repeatable)")
     args = ap.parse_args(argv)
     if args.code_root:
         sys.path.insert(0, str(Path(args.code_root).resolve()))
@@ -1034,6 +1039,8 @@ def _scrub_paths(results: dict) -> None:
     """No path of the machine that ran it in a result: the s3rver binary, the baseline checkout,
     the scratch and code roots are named by role."""
     a = results.get("args", {})
+    if a.get("ab_root"):
+        a["ab_root"] = [spec.partition("=")[0] + "=<variant checkout>" for spec in a["ab_root"]]
     for k, role in (("s3rver", "<s3rver>"), ("before_root", "<baseline checkout>"), ("work_dir", "DIR"),
                     ("code_root", "<code root>"), ("out", "OUT")):
         if a.get(k):
