@@ -703,6 +703,7 @@ def ab_main(args: argparse.Namespace) -> int:
                     dest = work / "dest-ab"
                     shutil.rmtree(dest, ignore_errors=True)
                     cmd = tool_commands(set_name, dest, work / "unused", cli)[PULL if cli else "s5cmd"]
+                    time.sleep(args.settle)  # the endpoint idle (its deferred work done) before each run
                     load = os.getloadavg()[0]
                     e0 = _proc_cpu(proc.pid)
                     seconds = _run(cmd, env, args.timeout)
@@ -733,7 +734,7 @@ def ab_main(args: argparse.Namespace) -> int:
     name = _save_json(results, args, "pull_ab")
     lines = ["# Pull: paired rounds against s5cmd", "",
              f"{_machine_line(results)}{results['rounds']} rounds, each tool once per set and round, in turn (order reversed every other "
-             "round), a fresh DEST each; modelshelf runs as installed from a wheel.", "",
+             f"round), a fresh DEST each, {args.settle:g} s of idle before each run; modelshelf runs as installed from a wheel.", "",
              "Seconds and CPU: median (min-max) over the rounds. vs s5cmd: s5cmd's wall / the tool's in the same "
              "round (> 1: faster than s5cmd), median (min-max) over the rounds.", "",
              "| set: tool | wall s | vs s5cmd, per round | CPU s | endpoint CPU s |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -778,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only paired rounds: this checkout's CLI, --before-root's and s5cmd in turn, --repeat rounds")
     ap.add_argument("--ab-root", action="append", default=[], metavar="LABEL=PATH",
                     help="--ab: another checkout's CLI in the rounds too (repeatable)")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="--ab: seconds of idle before each run (the previous run's aftermath settles)")
     args = ap.parse_args(argv)
     if args.code_root:
         sys.path.insert(0, str(Path(args.code_root).resolve()))
