@@ -346,10 +346,12 @@ def recording_proxy(s3: S3Server, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_parts_that_would_outnumber_the_workers_grow_to_one_per_worker(s3: S3Server, tmp_path: Path,
-                                                                       recording_proxy: _RecordingProxy) -> None:
+                                                                       recording_proxy: _RecordingProxy,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Each request costs the store something: an object split into more parts than there are
     workers is fetched in one part per worker instead (as many transfers at once, fewer
-    requests); one that splits into fewer keeps the configured part size."""
+    requests), parts no larger than the cap (64 MiB; 2 MiB here); one that splits into fewer
+    keeps the configured part size."""
     data = os.urandom(6 * 2**20 + 3)
     s3.put("models", "big/weights.bin", data)
     _pull("s3://models/big/weights.bin", tmp_path / "a", part_size=2**20, max_concurrency=2)
@@ -362,6 +364,14 @@ def test_parts_that_would_outnumber_the_workers_grow_to_one_per_worker(s3: S3Ser
     assert (tmp_path / "b" / "weights.bin").read_bytes() == data
     assert sorted(r for m, r in recording_proxy.seen if m == "GET") == [
         f"bytes=0-{4 * 2**20 - 1}", f"bytes={4 * 2**20}-{len(data) - 1}"]
+    recording_proxy.seen.clear()
+    import puller.sources.s3 as s3_source
+
+    monkeypatch.setattr(s3_source, "_MAX_PART", 2 * 2**20)
+    _pull("s3://models/big/weights.bin", tmp_path / "c", part_size=2**20, max_concurrency=2)
+    assert (tmp_path / "c" / "weights.bin").read_bytes() == data
+    assert sorted((r for m, r in recording_proxy.seen if m == "GET"), key=lambda r: int(r[6:].split("-")[0])) == [
+        f"bytes={s}-{min(s + 2 * 2**20, len(data)) - 1}" for s in range(0, len(data), 2 * 2**20)]
 
 
 def test_gets_sent_ahead_are_read_by_fetch_never_sent_twice(s3: S3Server, tmp_path: Path,
