@@ -41,6 +41,13 @@ benchmarks/results/pull_first_request[_LABEL].md/.json):
         of s5cmd, under strace (-f --seccomp-bpf -e
         trace=execve,sendto,write), rounds interleaved; strace slows every process alike, a little
 
+Paired rounds (results in benchmarks/results/pull_ab[_LABEL].md/.json):
+    PATH=<s5cmd's bin>:$PATH .venv/bin/python benchmarks/bench_pull.py --ab --repeat 7 [--before-root MAIN]
+        each round: this checkout's CLI (installed), --before-root's and s5cmd pull each set in turn
+        (order reversed every other round), fresh DEST each; wall, the tool's CPU and the endpoint's
+        CPU per run, and each round's s5cmd / CLI wall ratio (the median of those is the verdict
+        figure a user's typical run sees; the main run's best-of-N is the best case)
+
 Tools run round robin, --repeat times (best run reported, every run kept in the JSON with the
 1-minute load average before it): on a shared machine a burst of load then hits one run of
 several tools rather than every run of one. Only the last modelshelf cache is kept (for the
@@ -620,17 +627,10 @@ def first_request_main(args: argparse.Namespace) -> int:
                              for k, v in row.items() if all(x is not None for x in v)}
         results["first_requests"] = summary
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(work, ignore_errors=True)
-    _scrub_paths(results)
-    name = "pull_first_request" + (f"_{args.label}" if args.label else "")
-    _save(args.out, f"{name}.json", json.dumps(results, indent=2) + "\n")
-    m = results["machine"]
+        _stop(proc, work)
+    name = _save_json(results, args, "pull_first_request")
     lines = ["# Pull: time from exec to the first requests", "",
-             f"Machine: {m['cpus']} CPUs, {m['ram_gib']} GiB, Python {m['python']}; endpoint {results['endpoint']}; "
-             f"1-minute load {results['loadavg_start'][0]} at start, {results['loadavg_end'][0]} at end; "
-             f"{results['rounds']} interleaved rounds under strace (-f --seccomp-bpf -e trace=execve,sendto,write).", "",
+             f"{_machine_line(results)}{results['rounds']} interleaved rounds under strace (-f --seccomp-bpf -e trace=execve,sendto,write).", "",
              "ms from exec: median (min-max). s5cmd's first request is its LIST (a wildcard); modelshelf's is the HEAD, "
              "sent with the LIST where both go out together. modelshelf runs as installed from a wheel (a venv whose "
              ".pth names the checkout: no editable finder), and this checkout also as the editable dev install "
@@ -640,6 +640,110 @@ def first_request_main(args: argparse.Namespace) -> int:
         cells = [f"{row[k]['median']:.1f} ({row[k]['min']:.1f}-{row[k]['max']:.1f})" if k in row else "-"
                  for k in ("first_request_ms", "list_ms", "first_get_ms")]
         lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
+    _save(args.out, f"{name}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _stop(proc: subprocess.Popen, work: Path) -> None:
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _save_json(results: dict, args: argparse.Namespace, name: str) -> str:
+    """Write `results` (machine paths scrubbed) as NAME[_LABEL].json; returns that name."""
+    _scrub_paths(results)
+    name += f"_{args.label}" if args.label else ""
+    _save(args.out, f"{name}.json", json.dumps(results, indent=2) + "\n")
+    return name
+
+
+def _machine_line(results: dict) -> str:
+    m = results["machine"]
+    return (f"Machine: {m['cpus']} CPUs, {m['ram_gib']} GiB, Python {m['python']}; endpoint {results['endpoint']}; "
+            f"1-minute load {results['loadavg_start'][0]} at start, {results['loadavg_end'][0]} at end; ")
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ab_main(args: argparse.Namespace) -> int:
+    """`--ab`: paired rounds. Each round pulls each set with every tool in turn (this checkout's
+    CLI as installed, --before-root's, s5cmd; the order reversed every other round), a fresh DEST
+    each; per run: wall seconds, the tool's CPU, the endpoint's CPU (/proc of its process). The
+    verdict figure is each round's s5cmd / CLI wall ratio, so a burst of load from other jobs
+    hits the tools it is compared with as well."""
+    import statistics
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pull-ab-", dir=args.work_dir))
+    endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work, args.s3rver)
+    results: dict = {"machine": _machine(), "endpoint": endpoint_name, "work_fs": _fs_type(work), "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rounds": max(1, args.repeat)}
+    try:
+        sets = upload(endpoint, args.large_mib, args.small_count, args.small_kib, work)
+        env = _env(endpoint, work)
+        os.environ.update(env)  # s5cmd's --endpoint-url
+        tools: dict[str, list[str]] = {"modelshelf (this checkout)": install_cli(ROOT, work / "venv-0", env)["cli"]}
+        if args.before_root:
+            tools["modelshelf (--before-root)"] = install_cli(Path(args.before_root).resolve(), work / "venv-1", env)["cli"]
+        for n, spec in enumerate(args.ab_root):  # LABEL=PATH: a variant checkout (e.g. one change taken out)
+            label, _, root = spec.partition("=")
+            tools[f"modelshelf ({label})"] = install_cli(Path(root).resolve(), work / f"venv-{n + 2}", env)["cli"]
+        tools["s5cmd"] = []
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {}
+        results["loadavg_start"] = _load()
+        for r in range(results["rounds"]):
+            order = list(tools.items()) if r % 2 == 0 else list(reversed(tools.items()))
+            for set_name, objects in sets.items():
+                for label, cli in order:
+                    dest = work / "dest-ab"
+                    shutil.rmtree(dest, ignore_errors=True)
+                    cmd = tool_commands(set_name, dest, work / "unused", cli)[PULL if cli else "s5cmd"]
+                    time.sleep(args.settle)  # the endpoint idle (its deferred work done) before each run
+                    load = os.getloadavg()[0]
+                    e0 = _proc_cpu(proc.pid)
+                    seconds = _run(cmd, env, args.timeout)
+                    one = {"seconds": seconds, "cpu_s": _last_cpu[0], "endpoint_cpu_s": _proc_cpu(proc.pid) - e0,
+                           "load": round(load, 2), "round": r}
+                    _check_tree(dest, objects, set_name)
+                    shutil.rmtree(dest, ignore_errors=True)
+                    runs.setdefault(set_name, {}).setdefault(label, []).append(one)
+                    print(f"ab round={r} set={set_name} tool={label!r} {seconds:.3f}s cpu={one['cpu_s']:.3f} "
+                          f"endpoint_cpu={one['endpoint_cpu_s']:.3f} load={load:.2f}", flush=True)
+        results["loadavg_end"] = _load()
+        summary: dict[str, dict] = {}
+        for set_name, by_tool in runs.items():
+            s5 = by_tool["s5cmd"]
+            rows = {}
+            for label, rs in by_tool.items():
+                rows[label] = {k: {"median": statistics.median(x[k] for x in rs), "min": min(x[k] for x in rs),
+                                   "max": max(x[k] for x in rs)} for k in ("seconds", "cpu_s", "endpoint_cpu_s")}
+                if label != "s5cmd":
+                    ratios = [a["seconds"] / b["seconds"] for a, b in zip(s5, rs)]  # same rounds, in order
+                    rows[label]["vs_s5cmd_per_round"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                                         "max": max(ratios), "all": [round(x, 3) for x in ratios]}
+                rows[label]["runs"] = rs
+            summary[set_name] = rows
+        results["sets"] = summary
+    finally:
+        _stop(proc, work)
+    name = _save_json(results, args, "pull_ab")
+    lines = ["# Pull: paired rounds against s5cmd", "",
+             f"{_machine_line(results)}{results['rounds']} rounds, each tool once per set and round, in turn (order reversed every other "
+             f"round), a fresh DEST each, {args.settle:g} s of idle before each run; modelshelf runs as installed from a wheel.", "",
+             "Seconds and CPU: median (min-max) over the rounds. vs s5cmd: s5cmd's wall / the tool's in the same "
+             "round (> 1: faster than s5cmd), median (min-max) over the rounds.", "",
+             "| set: tool | wall s | vs s5cmd, per round | CPU s | endpoint CPU s |", "| --- | ---: | ---: | ---: | ---: |"]
+    for set_name, rows in results["sets"].items():
+        for label, row in rows.items():
+            cell = lambda k: f"{row[k]['median']:.3f} ({row[k]['min']:.3f}-{row[k]['max']:.3f})"  # noqa: E731
+            ratio = row.get("vs_s5cmd_per_round")
+            vs = f"{ratio['median']:.3f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "-"
+            lines.append(f"| {set_name}: {label} | {cell('seconds')} | {vs} | {cell('cpu_s')} | {cell('endpoint_cpu_s')} |")
     _save(args.out, f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -671,6 +775,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="another checkout (e.g. main before this change) for the start-up-per-scheme table")
     ap.add_argument("--first-request", action="store_true",
                     help="only the time from exec to the first requests (strace), --repeat rounds")
+    ap.add_argument("--ab", action="store_true",
+                    help="only paired rounds: this checkout's CLI, --before-root's and s5cmd in turn, --repeat rounds")
+    ap.add_argument("--ab-root", action="append", default=[], metavar="LABEL=PATH",
+                    help="--ab: another checkout's CLI in the rounds too (repeatable)")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="--ab: seconds of idle before each run (the previous run's aftermath settles)")
     args = ap.parse_args(argv)
     if args.code_root:
         sys.path.insert(0, str(Path(args.code_root).resolve()))
@@ -678,6 +788,8 @@ def main(argv: list[str] | None = None) -> int:
         return local_main(args)
     if args.first_request:
         return first_request_main(args)
+    if args.ab:
+        return ab_main(args)
 
     work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.work_dir))
     endpoint, endpoint_name, proc = start_endpoint(args.endpoint, work, args.s3rver)
@@ -930,6 +1042,8 @@ def _scrub_paths(results: dict) -> None:
     """No path of the machine that ran it in a result: the s3rver binary, the baseline checkout,
     the scratch and code roots are named by role."""
     a = results.get("args", {})
+    if a.get("ab_root"):
+        a["ab_root"] = [spec.partition("=")[0] + "=<variant checkout>" for spec in a["ab_root"]]
     for k, role in (("s3rver", "<s3rver>"), ("before_root", "<baseline checkout>"), ("work_dir", "DIR"),
                     ("code_root", "<code root>"), ("out", "OUT")):
         if a.get(k):

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from puller.cache import Cache, Entry
-    from puller.sources.base import Source
+    from puller.sources.base import Listing, Source
 
 # The cache (and what only it needs: tempfile, shutil, datetime...) and the progress sinks are
 # imported where used: a pull imports them after its listing's requests are on the wire (_opened)
@@ -101,13 +101,15 @@ def _pull(args: argparse.Namespace, scrubber: "_Scrubber") -> int:
     t0 = time.monotonic()
     try:
         options = _options(args, scrubber)
-        src = _opened(args.uri, options)
-        configure_now()
+        dest = Path(args.dest)
+        # without a cache, the first GETs go out as soon as the listing is known (_fetch_ahead)
+        src = _opened(args.uri, options, fetch_ahead=not args.cache_dir)
         try:
+            listing = None if args.cache_dir else _fetch_ahead(src, dest)
+            configure_now()
             from puller.progress import make_progress
 
             progress = make_progress(enabled=not args.no_progress)
-            dest = Path(args.dest)
             if args.cache_dir:
                 from puller.cache import Cache
 
@@ -118,7 +120,7 @@ def _pull(args: argparse.Namespace, scrubber: "_Scrubber") -> int:
                                 dest)
                 _place(entry, dest, mode)
             else:
-                entry = _pull_uncached(src, dest, options, progress)
+                entry = _pull_uncached(src, listing, dest, options, progress)
         finally:
             src.close()  # (the cache closed it already, unless an error came first)
         log.info("event=pull_done uri=%s dest=%s files=%d bytes=%d cache=%s seconds=%.3f", entry.uri, dest,
@@ -161,24 +163,56 @@ def _options(args: argparse.Namespace, scrubber: "_Scrubber") -> PullOptions:
     return options
 
 
-def _opened(uri: str, options: PullOptions) -> Source:
+def _opened(uri: str, options: PullOptions, fetch_ahead: bool = False) -> Source:
     """The source of `uri` with its listing's requests sent (S3: the HEAD and the first LIST
-    page): the store works on them while this process imports the cache and sets it up, instead
-    of after. Nothing but what the request needs is imported before (the module-list test in
-    tests/puller_sources/test_s3_wire.py pins that)."""
+    page): the store works on them while this process goes on, instead of after. Nothing but
+    what the request needs is imported before (the module-list test in
+    tests/puller_sources/test_s3_wire.py pins that). `fetch_ahead`: see _fetch_ahead."""
     src = open_source(uri, options)
     try:
-        src.begin_list()
+        src.begin_list(fetch_ahead)
     except BaseException:
         src.close()
         raise
     return src
 
 
-def _pull_uncached(src: Source, dest: Path, options: PullOptions, progress: Any) -> Entry:
+def _fetch_ahead(src: Source, dest: Path) -> Listing:
+    """The drop-in's listing, and its first GETs sent at once (`begin_fetch`): the store sends
+    the first bytes while this process imports the cache and makes its scratch root (the
+    interpreter's start-up and those imports were most of the CLI's lag behind s5cmd, pull.notes.md
+    "pull9"). Before any GET leaves, DEST's file system must have room for the listed bytes
+    (statvfs): a disk too full fails here, with nothing fetched. The space itself is still
+    reserved (fallocate) before the first byte is written; answers never read are dropped unread."""
+    listing = src.list()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if listing.local_path is None:
+        _check_space(dest.parent, listing.total_bytes, listing.uri)
+        src.begin_fetch(listing)
+    return listing
+
+
+def _check_space(directory: Path, need: int, uri: str) -> None:
+    """Raise PullError when `directory`'s file system has fewer than `need` bytes free for this
+    user (root may use the reserved blocks too). A file system that reports no size (some
+    network and FUSE ones) is not checked: fallocate still is, before the first write."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return
+    if st.f_blocks == 0:
+        return
+    free = st.f_frsize * (st.f_bfree if os.geteuid() == 0 else st.f_bavail)
+    if need > free:
+        raise PullError(f"{uri}: no space left on device: {need} bytes to fetch, {free} free in {directory}",
+                        uri=uri)
+
+
+def _pull_uncached(src: Source, listing: Listing | None, dest: Path, options: PullOptions, progress: Any) -> Entry:
     """Download through a throw-away (scratch) cache next to DEST (same file system: files are
-    moved; when DEST does not exist yet, the whole tree in one rename)."""
-    from puller.cache import Cache, make_tree_writable
+    moved; when DEST does not exist yet, the whole tree in one rename). `listing`: src's, when
+    known already (_fetch_ahead)."""
+    from puller.cache import Cache
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -188,17 +222,36 @@ def _pull_uncached(src: Source, dest: Path, options: PullOptions, progress: Any)
 
         tmp_root = Path(tempfile.mkdtemp(prefix="modelshelf-pull-"))
     try:
-        entry = Cache(tmp_root, scratch=True).ensure_source(src, options, progress)
+        entry = Cache(tmp_root, scratch=True).ensure_source(src, options, progress, listing=listing)
         if entry.in_place:
             _place(entry, dest, "copy")
         elif not _rename_tree(Path(entry.path), dest):
             _place(entry, dest, "move")
         return entry
     finally:
+        _remove_tree(tmp_root)
+
+
+def _remove_tree(root: Path) -> None:
+    """Remove the scratch root, bottom up, without importing shutil (with bz2 and lzma: ~2.5 ms
+    of a pull's finish); anything else than plain writable directories, files and links (a
+    read-only directory from an archive, a file that will not go) is left to shutil.rmtree,
+    as before, after the directories are made writable again."""
+    try:
+        for dirpath, dirs, names in os.walk(root, topdown=False):
+            for name in names:
+                os.unlink(os.path.join(dirpath, name))
+            for name in dirs:  # (links to directories are listed here, not followed)
+                path = os.path.join(dirpath, name)
+                os.unlink(path) if os.path.islink(path) else os.rmdir(path)
+        os.rmdir(root)
+    except OSError:
         import shutil
 
-        make_tree_writable(tmp_root)
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        from puller.cache import make_tree_writable
+
+        make_tree_writable(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _private_dir(parent: Path, prefix: str) -> Path:

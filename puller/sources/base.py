@@ -340,9 +340,10 @@ class Source(abc.ABC):
         """Where to report the bytes written to `target` (None: nobody asked)."""
         return self.digests.file(target, size) if self.digests is not None else None
 
-    def begin_list(self) -> None:
+    def begin_list(self, fetch_ahead: bool = False) -> None:
         """Send what `list()` will wait for, without waiting (a source over a network may; the
-        default sends nothing). `list()` reads the answers; `close()` drops unread ones."""
+        default sends nothing). `list()` reads the answers; `close()` drops unread ones.
+        `fetch_ahead`: the caller will call `begin_fetch` right after `list()`."""
 
     @abc.abstractmethod
     def list(self) -> Listing:
@@ -351,6 +352,11 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def fetch(self, listing: Listing, dest: Path, progress: Progress) -> None:
         """Write every object of `listing` to `dest / obj.path`, verifying sizes."""
+
+    def begin_fetch(self, listing: Listing) -> None:
+        """Send the requests `fetch(listing, ...)` starts with, without waiting and without
+        writing anything (the default sends nothing); `fetch` reads their answers, `close()`
+        drops unread ones."""
 
     def close(self) -> None:
         pass

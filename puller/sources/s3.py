@@ -15,7 +15,13 @@ not static, see there).
 fetch(): one thread pool of ``options.max_concurrency`` workers over one shared client
 (connection pool sized to match; a body read to its end hands its connection back for the next
 GET). Small objects are one GET each; objects larger than ``options.part_size`` are split into
-ranged GETs written in place. A plain-HTTP body that nothing needs to see on its way (no digest
+ranged GETs written in place, at most one part per worker up to 64 MiB parts (``_part_size``:
+a 512 MiB object is 16 parts of 32 MiB, not 32 of 16 MiB; never fewer parts than workers where
+there were at least as many before). ``begin_fetch`` (what `modelshelf pull` calls once the
+listing is known) sends the first GETs, one per worker, before the caller sets up where the
+bytes go: the store starts sending while the caller works; ``fetch`` reads those answers first
+(a retry sends again) and ``close`` drops any not read (their connections closed unread: no
+byte of them is written anywhere). A plain-HTTP body that nothing needs to see on its way (no digest
 being recorded, no store checksum to check) is spliced socket -> pipe -> file at its offset
 (splice(2), see s3_wire.Pipe); any other body (TLS, chunked, digests or checksums wanted, a file
 system that refuses splice) is read straight off the connection into one reused 64 KiB buffer per
@@ -64,6 +70,8 @@ log = get_logger("modelshelf.puller.sources.s3")  # logging imported on first us
 # page-cache folios from the buddy allocator of a VM with free page reporting); 1 MiB reads and
 # writes still cost 0.8-1.0 s of system time in this run.
 _CHUNK = 64 << 10
+# Parts grow past options.part_size up to one per worker, at most this big (see _part_size)
+_MAX_PART = 64 << 20
 _REPORT_EVERY = 1 << 20  # progress.advance at most once per MiB per stream
 _tls = threading.local()
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"}
@@ -235,13 +243,18 @@ class S3Source(Source):
         self._keys: dict[str, tuple[str, str]] = {}  # path -> (key, etag)
         self._cancel = threading.Event()
         self._ahead: tuple[Any, Any] | None = None  # (HEAD, first LIST page) sent by begin_list
+        self._gets_ahead: dict[tuple[str, int, int], Any] = {}  # (key, start, end) -> a GET sent by begin_fetch
+        self._fetch_ahead = False  # begin_list(fetch_ahead=True): list() leaves its record to begin_fetch
+        self._unlogged: tuple | None = None  # the last listing's s3_list record, not made yet
 
-    def begin_list(self) -> None:
+    def begin_list(self, fetch_ahead: bool = False) -> None:
         """Send the listing's first requests now; `list()` reads their answers. The HEAD that tells
         an object from a prefix and the prefix's first LIST page go out together, on two
         connections: a prefix costs one round trip, not two, and the store answers both while
-        the caller does something else (`modelshelf pull` imports the cache meanwhile). For an
-        object the LIST answer is dropped unread (one more request to the store: the price)."""
+        the caller does something else. For an object the LIST answer is dropped unread (one
+        more request to the store: the price). `fetch_ahead`: the caller calls `begin_fetch`
+        right after `list()`, which then leaves its record to `begin_fetch` (see _log_listed)."""
+        self._fetch_ahead = fetch_ahead
         if self._ahead is not None:
             return
         p = self._parsed
@@ -256,6 +269,26 @@ class S3Source(Source):
         ahead, self._ahead = self._ahead, None
         for sent in ahead or ():
             _drop(sent)
+        gets, self._gets_ahead = self._gets_ahead, {}
+        for sent in gets.values():
+            _drop(sent)
+        self._log_listed()
+
+    def begin_fetch(self, listing: Listing) -> None:
+        """Send the GETs that `fetch(listing, ...)` starts with (one per worker, in its order)
+        now, without waiting: the store answers while the caller prepares the destination
+        (`modelshelf pull` imports and sets up its scratch cache meanwhile). `fetch` reads them
+        (a retry sends again); `close` drops those never read. Nothing is written here: the
+        destination's space is still reserved (preallocate) before the first byte lands, and a
+        failure before that drops the answers unread."""
+        try:
+            if self._gets_ahead or any(o.path not in self._keys for o in listing.objects):
+                return
+            for key, etag, start, end, whole in self._plan(listing)[:self._workers]:
+                kwargs = self._get_args(key, etag, start, end, whole)
+                self._gets_ahead[(key, start, end)] = _send_ahead(lambda kw=kwargs: self._client.begin_get_object(**kw))
+        finally:
+            self._log_listed()
 
     # -- listing ---------------------------------------------------------------------------
     def list(self) -> Listing:
@@ -301,9 +334,17 @@ class S3Source(Source):
             _check_file_dir_conflicts(keys, self._uri)
         self._keys = keys
         listing = Listing(uri=p.normalized, objects=tuple(objects), archive=archive)
-        log.info("event=s3_list uri=%s files=%d bytes=%d single=%s seconds=%.3f", self._uri, len(objects),
-                 listing.total_bytes, head is not None, time.monotonic() - t0)
+        self._unlogged = (self._uri, len(objects), listing.total_bytes, head is not None, time.monotonic() - t0)
+        if not self._fetch_ahead:
+            self._log_listed()
         return listing
+
+    def _log_listed(self) -> None:
+        """The listing's record (s3_list), made once the first GETs are sent where the caller
+        fetches ahead (making a record imports logging: after the requests, not before them)."""
+        record, self._unlogged = self._unlogged, None
+        if record is not None:
+            log.info("event=s3_list uri=%s files=%d bytes=%d single=%s seconds=%.3f", *record)
 
     def _head_args(self, key: str) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Key": key}
@@ -348,13 +389,59 @@ class S3Source(Source):
                 return
 
     # -- fetching --------------------------------------------------------------------------
+    def _plan(self, listing: Listing) -> list[tuple[str, str, int, int, bool]]:
+        """fetch's GETs in the order its workers take them: (key, etag, first byte, last byte, whole
+        object); a zero-byte object has none."""
+        plan: list[tuple[str, str, int, int, bool]] = []
+        for obj in listing.objects:
+            key, etag = self._keys[obj.path]
+            if obj.size <= self._whole_max:
+                if obj.size > 0:
+                    plan.append((key, etag, 0, obj.size - 1, True))
+                continue
+            part = self._part_size(obj.size)
+            plan.extend((key, etag, s, min(s + part, obj.size) - 1, False) for s in range(0, obj.size, part))
+        return plan
+
+    @property
+    def _whole_max(self) -> int:
+        """The largest object fetched in one GET (options.part_size, at least 1 MiB); a larger
+        one is split into ranged parts, its blocks allocated first."""
+        return max(1 << 20, int(self._options.part_size))
+
+    def _part_size(self, size: int) -> int:
+        """The ranged-GET part of an object of `size` bytes (more than _whole_max):
+        options.part_size, unless its parts would outnumber the workers: then they grow, to one
+        part per worker and at most _MAX_PART. Each request costs the store a little (an s3rver
+        measure: 32 MiB parts of 512 MiB cost it ~0.08 s less CPU than 16 MiB ones,
+        benchmarks/results/pull.notes.md "pull8"), and as many parts go at once as before (never
+        fewer parts than workers)."""
+        part = self._whole_max
+        if size <= part * self._workers:
+            return part
+        per_worker = -(-size // self._workers)
+        per_worker = -(-per_worker // (1 << 20)) << 20  # whole MiB
+        return min(per_worker, max(part, _MAX_PART))
+
+    def _get_args(self, key: str, etag: str, start: int, end: int, whole: bool) -> dict[str, Any]:
+        """The client's arguments for a GET of bytes [start, end] of `key`: the whole object
+        (`whole`, from its first byte: with the store's checksum asked for) or a range."""
+        kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Key": key}
+        if not whole:
+            kwargs["Range"] = f"bytes={start}-{end}"
+        elif not self._settings.is_gcs:
+            kwargs["ChecksumMode"] = "ENABLED"  # the store's checksum, verified as it streams
+        if etag:
+            kwargs["IfMatch"] = etag
+        return kwargs
+
     def fetch(self, listing: Listing, dest: Path, progress: Progress) -> None:
+        self._log_listed()
         if any(o.path not in self._keys for o in listing.objects):
             self.list()
         dest = Path(dest)
         t0 = time.monotonic()
         self._cancel.clear()
-        part = max(1 << 20, int(self._options.part_size))
         tasks: list[Callable[[], None]] = []
         open_fds: list[int] = []
         try:
@@ -365,9 +452,10 @@ class S3Source(Source):
                 if target.parent not in made:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     made.add(target.parent)
-                if obj.size <= part:
+                if obj.size <= self._whole_max:
                     tasks.append(self._small_task(key, etag, target, obj, progress))
                     continue
+                part = self._part_size(obj.size)
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 open_fds.append(fd)
                 preallocate(fd, obj.size)
@@ -422,14 +510,12 @@ class S3Source(Source):
         def attempt() -> None:
             if self._cancel.is_set():
                 raise Cancelled()
-            kwargs: dict[str, Any] = {"Bucket": self._parsed.bucket, "Key": key}
-            if not (whole and pos[0] == start):
-                kwargs["Range"] = f"bytes={pos[0]}-{end}"
-            elif not self._settings.is_gcs:
-                kwargs["ChecksumMode"] = "ENABLED"  # the store's checksum, verified as it streams
-            if etag:
-                kwargs["IfMatch"] = etag
-            resp = self._client.get_object(**kwargs)
+            # the first attempt reads the answer to the GET begin_fetch sent, if it did
+            sent = self._gets_ahead.pop((key, start, end), None) if pos[0] == start and self._gets_ahead else None
+            if isinstance(sent, BaseException):
+                raise sent
+            resp = sent.result() if sent is not None else self._client.get_object(
+                **self._get_args(key, etag, pos[0], end, whole and pos[0] == start))
             # the whole object in one response: check the store's checksum as the bytes stream by
             check = _StreamChecksum.of(resp.headers) if pos[0] == start and whole else None
             unreported = 0

@@ -258,14 +258,7 @@ class S3WireClient:
     def get_object(self, Bucket: str, Key: str, Range: str | None = None, IfMatch: str | None = None,
                    ChecksumMode: str | None = None) -> "_Response":
         """The streaming response (`readinto` to its end, then `release_conn()`; else `close()`)."""
-        headers: dict[str, str] = {}
-        if Range:
-            headers["Range"] = Range
-        if IfMatch:
-            headers["If-Match"] = IfMatch
-        if ChecksumMode:
-            headers["x-amz-checksum-mode"] = ChecksumMode
-        return self._begin("GetObject", "GET", Bucket, Key, {}, headers, stream=True).result()
+        return self.begin_get_object(Bucket, Key, Range, IfMatch, ChecksumMode).result()
 
     # -- plumbing ---------------------------------------------------------------------------
     def _url(self, bucket: str, key: str, region: str) -> tuple[str, str, str]:
@@ -333,6 +326,18 @@ class S3WireClient:
             params["continuation-token"] = ContinuationToken
         return self._begin("ListObjectsV2", "GET", Bucket, "", params, {}, shape=lambda r: _parse_listing(r.data))
 
+    def begin_get_object(self, Bucket: str, Key: str, Range: str | None = None, IfMatch: str | None = None,
+                         ChecksumMode: str | None = None) -> "Pending":
+        """`get_object` sent now, on a connection of its own; `.result()` is the streaming response."""
+        headers: dict[str, str] = {}
+        if Range:
+            headers["Range"] = Range
+        if IfMatch:
+            headers["If-Match"] = IfMatch
+        if ChecksumMode:
+            headers["x-amz-checksum-mode"] = ChecksumMode
+        return self._begin("GetObject", "GET", Bucket, Key, {}, headers, stream=True)
+
     def _begin(self, op: str, method: str, bucket: str, key: str, params: dict[str, str],
                headers: dict[str, str], stream: bool = False, redirected: bool = False,
                shape: Any = None) -> "Pending":
@@ -371,7 +376,9 @@ class Pending:
         body = r.data if method != "HEAD" else b""
         r.release_conn()
         code, message = _parse_error(body, r.status, r.reason)
-        log.debug("event=s3_error_response op=%s what=%s status=%d code=%s", op, self._sent.what, r.status, code)
+        if not (method == "HEAD" and r.status == 404):  # (a prefix's HEAD: the expected answer, and a
+            # record made before the first GET would import logging on the way to it: puller.logs)
+            log.debug("event=s3_error_response op=%s what=%s status=%d code=%s", op, self._sent.what, r.status, code)
         new_region = r.headers.get("x-amz-bucket-region")
         if not redirected and new_region and new_region != self._region and r.status in (301, 400):
             self._client._regions[bucket] = new_region  # botocore's S3RegionRedirector: re-sign there, once

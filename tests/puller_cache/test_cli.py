@@ -130,6 +130,8 @@ def test_a_record_logged_before_the_first_request_goes_through_the_clis_handler(
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "dest" / "w.bin").read_bytes() == b"anonymous bytes"
     assert " INFO modelshelf.puller.sources.s3 event=s3_anonymous reason=no_credentials_found " in r.stderr, r.stderr
+    # the listing's record, made once the first GETs are on the wire (puller.cli._fetch_ahead)
+    assert " INFO modelshelf.puller.sources.s3 event=s3_list uri=s3://public/m files=1 " in r.stderr, r.stderr
 
 
 def test_cache_ls_gc_verify(tmp_path: Path, http_server: HTTPFileServer) -> None:

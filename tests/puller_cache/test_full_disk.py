@@ -20,6 +20,7 @@ import pytest
 from puller import Cache, PullError
 from puller.cache import model_holder
 from tests.support.httpserver import HTTPFileServer
+from tests.support.s3server import S3Server, s3_server, s3_server_session  # noqa: F401 - fixtures
 
 
 def _mount_tmpfs(opts: str) -> Path | None:
@@ -149,3 +150,28 @@ def test_a_local_model_used_in_place_is_served_on_a_disk_with_no_inode_left(
     (d / f"inode-filler-{fillers - 2}").unlink()
     assert cache.refresh_leases() == 1
     assert [le.holder for le in cache.leases(entry.key)] == ["pod@local"]
+
+
+def test_the_drop_in_pull_onto_a_full_disk_fails_before_any_get_is_sent(
+        small_fs: Callable[[str], Path], s3_server: S3Server) -> None:
+    """`modelshelf pull URI DEST` sends its first GETs as soon as the listing is known, before it
+    sets up where they go: DEST's file system is checked for the listed bytes first, so a disk
+    too small fails with nothing fetched and nothing left in DEST's parent."""
+    import time
+
+    from tests.puller_cache.conftest import cli_env, run_cli
+    from tests.puller_sources.test_s3_transfer import _RecordingProxy
+
+    d = small_fs("size=1m")
+    s3_server.create_bucket("models")
+    s3_server.put("models", "m/weights.bin", os.urandom(3_000_000))
+    proxy = _RecordingProxy(s3_server.endpoint_url)
+    try:
+        env = cli_env({**s3_server.env(), "AWS_ENDPOINT_URL": proxy.url})
+        r = run_cli("pull", "s3://models/m", str(d / "dest"), "--no-progress", env=env)
+        time.sleep(0.5)  # (any request sent before the exit reaches the proxy's handler meanwhile)
+    finally:
+        proxy.close()
+    assert r.returncode == 1 and "no space left on device" in r.stderr, r.stderr
+    assert sorted(m for m, _ in proxy.seen) == ["GET LIST", "HEAD"]
+    assert os.listdir(d) == []

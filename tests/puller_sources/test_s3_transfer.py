@@ -315,3 +315,86 @@ def test_a_key_that_is_also_a_directory_of_another_key_is_refused(s3: S3Server, 
     s3.put("models", "clash/ok/x.bin", b"fine")
     with pytest.raises(PullError, match="'a/b' is both an object and a directory of 'a/b/c/weights.bin'"):
         open_source("s3://models/clash", PullOptions(retry_deadline_s=1)).list()
+
+
+class _RecordingProxy(_KeepAliveProxy):
+    """The keep-alive proxy, remembering each request as (method, Range header or None)."""
+
+    def __init__(self, upstream: str):
+        self.seen: list[tuple[str, str | None]] = []
+        super().__init__(upstream)
+        self.RequestHandlerClass = _RecordingHandler
+
+
+class _RecordingHandler(_KeepAliveHandler):
+    server: _RecordingProxy
+
+    def _record(self) -> None:
+        self.server.seen.append((self.command + (" LIST" if "list-type=" in self.path else ""),
+                                 self.headers.get("Range")))
+        self._forward()
+
+    do_GET = do_HEAD = _record
+
+
+@pytest.fixture
+def recording_proxy(s3: S3Server, monkeypatch: pytest.MonkeyPatch):
+    proxy = _RecordingProxy(s3.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    yield proxy
+    proxy.close()
+
+
+def test_parts_that_would_outnumber_the_workers_grow_to_one_per_worker(s3: S3Server, tmp_path: Path,
+                                                                       recording_proxy: _RecordingProxy,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each request costs the store something: an object split into more parts than there are
+    workers is fetched in one part per worker instead (as many transfers at once, fewer
+    requests), parts no larger than the cap (64 MiB; 2 MiB here); one that splits into fewer
+    keeps the configured part size."""
+    data = os.urandom(6 * 2**20 + 3)
+    s3.put("models", "big/weights.bin", data)
+    _pull("s3://models/big/weights.bin", tmp_path / "a", part_size=2**20, max_concurrency=2)
+    assert (tmp_path / "a" / "weights.bin").read_bytes() == data
+    half = 3 * 2**20 + 2**20  # ceil(size / 2 workers), in whole MiB
+    assert sorted(r for m, r in recording_proxy.seen if m == "GET") == [
+        f"bytes=0-{half - 1}", f"bytes={half}-{len(data) - 1}"]
+    recording_proxy.seen.clear()
+    _pull("s3://models/big/weights.bin", tmp_path / "b", part_size=4 * 2**20, max_concurrency=2)
+    assert (tmp_path / "b" / "weights.bin").read_bytes() == data
+    assert sorted(r for m, r in recording_proxy.seen if m == "GET") == [
+        f"bytes=0-{4 * 2**20 - 1}", f"bytes={4 * 2**20}-{len(data) - 1}"]
+    recording_proxy.seen.clear()
+    import puller.sources.s3 as s3_source
+
+    monkeypatch.setattr(s3_source, "_MAX_PART", 2 * 2**20)
+    _pull("s3://models/big/weights.bin", tmp_path / "c", part_size=2**20, max_concurrency=2)
+    assert (tmp_path / "c" / "weights.bin").read_bytes() == data
+    assert sorted((r for m, r in recording_proxy.seen if m == "GET"), key=lambda r: int(r[6:].split("-")[0])) == [
+        f"bytes={s}-{min(s + 2 * 2**20, len(data)) - 1}" for s in range(0, len(data), 2 * 2**20)]
+
+
+def test_gets_sent_ahead_are_read_by_fetch_never_sent_twice(s3: S3Server, tmp_path: Path,
+                                                           recording_proxy: _RecordingProxy) -> None:
+    """`modelshelf pull` sends a fetch's first GETs (one per worker) as soon as the listing is
+    known, before it sets up where they go: fetch reads those answers instead of asking again,
+    and a source closed before its fetch drops them unread, writing nothing."""
+    files = {f"m/f{i}.bin": os.urandom(1000 + i) for i in range(5)}
+    for k, v in files.items():
+        s3.put("models", k, v)
+    src = open_source("s3://models/m", PullOptions(retry_deadline_s=5, max_concurrency=2))
+    src.begin_list(fetch_ahead=True)
+    listing = src.list()
+    src.begin_fetch(listing)
+    gets_ahead = [m for m, _ in recording_proxy.seen if m == "GET"]
+    src.fetch(listing, tmp_path / "a", CountingProgress())
+    src.close()
+    assert tree(tmp_path / "a") == {k.removeprefix("m/"): v for k, v in files.items()}
+    assert len(gets_ahead) <= 2  # (the proxy may not have seen both yet)
+    assert sorted(m for m, _ in recording_proxy.seen) == ["GET"] * 5 + ["GET LIST", "HEAD"]
+    recording_proxy.seen.clear()
+    src = open_source("s3://models/m", PullOptions(retry_deadline_s=5, max_concurrency=2))
+    src.begin_list(fetch_ahead=True)
+    src.begin_fetch(src.list())
+    src.close()
+    assert not (tmp_path / "b").exists()

@@ -315,9 +315,15 @@ _NEVER_FOR_PULL = ("pydantic", "pydantic_core", "botocore", "boto3", "s3transfer
 _AFTER_FIRST_REQUEST = ("puller.cache", "puller.progress", "tempfile", "concurrent", "xml", "datetime", "random", "json",
                         "base64", "zlib", "shutil", "bz2", "lzma",
                         "logging", "traceback", "linecache", "tokenize", "textwrap", "string")
-# and what waits until the transfer is under way: the scratch root is made without tempfile, the
-# cache imports shutil (rmtree) and datetime (the manifest's date) where it uses them
-_AFTER_FIRST_GET = ("tempfile", "random", "shutil", "bz2", "lzma", "datetime")
+# and what waits until the transfer is under way: the drop-in sends its first GETs as soon as the
+# listing is known (puller.cli._fetch_ahead), then imports the cache, the progress sinks, the
+# transfer's thread pool (concurrent.futures), json (the scratch entry's files) and logging (the
+# listing's record is made after those GETs; a prefix's 404 HEAD makes none), fcntl (the key's
+# lock), ctypes (fallocate); the scratch root is made without tempfile, the cache imports shutil
+# (rmtree) and datetime (the manifest's date) where it uses them
+_AFTER_FIRST_GET = ("tempfile", "random", "shutil", "bz2", "lzma", "datetime", "puller.cache", "puller.progress",
+                    "concurrent", "json", "logging", "traceback", "tokenize", "textwrap", "string", "fcntl", "ctypes",
+                    "queue")
 # an S3 pull of plain files with static keys and no AWS config file also leaves these to the
 # pulls that need them: archive readers (an archive), configparser (an .s3cfg, an AWS config
 # file), uuid (never: temp names come from os.urandom), http.client with email's parser (the wire
@@ -326,10 +332,12 @@ _AFTER_FIRST_GET = ("tempfile", "random", "shutil", "bz2", "lzma", "datetime")
 # and typing (annotations are strings; nothing on the path needs it at run time), the idna codec
 # (an ASCII endpoint host goes to getaddrinfo as bytes; encodings.idna is a module of encodings),
 # dataclasses with inspect, ast and dis (puller.record makes the puller's value classes; httpx's
-# dependencies import dataclasses for an http:// pull)
+# dependencies import dataclasses for an http:// pull), shutil with bz2 and lzma (the scratch root
+# is removed with os.walk; shutil only where that fails) and datetime (the manifest's date comes
+# from time)
 _NOT_FOR_SCHEME = {"s3": ("httpx", "httpcore", "h11", "anyio", "urllib3", "tarfile", "zipfile", "configparser", "uuid",
                           "http", "email", "ssl", "hashlib", "_hashlib", "hmac", "typing", "stringprep",
-                          "dataclasses", "inspect", "ast", "dis"),
+                          "dataclasses", "inspect", "ast", "dis", "shutil", "bz2", "lzma", "datetime"),
                    "http": ("urllib3", "xml")}
 
 
@@ -354,7 +362,8 @@ def test_a_pull_imports_nothing_of_the_agent_nor_what_its_scheme_does_not_use(s3
             if scheme == "s3":
                 early = [m for m in out["before_first_request"] if m in _AFTER_FIRST_REQUEST
                          or m.split(".")[0] in _AFTER_FIRST_REQUEST]
-                early += [m for m in out["before_first_get"] if m.split(".")[0] in _AFTER_FIRST_GET]
+                early += [m for m in out["before_first_get"] if m in _AFTER_FIRST_GET
+                          or m.split(".")[0] in _AFTER_FIRST_GET]
                 assert early == []
     assert (tmp_path / "s3" / "w.bin").read_bytes() == b"s3-bytes"
     assert (tmp_path / "http" / "w.bin").read_bytes() == b"http-bytes"
