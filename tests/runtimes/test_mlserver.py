@@ -690,7 +690,8 @@ def _ran_in_a_fresh_interpreter(test: str) -> bool:
 
 def test_the_repository_parses_an_entry_once_and_never_reloads_an_installed_runtime(tmp_path: Path, monkeypatch) -> None:
     """In-process, on MLServer's own classes: a second load of the same entry is not parsed
-    again (a deep copy of the first parse), and the settings of an installed runtime import
+    again (a deep copy of the first parse), nor is another builtin-runtime entry that differs
+    only by its name and parameters.uri (the first parse with its own name and uri), and the settings of an installed runtime import
     their class without `importlib.reload` (a custom implementation keeps MLServer's reload).
     Runs in a fresh interpreter: MLServer's gRPC protos and tritonclient's (imported by other
     tests in this process) both declare `inference.*` in protobuf's default pool."""
@@ -703,10 +704,11 @@ def test_the_repository_parses_an_entry_once_and_never_reloads_an_installed_runt
     from agent.runtimes.mlserver import IMPLEMENTATIONS
     from agent.runtimes.mlserver_repository import EntryRepository
 
-    for name, impl in (("sk", "mlserver_sklearn.SKLearnModel"), ("custom", "tests_custom_impl.Model")):
+    for name, impl in (("sk", "mlserver_sklearn.SKLearnModel"), ("custom", "tests_custom_impl.Model"),
+                       ("sk2", "mlserver_sklearn.SKLearnModel"), ("sk3", "mlserver_sklearn.SKLearnModel")):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "model-settings.json").write_text(json.dumps(
-            {"name": name, "implementation": impl, "parameters": {"uri": str(tmp_path / name)}}))
+        params = {"uri": str(tmp_path / name / "model.joblib")} | ({"version": "3"} if name == "sk3" else {})
+        (tmp_path / name / "model-settings.json").write_text(json.dumps({"name": name, "implementation": impl, "parameters": params}))
     (tmp_path / "custom" / "tests_custom_impl.py").write_text("from mlserver import MLModel\nclass Model(MLModel):\n    pass\n")
     repo = EntryRepository(str(tmp_path), builtin=IMPLEMENTATIONS.values())
     parses = []
@@ -721,6 +723,18 @@ def test_the_repository_parses_an_entry_once_and_never_reloads_an_installed_runt
     assert first.implementation.__name__ == "SKLearnModel" and reloads == []
     custom = asyncio.run(repo.find("custom"))[0]
     assert custom.implementation.__name__ == "Model" and reloads == ["tests_custom_impl"]
+    # another builtin entry that differs only by its name and uri: the first one's parse, its own name and uri
+    parsed = len(parses)
+    other = asyncio.run(repo.find("sk2"))[0]
+    assert len(parses) == parsed
+    assert other.name == "sk2" and other.parameters.uri == str(tmp_path / "sk2" / "model.joblib")
+    assert first.name == "sk" and first.parameters.uri == str(tmp_path / "sk" / "model.joblib")  # the first one untouched
+    full = ms_settings.ModelSettings.model_validate(json.loads((tmp_path / "sk2" / "model-settings.json").read_text()))
+    assert other.model_dump() == full.model_dump()
+    # one that differs in anything else (a version) is parsed
+    parsed = len(parses)
+    versioned = asyncio.run(repo.find("sk3"))[0]
+    assert len(parses) == parsed + 1 and versioned.parameters.version == "3" and versioned.name == "sk3"
 
 
 def _wait_for_line(srv: RunningServer, text: str, timeout: float = 10.0) -> list[str]:
