@@ -441,6 +441,15 @@ def _trim_after_registry_calls(keep: int, publish: str | None = None) -> None:
     MultiModelRegistry._modelshelf_reserve = reserve
 
 
+ONE_TURN_MLSERVER = "1.7."  # the MLServer whose SingleModelRegistry.unload _unload_in_one_turn rewrites
+
+
+def _mlserver_version() -> str:
+    from mlserver import __version__
+
+    return __version__
+
+
 def _unload_in_one_turn() -> None:
     """Make a registry unload run its steps one after the other instead of through
     `asyncio.gather` (once per process). MLServer 1.7's SingleModelRegistry.unload gathers
@@ -455,6 +464,11 @@ def _unload_in_one_turn() -> None:
     anything else runs; as with gather(return_exceptions=True), a hook that raises does not stop
     the others, and the model is unloaded all the same."""
     if getattr(SingleModelRegistry, "_modelshelf_one_turn", False):
+        return
+    if not _mlserver_version().startswith(ONE_TURN_MLSERVER):
+        # the two methods below are 1.7's, rewritten: another version keeps its own (slower) unload
+        mlserver_logger.warning("modelshelf: MLServer %s is not %s.x: its registry unload is left as it is",
+                                _mlserver_version(), ONE_TURN_MLSERVER.rstrip("."))
         return
 
     async def _unload_model(self, model) -> None:  # SingleModelRegistry._unload_model, hooks in order

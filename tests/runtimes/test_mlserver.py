@@ -939,3 +939,22 @@ def test_an_unload_that_has_started_ends_before_the_next_request_on_the_loop_run
 
     asyncio.run(scenario())
     assert order == ["failing hook", "hook", "unloaded", "next request"]
+
+
+def test_another_mlserver_version_keeps_its_own_unload(tmp_path: Path, monkeypatch) -> None:
+    """The one-turn unload rewrites MLServer 1.7's SingleModelRegistry methods: under another
+    version (an upgrade of the pin) the embedded server keeps MLServer's own unload, slower but
+    that version's, and the test above then fails until the rewrite is checked against it."""
+    if _ran_in_a_fresh_interpreter("test_another_mlserver_version_keeps_its_own_unload"):
+        return
+    from mlserver.registry import SingleModelRegistry
+
+    from agent.runtimes import mlserver_repository
+
+    own = SingleModelRegistry.unload
+    monkeypatch.setattr(mlserver_repository, "_mlserver_version", lambda: "1.8.0")
+    mlserver_repository.EntryRepository(str(tmp_path))
+    assert SingleModelRegistry.unload is own
+    monkeypatch.setattr(mlserver_repository, "_mlserver_version", lambda: "1.7.1")
+    mlserver_repository.EntryRepository(str(tmp_path))
+    assert SingleModelRegistry.unload is not own
