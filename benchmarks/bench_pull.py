@@ -45,8 +45,10 @@ Paired rounds (results in benchmarks/results/pull_ab[_LABEL].md/.json):
     PATH=<s5cmd's bin>:$PATH .venv/bin/python benchmarks/bench_pull.py --ab --repeat 7 [--before-root MAIN]
         each round: this checkout's CLI (installed), --before-root's and s5cmd pull each set in turn
         (order reversed every other round), fresh DEST each; wall, the tool's CPU and the endpoint's
-        CPU per run, and each round's s5cmd / CLI wall ratio (the median of those is the verdict
-        figure a user's typical run sees; the main run's best-of-N is the best case)
+        CPU per run (each also in the kernel alone; with --settle S also the endpoint's CPU in the
+        S seconds after the run: its aftermath), and each round's s5cmd / CLI wall ratio (the median
+        of those is the verdict figure a user's typical run sees; the main run's best-of-N is the
+        best case)
 
 Tools run round robin, --repeat times (best run reported, every run kept in the JSON with the
 1-minute load average before it): on a shared machine a burst of load then hits one run of
@@ -260,6 +262,7 @@ def tool_commands(set_name: str, dest: Path, cache: Path, cli: list[str] = DEV_C
 # CPU seconds (user + system) of the last timed run: its child processes, or this process for
 # the in-process rows. On a shared 2-core machine CPU is steadier than wall time.
 _last_cpu: list[float | None] = [None]
+_last_sys: list[float] = [0.0]  # of that, in the kernel (_run)
 
 
 def _cpu_now(who: int) -> float:
@@ -269,10 +272,12 @@ def _cpu_now(who: int) -> float:
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None) -> float:
     c0 = _cpu_now(resource.RUSAGE_CHILDREN)
+    s0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout, cwd=cwd)
     seconds = time.perf_counter() - t0
     _last_cpu[0] = _cpu_now(resource.RUSAGE_CHILDREN) - c0
+    _last_sys[0] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime - s0
     if r.returncode != 0:
         raise RuntimeError(f"exit {r.returncode}: {r.stderr.decode(errors='replace')[-400:]}")
     return seconds
@@ -665,10 +670,14 @@ def _machine_line(results: dict) -> str:
             f"1-minute load {results['loadavg_start'][0]} at start, {results['loadavg_end'][0]} at end; ")
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used so far (/proc/PID/stat)."""
+def _proc_cpu(pid: int, system_only: bool = False) -> float:
+    """CPU seconds (user + system, or system alone) process `pid` has used so far (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[12]) + (0 if system_only else int(fields[11]))) / os.sysconf("SC_CLK_TCK")
+
+
+_AB_FIGURES = ("seconds", "cpu_s", "cpu_sys_s", "endpoint_cpu_s", "endpoint_sys_s", "endpoint_after_cpu_s",
+               "endpoint_total_cpu_s", "both_cpu_s")
 
 
 def ab_main(args: argparse.Namespace) -> int:
@@ -703,17 +712,28 @@ def ab_main(args: argparse.Namespace) -> int:
                     dest = work / "dest-ab"
                     shutil.rmtree(dest, ignore_errors=True)
                     cmd = tool_commands(set_name, dest, work / "unused", cli)[PULL if cli else "s5cmd"]
-                    time.sleep(args.settle)  # the endpoint idle (its deferred work done) before each run
+                    if not runs:
+                        time.sleep(args.settle)  # (the later runs' idle is the previous run's, below)
                     load = os.getloadavg()[0]
-                    e0 = _proc_cpu(proc.pid)
+                    e0, k0 = _proc_cpu(proc.pid), _proc_cpu(proc.pid, system_only=True)
                     seconds = _run(cmd, env, args.timeout)
-                    one = {"seconds": seconds, "cpu_s": _last_cpu[0], "endpoint_cpu_s": _proc_cpu(proc.pid) - e0,
+                    e1 = _proc_cpu(proc.pid)
+                    one = {"seconds": seconds, "cpu_s": _last_cpu[0], "endpoint_cpu_s": e1 - e0,
+                           "cpu_sys_s": _last_sys[0], "endpoint_sys_s": _proc_cpu(proc.pid, system_only=True) - k0,
                            "load": round(load, 2), "round": r}
                     _check_tree(dest, objects, set_name)
                     shutil.rmtree(dest, ignore_errors=True)
+                    # the endpoint idle (its deferred work done) before the next run; what it spends
+                    # meanwhile is this run's aftermath (closing its connections, freeing its buffers):
+                    # with --settle, endpoint CPU + after = the whole of what this pull cost the endpoint
+                    time.sleep(args.settle)
+                    one["endpoint_after_cpu_s"] = _proc_cpu(proc.pid) - e1
+                    one["endpoint_total_cpu_s"] = one["endpoint_cpu_s"] + one["endpoint_after_cpu_s"]
+                    one["both_cpu_s"] = one["cpu_s"] + one["endpoint_total_cpu_s"]  # client and endpoint together
                     runs.setdefault(set_name, {}).setdefault(label, []).append(one)
                     print(f"ab round={r} set={set_name} tool={label!r} {seconds:.3f}s cpu={one['cpu_s']:.3f} "
-                          f"endpoint_cpu={one['endpoint_cpu_s']:.3f} load={load:.2f}", flush=True)
+                          f"endpoint_cpu={one['endpoint_cpu_s']:.3f} after={one['endpoint_after_cpu_s']:.3f} "
+                          f"load={load:.2f}", flush=True)
         results["loadavg_end"] = _load()
         summary: dict[str, dict] = {}
         for set_name, by_tool in runs.items():
@@ -721,11 +741,14 @@ def ab_main(args: argparse.Namespace) -> int:
             rows = {}
             for label, rs in by_tool.items():
                 rows[label] = {k: {"median": statistics.median(x[k] for x in rs), "min": min(x[k] for x in rs),
-                                   "max": max(x[k] for x in rs)} for k in ("seconds", "cpu_s", "endpoint_cpu_s")}
+                                   "max": max(x[k] for x in rs)} for k in _AB_FIGURES}
                 if label != "s5cmd":
-                    ratios = [a["seconds"] / b["seconds"] for a, b in zip(s5, rs)]  # same rounds, in order
-                    rows[label]["vs_s5cmd_per_round"] = {"median": statistics.median(ratios), "min": min(ratios),
-                                                         "max": max(ratios), "all": [round(x, 3) for x in ratios]}
+                    for key, k in (("vs_s5cmd_per_round", "seconds"), ("endpoint_total_vs_s5cmd", "endpoint_total_cpu_s")):
+                        # wall: s5cmd's / the tool's (> 1 faster); endpoint: the tool's / s5cmd's (> 1 costlier)
+                        ratios = [(a[k] / b[k] if k == "seconds" else b[k] / a[k]) for a, b in zip(s5, rs) if min(a[k], b[k]) > 0]
+                        if ratios:  # same rounds, in order
+                            rows[label][key] = {"median": statistics.median(ratios), "min": min(ratios),
+                                                "max": max(ratios), "all": [round(x, 3) for x in ratios]}
                 rows[label]["runs"] = rs
             summary[set_name] = rows
         results["sets"] = summary
@@ -737,13 +760,23 @@ def ab_main(args: argparse.Namespace) -> int:
              f"round), a fresh DEST each, {args.settle:g} s of idle before each run; modelshelf runs as installed from a wheel.", "",
              "Seconds and CPU: median (min-max) over the rounds. vs s5cmd: s5cmd's wall / the tool's in the same "
              "round (> 1: faster than s5cmd), median (min-max) over the rounds.", "",
-             "| set: tool | wall s | vs s5cmd, per round | CPU s | endpoint CPU s |", "| --- | ---: | ---: | ---: | ---: |"]
+             "Endpoint CPU: s3rver's CPU from the tool's exec to its exit; after: in the --settle s that follow (the run's "
+             "aftermath, e.g. its connections closed); total / s5cmd: the tool's endpoint CPU + after over s5cmd's, per round.", "",
+             "CPU s: the tool's (user + system), of which sys in the kernel; the endpoint's likewise. Both: the tool's CPU + "
+             "the endpoint's total (on loopback the kernel's TCP work lands on whichever side's call moves the bytes).", "",
+             "| set: tool | wall s | vs s5cmd, per round | CPU s | CPU sys s | endpoint CPU s | endpoint sys s "
+             "| endpoint after s | endpoint total / s5cmd | both CPU s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for set_name, rows in results["sets"].items():
         for label, row in rows.items():
             cell = lambda k: f"{row[k]['median']:.3f} ({row[k]['min']:.3f}-{row[k]['max']:.3f})"  # noqa: E731
             ratio = row.get("vs_s5cmd_per_round")
             vs = f"{ratio['median']:.3f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "-"
-            lines.append(f"| {set_name}: {label} | {cell('seconds')} | {vs} | {cell('cpu_s')} | {cell('endpoint_cpu_s')} |")
+            tot = row.get("endpoint_total_vs_s5cmd")
+            tv = f"{tot['median']:.3f}x ({tot['min']:.2f}-{tot['max']:.2f})" if tot else "-"
+            lines.append(f"| {set_name}: {label} | {cell('seconds')} | {vs} | {cell('cpu_s')} | {cell('cpu_sys_s')} "
+                         f"| {cell('endpoint_cpu_s')} | {cell('endpoint_sys_s')} | {cell('endpoint_after_cpu_s')} | {tv} "
+                         f"| {cell('both_cpu_s')} |")
     _save(args.out, f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
