@@ -238,3 +238,28 @@ def test_a_blocking_load_excuses_the_probes_of_its_own_server_process_only(tmp_p
     assert during[i].state == "busy" and during[i].excused and during[i].busy_with == ("big",), during
     assert during[1 - i].state == "busy" and not during[1 - i].excused, during
     assert [p.state for p in after] == ["up", "up"] and not any(p.excused for p in after), after
+
+
+def test_quick_loads_go_to_the_first_server_process_and_slow_ones_spread(tmp_path: Path):
+    """The choice alone (no process started: a pid is None): a model whose last load was quick,
+    or before any timed load a small one, goes to shard 0 whatever the others hold; a slow or
+    big one goes to the shard with the fewest loads in flight and least memory, as before."""
+    from agent.runtimes.shards import QUICK_BYTES, QUICK_LOAD_S, ShardedAdapter
+
+    shards = ShardedAdapter(tmp_path / "repo", 2)
+    shards.reserved = lambda: {"big0": 50 * 2**20}
+    shards.server_pid_for("big0", runtime="sklearn", place=True, size=50 * 2**20)
+    assert shards.shard_of("big0") == 0
+    shards._end_import("big0", "sklearn", 0, True)
+    shards.server_pid_for("big1", runtime="sklearn", place=True, size=50 * 2**20)  # shard 0 holds more
+    assert shards.shard_of("big1") == 1
+    shards._end_import("big1", "sklearn", 1, True)
+    shards.reserved = lambda: {"big0": 50 * 2**20, "big1": 60 * 2**20}
+    shards._loading[0] = 1  # shard 0 also busy loading: a quick model still goes there
+    for name, load_s, size in (("tiny", None, QUICK_BYTES - 1), ("fast", QUICK_LOAD_S / 2, 50 * 2**20)):
+        shards.server_pid_for(name, runtime="sklearn", place=True, load_s=load_s, size=size)
+        assert shards.shard_of(name) == 0, name
+    # slow by its last load though small; unknown size and time: not quick (the rule of before)
+    for name, load_s, size in (("slow", QUICK_LOAD_S * 2, 2**10), ("unknown", None, None)):
+        shards.server_pid_for(name, runtime="sklearn", place=True, load_s=load_s, size=size)
+        assert shards.shard_of(name) == 1, name
