@@ -23,7 +23,7 @@ for loads that block its loop long (issue 13: 19-49 MiB forests, 20-40 ms of job
 each); a tiny model's load is over in a few ms, and spread over two servers on a 2-core node
 the second one's loop takes CPU the agent needs (benchmarks/results/peers.notes.md, bigcold:
 small's p95 1.3-1.8x one process's). With tiny models only, the other servers hold nothing and
-import no runtime (the ledger charges an import per process that made one). Either way, while
+import no runtime (the ledger still charges an import per process: a safe excess). Either way, while
 one shard imports a runtime (its first model of it), that runtime's other new loads go to
 shards that have imported it or to that one, never start a second import at once (a quick one
 too): the memory ledger learns a runtime's import from a process's first load, and two at once
