@@ -16,9 +16,9 @@ Placement: a name stays on the shard it was loaded on until it is unloaded (an u
 goes to the same server, which swaps the copies without a gap). A new load of a QUICK model
 goes to shard 0; any other new load goes to the shard with the fewest loads in flight, then
 the least memory reserved (`reserved()`, the ledger's host reservations, wired by the agent),
-then the lowest index. Quick: its last load took the server under `QUICK_LOAD_S` (20 ms), or,
-before any load of it was timed, the ledger's figure for it (measured, declared or estimated
-from its bytes) is under `QUICK_BYTES` (4 MiB). Why: a second server is worth its core only
+then the lowest index. Quick: the ledger's figure for it (measured, declared or estimated from
+its bytes) is under `QUICK_BYTES` (4 MiB) and its last load, if timed, took the server under
+`SLOW_LOAD_S` (100 ms); or, bigger, its last load took under `QUICK_LOAD_S` (20 ms). Why: a second server is worth its core only
 for loads that block its loop long (issue 13: 19-49 MiB forests, 20-40 ms of joblib.load
 each); a tiny model's load is over in a few ms, and spread over two servers on a 2-core node
 the second one's loop takes CPU the agent needs (benchmarks/results/peers.notes.md, bigcold:
@@ -56,18 +56,21 @@ log = logging.getLogger("modelshelf.runtimes.shards")
 
 OnShardRestart = Callable[[set[str], dict | None], Awaitable[None]]
 
-# a model is quick (placed on shard 0, see the module doc) when its last load took the server
-# less than this, or, before a load of it was timed, the ledger's figure for it is below QUICK_BYTES
-QUICK_LOAD_S = 0.020
-QUICK_BYTES = 4 * 2**20
+# a model is quick (placed on shard 0, see the module doc and `is_quick`)
+QUICK_BYTES = 4 * 2**20  # the ledger's figure for it below this: quick unless its last load took SLOW_LOAD_S
+SLOW_LOAD_S = 0.100
+QUICK_LOAD_S = 0.020  # a bigger one whose last load took the server less than this: quick too
 
 
 def is_quick(load_s: float | None, size: int | None) -> bool:
-    """A model whose load holds its server's loop briefly: last load under QUICK_LOAD_S, or
-    with no timed load yet, its bytes (the ledger's figure) under QUICK_BYTES; neither known: not quick."""
-    if load_s is not None:
-        return load_s < QUICK_LOAD_S
-    return size is not None and size < QUICK_BYTES
+    """A model whose load holds its server's loop briefly: small (the ledger's figure under
+    QUICK_BYTES) unless its last load took the server SLOW_LOAD_S or more, or bigger and its last
+    load took under QUICK_LOAD_S; neither known: not quick. The bytes come first because a
+    load's time is the server call's wall, which counts the loop's other work: a tiny model's
+    read 20-30 ms on a busy server (benchmarks/results/peers.notes.md, place), as long as a forest's."""
+    if size is not None and size < QUICK_BYTES:
+        return load_s is None or load_s < SLOW_LOAD_S
+    return load_s is not None and load_s < QUICK_LOAD_S
 
 
 class ShardedAdapter(RuntimeAdapter):
@@ -313,4 +316,4 @@ class ShardedAdapter(RuntimeAdapter):
         return None
 
 
-__all__ = ["QUICK_BYTES", "QUICK_LOAD_S", "ShardedAdapter", "is_quick"]
+__all__ = ["QUICK_BYTES", "QUICK_LOAD_S", "SLOW_LOAD_S", "ShardedAdapter", "is_quick"]

@@ -246,7 +246,7 @@ def test_quick_loads_go_to_the_first_server_process_and_slow_ones_spread(tmp_pat
     """The choice alone (no process started: a pid is None): a model whose last load was quick,
     or before any timed load a small one, goes to shard 0 whatever the others hold; a slow or
     big one goes to the shard with the fewest loads in flight and least memory, as before."""
-    from agent.runtimes.shards import QUICK_BYTES, QUICK_LOAD_S, ShardedAdapter
+    from agent.runtimes.shards import QUICK_BYTES, QUICK_LOAD_S, SLOW_LOAD_S, ShardedAdapter
 
     shards = ShardedAdapter(tmp_path / "repo", 2)
     shards.reserved = lambda: {"big0": 50 * 2**20}
@@ -258,11 +258,14 @@ def test_quick_loads_go_to_the_first_server_process_and_slow_ones_spread(tmp_pat
     shards._end_import("big1", "sklearn", 1, True)
     shards.reserved = lambda: {"big0": 50 * 2**20, "big1": 60 * 2**20}
     shards._loading[0] = 1  # shard 0 also busy loading: a quick model still goes there
-    for name, load_s, size in (("tiny", None, QUICK_BYTES - 1), ("fast", QUICK_LOAD_S / 2, 50 * 2**20)):
+    # small, also when its last load read a busy server's wall; big with a quick load
+    for name, load_s, size in (("tiny", None, QUICK_BYTES - 1), ("tiny-busy", QUICK_LOAD_S * 2, 2**10),
+                               ("fast", QUICK_LOAD_S / 2, 50 * 2**20)):
         shards.server_pid_for(name, runtime="sklearn", place=True, load_s=load_s, size=size)
         assert shards.shard_of(name) == 0, name
-    # slow by its last load though small; unknown size and time: not quick (the rule of before)
-    for name, load_s, size in (("slow", QUICK_LOAD_S * 2, 2**10), ("unknown", None, None)):
+    # slow by its last load though small; big with a slower load; unknown size and time: not
+    # quick (the rule of before)
+    for name, load_s, size in (("slow", SLOW_LOAD_S, 2**10), ("big", QUICK_LOAD_S, 50 * 2**20), ("unknown", None, None)):
         shards.server_pid_for(name, runtime="sklearn", place=True, load_s=load_s, size=size)
         assert shards.shard_of(name) == 1, name
     # while shard 1 imports a runtime shard 0 has not, a quick model of it goes there too:
