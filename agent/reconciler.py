@@ -1331,13 +1331,14 @@ class Reconciler:
         """With several server processes (agent/runtimes/shards.py): the pid of the one that
         holds `name` or would get it now (`place`: put it there now, its load follows), so the
         ledger tells each process's first load of a runtime apart. None with one server. Where
-        it goes weighs how long its last load took the server and its bytes (`cost`)."""
+        it goes weighs how long its last load took the server and its files' bytes (`cost`'s
+        entry_bytes: what a load reads; not the declared memory, a reservation users round up)."""
         pid_for = getattr(self.adapter, "server_pid_for", None)
         if pid_for is None:
             return None
         m = self.models.get(name)
         return pid_for(name, runtime=runtime, place=place, load_s=m.server_load_seconds if m is not None else None,
-                       size=cost.host if cost is not None else None)
+                       size=cost.entry_bytes if cost is not None else None)
 
     # ------------------------------------------------------------------ the server's real state
     async def server_restarted(self, names: set[str] | None = None, exit_: dict | None = None) -> None:

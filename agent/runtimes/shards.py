@@ -16,8 +16,8 @@ Placement: a name stays on the shard it was loaded on until it is unloaded (an u
 goes to the same server, which swaps the copies without a gap). A new load of a QUICK model
 goes to shard 0; any other new load goes to the shard with the fewest loads in flight, then
 the least memory reserved (`reserved()`, the ledger's host reservations, wired by the agent),
-then the lowest index. Quick: the ledger's figure for it (measured, declared or estimated from
-its bytes) is under `QUICK_BYTES` (4 MiB) and its last load, if timed, took the server under
+then the lowest index. Quick: its files' bytes (the cache entry: what its load reads; not its
+declared memory, a reservation users round up) are under `QUICK_BYTES` (4 MiB) and its last load, if timed, took the server under
 `SLOW_LOAD_S` (100 ms); or, bigger, its last load took under `QUICK_LOAD_S` (20 ms). Why: a second server is worth its core only
 for loads that block its loop long (issue 13: 19-49 MiB forests, 20-40 ms of joblib.load
 each); a tiny model's load is over in a few ms, and spread over two servers on a 2-core node
@@ -28,7 +28,7 @@ one shard imports a runtime (its first model of it), that runtime's other new lo
 shards that have imported it or to that one, never start a second import at once (a quick one
 too): the memory ledger learns a runtime's import from a process's first load, and two at once
 would each see both. The reconciler places a model (`server_pid_for(..., place=True)`, with
-its last load time and its ledger figure) right before its load, so the ledger measures the
+its last load time and its files' bytes) right before its load, so the ledger measures the
 process the load goes to.
 
 Upstreams: the data plane asks `base_url_for(name)` / `grpc_target_for(name)` per request; a
@@ -57,14 +57,14 @@ log = logging.getLogger("modelshelf.runtimes.shards")
 OnShardRestart = Callable[[set[str], dict | None], Awaitable[None]]
 
 # a model is quick (placed on shard 0, see the module doc and `is_quick`)
-QUICK_BYTES = 4 * 2**20  # the ledger's figure for it below this: quick unless its last load took SLOW_LOAD_S
+QUICK_BYTES = 4 * 2**20  # its files' bytes below this: quick unless its last load took SLOW_LOAD_S
 SLOW_LOAD_S = 0.100
 QUICK_LOAD_S = 0.020  # a bigger one whose last load took the server less than this: quick too
 
 
 def is_quick(load_s: float | None, size: int | None) -> bool:
-    """A model whose load holds its server's loop briefly: small (the ledger's figure under
-    QUICK_BYTES) unless its last load took the server SLOW_LOAD_S or more, or bigger and its last
+    """A model whose load holds its server's loop briefly: small (its files' bytes, what a load
+    reads, under QUICK_BYTES) unless its last load took the server SLOW_LOAD_S or more, or bigger and its last
     load took under QUICK_LOAD_S; neither known: not quick. The bytes come first because a
     load's time is the server call's wall, which counts the loop's other work: a tiny model's
     read 20-30 ms on a busy server (benchmarks/results/peers.notes.md, place), as long as a forest's."""

@@ -35,10 +35,10 @@ def _start(tmp_path: Path, models: list[dict], *args: str) -> AgentProcess:
 
 
 def _slow(tmp_path: Path, name: str, log: Path) -> dict:
-    """A tiny model declared at 8Mi: not quick (agent/runtimes/shards.py), so spread over the processes."""
+    """A model with 5 MiB of files: not quick (agent/runtimes/shards.py), so spread over the processes."""
     write_slow_model(tmp_path / "store" / name, delay=0.0, load_log=log)
-    return {"name": name, "uri": str(tmp_path / "store" / name), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION,
-            "memory": "8Mi"}
+    (tmp_path / "store" / name / "pad.bin").write_bytes(os.urandom(5 * 2**20))
+    return {"name": name, "uri": str(tmp_path / "store" / name), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION}
 
 
 def _placement(agent: AgentProcess) -> dict[str, int]:
@@ -285,7 +285,7 @@ def test_tiny_models_stay_in_the_first_server_process_which_alone_imports_the_ru
     models = []
     for i, name in enumerate(("t0", "t1", "t2")):
         write_sklearn_model(store / name, seed=i)
-        models.append({"name": name, "uri": str(store / name)})
+        models.append({"name": name, "uri": str(store / name), "memory": "10Mi"})  # declared: not what counts
     agent = _start(tmp_path, models, "--server-processes", "2", "--host-memory", "800Mi")
     try:
         agent.wait_for(lambda s: all(s["models"][n]["state"] == "loaded" for n in ("t0", "t1", "t2")), 60, "loaded")
