@@ -835,7 +835,8 @@ class Reconciler:
         # a load that will be measured waits for its victims' unloads (its window must not see
         # them); any other load starts while they unload (see _make_room)
         measure = not replacing and not (lazy and self._window_spoilt(copy.spec.runtime)) \
-            and self.memory.needs_measure(copy.entry.key, copy.spec.runtime, server_pid=self._server_pid_for(m.name, copy.spec.runtime, cost=cost))
+            and self.memory.needs_measure(copy.entry.key, copy.spec.runtime,
+                                          server_pid=self._server_pid_for(m.name, copy.spec.runtime, cost=cost))
         try:
             await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=measure, phases=phases)
         except DoesNotFit as e:

@@ -13,23 +13,24 @@ Each shard is a whole `MLServerAdapter`: its own repository subfolder (`<repo>/s
 own free ports, its own process (restarted on its own by its `ServerProcess`).
 
 Placement: a name stays on the shard it was loaded on until it is unloaded (an update in place
-goes to the same server, which swaps the copies without a gap). A new load of a QUICK model
-goes to shard 0; any other new load goes to the shard with the fewest loads in flight, then
-the least memory reserved (`reserved()`, the ledger's host reservations, wired by the agent),
-then the lowest index. Quick: its files' bytes (the cache entry: what its load reads; not its
-declared memory, a reservation users round up) are under `QUICK_BYTES` (4 MiB) and its last load, if timed, took the server under
-`SLOW_LOAD_S` (100 ms); or, bigger, its last load took under `QUICK_LOAD_S` (20 ms). Why: a second server is worth its core only
-for loads that block its loop long (issue 13: 19-49 MiB forests, 20-40 ms of joblib.load
-each); a tiny model's load is over in a few ms, and spread over two servers on a 2-core node
-the second one's loop takes CPU the agent needs (benchmarks/results/peers.notes.md, bigcold:
-small's p95 1.3-1.8x one process's). With tiny models only, the other servers hold nothing and
-import no runtime (the ledger still charges an import per process: a safe excess). Either way, while
-one shard imports a runtime (its first model of it), that runtime's other new loads go to
-shards that have imported it or to that one, never start a second import at once (a quick one
-too): the memory ledger learns a runtime's import from a process's first load, and two at once
-would each see both. The reconciler places a model (`server_pid_for(..., place=True)`, with
-its last load time and its files' bytes) right before its load, so the ledger measures the
-process the load goes to.
+goes to the same server, which swaps the copies without a gap). A new load of a QUICK model goes
+to shard 0; any other new load goes to the shard with the fewest loads in flight, then the least
+memory reserved (`reserved()`, the ledger's host reservations, wired by the agent), then the
+lowest index. Quick: its files' bytes (the cache entry: what its load reads; not its declared
+memory, a reservation users round up) are under `QUICK_BYTES` (4 MiB) and its last load, if
+timed, took the server under `SLOW_LOAD_S` (100 ms); or, bigger, its last load took under
+`QUICK_LOAD_S` (20 ms). Why: a second server is worth its core only for loads that block its
+loop long (issue 13: 19-49 MiB forests, 20-40 ms of joblib.load each); a tiny model's load is
+over in a few ms, and spread over two servers on a 2-core node the second one's loop takes CPU
+the agent needs (benchmarks/results/peers.notes.md, bigcold: small's p95 1.3-1.8x one process's;
+with this rule 1.05-1.07x in two rounds of three, place). With tiny models only, the other
+servers hold nothing and import no runtime (the ledger still charges an import per process: a
+safe excess). Either way, while one shard imports a runtime (its first model of it), that
+runtime's other new loads go to shards that have imported it or to that one, never start a
+second import at once (a quick one too): the memory ledger learns a runtime's import from a
+process's first load, and two at once would each see both. The reconciler places a model
+(`server_pid_for(..., place=True)`, with its last load time and its files' bytes) right before
+its load, so the ledger measures the process the load goes to.
 
 Upstreams: the data plane asks `base_url_for(name)` / `grpc_target_for(name)` per request; a
 name not placed (not loaded) gets shard 0, whose answer (404) the router handles as for one
@@ -63,11 +64,11 @@ QUICK_LOAD_S = 0.020  # a bigger one whose last load took the server less than t
 
 
 def is_quick(load_s: float | None, size: int | None) -> bool:
-    """A model whose load holds its server's loop briefly: small (its files' bytes, what a load
-    reads, under QUICK_BYTES) unless its last load took the server SLOW_LOAD_S or more, or bigger and its last
-    load took under QUICK_LOAD_S; neither known: not quick. The bytes come first because a
-    load's time is the server call's wall, which counts the loop's other work: a tiny model's
-    read 20-30 ms on a busy server (benchmarks/results/peers.notes.md, place), as long as a forest's."""
+    """A model whose load holds its server's loop briefly: small (its files' bytes, what a
+    load reads, under QUICK_BYTES) unless its last load took the server SLOW_LOAD_S or more, or
+    bigger and its last load took under QUICK_LOAD_S; neither known: not quick. The bytes come
+    first because a load's time is the server call's wall, which counts the loop's other work:
+    a tiny model's read 20-30 ms on a busy server (peers.notes.md, place), as a forest's does."""
     if size is not None and size < QUICK_BYTES:
         return load_s is None or load_s < SLOW_LOAD_S
     return load_s is not None and load_s < QUICK_LOAD_S
