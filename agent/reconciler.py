@@ -242,6 +242,7 @@ class Model:
     died_loading: float | None = None  # when its last load that found the server gone was sent to it
     pull_seconds: float | None = None
     load_seconds: float | None = None
+    server_load_seconds: float | None = None  # the server's part of the last load (placement: agent/runtimes/shards.py)
     loads: int = 0
     updating: bool = False  # a new copy is loading in place of the served one
     draining: bool = False  # an unload waits for in-flight requests: no new lease on this copy
@@ -834,7 +835,8 @@ class Reconciler:
         # a load that will be measured waits for its victims' unloads (its window must not see
         # them); any other load starts while they unload (see _make_room)
         measure = not replacing and not (lazy and self._window_spoilt(copy.spec.runtime)) \
-            and self.memory.needs_measure(copy.entry.key, copy.spec.runtime, server_pid=self._server_pid_for(m.name, copy.spec.runtime))
+            and self.memory.needs_measure(copy.entry.key, copy.spec.runtime,
+                                          server_pid=self._server_pid_for(m.name, copy.spec.runtime, cost=cost))
         try:
             await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=measure, phases=phases)
         except DoesNotFit as e:
@@ -870,7 +872,7 @@ class Reconciler:
                 # a preload while others are measured, may wait for open windows: in a thread. A
                 # request's load never waits: opened on the loop, an overlap only marks the
                 # measured windows contaminated (they are measured again on a later load)
-                server_pid = self._server_pid_for(m.name, copy.spec.runtime, place=True)  # several server processes: its own
+                server_pid = self._server_pid_for(m.name, copy.spec.runtime, place=True, cost=cost)  # several server processes: its own
                 await self._after_import(server_pid, phases)
                 if self.memory.imports(copy.spec.runtime, server_pid=server_pid):
                     # this load imports the runtime there: the next loads into that process wait for
@@ -891,6 +893,7 @@ class Reconciler:
                 finally:
                     self._loading.pop(m.name, None)
                 loaded_mark = time.monotonic()
+                m.server_load_seconds = server_s if server_s is not None else loaded_mark - server_mark
                 if window is not None:
                     measured, window = window, None
                     if measured.measured:  # a snapshot (/proc reads) and a store write
@@ -898,7 +901,7 @@ class Reconciler:
                     else:
                         self.memory.finish_measure(measured, key=copy.entry.key)
                 if phases is not None:  # the adapter says how long the server's own call took
-                    phases.server = server_s if server_s is not None else loaded_mark - server_mark
+                    phases.server = m.server_load_seconds
                     phases.measure = (server_mark - mark) + (time.monotonic() - loaded_mark)
         except Exception as e:  # adapter errors, timeouts, OSError (disk full), bugs: all end here
             error = e
@@ -1325,12 +1328,18 @@ class Reconciler:
         if orphans:
             self._spawn(_cleanup(), "orphans")
 
-    def _server_pid_for(self, name: str, runtime: str, *, place: bool = False) -> int | None:
+    def _server_pid_for(self, name: str, runtime: str, *, place: bool = False, cost: Any = None) -> int | None:
         """With several server processes (agent/runtimes/shards.py): the pid of the one that
         holds `name` or would get it now (`place`: put it there now, its load follows), so the
-        ledger tells each process's first load of a runtime apart. None with one server."""
+        ledger tells each process's first load of a runtime apart. None with one server. Where
+        it goes weighs how long its last load took the server and its files' bytes (`cost`'s
+        entry_bytes: what a load reads; not the declared memory, a reservation users round up)."""
         pid_for = getattr(self.adapter, "server_pid_for", None)
-        return pid_for(name, runtime=runtime, place=place) if pid_for is not None else None
+        if pid_for is None:
+            return None
+        m = self.models.get(name)
+        return pid_for(name, runtime=runtime, place=place, load_s=m.server_load_seconds if m is not None else None,
+                       size=cost.entry_bytes if cost is not None else None)
 
     # ------------------------------------------------------------------ the server's real state
     async def server_restarted(self, names: set[str] | None = None, exit_: dict | None = None) -> None:

@@ -13,14 +13,24 @@ Each shard is a whole `MLServerAdapter`: its own repository subfolder (`<repo>/s
 own free ports, its own process (restarted on its own by its `ServerProcess`).
 
 Placement: a name stays on the shard it was loaded on until it is unloaded (an update in place
-goes to the same server, which swaps the copies without a gap); a new load goes to the shard
-with the fewest loads in flight, then the least memory reserved (`reserved()`, the ledger's
-host reservations, wired by the agent), then the lowest index; except that while one shard
-imports a runtime (its first model of it), that runtime's other new loads go to shards that
-have imported it or to that one, never start a second import at once: the memory ledger
-learns a runtime's import from a process's first load, and two at once would each see both.
-The reconciler places a model (`server_pid_for(..., place=True)`) right before its load, so
-the ledger measures the process the load goes to.
+goes to the same server, which swaps the copies without a gap). A new load of a QUICK model goes
+to shard 0; any other new load goes to the shard with the fewest loads in flight, then the least
+memory reserved (`reserved()`, the ledger's host reservations, wired by the agent), then the
+lowest index. Quick: its files' bytes (the cache entry: what its load reads; not its declared
+memory, a reservation users round up) are under `QUICK_BYTES` (4 MiB) and its last load, if
+timed, took the server under `SLOW_LOAD_S` (100 ms); or, bigger, its last load took under
+`QUICK_LOAD_S` (20 ms). Why: a second server is worth its core only for loads that block its
+loop long (issue 13: 19-49 MiB forests, 20-40 ms of joblib.load each); a tiny model's load is
+over in a few ms, and spread over two servers on a 2-core node the second one's loop takes CPU
+the agent needs (benchmarks/results/peers.notes.md, bigcold: small's p95 1.3-1.8x one process's;
+with this rule 1.05-1.07x in two rounds of three, place). With tiny models only, the other
+servers hold nothing and import no runtime (the ledger still charges an import per process: a
+safe excess). Either way, while one shard imports a runtime (its first model of it), that
+runtime's other new loads go to shards that have imported it or to that one, never start a
+second import at once (a quick one too): the memory ledger learns a runtime's import from a
+process's first load, and two at once would each see both. The reconciler places a model
+(`server_pid_for(..., place=True)`, with its last load time and its files' bytes) right before
+its load, so the ledger measures the process the load goes to.
 
 Upstreams: the data plane asks `base_url_for(name)` / `grpc_target_for(name)` per request; a
 name not placed (not loaded) gets shard 0, whose answer (404) the router handles as for one
@@ -46,6 +56,22 @@ from agent.runtimes.mlserver import MLServerAdapter
 log = logging.getLogger("modelshelf.runtimes.shards")
 
 OnShardRestart = Callable[[set[str], dict | None], Awaitable[None]]
+
+# a model is quick (placed on shard 0, see the module doc and `is_quick`)
+QUICK_BYTES = 4 * 2**20  # its files' bytes below this: quick unless its last load took SLOW_LOAD_S
+SLOW_LOAD_S = 0.100
+QUICK_LOAD_S = 0.020  # a bigger one whose last load took the server less than this: quick too
+
+
+def is_quick(load_s: float | None, size: int | None) -> bool:
+    """A model whose load holds its server's loop briefly: small (its files' bytes, what a
+    load reads, under QUICK_BYTES) unless its last load took the server SLOW_LOAD_S or more, or
+    bigger and its last load took under QUICK_LOAD_S; neither known: not quick. The bytes come
+    first because a load's time is the server call's wall, which counts the loop's other work:
+    a tiny model's read 20-30 ms on a busy server (peers.notes.md, place), as a forest's does."""
+    if size is not None and size < QUICK_BYTES:
+        return load_s is None or load_s < SLOW_LOAD_S
+    return load_s is not None and load_s < QUICK_LOAD_S
 
 
 class ShardedAdapter(RuntimeAdapter):
@@ -82,34 +108,41 @@ class ShardedAdapter(RuntimeAdapter):
         """The index of the shard `name` is placed on (None: not placed)."""
         return self._home.get(name)
 
-    def _place(self, name: str, runtime: str | None) -> int:
+    def _place(self, name: str, runtime: str | None, quick: bool = False) -> int:
         i = self._home.get(name)
         if i is None:
-            i = self._home[name] = self._choose(runtime)
+            i = self._home[name] = self._choose(runtime, quick)
             log.debug("event=placed model=%s shard=%d loading=%s importing=%s", name, i, self._loading, self._importing)
             if runtime is not None and runtime not in self._warm[i] and runtime not in self._importing:
                 self._importing[runtime] = (i, name)  # this load imports the runtime in that process
         return i
 
-    def _choose(self, runtime: str | None) -> int:
-        """Fewest loads in flight, then least memory reserved, then lowest index; never a
-        second process importing a runtime while another one is (see `_importing`)."""
+    def _choose(self, runtime: str | None, quick: bool = False) -> int:
+        """`quick` (`is_quick`): shard 0. Else fewest loads in flight, then least memory
+        reserved, then lowest index. Never a second process importing a runtime while another
+        one is (see `_importing`), a quick model neither."""
         candidates = range(len(self.shards))
         if runtime is not None and runtime in self._importing:
             importer = self._importing[runtime][0]
             candidates = [j for j in candidates if j == importer or runtime in self._warm[j]]
+        if quick and 0 in candidates:
+            return 0
         held = [0] * len(self.shards)
         reserved = self.reserved()
         for other, j in self._home.items():
             held[j] += reserved.get(other, 0)
         return min(candidates, key=lambda j: (self._loading[j], held[j], j))
 
-    def server_pid_for(self, name: str, *, runtime: str | None = None, place: bool = False) -> int | None:
+    def server_pid_for(self, name: str, *, runtime: str | None = None, place: bool = False,
+                       load_s: float | None = None, size: int | None = None) -> int | None:
         """The pid of the server process `name` is on, or would be placed on now; `place`:
-        place it there now (its load follows; the memory ledger measures that process)."""
-        i = self._place(name, runtime) if place else self._home.get(name)
+        place it there now (its load follows; the memory ledger measures that process).
+        `load_s`: how long its last load took the server; `size`: the ledger's bytes for it
+        (whether it is quick: `is_quick`)."""
+        quick = is_quick(load_s, size)
+        i = self._place(name, runtime, quick) if place else self._home.get(name)
         if i is None:
-            i = self._choose(runtime)
+            i = self._choose(runtime, quick)
         process = self.shards[i].process
         return process.pid if process is not None else None
 
@@ -284,4 +317,4 @@ class ShardedAdapter(RuntimeAdapter):
         return None
 
 
-__all__ = ["ShardedAdapter"]
+__all__ = ["QUICK_BYTES", "QUICK_LOAD_S", "SLOW_LOAD_S", "ShardedAdapter", "is_quick"]

@@ -35,7 +35,9 @@ def _start(tmp_path: Path, models: list[dict], *args: str) -> AgentProcess:
 
 
 def _slow(tmp_path: Path, name: str, log: Path) -> dict:
+    """A model with 5 MiB of files: not quick (agent/runtimes/shards.py), so spread over the processes."""
     write_slow_model(tmp_path / "store" / name, delay=0.0, load_log=log)
+    (tmp_path / "store" / name / "pad.bin").write_bytes(os.urandom(5 * 2**20))
     return {"name": name, "uri": str(tmp_path / "store" / name), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION}
 
 
@@ -238,3 +240,65 @@ def test_a_blocking_load_excuses_the_probes_of_its_own_server_process_only(tmp_p
     assert during[i].state == "busy" and during[i].excused and during[i].busy_with == ("big",), during
     assert during[1 - i].state == "busy" and not during[1 - i].excused, during
     assert [p.state for p in after] == ["up", "up"] and not any(p.excused for p in after), after
+
+
+def test_quick_loads_go_to_the_first_server_process_and_slow_ones_spread(tmp_path: Path):
+    """The choice alone (no process started: a pid is None): a model whose last load was quick,
+    or before any timed load a small one, goes to shard 0 whatever the others hold; a slow or
+    big one goes to the shard with the fewest loads in flight and least memory, as before."""
+    from agent.runtimes.shards import QUICK_BYTES, QUICK_LOAD_S, SLOW_LOAD_S, ShardedAdapter
+
+    shards = ShardedAdapter(tmp_path / "repo", 2)
+    shards.reserved = lambda: {"big0": 50 * 2**20}
+    shards.server_pid_for("big0", runtime="sklearn", place=True, size=50 * 2**20)
+    assert shards.shard_of("big0") == 0
+    shards._end_import("big0", "sklearn", 0, True)
+    shards.server_pid_for("big1", runtime="sklearn", place=True, size=50 * 2**20)  # shard 0 holds more
+    assert shards.shard_of("big1") == 1
+    shards._end_import("big1", "sklearn", 1, True)
+    shards.reserved = lambda: {"big0": 50 * 2**20, "big1": 60 * 2**20}
+    shards._loading[0] = 1  # shard 0 also busy loading: a quick model still goes there
+    # small, also when its last load read a busy server's wall; big with a quick load
+    for name, load_s, size in (("tiny", None, QUICK_BYTES - 1), ("tiny-busy", QUICK_LOAD_S * 2, 2**10),
+                               ("fast", QUICK_LOAD_S / 2, 50 * 2**20)):
+        shards.server_pid_for(name, runtime="sklearn", place=True, load_s=load_s, size=size)
+        assert shards.shard_of(name) == 0, name
+    # slow by its last load though small; big with a slower load; unknown size and time: not
+    # quick (the rule of before)
+    for name, load_s, size in (("slow", SLOW_LOAD_S, 2**10), ("big", QUICK_LOAD_S, 50 * 2**20), ("unknown", None, None)):
+        shards.server_pid_for(name, runtime="sklearn", place=True, load_s=load_s, size=size)
+        assert shards.shard_of(name) == 1, name
+    # while shard 1 imports a runtime shard 0 has not, a quick model of it goes there too:
+    # never two imports at once (the ledger measures one from a process's first load)
+    shards.server_pid_for("xgb-big", runtime="xgboost", place=True, size=50 * 2**20)
+    assert shards.shard_of("xgb-big") == 1
+    shards.server_pid_for("xgb-tiny", runtime="xgboost", place=True, size=2**10)
+    assert shards.shard_of("xgb-tiny") == 1
+
+
+def test_tiny_models_stay_in_the_first_server_process_which_alone_imports_the_runtime(tmp_path: Path):
+    """--server-processes 2 with tiny models only: every one is loaded in the first process,
+    and the second holds nothing and never imports the runtime (its memory stays below the
+    first's by about the import). The ledger still charges the import once per process (it
+    assumes every process imports a runtime once it has a first load anywhere): a safe excess."""
+    store = tmp_path / "store"
+    models = []
+    for i, name in enumerate(("t0", "t1", "t2")):
+        write_sklearn_model(store / name, seed=i)
+        models.append({"name": name, "uri": str(store / name), "memory": "10Mi"})  # declared: not what counts
+    agent = _start(tmp_path, models, "--server-processes", "2", "--host-memory", "800Mi")
+    try:
+        agent.wait_for(lambda s: all(s["models"][n]["state"] == "loaded" for n in ("t0", "t1", "t2")), 60, "loaded")
+        processes = agent.status()["server"]["processes"]
+        assert [p["models"] for p in processes] == [["t0", "t1", "t2"], []], processes
+        ledger = agent.wait_for(lambda s: "sklearn" in s["ledger"]["runtime_imports"], 30, "import charged")["ledger"]
+        imported = ledger["runtime_imports"]["sklearn"]["host"]
+        assert imported > 10 * 2**20, ledger
+        rss = [tree_rss(p["pid"]) for p in processes]
+        assert rss[1] < rss[0] - imported / 2, (rss, imported)  # the second process never imported sklearn
+        assert ledger["devices"]["host"]["overhead"] == 2 * imported + ledger["malloc_keep"]["host"], ledger
+        for name in ("t0", "t1", "t2"):
+            code, doc = agent.post(f"/v2/models/{name}/infer", v2_request(ROWS))
+            assert code == 200 and doc["model_name"] == name, (code, doc)
+    finally:
+        agent.stop()
