@@ -137,8 +137,8 @@ class ShardedAdapter(RuntimeAdapter):
                        load_s: float | None = None, size: int | None = None) -> int | None:
         """The pid of the server process `name` is on, or would be placed on now; `place`:
         place it there now (its load follows; the memory ledger measures that process).
-        `load_s`: how long its last load took the server; `size`: the ledger's bytes for it
-        (whether it is quick: `is_quick`)."""
+        `load_s`: how long its last load took the server; `size`: its files' bytes (whether it
+        is quick: `is_quick`)."""
         quick = is_quick(load_s, size)
         i = self._place(name, runtime, quick) if place else self._home.get(name)
         if i is None:
