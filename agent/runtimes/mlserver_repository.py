@@ -146,12 +146,13 @@ class EntryRepository(SchemalessModelRepository):
         key = path.encode() + b"\0" + raw
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._from_shape(raw)
+            shape = _shape_of(raw)
+            cached = self._from_shape(shape)
             if cached is None:
                 cached = _settings_from(path, raw)
                 if cached.implementation_ in self._builtin:
                     cached._source = None  # installed runtime: import it, no sys.path entry, no reload
-                    self._remember_shape(raw, cached)
+                    self._remember_shape(shape[0], cached)
                 if cached.implementation_ == SKLEARN_IMPLEMENTATION:
                     _map_sklearn_loads()
             self._cache[key] = cached
@@ -161,13 +162,12 @@ class EntryRepository(SchemalessModelRepository):
             self._cache.move_to_end(key)
         return cached.model_copy(deep=True)
 
-
-    def _from_shape(self, raw: bytes) -> ModelSettings | None:
+    def _from_shape(self, shaped: tuple[str | None, str, str]) -> ModelSettings | None:
         """The settings of a builtin-runtime document whose shape was parsed before (another
         entry's, with another name and uri): a deep copy with this document's name and uri, no
         pydantic-settings pass (2-8 ms on the server's loop, each model's first load in each
         server process). None when the shape is new or the document is not of that form."""
-        shape, name, uri = _shape_of(raw)
+        shape, name, uri = shaped  # _shape_of the document
         template = self._shapes.get(shape) if shape is not None else None
         if template is None:
             return None
@@ -177,8 +177,7 @@ class EntryRepository(SchemalessModelRepository):
         settings.parameters.uri = uri
         return settings
 
-    def _remember_shape(self, raw: bytes, settings: ModelSettings) -> None:
-        shape, _, _ = _shape_of(raw)
+    def _remember_shape(self, shape: str | None, settings: ModelSettings) -> None:
         if shape is not None and settings.parameters is not None:
             self._shapes[shape] = settings.model_copy(deep=True)
             if len(self._shapes) > self._cache_size:

@@ -399,9 +399,14 @@ class S3Source(Source):
                 if obj.size > 0:
                     plan.append((key, etag, 0, obj.size - 1, True))
                 continue
-            part = self._part_size(obj.size)
-            plan.extend((key, etag, s, min(s + part, obj.size) - 1, False) for s in range(0, obj.size, part))
+            plan.extend((key, etag, start, end, False) for start, end in self._parts(obj.size))
         return plan
+
+    def _parts(self, size: int) -> list[tuple[int, int]]:
+        """The ranged parts, (first byte, last byte), of an object of `size` bytes (more than
+        _whole_max), in the order fetch's workers take them."""
+        part = self._part_size(size)
+        return [(s, min(s + part, size) - 1) for s in range(0, size, part)]
 
     @property
     def _whole_max(self) -> int:
@@ -455,11 +460,10 @@ class S3Source(Source):
                 if obj.size <= self._whole_max:
                     tasks.append(self._small_task(key, etag, target, obj, progress))
                     continue
-                part = self._part_size(obj.size)
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 open_fds.append(fd)
                 preallocate(fd, obj.size)
-                parts = [(s, min(s + part, obj.size) - 1) for s in range(0, obj.size, part)]
+                parts = self._parts(obj.size)
                 tracker = _PartsLeft(len(parts), lambda p=obj.path: progress.file_done(p))
                 digest = self.digest_for(target, obj.size)
                 for start, end in parts:
