@@ -2,16 +2,51 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+
+# Ports are picked from here up to the start of the kernel's ephemeral range (see free_port).
+PICK_FROM = 20000
+_picks = random.Random()  # seeded from the OS: each test worker (process) picks on its own
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out as the local port of outgoing connections
+    (net.ipv4.ip_local_port_range; Linux's default where it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free on 127.0.0.1 now, outside the kernel's ephemeral range.
+
+    A test starts a server on it a moment later (for an agent, seconds: its imports come first).
+    A port of the ephemeral range (bind to port 0 gives one) can meanwhile become the source port
+    of any connection made on the machine, the other test worker's clients included, and the
+    server then fails to bind it (EADDRINUSE: the agent exits and its /healthz refuses). The
+    kernel never hands out a port below that range on its own, so only another bind can take one;
+    a random pick keeps the two workers' picks apart, and each pick is checked free."""
+    low, _ = ephemeral_range()
+    start = PICK_FROM if low - PICK_FROM >= 1000 else 1024
+    for _ in range(200):
+        port = _picks.randrange(start, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a range that full: the kernel's pick, as before
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
