@@ -261,6 +261,16 @@ async def _fill(h: Harness, names: list[str]) -> None:
         h.rec.release(await h.rec.acquire(n))
 
 
+async def _full_node(h: Harness, slots: int, extra: int) -> list[str]:
+    """`slots + extra` lazy models configured (their entries measured already), the first
+    `slots` loaded: a full node. Returns their names, oldest first."""
+    _measured_already(h)
+    names = [f"m{i:02}" for i in range(slots + extra)]
+    await h.apply(*(h.spec(n, preload=False) for n in names))
+    await _fill(h, names[:slots])
+    return names
+
+
 def test_with_headroom_a_miss_on_a_full_node_loads_with_no_unload_on_its_path(tmp_path, http):
     """Models that all fit give up no room. Once a miss had to evict on its own path, the
     headroom evicts the next LRU model in the background, so the next miss finds room: its
@@ -268,10 +278,7 @@ def test_with_headroom_a_miss_on_a_full_node_loads_with_no_unload_on_its_path(tm
     here) is not on its path."""
     async def scenario():
         async with Harness(tmp_path, http, budget=SLOTS * SLOT) as h:
-            _measured_already(h)
-            names = [f"m{i:02}" for i in range(SLOTS + 2)]
-            await h.apply(*(h.spec(n, preload=False) for n in names))
-            await _fill(h, names[:SLOTS])
+            names = await _full_node(h, SLOTS, 2)
             assert await h.rec._keep_headroom() == 0  # they all fit: no miss needed room, none is given up
             assert all(h.state(n) is State.LOADED for n in names[:SLOTS]) and h.memory.free()["host"] == 0
             h.rec.release(await asyncio.wait_for(h.rec.acquire(names[SLOTS]), 2.0))  # evicts m00 on its path
@@ -318,10 +325,7 @@ def test_the_headroom_never_evicts_a_leased_a_pinned_or_a_young_model(tmp_path, 
 def test_headroom_zero_fills_the_budget_and_a_miss_evicts_on_its_path_as_before(tmp_path, http):
     async def scenario():
         async with Harness(tmp_path, http, budget=SLOTS * SLOT, headroom=0.0) as h:
-            _measured_already(h)
-            names = [f"m{i:02}" for i in range(SLOTS + 1)]
-            await h.apply(*(h.spec(n, preload=False) for n in names))
-            await _fill(h, names[:SLOTS])
+            names = await _full_node(h, SLOTS, 1)
             gate = h.adapter.hold("unload", names[0])
             miss = asyncio.create_task(h.rec.acquire(names[-1]))
             await gate.entered.wait()  # the miss unloads its victim itself
@@ -405,10 +409,7 @@ def test_misses_that_come_while_unloads_are_in_flight_grow_the_headroom_to_its_c
     min(--headroom, 10% of the budget): a miss on a full node still loads at once."""
     async def scenario():
         async with Harness(tmp_path, http, budget=WIDE * SLOT) as h:
-            _measured_already(h)
-            names = [f"m{i:02}" for i in range(WIDE + 6)]
-            await h.apply(*(h.spec(n, preload=False) for n in names))
-            await _fill(h, names[:WIDE])
+            names = await _full_node(h, WIDE, 6)
             gate = h.adapter.hold("unload", names[0])  # the first miss's own victim
             h.rec.release(await asyncio.wait_for(h.rec.acquire(names[WIDE]), 2.0))
             await gate.entered.wait()
