@@ -198,6 +198,7 @@ HEADROOM_WINDOW_S = 10.0
 # declaration (its real memory may exceed what it reserved) still wakes it at once.
 REALITY_COALESCE_S = 0.25
 
+
 class MissRuns:
     """How much room requests' misses need: the headroom's state, in one place.
 
