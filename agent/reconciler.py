@@ -50,8 +50,10 @@ and Cache, with the scripted server of tests/support/scripted.py):
   * Headroom (`--headroom` N, default 8; 0: off): under pressure (from a miss that had to
     evict on its own path until HEADROOM_PRESSURE_S after the last miss; a node whose models
     all fit gives up nothing), after each load commits, one background task evicts idle
-    models (in eviction order) until the budget has room for N loads of the median loaded
-    size (at most HEADROOM_MAX_FRACTION of a device's budget, in whole loads), so that a
+    models (in eviction order) until the budget has room for as many loads of the median
+    loaded size as the misses need (`MissRuns`: the longest run of misses that came while
+    unloads were in flight, over the last HEADROOM_WINDOW_S; 1 where misses are rare), at
+    most N and HEADROOM_MAX_FRACTION of a device's budget (in whole loads), so that a
     miss on a full node normally finds room and loads at once, with no unload on its path.
     Same rules as a miss's eviction (no lease, not pinned, past `min_residency_s`, committed
     under the victim's lock); a victim's bytes are free for admission only once its eviction
@@ -98,6 +100,7 @@ import enum
 import random
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import compress, filterfalse
 from operator import is_not
@@ -187,11 +190,52 @@ HEADROOM_MAX_FRACTION = 0.10
 # the headroom is kept from a miss that had to evict on its own path until this long after the
 # last miss: a node whose models all fit (or whose misses stopped) gives up no capacity for it
 HEADROOM_PRESSURE_S = 60.0
+# the headroom's size is the longest run of misses seen within this long (see MissRuns)
+HEADROOM_WINDOW_S = 10.0
 # after a load reserved at least at its entry's measurement (the server grows by no more), the
 # reality check is woken at most once per this long: a stream of such loads costs one check (a
 # thread hop and /proc reads), not one per load. A load reserved from an estimate or a
 # declaration (its real memory may exceed what it reserved) still wakes it at once.
 REALITY_COALESCE_S = 0.25
+
+
+class MissRuns:
+    """How much room requests' misses need: the headroom's state, in one place.
+
+    Under pressure (from a miss that had to evict on its own path until HEADROOM_PRESSURE_S
+    after the last miss needing room) the headroom keeps room for `loads()` loads free: the
+    longest run of misses seen within the last HEADROOM_WINDOW_S, where a run is a miss that
+    found no unload in flight and every miss that came while unloads were still in flight after
+    it (`miss(unloading=True)`). That is the room the misses take before the first refill's
+    unload ends and gives its bytes back to the server: a node whose misses are rare (each one's
+    refill done before the next comes) keeps one load free, a node under a miss storm (unloads
+    always in flight) as many as `--headroom` and the 10% cap allow. 0 without pressure."""
+
+    def __init__(self) -> None:
+        self.until = 0.0  # pressure ends then (monotonic)
+        self.run = 0  # misses in the current run
+        self._peaks: deque[tuple[float, int]] = deque()  # (when, run): runs decreasing, the front the window's longest
+
+    def pressed(self, now: float) -> bool:
+        return now < self.until
+
+    def miss(self, now: float, *, unloading: bool) -> None:
+        """A request's miss that needed room (it evicted on its path, or came under pressure);
+        `unloading`: unloads were in flight as it was admitted (the run goes on)."""
+        self.until = now + HEADROOM_PRESSURE_S
+        self.run = self.run + 1 if unloading else 1
+        while self._peaks and self._peaks[-1][1] <= self.run:
+            self._peaks.pop()
+        self._peaks.append((now, self.run))
+
+    def loads(self, now: float) -> int:
+        """Loads of room to keep free now (0: no pressure)."""
+        if not self.pressed(now):
+            return 0
+        while self._peaks and self._peaks[0][0] < now - HEADROOM_WINDOW_S:
+            self._peaks.popleft()
+        return self._peaks[0][1] if self._peaks else 1
+
 
 QUARANTINE = "server died twice while loading this model; quarantined until its config changes"
 
@@ -366,7 +410,7 @@ class Reconciler:
         self._reality_wake = asyncio.Event()  # set after a load: check reality (see _wake_reality)
         self._reality_later: asyncio.TimerHandle | None = None  # a coalesced wake pending
         self._headroom_wake = asyncio.Event()  # set after a load: restore the free margin (see _keep_headroom)
-        self._pressure_until = 0.0  # the headroom is kept until then (misses evict: see _keep_headroom)
+        self._misses = MissRuns()  # whether misses need room, and how much: the headroom's size (_keep_headroom)
         self.on_change: Callable[[], None] = lambda: None  # a state or the configured set changed (/fleet/state seq)
         # readiness: model -> when it was marked; its next step (begun after the mark) must finish
         # before the agent is ready (the first config, a server restart); see `restocking`
@@ -1116,9 +1160,9 @@ class Reconciler:
                 if phases is not None:
                     phases.queue += time.monotonic() - waited
                 continue
-            if lazy and (victims or time.monotonic() < self._pressure_until):
-                # requests' misses need room: keep the headroom while they go on
-                self._pressure_until = time.monotonic() + HEADROOM_PRESSURE_S
+            if lazy and (victims or self._misses.pressed(time.monotonic())):
+                # requests' misses need room: keep the headroom while they go on, sized by their runs
+                self._misses.miss(time.monotonic(), unloading=bool(self._unloads))
             if not victims:
                 await self._after_unloads(wait_unloads, phases)
                 return
@@ -1169,21 +1213,26 @@ class Reconciler:
                 log.exception("headroom eviction failed")
 
     async def _keep_headroom(self) -> int:
-        """Keep room for `--headroom` loads of the median loaded size free, by evicting idle
-        models (in `--eviction` order) ahead of need, so that a miss on a full node finds room
-        and loads at once: no victim's unload round trip on its path. Runs in one background task, woken after each
-        load commits. Same rules as a miss's eviction (`memory.reclaim`: no lease, not pinned,
-        past `--min-residency`; each eviction commits under the victim's lock, `_evict`); a
-        victim's bytes count as free only once its eviction commits. Never while a measured
-        window is open (the unload would spoil it: the next load's commit wakes this again).
-        Only under pressure: from a miss that had to evict on its own path, while misses go on
-        (HEADROOM_PRESSURE_S after the last), so that a node whose models all fit keeps them
-        all (no capacity is given up where no miss needs room). Returns how many it unloaded."""
+        """Keep room for as many loads of the median loaded size free as misses need (`MissRuns`:
+        the longest run of misses that came while unloads were in flight, over the last
+        HEADROOM_WINDOW_S), at most `--headroom` and HEADROOM_MAX_FRACTION of a device's budget,
+        by evicting idle models (in `--eviction` order) ahead of need, so that a miss on a full
+        node finds room and loads at once: no victim's unload round trip on its path. Runs in
+        one background task, woken after each load commits. Same rules as a miss's eviction
+        (`memory.reclaim`: no lease, not pinned, past `--min-residency`; each eviction commits
+        under the victim's lock, `_evict`); a victim's bytes count as free only once its
+        eviction commits. Never while a measured window is open (the unload would spoil it: the
+        next load's commit wakes this again). Only under pressure: from a miss that had to
+        evict on its own path, while misses go on (HEADROOM_PRESSURE_S after the last), so that
+        a node whose models all fit keeps them all (no capacity is given up where no miss needs
+        room), and a node whose misses are rare gives up one load, not the whole margin.
+        Returns how many it unloaded."""
         evicted = 0
         for _ in range(8):  # a few rounds: loads committing meanwhile take room again
-            if self._closing or self.memory.measuring() or time.monotonic() >= self._pressure_until:
+            need = self._misses.loads(time.monotonic())
+            if self._closing or self.memory.measuring() or not need:
                 break
-            target = self.memory.headroom(self.settings.headroom, HEADROOM_MAX_FRACTION)
+            target = self.memory.headroom(min(self.settings.headroom, need), HEADROOM_MAX_FRACTION)
             victims = self.memory.reclaim(target, self._relief_candidates()) if target else []
             if not victims:
                 break

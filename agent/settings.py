@@ -81,7 +81,7 @@ class Settings:
     unload_overlap: float = 0.05  # a load may start while its victims unload only if held <= budget x (1 + this)
     eviction: str = "lru"  # lru | lfu-decay: the order idle models are evicted in (agent.memory.planner.eviction_order)
     eviction_half_life: float = 100.0  # lfu-decay: a model's request count halves every this many requests to the agent
-    headroom: float = 8.0  # keep room for this many loads of the median loaded size free (0: off; see Reconciler._keep_headroom)
+    headroom: float = 8.0  # at most this many loads of the median loaded size kept free, as misses need (0: off; see Reconciler._keep_headroom)
     memory_pressure: float = 0.90  # cgroup working set above this fraction of its limit is excess
     memory_cgroup: Path | None = None  # the cgroup dir whose memory.* files are read (default: the agent's own)
     reality_interval_s: float = 2.0  # how often real memory is checked against the budget (and after each load)

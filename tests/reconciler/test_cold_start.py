@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import time
 
 import pytest
 
 from agent.memory import MemoryManager
-from agent.reconciler import State
+from agent.reconciler import HEADROOM_PRESSURE_S, HEADROOM_WINDOW_S, MissRuns, State
 from tests.reconciler.conftest import KB, Harness, run
 
 ONE_MODEL = 200 * KB  # a 64 KiB sklearn entry is reserved at 128 KiB: one fits, two do not
@@ -259,6 +261,16 @@ async def _fill(h: Harness, names: list[str]) -> None:
         h.rec.release(await h.rec.acquire(n))
 
 
+async def _full_node(h: Harness, slots: int, extra: int) -> list[str]:
+    """`slots + extra` lazy models configured (their entries measured already), the first
+    `slots` loaded: a full node. Returns their names, oldest first."""
+    _measured_already(h)
+    names = [f"m{i:02}" for i in range(slots + extra)]
+    await h.apply(*(h.spec(n, preload=False) for n in names))
+    await _fill(h, names[:slots])
+    return names
+
+
 def test_with_headroom_a_miss_on_a_full_node_loads_with_no_unload_on_its_path(tmp_path, http):
     """Models that all fit give up no room. Once a miss had to evict on its own path, the
     headroom evicts the next LRU model in the background, so the next miss finds room: its
@@ -266,10 +278,7 @@ def test_with_headroom_a_miss_on_a_full_node_loads_with_no_unload_on_its_path(tm
     here) is not on its path."""
     async def scenario():
         async with Harness(tmp_path, http, budget=SLOTS * SLOT) as h:
-            _measured_already(h)
-            names = [f"m{i:02}" for i in range(SLOTS + 2)]
-            await h.apply(*(h.spec(n, preload=False) for n in names))
-            await _fill(h, names[:SLOTS])
+            names = await _full_node(h, SLOTS, 2)
             assert await h.rec._keep_headroom() == 0  # they all fit: no miss needed room, none is given up
             assert all(h.state(n) is State.LOADED for n in names[:SLOTS]) and h.memory.free()["host"] == 0
             h.rec.release(await asyncio.wait_for(h.rec.acquire(names[SLOTS]), 2.0))  # evicts m00 on its path
@@ -316,10 +325,7 @@ def test_the_headroom_never_evicts_a_leased_a_pinned_or_a_young_model(tmp_path, 
 def test_headroom_zero_fills_the_budget_and_a_miss_evicts_on_its_path_as_before(tmp_path, http):
     async def scenario():
         async with Harness(tmp_path, http, budget=SLOTS * SLOT, headroom=0.0) as h:
-            _measured_already(h)
-            names = [f"m{i:02}" for i in range(SLOTS + 1)]
-            await h.apply(*(h.spec(n, preload=False) for n in names))
-            await _fill(h, names[:SLOTS])
+            names = await _full_node(h, SLOTS, 1)
             gate = h.adapter.hold("unload", names[0])
             miss = asyncio.create_task(h.rec.acquire(names[-1]))
             await gate.entered.wait()  # the miss unloads its victim itself
@@ -366,6 +372,75 @@ def test_a_miss_beside_a_headroom_unload_waits_while_the_server_could_not_hold_b
             assert _phase(h, "unload", "sum") > 0  # the wait shows in the breakdown
             assert _waits(h).get("in_flight_overlap") == 1  # not its own victim: the headroom's, in flight
     run(scenario())
+
+
+WIDE = 50  # a budget of 50 loads: the 10% cap is 5 loads, so --headroom 8 would keep 5 free
+
+
+def _loaded(h: Harness) -> int:
+    return sum(1 for m in h.rec.models.values() if m.state is State.LOADED)
+
+
+def test_a_node_one_model_short_of_its_working_set_keeps_all_but_one_when_misses_are_rare(tmp_path, http):
+    """Issue 13 follow-up: a working set one model bigger than the budget, under steady skewed
+    traffic whose misses come one at a time (each miss's refill unload ends before the next
+    miss): the headroom keeps one load free, so the node holds all but one of what fits (it
+    kept min(--headroom, 10% of the budget) = 5 free before, holding 45 of 50)."""
+    async def scenario():
+        async with Harness(tmp_path, http, budget=WIDE * SLOT) as h:
+            _measured_already(h)
+            names = [f"m{i:02}" for i in range(WIDE + 1)]  # one more than fits
+            await h.apply(*(h.spec(n, preload=False) for n in names))
+            rng = random.Random(13)
+            weights = [1 / (rank + 1) for rank in range(len(names))]  # Zipf-like: m00 the hottest
+            for name in [*names, *rng.choices(names, weights, k=400)]:
+                h.rec.release(await asyncio.wait_for(h.rec.acquire(name), 2.0))
+                await h.wait_for(lambda: not _unloads_in_flight(h), what="the unloads ended")
+            assert h.metrics.registry.get_sample_value("modelshelf_evictions_total") > 0  # misses needed room
+            await h.rec._keep_headroom()
+            assert _loaded(h) == WIDE - 1, _loaded(h)  # all but the one load kept free
+            assert h.memory.free()["host"] == SLOT
+    run(scenario())
+
+
+def test_misses_that_come_while_unloads_are_in_flight_grow_the_headroom_to_its_cap(tmp_path, http):
+    """A miss storm: each miss comes while an unload is still in flight (the first victim's,
+    held open here), so the run grows with every miss and the headroom with it, up to
+    min(--headroom, 10% of the budget): a miss on a full node still loads at once."""
+    async def scenario():
+        async with Harness(tmp_path, http, budget=WIDE * SLOT) as h:
+            names = await _full_node(h, WIDE, 6)
+            gate = h.adapter.hold("unload", names[0])  # the first miss's own victim
+            h.rec.release(await asyncio.wait_for(h.rec.acquire(names[WIDE]), 2.0))
+            await gate.entered.wait()
+            assert h.rec._misses.run == 1
+            for i, name in enumerate(names[WIDE + 1:WIDE + 5], start=2):
+                h.rec.release(await asyncio.wait_for(h.rec.acquire(name), 2.0))  # m00's unload still in flight
+                assert h.rec._misses.run == i and h.rec._misses.loads(time.monotonic()) == i
+            await h.wait_for(lambda: h.memory.free()["host"] >= 5 * SLOT, what="five loads kept free")
+            gate.release()
+            h.rec.release(await asyncio.wait_for(h.rec.acquire(names[-1]), 2.0))  # a miss after the storm
+            assert h.rec._misses.run == 1 and h.rec._misses.loads(time.monotonic()) == 5  # the window remembers
+            await h.wait_for(lambda: not _unloads_in_flight(h), what="the unloads ended")
+            await h.rec._keep_headroom()
+            assert h.memory.free()["host"] == 5 * SLOT  # capped: 10% of the budget, under --headroom 8
+            assert _waits(h) == {}  # no miss waited for an unload
+    run(scenario())
+
+
+def test_miss_runs_size_the_headroom_over_a_recent_window():
+    runs = MissRuns()
+    assert runs.loads(0.0) == 0  # no pressure: no headroom
+    runs.miss(100.0, unloading=False)
+    assert runs.loads(100.0) == 1  # rare misses: one load
+    for t in (100.1, 100.2, 100.3):
+        runs.miss(t, unloading=True)  # each came while an unload was in flight
+    assert runs.loads(100.3) == 4
+    runs.miss(105.0, unloading=False)  # a new run
+    assert runs.loads(105.0) == 4  # the window's longest
+    assert runs.loads(100.3 + HEADROOM_WINDOW_S + 0.01) == 1  # the long run left the window
+    assert runs.loads(105.0 + HEADROOM_WINDOW_S + 0.01) == 1  # still under pressure: one load
+    assert runs.loads(105.0 + HEADROOM_PRESSURE_S) == 0  # misses stopped: none
 
 
 def test_the_headroom_flag_takes_a_number_of_loads_and_says_what_is_wrong(capsys):
