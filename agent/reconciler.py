@@ -839,7 +839,7 @@ class Reconciler:
                                           server_pid=self._server_pid_for(m.name, copy.spec.runtime, cost=cost))
         try:
             await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=measure, phases=phases,
-                                  runtime=copy.spec.runtime, server_pid=self._placed_pid(m.name))
+                                  runtime=copy.spec.runtime, server_pid=self._admission_pid(m.name, copy.spec.runtime, cost))
         except DoesNotFit as e:
             if not replacing:
                 self._nofit(m, e)
@@ -850,7 +850,7 @@ class Reconciler:
             replacing, slot = False, m.name
             try:
                 await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=True, phases=phases,
-                                      runtime=copy.spec.runtime, server_pid=self._placed_pid(m.name))
+                                      runtime=copy.spec.runtime, server_pid=self._admission_pid(m.name, copy.spec.runtime, cost))
             except DoesNotFit as e2:
                 self._nofit(m, e2)
                 return
@@ -1107,8 +1107,9 @@ class Reconciler:
 
         `runtime`: the load's, whose import the ledger plans and charges from admission on
         unless the load's server process is known to hold it (`server_pid`: the process the
-        name is placed on already, see `_placed_pid`; a new name is placed only later, right
-        before its load, so it may go to a process that never imported it: see `memory.admit`)."""
+        name is placed on already, or a quick model's, see `_admission_pid`; any other is placed
+        only later, right before its load, so it may go to a process that never imported it:
+        see `memory.admit`)."""
         busy = 0
         while True:
             waited = time.monotonic()
@@ -1337,12 +1338,18 @@ class Reconciler:
         if orphans:
             self._spawn(_cleanup(), "orphans")
 
-    def _placed_pid(self, name: str) -> int | None:
-        """With several server processes: the pid of the one `name` is placed on now (its next
-        load goes there: an update in place, or a load after one that failed there), None when
-        it is not placed (its load is placed later, see `_server_pid_for`) or with one server."""
-        placed = getattr(self.adapter, "placed_pid", None)
-        return placed(name) if placed is not None else None
+    def _admission_pid(self, name: str, runtime: str, cost: Any) -> int | None:
+        """With several server processes: the pid of the one `name`'s load will go to where
+        that is known before it is placed (`ShardedAdapter.admission_pid`: the one it is placed
+        on, or the first for a quick model while that one holds the runtime), so the ledger
+        charges no possible import for it there; None when only its placement will tell (see
+        `_server_pid_for`) or with one server."""
+        pid_for = getattr(self.adapter, "admission_pid", None)
+        if pid_for is None:
+            return None
+        m = self.models.get(name)
+        return pid_for(name, runtime=runtime, load_s=m.server_load_seconds if m is not None else None,
+                       size=cost.entry_bytes if cost is not None else None)
 
     def _server_pid_for(self, name: str, runtime: str, *, place: bool = False, cost: Any = None) -> int | None:
         """With several server processes (agent/runtimes/shards.py): the pid of the one that

@@ -532,8 +532,9 @@ class MemoryManager:
         ``runtime`` (several server processes, --server-processes N): the load may be its
         process's first of that runtime, so that import is planned and charged from now on
         (the figure known or expected, see ``_expected_import``) unless its process is known to
-        hold it (``server_pid``: the process the name is placed on already, an update in
-        place). Admission precedes placement: the reconciler places a load with
+        hold it (``server_pid``: the process the load will go to, where that is known before
+        it is placed: the one the name is placed on already, or the first for a quick model,
+        see ``ShardedAdapter.admission_pid``). Admission precedes placement: the reconciler places a load with
         ``server_pid_for(..., place=True)`` only once it has its load slot, right before its
         window opens (which tells the process: ``start_measure``), so a load admitted with no
         ``server_pid`` is charged one more import until then wherever some process has not

@@ -33,7 +33,7 @@ second import at once (a quick one too): the memory ledger learns a runtime's im
 process's first load, and two at once would each see both. The reconciler places a model
 (`server_pid_for(..., place=True)`, with its last load time and its files' bytes) right before
 its load, after the ledger admitted it (so the ledger counts a possible import for it until
-then, unless the name is placed already: `placed_pid`), and the ledger measures the process the
+then, unless its process is known already: `admission_pid`), and the ledger measures the process the
 load goes to.
 
 Upstreams: the data plane asks `base_url_for(name)` / `grpc_target_for(name)` per request; a
@@ -150,10 +150,19 @@ class ShardedAdapter(RuntimeAdapter):
         process = self.shards[i].process
         return process.pid if process is not None else None
 
-    def placed_pid(self, name: str) -> int | None:
-        """The pid of the server process `name` is placed on (its next load goes there), None
-        when it is not placed (or that process is down)."""
+    def admission_pid(self, name: str, *, runtime: str | None = None, load_s: float | None = None,
+                      size: int | None = None) -> int | None:
+        """The pid of the server process `name`'s next load will go to, where that is known
+        before the load is placed (the memory ledger charges a possible import of its runtime
+        from its admission unless that process holds the runtime): the process it is placed on
+        (an update in place, a load after one that failed there); else, for a quick model
+        (`is_quick`) while the first process holds its runtime, the first process (`_choose`
+        puts every quick load there then). None: known only when it is placed. A restart of
+        the first process in between sends the load to a process that imports the runtime
+        anyway, whose window charges the import (as with one server)."""
         i = self._home.get(name)
+        if i is None and runtime is not None and runtime in self._warm[0] and is_quick(load_s, size):
+            i = 0
         process = self.shards[i].process if i is not None else None
         return process.pid if process is not None else None
 

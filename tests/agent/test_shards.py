@@ -305,3 +305,36 @@ def test_tiny_models_stay_in_the_first_server_process_which_alone_imports_the_ru
             assert code == 200 and doc["model_name"] == name, (code, doc)
     finally:
         agent.stop()
+
+
+def test_a_quick_load_waiting_for_its_turn_is_charged_no_second_import(tmp_path: Path):
+    """--server-processes 2: a tiny model's load goes to the first process while that one holds
+    its runtime, which is known at its admission, before the load is placed (it waits for a load
+    slot meanwhile): the ledger charges no import for the second process, which never imports
+    it. Charged, a miss on a full node would need room for ~80 MiB more than it loads."""
+    store = tmp_path / "store"
+    write_sklearn_model(store / "t0", seed=0)
+    write_sklearn_model(store / "t1", seed=1)
+    gate = tmp_path / "gate"
+    write_slow_model(store / "g", delay=0.0, load_gate=gate)  # tiny: quick, so on the first process too
+    t0 = {"name": "t0", "uri": str(store / "t0")}
+    agent = _start(tmp_path, [t0], "--server-processes", "2")
+    try:
+        cm = ConfigMapDir(tmp_path / "config")
+        g = {"name": "g", "uri": str(store / "g"), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION}
+        cm.write({"models.yaml": json.dumps({"models": [t0, g]})})
+        agent.wait_for(lambda s: s["models"].get("g", {}).get("state") == "loading", 30, "g loading (held by its gate)")
+        cm.write({"models.yaml": json.dumps({"models": [t0, g, {"name": "t1", "uri": str(store / "t1")}]})})
+        # t1 is admitted (reserved) and waits for the one load slot g holds
+        status = agent.wait_for(lambda s: "t1" in s["ledger"]["models"], 30, "t1 admitted")
+        charged = []
+        for _ in range(5):
+            charged.append(status["ledger"]["runtime_imports"]["sklearn"]["processes"])
+            assert status["models"]["t1"]["state"] != "loaded", status["models"]["t1"]
+            status = agent.status()
+        assert charged == [1] * 5, charged
+        gate.write_text("go")
+        agent.wait_for(lambda s: all(s["models"][n]["state"] == "loaded" for n in ("g", "t1")), 60, "all loaded")
+        assert [sorted(p["models"]) for p in agent.status()["server"]["processes"]] == [["g", "t0", "t1"], []]
+    finally:
+        agent.stop()
