@@ -52,7 +52,7 @@ from puller.record import astuple
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
                                  preallocate, pwrite_all, run_all, sha256)
-from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, Pipe, S3ConnectionError, S3ResponseError,
+from puller.sources.s3_wire import (NO_LOCK, HTTPProtocolError, NoCredentials, Pipe, S3ConnectionError, S3ResponseError,
                                     S3WireClient, is_cert_error, resolve_credentials)
 from puller.uri import ParsedURI, redact
 
@@ -543,11 +543,8 @@ class S3Source(Source):
                         if not n:
                             break
                         data = buf[:n]
-                        if lock is None:
+                        with lock or NO_LOCK:
                             pwrite_all(fd, data, pos[0], _CHUNK, digest)
-                        else:
-                            with lock:
-                                pwrite_all(fd, data, pos[0], _CHUNK, digest)
                         if check is not None:
                             check.update(data)
                     elif not n:

@@ -533,6 +533,19 @@ class _Conn:
             sock.close()
 
 
+class _NoLock:
+    """A lock that is no lock: a file only one thread writes (see `_Body.splice_into`)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+NO_LOCK = _NoLock()
+
+
 class _Body:
     """One response's body as it streams: Content-Length, chunked, or up to the close."""
 
@@ -625,11 +638,8 @@ class _Body:
                 raise HTTPProtocolError(f"IncompleteRead: {self._length} more bytes expected (closed or timed out)")
             data = fp.read(min(len(head), want))  # from the buffer only: no read of the socket
             self._drained = len(data) == len(head)
-            if lock is None:
+            with lock or NO_LOCK:
                 pwrite_all(fd, data, offset, 64 << 10)
-            else:
-                with lock:
-                    pwrite_all(fd, data, offset, 64 << 10)
             return self._took(len(data))
         try:
             n = os.splice(self._sock.fileno(), pipe.w, min(want, pipe.size))
@@ -644,11 +654,8 @@ class _Body:
         if not n:
             self._fp = None
             raise HTTPProtocolError(f"IncompleteRead: {self._length} more bytes expected")
-        if lock is None:
+        with lock or NO_LOCK:
             self._empty(pipe, n, fd, offset)
-        else:
-            with lock:
-                self._empty(pipe, n, fd, offset)
         return self._took(n)
 
     @staticmethod
