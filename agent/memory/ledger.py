@@ -58,7 +58,8 @@ class MemoryManager:
         self._gpu = gpu_probe
         self._server_pid = server_pid
         # --server-processes N: N server processes, each imports a runtime's libraries once it
-        # loads a model of that runtime; the import is charged N times (see ``overhead``)
+        # loads a model of that runtime; the import is charged once per process that imported
+        # it or may import it for a load admitted now (see ``overhead`` and ``charged_processes``)
         self.server_processes = max(1, int(server_processes))
         self.min_residency_s = float(min_residency_s)
         self.floor_fraction = float(floor_fraction)
@@ -83,6 +84,10 @@ class MemoryManager:
         self.measure_wait_s = float(measure_wait_s)  # how long a window waits for the open one (see start_measure)
         self.import_wait_s = float(import_wait_s)  # ... for a runtime's first load in its process (see start_measure)
         self._process: dict[str, int] = {}  # model -> the server process its load went to (several processes)
+        # model -> its runtime, for a load admitted whose server process is not known to have
+        # imported that runtime: not placed yet (admission precedes placement, see ``admit``)
+        # or placed on a process that has not loaded it; each may import it once more
+        self._awaiting: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: Any, *, store: MetaStore | None = None,
@@ -144,20 +149,52 @@ class MemoryManager:
             out[d] = out.get(d, 0) + b
         return out
 
-    def _server_lines(self) -> list[Cost]:
-        """The server's own lines: runtime imports and the allocator's kept bytes."""
-        lines = list(self._overhead.values())
-        if self.malloc_keep:
-            lines.append(Cost(self.malloc_keep, {}, "declared"))
+    def _import_lines(self) -> dict[str, Cost]:
+        """"runtime:<name>" -> one process's import of it: those learnt or expected
+        (``_overhead``) and, for a runtime whose first load is admitted but has not opened its
+        window yet, the figure expected for it (``_expected_import``)."""
+        lines = dict(self._overhead)
+        for runtime in set(self._awaiting_runtimes()):
+            key = f"runtime:{runtime}"
+            if key not in lines:
+                expected = self._expected_import(runtime)
+                if expected is not None:
+                    lines[key] = expected
         return lines
 
+    def _awaiting_runtimes(self) -> list[str]:
+        """One runtime per load admitted (or being admitted) that may import it in its process."""
+        return list(self._awaiting.values())
+
+    def charged_processes(self, runtime: str) -> int:
+        """How many server processes ``runtime``'s import is charged for. One server: 1 (its
+        line exists once the server's first load of it opened its window). Several
+        (--server-processes N): the processes that loaded it (``_warm``: a process that
+        restarted is dropped from it, see ``_warm_still_up``), plus one per load admitted
+        whose process is not known to hold it yet (``_awaiting``: each could go to a process
+        that never imported it), at most N. Never fewer than hold it in reality: a tiny
+        model's placement on a process that already has it is known only when its load
+        starts, so until then its load counts as a possible import (conservative)."""
+        with self._lock:
+            if self.server_processes == 1:
+                return 1
+            warm = [p for p, runtimes in self._warm.items() if runtime in runtimes]
+            if any(isinstance(p, tuple) for p in warm):  # loaded into a process not told apart: any
+                return self.server_processes
+            awaiting = sum(1 for r in self._awaiting_runtimes() if r == runtime)
+            return min(self.server_processes, len(warm) + awaiting)
+
     def _server_bytes(self) -> dict[str, int]:
-        """Device -> the server's own bytes: its lines (``_server_lines``) once per server
-        process (--server-processes N: each imports its runtimes and keeps its own reserve)."""
+        """Device -> the server's own bytes: each runtime's import once per process charged
+        for it (``charged_processes``), and the allocator's kept bytes once per server process
+        (--server-processes N: each keeps its own reserve)."""
         out: dict[str, int] = {}
-        for cost in self._server_lines():
+        for key, cost in self._import_lines().items():
+            n = self.charged_processes(key.split(":", 1)[1])
             for d, b in cost.devices().items():
-                out[d] = out.get(d, 0) + b * self.server_processes
+                out[d] = out.get(d, 0) + b * n
+        if self.malloc_keep:
+            out[HOST] = out.get(HOST, 0) + self.malloc_keep * self.server_processes
         return out
 
     def free(self) -> dict[str, int]:
@@ -184,10 +221,11 @@ class MemoryManager:
     def overhead(self) -> dict[str, Cost]:
         """Server-level bytes no model owns and no eviction frees, learnt from the first load of
         each runtime in the current server process ("runtime:sklearn" -> the sklearn import,
-        "runtime:pytorch" -> torch + the CUDA context). Counted in ``used()``, once per server
-        process (``server_processes``: with N, from the runtime's first load on, as every
-        process imports it once models are placed on it); cleared when the server's pid changes
-        or by ``reset_server()``."""
+        "runtime:pytorch" -> torch + the CUDA context): one process's figure. Counted in
+        ``used()`` once per process charged for it (``charged_processes``: with N server
+        processes, those that loaded the runtime plus the loads admitted that may import it
+        in theirs, so a process that holds only other runtimes', or nothing, is not charged
+        it); cleared when the server's pid changes or by ``reset_server()``."""
         with self._lock:
             return dict(self._overhead)
 
@@ -196,9 +234,12 @@ class MemoryManager:
         size is known (split from a first load): the models that served are reloaded into the
         new process, which pays the same imports, so those stay charged from now on. Else the
         loads admitted before the first reload is measured would count the import as free, and
-        a restart after an OOM kill would load more than fits. One of several server processes
-        (--server-processes N) restarted while others kept running: their imports stay, and
-        so does the charge (it counts every process)."""
+        a restart after an OOM kill would load more than fits. With several server processes
+        (--server-processes N) a figure kept is charged per process that loads the runtime
+        again (``charged_processes``): from each reload's admission on (``admit``). One of them
+        restarted while others kept running: theirs stay charged; the restarted one's is
+        dropped with its pid (``_warm_still_up``: its new process imported nothing) and charged
+        again by the loads admitted that may go to it."""
         pid = self._pid()
         with self._lock:
             if self._some_survive(pid):
@@ -267,17 +308,19 @@ class MemoryManager:
     def ledger_doc(self) -> dict[str, Any]:
         """The ledger for /status: per device budget, used (reserved, what admission counts),
         held (used + models still unloading) and the server's overhead (imports + ``malloc_keep``);
-        per runtime the import charged to the server and whether it is split from its first model
-        yet; the allocator's kept bytes (``malloc_keep``, 0 where the server trims after each call)."""
+        per runtime one process's import (``host``, ``gpu``), how many server processes it is
+        charged for (``processes``: see ``charged_processes``) and whether it is split from its
+        first model yet; the allocator's kept bytes (``malloc_keep``, 0 where the server trims
+        after each call)."""
         with self._lock:
             used, held = self.used(), self.held()
             over = self._server_bytes()
             devices = {d: {"budget": b, "used": used.get(d, 0), "held": held.get(d, 0), "overhead": over.get(d, 0)}
                        for d, b in self._budget.items()}
-            runtimes = {k.split(":", 1)[1]: {"host": c.host, "gpu": dict(c.gpu),
-                                             "method": c.method,
-                                             "provisional": k.split(":", 1)[1] in self._attr.pending or c.method == "estimated"}
-                        for k, c in self._overhead.items()}
+            runtimes = {r: {"host": c.host, "gpu": dict(c.gpu), "method": c.method,
+                            "processes": self.charged_processes(r),
+                            "provisional": r in self._attr.pending or c.method == "estimated"}
+                        for k, c in self._import_lines().items() for r in [k.split(":", 1)[1]]}
             corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
             models = {n: {**c.doc(), "unloading": n in self._unloading} for n, c in sorted(self._reserved.items())}
             return {"devices": devices, "runtime_imports": runtimes, "malloc_keep": {"host": self.malloc_keep * self.server_processes, "per_process": self.malloc_keep},
@@ -436,6 +479,7 @@ class MemoryManager:
         with self._lock:
             self._unloading.discard(name)
             self._admitted.discard(name)
+            self._awaiting.pop(name, None)
             cost = self._reserved.pop(name, None)
             if cost is not None:
                 self._touch_windows(name, "release")
@@ -480,17 +524,41 @@ class MemoryManager:
                                  overhead=overhead)
 
     def admit(self, name: str, cost: Cost, candidates: Iterable[Candidate], *, lazy: bool = False,
-              now: float | None = None) -> list[str]:
+              now: float | None = None, runtime: str | None = None, server_pid: int | None = None) -> list[str]:
         """Plan, reserve ``cost`` for ``name`` and mark the victims as unloading, atomically.
         Returns the victims: unload each, then ``release`` it. Raises DoesNotFit (nothing
-        reserved then)."""
+        reserved then).
+
+        ``runtime`` (several server processes, --server-processes N): the load may be its
+        process's first of that runtime, so that import is planned and charged from now on
+        (the figure known or expected, see ``_expected_import``) unless its process is known to
+        hold it (``server_pid``: the process the load will go to, where that is known before
+        it is placed: the one the name is placed on already, or the first for a quick model,
+        see ``ShardedAdapter.admission_pid``). Admission precedes placement: the reconciler places a load with
+        ``server_pid_for(..., place=True)`` only once it has its load slot, right before its
+        window opens (which tells the process: ``start_measure``), so a load admitted with no
+        ``server_pid`` is charged one more import until then wherever some process has not
+        loaded its runtime (conservative: it may go to that one; ``charged_processes``). With
+        one server the import is charged from the first load's window on, as before."""
         with self._lock:
-            victims = self.plan_eviction(cost, candidates, model=name, lazy=lazy, now=now)
+            if runtime is not None and self.server_processes > 1 and not self._holds(runtime, server_pid):
+                self._awaiting[name] = runtime
+            try:
+                victims = self.plan_eviction(cost, candidates, model=name, lazy=lazy, now=now)
+            except BaseException:
+                if name not in self._reserved:
+                    self._awaiting.pop(name, None)
+                raise
             for v in victims:
                 self.begin_unload(v)
             self.reserve(name, cost)
             self._admitted.add(name)
             return victims
+
+    def _holds(self, runtime: str, server_pid: int | None) -> bool:
+        """Whether a load of ``runtime`` into ``server_pid`` goes to a process that has loaded
+        it (None: not placed yet, not known: False)."""
+        return server_pid is not None and self._has_runtime(runtime, server_pid)
 
     def headroom(self, models: float, max_fraction: float) -> dict[str, int]:
         """Device -> bytes to keep free ahead of need: room for ``models`` loads of the median
@@ -629,6 +697,7 @@ class MemoryManager:
                     # earlier process measured, charged once per process (or the estimate)
                     self._warm.setdefault(server_pid, set()).add(runtime)
                     self._expect_import(runtime)
+                self._placed(name, runtime, server_pid)
                 return m
             # whether it imports its runtime is known from the moment it is registered (under the
             # same hold of the lock): a load that begins waiting now must see it as an import's
@@ -645,6 +714,7 @@ class MemoryManager:
                     m.first_of_runtime = True
                     warm.add(runtime)
                     self._expect_import(runtime)
+            self._placed(name, runtime, server_pid)
             if m.contaminated and not m.first_of_runtime:
                 return m  # its delta will not be recorded: no snapshot
         snap = self._snapshot(refresh=False, process=m.process)
@@ -657,6 +727,13 @@ class MemoryManager:
                 self._baselines = {snap.pid: snap.host}  # the bare server, right before its first model
             return m
 
+    def _placed(self, name: str, runtime: str | None, server_pid: int | None) -> None:
+        """``name``'s load opens its window: its process is known now, and holds its runtime
+        (``_warm``: loaded before, or importing it in this load, charged as that process's).
+        Its admission's possible import (``_awaiting``) ends here."""
+        if runtime is not None and self._awaiting.get(name) == runtime and self._has_runtime(runtime, server_pid):
+            del self._awaiting[name]
+
     def _expect_import(self, runtime: str) -> None:
         """The server starts importing ``runtime`` now (its first load in this process): charge
         the import from now on, as known from an earlier process, else as ``DEFAULT_IMPORTS``
@@ -665,11 +742,19 @@ class MemoryManager:
         key = f"runtime:{runtime}"
         if key in self._overhead:
             return
+        expected = self._expected_import(runtime)
+        if expected is not None:
+            self._overhead[key] = expected
+
+    def _expected_import(self, runtime: str) -> Cost | None:
+        """One process's import of ``runtime`` as expected before a load there measures it:
+        known from an earlier process, else ``DEFAULT_IMPORTS``; None: learnt only by a load."""
         known = self._attr.known.get(runtime)
         if known is not None:
-            self._overhead[key] = Cost(known[0], dict(known[1]), "measured")
-        elif DEFAULT_IMPORTS.get(self.profile, {}).get(runtime):
-            self._overhead[key] = Cost(DEFAULT_IMPORTS[self.profile][runtime], {}, "estimated")
+            return Cost(known[0], dict(known[1]), "measured")
+        if DEFAULT_IMPORTS.get(self.profile, {}).get(runtime):
+            return Cost(DEFAULT_IMPORTS[self.profile][runtime], {}, "estimated")
+        return None
 
     def _new_server_process(self, pid: Any) -> None:
         if not self._some_survive(pid):  # else only one of several restarted (see reset_server)

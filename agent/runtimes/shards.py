@@ -6,8 +6,9 @@ one server process caps a node at one core (issue 13: under cold-start traffic w
 forests the embedded server sat at ~100% of a core while a miss queued ~50 ms behind other
 loads). A load in a thread of the same process does not help (the GIL), and MLServer's own
 `parallel_workers` loads every model in every worker (memory x N) and crashes with uvloop>=0.22.
-Here each model lives in exactly ONE of N servers (memory x1, plus one interpreter and runtime
-import per server), so loads and inference of different models run on N cores.
+Here each model lives in exactly ONE of N servers (memory x1, plus one interpreter per server
+and one runtime import per server that loads a model of it), so loads and inference of
+different models run on N cores.
 
 Each shard is a whole `MLServerAdapter`: its own repository subfolder (`<repo>/shard-<i>`), its
 own free ports, its own process (restarted on its own by its `ServerProcess`).
@@ -24,13 +25,16 @@ loop long (issue 13: 19-49 MiB forests, 20-40 ms of joblib.load each); a tiny mo
 over in a few ms, and spread over two servers on a 2-core node the second one's loop takes CPU
 the agent needs (benchmarks/results/peers.notes.md, bigcold: small's p95 1.3-1.8x one process's;
 with this rule 1.05-1.07x in two rounds of three, place). With tiny models only, the other
-servers hold nothing and import no runtime (the ledger still charges an import per process: a
-safe excess). Either way, while one shard imports a runtime (its first model of it), that
+servers hold nothing and import no runtime, and the memory ledger charges them none (it charges
+a runtime's import per process that loaded it, plus one per load admitted and not placed yet:
+admission comes before placement, see below; agent/memory/ledger.py `charged_processes`). Either way, while one shard imports a runtime (its first model of it), that
 runtime's other new loads go to shards that have imported it or to that one, never start a
 second import at once (a quick one too): the memory ledger learns a runtime's import from a
 process's first load, and two at once would each see both. The reconciler places a model
 (`server_pid_for(..., place=True)`, with its last load time and its files' bytes) right before
-its load, so the ledger measures the process the load goes to.
+its load, after the ledger admitted it (so the ledger counts a possible import for it until
+then, unless its process is known already: `admission_pid`), and the ledger measures the process the
+load goes to.
 
 Upstreams: the data plane asks `base_url_for(name)` / `grpc_target_for(name)` per request; a
 name not placed (not loaded) gets shard 0, whose answer (404) the router handles as for one
@@ -144,6 +148,22 @@ class ShardedAdapter(RuntimeAdapter):
         if i is None:
             i = self._choose(runtime, quick)
         process = self.shards[i].process
+        return process.pid if process is not None else None
+
+    def admission_pid(self, name: str, *, runtime: str | None = None, load_s: float | None = None,
+                      size: int | None = None) -> int | None:
+        """The pid of the server process `name`'s next load will go to, where that is known
+        before the load is placed (the memory ledger charges a possible import of its runtime
+        from its admission unless that process holds the runtime): the process it is placed on
+        (an update in place, a load after one that failed there); else, for a quick model
+        (`is_quick`) while the first process holds its runtime, the first process (`_choose`
+        puts every quick load there then). None: known only when it is placed. A restart of
+        the first process in between sends the load to a process that imports the runtime
+        anyway, whose window charges the import (as with one server)."""
+        i = self._home.get(name)
+        if i is None and runtime is not None and runtime in self._warm[0] and is_quick(load_s, size):
+            i = 0
+        process = self.shards[i].process if i is not None else None
         return process.pid if process is not None else None
 
     def _end_import(self, name: str, runtime: str | None, i: int, ok: bool) -> None:

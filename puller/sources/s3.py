@@ -52,7 +52,7 @@ from puller.record import astuple
 from puller.retry import call_with_retry
 from puller.sources.base import (Cancelled, FileDigest, Listing, Progress, PullOptions, RemoteObject, Source,
                                  preallocate, pwrite_all, run_all, sha256)
-from puller.sources.s3_wire import (HTTPProtocolError, NoCredentials, Pipe, S3ConnectionError, S3ResponseError,
+from puller.sources.s3_wire import (NO_LOCK, HTTPProtocolError, NoCredentials, Pipe, S3ConnectionError, S3ResponseError,
                                     S3WireClient, is_cert_error, resolve_credentials)
 from puller.uri import ParsedURI, redact
 
@@ -466,8 +466,12 @@ class S3Source(Source):
                 parts = self._parts(obj.size)
                 tracker = _PartsLeft(len(parts), lambda p=obj.path: progress.file_done(p))
                 digest = self.digest_for(target, obj.size)
+                # one writer at a time into the file: the kernel takes the file's lock for each
+                # write anyway (ext4, XFS...), and its writers left waiting there spin on it, on
+                # the CPUs the transfer needs (measured: pull.notes.md "pull11"); these wait asleep
+                lock = threading.Lock()
                 for start, end in parts:
-                    tasks.append(self._part_task(key, etag, fd, start, end, progress, tracker, digest))
+                    tasks.append(self._part_task(key, etag, fd, start, end, progress, tracker, digest, lock))
             self._run(tasks)
         finally:
             for fd in open_fds:
@@ -496,9 +500,9 @@ class S3Source(Source):
         return run
 
     def _part_task(self, key: str, etag: str, fd: int, start: int, end: int, progress: Progress,
-                   tracker: "_PartsLeft", digest: FileDigest | None):
+                   tracker: "_PartsLeft", digest: FileDigest | None, lock: threading.Lock | None = None):
         def run() -> None:
-            self._get_range(key, etag, fd, start, end, progress, whole=False, digest=digest)
+            self._get_range(key, etag, fd, start, end, progress, whole=False, digest=digest, lock=lock)
             tracker.one_done()
         return run
 
@@ -506,8 +510,9 @@ class S3Source(Source):
         run_all(tasks, self._workers, self._cancel, "s3-fetch")
 
     def _get_range(self, key: str, etag: str, fd: int, start: int, end: int, progress: Progress,
-                   whole: bool, digest: FileDigest | None = None) -> None:
-        """Write bytes [start, end] of `key` at the same offsets of `fd`, resuming after transient errors."""
+                   whole: bool, digest: FileDigest | None = None, lock: threading.Lock | None = None) -> None:
+        """Write bytes [start, end] of `key` at the same offsets of `fd`, resuming after transient
+        errors; holding `lock` (when given) while writing, never while reading the socket."""
         pos = [start]
         buf = _thread_buffer()
 
@@ -528,7 +533,7 @@ class S3Source(Source):
             pipe = Pipe.open() if digest is None and check is None and resp.spliceable else None
             try:
                 while pos[0] <= end:
-                    n = None if pipe is None else resp.splice_into(fd, pos[0], end + 1 - pos[0], pipe)
+                    n = None if pipe is None else resp.splice_into(fd, pos[0], end + 1 - pos[0], pipe, lock)
                     if n is None:  # TLS, chunked, a refused splice, or the bytes are to be seen
                         if pipe is not None:
                             pipe.close()
@@ -538,7 +543,8 @@ class S3Source(Source):
                         if not n:
                             break
                         data = buf[:n]
-                        pwrite_all(fd, data, pos[0], _CHUNK, digest)
+                        with lock or NO_LOCK:
+                            pwrite_all(fd, data, pos[0], _CHUNK, digest)
                         if check is not None:
                             check.update(data)
                     elif not n:

@@ -533,6 +533,19 @@ class _Conn:
             sock.close()
 
 
+class _NoLock:
+    """A lock that is no lock: a file only one thread writes (see `_Body.splice_into`)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+NO_LOCK = _NoLock()
+
+
 class _Body:
     """One response's body as it streams: Content-Length, chunked, or up to the close."""
 
@@ -599,7 +612,7 @@ class _Body:
         """Whether `splice_into` can move this body: a Content-Length body on a plain socket."""
         return self._sock is not None and self._length is not None and self._fp is not None
 
-    def splice_into(self, fd: int, offset: int, count: int, pipe: "Pipe") -> int | None:
+    def splice_into(self, fd: int, offset: int, count: int, pipe: "Pipe", lock: Any = None) -> int | None:
         """Move up to `count` bytes of the body to `fd` at `offset` through `pipe` with splice(2)
         (socket -> pipe -> file: the bytes never enter user space); the number moved, 0 at the
         body's end, or None when this body cannot be spliced now (TLS, chunked or read-to-close
@@ -609,7 +622,9 @@ class _Body:
 
         Use it from a body's first byte or not at all: the head's reads may have buffered the
         start of the body, which the first call writes first (what was buffered never reaches
-        the socket again)."""
+        the socket again). `lock` (held while bytes go into `fd`, not while the socket is read):
+        the file's writers' lock, when several threads write parts of one file (see
+        puller.sources.s3.S3Source.fetch)."""
         fp = self._fp
         if fp is None:
             return 0
@@ -623,7 +638,8 @@ class _Body:
                 raise HTTPProtocolError(f"IncompleteRead: {self._length} more bytes expected (closed or timed out)")
             data = fp.read(min(len(head), want))  # from the buffer only: no read of the socket
             self._drained = len(data) == len(head)
-            pwrite_all(fd, data, offset, 64 << 10)
+            with lock or NO_LOCK:
+                pwrite_all(fd, data, offset, 64 << 10)
             return self._took(len(data))
         try:
             n = os.splice(self._sock.fileno(), pipe.w, min(want, pipe.size))
@@ -638,6 +654,13 @@ class _Body:
         if not n:
             self._fp = None
             raise HTTPProtocolError(f"IncompleteRead: {self._length} more bytes expected")
+        with lock or NO_LOCK:
+            self._empty(pipe, n, fd, offset)
+        return self._took(n)
+
+    @staticmethod
+    def _empty(pipe: "Pipe", n: int, fd: int, offset: int) -> None:
+        """The `n` bytes in `pipe` into `fd` at `offset`."""
         done = 0
         while done < n:
             try:
@@ -650,7 +673,6 @@ class _Body:
                     data = os.read(pipe.r, n - done)
                     pwrite_all(fd, data, offset + done, 64 << 10)
                     done += len(data)
-        return self._took(n)
 
     def _took(self, n: int) -> int:
         self._length -= n
@@ -876,8 +898,8 @@ class _Response:
     def spliceable(self) -> bool:
         return self._r.spliceable
 
-    def splice_into(self, fd: int, offset: int, count: int, pipe: Pipe) -> int | None:
-        return self._r.splice_into(fd, offset, count, pipe)
+    def splice_into(self, fd: int, offset: int, count: int, pipe: Pipe, lock: Any = None) -> int | None:
+        return self._r.splice_into(fd, offset, count, pipe, lock)
 
     def isclosed(self) -> bool:
         return self._r.isclosed()

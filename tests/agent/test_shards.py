@@ -114,7 +114,8 @@ def test_kill_9_of_one_server_process_reloads_only_its_models(two_shards):
 
 
 def test_memory_counts_every_server_process(tmp_path: Path):
-    """The ledger charges the runtime import once per process; reality reads both trees."""
+    """Both processes hold a model: the ledger charges the runtime import once for each of
+    them; reality reads both trees."""
     store = tmp_path / "store"
     models = []
     for i, name in enumerate(("m0", "m1")):
@@ -131,6 +132,7 @@ def test_memory_counts_every_server_process(tmp_path: Path):
         keep = ledger["malloc_keep"]  # each process also keeps its own allocator reserve
         assert keep["host"] == 2 * keep["per_process"] > 0, ledger
         assert ledger["devices"]["host"]["overhead"] == 2 * imported + keep["host"], ledger  # once per process
+        assert ledger["runtime_imports"]["sklearn"]["processes"] == 2, ledger
         pids = status["server"]["pids"]
         both = sum(tree_rss(p) for p in pids)
         rss = agent.status()["reality"]["server_rss"]
@@ -279,8 +281,8 @@ def test_quick_loads_go_to_the_first_server_process_and_slow_ones_spread(tmp_pat
 def test_tiny_models_stay_in_the_first_server_process_which_alone_imports_the_runtime(tmp_path: Path):
     """--server-processes 2 with tiny models only: every one is loaded in the first process,
     and the second holds nothing and never imports the runtime (its memory stays below the
-    first's by about the import). The ledger still charges the import once per process (it
-    assumes every process imports a runtime once it has a first load anywhere): a safe excess."""
+    first's by about the import). The ledger charges the import once, for the first process
+    only: what the server really holds (not once per process: ~80 MiB of budget for nothing)."""
     store = tmp_path / "store"
     models = []
     for i, name in enumerate(("t0", "t1", "t2")):
@@ -296,9 +298,43 @@ def test_tiny_models_stay_in_the_first_server_process_which_alone_imports_the_ru
         assert imported > 10 * 2**20, ledger
         rss = [tree_rss(p["pid"]) for p in processes]
         assert rss[1] < rss[0] - imported / 2, (rss, imported)  # the second process never imported sklearn
-        assert ledger["devices"]["host"]["overhead"] == 2 * imported + ledger["malloc_keep"]["host"], ledger
+        assert ledger["devices"]["host"]["overhead"] == imported + ledger["malloc_keep"]["host"], ledger
+        assert ledger["runtime_imports"]["sklearn"]["processes"] == 1, ledger
         for name in ("t0", "t1", "t2"):
             code, doc = agent.post(f"/v2/models/{name}/infer", v2_request(ROWS))
             assert code == 200 and doc["model_name"] == name, (code, doc)
+    finally:
+        agent.stop()
+
+
+def test_a_quick_load_waiting_for_its_turn_is_charged_no_second_import(tmp_path: Path):
+    """--server-processes 2: a tiny model's load goes to the first process while that one holds
+    its runtime, which is known at its admission, before the load is placed (it waits for a load
+    slot meanwhile): the ledger charges no import for the second process, which never imports
+    it. Charged, a miss on a full node would need room for ~80 MiB more than it loads."""
+    store = tmp_path / "store"
+    write_sklearn_model(store / "t0", seed=0)
+    write_sklearn_model(store / "t1", seed=1)
+    gate = tmp_path / "gate"
+    write_slow_model(store / "g", delay=0.0, load_gate=gate)  # tiny: quick, so on the first process too
+    t0 = {"name": "t0", "uri": str(store / "t0")}
+    agent = _start(tmp_path, [t0], "--server-processes", "2")
+    try:
+        cm = ConfigMapDir(tmp_path / "config")
+        g = {"name": "g", "uri": str(store / "g"), "runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION}
+        cm.write({"models.yaml": json.dumps({"models": [t0, g]})})
+        agent.wait_for(lambda s: s["models"].get("g", {}).get("state") == "loading", 30, "g loading (held by its gate)")
+        cm.write({"models.yaml": json.dumps({"models": [t0, g, {"name": "t1", "uri": str(store / "t1")}]})})
+        # t1 is admitted (reserved) and waits for the one load slot g holds
+        status = agent.wait_for(lambda s: "t1" in s["ledger"]["models"], 30, "t1 admitted")
+        charged = []
+        for _ in range(5):
+            charged.append(status["ledger"]["runtime_imports"]["sklearn"]["processes"])
+            assert status["models"]["t1"]["state"] != "loaded", status["models"]["t1"]
+            status = agent.status()
+        assert charged == [1] * 5, charged
+        gate.write_text("go")
+        agent.wait_for(lambda s: all(s["models"][n]["state"] == "loaded" for n in ("g", "t1")), 60, "all loaded")
+        assert [sorted(p["models"]) for p in agent.status()["server"]["processes"]] == [["g", "t0", "t1"], []]
     finally:
         agent.stop()

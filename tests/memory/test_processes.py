@@ -1,7 +1,9 @@
 """The ledger with several server processes (--server-processes N, agent/runtimes/shards.py):
 the pid it tracks is a tuple, each process imports a runtime on its first model of it, and the
-import is charged once per process. Two real process trees stand in for two servers (the
-conftest's ProcessTree: a child that holds the bytes it is told to)."""
+import is charged once per process that loaded it or may load it for a load admitted (not per
+process of the server: a process holding only other runtimes' models, or nothing, never
+imported it). Two real process trees stand in for two servers (the conftest's ProcessTree: a
+child that holds the bytes it is told to)."""
 from __future__ import annotations
 
 import threading
@@ -9,7 +11,7 @@ import time
 
 import pytest
 
-from agent.memory import HOST, InMemoryStore, MemoryManager
+from agent.memory import HOST, DoesNotFit, InMemoryStore, MemoryManager
 from agent.memory.cost import Cost
 
 from .conftest import GiB, MiB, ProcessTree
@@ -52,8 +54,8 @@ def test_a_later_process_first_load_beside_another_process_unload_keeps_the_impo
 
 def test_one_process_restarting_keeps_the_others_import_and_baseline(two_trees):
     """Process 2 of 2 restarts (a new pid, bare): process 1 still holds its import and models,
-    so the import stays charged (once per process: the reloads into the new one pay it again),
-    and the server's baseline is process 1's, kept, plus the new process's bare RSS."""
+    so its import stays charged (process 2 never loaded sklearn: it is charged none), and the
+    server's baseline is process 1's, kept, plus the new process's bare RSS."""
     t1, t2 = two_trees
     pids = [t1.pid, t2.pid]
     mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: tuple(pids), server_processes=2,
@@ -72,7 +74,7 @@ def test_one_process_restarting_keeps_the_others_import_and_baseline(two_trees):
         pids[1] = t3.pid
         mm.reset_server()
         assert mm.overhead()["runtime:sklearn"].host == imported
-        assert mm.used()[HOST] >= 2 * imported + 10 * MiB
+        assert mm.used()[HOST] == imported + mm.reservations()["a"].host
         assert mm.server_baseline(tuple(pids)) == base1 + mm.server_baseline(t3.pid)  # not process 1's RSS now
     finally:
         t3.close()
@@ -224,3 +226,139 @@ def test_what_a_load_asks_on_the_event_loop_reads_no_pid():
 
     assert asyncio.run(ask()) == (True, True)  # nothing loaded yet: measured, and the import
     assert reads == []
+
+
+def _models(mm: MemoryManager) -> int:
+    return sum(c.host for c in mm.reservations().values())
+
+
+def _first_import(mm: MemoryManager, tree: ProcessTree, name: str = "t0") -> int:
+    """Model ``name``'s load into ``tree``'s process, its first sklearn load: the import
+    (~80 MiB) and a 1 MiB model; returns the import charged for one process."""
+    mm.reserve(name, Cost(MiB, {}, "declared"))
+    w = mm.start_measure(name, runtime="sklearn", server_pid=tree.pid)
+    assert w.first_of_runtime
+    tree.send(f"alloc {81 * MiB}")
+    mm.finish_measure(w, key=f"key-{name}")
+    imported = mm.overhead()["runtime:sklearn"].host
+    assert 70 * MiB < imported < 100 * MiB, imported / MiB
+    return imported
+
+
+def test_quick_models_all_in_one_process_are_charged_one_import(two_trees):
+    """--server-processes 2 with tiny models only: they all go to the first process (shards.py
+    is_quick), the second never imports sklearn, so the ledger charges the import once (its
+    used is one import + the models, as the server's real growth is), not once per process;
+    /status's ledger says for how many processes each import is charged."""
+    t1, t2 = two_trees
+    mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
+                       min_residency_s=0.0, profile="mlserver")
+    for i, name in enumerate(("t0", "t1", "t2")):
+        mm.reserve(name, Cost(MiB, {}, "declared"))
+        w = mm.start_measure(name, runtime="sklearn", server_pid=t1.pid)
+        t1.send(f"alloc {(81 if i == 0 else 1) * MiB}")  # the first: the import too
+        mm.finish_measure(w, key=f"key-{name}")
+    imported = mm.overhead()["runtime:sklearn"].host
+    assert 70 * MiB < imported < 100 * MiB, imported / MiB
+    assert mm.used()[HOST] == imported + _models(mm)  # one import: process 2 holds none
+    doc = mm.ledger_doc()
+    assert doc["runtime_imports"]["sklearn"]["processes"] == 1, doc["runtime_imports"]
+    assert doc["devices"][HOST]["overhead"] == imported
+
+
+def test_a_quick_load_admitted_counts_an_import_until_it_is_placed(two_trees):
+    """A load is admitted before it is placed (the reconciler places it right before its
+    window opens): until then it may go to the process that never imported sklearn, so it
+    counts that import; once its window opens in the process that has it, it counts none."""
+    t1, t2 = two_trees
+    mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
+                       min_residency_s=0.0, profile="mlserver")
+    imported = _first_import(mm, t1)
+    assert mm.used()[HOST] == imported + _models(mm)
+    mm.admit("t1", Cost(MiB, {}, "declared"), [], runtime="sklearn")  # not placed yet: may go to process 2
+    assert mm.used()[HOST] == 2 * imported + _models(mm)
+    assert mm.ledger_doc()["runtime_imports"]["sklearn"]["processes"] == 2
+    w = mm.start_measure("t1", runtime="sklearn", server_pid=t1.pid)  # placed: process 1, which has it
+    assert mm.used()[HOST] == imported + _models(mm)
+    t1.send(f"alloc {MiB}")
+    mm.finish_measure(w, key="key-t1")
+    assert mm.used()[HOST] == imported + _models(mm)
+
+
+def test_a_big_model_admitted_for_the_second_process_is_charged_its_import_from_admission(two_trees):
+    """A big model's load is admitted before it is placed: it may go to the process that never
+    imported sklearn, so its admission counts that process's import (a model that fits beside
+    one import but not two is refused), it stays charged once the load is placed there and
+    measured, and a load admitted into a process placed already and warm counts none."""
+    t1, t2 = two_trees
+    mm = MemoryManager({HOST: 400 * MiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
+                       min_residency_s=0.0, profile="mlserver")
+    imported = _first_import(mm, t1)
+    room = mm.free()[HOST]
+    with pytest.raises(DoesNotFit):  # fits beside process 1's import, not beside process 2's too
+        mm.admit("huge", Cost(room - imported // 2, {}, "declared"), [], runtime="sklearn")
+    assert mm.used()[HOST] == imported + _models(mm)  # the refused load charges nothing
+    # an update in place of t0 goes to t0's process, which has sklearn: no second import
+    assert mm.admit("t0#new", Cost(room - imported // 2, {}, "declared"), [], runtime="sklearn", server_pid=t1.pid) == []
+    mm.release("t0#new")
+
+    mm.admit("big", Cost(20 * MiB, {}, "declared"), [], runtime="sklearn")
+    assert mm.used()[HOST] == 2 * imported + _models(mm)  # from its admission on
+    w = mm.start_measure("big", runtime="sklearn", server_pid=t2.pid)
+    assert w.first_of_runtime
+    assert mm.used()[HOST] == 2 * imported + _models(mm)
+    t2.send(f"alloc {100 * MiB}")  # process 2's import + the big model
+    mm.finish_measure(w, key="key-big")
+    assert mm.used()[HOST] == 2 * imported + _models(mm)
+    assert mm.ledger_doc()["runtime_imports"]["sklearn"]["processes"] == 2
+
+
+def test_a_restart_of_the_second_process_drops_its_import(two_trees):
+    """Process 2 holds the big model and its own import; it restarts (a new pid, bare): its
+    import is no longer charged (process 1's is), and the big model's reload, admitted, is
+    charged one again."""
+    t1, t2 = two_trees
+    pids = [t1.pid, t2.pid]
+    mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: tuple(pids), server_processes=2,
+                       min_residency_s=0.0, profile="mlserver")
+    imported = _first_import(mm, t1)
+    mm.reserve("big", Cost(20 * MiB, {}, "declared"))
+    w = mm.start_measure("big", runtime="sklearn", server_pid=t2.pid)
+    t2.send(f"alloc {100 * MiB}")
+    mm.finish_measure(w, key="key-big")
+    assert mm.used()[HOST] == 2 * imported + _models(mm)
+
+    t3 = ProcessTree()  # process 2 restarted: a new, bare process
+    try:
+        pids[1] = t3.pid
+        mm.reset_server()
+        assert mm.used()[HOST] == imported + _models(mm)  # (big's reservation goes when its loss is noticed)
+        mm.release("big")
+        mm.admit("big", Cost(20 * MiB, {}, "declared"), [], runtime="sklearn")  # its reload
+        assert mm.used()[HOST] == 2 * imported + _models(mm)
+        w = mm.start_measure("big", runtime="sklearn", server_pid=t3.pid)
+        assert w.first_of_runtime
+        assert mm.ledger_doc()["runtime_imports"]["sklearn"]["processes"] == 2
+        mm.abort_measure(w)
+    finally:
+        t3.close()
+
+
+def test_a_runtime_first_load_is_admitted_with_its_expected_import(two_trees):
+    """Before any process imported sklearn, the first sklearn load's admission counts the
+    expected import (DEFAULT_IMPORTS): a model that fits alone but not beside it is refused."""
+    from agent.memory.cost import DEFAULT_IMPORTS
+
+    t1, t2 = two_trees
+    expected = DEFAULT_IMPORTS["mlserver"]["sklearn"]
+    mm = MemoryManager({HOST: expected + 20 * MiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid),
+                       server_processes=2, min_residency_s=0.0, profile="mlserver")
+    with pytest.raises(DoesNotFit):
+        mm.admit("big", Cost(30 * MiB, {}, "declared"), [], runtime="sklearn")
+    assert mm.used()[HOST] == 0 and mm.ledger_doc()["runtime_imports"] == {}
+    mm.admit("a", Cost(2 * MiB, {}, "declared"), [], runtime="sklearn")
+    assert mm.used()[HOST] == expected + 2 * MiB
+    assert mm.ledger_doc()["runtime_imports"]["sklearn"]["processes"] == 1
+    w = mm.start_measure("a", runtime="sklearn", server_pid=t1.pid)
+    assert w.first_of_runtime and mm.used()[HOST] == expected + 2 * MiB
+    mm.abort_measure(w)

@@ -398,3 +398,39 @@ def test_gets_sent_ahead_are_read_by_fetch_never_sent_twice(s3: S3Server, tmp_pa
     src.begin_fetch(src.list())
     src.close()
     assert not (tmp_path / "b").exists()
+
+
+def test_parts_of_one_file_are_written_one_writer_at_a_time(s3: S3Server, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file fetched in parts has one writer at a time (the workers still read their sockets
+    at once): the kernel serializes a file's writes anyway, and writers left waiting on its lock
+    spun there, on the CPUs the transfer needs (benchmarks/results/pull.notes.md "pull11").
+    Each write here is held a little so that writers that overlap are seen to."""
+    import stat
+    import time
+
+    data = os.urandom(8 * 2**20 + 5)
+    s3.put("models", "big/weights.bin", data)
+    inside: dict[int, int] = {}
+    most = [0]
+    mu = threading.Lock()
+    real_splice, real_pwrite = os.splice, os.pwrite
+
+    def writing(fd: int, call):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # socket -> pipe: not a write into the file
+            return call()
+        with mu:
+            inside[fd] = inside.get(fd, 0) + 1
+            most[0] = max(most[0], inside[fd])
+        try:
+            time.sleep(0.002)
+            return call()
+        finally:
+            with mu:
+                inside[fd] -= 1
+
+    monkeypatch.setattr(os, "splice", lambda src, dst, count, *a, **k: writing(dst, lambda: real_splice(src, dst, count, *a, **k)))
+    monkeypatch.setattr(os, "pwrite", lambda fd, b, off: writing(fd, lambda: real_pwrite(fd, b, off)))
+    _pull("s3://models/big/weights.bin", tmp_path / "a", part_size=2**20, max_concurrency=4)
+    assert (tmp_path / "a" / "weights.bin").read_bytes() == data
+    assert most[0] == 1, f"{most[0]} writers in one file at once"
