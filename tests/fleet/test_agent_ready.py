@@ -105,7 +105,10 @@ def test_a_load_that_blocks_the_server_keeps_the_agent_ready_but_a_frozen_server
         assert any(b["models"] == ["big"] and b["process"] == 0 for b in busy), busy  # the spell, in /status
         log = agent.log()
         assert "server is not ready" not in log and "server is ready again" not in log, log[-3000:]
-        assert log.count("server busy loading") == 1, log[-3000:]  # once per busy spell
+        # once per busy spell: big's (iris's first load, which imports sklearn, is one too where
+        # the import outlasts a probe: 6 s on a loaded CI machine)
+        spells = [ln for ln in log.splitlines() if "server busy loading" in ln and "models=big" in ln]
+        assert len(spells) == 1, log[-3000:]
 
         pid = agent.status()["server"]["pid"]
         os.kill(pid, signal.SIGSTOP)  # frozen, no load in flight: its unanswered probes count
