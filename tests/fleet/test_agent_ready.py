@@ -105,10 +105,10 @@ def test_a_load_that_blocks_the_server_keeps_the_agent_ready_but_a_frozen_server
         assert any(b["models"] == ["big"] and b["process"] == 0 for b in busy), busy  # the spell, in /status
         log = agent.log()
         assert "server is not ready" not in log and "server is ready again" not in log, log[-3000:]
-        # once per busy spell: big's (iris's first load, which imports sklearn, is one too where
-        # the import outlasts a probe: 6 s on a loaded CI machine)
-        spells = [ln for ln in log.splitlines() if "server busy loading" in ln and "models=big" in ln]
-        assert len(spells) == 1, log[-3000:]
+        # once per busy spell, never per probe (big's 9 s span ~4 probes): big's spell, and on a
+        # loaded machine iris's too (its first load imports sklearn: 5.8-6.2 s in fresh-clone CI
+        # runs), either as a spell of its own or one that big's load continues
+        assert 1 <= log.count("server busy loading") <= 2, log[-3000:]
 
         pid = agent.status()["server"]["pid"]
         os.kill(pid, signal.SIGSTOP)  # frozen, no load in flight: its unanswered probes count
