@@ -39,6 +39,7 @@ class Metrics:
         self.cache_bytes = Gauge("modelshelf_cache_bytes", "Bytes in the cache root", registry=r)
         self.memory_used = Gauge("modelshelf_memory_used_bytes", "Reserved model memory per device", ["device"], registry=r)
         self.memory_budget = Gauge("modelshelf_memory_budget_bytes", "Model memory budget per device", ["device"], registry=r)
+        self.headroom = Gauge("modelshelf_headroom_bytes", "Free memory the headroom keeps now per device (--headroom: as many loads as misses need; 0 without pressure)", ["device"], registry=r)
         self.config_errors = Counter("modelshelf_config_errors_total", "Rejected config files and entries", ["kind"], registry=r)
         self.config_applied = Gauge("modelshelf_config_applied_timestamp_seconds", "When the last good config was applied", registry=r)
         self.server_restarts = Counter("modelshelf_server_restarts_total", "Co-located server restarts seen, by reason "

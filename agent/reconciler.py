@@ -1222,6 +1222,19 @@ class Reconciler:
             except Exception:  # an eviction's own errors end in its model's state; this is a bug
                 log.exception("headroom eviction failed")
 
+    def _headroom_loads(self) -> int:
+        """Loads of room the headroom keeps free now: what the misses need (`MissRuns`), at most
+        `--headroom`; 0 without pressure or with `--headroom 0`."""
+        if self.settings.headroom <= 0:
+            return 0
+        return int(min(self.settings.headroom, self._misses.loads(time.monotonic())))
+
+    def _headroom_target(self) -> dict[str, int]:
+        """Device -> bytes the headroom keeps free now (`_headroom_loads` of the median loaded
+        size, at most HEADROOM_MAX_FRACTION of the budget in whole loads); empty: none."""
+        loads = self._headroom_loads()
+        return self.memory.headroom(loads, HEADROOM_MAX_FRACTION) if loads else {}
+
     async def _keep_headroom(self) -> int:
         """Keep room for as many loads of the median loaded size free as misses need (`MissRuns`:
         the longest run of misses that came while unloads were in flight, over the last
@@ -1239,11 +1252,12 @@ class Reconciler:
         Returns how many it unloaded."""
         evicted = 0
         for _ in range(8):  # a few rounds: loads committing meanwhile take room again
-            need = self._misses.loads(time.monotonic())
-            if self._closing or self.memory.measuring() or not need:
+            if self._closing or self.memory.measuring():
                 break
-            target = self.memory.headroom(min(self.settings.headroom, need), HEADROOM_MAX_FRACTION)
-            victims = self.memory.reclaim(target, self._relief_candidates()) if target else []
+            target = self._headroom_target()
+            if not target:
+                break
+            victims = self.memory.reclaim(target, self._relief_candidates())
             if not victims:
                 break
             done = await asyncio.gather(*(self._evict(self.models[v], reason="headroom") for v in victims))
@@ -1631,16 +1645,18 @@ class Reconciler:
             log.debug("transition", extra=kv(model=m.name, old=old.value, new=new.value))
 
     def update_gauges(self) -> None:
-        """Models per state, memory used and budget: refreshed when /metrics is scraped."""
+        """Models per state, memory used and budget, the headroom kept now: refreshed when
+        /metrics is scraped."""
         counts = {s: 0 for s in State}
         for m in self.models.values():
             counts[m.state] += 1
         for s, n in counts.items():
             self.metrics.models.labels(state=s.value).set(n)
-        used = self.memory.used()
+        used, headroom = self.memory.used(), self._headroom_target()
         for device, budget in self.memory.budget().items():
             self.metrics.memory_used.labels(device=device).set(used.get(device, 0))
             self.metrics.memory_budget.labels(device=device).set(budget)
+            self.metrics.headroom.labels(device=device).set(headroom.get(device, 0))
 
     def status(self) -> dict[str, Any]:
         used, held = self.memory.used(), self.memory.held()
@@ -1656,6 +1672,9 @@ class Reconciler:
             },
             "memory": {d: {"used": used.get(d, 0), "held": held.get(d, 0), "budget": b}
                        for d, b in self.memory.budget().items()},
+            # the free margin kept now (`_keep_headroom`): loads of room and bytes per device
+            "headroom": {"max_loads": self.settings.headroom, "loads": self._headroom_loads(),
+                         "bytes": self._headroom_target()},
             "counts": {s.value: sum(1 for m in self.models.values() if m.state is s) for s in State},
             "server_restart": self.last_restart,
         }

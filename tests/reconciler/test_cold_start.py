@@ -335,6 +335,7 @@ def test_headroom_zero_fills_the_budget_and_a_miss_evicts_on_its_path_as_before(
             h.rec.release(await asyncio.wait_for(miss, 2.0))
             assert await h.rec._keep_headroom() == 0  # under pressure, still nothing evicted ahead of need
             assert h.adapter.count("unload") == 1 and h.memory.free()["host"] == 0
+            assert h.rec.status()["headroom"] == {"max_loads": 0.0, "loads": 0, "bytes": {}}
     run(scenario())
 
 
@@ -400,6 +401,10 @@ def test_a_node_one_model_short_of_its_working_set_keeps_all_but_one_when_misses
             await h.rec._keep_headroom()
             assert _loaded(h) == WIDE - 1, _loaded(h)  # all but the one load kept free
             assert h.memory.free()["host"] == SLOT
+            # what it keeps is shown: /status and the modelshelf_headroom_bytes gauge
+            assert h.rec.status()["headroom"] == {"max_loads": 8.0, "loads": 1, "bytes": {"host": SLOT}}
+            h.rec.update_gauges()
+            assert h.metrics.registry.get_sample_value("modelshelf_headroom_bytes", {"device": "host"}) == SLOT
     run(scenario())
 
 
@@ -425,6 +430,9 @@ def test_misses_that_come_while_unloads_are_in_flight_grow_the_headroom_to_its_c
             await h.rec._keep_headroom()
             assert h.memory.free()["host"] == 5 * SLOT  # capped: 10% of the budget, under --headroom 8
             assert _waits(h) == {}  # no miss waited for an unload
+            assert h.rec.status()["headroom"] == {"max_loads": 8.0, "loads": 5, "bytes": {"host": 5 * SLOT}}
+            h.rec.update_gauges()
+            assert h.metrics.registry.get_sample_value("modelshelf_headroom_bytes", {"device": "host"}) == 5 * SLOT
     run(scenario())
 
 
