@@ -1407,12 +1407,7 @@ class Reconciler:
         on, or the first for a quick model while that one holds the runtime), so the ledger
         charges no possible import for it there; None when only its placement will tell (see
         `_server_pid_for`) or with one server."""
-        pid_for = getattr(self.adapter, "admission_pid", None)
-        if pid_for is None:
-            return None
-        m = self.models.get(name)
-        return pid_for(name, runtime=runtime, load_s=m.server_load_seconds if m is not None else None,
-                       size=cost.entry_bytes if cost is not None else None)
+        return self._ask_placement("admission_pid", name, runtime, cost)
 
     def _server_pid_for(self, name: str, runtime: str, *, place: bool = False, cost: Any = None) -> int | None:
         """With several server processes (agent/runtimes/shards.py): the pid of the one that
@@ -1420,12 +1415,17 @@ class Reconciler:
         ledger tells each process's first load of a runtime apart. None with one server. Where
         it goes weighs how long its last load took the server and its files' bytes (`cost`'s
         entry_bytes: what a load reads; not the declared memory, a reservation users round up)."""
-        pid_for = getattr(self.adapter, "server_pid_for", None)
-        if pid_for is None:
+        return self._ask_placement("server_pid_for", name, runtime, cost, place=place)
+
+    def _ask_placement(self, method: str, name: str, runtime: str, cost: Any, **kwargs: Any) -> int | None:
+        """Call the adapter's placement `method` (only ShardedAdapter has them; None without)
+        with what placement weighs: the model's last server load time and its files' bytes."""
+        ask = getattr(self.adapter, method, None)
+        if ask is None:
             return None
         m = self.models.get(name)
-        return pid_for(name, runtime=runtime, place=place, load_s=m.server_load_seconds if m is not None else None,
-                       size=cost.entry_bytes if cost is not None else None)
+        return ask(name, runtime=runtime, load_s=m.server_load_seconds if m is not None else None,
+                   size=cost.entry_bytes if cost is not None else None, **kwargs)
 
     # ------------------------------------------------------------------ the server's real state
     async def server_restarted(self, names: set[str] | None = None, exit_: dict | None = None) -> None:

@@ -154,17 +154,13 @@ class MemoryManager:
         (``_overhead``) and, for a runtime whose first load is admitted but has not opened its
         window yet, the figure expected for it (``_expected_import``)."""
         lines = dict(self._overhead)
-        for runtime in set(self._awaiting_runtimes()):
+        for runtime in set(self._awaiting.values()):
             key = f"runtime:{runtime}"
             if key not in lines:
                 expected = self._expected_import(runtime)
                 if expected is not None:
                     lines[key] = expected
         return lines
-
-    def _awaiting_runtimes(self) -> list[str]:
-        """One runtime per load admitted (or being admitted) that may import it in its process."""
-        return list(self._awaiting.values())
 
     def charged_processes(self, runtime: str) -> int:
         """How many server processes ``runtime``'s import is charged for. One server: 1 (its
@@ -181,7 +177,7 @@ class MemoryManager:
             warm = [p for p, runtimes in self._warm.items() if runtime in runtimes]
             if any(isinstance(p, tuple) for p in warm):  # loaded into a process not told apart: any
                 return self.server_processes
-            awaiting = sum(1 for r in self._awaiting_runtimes() if r == runtime)
+            awaiting = sum(1 for r in self._awaiting.values() if r == runtime)
             return min(self.server_processes, len(warm) + awaiting)
 
     def _server_bytes(self) -> dict[str, int]:

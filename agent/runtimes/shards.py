@@ -147,8 +147,7 @@ class ShardedAdapter(RuntimeAdapter):
         i = self._place(name, runtime, quick) if place else self._home.get(name)
         if i is None:
             i = self._choose(runtime, quick)
-        process = self.shards[i].process
-        return process.pid if process is not None else None
+        return self._pid(i)
 
     def admission_pid(self, name: str, *, runtime: str | None = None, load_s: float | None = None,
                       size: int | None = None) -> int | None:
@@ -163,7 +162,11 @@ class ShardedAdapter(RuntimeAdapter):
         i = self._home.get(name)
         if i is None and runtime is not None and runtime in self._warm[0] and is_quick(load_s, size):
             i = 0
-        process = self.shards[i].process if i is not None else None
+        return self._pid(i) if i is not None else None
+
+    def _pid(self, i: int) -> int | None:
+        """The pid of shard `i`'s server process (None while it is down)."""
+        process = self.shards[i].process
         return process.pid if process is not None else None
 
     def _end_import(self, name: str, runtime: str | None, i: int, ok: bool) -> None:
