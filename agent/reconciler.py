@@ -286,7 +286,7 @@ class Model:
     died_loading: float | None = None  # when its last load that found the server gone was sent to it
     pull_seconds: float | None = None
     load_seconds: float | None = None
-    server_load_seconds: float | None = None  # the server's part of the last load (placement: agent/runtimes/shards.py)
+    server_load_seconds: float | None = None  # the server's part of its last load that imported no runtime (placement: agent/runtimes/shards.py)
     loads: int = 0
     updating: bool = False  # a new copy is loading in place of the served one
     draining: bool = False  # an unload waits for in-flight requests: no new lease on this copy
@@ -939,7 +939,10 @@ class Reconciler:
                 finally:
                     self._loading.pop(m.name, None)
                 loaded_mark = time.monotonic()
-                m.server_load_seconds = server_s if server_s is not None else loaded_mark - server_mark
+                server_took = server_s if server_s is not None else loaded_mark - server_mark
+                if importing is None:  # a load that imported its runtime timed the import, not the
+                    # model: kept, a tiny model would be placed as a slow one (agent/runtimes/shards.py)
+                    m.server_load_seconds = server_took
                 if window is not None:
                     measured, window = window, None
                     if measured.measured:  # a snapshot (/proc reads) and a store write
@@ -947,7 +950,7 @@ class Reconciler:
                     else:
                         self.memory.finish_measure(measured, key=copy.entry.key)
                 if phases is not None:  # the adapter says how long the server's own call took
-                    phases.server = m.server_load_seconds
+                    phases.server = server_took
                     phases.measure = (server_mark - mark) + (time.monotonic() - loaded_mark)
         except Exception as e:  # adapter errors, timeouts, OSError (disk full), bugs: all end here
             error = e

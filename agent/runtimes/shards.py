@@ -19,7 +19,8 @@ to shard 0; any other new load goes to the shard with the fewest loads in flight
 memory reserved (`reserved()`, the ledger's host reservations, wired by the agent), then the
 lowest index. Quick: its files' bytes (the cache entry: what its load reads; not its declared
 memory, a reservation users round up) are under `QUICK_BYTES` (4 MiB) and its last load, if
-timed, took the server under `SLOW_LOAD_S` (100 ms); or, bigger, its last load took under
+timed, took the server under `SLOW_LOAD_S` (100 ms; a load that imported the runtime is not
+timed: it timed the import, seconds, not the model); or, bigger, its last load took under
 `QUICK_LOAD_S` (20 ms). Why: a second server is worth its core only for loads that block its
 loop long (issue 13: 19-49 MiB forests, 20-40 ms of joblib.load each); a tiny model's load is
 over in a few ms, and spread over two servers on a 2-core node the second one's loop takes CPU

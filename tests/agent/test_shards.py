@@ -338,3 +338,33 @@ def test_a_quick_load_waiting_for_its_turn_is_charged_no_second_import(tmp_path:
         assert [sorted(p["models"]) for p in agent.status()["server"]["processes"]] == [["g", "t0", "t1"], []]
     finally:
         agent.stop()
+
+
+def test_a_tiny_model_whose_load_imported_the_runtime_stays_quick_after_an_eviction(tmp_path: Path):
+    """--server-processes 2: a tiny model's first load imports the runtime (seconds: the
+    import's time, not the model's). Evicted (here by --idle-unload) and asked for again, it
+    is still quick and goes back to the first process, which holds the runtime; judged slow by
+    that import it went to the emptier second process, which then imported the runtime in the
+    middle of traffic (~3 s of CPU, ~70 MiB: benchmarks/results/acct_ab.md's first round)."""
+    from agent.runtimes.shards import SLOW_LOAD_S
+
+    store = tmp_path / "store"
+    write_sklearn_model(store / "t0", seed=0)
+    write_sklearn_model(store / "t1", seed=1)
+    t0 = {"name": "t0", "uri": str(store / "t0"), "preload": False}  # on demand: --idle-unload applies
+    agent = _start(tmp_path, [t0], "--server-processes", "2", "--idle-unload", "1")
+    try:
+        code, doc = agent.post("/v2/models/t0/infer", v2_request(ROWS))  # its load imports sklearn
+        assert code == 200, (code, doc)
+        first = agent.status()["models"]["t0"]["load_seconds"]
+        assert first >= SLOW_LOAD_S, f"t0's importing load took {first} s: too quick to tell the cases apart"
+        cm = ConfigMapDir(tmp_path / "config")  # t1, preloaded, holds memory in the first process
+        cm.write({"models.yaml": json.dumps({"models": [t0, {"name": "t1", "uri": str(store / "t1")}]})})
+        agent.wait_for(lambda s: s["models"].get("t1", {}).get("state") == "loaded", 60, "t1 loaded")
+        agent.wait_for(lambda s: s["models"]["t0"]["state"] == "cached", 30, "t0 unloaded when idle")
+        assert _placement(agent) == {"t1": 0}
+        code, doc = agent.post("/v2/models/t0/infer", v2_request(ROWS))  # loaded again
+        assert code == 200 and doc["model_name"] == "t0", (code, doc)
+        assert [sorted(p["models"]) for p in agent.status()["server"]["processes"]] == [["t0", "t1"], []]
+    finally:
+        agent.stop()
