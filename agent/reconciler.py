@@ -240,6 +240,17 @@ class MissRuns:
 QUARANTINE = "server died twice while loading this model; quarantined until its config changes"
 
 
+def _placement_load_s(times: tuple[float, ...]) -> float | None:
+    """The load time placement judges a model by (agent/runtimes/shards.py `is_quick`): the
+    lesser of the server's part of its last two loads, None until two are known. One load
+    alone is not enough: its time is the server's wall, which includes waiting on the server's
+    loop behind other loads and requests; a 2 ms load of a tiny model read 100+ ms that way
+    now and then under the small workload, which sent it to another process that then
+    imported its runtime (benchmarks/results/import_place_ab.md). A model slow to load is slow
+    every time; a queueing spike twice in a row is rare."""
+    return min(times) if len(times) >= 2 else None
+
+
 def _within_measurement(cost: Any) -> bool:
     """The reservation is at least what a measurement of this very entry found on every device
     (measured, or declared above the measurement): the load should hold no more than it reserved."""
@@ -286,7 +297,8 @@ class Model:
     died_loading: float | None = None  # when its last load that found the server gone was sent to it
     pull_seconds: float | None = None
     load_seconds: float | None = None
-    server_load_seconds: float | None = None  # the server's part of its last load that imported no runtime (placement: agent/runtimes/shards.py)
+    # the server's part of its last two loads that imported no runtime (placement: _placement_load_s)
+    server_load_times: tuple[float, ...] = ()
     loads: int = 0
     updating: bool = False  # a new copy is loading in place of the served one
     draining: bool = False  # an unload waits for in-flight requests: no new lease on this copy
@@ -942,7 +954,7 @@ class Reconciler:
                 server_took = server_s if server_s is not None else loaded_mark - server_mark
                 if importing is None:  # a load that imported its runtime timed the import, not the
                     # model: kept, a tiny model would be placed as a slow one (agent/runtimes/shards.py)
-                    m.server_load_seconds = server_took
+                    m.server_load_times = (*m.server_load_times[-1:], server_took)
                 if window is not None:
                     measured, window = window, None
                     if measured.measured:  # a snapshot (/proc reads) and a store write
@@ -1416,18 +1428,18 @@ class Reconciler:
         """With several server processes (agent/runtimes/shards.py): the pid of the one that
         holds `name` or would get it now (`place`: put it there now, its load follows), so the
         ledger tells each process's first load of a runtime apart. None with one server. Where
-        it goes weighs how long its last load took the server and its files' bytes (`cost`'s
+        it goes weighs its load time (`_placement_load_s`) and its files' bytes (`cost`'s
         entry_bytes: what a load reads; not the declared memory, a reservation users round up)."""
         return self._ask_placement("server_pid_for", name, runtime, cost, place=place)
 
     def _ask_placement(self, method: str, name: str, runtime: str, cost: Any, **kwargs: Any) -> int | None:
         """Call the adapter's placement `method` (only ShardedAdapter has them; None without)
-        with what placement weighs: the model's last server load time and its files' bytes."""
+        with what placement weighs: the model's load time (`_placement_load_s`) and its files' bytes."""
         ask = getattr(self.adapter, method, None)
         if ask is None:
             return None
         m = self.models.get(name)
-        return ask(name, runtime=runtime, load_s=m.server_load_seconds if m is not None else None,
+        return ask(name, runtime=runtime, load_s=_placement_load_s(m.server_load_times) if m is not None else None,
                    size=cost.entry_bytes if cost is not None else None, **kwargs)
 
     # ------------------------------------------------------------------ the server's real state

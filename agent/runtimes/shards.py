@@ -18,10 +18,11 @@ goes to the same server, which swaps the copies without a gap). A new load of a 
 to shard 0; any other new load goes to the shard with the fewest loads in flight, then the least
 memory reserved (`reserved()`, the ledger's host reservations, wired by the agent), then the
 lowest index. Quick: its files' bytes (the cache entry: what its load reads; not its declared
-memory, a reservation users round up) are under `QUICK_BYTES` (4 MiB) and its last load, if
-timed, took the server under `SLOW_LOAD_S` (100 ms; a load that imported the runtime is not
-timed: it timed the import, seconds, not the model); or, bigger, its last load took under
-`QUICK_LOAD_S` (20 ms). Why: a second server is worth its core only for loads that block its
+memory, a reservation users round up) are under `QUICK_BYTES` (4 MiB) and its load time, if
+known, is under `SLOW_LOAD_S` (100 ms); or, bigger, its load time is under `QUICK_LOAD_S` (20
+ms). Its load time (the reconciler's `_placement_load_s`) is the lesser of the server's part of
+its last two loads that imported no runtime: an importing load times the import (seconds), and
+one load alone may have waited on a busy server loop (a tiny model's 2 ms load read 100+ ms). Why: a second server is worth its core only for loads that block its
 loop long (issue 13: 19-49 MiB forests, 20-40 ms of joblib.load each); a tiny model's load is
 over in a few ms, and spread over two servers on a 2-core node the second one's loop takes CPU
 the agent needs (benchmarks/results/peers.notes.md, bigcold: small's p95 1.3-1.8x one process's;
@@ -32,7 +33,7 @@ admission comes before placement, see below; agent/memory/ledger.py `charged_pro
 runtime's other new loads go to shards that have imported it or to that one, never start a
 second import at once (a quick one too): the memory ledger learns a runtime's import from a
 process's first load, and two at once would each see both. The reconciler places a model
-(`server_pid_for(..., place=True)`, with its last load time and its files' bytes) right before
+(`server_pid_for(..., place=True)`, with its load time and its files' bytes) right before
 its load, after the ledger admitted it (so the ledger counts a possible import for it until
 then, unless its process is known already: `admission_pid`), and the ledger measures the process the
 load goes to.
@@ -63,15 +64,16 @@ log = logging.getLogger("modelshelf.runtimes.shards")
 OnShardRestart = Callable[[set[str], dict | None], Awaitable[None]]
 
 # a model is quick (placed on shard 0, see the module doc and `is_quick`)
-QUICK_BYTES = 4 * 2**20  # its files' bytes below this: quick unless its last load took SLOW_LOAD_S
+QUICK_BYTES = 4 * 2**20  # its files' bytes below this: quick unless its load time is SLOW_LOAD_S
 SLOW_LOAD_S = 0.100
-QUICK_LOAD_S = 0.020  # a bigger one whose last load took the server less than this: quick too
+QUICK_LOAD_S = 0.020  # a bigger one whose load time is less than this: quick too
 
 
 def is_quick(load_s: float | None, size: int | None) -> bool:
     """A model whose load holds its server's loop briefly: small (its files' bytes, what a
-    load reads, under QUICK_BYTES) unless its last load took the server SLOW_LOAD_S or more, or
-    bigger and its last load took under QUICK_LOAD_S; neither known: not quick. The bytes come
+    load reads, under QUICK_BYTES) unless its load time (`load_s`: the server's part of a load,
+    as the caller judges it; the reconciler's is the lesser of the last two) is SLOW_LOAD_S or
+    more, or bigger and its load time is under QUICK_LOAD_S; neither known: not quick. The bytes come
     first because a load's time is the server call's wall, which counts the loop's other work:
     a tiny model's read 20-30 ms on a busy server (peers.notes.md, place), as a forest's does."""
     if size is not None and size < QUICK_BYTES:
@@ -142,7 +144,7 @@ class ShardedAdapter(RuntimeAdapter):
                        load_s: float | None = None, size: int | None = None) -> int | None:
         """The pid of the server process `name` is on, or would be placed on now; `place`:
         place it there now (its load follows; the memory ledger measures that process).
-        `load_s`: how long its last load took the server; `size`: its files' bytes (whether it
+        `load_s`: its load time (`is_quick`); `size`: its files' bytes (whether it
         is quick: `is_quick`)."""
         quick = is_quick(load_s, size)
         i = self._place(name, runtime, quick) if place else self._home.get(name)

@@ -368,3 +368,47 @@ def test_a_tiny_model_whose_load_imported_the_runtime_stays_quick_after_an_evict
         assert [sorted(p["models"]) for p in agent.status()["server"]["processes"]] == [["t0", "t1"], []]
     finally:
         agent.stop()
+
+
+def _evict_and_reload(agent: AgentProcess, name: str) -> None:
+    """Wait until --idle-unload unloads `name`, then load it again with a request."""
+    agent.wait_for(lambda s: s["models"][name]["state"] == "cached", 30, f"{name} unloaded when idle")
+    code, doc = agent.post(f"/v2/models/{name}/infer", v2_request(ROWS))
+    assert code == 200 and doc["model_name"] == name, (code, doc)
+
+
+def test_one_slow_load_of_a_tiny_model_does_not_send_it_away_but_two_do(tmp_path: Path):
+    """--server-processes 2: a load's time is the server call's wall, which counts waiting on a
+    busy server loop (a tiny model's 2 ms load read 100+ ms under bench_peers' small workload).
+    A tiny model whose one load was slow (held here by its gate) still goes back to the first
+    process when loaded again; sent to the emptier second one, that process imported the runtime
+    for it (seconds of CPU, tens of MiB). A model slow at every load spreads from its third on,
+    once two timed loads agree (its first imported nothing here either: the runtime was in)."""
+    import threading
+
+    store = tmp_path / "store"
+    gate = tmp_path / "gate"
+    write_slow_model(store / "g0", delay=0.0)  # imports the runtime in the first process
+    write_slow_model(store / "g", delay=0.0, load_gate=gate)  # its first load waits for the gate
+    write_slow_model(store / "h", delay=0.0, load_delay=0.3)  # every load slow
+    spec = {"runtime": "mlserver", "implementation": SLOW_IMPLEMENTATION}
+    models = [{"name": "g0", "uri": str(store / "g0"), **spec},
+              *({"name": n, "uri": str(store / n), "preload": False, **spec} for n in ("g", "h"))]
+    agent = _start(tmp_path, models, "--server-processes", "2", "--idle-unload", "1")
+    try:
+        threading.Timer(0.5, gate.write_text, ("go",)).start()  # g's load: 0.5 s in the server
+        code, doc = agent.post("/v2/models/g/infer", v2_request(ROWS))
+        assert code == 200, (code, doc)
+        assert agent.status()["models"]["g"]["load_seconds"] >= 0.4
+        _evict_and_reload(agent, "g")
+        assert _placement(agent)["g"] == 0, _placement(agent)
+
+        loaded_on = []
+        agent.post("/v2/models/h/infer", v2_request(ROWS))
+        loaded_on.append(_placement(agent)["h"])
+        for _ in range(2):
+            _evict_and_reload(agent, "h")
+            loaded_on.append(_placement(agent)["h"])
+        assert loaded_on == [0, 0, 1], loaded_on
+    finally:
+        agent.stop()
