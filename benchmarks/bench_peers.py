@@ -323,7 +323,9 @@ class TreeSampler:
 
 # ---------------------------------------------------------------------------------- metrics
 def histogram_deltas(m0: dict[str, float], m1: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Every modelshelf_*_seconds histogram that moved: {'name{labels}': {count, mean_ms}}."""
+    """Every modelshelf_*_seconds histogram that moved: {'name{labels}': {count, mean_ms}}, and
+    `over_100ms` where the histogram has a 0.1 s bucket: how many took longer (a mean hides a
+    tail: one tiny model's load that read 100+ ms on a busy server moved its placement)."""
     out: dict[str, dict[str, float]] = {}
     for key, value in m1.items():
         base, brace, labels = key.partition("{")
@@ -333,7 +335,10 @@ def histogram_deltas(m0: dict[str, float], m1: dict[str, float]) -> dict[str, di
         n = value - m0.get(key, 0.0)
         if n > 0:
             s = m1.get(f"{name}_sum{labels}", 0.0) - m0.get(f"{name}_sum{labels}", 0.0)
-            out[name[len("modelshelf_"): -len("_seconds")] + labels] = {"count": int(n), "mean_ms": round(1000 * s / n, 2)}
+            row = out[name[len("modelshelf_"): -len("_seconds")] + labels] = {"count": int(n), "mean_ms": round(1000 * s / n, 2)}
+            bucket = f'{name}_bucket{{le="0.1"' + (f",{labels[1:]}" if labels else "}")  # prometheus_client writes le first
+            if bucket in m1:
+                row["over_100ms"] = int(n - (m1[bucket] - m0.get(bucket, 0.0)))
     return out
 
 
@@ -345,7 +350,9 @@ def memory_view(status: dict[str, Any]) -> dict[str, Any]:
     imports = {rt: c.get("host") for rt, c in ((status.get("ledger") or {}).get("runtime_imports") or {}).items()}
     return {"loaded": sum(1 for m in status["models"].values() if m["state"] == "loaded"), "ledger_used": ledger.get("used"),
             "real": real.get("real"), "excess": real.get("excess"), "budget": status["memory"]["host"]["budget"],
-            "runtime_imports": imports}
+            "runtime_imports": imports,
+            # --server-processes N: models held by each process (which ones imported a runtime)
+            "per_process": [len(p.get("models", ())) for p in (status.get("server") or {}).get("processes") or ()]}
 
 
 def latency_figures(res: list[tuple[float, int, str]], wall: float) -> dict[str, Any]:
@@ -542,7 +549,8 @@ def _memory_note(mem: dict[str, Any] | None) -> str:
     imports = "".join(f", {rt} import {(b or 0) / MI:.1f} MiB per server process" for rt, b in (mem.get("runtime_imports") or {}).items())
     return (f"; at the pass's end {mem['loaded']} loaded, ledger {(mem['ledger_used'] or 0) / MI:.0f} MiB, real "
             f"{(mem['real'] or 0) / MI:.0f} MiB, excess {(mem['excess'] or 0) / MI:.0f} MiB, budget {mem['budget'] / MI:.0f} MiB"
-            + imports)
+            + imports + (f", models per server process {'/'.join(map(str, mem['per_process']))}"
+                         if len(mem.get("per_process") or ()) > 1 else ""))
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -614,7 +622,8 @@ def markdown(data: dict[str, Any]) -> str:
     lines += ["", "## Cold-start breakdown (per pass; modelshelf: every agent /metrics histogram that moved, count × mean ms)", ""]
     for w in data["workloads"]:
         for p in (p for p in w["passes"] if p["system"].startswith("modelshelf")):
-            parts = ", ".join(f"{k} {v['count']}×{v['mean_ms']}" for k, v in sorted(p.get("breakdown", {}).items()))
+            parts = ", ".join(f"{k} {v['count']}×{v['mean_ms']}" + (f" ({v['over_100ms']} over 100 ms)" if v.get("over_100ms") else "")
+                              for k, v in sorted(p.get("breakdown", {}).items()))
             ray = next((q for q in w["passes"] if q["system"] == "ray" and q["round"] == p["round"]), {})
             lines.append(f"- {w['workload']} round {p['round']}{' (alt)' if p['system'] == 'modelshelf-alt' else ''}: Ray: {ray.get('misses')} waits × {ray.get('cold_start_mean_ms')} ms, "
                          f"{ray.get('loads')} loads, joblib.load {ray.get('joblib_load_mean_ms')} ms; modelshelf: hit ratio {p.get('hit_ratio')}, evictions {p.get('evictions')}; "

@@ -86,6 +86,13 @@ def test_breakdown_reads_every_histogram_that_moved_labels_included():
         "cold_start": {"count": 4, "mean_ms": 50.0},
         'cold_start_phase{phase="queue"}': {"count": 2, "mean_ms": 3.0},
     }
+    # the tail: how many took over 100 ms, from the 0.1 s bucket (as prometheus_client writes it: le first)
+    m0.update({'modelshelf_cold_start_seconds_bucket{le="0.1"}': 8,
+               'modelshelf_cold_start_phase_seconds_bucket{le="0.1",phase="queue"}': 0})
+    m1.update({'modelshelf_cold_start_seconds_bucket{le="0.1"}': 11,
+               'modelshelf_cold_start_phase_seconds_bucket{le="0.1",phase="queue"}': 2})
+    deltas = bench_peers.histogram_deltas(m0, m1)
+    assert deltas["cold_start"]["over_100ms"] == 1 and deltas['cold_start_phase{phase="queue"}']["over_100ms"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +170,6 @@ def test_the_memory_at_a_pass_end_shows_the_runtime_import_charged_per_process()
     mem = memory_view(status)
     assert mem["loaded"] == 1 and mem["runtime_imports"] == {"sklearn": 89 * 2**20}
     assert "sklearn import 89.0 MiB per server process" in _memory_note(mem)
+    assert "per server process 1/" not in _memory_note(mem)  # one server: no split to show
+    status["server"] = {"processes": [{"models": ["a", "c"]}, {"models": []}]}  # --server-processes 2
+    assert _memory_note(memory_view(status)).endswith("models per server process 2/0")
