@@ -345,7 +345,7 @@ def test_a_tiny_model_whose_load_imported_the_runtime_stays_quick_after_an_evict
     import's time, not the model's). Evicted (here by --idle-unload) and asked for again, it
     is still quick and goes back to the first process, which holds the runtime; judged slow by
     that import it went to the emptier second process, which then imported the runtime in the
-    middle of traffic (~3 s of CPU, ~70 MiB: benchmarks/results/acct_ab.md's first round)."""
+    middle of traffic (~3 s of CPU, ~80 MiB: benchmarks/results/import_place_ab.md, round 1)."""
     from agent.runtimes.shards import SLOW_LOAD_S
 
     store = tmp_path / "store"
