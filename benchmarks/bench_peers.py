@@ -38,9 +38,12 @@ budget) with extra flags, driven in the same rounds: two agent configurations co
 side by side (benchmarks/results/peers.md was run with --alt-agent-arg=--eviction=lfu-decay).
 Every agent gets the same room for models (fit x the mean declared size + half a model) plus
 what that agent takes from its budget before any model (agent_budget): one calibrated runtime
-import per server process (--server-processes N pays N, as each of Ray's replicas pays its
-own) and the embedded server's allocator reserve (--server-malloc-keep x N, or the agent's
-default: 128 MiB per process, all together at most 1/8 of the budget). The reserve is memory
+import per server process that holds models (--server-processes N pays N, as each of Ray's
+replicas pays its own; but tiny models all go to the first process, shards.is_quick, so small
+and hits pay one: processes_holding) and the embedded server's allocator reserve for each of
+those processes (--server-malloc-keep, or the agent's default: 128 MiB per process, all N
+together at most 1/8 of the budget; the ledger charges it only for a process that has loaded a
+model, MemoryManager.keep_processes). The reserve is memory
 the server keeps resident so that the next load reuses warm pages; the agent counts it as a
 line of its own, so without it in the budget it comes out of the models' room (an 801 MiB
 budget held 14-16 forests, not 20: peers_shards_keep). Adding it is the same room for models,
@@ -228,34 +231,58 @@ def server_processes(agent_args: list[str]) -> int:
     return run_settings(agent_args)[1].server_processes
 
 
-def malloc_reserve(agent_args: list[str], room: int) -> int:
-    """The allocator reserve (bytes, all server processes together) a `modelshelf run` with
-    these arguments keeps beside a budget of ``room`` + that reserve: --server-malloc-keep x N
-    where given, else the agent's default (agent.cli: DEFAULT_SERVER_MALLOC_KEEP per process,
-    all together at most 1/MALLOC_KEEP_SHARE of the budget), solved so that what is left for
-    models and runtime imports is ``room``. 0 with --server other than MLServer or a sidecar."""
-    from agent.memory.budget import MALLOC_KEEP_SHARE, default_malloc_keep
+def malloc_reserve(agent_args: list[str], room: int, holding: int | None = None) -> int:
+    """The allocator reserve (bytes) a `modelshelf run` with these arguments charges beside a
+    budget of ``room`` + that reserve: --server-malloc-keep K per server process that holds
+    models (``holding`` of the N, default all: the ledger charges K only for a process that
+    has loaded one, MemoryManager.keep_processes), K given or the agent's default (agent.cli:
+    DEFAULT_SERVER_MALLOC_KEEP per process, all N together at most 1/MALLOC_KEEP_SHARE of the
+    budget), solved so that what is left for models and runtime imports is ``room``. 0 with
+    --server other than MLServer or a sidecar."""
+    from agent.memory.budget import default_malloc_keep
     from agent.settings import DEFAULT_SERVER_MALLOC_KEEP
 
     options, settings = run_settings(agent_args)
     if settings.server != "mlserver" or settings.server_url:
         return 0
     n = settings.server_processes
+    h = n if holding is None else max(1, min(n, holding))
     if options.server_malloc_keep is not None:  # given (the agent's default is computed from the budget)
-        return options.server_malloc_keep * n
-    cap = DEFAULT_SERVER_MALLOC_KEEP * n  # budget B = room + min(cap, B / SHARE)
-    budget = room + min(cap, room // (MALLOC_KEEP_SHARE - 1))
-    return default_malloc_keep(budget, cap) // n * n
+        return options.server_malloc_keep * h
+    cap = DEFAULT_SERVER_MALLOC_KEEP * n  # budget B = room + h x K(B), K(B) = min(cap, B / SHARE) // n
+    budget = room
+    for _ in range(64):  # from below, monotone: each step moves at most h / (SHARE x n) <= 1/8 as far as the last
+        nxt = room + default_malloc_keep(budget, cap) // n * h
+        if nxt == budget:
+            break
+        budget = nxt
+    return budget - room
 
 
-def agent_budget(agent_args: list[str], overhead: int, models_room: int, reserve: bool) -> tuple[int, int]:
+def agent_budget(agent_args: list[str], overhead: int, models_room: int, reserve: bool,
+                 holding: int | None = None) -> tuple[int, int]:
     """(--host-memory, the reserve it includes) for an agent with these arguments: the same room
     for models whatever its flags: ``models_room`` + one calibrated runtime import per server
-    process (each pays its own, as each of Ray's replicas does) + with ``reserve`` the allocator
-    reserve the agent takes out of its budget (malloc_reserve)."""
-    room = models_room + server_processes(agent_args) * int(overhead)
-    kept = malloc_reserve(agent_args, room) if reserve else 0
+    process that holds models (each pays its own, as each of Ray's replicas does; ``holding``
+    of the N, default all: the ledger charges a process only once it loads a model, and tiny
+    models all go to the first, see ``processes_holding``) + with ``reserve`` the allocator
+    reserve the agent charges in its budget for those processes (malloc_reserve)."""
+    n = server_processes(agent_args)
+    h = n if holding is None else max(1, min(n, holding))
+    room = models_room + h * int(overhead)
+    kept = malloc_reserve(agent_args, room, h) if reserve else 0
     return room + kept, kept
+
+
+def processes_holding(agent_args: list[str], dirs: list[Path]) -> int:
+    """How many of an agent's server processes will hold these models: with --server-processes N
+    quick models (files under shards.QUICK_BYTES) all go to the first process (shards.is_quick),
+    so 1 when every model is quick; else all N (a big model goes to the emptier process)."""
+    from agent.runtimes.shards import is_quick
+
+    n = server_processes(agent_args)
+    quick = all(is_quick(None, sum(f.stat().st_size for f in d.rglob("*") if f.is_file())) for d in dirs)
+    return 1 if quick else n
 
 
 class TreeSampler:
@@ -391,7 +418,8 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
     declared = [parse_quantity(e["memory"]) for e in entries]
     mean_model = statistics.fmean(declared)
     models_room = int(fit * mean_model + mean_model / 2)
-    budget, reserve = agent_budget(args.agent_arg, overhead, models_room, not args.no_reserve_room)
+    holding = processes_holding(args.agent_arg, dirs)
+    budget, reserve = agent_budget(args.agent_arg, overhead, models_room, not args.no_reserve_room, holding)
     print(f"[{name}] calibrated overhead {overhead / MI:.1f}Mi, allocator reserve {reserve / MI:.1f}Mi "
           f"-> --host-memory {budget / MI:.1f}Mi", flush=True)
 
@@ -409,8 +437,9 @@ def run_workload(name: str, work: Path, args: argparse.Namespace) -> dict[str, A
         if args.alt_agent_arg:  # the same agent with other flags, driven in the same rounds
             # the same room for models (agent_budget): --server-processes N pays N runtime
             # imports, --server-malloc-keep its own reserve
-            alt_budget, alt_reserve = agent_budget([*args.agent_arg, *args.alt_agent_arg], overhead, models_room,
-                                                   not args.no_reserve_room)
+            alt_args = [*args.agent_arg, *args.alt_agent_arg]
+            alt_budget, alt_reserve = agent_budget(alt_args, overhead, models_room, not args.no_reserve_room,
+                                                   processes_holding(alt_args, dirs))
             print(f"[{name}] alt: allocator reserve {alt_reserve / MI:.1f}Mi -> --host-memory {alt_budget / MI:.1f}Mi", flush=True)
             systems["modelshelf-alt"] = Agent(work / f"agent-alt-{name}", entries, "--host-memory", str(alt_budget), "--min-residency",
                                               f"{args.min_residency:g}", "--resync-interval", "600", "--load-timeout", "60",

@@ -15,7 +15,9 @@ Budgets (``discover_budget``)
   * The embedded MLServer's allocator reserve (``--server-malloc-keep``, ``MemoryManager.malloc_keep``:
     freed heap it may keep resident between loads, agent/runtimes/mlserver_repository.py) is a
     declared line of the ledger beside the runtime imports: counted in ``used()``, it takes its
-    room from models. Its default is bounded by the budget (``default_malloc_keep``).
+    room from models. Its default is bounded by the budget (``default_malloc_keep``). With
+    several server processes it is counted once per process that has loaded a model since it
+    started, plus one per load admitted whose process is not known yet (``keep_processes``).
   * GPU: ``--gpu-memory`` as bytes / quantity / ``"N%"`` of EACH device's total memory (NVML,
     nvidia-ml-py). Default 90% (the rest covers the CUDA context of the server and fragmentation).
     No NVML (no library, no driver, no device): GPU budgeting is off, one info line says so.

@@ -43,7 +43,8 @@ class MemoryManager:
                  server_processes: int = 1, import_wait_s: float = IMPORT_WAIT_S):
         self._budget = {d: int(b) for d, b in budget.items()}
         # host bytes the server's allocator may keep resident after models are freed (the
-        # embedded MLServer's --server-malloc-keep): a declared line, like a runtime import
+        # embedded MLServer's --server-malloc-keep): a declared line, like a runtime import;
+        # with several server processes, one per process that loaded a model (``keep_processes``)
         self.malloc_keep = max(0, int(malloc_keep))
         # what of that reserve the server holds now, as it reports it (RuntimeAdapter.allocator_reserve):
         # a load's measured growth is the server's RSS growth minus this figure's growth
@@ -72,7 +73,9 @@ class MemoryManager:
         self._unloading: set[str] = set()
         self._admitted: set[str] = set()  # admitted, their load not finished (see ``settled``)
         self._windows: dict[int, Measurement] = {}
-        self._warm: dict[int, set[str]] = {}  # server pid (each of several) -> runtimes it has loaded once
+        # server pid (each of several) -> runtimes it has loaded once; a pid is here once a load
+        # went to it (its allocator reserve is charged from then on: ``keep_processes``)
+        self._warm: dict[int, set[str]] = {}
         self._overhead: dict[str, Cost] = {}  # "runtime:<name>" -> server-level bytes (imports, CUDA context)
         self._overhead_pid: int | None = None
         self._attr = ImportAttribution(self.min_model_bytes)
@@ -88,6 +91,10 @@ class MemoryManager:
         # imported that runtime: not placed yet (admission precedes placement, see ``admit``)
         # or placed on a process that has not loaded it; each may import it once more
         self._awaiting: dict[str, str] = {}
+        # models whose load is admitted and whose server process is not known to have loaded a
+        # model since it started (not placed yet, or placed on one that has not): each may be a
+        # process's first load, from which on that process keeps its allocator reserve
+        self._awaiting_keep: set[str] = set()
 
     @classmethod
     def from_settings(cls, settings: Any, *, store: MetaStore | None = None,
@@ -180,17 +187,37 @@ class MemoryManager:
             awaiting = sum(1 for r in self._awaiting.values() if r == runtime)
             return min(self.server_processes, len(warm) + awaiting)
 
+    def keep_processes(self) -> int:
+        """How many server processes the allocator reserve (``malloc_keep``) is charged for. One
+        server: 1, always. Several (--server-processes N): each process that has loaded a model
+        since it started (``_warm``: a process keeps freed heap only once a load or an unload
+        freed some; one that restarted is dropped with its pid, as its imports are), plus one
+        per load admitted whose process is not known to have loaded one (``_awaiting_keep``:
+        it may be that process's first), at most N. Tiny models all go to the first process
+        (shards.py ``is_quick``): the others, holding nothing, keep no reserve and are charged none."""
+        with self._lock:
+            if self.server_processes == 1:
+                return 1
+            if any(isinstance(p, tuple) for p in self._warm):  # loaded into a process not told apart: any
+                return self.server_processes
+            return min(self.server_processes, len(self._warm) + len(self._awaiting_keep))
+
+    def keep_bytes(self) -> int:
+        """Host bytes charged for the allocator reserve: ``malloc_keep`` x ``keep_processes``."""
+        return self.malloc_keep * self.keep_processes() if self.malloc_keep else 0
+
     def _server_bytes(self) -> dict[str, int]:
         """Device -> the server's own bytes: each runtime's import once per process charged
-        for it (``charged_processes``), and the allocator's kept bytes once per server process
-        (--server-processes N: each keeps its own reserve)."""
+        for it (``charged_processes``), and the allocator's kept bytes once per process charged
+        for them (``keep_processes``: --server-processes N, each process keeps its own reserve
+        once it has loaded a model)."""
         out: dict[str, int] = {}
         for key, cost in self._import_lines().items():
             n = self.charged_processes(key.split(":", 1)[1])
             for d, b in cost.devices().items():
                 out[d] = out.get(d, 0) + b * n
         if self.malloc_keep:
-            out[HOST] = out.get(HOST, 0) + self.malloc_keep * self.server_processes
+            out[HOST] = out.get(HOST, 0) + self.keep_bytes()
         return out
 
     def free(self) -> dict[str, int]:
@@ -306,8 +333,9 @@ class MemoryManager:
         held (used + models still unloading) and the server's overhead (imports + ``malloc_keep``);
         per runtime one process's import (``host``, ``gpu``), how many server processes it is
         charged for (``processes``: see ``charged_processes``) and whether it is split from its
-        first model yet; the allocator's kept bytes (``malloc_keep``, 0 where the server trims
-        after each call)."""
+        first model yet; the allocator's kept bytes (``malloc_keep``: ``host`` charged in all,
+        ``per_process``, and ``processes`` charged, see ``keep_processes``; 0 where the server
+        trims after each call)."""
         with self._lock:
             used, held = self.used(), self.held()
             over = self._server_bytes()
@@ -319,7 +347,8 @@ class MemoryManager:
                         for k, c in self._import_lines().items() for r in [k.split(":", 1)[1]]}
             corrected = sorted(n for n, c in self._reserved.items() if c.under_declared)
             models = {n: {**c.doc(), "unloading": n in self._unloading} for n, c in sorted(self._reserved.items())}
-            return {"devices": devices, "runtime_imports": runtimes, "malloc_keep": {"host": self.malloc_keep * self.server_processes, "per_process": self.malloc_keep},
+            return {"devices": devices, "runtime_imports": runtimes, "malloc_keep": {"host": self.keep_bytes(), "per_process": self.malloc_keep,
+                                                                                     "processes": self.keep_processes()},
                     "under_declared": corrected, "models": models}
 
     def server_baseline(self, pid: int | None) -> int | None:
@@ -476,6 +505,7 @@ class MemoryManager:
             self._unloading.discard(name)
             self._admitted.discard(name)
             self._awaiting.pop(name, None)
+            self._awaiting_keep.discard(name)
             cost = self._reserved.pop(name, None)
             if cost is not None:
                 self._touch_windows(name, "release")
@@ -539,11 +569,14 @@ class MemoryManager:
         with self._lock:
             if runtime is not None and self.server_processes > 1 and not self._holds(runtime, server_pid):
                 self._awaiting[name] = runtime
+            if self.server_processes > 1 and server_pid not in self._warm:
+                self._awaiting_keep.add(name)
             try:
                 victims = self.plan_eviction(cost, candidates, model=name, lazy=lazy, now=now)
             except BaseException:
                 if name not in self._reserved:
                     self._awaiting.pop(name, None)
+                    self._awaiting_keep.discard(name)
                 raise
             for v in victims:
                 self.begin_unload(v)
@@ -686,12 +719,14 @@ class MemoryManager:
             self._mark_overlaps(m)
             self._windows[id(m)] = m  # registered before the snapshot: the next window waits for it
             if not measure:
+                if server_pid is not None:  # a load went to it: it keeps its reserve from now on
+                    warm = self._warm.setdefault(server_pid, set())
                 if server_pid is not None and runtime is not None:
                     # an unmeasured load may import its runtime in its process (a request's load
                     # beside another): that process has it now, and no later load of it is
                     # mistaken for the import (it would read ~0); the figure stays the one an
                     # earlier process measured, charged once per process (or the estimate)
-                    self._warm.setdefault(server_pid, set()).add(runtime)
+                    warm.add(runtime)
                     self._expect_import(runtime)
                 self._placed(name, runtime, server_pid)
                 return m
@@ -725,10 +760,13 @@ class MemoryManager:
 
     def _placed(self, name: str, runtime: str | None, server_pid: int | None) -> None:
         """``name``'s load opens its window: its process is known now, and holds its runtime
-        (``_warm``: loaded before, or importing it in this load, charged as that process's).
-        Its admission's possible import (``_awaiting``) ends here."""
+        (``_warm``: loaded before, or importing it in this load, charged as that process's)
+        and its allocator reserve (charged as that process's from this load on). Its
+        admission's possible import (``_awaiting``) and reserve (``_awaiting_keep``) end here."""
         if runtime is not None and self._awaiting.get(name) == runtime and self._has_runtime(runtime, server_pid):
             del self._awaiting[name]
+        if (server_pid or self._overhead_pid) in self._warm:
+            self._awaiting_keep.discard(name)
 
     def _expect_import(self, runtime: str) -> None:
         """The server starts importing ``runtime`` now (its first load in this process): charge

@@ -367,7 +367,7 @@ class RealityCheck:
                 why, gap = max(gaps.items(), key=lambda kv: kv[1])
                 if gap > 0:
                     excess[d], reasons[d] = int(gap), why
-            keep = self.ledger.malloc_keep * self.ledger.server_processes  # one reserve per server process
+            keep = self.ledger.keep_bytes()  # one reserve per server process charged (keep_processes)
             kept = self.ledger.allocator_reserve() if keep else None
             drift = {d: _drift(ledger.get(d, 0), r, keep if d == HOST else 0, kept if d == HOST else None)
                      for d, r in real.items()}

@@ -141,22 +141,40 @@ def test_ray_app_does_the_work_mlserver_does(three_models, tmp_path):
 @pytest.mark.parametrize("args", [[], ["--server-processes=2"], ["--server-processes", "3", "--server-malloc-keep=64Mi"],
                                   ["--server-malloc-keep", "0"]])
 @pytest.mark.parametrize("room_mib", [300, 2000])  # under and over the default reserve's cap
-def test_each_agent_budget_leaves_the_same_room_for_models_after_imports_and_its_reserve(args, room_mib):
+@pytest.mark.parametrize("holding", [None, 1])  # all processes hold models; only the first (tiny models)
+def test_each_agent_budget_leaves_the_same_room_for_models_after_imports_and_its_reserve(args, room_mib, holding):
+    """The agent charges a runtime import and an allocator reserve for each server process that
+    holds models (all N, or only the first with tiny models): the budget adds those, no more."""
     from agent.memory.budget import default_malloc_keep
     from agent.quantity import parse_quantity
     from agent.settings import DEFAULT_SERVER_MALLOC_KEEP
 
     overhead, room = 85 * 2**20, room_mib * 2**20
-    budget, reserve = bench_peers.agent_budget(args, overhead, room, reserve=True)
+    budget, reserve = bench_peers.agent_budget(args, overhead, room, reserve=True, holding=holding)
     n = bench_peers.server_processes(args)
+    h = n if holding is None else holding
     keep = [a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args) if a.startswith("--server-malloc-keep")]
-    # what `modelshelf run` computes from that budget (agent.cli)
-    agent_reserve = (parse_quantity(keep[0]) * n if keep
-                     else default_malloc_keep(budget, DEFAULT_SERVER_MALLOC_KEEP * n) // n * n)
-    assert reserve == agent_reserve
-    assert abs((budget - agent_reserve - n * overhead) - room) <= n * 8  # rounding of the split only
-    assert bench_peers.agent_budget(args, overhead, room, reserve=False) == (room + n * overhead, 0)
+    # what `modelshelf run` computes from that budget (agent.cli), charged for each process holding models
+    per_process = parse_quantity(keep[0]) if keep else default_malloc_keep(budget, DEFAULT_SERVER_MALLOC_KEEP * n) // n
+    assert reserve == per_process * h
+    assert budget - reserve - h * overhead == room
+    assert bench_peers.agent_budget(args, overhead, room, reserve=False, holding=holding) == (room + h * overhead, 0)
     assert reserve > 0 or keep == ["0"]
+
+
+def test_tiny_models_are_held_by_the_first_server_process_only(tmp_path):
+    """Quick models (files under shards.QUICK_BYTES) all go to the first process: the budget
+    counts one process's import and reserve for them; a big one spreads over all N."""
+    from agent.runtimes.shards import QUICK_BYTES
+
+    tiny, big = tmp_path / "tiny", tmp_path / "big"
+    for d, size in ((tiny, 2**10), (big, QUICK_BYTES + 1)):
+        d.mkdir()
+        (d / "model.joblib").write_bytes(b"x" * size)
+    args = ["--server-processes=2"]
+    assert bench_peers.processes_holding(args, [tiny]) == 1
+    assert bench_peers.processes_holding(args, [tiny, big]) == 2
+    assert bench_peers.processes_holding([], [big]) == 1
 
 
 def test_the_memory_at_a_pass_end_shows_the_runtime_import_charged_per_process():

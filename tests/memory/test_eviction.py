@@ -305,18 +305,32 @@ def test_the_allocator_keep_is_a_ledger_line_of_its_own():
 
 
 def test_each_server_process_keeps_its_own_allocator_reserve_line():
-    """--server-processes N with --server-malloc-keep K: every process keeps its own reserve,
-    so the ledger counts N x K beside the models (and N imports), /status says so, a model that
-    only fits beside one reserve is refused for good, and the default K is split so that all
-    processes together keep at most the default's share of the budget."""
+    """--server-processes N with --server-malloc-keep K: every process that loads a model keeps
+    its own reserve, so the ledger counts K for each of them beside the models, plus K for each
+    load admitted whose process is not known yet (it may be an idle process's first), at most
+    N x K; /status says how many; a model that only fits beside no reserve is refused for good;
+    and the default K is split so that all processes together keep at most the default's share
+    of the budget."""
     from agent.cli import build_parser, settings_from_args
 
     mm = MemoryManager({HOST: 1000}, malloc_keep=200, server_processes=2, min_residency_s=0)
-    assert mm.used()[HOST] == 400 and mm.free()[HOST] == 600
+    assert mm.used()[HOST] == 0  # no process has loaded anything: none keeps freed heap
+    mm.admit("a", Cost(100), [])  # not placed yet: its process may be one that holds nothing
+    assert mm.used()[HOST] == 300
+    mm.abort_measure(mm.start_measure("a", measure=False, server_pid=11))  # placed: process 11
+    mm.admit("b", Cost(100), [], server_pid=11)  # into process 11, which keeps its reserve already
+    assert mm.used()[HOST] == 400
     doc = mm.ledger_doc()
-    assert doc["malloc_keep"] == {"host": 400, "per_process": 200} and doc["devices"][HOST]["overhead"] == 400
-    with pytest.raises(Blocked) as ei:  # 700 fits beside one reserve (800), never beside two
-        mm.plan_eviction(Cost(700), [], now=NOW)
+    assert doc["malloc_keep"] == {"host": 200, "per_process": 200, "processes": 1}
+    assert doc["devices"][HOST]["overhead"] == 200
+    mm.admit("c", Cost(100), [])
+    mm.admit("d", Cost(100), [])  # two loads not placed, one process idle: one more reserve, not two
+    assert mm.used()[HOST] == 800 and mm.ledger_doc()["malloc_keep"]["processes"] == 2
+    for name in "abcd":
+        mm.release(name)
+    assert mm.used()[HOST] == 200  # process 11 keeps what its models freed
+    with pytest.raises(Blocked) as ei:  # 900 fits the budget, never beside process 11's reserve
+        mm.plan_eviction(Cost(900), [], now=NOW)
     assert ei.value.permanent
 
     def keep(*argv: str) -> int:

@@ -2,7 +2,8 @@
 the pid it tracks is a tuple, each process imports a runtime on its first model of it, and the
 import is charged once per process that loaded it or may load it for a load admitted (not per
 process of the server: a process holding only other runtimes' models, or nothing, never
-imported it). Two real process trees stand in for two servers (the conftest's ProcessTree: a
+imported it); the allocator reserve likewise, once per process that loaded any model or may
+for a load admitted. Two real process trees stand in for two servers (the conftest's ProcessTree: a
 child that holds the bytes it is told to)."""
 from __future__ import annotations
 
@@ -228,6 +229,9 @@ def test_what_a_load_asks_on_the_event_loop_reads_no_pid():
     assert reads == []
 
 
+KEEP = 16 * MiB  # --server-malloc-keep: each process that loaded a model keeps up to this much freed heap
+
+
 def _models(mm: MemoryManager) -> int:
     return sum(c.host for c in mm.reservations().values())
 
@@ -245,14 +249,15 @@ def _first_import(mm: MemoryManager, tree: ProcessTree, name: str = "t0") -> int
     return imported
 
 
-def test_quick_models_all_in_one_process_are_charged_one_import(two_trees):
+def test_quick_models_all_in_one_process_are_charged_one_import_and_one_reserve(two_trees):
     """--server-processes 2 with tiny models only: they all go to the first process (shards.py
-    is_quick), the second never imports sklearn, so the ledger charges the import once (its
-    used is one import + the models, as the server's real growth is), not once per process;
-    /status's ledger says for how many processes each import is charged."""
+    is_quick), the second never imports sklearn nor frees any heap, so the ledger charges the
+    import and the allocator reserve once (its used is one import + one reserve + the models,
+    as the server's real growth is), not once per process; /status's ledger says for how many
+    processes each import and the reserve are charged."""
     t1, t2 = two_trees
     mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
-                       min_residency_s=0.0, profile="mlserver")
+                       min_residency_s=0.0, profile="mlserver", malloc_keep=KEEP)
     for i, name in enumerate(("t0", "t1", "t2")):
         mm.reserve(name, Cost(MiB, {}, "declared"))
         w = mm.start_measure(name, runtime="sklearn", server_pid=t1.pid)
@@ -260,82 +265,89 @@ def test_quick_models_all_in_one_process_are_charged_one_import(two_trees):
         mm.finish_measure(w, key=f"key-{name}")
     imported = mm.overhead()["runtime:sklearn"].host
     assert 70 * MiB < imported < 100 * MiB, imported / MiB
-    assert mm.used()[HOST] == imported + _models(mm)  # one import: process 2 holds none
+    assert mm.used()[HOST] == imported + KEEP + _models(mm)  # one import, one reserve: process 2 holds none
     doc = mm.ledger_doc()
     assert doc["runtime_imports"]["sklearn"]["processes"] == 1, doc["runtime_imports"]
-    assert doc["devices"][HOST]["overhead"] == imported
+    assert doc["malloc_keep"] == {"host": KEEP, "per_process": KEEP, "processes": 1}, doc["malloc_keep"]
+    assert doc["devices"][HOST]["overhead"] == imported + KEEP
 
 
 def test_a_quick_load_admitted_counts_an_import_until_it_is_placed(two_trees):
     """A load is admitted before it is placed (the reconciler places it right before its
     window opens): until then it may go to the process that never imported sklearn, so it
-    counts that import; once its window opens in the process that has it, it counts none."""
+    counts that import and that process's allocator reserve; once its window opens in the
+    process that has both, it counts neither."""
     t1, t2 = two_trees
     mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
-                       min_residency_s=0.0, profile="mlserver")
+                       min_residency_s=0.0, profile="mlserver", malloc_keep=KEEP)
     imported = _first_import(mm, t1)
-    assert mm.used()[HOST] == imported + _models(mm)
+    assert mm.used()[HOST] == imported + KEEP + _models(mm)
     mm.admit("t1", Cost(MiB, {}, "declared"), [], runtime="sklearn")  # not placed yet: may go to process 2
-    assert mm.used()[HOST] == 2 * imported + _models(mm)
+    assert mm.used()[HOST] == 2 * imported + 2 * KEEP + _models(mm)
     assert mm.ledger_doc()["runtime_imports"]["sklearn"]["processes"] == 2
     w = mm.start_measure("t1", runtime="sklearn", server_pid=t1.pid)  # placed: process 1, which has it
-    assert mm.used()[HOST] == imported + _models(mm)
+    assert mm.used()[HOST] == imported + KEEP + _models(mm)
     t1.send(f"alloc {MiB}")
     mm.finish_measure(w, key="key-t1")
-    assert mm.used()[HOST] == imported + _models(mm)
+    assert mm.used()[HOST] == imported + KEEP + _models(mm)
 
 
 def test_a_big_model_admitted_for_the_second_process_is_charged_its_import_from_admission(two_trees):
     """A big model's load is admitted before it is placed: it may go to the process that never
-    imported sklearn, so its admission counts that process's import (a model that fits beside
-    one import but not two is refused), it stays charged once the load is placed there and
-    measured, and a load admitted into a process placed already and warm counts none."""
+    imported sklearn, so its admission counts that process's import and allocator reserve (a
+    model that fits beside one import but not two is refused, and one that fits beside one
+    reserve but not two), both stay charged once the load is placed there and measured, and a
+    load admitted into a process placed already and warm counts neither."""
     t1, t2 = two_trees
     mm = MemoryManager({HOST: 400 * MiB}, store=InMemoryStore(), server_pid=lambda: (t1.pid, t2.pid), server_processes=2,
-                       min_residency_s=0.0, profile="mlserver")
+                       min_residency_s=0.0, profile="mlserver", malloc_keep=KEEP)
     imported = _first_import(mm, t1)
     room = mm.free()[HOST]
     with pytest.raises(DoesNotFit):  # fits beside process 1's import, not beside process 2's too
         mm.admit("huge", Cost(room - imported // 2, {}, "declared"), [], runtime="sklearn")
-    assert mm.used()[HOST] == imported + _models(mm)  # the refused load charges nothing
+    with pytest.raises(DoesNotFit):  # no import to pay here (no runtime), but process 2's reserve
+        mm.admit("huge", Cost(room - KEEP // 2, {}, "declared"), [])
+    assert mm.used()[HOST] == imported + KEEP + _models(mm)  # the refused loads charge nothing
     # an update in place of t0 goes to t0's process, which has sklearn: no second import
     assert mm.admit("t0#new", Cost(room - imported // 2, {}, "declared"), [], runtime="sklearn", server_pid=t1.pid) == []
     mm.release("t0#new")
 
     mm.admit("big", Cost(20 * MiB, {}, "declared"), [], runtime="sklearn")
-    assert mm.used()[HOST] == 2 * imported + _models(mm)  # from its admission on
+    assert mm.used()[HOST] == 2 * imported + 2 * KEEP + _models(mm)  # from its admission on
     w = mm.start_measure("big", runtime="sklearn", server_pid=t2.pid)
     assert w.first_of_runtime
-    assert mm.used()[HOST] == 2 * imported + _models(mm)
+    assert mm.used()[HOST] == 2 * imported + 2 * KEEP + _models(mm)
     t2.send(f"alloc {100 * MiB}")  # process 2's import + the big model
     mm.finish_measure(w, key="key-big")
-    assert mm.used()[HOST] == 2 * imported + _models(mm)
+    assert mm.used()[HOST] == 2 * imported + 2 * KEEP + _models(mm)
     assert mm.ledger_doc()["runtime_imports"]["sklearn"]["processes"] == 2
+    assert mm.ledger_doc()["malloc_keep"]["processes"] == 2
 
 
-def test_a_restart_of_the_second_process_drops_its_import(two_trees):
-    """Process 2 holds the big model and its own import; it restarts (a new pid, bare): its
-    import is no longer charged (process 1's is), and the big model's reload, admitted, is
-    charged one again."""
+def test_a_restart_of_the_second_process_drops_its_import_and_reserve(two_trees):
+    """Process 2 holds the big model, its own import and its own allocator reserve; it restarts
+    (a new pid, bare): neither is charged any longer (process 1's are), and the big model's
+    reload, admitted, is charged both again."""
     t1, t2 = two_trees
     pids = [t1.pid, t2.pid]
     mm = MemoryManager({HOST: 8 * GiB}, store=InMemoryStore(), server_pid=lambda: tuple(pids), server_processes=2,
-                       min_residency_s=0.0, profile="mlserver")
+                       min_residency_s=0.0, profile="mlserver", malloc_keep=KEEP)
     imported = _first_import(mm, t1)
     mm.reserve("big", Cost(20 * MiB, {}, "declared"))
     w = mm.start_measure("big", runtime="sklearn", server_pid=t2.pid)
     t2.send(f"alloc {100 * MiB}")
     mm.finish_measure(w, key="key-big")
-    assert mm.used()[HOST] == 2 * imported + _models(mm)
+    assert mm.used()[HOST] == 2 * imported + 2 * KEEP + _models(mm)
 
     t3 = ProcessTree()  # process 2 restarted: a new, bare process
     try:
         pids[1] = t3.pid
         mm.reset_server()
-        assert mm.used()[HOST] == imported + _models(mm)  # (big's reservation goes when its loss is noticed)
+        assert mm.used()[HOST] == imported + KEEP + _models(mm)  # (big's reservation goes when its loss is noticed)
+        assert mm.ledger_doc()["malloc_keep"]["processes"] == 1
         mm.release("big")
         mm.admit("big", Cost(20 * MiB, {}, "declared"), [], runtime="sklearn")  # its reload
-        assert mm.used()[HOST] == 2 * imported + _models(mm)
+        assert mm.used()[HOST] == 2 * imported + 2 * KEEP + _models(mm)
         w = mm.start_measure("big", runtime="sklearn", server_pid=t3.pid)
         assert w.first_of_runtime
         assert mm.ledger_doc()["runtime_imports"]["sklearn"]["processes"] == 2
@@ -362,3 +374,22 @@ def test_a_runtime_first_load_is_admitted_with_its_expected_import(two_trees):
     w = mm.start_measure("a", runtime="sklearn", server_pid=t1.pid)
     assert w.first_of_runtime and mm.used()[HOST] == expected + 2 * MiB
     mm.abort_measure(w)
+
+
+def test_reality_counts_the_reserve_of_the_processes_charged_for_it(two_trees):
+    """Drift counts of the allocator reserve's line what the server reports it keeps: the line
+    is one reserve when one process of two has loaded a model (the other holds nothing and
+    keeps nothing), so drift is the ledger less that one bound's unused part, not less two."""
+    t1, t2 = two_trees
+    kept = {"now": 30 * MiB}  # what process 1's allocator says it keeps (process 2 reports nothing)
+    mm = MemoryManager({HOST: GiB}, server_pid=lambda: (t1.pid, t2.pid), server_processes=2, min_residency_s=0.0,
+                       malloc_keep=40 * MiB, allocator_reserve=lambda *process: kept["now"])
+    mm.reality.check()  # baseline: the bare 'servers'
+    mm.reserve("m", Cost(20 * MiB, {}, "declared"))
+    mm.abort_measure(mm.start_measure("m", runtime="sklearn", measure=False, server_pid=t1.pid))
+    t1.send(f"alloc {20 * MiB}")
+    t1.send(f"alloc {30 * MiB}")  # the model, and 30 MiB the allocator says it kept
+    report = mm.reality.check()
+    assert mm.ledger_doc()["malloc_keep"]["processes"] == 1
+    assert 45 * MiB <= report.real[HOST] <= 58 * MiB, report
+    assert report.drift[HOST] == report.ledger[HOST] - 10 * MiB - report.real[HOST], report  # 10 MiB of one bound unused
