@@ -388,6 +388,7 @@ def test_one_slow_load_of_a_tiny_model_does_not_send_it_away_but_two_do(tmp_path
     for it (seconds of CPU, tens of MiB). A model slow at every load spreads from its third on,
     once two timed loads agree (its first imported nothing here either: the runtime was in)."""
     import threading
+    import time
 
     store = tmp_path / "store"
     gate = tmp_path / "gate"
@@ -399,10 +400,14 @@ def test_one_slow_load_of_a_tiny_model_does_not_send_it_away_but_two_do(tmp_path
               *({"name": n, "uri": str(store / n), "preload": False, **spec} for n in ("g", "h"))]
     agent = _start(tmp_path, models, "--server-processes", "2", "--idle-unload", "1")
     try:
-        threading.Timer(0.5, gate.write_text, ("go",)).start()  # g's load: 0.5 s in the server
-        code, doc = agent.post("/v2/models/g/infer", v2_request(ROWS))
-        assert code == 200, (code, doc)
-        assert agent.status()["models"]["g"]["load_seconds"] >= 0.4
+        answer: list = []
+        first = threading.Thread(target=lambda: answer.append(agent.post("/v2/models/g/infer", v2_request(ROWS))))
+        first.start()
+        agent.wait_for(lambda s: s["models"]["g"]["state"] == "loading", 30, "g loading (held by its gate)")
+        time.sleep(0.4)  # g's load: over SLOW_LOAD_S in the server, however late the call went out
+        gate.write_text("go")
+        first.join(60)
+        assert answer and answer[0][0] == 200, answer
         _evict_and_reload(agent, "g")
         assert _placement(agent)["g"] == 0, _placement(agent)
 
