@@ -32,8 +32,9 @@ def test_a_first_load_that_fits_only_without_its_import_is_not_admitted(tree):
     budget); nothing stays charged for the refusal; a model that fits beside the import is
     admitted and charged it."""
     mm = _ledger(tree, EXPECTED + 20 * MiB)
-    with pytest.raises(DoesNotFit):
+    with pytest.raises(DoesNotFit) as e:
         mm.admit("big", Cost(30 * MiB, {}, "declared"), [], runtime="sklearn")
+    assert e.value.permanent and "the server's own bytes" in str(e.value) and "pinned" not in str(e.value), e.value
     assert mm.used()[HOST] == 0 and _imports(mm) == {}
     assert mm.admit("a", Cost(2 * MiB, {}, "declared"), [], runtime="sklearn") == []
     assert mm.used()[HOST] == EXPECTED + 2 * MiB
