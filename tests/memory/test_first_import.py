@@ -28,9 +28,10 @@ def _imports(mm: MemoryManager) -> dict:
 
 def test_a_first_load_that_fits_only_without_its_import_is_not_admitted(tree):
     """The budget holds the model but not the model and sklearn's expected import: the first
-    sklearn load is refused (trial admitted it and the server then held the import beyond the
-    budget); nothing stays charged for the refusal; a model that fits beside the import is
-    admitted and charged it."""
+    sklearn load is refused (with the import charged from its window only, it was admitted and
+    the server then held the import beyond the budget); nothing stays charged for the refusal,
+    which names the server's own bytes as what no eviction frees; a model that fits beside the
+    import is admitted and charged it."""
     mm = _ledger(tree, EXPECTED + 20 * MiB)
     with pytest.raises(DoesNotFit) as e:
         mm.admit("big", Cost(30 * MiB, {}, "declared"), [], runtime="sklearn")
@@ -43,7 +44,8 @@ def test_a_first_load_that_fits_only_without_its_import_is_not_admitted(tree):
 
 def test_a_first_load_evicts_to_make_room_for_its_import(tree):
     """A model of another runtime fills the budget but for room for the new model alone: the
-    first sklearn load evicts it to make room for the import too (trial evicted nothing)."""
+    first sklearn load evicts it to make room for the import too (with the import charged from
+    its window only, it evicted nothing)."""
     mm = _ledger(tree, EXPECTED + 40 * MiB)
     mm.reserve("other", Cost(30 * MiB, {}, "declared"))
     victims = mm.admit("a", Cost(30 * MiB, {}, "declared"), [Candidate("other", last_used=1, loaded_at=0)],
