@@ -76,7 +76,8 @@ count the same free bytes twice. ``plan_eviction`` picks models in ``eviction_or
 ``Candidate.score`` first: a decayed request count under ``--eviction lfu-decay``, 0 under ``lru``;
 then least recently used) with no lease, not pinned and (for lazy loads) older than
 ``min_residency_s`` until the need fits on every device involved, or raises ``LargerThanBudget``
-(permanent) / ``Blocked`` (retry later, or permanent when only pinned models are in the way).
+(permanent) / ``Blocked`` (retry later, or permanent when only what no eviction frees is in the
+way: pinned models, the server's own bytes).
 ``headroom`` and ``reclaim`` serve the reconciler's eviction ahead of need: how many bytes to keep
 free per device (room for N loads of the median reservation, only where that is a small share of the
 budget) and which models to unload for it (the same order), by the same rules, marking nothing until

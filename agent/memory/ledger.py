@@ -89,7 +89,9 @@ class MemoryManager:
         self._process: dict[str, int] = {}  # model -> the server process its load went to (several processes)
         # model -> its runtime, for a load admitted whose server process is not known to have
         # imported that runtime: not placed yet (admission precedes placement, see ``admit``)
-        # or placed on a process that has not loaded it; each may import it once more
+        # or placed on a process that has not loaded it; each may import it once more. One
+        # server: a load admitted for a runtime the server has not loaded since it started, until
+        # its window opens (its expected import is charged once, however many such loads)
         self._awaiting: dict[str, str] = {}
         # models whose load is admitted and whose server process is not known to have loaded a
         # model since it started (not placed yet, or placed on one that has not): each may be a
@@ -171,7 +173,7 @@ class MemoryManager:
 
     def charged_processes(self, runtime: str) -> int:
         """How many server processes ``runtime``'s import is charged for. One server: 1 (its
-        line exists once the server's first load of it opened its window). Several
+        line exists from the admission of the server's first load of it on, see ``admit``). Several
         (--server-processes N): the processes that loaded it (``_warm``: a process that
         restarted is dropped from it, see ``_warm_still_up``), plus one per load admitted
         whose process is not known to hold it yet (``_awaiting``: each could go to a process
@@ -262,7 +264,10 @@ class MemoryManager:
         again (``charged_processes``): from each reload's admission on (``admit``). One of them
         restarted while others kept running: theirs stay charged; the restarted one's is
         dropped with its pid (``_warm_still_up``: its new process imported nothing) and charged
-        again by the loads admitted that may go to it."""
+        again by the loads admitted that may go to it. One server: a figure kept is its line
+        already, so the reloads admitted (``_awaiting``, the server holds no runtime now) add
+        none; a runtime whose figure is not known is charged again from its first reload's
+        admission on, as expected (``_expected_import``)."""
         pid = self._pid()
         with self._lock:
             if self._some_survive(pid):
@@ -564,10 +569,18 @@ class MemoryManager:
         ``server_pid_for(..., place=True)`` only once it has its load slot, right before its
         window opens (which tells the process: ``start_measure``), so a load admitted with no
         ``server_pid`` is charged one more import until then wherever some process has not
-        loaded its runtime (conservative: it may go to that one; ``charged_processes``). With
-        one server the import is charged from the first load's window on, as before."""
+        loaded its runtime (conservative: it may go to that one; ``charged_processes``).
+
+        With one server likewise: a load of a runtime the server has not loaded since it started
+        (``_has_runtime``: the server the last window saw) counts the expected import from its
+        admission, once per runtime however many such loads are admitted together (the preloads
+        at start-up), until its window opens (``start_measure`` charges it then, and its
+        measurement replaces the figure): a first load that fits alone but not beside the
+        import is refused or evicts for it, rather than found over the budget once loaded. A
+        runtime with no figure expected yet (``_expected_import``: None) is learnt by its load,
+        and a ledger told no server pid charges no import at all (nothing measures it)."""
         with self._lock:
-            if runtime is not None and self.server_processes > 1 and not self._holds(runtime, server_pid):
+            if runtime is not None and self._may_import(runtime, server_pid):
                 self._awaiting[name] = runtime
             if self.server_processes > 1 and server_pid not in self._warm:
                 self._awaiting_keep.add(name)
@@ -583,6 +596,15 @@ class MemoryManager:
             self.reserve(name, cost)
             self._admitted.add(name)
             return victims
+
+    def _may_import(self, runtime: str, server_pid: int | None) -> bool:
+        """Whether a load of ``runtime`` admitted now may be its server process's first of it
+        (see ``admit``). Several processes: unless placed on one that holds it (``_holds``).
+        One server: unless the server holds it (``_has_runtime``; reads no pid: admission runs
+        on the event loop), and only where a server pid is told (``imports``)."""
+        if self.server_processes > 1:
+            return not self._holds(runtime, server_pid)
+        return self.imports(runtime)
 
     def _holds(self, runtime: str, server_pid: int | None) -> bool:
         """Whether a load of ``runtime`` into ``server_pid`` goes to a process that has loaded
@@ -762,9 +784,12 @@ class MemoryManager:
         """``name``'s load opens its window: its process is known now, and holds its runtime
         (``_warm``: loaded before, or importing it in this load, charged as that process's)
         and its allocator reserve (charged as that process's from this load on). Its
-        admission's possible import (``_awaiting``) and reserve (``_awaiting_keep``) end here."""
-        if runtime is not None and self._awaiting.get(name) == runtime and self._has_runtime(runtime, server_pid):
-            del self._awaiting[name]
+        admission's possible import (``_awaiting``) and reserve (``_awaiting_keep``) end here.
+        One server: always (its window charges the import where it is the server's first load
+        of it, ``_expect_import``, and a window that tells no server pid measures none)."""
+        if self.server_processes == 1 or (runtime is not None and self._awaiting.get(name) == runtime
+                                          and self._has_runtime(runtime, server_pid)):
+            self._awaiting.pop(name, None)
         if (server_pid or self._overhead_pid) in self._warm:
             self._awaiting_keep.discard(name)
 

@@ -146,8 +146,17 @@ def plan_eviction(needed: Cost | Mapping[str, int], candidates: Iterable[Candida
         f"model {model!r} needs {_fmt_devs(need, short)} ({method}); free {_fmt_devs(free, short)} "
         f"of budget {_fmt_devs(budget, short)}; evicting every eligible model leaves "
         f"{_fmt_devs(remaining, remaining)} short; in the way: {what}"
-        + ("; pinned models leave too little room" if permanent else ""),
+        + (f"; {_unmovable(blocked)} leave too little room" if permanent else ""),
         devices=list(short), retry_after_s=retry, blocked_by=blocked, permanent=permanent, method=method)
+
+
+def _unmovable(blocked: Mapping[str, int]) -> str:
+    """What no eviction frees among what is in the way (a permanent Blocked): pinned models, the
+    server's own bytes (its runtime imports, also one expected for a first load, and its
+    allocator reserve), or both."""
+    what = [w for k, w in (("pinned", "pinned models"),
+                           ("server", "the server's own bytes (runtime imports, allocator reserve)")) if blocked.get(k)]
+    return " and ".join(what) or "pinned models"
 
 
 def shortfall(needed: Cost | Mapping[str, int], free: Mapping[str, int], budget: Mapping[str, int]) -> dict[str, int]:

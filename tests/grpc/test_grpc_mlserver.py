@@ -228,7 +228,7 @@ def test_a_grpc_call_in_flight_is_never_evicted(tmp_path):
          "implementation": SLOW_IMPLEMENTATION, "memory": "300Mi"},
         {"name": "other", "uri": str(tmp_path / "store" / "other"), "memory": "300Mi", "preload": False},
     ]
-    with running_agent(tmp_path, models, "--host-memory", "400Mi", "--min-residency", "0", loaded=("slow",)) as agent, \
+    with running_agent(tmp_path, models, "--host-memory", "500Mi", "--min-residency", "0", loaded=("slow",)) as agent, \
             tg.InferenceServerClient(agent.grpc_target) as c:
         done: dict = {}
 
