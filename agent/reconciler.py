@@ -244,10 +244,11 @@ def _placement_load_s(times: tuple[float, ...]) -> float | None:
     """The load time placement judges a model by (agent/runtimes/shards.py `is_quick`): the
     lesser of the server's part of its last two loads, None until two are known. One load
     alone is not enough: its time is the server's wall, which includes waiting on the server's
-    loop behind other loads and requests; a 2 ms load of a tiny model read 100+ ms that way
-    now and then under the small workload, which sent it to another process that then
-    imported its runtime (benchmarks/results/import_place_ab.md). A model slow to load is slow
-    every time; a queueing spike twice in a row is rare."""
+    loop behind other loads and requests. Under bench_peers' small workload with two processes
+    the server's part of a tiny model's load averaged 9-17 ms a pass, and in two of six passes 2-3
+    loads took over 100 ms; judged by one of those, a tiny model went to the second process, which then
+    imported its runtime (benchmarks/results/import_place_ab2.md). A model slow to load is slow
+    every time; a wait that long twice in a row for the same model is rare."""
     return min(times) if len(times) >= 2 else None
 
 
@@ -1244,10 +1245,12 @@ class Reconciler:
             return 0
         return int(min(self.settings.headroom, self._misses.loads(time.monotonic())))
 
-    def _headroom_target(self) -> dict[str, int]:
-        """Device -> bytes the headroom keeps free now (`_headroom_loads` of the median loaded
-        size, at most HEADROOM_MAX_FRACTION of the budget in whole loads); empty: none."""
-        loads = self._headroom_loads()
+    def _headroom_target(self, loads: int | None = None) -> dict[str, int]:
+        """Device -> bytes the headroom keeps free now (`loads`, default `_headroom_loads()`, of
+        the median loaded size, at most HEADROOM_MAX_FRACTION of the budget in whole loads);
+        empty: none."""
+        if loads is None:
+            loads = self._headroom_loads()
         return self.memory.headroom(loads, HEADROOM_MAX_FRACTION) if loads else {}
 
     async def _keep_headroom(self) -> int:
@@ -1675,6 +1678,7 @@ class Reconciler:
 
     def status(self) -> dict[str, Any]:
         used, held = self.memory.used(), self.memory.held()
+        headroom_loads = self._headroom_loads()
         return {
             "models": {name: m.status(self.memory, self._tick, self._half_life) for name, m in sorted(self.models.items())},
             "eviction": {"policy": self.settings.eviction,
@@ -1688,8 +1692,8 @@ class Reconciler:
             "memory": {d: {"used": used.get(d, 0), "held": held.get(d, 0), "budget": b}
                        for d, b in self.memory.budget().items()},
             # the free margin kept now (`_keep_headroom`): loads of room and bytes per device
-            "headroom": {"max_loads": self.settings.headroom, "loads": self._headroom_loads(),
-                         "bytes": self._headroom_target()},
+            "headroom": {"max_loads": self.settings.headroom, "loads": headroom_loads,
+                         "bytes": self._headroom_target(headroom_loads)},
             "counts": {s.value: sum(1 for m in self.models.values() if m.state is s) for s in State},
             "server_restart": self.last_restart,
         }

@@ -181,13 +181,8 @@ class MemoryManager:
         model's placement on a process that already has it is known only when its load
         starts, so until then its load counts as a possible import (conservative)."""
         with self._lock:
-            if self.server_processes == 1:
-                return 1
-            warm = [p for p, runtimes in self._warm.items() if runtime in runtimes]
-            if any(isinstance(p, tuple) for p in warm):  # loaded into a process not told apart: any
-                return self.server_processes
-            awaiting = sum(1 for r in self._awaiting.values() if r == runtime)
-            return min(self.server_processes, len(warm) + awaiting)
+            return self._processes_charged([p for p, runtimes in self._warm.items() if runtime in runtimes],
+                                           sum(1 for r in self._awaiting.values() if r == runtime))
 
     def keep_processes(self) -> int:
         """How many server processes the allocator reserve (``malloc_keep``) is charged for. One
@@ -198,15 +193,21 @@ class MemoryManager:
         it may be that process's first), at most N. Tiny models all go to the first process
         (shards.py ``is_quick``): the others, holding nothing, keep no reserve and are charged none."""
         with self._lock:
-            if self.server_processes == 1:
-                return 1
-            if any(isinstance(p, tuple) for p in self._warm):  # loaded into a process not told apart: any
-                return self.server_processes
-            return min(self.server_processes, len(self._warm) + len(self._awaiting_keep))
+            return self._processes_charged(list(self._warm), len(self._awaiting_keep))
+
+    def _processes_charged(self, holding: list[Any], awaiting: int) -> int:
+        """What ``charged_processes`` and ``keep_processes`` count: one server, 1; several, the
+        processes ``holding`` (pids from ``_warm``) plus ``awaiting`` loads whose process is not
+        known yet, at most N (all N where a load went to processes not told apart)."""
+        if self.server_processes == 1:
+            return 1
+        if any(isinstance(p, tuple) for p in holding):  # loaded into a process not told apart: any
+            return self.server_processes
+        return min(self.server_processes, len(holding) + awaiting)
 
     def keep_bytes(self) -> int:
         """Host bytes charged for the allocator reserve: ``malloc_keep`` x ``keep_processes``."""
-        return self.malloc_keep * self.keep_processes() if self.malloc_keep else 0
+        return self.malloc_keep * self.keep_processes()
 
     def _server_bytes(self) -> dict[str, int]:
         """Device -> the server's own bytes: each runtime's import once per process charged
@@ -743,13 +744,13 @@ class MemoryManager:
             if not measure:
                 if server_pid is not None:  # a load went to it: it keeps its reserve from now on
                     warm = self._warm.setdefault(server_pid, set())
-                if server_pid is not None and runtime is not None:
-                    # an unmeasured load may import its runtime in its process (a request's load
-                    # beside another): that process has it now, and no later load of it is
-                    # mistaken for the import (it would read ~0); the figure stays the one an
-                    # earlier process measured, charged once per process (or the estimate)
-                    warm.add(runtime)
-                    self._expect_import(runtime)
+                    if runtime is not None:
+                        # an unmeasured load may import its runtime in its process (a request's load
+                        # beside another): that process has it now, and no later load of it is
+                        # mistaken for the import (it would read ~0); the figure stays the one an
+                        # earlier process measured, charged once per process (or the estimate)
+                        warm.add(runtime)
+                        self._expect_import(runtime)
                 self._placed(name, runtime, server_pid)
                 return m
             # whether it imports its runtime is known from the moment it is registered (under the
