@@ -22,7 +22,8 @@ memory, a reservation users round up) are under `QUICK_BYTES` (4 MiB) and its lo
 known, is under `SLOW_LOAD_S` (100 ms); or, bigger, its load time is under `QUICK_LOAD_S` (20
 ms). Its load time (the reconciler's `_placement_load_s`) is the lesser of the server's part of
 its last two loads that imported no runtime: an importing load times the import (seconds), and
-one load alone may have waited on a busy server loop (a tiny model's 2 ms load read 100+ ms). Why: a second server is worth its core only for loads that block its
+one load alone may have waited on a busy server loop (a tiny model's, 9-17 ms on average,
+took over 100 ms now and then: benchmarks/results/import_place_ab2.md). Why: a second server is worth its core only for loads that block its
 loop long (issue 13: 19-49 MiB forests, 20-40 ms of joblib.load each); a tiny model's load is
 over in a few ms, and spread over two servers on a 2-core node the second one's loop takes CPU
 the agent needs (benchmarks/results/peers.notes.md, bigcold: small's p95 1.3-1.8x one process's;

@@ -382,7 +382,8 @@ def _evict_and_reload(agent: AgentProcess, name: str) -> None:
 
 def test_one_slow_load_of_a_tiny_model_does_not_send_it_away_but_two_do(tmp_path: Path):
     """--server-processes 2: a load's time is the server call's wall, which counts waiting on a
-    busy server loop (a tiny model's 2 ms load read 100+ ms under bench_peers' small workload).
+    busy server loop (a tiny model's load, 9-17 ms on average, took over 100 ms now and then
+    under bench_peers' small workload: benchmarks/results/import_place_ab2.md).
     A tiny model whose one load was slow (held here by its gate) still goes back to the first
     process when loaded again; sent to the emptier second one, that process imported the runtime
     for it (seconds of CPU, tens of MiB). A model slow at every load spreads from its third on,
